@@ -1,0 +1,3 @@
+//! Emulated devices. They never touch KVM or CPR directly.
+
+pub mod serial;

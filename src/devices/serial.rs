@@ -1,0 +1,113 @@
+//! The 16550A UART at COM1, built on vm-superio's register model. Output goes to
+//! stdout, a file or nowhere; input is queued from the event loop.
+
+use std::fs::File;
+use std::io::Write;
+
+use vm_superio::{serial::NoEvents, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Raises the UART's interrupt line through a KVM irqfd.
+pub struct IrqLine(Option<EventFd>);
+
+impl Trigger for IrqLine {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        match &self.0 {
+            Some(evt) => evt.write(1),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where the guest's console output goes.
+pub enum Output {
+    /// A descriptor: molt's stdout or a file opened for `--serial file:`.
+    Fd(File),
+    Sink,
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Output::Fd(f) => f.write(buf),
+            Output::Sink => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub struct Serial(vm_superio::Serial<IrqLine, NoEvents, Output>);
+
+impl Serial {
+    pub fn new(irq: Option<EventFd>, out: Output) -> Self {
+        Serial(vm_superio::Serial::new(IrqLine(irq), out))
+    }
+
+    pub fn read(&mut self, offset: u8) -> u8 {
+        self.0.read(offset)
+    }
+
+    pub fn write(&mut self, offset: u8, value: u8) {
+        // A lost console byte (a closed stdout, a full disk) must not stop the guest;
+        // the UART still reports the transmitter empty, as vm-superio documents.
+        if let Err(e) = self.0.write(offset, value) {
+            log::debug!("serial output lost: {e:?}");
+        }
+    }
+
+    /// Queues as much of `input` as the receive FIFO takes; returns how much.
+    pub fn enqueue(&mut self, input: &[u8]) -> usize {
+        if self.0.fifo_capacity() == 0 {
+            return 0;
+        }
+        self.0.enqueue_raw_bytes(input).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DATA: u8 = 0;
+    const LSR: u8 = 5;
+    const LSR_DATA_READY: u8 = 1;
+
+    #[test]
+    fn input_is_queued_and_read_back() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(Some(evt.try_clone().unwrap()), Output::Sink);
+        s.write(1, 1); // IER: received-data interrupt on
+        assert_eq!(s.enqueue(b"hi"), 2);
+        assert!(evt.read().unwrap() >= 1, "the irq line was raised");
+        assert_eq!(s.read(LSR) & LSR_DATA_READY, LSR_DATA_READY);
+        assert_eq!(s.read(DATA), b'h');
+        assert_eq!(s.read(DATA), b'i');
+        assert_eq!(s.read(LSR) & LSR_DATA_READY, 0);
+    }
+
+    #[test]
+    fn a_full_fifo_takes_nothing() {
+        let mut s = Serial::new(None, Output::Sink);
+        let big = [b'x'; 200];
+        let first = s.enqueue(&big);
+        assert!(first > 0 && first < 200);
+        assert_eq!(s.enqueue(b"more"), 0);
+    }
+
+    #[test]
+    fn output_reaches_the_file() {
+        let path = std::env::temp_dir().join(format!("molt-serial-{}", std::process::id()));
+        let f = File::create(&path).unwrap();
+        let mut s = Serial::new(None, Output::Fd(f));
+        for b in b"ok\n" {
+            s.write(DATA, *b);
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"ok\n");
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,421 @@
+//! The main thread of `molt run`: one epoll loop over the guest-exit eventfd,
+//! termination signals, console input and the control socket. vCPUs run on their
+//! own threads; everything that changes the machine's run state happens here.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::args::{RunConfig, SerialConfig};
+use crate::bus::GuestExit;
+use crate::control::{self, Client, Command, Line, MAX_CLIENTS};
+use crate::devices::serial::Output;
+use crate::terminal::RawMode;
+use crate::vm::{self, Machine};
+
+/// How `molt run` ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Guest(GuestExit),
+    Quit,
+    Signal(i32),
+}
+
+#[derive(Debug)]
+pub enum Error {
+    Console(PathBuf, std::io::Error),
+    Control(control::Error),
+    Vm(vm::Error),
+    Setup(&'static str, std::io::Error),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Console(p, e) => write!(f, "cannot open --serial file {}: {e}", p.display()),
+            Error::Control(e) => e.fmt(f),
+            Error::Vm(e) => e.fmt(f),
+            Error::Setup(what, e) => write!(f, "{what}: {e}"),
+        }
+    }
+}
+
+const TOKEN_EXIT: u64 = 0;
+const TOKEN_SIGNAL: u64 = 1;
+const TOKEN_STDIN: u64 = 2;
+const TOKEN_LISTENER: u64 = 3;
+const TOKEN_CLIENT: u64 = 16;
+/// Retry interval for console input the guest's UART FIFO had no room for.
+const INPUT_RETRY_MS: i32 = 10;
+const TERMINATING_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// The software version, as `status` reports it. Set at build time by
+/// `MOLT_BUILD_VERSION` (upgrade tests build two differing binaries), else the crate's.
+pub const VERSION: &str = match option_env!("MOLT_BUILD_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
+/// Boots the guest described by `cfg` and serves it until it ends.
+pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
+    let console = open_console(&cfg.serial)?;
+    let listener = cfg
+        .control
+        .as_deref()
+        .map(control::bind)
+        .transpose()
+        .map_err(Error::Control)?;
+    // Blocked before any thread starts, so only the signalfd ever sees them.
+    let signals = signal_fd()?;
+    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Setup("eventfd", e))?;
+    let exit_reason = Arc::new(Mutex::new(None));
+    let sink = {
+        let (evt, reason) = (
+            exit_evt
+                .try_clone()
+                .map_err(|e| Error::Setup("eventfd", e))?,
+            exit_reason.clone(),
+        );
+        Arc::new(move |why: GuestExit| {
+            let mut slot = reason.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert(why);
+            let _ = evt.write(1);
+        })
+    };
+    let raw = match cfg.serial {
+        SerialConfig::Stdio => RawMode::enter(),
+        _ => None,
+    };
+    let machine = Machine::boot(&cfg, console, sink).map_err(Error::Vm)?;
+    let mut lp = Loop {
+        epoll: Epoll::new().map_err(|e| Error::Setup("epoll_create", e))?,
+        machine,
+        listener,
+        clients: Vec::new(),
+        pending_input: Vec::new(),
+        stdin_open: false,
+        paused: false,
+        last_pause_us: 0,
+    };
+    lp.add(exit_evt.as_raw_fd(), TOKEN_EXIT)?;
+    lp.add(signals.as_raw_fd(), TOKEN_SIGNAL)?;
+    if let Some(l) = &lp.listener {
+        lp.add(l.as_raw_fd(), TOKEN_LISTENER)?;
+    }
+    // /dev/null and regular files cannot be polled (EPERM): then there is no input.
+    lp.stdin_open =
+        cfg.serial == SerialConfig::Stdio && lp.add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+    let outcome = lp.serve(&signals, &exit_reason);
+    let stopped = lp.machine.vcpus.stop();
+    drop(raw);
+    if let Err(e) = stopped {
+        log::warn!("{e}");
+    }
+    if let Some(path) = &cfg.control {
+        let _ = std::fs::remove_file(path);
+    }
+    outcome
+}
+
+fn open_console(cfg: &SerialConfig) -> Result<Output, Error> {
+    match cfg {
+        SerialConfig::None => Ok(Output::Sink),
+        // A duplicate of stdout, unbuffered: console bytes leave as the guest writes them.
+        SerialConfig::Stdio => {
+            // SAFETY: dup of a descriptor we own; the result is checked below.
+            let fd = unsafe { libc::dup(libc::STDOUT_FILENO) };
+            if fd < 0 {
+                return Err(Error::Setup("dup stdout", std::io::Error::last_os_error()));
+            }
+            // SAFETY: fd is a fresh descriptor owned by nothing else.
+            Ok(Output::Fd(unsafe { File::from_raw_fd(fd) }))
+        }
+        // Appended to, never truncated: a restarted molt continues the same log.
+        SerialConfig::File(path) => OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map(Output::Fd)
+            .map_err(|e| Error::Console(path.clone(), e)),
+    }
+}
+
+fn signal_fd() -> Result<File, Error> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in TERMINATING_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    // SAFETY: `set` is valid; a new descriptor is returned or -1.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(Error::Setup("signalfd", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is fresh and owned by nothing else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+struct Loop {
+    epoll: Epoll,
+    machine: Machine,
+    listener: Option<UnixListener>,
+    clients: Vec<Option<Client>>,
+    /// Console input read from stdin that the UART had no room for yet.
+    pending_input: Vec<u8>,
+    stdin_open: bool,
+    paused: bool,
+    last_pause_us: u64,
+}
+
+enum Next {
+    Continue,
+    Stop(Outcome),
+}
+
+impl Loop {
+    fn add(&self, fd: RawFd, token: u64) -> Result<(), Error> {
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(|e| Error::Setup("epoll_ctl", e))
+    }
+
+    fn remove(&self, fd: RawFd) {
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
+    fn serve(
+        &mut self,
+        signals: &File,
+        exit_reason: &Mutex<Option<GuestExit>>,
+    ) -> Result<Outcome, Error> {
+        let mut events = vec![EpollEvent::default(); 32];
+        loop {
+            let timeout = if self.pending_input.is_empty() {
+                -1
+            } else {
+                INPUT_RETRY_MS
+            };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::Setup("epoll_wait", e)),
+            };
+            if !self.pending_input.is_empty() {
+                self.feed_console(&[]);
+            }
+            for ev in &events[..n] {
+                let next = match ev.data() {
+                    TOKEN_EXIT => {
+                        let why = exit_reason.lock().unwrap_or_else(|p| p.into_inner());
+                        Next::Stop(Outcome::Guest(why.clone().unwrap_or(GuestExit::PowerOff)))
+                    }
+                    TOKEN_SIGNAL => Next::Stop(Outcome::Signal(read_signal(signals))),
+                    TOKEN_STDIN => {
+                        self.read_stdin();
+                        Next::Continue
+                    }
+                    TOKEN_LISTENER => {
+                        self.accept();
+                        Next::Continue
+                    }
+                    t => self.client_ready((t - TOKEN_CLIENT) as usize),
+                };
+                if let Next::Stop(outcome) = next {
+                    return Ok(outcome);
+                }
+            }
+        }
+    }
+
+    fn read_stdin(&mut self) {
+        let mut buf = [0u8; 256];
+        // SAFETY: reading into a local buffer of the given length.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            n if n > 0 => self.feed_console(&buf[..n as usize]),
+            0 => self.close_stdin(),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if !matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) {
+                    self.close_stdin();
+                }
+            }
+        }
+    }
+
+    fn close_stdin(&mut self) {
+        if self.stdin_open {
+            self.remove(libc::STDIN_FILENO);
+            self.stdin_open = false;
+        }
+    }
+
+    /// Queues `input` (after older pending input) into the UART. While some is
+    /// left over, stdin is not read: the guest sets the pace.
+    fn feed_console(&mut self, input: &[u8]) {
+        self.pending_input.extend_from_slice(input);
+        let taken = {
+            let mut serial = self
+                .machine
+                .bus
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            serial.enqueue(&self.pending_input)
+        };
+        self.pending_input.drain(..taken);
+        if self.stdin_open {
+            let events = if self.pending_input.is_empty() {
+                EventSet::IN
+            } else {
+                EventSet::empty()
+            };
+            let _ = self.epoll.ctl(
+                ControlOperation::Modify,
+                libc::STDIN_FILENO,
+                EpollEvent::new(events, TOKEN_STDIN),
+            );
+        }
+    }
+
+    fn accept(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        while let Ok((stream, _)) = listener.accept() {
+            let Ok(mut client) = Client::new(stream) else {
+                continue;
+            };
+            let slot = self.clients.iter().position(Option::is_none);
+            let slot = match slot {
+                Some(s) => s,
+                None if self.clients.len() < MAX_CLIENTS => {
+                    self.clients.push(None);
+                    self.clients.len() - 1
+                }
+                None => {
+                    let _ = client.reply("error: too many control connections");
+                    continue;
+                }
+            };
+            if self
+                .add(client.stream.as_raw_fd(), TOKEN_CLIENT + slot as u64)
+                .is_ok()
+            {
+                self.clients[slot] = Some(client);
+            }
+        }
+    }
+
+    fn client_ready(&mut self, slot: usize) -> Next {
+        let Some(Some(client)) = self.clients.get_mut(slot) else {
+            return Next::Continue;
+        };
+        let (lines, closed) = client.read_lines();
+        let mut next = Next::Continue;
+        let mut drop_client = closed;
+        for line in lines {
+            let (reply, stop) = match line {
+                Line::TooLong => (
+                    format!(
+                        "error: command line too long (more than {} bytes)",
+                        control::MAX_LINE
+                    ),
+                    None,
+                ),
+                Line::Text(text) => match control::parse(&text) {
+                    Ok(cmd) => self.execute(cmd),
+                    Err(why) => (format!("error: {why}"), None),
+                },
+            };
+            let Some(Some(client)) = self.clients.get_mut(slot) else {
+                break;
+            };
+            if client.reply(&reply).is_err() {
+                drop_client = true;
+            }
+            if let Some(outcome) = stop {
+                next = Next::Stop(outcome);
+                break;
+            }
+        }
+        if drop_client {
+            if let Some(client) = self.clients[slot].take() {
+                self.remove(client.stream.as_raw_fd());
+            }
+        }
+        next
+    }
+
+    /// Carries out one command: the reply line, and whether molt must stop.
+    fn execute(&mut self, cmd: Command) -> (String, Option<Outcome>) {
+        match cmd {
+            Command::Status => (self.status(), None),
+            Command::Pause => {
+                if self.paused {
+                    return ("ok".into(), None);
+                }
+                match self.machine.vcpus.pause() {
+                    Ok(()) => {
+                        self.paused = true;
+                        log::info!("guest paused");
+                        ("ok".into(), None)
+                    }
+                    Err(e) => {
+                        // Whatever did stop runs again: a failed pause changes nothing.
+                        self.machine.vcpus.resume();
+                        (format!("error: pause failed: {e}"), None)
+                    }
+                }
+            }
+            Command::Resume => {
+                self.machine.vcpus.resume();
+                if self.paused {
+                    log::info!("guest resumed");
+                }
+                self.paused = false;
+                ("ok".into(), None)
+            }
+            Command::Quit => ("ok".into(), Some(Outcome::Quit)),
+        }
+    }
+
+    fn status(&self) -> String {
+        format!(
+            "ok state={} vcpus={} mem={} version={VERSION} pid={} last_pause_us={}",
+            if self.paused { "paused" } else { "running" },
+            self.machine.vcpus.count(),
+            self.machine.mem_size(),
+            std::process::id(),
+            self.last_pause_us,
+        )
+    }
+}
+
+fn read_signal(signals: &File) -> i32 {
+    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    let mut f = signals;
+    match f.read(&mut info) {
+        Ok(n) if n == info.len() => i32::from_ne_bytes([info[0], info[1], info[2], info[3]]),
+        _ => libc::SIGTERM,
+    }
+}

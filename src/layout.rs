@@ -1,0 +1,56 @@
+//! The guest-physical address map, I/O ports, interrupt lines and capacities.
+//!
+//! Everything here is fixed: a saved state never needs to record where a table or
+//! a device lives, because every release puts them in the same place.
+
+/// Top of the boot GDT (three flat descriptors: null, code, data, plus TSS).
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Empty IDT loaded at boot.
+pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info`, followed by its memory map.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// PVH memory map entries directly after the start info.
+pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// Linux zero page (`boot_params`) for the 64-bit boot protocol.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Identity-mapping page tables for the 64-bit entry: PML4, PDPT, then 4 PDs.
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xa000;
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line, at most `CMDLINE_MAX_SIZE` bytes including the NUL.
+pub const CMDLINE_START: u64 = 0x20000;
+pub const CMDLINE_MAX_SIZE: usize = 0x10000;
+/// Start of the EBDA: low memory usable by the guest ends here.
+pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables live in the BIOS area, where Linux also scans for the RSDP.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_END: u64 = 0x10_0000;
+/// Kernels load here (1 MiB).
+pub const HIMEM_START: u64 = 0x10_0000;
+
+/// Guest RAM below 4 GiB ends here; the gap above holds MMIO, the IOAPIC and LAPIC.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const APIC_START: u64 = 0xfee0_0000;
+/// KVM needs three pages for the TSS and one for the identity map, inside the gap.
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// 16550 UART (COM1).
+pub const SERIAL_PORT: u16 = 0x3f8;
+pub const SERIAL_PORT_LEN: u16 = 8;
+pub const SERIAL_IRQ: u32 = 4;
+/// ACPI hardware-reduced sleep control and reset register (one byte port).
+pub const ACPI_SLEEP_PORT: u16 = 0x600;
+/// Value written to `ACPI_SLEEP_PORT` to reset (FADT reset value).
+pub const ACPI_RESET_VALUE: u8 = 1;
+/// Sleep type the DSDT `_S5_` object announces.
+pub const ACPI_S5_TYPE: u8 = 5;
+/// SCI interrupt announced in the FADT (unused: hardware-reduced ACPI).
+pub const ACPI_SCI_IRQ: u16 = 9;
+/// i8042 command port; 0xfe written here is the legacy keyboard-controller reset.
+pub const I8042_PORT: u16 = 0x64;
+
+/// vCPU limit: argv accepts 1..=MAX_VCPUS.
+pub const MAX_VCPUS: usize = 32;

@@ -1,0 +1,116 @@
+//! molt: a tiny, statically linked KVM VMM built for live update.
+//!
+//! `molt run` boots a guest (event_loop::run), `molt ctl` speaks the control
+//! protocol to a running one. Exit status: 0 success or guest power-off/reset,
+//! 1 failure, 2 usage error.
+
+mod args;
+mod boot;
+mod bus;
+mod control;
+mod devices;
+mod event_loop;
+mod layout;
+mod terminal;
+mod vm;
+
+use std::process::ExitCode;
+
+use args::{Command, CtlArgs, Molt, RunArgs};
+use bus::GuestExit;
+use event_loop::Outcome;
+
+fn main() -> ExitCode {
+    log::set_logger(&LOGGER).expect("the only logger");
+    log::set_max_level(log::LevelFilter::Info);
+    let argv: Vec<String> = std::env::args().collect();
+    let words: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
+    let molt = match <Molt as argh::FromArgs>::from_args(&["molt"], &words) {
+        Ok(m) => m,
+        Err(early) => {
+            return match early.status {
+                Ok(()) => {
+                    println!("{}", early.output);
+                    ExitCode::SUCCESS
+                }
+                Err(()) => {
+                    eprintln!("{}", early.output);
+                    ExitCode::from(2)
+                }
+            }
+        }
+    };
+    match molt.command {
+        Command::Run(a) => run(a),
+        Command::Ctl(a) => ctl(a),
+    }
+}
+
+fn run(a: RunArgs) -> ExitCode {
+    let cfg = match a.validate(args::host_memory()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("molt: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match event_loop::run(cfg) {
+        Ok(Outcome::Guest(GuestExit::PowerOff)) => {
+            log::info!("guest powered off");
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Guest(GuestExit::Reset)) => {
+            log::info!("guest reset");
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Quit) => ExitCode::SUCCESS,
+        Ok(Outcome::Guest(GuestExit::Failed(why))) => {
+            log::error!("guest stopped: {why}");
+            ExitCode::FAILURE
+        }
+        Ok(Outcome::Signal(n)) => {
+            log::warn!("terminated by signal {n}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ctl(a: CtlArgs) -> ExitCode {
+    let line = a.words.join(" ");
+    match control::request(&a.socket, &line) {
+        Ok(reply) => {
+            println!("{reply}");
+            if reply.starts_with("ok") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("molt: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Log lines go to stderr, prefixed, so they never mix into a stdio console.
+struct Logger;
+static LOGGER: Logger = Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("molt: {}: {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+
+    fn flush(&self) {}
+}

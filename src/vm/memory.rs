@@ -1,0 +1,200 @@
+//! Guest RAM: one shared file (an anonymous memfd, or `--mem-file`) mapped in one
+//! or two regions around the 32-bit MMIO gap.
+//!
+//! RAM always lives in a file that can be mapped again by another process or a new
+//! image of this one: that is what lets live update keep RAM in place.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+#[derive(Debug)]
+pub enum Error {
+    Memfd(std::io::Error),
+    OpenMemFile(PathBuf, std::io::Error),
+    MemFileTooSmall(PathBuf, u64, u64),
+    SetSize(std::io::Error),
+    Mmap(vm_memory::mmap::MmapRegionError),
+    Regions(vm_memory::GuestRegionCollectionError),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Memfd(e) => write!(f, "memfd_create for guest RAM failed: {e}"),
+            Error::OpenMemFile(p, e) => write!(f, "cannot open --mem-file {}: {e}", p.display()),
+            Error::MemFileTooSmall(p, have, want) => write!(
+                f,
+                "--mem-file {} holds {have} bytes and cannot grow to {want}",
+                p.display()
+            ),
+            Error::SetSize(e) => write!(f, "cannot size guest RAM file: {e}"),
+            Error::Mmap(e) => write!(f, "cannot map guest RAM: {e}"),
+            Error::Regions(e) => write!(f, "bad guest RAM layout: {e}"),
+        }
+    }
+}
+
+/// One contiguous piece of guest-physical RAM and where it sits in the backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRegion {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+/// Splits `size` bytes of RAM around the MMIO gap: low RAM below it, the rest above 4 GiB.
+pub fn ram_regions(size: u64) -> Vec<RamRegion> {
+    let low = size.min(MMIO_GAP_START);
+    let mut regions = vec![RamRegion {
+        guest_addr: 0,
+        size: low,
+        file_offset: 0,
+    }];
+    if size > low {
+        regions.push(RamRegion {
+            guest_addr: MMIO_GAP_END,
+            size: size - low,
+            file_offset: low,
+        });
+    }
+    regions
+}
+
+/// Guest RAM: the backing file and its mapping.
+pub struct GuestRam {
+    pub regions: Vec<RamRegion>,
+    pub memory: GuestMemoryMmap,
+}
+
+impl GuestRam {
+    /// Creates (or opens) the backing file of `size` bytes and maps it shared.
+    pub fn create(size: u64, mem_file: Option<&Path>) -> Result<Self, Error> {
+        let file = match mem_file {
+            None => {
+                let file = memfd("molt-ram")?;
+                file.set_len(size).map_err(Error::SetSize)?;
+                file
+            }
+            Some(path) => open_mem_file(path, size)?,
+        };
+        Self::map(file, size)
+    }
+
+    fn map(file: File, size: u64) -> Result<Self, Error> {
+        let regions = ram_regions(size);
+        let mut mapped = Vec::with_capacity(regions.len());
+        for r in &regions {
+            let offset = FileOffset::new(file.try_clone().map_err(Error::SetSize)?, r.file_offset);
+            let mmap = MmapRegion::from_file(offset, r.size as usize).map_err(Error::Mmap)?;
+            // from_file never fails for a non-overflowing base, checked by ram_regions.
+            let region = GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr))
+                .ok_or(Error::SetSize(std::io::Error::other("region overflows")))?;
+            mapped.push(region);
+        }
+        let memory = GuestMemoryMmap::from_regions(mapped).map_err(Error::Regions)?;
+        Ok(GuestRam { regions, memory })
+    }
+}
+
+fn memfd(name: &str) -> Result<File, Error> {
+    let cname = std::ffi::CString::new(name).expect("static name has no NUL");
+    // SAFETY: cname is a valid NUL-terminated string; the flags are valid.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Opens a file for RAM. A regular file grows to `size`; a device (devdax, pmem)
+/// must already be large enough.
+fn open_mem_file(path: &Path, size: u64) -> Result<File, Error> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::OpenMemFile(path.to_path_buf(), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::OpenMemFile(path.to_path_buf(), e))?;
+    if meta.is_file() {
+        if meta.len() < size {
+            file.set_len(size).map_err(Error::SetSize)?;
+        }
+    } else {
+        let have = device_size(&file).map_err(|e| Error::OpenMemFile(path.to_path_buf(), e))?;
+        if have < size {
+            return Err(Error::MemFileTooSmall(path.to_path_buf(), have, size));
+        }
+    }
+    Ok(file)
+}
+
+fn device_size(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    let end = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn small_ram_is_one_region() {
+        assert_eq!(
+            ram_regions(256 << 20),
+            vec![RamRegion {
+                guest_addr: 0,
+                size: 256 << 20,
+                file_offset: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn large_ram_skips_the_mmio_gap() {
+        let r = ram_regions(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].size, MMIO_GAP_START);
+        assert_eq!(r[1].guest_addr, MMIO_GAP_END);
+        assert_eq!(r[1].file_offset, MMIO_GAP_START);
+        assert_eq!(r[0].size + r[1].size, 4 << 30);
+    }
+
+    #[test]
+    fn memfd_ram_is_shared_with_the_file() {
+        let ram = GuestRam::create(16 << 20, None).unwrap();
+        ram.memory
+            .write_obj(0xdead_beefu32, GuestAddress(0x1000))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        let region = ram.memory.iter().next().unwrap();
+        let file = &region.file_offset().unwrap().file();
+        std::os::unix::fs::FileExt::read_exact_at(*file, &mut buf, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+    }
+
+    #[test]
+    fn mem_file_grows_to_size() {
+        let dir = std::env::temp_dir().join(format!("molt-memtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ram");
+        let ram = GuestRam::create(8 << 20, Some(&path)).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 << 20);
+        drop(ram);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

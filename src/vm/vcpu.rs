@@ -1,0 +1,371 @@
+//! vCPU threads: per-vCPU setup, the KVM_RUN loop, and the pause state machine.
+//!
+//! Pausing is race-free: the controller records the request, sets
+//! `kvm_run.immediate_exit`, then signals the thread. A thread about to enter
+//! KVM_RUN sees the request or bounces off `immediate_exit`; a thread inside it is
+//! interrupted by the signal. The controller then waits, with a bound, for each
+//! thread to acknowledge (Firecracker `vstate/vcpu.rs`; Cloud Hypervisor #7427).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::CpuId;
+use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use super::cpu::{self, Entry};
+use crate::bus::{GuestExit, PioBus};
+
+#[derive(Debug)]
+pub enum Error {
+    CreateVcpu(u8, kvm_ioctls::Error),
+    GetSupportedCpuid(kvm_ioctls::Error),
+    SetCpuid(u8, kvm_ioctls::Error),
+    SetMsrs(u8, kvm_ioctls::Error),
+    SetFpu(u8, kvm_ioctls::Error),
+    GetLapic(u8, kvm_ioctls::Error),
+    SetLapic(u8, kvm_ioctls::Error),
+    SetRegs(kvm_ioctls::Error),
+    GetSregs(kvm_ioctls::Error),
+    SetSregs(kvm_ioctls::Error),
+    BootTables(vm_memory::GuestMemoryError),
+    Spawn(std::io::Error),
+    SignalHandler(vmm_sys_util::errno::Error),
+    StopTimeout(usize),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::CreateVcpu(i, e) => write!(f, "KVM_CREATE_VCPU {i} failed: {e}"),
+            Error::GetSupportedCpuid(e) => write!(f, "KVM_GET_SUPPORTED_CPUID failed: {e}"),
+            Error::SetCpuid(i, e) => write!(f, "KVM_SET_CPUID2 on vCPU {i} failed: {e}"),
+            Error::SetMsrs(i, e) => write!(f, "KVM_SET_MSRS on vCPU {i} failed: {e}"),
+            Error::SetFpu(i, e) => write!(f, "KVM_SET_FPU on vCPU {i} failed: {e}"),
+            Error::GetLapic(i, e) => write!(f, "KVM_GET_LAPIC on vCPU {i} failed: {e}"),
+            Error::SetLapic(i, e) => write!(f, "KVM_SET_LAPIC on vCPU {i} failed: {e}"),
+            Error::SetRegs(e) => write!(f, "KVM_SET_REGS failed: {e}"),
+            Error::GetSregs(e) => write!(f, "KVM_GET_SREGS failed: {e}"),
+            Error::SetSregs(e) => write!(f, "KVM_SET_SREGS failed: {e}"),
+            Error::BootTables(e) => write!(f, "cannot write boot page tables: {e}"),
+            Error::Spawn(e) => write!(f, "cannot start a vCPU thread: {e}"),
+            Error::SignalHandler(e) => write!(f, "cannot install the vCPU kick handler: {e}"),
+            Error::StopTimeout(n) => write!(f, "{n} vCPU(s) did not stop in time"),
+        }
+    }
+}
+
+/// Creates vCPU `index` of `count` with CPUID, MSRs, FPU and LAPIC set; the boot
+/// vCPU also gets `entry`'s registers, the others wait for INIT/SIPI.
+pub fn create(
+    kvm: &Kvm,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    index: u8,
+    count: u8,
+    entry: Entry,
+) -> Result<VcpuFd, Error> {
+    let fd = vm
+        .create_vcpu(u64::from(index))
+        .map_err(|e| Error::CreateVcpu(index, e))?;
+    let mut cpuid: CpuId = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::GetSupportedCpuid)?;
+    cpu::patch_cpuid(&mut cpuid, u32::from(index), u32::from(count));
+    fd.set_cpuid2(&cpuid)
+        .map_err(|e| Error::SetCpuid(index, e))?;
+    fd.set_msrs(&cpu::boot_msrs())
+        .map_err(|e| Error::SetMsrs(index, e))?;
+    fd.set_fpu(&cpu::boot_fpu())
+        .map_err(|e| Error::SetFpu(index, e))?;
+    set_lint(&fd, index)?;
+    if index == 0 {
+        fd.set_regs(&cpu::boot_regs(entry))
+            .map_err(Error::SetRegs)?;
+        let sregs = fd.get_sregs().map_err(Error::GetSregs)?;
+        let sregs = cpu::boot_sregs(mem, entry, sregs).map_err(Error::BootTables)?;
+        fd.set_sregs(&sregs).map_err(Error::SetSregs)?;
+    }
+    Ok(fd)
+}
+
+/// LINT0 delivers the PIC's ExtINT, LINT1 delivers NMI, as firmware sets them up.
+fn set_lint(fd: &VcpuFd, index: u8) -> Result<(), Error> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const MODE_EXTINT: u32 = 0x7 << 8;
+    const MODE_NMI: u32 = 0x4 << 8;
+    let mut lapic = fd.get_lapic().map_err(|e| Error::GetLapic(index, e))?;
+    for (offset, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
+        let reg = &mut lapic.regs[offset..offset + 4];
+        let old = u32::from_le_bytes([reg[0] as u8, reg[1] as u8, reg[2] as u8, reg[3] as u8]);
+        let new = (old & !0x700) | mode;
+        for (dst, src) in reg.iter_mut().zip(new.to_le_bytes()) {
+            *dst = src as libc::c_char;
+        }
+    }
+    fd.set_lapic(&lapic).map_err(|e| Error::SetLapic(index, e))
+}
+
+/// What the controller wants a vCPU thread to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Request {
+    Run = 0,
+    Pause = 1,
+    Exit = 2,
+}
+
+/// What a vCPU thread last acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    Paused,
+    Exited,
+}
+
+struct Shared {
+    /// Fast-path copy of the request, read on every exit without the lock.
+    request: AtomicU8,
+    state: Mutex<(Request, State, Option<KickTarget>)>,
+    changed: Condvar,
+}
+
+/// Where to kick a running thread: its pthread and its `kvm_run.immediate_exit`.
+#[derive(Clone, Copy)]
+struct KickTarget {
+    thread: libc::pthread_t,
+    immediate_exit: *mut u8,
+}
+
+// SAFETY: the pointer is only dereferenced under `Shared::state`'s lock while the
+// owning thread has not yet reached `State::Exited`, i.e. while `kvm_run` is mapped.
+unsafe impl Send for KickTarget {}
+
+/// The reason a vCPU thread asked the machine to stop.
+pub type ExitSink = Arc<dyn Fn(GuestExit) + Send + Sync>;
+
+/// Running vCPU threads and the means to pause, resume and stop them.
+pub struct Vcpus {
+    threads: Vec<(Arc<Shared>, Option<JoinHandle<()>>)>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// How long a pause may take before it is reported as failed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often an unacknowledged kick is repeated while waiting.
+const KICK_INTERVAL: Duration = Duration::from_millis(10);
+
+impl Vcpus {
+    /// Starts one thread per vCPU; they run the guest at once.
+    pub fn start(fds: Vec<VcpuFd>, bus: Arc<PioBus>, exit: ExitSink) -> Result<Self, Error> {
+        register_signal_handler(kick_signal(), kick_handler).map_err(Error::SignalHandler)?;
+        let mut threads = Vec::with_capacity(fds.len());
+        for (index, fd) in fds.into_iter().enumerate() {
+            let shared = Arc::new(Shared {
+                request: AtomicU8::new(Request::Run as u8),
+                state: Mutex::new((Request::Run, State::Running, None)),
+                changed: Condvar::new(),
+            });
+            let (s, bus, exit) = (shared.clone(), bus.clone(), exit.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || run_thread(index, fd, &s, &bus, &exit))
+                .map_err(Error::Spawn)?;
+            threads.push((shared, Some(handle)));
+        }
+        Ok(Vcpus { threads })
+    }
+
+    pub fn count(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Stops every vCPU; returns when all have acknowledged, or fails after a bound.
+    pub fn pause(&self) -> Result<(), Error> {
+        self.request_all(Request::Pause);
+        self.wait_all(|s| s != State::Running)
+    }
+
+    /// Lets every paused vCPU run again.
+    pub fn resume(&self) {
+        self.request_all(Request::Run);
+    }
+
+    /// Ends every vCPU thread and joins it.
+    pub fn stop(&mut self) -> Result<(), Error> {
+        self.request_all(Request::Exit);
+        let waited = self.wait_all(|s| s == State::Exited);
+        for (_, handle) in &mut self.threads {
+            if let Some(h) = handle.take() {
+                if waited.is_ok() {
+                    let _ = h.join();
+                }
+            }
+        }
+        waited
+    }
+
+    fn request_all(&self, request: Request) {
+        for (shared, _) in &self.threads {
+            let mut guard = lock(&shared.state);
+            // An exiting thread never comes back.
+            if guard.0 == Request::Exit {
+                continue;
+            }
+            guard.0 = request;
+            shared.request.store(request as u8, Ordering::SeqCst);
+            if request != Request::Run {
+                kick(&guard);
+            }
+            shared.changed.notify_all();
+        }
+    }
+
+    fn wait_all(&self, done: impl Fn(State) -> bool) -> Result<(), Error> {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut late = 0;
+        for (shared, _) in &self.threads {
+            let mut guard = lock(&shared.state);
+            while !done(guard.1) {
+                let now = Instant::now();
+                if now >= deadline {
+                    late += 1;
+                    break;
+                }
+                kick(&guard);
+                let wait = KICK_INTERVAL.min(deadline - now);
+                guard = shared
+                    .changed
+                    .wait_timeout(guard, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        if late > 0 {
+            return Err(Error::StopTimeout(late));
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Forces the thread out of (or away from) KVM_RUN. Called with the state lock held.
+fn kick(guard: &MutexGuard<'_, (Request, State, Option<KickTarget>)>) {
+    if guard.1 == State::Exited {
+        return;
+    }
+    if let Some(t) = guard.2 {
+        // SAFETY: `immediate_exit` points into this thread's kvm_run mapping, which
+        // lives until the thread records State::Exited under this lock (not yet).
+        unsafe { AtomicU8::from_ptr(t.immediate_exit) }.store(1, Ordering::SeqCst);
+        // SAFETY: the pthread is alive (it has not exited, see above); the signal has
+        // a no-op handler installed in `Vcpus::start`.
+        unsafe { libc::pthread_kill(t.thread, kick_signal()) };
+    }
+}
+
+fn run_thread(index: usize, mut fd: VcpuFd, shared: &Shared, bus: &PioBus, exit: &ExitSink) {
+    {
+        let mut guard = lock(&shared.state);
+        guard.2 = Some(KickTarget {
+            // SAFETY: pthread_self has no preconditions.
+            thread: unsafe { libc::pthread_self() },
+            immediate_exit: &mut fd.get_kvm_run().immediate_exit as *mut u8,
+        });
+    }
+    let outcome = run_loop(index, &mut fd, shared, bus);
+    {
+        let mut guard = lock(&shared.state);
+        guard.0 = Request::Exit;
+        guard.1 = State::Exited;
+        guard.2 = None;
+        shared.changed.notify_all();
+    }
+    if let Some(why) = outcome {
+        exit(why);
+    }
+}
+
+/// Runs the guest until asked to exit (returns None) or until the guest ends.
+fn run_loop(index: usize, fd: &mut VcpuFd, shared: &Shared, bus: &PioBus) -> Option<GuestExit> {
+    loop {
+        if shared.request.load(Ordering::SeqCst) != Request::Run as u8
+            && !wait_while_paused(shared, fd)
+        {
+            return None;
+        }
+        match fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if let Some(why) = bus.write(port, data) {
+                    return Some(why);
+                }
+            }
+            // Nothing is mapped at MMIO addresses yet: reads float high.
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::Shutdown) => return Some(GuestExit::Reset),
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
+                return Some(GuestExit::PowerOff)
+            }
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => return Some(GuestExit::Reset),
+            Ok(other) => {
+                return Some(GuestExit::Failed(format!(
+                    "vCPU {index}: unexpected exit {other:?}"
+                )))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                return Some(GuestExit::Failed(format!(
+                    "vCPU {index}: KVM_RUN failed: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// Parks the thread while paused. Returns false when it must exit.
+fn wait_while_paused(shared: &Shared, fd: &mut VcpuFd) -> bool {
+    let mut guard = lock(&shared.state);
+    loop {
+        match guard.0 {
+            Request::Run => {
+                guard.1 = State::Running;
+                return true;
+            }
+            Request::Exit => return false,
+            Request::Pause => {
+                if guard.1 != State::Paused {
+                    // One KVM_RUN with immediate_exit set completes an in-flight
+                    // port or MMIO read without entering the guest, so the saved
+                    // state never holds half an instruction (KVM api.rst, KVM_RUN).
+                    fd.set_kvm_immediate_exit(1);
+                    let _ = fd.run();
+                    fd.set_kvm_immediate_exit(0);
+                    guard.1 = State::Paused;
+                    shared.changed.notify_all();
+                }
+                guard = shared
+                    .changed
+                    .wait(guard)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+}
