@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use argh::FromArgs;
 
-use crate::layout::MAX_VCPUS;
+use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS};
 
 #[derive(FromArgs, Debug)]
 /// molt: a tiny VMM built for live update.
@@ -49,6 +49,12 @@ pub struct RunArgs {
     /// create the control socket at this path
     #[argh(option)]
     pub control: Option<PathBuf>,
+    /// virtio-blk disk: PATH[,ro] (raw image); repeatable
+    #[argh(option, from_str_fn(parse_disk))]
+    pub disk: Vec<DiskConfig>,
+    /// virtio-net NIC: tap=NAME[,mac=MAC] or fd=N[,mac=MAC]; repeatable
+    #[argh(option, from_str_fn(parse_net))]
+    pub net: Vec<NetConfig>,
 }
 
 #[derive(FromArgs, Debug)]
@@ -84,6 +90,92 @@ fn parse_serial(s: &str) -> Result<SerialConfig, String> {
             _ => Err(format!("expected stdio, file:PATH or none, got '{s}'")),
         },
     }
+}
+
+/// A `--disk` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        Some((_, opt)) => return Err(format!("unknown disk option '{opt}' (expected ro)")),
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err("expected PATH[,ro]".into());
+    }
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        read_only,
+    })
+}
+
+/// Where a NIC's packets go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// Create or attach the tap interface of this name.
+    Tap(String),
+    /// Adopt this already-open tap descriptor.
+    Fd(i32),
+}
+
+/// A `--net` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub backend: NetBackend,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Longest interface name the kernel takes (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let mut backend = None;
+    let mut mac = None;
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() && name.len() <= MAX_IFNAME => {
+                backend = Some(NetBackend::Tap(name.to_string()))
+            }
+            Some(("tap", name)) => {
+                return Err(format!("tap name '{name}' must be 1 to {MAX_IFNAME} bytes"))
+            }
+            Some(("fd", n)) => {
+                let fd = n
+                    .parse::<i32>()
+                    .ok()
+                    .filter(|&fd| fd >= 0)
+                    .ok_or_else(|| format!("fd '{n}' is not a descriptor number"))?;
+                backend = Some(NetBackend::Fd(fd));
+            }
+            Some(("mac", m)) => mac = Some(parse_mac(m)?),
+            _ => return Err(format!("unknown net option '{part}'")),
+        }
+    }
+    let backend = backend.ok_or("expected tap=NAME or fd=N")?;
+    Ok(NetConfig { backend, mac })
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("'{s}' is not a MAC address (xx:xx:xx:xx:xx:xx)");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 == 1 {
+        return Err(format!("'{s}' is a multicast address"));
+    }
+    Ok(mac)
 }
 
 /// Parses `1234`, `64K`, `256M`, `2G` (powers of 1024; a trailing `B`/`iB` is allowed).
@@ -128,6 +220,8 @@ pub struct RunConfig {
     pub mem_file: Option<PathBuf>,
     pub serial: SerialConfig,
     pub control: Option<PathBuf>,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
 }
 
 impl RunArgs {
@@ -152,6 +246,18 @@ impl RunArgs {
                 self.mem
             )));
         }
+        if self.disk.len() > MAX_DISKS {
+            return Err(UsageError(format!(
+                "--disk given {} times: at most {MAX_DISKS} disks",
+                self.disk.len()
+            )));
+        }
+        if self.net.len() > MAX_NICS {
+            return Err(UsageError(format!(
+                "--net given {} times: at most {MAX_NICS} NICs",
+                self.net.len()
+            )));
+        }
         if self.mem > host_mem {
             return Err(UsageError(format!(
                 "--mem {}: more than this host's memory ({host_mem} bytes)",
@@ -167,6 +273,8 @@ impl RunArgs {
             mem_file: self.mem_file,
             serial: self.serial,
             control: self.control,
+            disks: self.disk,
+            nets: self.net,
         })
     }
 }
@@ -244,6 +352,35 @@ mod tests {
         assert!(v(&["run", "--kernel", "k", "--mem", "0"]).contains("--mem"));
         assert!(v(&["run", "--kernel", "k", "--mem", "2G"]).contains("host"));
         assert!(v(&["run", "--kernel", "k", "--mem", "20000001"]).contains("4 KiB"));
+    }
+
+    #[test]
+    fn disk_forms() {
+        assert_eq!(
+            parse_disk("/a/b.img,ro"),
+            Ok(DiskConfig {
+                path: "/a/b.img".into(),
+                read_only: true
+            })
+        );
+        assert!(!parse_disk("x.img").unwrap().read_only);
+        assert!(parse_disk("x.img,wat").is_err());
+        assert!(parse_disk(",ro").is_err());
+    }
+
+    #[test]
+    fn net_forms() {
+        let n = parse_net("tap=tap0,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!(n.backend, NetBackend::Tap("tap0".into()));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(parse_net("fd=7").unwrap().backend, NetBackend::Fd(7));
+        assert!(parse_net("fd=-1").is_err());
+        assert!(parse_net("tap=").is_err());
+        assert!(parse_net("tap=averyveryverylongname").is_err());
+        assert!(parse_net("mac=52:54:00:12:34:56").is_err());
+        assert!(parse_net("tap=t,mac=01:00:00:00:00:00").is_err());
+        assert!(parse_net("tap=t,mac=52:54:00:12:34").is_err());
+        assert!(parse_net("tap=t,speed=10").is_err());
     }
 
     #[test]

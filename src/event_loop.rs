@@ -52,6 +52,10 @@ const TOKEN_SIGNAL: u64 = 1;
 const TOKEN_STDIN: u64 = 2;
 const TOKEN_LISTENER: u64 = 3;
 const TOKEN_CLIENT: u64 = 16;
+/// Virtio events: `TOKEN_VIRTIO | device << 16 | kind << 8 | index`.
+const TOKEN_VIRTIO: u64 = 1 << 32;
+const VIRTIO_QUEUE: u64 = 0;
+const VIRTIO_EXTRA_FD: u64 = 1;
 /// Retry interval for console input the guest's UART FIFO had no room for.
 const INPUT_RETRY_MS: i32 = 10;
 const TERMINATING_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -103,7 +107,9 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         stdin_open: false,
         paused: false,
         last_pause_us: 0,
+        watching: Vec::new(),
     };
+    lp.watch_devices()?;
     lp.add(exit_evt.as_raw_fd(), TOKEN_EXIT)?;
     lp.add(signals.as_raw_fd(), TOKEN_SIGNAL)?;
     if let Some(l) = &lp.listener {
@@ -178,6 +184,8 @@ struct Loop {
     stdin_open: bool,
     paused: bool,
     last_pause_us: u64,
+    /// Per virtio device, whether each of its extra fds is watched for input.
+    watching: Vec<Vec<bool>>,
 }
 
 enum Next {
@@ -237,10 +245,71 @@ impl Loop {
                         self.accept();
                         Next::Continue
                     }
+                    t if t >= TOKEN_VIRTIO => {
+                        self.virtio_event(t - TOKEN_VIRTIO);
+                        Next::Continue
+                    }
                     t => self.client_ready((t - TOKEN_CLIENT) as usize),
                 };
                 if let Next::Stop(outcome) = next {
                     return Ok(outcome);
+                }
+            }
+        }
+    }
+
+    /// Registers every queue notifier and device fd (the latter without interest
+    /// until the device wants input).
+    fn watch_devices(&mut self) -> Result<(), Error> {
+        for (d, dev) in self.machine.virtio.iter().enumerate() {
+            let dev = lock(dev);
+            for (q, (evt, _)) in dev.notifiers().into_iter().enumerate() {
+                self.add(evt.as_raw_fd(), virtio_token(d, VIRTIO_QUEUE, q))?;
+            }
+            let extra = dev.device().extra_fds();
+            for (n, fd) in extra.iter().enumerate() {
+                self.epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        *fd,
+                        EpollEvent::new(EventSet::empty(), virtio_token(d, VIRTIO_EXTRA_FD, n)),
+                    )
+                    .map_err(|e| Error::Setup("epoll_ctl", e))?;
+            }
+            self.watching.push(vec![false; extra.len()]);
+        }
+        Ok(())
+    }
+
+    fn virtio_event(&mut self, token: u64) {
+        let (d, kind, index) = (
+            (token >> 16) as usize,
+            (token >> 8) & 0xff,
+            (token & 0xff) as usize,
+        );
+        let Some(shared) = self.machine.virtio.get(d) else {
+            return;
+        };
+        let mut dev = lock(shared);
+        if kind == VIRTIO_QUEUE {
+            dev.queue_notify(index);
+        } else {
+            dev.device_mut().extra_fd_ready(index);
+        }
+        // Input is watched only while the device can take it: no busy loop on a
+        // tap whose guest posted no receive buffers.
+        let fds = dev.device().extra_fds();
+        for (n, fd) in fds.iter().enumerate() {
+            let want = dev.device().extra_fd_wanted(n);
+            if self.watching[d][n] != want {
+                let events = if want {
+                    EventSet::IN
+                } else {
+                    EventSet::empty()
+                };
+                let ev = EpollEvent::new(events, virtio_token(d, VIRTIO_EXTRA_FD, n));
+                if self.epoll.ctl(ControlOperation::Modify, *fd, ev).is_ok() {
+                    self.watching[d][n] = want;
                 }
             }
         }
@@ -409,6 +478,14 @@ impl Loop {
             self.last_pause_us,
         )
     }
+}
+
+fn virtio_token(device: usize, kind: u64, index: usize) -> u64 {
+    TOKEN_VIRTIO | ((device as u64) << 16) | (kind << 8) | index as u64
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn read_signal(signals: &File) -> i32 {

@@ -37,6 +37,20 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+/// PCI memory window for BARs, at the bottom of the MMIO gap.
+pub const PCI_MMIO_START: u64 = MMIO_GAP_START;
+pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
+
+/// PCI configuration mechanism 1: address at 0xcf8, data at 0xcfc..0xcff.
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
+pub const PCI_CONFIG_DATA: u16 = 0xcfc;
+/// Device slots on bus 0; slot 0 is the host bridge.
+pub const MAX_PCI_SLOTS: usize = 32;
+/// First GSI for MSI routes: 0..24 are the IOAPIC's pins.
+pub const MSI_GSI_START: u32 = 24;
+/// MSI routes available to devices (KVM allows 4096 routes in all).
+pub const MAX_MSI_GSIS: u32 = 1024;
+
 /// 16550 UART (COM1).
 pub const SERIAL_PORT: u16 = 0x3f8;
 pub const SERIAL_PORT_LEN: u16 = 8;
@@ -51,6 +65,10 @@ pub const ACPI_S5_TYPE: u8 = 5;
 pub const ACPI_SCI_IRQ: u16 = 9;
 /// i8042 command port; 0xfe written here is the legacy keyboard-controller reset.
 pub const I8042_PORT: u16 = 0x64;
+
+/// Device limits: argv refuses more.
+pub const MAX_DISKS: usize = 8;
+pub const MAX_NICS: usize = 4;
 
 /// vCPU limit: argv accepts 1..=MAX_VCPUS.
 pub const MAX_VCPUS: usize = 32;

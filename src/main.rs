@@ -11,7 +11,9 @@ mod control;
 mod devices;
 mod event_loop;
 mod layout;
+mod pci;
 mod terminal;
+mod virtio;
 mod vm;
 
 use std::process::ExitCode;

@@ -117,21 +117,48 @@ fn dsdt() -> Sdt {
     // QEMU and Cloud Hypervisor, instead of relying on the legacy port probe.
     Scope::new(
         "\\_SB_".into(),
-        vec![&Device::new(
-            "COM1".into(),
-            vec![
-                &Name::new("_HID".into(), &EISAName::new("PNP0501")),
-                &Name::new("_UID".into(), &aml::ZERO),
-                &Name::new(
-                    "_CRS".into(),
-                    &ResourceTemplate::new(vec![
-                        &IO::new(layout::SERIAL_PORT, layout::SERIAL_PORT, 0, COM1_LEN),
-                        // Consumer, edge-triggered, active-high, exclusive: an ISA IRQ.
-                        &Interrupt::new(true, true, false, false, layout::SERIAL_IRQ),
-                    ]),
-                ),
-            ],
-        )],
+        vec![
+            &Device::new(
+                "COM1".into(),
+                vec![
+                    &Name::new("_HID".into(), &EISAName::new("PNP0501")),
+                    &Name::new("_UID".into(), &aml::ZERO),
+                    &Name::new(
+                        "_CRS".into(),
+                        &ResourceTemplate::new(vec![
+                            &IO::new(layout::SERIAL_PORT, layout::SERIAL_PORT, 0, COM1_LEN),
+                            // Consumer, edge-triggered, active-high, exclusive: an ISA IRQ.
+                            &Interrupt::new(true, true, false, false, layout::SERIAL_IRQ),
+                        ]),
+                    ),
+                ],
+            ),
+            // The PCI root bridge: without it an ACPI kernel never scans bus 0. Plain
+            // PCI (PNP0A03) on config mechanism 1, so there is no MCFG and no _OSC.
+            &Device::new(
+                "PCI0".into(),
+                vec![
+                    &Name::new("_HID".into(), &EISAName::new("PNP0A03")),
+                    &Name::new("_UID".into(), &aml::ZERO),
+                    &Name::new("_SEG".into(), &aml::ZERO),
+                    &Name::new("_BBN".into(), &aml::ZERO),
+                    &Name::new(
+                        "_CRS".into(),
+                        &ResourceTemplate::new(vec![
+                            &aml::AddressSpace::new_bus_number(0u16, 0u16),
+                            &IO::new(layout::PCI_CONFIG_PORT, layout::PCI_CONFIG_PORT, 1, 8),
+                            &aml::AddressSpace::new_memory(
+                                aml::AddressSpaceCacheable::NotCacheable,
+                                true,
+                                layout::PCI_MMIO_START as u32,
+                                (layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE - 1) as u32,
+                                None,
+                            ),
+                        ]),
+                    ),
+                ],
+            ),
+        ],
     )
     .to_aml_bytes(&mut body);
 

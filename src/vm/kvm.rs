@@ -1,15 +1,22 @@
 //! VM-wide KVM setup: the in-kernel irqchip and PIT, the TSS and identity-map
 //! pages, guest RAM memslots, and interrupt eventfds. Each ioctl has its own error.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_pit_config, kvm_userspace_memory_region,
+    KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::GuestRam;
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use crate::pci::msix::{MsiMessage, MsiRouter};
 
 #[derive(Debug)]
 pub enum Error {
@@ -22,6 +29,7 @@ pub enum Error {
     SetMemoryRegion(u32, kvm_ioctls::Error),
     EventFd(std::io::Error),
     RegisterIrqfd(u32, kvm_ioctls::Error),
+    RegisterIoeventfd(u64, kvm_ioctls::Error),
 }
 
 impl fmt::Display for Error {
@@ -38,6 +46,7 @@ impl fmt::Display for Error {
             }
             Error::EventFd(e) => write!(f, "eventfd failed: {e}"),
             Error::RegisterIrqfd(gsi, e) => write!(f, "KVM_IRQFD for GSI {gsi} failed: {e}"),
+            Error::RegisterIoeventfd(a, e) => write!(f, "KVM_IOEVENTFD at {a:#x} failed: {e}"),
         }
     }
 }
@@ -84,4 +93,85 @@ pub fn irq_eventfd(vm: &VmFd, gsi: u32) -> Result<EventFd, Error> {
     vm.register_irqfd(&evt, gsi)
         .map_err(|e| Error::RegisterIrqfd(gsi, e))?;
     Ok(evt)
+}
+
+/// Registers `evt` to be signalled, in the kernel, on any guest write to `addr`.
+pub fn ioeventfd(vm: &VmFd, evt: &EventFd, addr: u64) -> Result<(), Error> {
+    vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+        .map_err(|e| Error::RegisterIoeventfd(addr, e))
+}
+
+/// KVM's GSI routing table: the irqchip pins KVM sets up by default, plus one MSI
+/// route per device vector. KVM_SET_GSI_ROUTING replaces the whole table, so the
+/// irqchip part is rebuilt with it every time.
+pub struct GsiRoutes {
+    vm: Arc<VmFd>,
+    msi: Mutex<BTreeMap<u32, MsiMessage>>,
+}
+
+impl GsiRoutes {
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        GsiRoutes {
+            vm,
+            msi: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn table(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_entry> {
+        let irqchip = |gsi: u32, chip: u32, pin: u32| {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip = kvm_irq_routing_irqchip { irqchip: chip, pin };
+            e
+        };
+        let mut entries = Vec::with_capacity(40 + msi.len());
+        // The same routes KVM_CREATE_IRQCHIP installs: ISA IRQs on both PICs and
+        // the IOAPIC, the rest on the IOAPIC only.
+        for gsi in 0..16 {
+            let pic = if gsi < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            entries.push(irqchip(gsi, pic, gsi % 8));
+        }
+        for pin in 0..IOAPIC_PINS {
+            entries.push(irqchip(pin, KVM_IRQCHIP_IOAPIC, pin));
+        }
+        for (&gsi, m) in msi {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = m.addr as u32;
+            e.u.msi.address_hi = (m.addr >> 32) as u32;
+            e.u.msi.data = m.data;
+            entries.push(e);
+        }
+        entries
+    }
+}
+
+/// Pins of KVM's in-kernel IOAPIC.
+const IOAPIC_PINS: u32 = 24;
+
+impl MsiRouter for GsiRoutes {
+    fn route(&self, gsi: u32, msg: MsiMessage) {
+        let mut msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
+        if msi.insert(gsi, msg) == Some(msg) {
+            return;
+        }
+        let entries = Self::table(&msi);
+        let result = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| format!("{e:?}"))
+            .and_then(|r| self.vm.set_gsi_routing(&r).map_err(|e| e.to_string()));
+        if let Err(e) = result {
+            // The vector stays silent; the guest driver times out and says so.
+            log::error!("KVM_SET_GSI_ROUTING for GSI {gsi} failed: {e}");
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! -> vCPUs -> threads.
 
 pub mod cpu;
+pub mod devices;
 pub mod kvm;
 pub mod memory;
 pub mod vcpu;
@@ -16,9 +17,11 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use crate::args::RunConfig;
 use crate::boot::{self, BootSpec};
-use crate::bus::PioBus;
+use crate::bus::Bus;
 use crate::devices::serial::{Output, Serial};
 use crate::layout::SERIAL_IRQ;
+use devices::SharedVirtio;
+use kvm::GsiRoutes;
 use memory::GuestRam;
 use vcpu::{ExitSink, Vcpus};
 
@@ -28,6 +31,7 @@ pub enum Error {
     Kvm(kvm::Error),
     Boot(boot::Error),
     Vcpu(vcpu::Error),
+    Devices(devices::Error),
 }
 
 impl fmt::Display for Error {
@@ -37,6 +41,7 @@ impl fmt::Display for Error {
             Error::Kvm(e) => e.fmt(f),
             Error::Boot(e) => e.fmt(f),
             Error::Vcpu(e) => e.fmt(f),
+            Error::Devices(e) => e.fmt(f),
         }
     }
 }
@@ -44,9 +49,11 @@ impl fmt::Display for Error {
 /// Everything one guest is made of. Fields drop in order: threads stop first.
 pub struct Machine {
     pub vcpus: Vcpus,
-    pub bus: Arc<PioBus>,
+    pub bus: Arc<Bus>,
+    pub virtio: Vec<SharedVirtio>,
     pub ram: GuestRam,
-    _vm: VmFd,
+    _routes: Arc<GsiRoutes>,
+    _vm: Arc<VmFd>,
     _kvm: Kvm,
 }
 
@@ -55,9 +62,14 @@ impl Machine {
     pub fn boot(cfg: &RunConfig, console: Output, exit: ExitSink) -> Result<Self, Error> {
         let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
         let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
+        let vm = Arc::new(vm);
         let serial_irq = kvm::irq_eventfd(&vm, SERIAL_IRQ).map_err(Error::Kvm)?;
-        let bus = Arc::new(PioBus {
+        let routes = Arc::new(GsiRoutes::new(vm.clone()));
+        let (pci, virtio) =
+            devices::build(cfg, &vm, &ram.memory, &routes).map_err(Error::Devices)?;
+        let bus = Arc::new(Bus {
             serial: Mutex::new(Serial::new(Some(serial_irq), console)),
+            pci,
         });
         let spec = BootSpec {
             kernel: &cfg.kernel,
@@ -75,7 +87,9 @@ impl Machine {
         Ok(Machine {
             vcpus,
             bus,
+            virtio,
             ram,
+            _routes: routes,
             _vm: vm,
             _kvm: kvm,
         })

@@ -19,7 +19,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::cpu::{self, Entry};
-use crate::bus::{GuestExit, PioBus};
+use crate::bus::{Bus, GuestExit};
 
 #[derive(Debug)]
 pub enum Error {
@@ -168,7 +168,7 @@ const KICK_INTERVAL: Duration = Duration::from_millis(10);
 
 impl Vcpus {
     /// Starts one thread per vCPU; they run the guest at once.
-    pub fn start(fds: Vec<VcpuFd>, bus: Arc<PioBus>, exit: ExitSink) -> Result<Self, Error> {
+    pub fn start(fds: Vec<VcpuFd>, bus: Arc<Bus>, exit: ExitSink) -> Result<Self, Error> {
         register_signal_handler(kick_signal(), kick_handler).map_err(Error::SignalHandler)?;
         let mut threads = Vec::with_capacity(fds.len());
         for (index, fd) in fds.into_iter().enumerate() {
@@ -278,7 +278,7 @@ fn kick(guard: &MutexGuard<'_, (Request, State, Option<KickTarget>)>) {
     }
 }
 
-fn run_thread(index: usize, mut fd: VcpuFd, shared: &Shared, bus: &PioBus, exit: &ExitSink) {
+fn run_thread(index: usize, mut fd: VcpuFd, shared: &Shared, bus: &Bus, exit: &ExitSink) {
     {
         let mut guard = lock(&shared.state);
         guard.2 = Some(KickTarget {
@@ -301,7 +301,7 @@ fn run_thread(index: usize, mut fd: VcpuFd, shared: &Shared, bus: &PioBus, exit:
 }
 
 /// Runs the guest until asked to exit (returns None) or until the guest ends.
-fn run_loop(index: usize, fd: &mut VcpuFd, shared: &Shared, bus: &PioBus) -> Option<GuestExit> {
+fn run_loop(index: usize, fd: &mut VcpuFd, shared: &Shared, bus: &Bus) -> Option<GuestExit> {
     loop {
         if shared.request.load(Ordering::SeqCst) != Request::Run as u8
             && !wait_while_paused(shared, fd)
@@ -309,15 +309,14 @@ fn run_loop(index: usize, fd: &mut VcpuFd, shared: &Shared, bus: &PioBus) -> Opt
             return None;
         }
         match fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
+            Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => {
-                if let Some(why) = bus.write(port, data) {
+                if let Some(why) = bus.pio_write(port, data) {
                     return Some(why);
                 }
             }
-            // Nothing is mapped at MMIO addresses yet: reads float high.
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
             Ok(VcpuExit::Shutdown) => return Some(GuestExit::Reset),
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
                 return Some(GuestExit::PowerOff)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Build the L3 guest initramfs: static busybox, /init (rootfs/guest/init) and
+# the virtio modules with their dependencies, from the lab kernel package.
+# Usage: rootfs/build-guest.sh OUT.cpio.gz
+set -euo pipefail
+[[ $# -eq 1 ]] || { echo "usage: $0 OUT.cpio.gz" >&2; exit 2; }
+out=$(realpath -m "$1")
+
+. "$(dirname "$0")/lib.sh"
+lab_kernel_env
+
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+
+ir_skeleton "$root"
+install -m 755 "$ROOTFS_DIR/guest/init" "$root/init"
+# ext4 is built into the cloud kernel; ir_modules skips builtins, so listing it
+# keeps the image right for a kernel where it is modular.
+ir_modules "$root" virtio_pci virtio_blk virtio_net ext4
+ir_pack "$root" "$out"
+echo "guest initramfs: $out ($(du -h "$out" | cut -f1))"

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Build the L2 lab host initramfs: static busybox, /init (rootfs/host/init),
+# kvm_amd / tun / vfio / nvdimm modules, and under /lab/: molt, the guest kernel
+# and initramfs, the scenarios and the labtime helper.
+# Usage: rootfs/build-host.sh OUT.cpio.gz
+# Environment:
+#   MOLT_BIN            molt binary (default: the static release build)
+#   MOLT_GUEST_INITRD   prebuilt guest initramfs (default: build one here)
+#   MOLT_LAB_WITH_QEMU  1: also add QEMU 7.2 + its libraries and ROMs (bench only;
+#                       it makes the image several times larger)
+set -euo pipefail
+[[ $# -eq 1 ]] || { echo "usage: $0 OUT.cpio.gz" >&2; exit 2; }
+out=$(realpath -m "$1")
+
+. "$(dirname "$0")/lib.sh"
+lab_kernel_env
+
+molt=${MOLT_BIN:-$REPO_DIR/target/x86_64-unknown-linux-gnu/release/molt}
+
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+
+ir_skeleton "$root"
+install -m 755 "$ROOTFS_DIR/host/init" "$root/init"
+# kvm_amd pulls kvm and irqbypass; vfio_pci pulls vfio, vfio_iommu_type1,
+# vfio_virqfd and vfio-pci-core; nd_* pull libnvdimm.
+ir_modules "$root" kvm_amd tun vfio vfio_pci vfio_iommu_type1 nd_pmem nd_e820
+
+mkdir -p "$root/lab/bin" "$root/lab/scenarios" "$root/lab/lib"
+if [[ -f $molt ]]; then
+    # The lab has no libc: a dynamic molt would fail with a confusing ENOENT.
+    file_is_static "$molt" || { echo "$molt is not statically linked" >&2; exit 1; }
+    install -m 755 "$molt" "$root/lab/bin/molt"
+else
+    # Lets the `smoke` scenario run before molt builds; molt scenarios fail
+    # with "molt binary missing".
+    echo "warning: no molt binary at $molt" >&2
+fi
+# Timestamps with microsecond resolution (busybox date has no %N).
+gcc -static -O2 -o "$root/lab/bin/labtime" "$ROOTFS_DIR/tools/labtime.c"
+
+cp "$MOLT_LAB_VMLINUZ" "$root/lab/vmlinuz"
+if [[ -n ${MOLT_GUEST_INITRD:-} ]]; then
+    cp "$MOLT_GUEST_INITRD" "$root/lab/guest.cpio.gz"
+else
+    "$ROOTFS_DIR/build-guest.sh" "$root/lab/guest.cpio.gz"
+fi
+cp "$ROOTFS_DIR"/scenarios/*.sh "$root/lab/scenarios/"
+cp "$ROOTFS_DIR"/scenarios/lib/*.sh "$root/lab/lib/"
+
+if [[ ${MOLT_LAB_WITH_QEMU:-0} == 1 ]]; then
+    # The reference VMM for bench-boot. Binary and libraries keep their host
+    # paths: the loader finds the libraries without configuration, and QEMU
+    # finds its ROMs in /usr/share/qemu (it looks relative to its own path).
+    qemu=$(command -v qemu-system-x86_64)
+    install -D -m 755 "$qemu" "$root$qemu"
+    ldd "$qemu" | grep -o '/[^ ]*' | sort -u | while read -r lib; do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    # qboot as firmware; -kernel on -M pc also wants the linuxboot option ROM.
+    mkdir -p "$root/usr/share/qemu"
+    for rom in qboot.rom linuxboot_dma.bin linuxboot.bin kvmvapic.bin; do
+        cp -L "/usr/share/qemu/$rom" "$root/usr/share/qemu/"
+    done
+fi
+
+ir_pack "$root" "$out"
+echo "host initramfs: $out ($(du -h "$out" | cut -f1))"

@@ -1,0 +1,138 @@
+# Helpers for lab scenarios (sourced; busybox ash inside L2).
+# A scenario prints `LAB-RESULT name=value` per check and ends with `lab_end`.
+
+# The one place the L3 guest's kernel command line is spelled out.
+# quiet: the console is a 16550 under nested emulation, every byte costs.
+GUEST_CMDLINE="console=ttyS0 panic=-1 quiet"
+
+LAB_FAILED=0
+
+result() { echo "LAB-RESULT $1=$2"; }
+
+# check NAME GOT WANT: report GOT, fail the scenario unless GOT = WANT.
+check() {
+    result "$1" "$2"
+    if [ "$2" != "$3" ]; then
+        echo "LAB-CHECK-FAIL $1: got '$2', want '$3'"
+        LAB_FAILED=1
+    fi
+}
+
+# fail NAME REASON: a check that cannot even be measured.
+fail() {
+    result "$1" "$2"
+    echo "LAB-CHECK-FAIL $1: $2"
+    LAB_FAILED=1
+}
+
+lab_end() {
+    if [ "$LAB_FAILED" = 0 ]; then echo "LAB-END status=pass"; else echo "LAB-END status=fail"; fi
+}
+
+# Milliseconds on the monotonic clock (labtime is built into the host image).
+now_ms() { echo $(( $(labtime now) / 1000 )); }
+
+# alive PID: the process runs. kill -0 is not enough: a background child of
+# this shell stays a zombie (and kill -0 succeeds) until the shell waits for it.
+alive() {
+    [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+}
+
+# wait_log FILE ERE SECONDS [PID]: wait until FILE has a line matching ERE.
+# Gives up early if PID (the VMM) has exited.
+wait_log() {
+    _deadline=$(( $(now_ms) + $3 * 1000 ))
+    while :; do
+        grep -Eq "$2" "$1" 2>/dev/null && return 0
+        [ "$(now_ms)" -ge "$_deadline" ] && return 1
+        if [ -n "${4:-}" ] && ! alive "$4"; then
+            grep -Eq "$2" "$1" 2>/dev/null
+            return
+        fi
+        sleep 0.1
+    done
+}
+
+# count FILE ERE: number of matching lines.
+count() { grep -Ec "$2" "$1" 2>/dev/null || true; }
+
+# wait_exit PID SECONDS: wait for PID to exit; sets EXIT_RC to its status, or
+# to "timeout" after printing where it hung and killing it. Not usable in
+# $(...): the subshell could not `wait` for this shell's child.
+wait_exit() {
+    _deadline=$(( $(now_ms) + $2 * 1000 ))
+    while alive "$1"; do
+        if [ "$(now_ms)" -ge "$_deadline" ]; then
+            proc_diag "$1"
+            kill -9 "$1" 2>/dev/null
+            wait "$1" 2>/dev/null
+            EXIT_RC=timeout
+            return
+        fi
+        sleep 0.1
+    done
+    wait "$1"
+    EXIT_RC=$?
+}
+
+# proc_diag PID: where a hung process's threads are (state, wait channel,
+# kernel stack), for the log of a failed run.
+proc_diag() {
+    for _t in /proc/"$1"/task/*; do
+        echo "LAB-DIAG task ${_t##*/} $(cat "$_t/comm" 2>/dev/null):" \
+            "$(grep '^State' "$_t/status" 2>/dev/null)" "wchan=$(cat "$_t/wchan" 2>/dev/null)"
+        sed 's/^/LAB-DIAG     /' "$_t/stack" 2>/dev/null | head -n 12
+    done
+    ls -l /proc/"$1"/fd 2>/dev/null | sed 's/^/LAB-DIAG fd /'
+}
+
+# dump TAG FILE [N]: the last N lines of FILE, tick lines left out, so a failed
+# run's console log shows what the guest and molt said.
+dump() {
+    [ -f "$2" ] || return 0
+    echo "---- $1: $2 (last ${3:-60} lines, GUEST-TICK omitted)"
+    grep -v '^GUEST-TICK' "$2" | tail -n "${3:-60}" | sed "s/^/$1| /"
+}
+
+# ---- driving a VMM whose serial console is its stdin/stdout ----
+# vmm_start LOG CMD...: run CMD in the background with stdin from a FIFO that
+# fd 3 of this shell writes to, stdout to LOG and stderr to LOG.err.
+# Sets VMM_PID and VMM_LOG.
+vmm_start() {
+    VMM_LOG=$1; shift
+    rm -f "$VMM_LOG" "$VMM_LOG.err" "$VMM_LOG.in"
+    mkfifo "$VMM_LOG.in"
+    : > "$VMM_LOG"
+    "$@" < "$VMM_LOG.in" > "$VMM_LOG" 2> "$VMM_LOG.err" &
+    VMM_PID=$!
+    # Opening the FIFO's write end completes the child's open of the read end.
+    # fd 3 stays open so the VMM never sees EOF on its console input.
+    exec 3> "$VMM_LOG.in"
+}
+
+# guest_cmd LINE SECONDS: send LINE to the guest's command loop, wait for its
+# GUEST-DONE, print the rc (or "timeout").
+guest_cmd() {
+    _n=$(count "$VMM_LOG" '^GUEST-DONE rc=')
+    echo "$1" >&3
+    _deadline=$(( $(now_ms) + $2 * 1000 ))
+    while [ "$(count "$VMM_LOG" '^GUEST-DONE rc=')" -le "$_n" ]; do
+        if [ "$(now_ms)" -ge "$_deadline" ] || ! alive "$VMM_PID"; then
+            echo timeout
+            return
+        fi
+        sleep 0.1
+    done
+    grep '^GUEST-DONE rc=' "$VMM_LOG" | tail -n 1 | tr -d '\r' | sed 's/^GUEST-DONE rc=//'
+}
+
+ticks() { count "$VMM_LOG" '^GUEST-TICK '; }
+
+# wait_count FILE ERE N SECONDS: wait until FILE has at least N matching lines.
+wait_count() {
+    _deadline=$(( $(now_ms) + $4 * 1000 ))
+    while [ "$(count "$1" "$2")" -lt "$3" ]; do
+        [ "$(now_ms)" -ge "$_deadline" ] && return 1
+        sleep 0.1
+    done
+}

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Run one lab scenario: build (or reuse) the initramfs images, boot the L2 lab
+# host under QEMU TCG with emulated AMD SVM (see shared/LAB.md), tee its console
+# to target/lab/SCENARIO.log, and pass only if the scenario printed
+# `LAB-END status=pass`.
+#
+# Usage: scripts/lab.sh SCENARIO [--keep]
+#   --keep   leave L2 running with a shell on the console after the scenario
+#            (interactive; no timeout)
+# Environment:
+#   MOLT_LAB_TIMEOUT    overall limit in seconds (default 600)
+#   MOLT_LAB_SMP        L2 vCPUs (default 2: MTTCG runs them on both host cores)
+#   MOLT_LAB_APPEND     extra L2 kernel arguments (e.g. memmap=64M!1G)
+#   MOLT_LAB_WITH_QEMU  1: put QEMU into the L2 image too (for bench-boot)
+#   MOLT_BIN            molt binary (default: the static release build, which is
+#                       rebuilt first with `cargo build --release`)
+#   MOLT_LAB_CACHE      kernel download cache (default ~/.cache/molt-lab)
+# Packages: qemu-system-x86 busybox-static cpio kmod gcc libc6-dev binutils
+#           (util-linux's flock and coreutils' timeout are in every Debian)
+set -euo pipefail
+
+usage() { echo "usage: $0 SCENARIO [--keep]" >&2; exit 2; }
+[[ $# -ge 1 && $1 != -* ]] || usage
+scenario=$1; shift
+keep=0
+for arg in "$@"; do
+    case $arg in --keep) keep=1 ;; *) usage ;; esac
+done
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+[[ -f $repo/rootfs/scenarios/$scenario.sh ]] || {
+    echo "lab: no scenario $scenario (rootfs/scenarios/*.sh)" >&2; exit 2; }
+work=$repo/target/lab
+mkdir -p "$work"
+timeout_s=${MOLT_LAB_TIMEOUT:-600}
+smp=${MOLT_LAB_SMP:-2}
+with_qemu=${MOLT_LAB_WITH_QEMU:-0}
+
+# Parallel runs share the kernel cache and the images: one fetches and builds,
+# the others wait and reuse.
+exec 9>"$work/.build.lock"
+flock 9
+
+eval "$("$repo/scripts/lab-kernel.sh")"
+
+# molt: an explicit MOLT_BIN is used as given; otherwise the release build is
+# brought up to date (a no-op under `cargo test --release`, which built it), so
+# the lab never tests a stale binary. A failed build still lets `smoke` run.
+if [[ -z ${MOLT_BIN:-} ]]; then
+    export MOLT_BIN=$repo/target/x86_64-unknown-linux-gnu/release/molt
+    (cd "$repo" && cargo build --release --quiet) || echo "lab: warning: molt did not build" >&2
+fi
+
+# Rebuild the images only when an input changed: kernel, rootfs/ sources,
+# molt, and whether QEMU is included. A build takes ~5 s, an L2 boot ~5 s more;
+# repeated test runs add up.
+inputs_hash() {
+    {
+        echo "$MOLT_LAB_KVER with_qemu=$with_qemu"
+        (cd "$repo" && find rootfs scripts/lab-kernel.sh -type f | LC_ALL=C sort | xargs sha256sum)
+        [[ -f $MOLT_BIN ]] && sha256sum "$MOLT_BIN" || echo "no molt"
+        [[ $with_qemu == 1 ]] && sha256sum "$(command -v qemu-system-x86_64)"
+        true
+    } | sha256sum | cut -d' ' -f1
+}
+suffix=; [[ $with_qemu == 1 ]] && suffix=-qemu
+guest_img=$work/guest.cpio.gz
+host_img=$work/host$suffix.cpio.gz
+stamp=$host_img.inputs
+hash=$(inputs_hash)
+if [[ -f $host_img && -f $stamp && $(cat "$stamp") == "$hash" ]]; then
+    echo "lab: reusing $host_img"
+else
+    rm -f "$stamp"
+    "$repo/rootfs/build-guest.sh" "$guest_img"
+    MOLT_GUEST_INITRD=$guest_img MOLT_LAB_WITH_QEMU=$with_qemu \
+        "$repo/rootfs/build-host.sh" "$host_img"
+    echo "$hash" > "$stamp"
+fi
+flock -u 9
+
+append="console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet molt.scenario=$scenario"
+[[ $keep == 1 ]] && append+=" molt.keep=1"
+[[ -n ${MOLT_LAB_APPEND:-} ]] && append+=" $MOLT_LAB_APPEND"
+
+# EPYC-v3 gives SVM, so kvm_amd loads inside; intel-iommu makes IOMMU groups
+# for VFIO; edu is the passthrough test device. -nic none: L2 needs no network
+# (taps are made inside it) and the default NIC's iPXE ROM only costs boot time.
+qemu=(qemu-system-x86_64 -accel tcg -machine q35 -cpu EPYC-v3 -smp "$smp" -m 3G
+      -nographic -no-reboot -device intel-iommu -device edu -nic none
+      -kernel "$MOLT_LAB_VMLINUZ" -initrd "$host_img" -append "$append")
+
+log=$work/$scenario.log
+# TCG prints one line per EPYC feature it cannot emulate, per vCPU: noise.
+quiet_tcg() { grep --line-buffered -v "TCG doesn't support requested feature"; }
+start=$(date +%s%N)
+if [[ $keep == 1 ]]; then
+    "${qemu[@]}" 2>&1 | tee "$log" || true
+else
+    # No stdin: under CI there is none, and a terminal would be left in raw mode
+    # if QEMU is killed by the timeout.
+    timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1 | quiet_tcg | tee "$log" || true
+fi
+elapsed_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+
+echo "lab: $scenario finished in ${elapsed_ms} ms (smp=$smp), log $log"
+if grep -q 'LAB-END status=pass' "$log"; then
+    echo "lab: $scenario PASS"
+    exit 0
+fi
+grep -q 'LAB-END' "$log" || echo "lab: no LAB-END seen (timeout ${timeout_s}s or crash)"
+echo "lab: $scenario FAIL"
+exit 1

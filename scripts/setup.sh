@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the nested lab need on a fresh Debian
+# machine (as root), then fetches the Debian kernel the lab boots. Idempotent:
+# packages already present are not reinstalled, the kernel download is cached.
+#
+#   qemu-system-x86  the L2 lab host under TCG, and QEMU 7.2 as bench reference
+#   busybox-static   userland of both initramfs images
+#   cpio kmod        packing images; depmod/modprobe for module dependencies
+#   gcc libc6-dev    the static labtime helper (rootfs/tools/labtime.c)
+#   binutils file    readelf/file: checking that molt is statically linked
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(qemu-system-x86 busybox-static cpio kmod gcc libc6-dev binutils file)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Kernel for both lab levels (cached under ~/.cache/molt-lab).
+scripts/lab-kernel.sh >/dev/null

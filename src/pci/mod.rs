@@ -1,0 +1,273 @@
+//! PCI bus 0 behind configuration mechanism 1 (PCI Local Bus 3.0, 3.2.2.3.2):
+//! a host bridge in slot 0, devices in the slots the allocator hands out, and
+//! MMIO dispatch to their BARs. Addresses come from `layout.rs`.
+
+pub mod config;
+pub mod msix;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use config::{ConfigSpace, Header, NUM_BARS};
+
+use crate::layout::{
+    MAX_MSI_GSIS, MAX_PCI_SLOTS, MSI_GSI_START, PCI_CONFIG_DATA, PCI_CONFIG_PORT, PCI_MMIO_SIZE,
+    PCI_MMIO_START,
+};
+
+/// A PCI function as the bus sees it.
+pub trait PciFunction: Send {
+    fn config(&self) -> &ConfigSpace;
+    fn config_write(&mut self, offset: usize, data: &[u8]);
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+}
+
+/// Slot 0: tells the guest this is a PCI host bridge and nothing more.
+struct HostBridge(ConfigSpace);
+
+impl PciFunction for HostBridge {
+    fn config(&self) -> &ConfigSpace {
+        &self.0
+    }
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.0.write(offset, data);
+    }
+    fn bar_read(&mut self, _: usize, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+}
+
+pub type SharedFunction = Arc<Mutex<dyn PciFunction>>;
+
+pub struct PciBus {
+    /// The CONFIG_ADDRESS register.
+    address: Mutex<u32>,
+    slots: Vec<Option<SharedFunction>>,
+}
+
+const ENABLE_BIT: u32 = 1 << 31;
+
+impl PciBus {
+    pub fn new() -> Self {
+        let bridge = HostBridge(ConfigSpace::new(&Header {
+            vendor: 0x1b36, // Red Hat, as QEMU's generic host bridges
+            device: 0x0008,
+            revision: 0,
+            class: 0x06_00_00,
+            subsystem_vendor: 0x1b36,
+            subsystem_id: 0,
+        }));
+        let mut slots = vec![None; MAX_PCI_SLOTS];
+        slots[0] = Some(Arc::new(Mutex::new(bridge)) as SharedFunction);
+        PciBus {
+            address: Mutex::new(0),
+            slots,
+        }
+    }
+
+    pub fn add(&mut self, slot: u8, function: SharedFunction) {
+        self.slots[usize::from(slot)] = Some(function);
+    }
+
+    /// The function CONFIG_ADDRESS selects, with the register offset for a data
+    /// port access at `port`. None: disabled, another bus/function, or empty slot.
+    fn selected(&self, port: u16) -> Option<(SharedFunction, usize)> {
+        let addr = *lock(&self.address);
+        let (bus, slot, func) = ((addr >> 16) & 0xff, (addr >> 11) & 0x1f, (addr >> 8) & 7);
+        if addr & ENABLE_BIT == 0 || bus != 0 || func != 0 {
+            return None;
+        }
+        let f = self.slots.get(slot as usize)?.clone()?;
+        Some((
+            f,
+            (addr & 0xfc) as usize + usize::from(port - PCI_CONFIG_DATA),
+        ))
+    }
+
+    /// Port reads; false when the port is not the bus's.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
+        match port {
+            PCI_CONFIG_PORT if data.len() == 4 => {
+                data.copy_from_slice(&lock(&self.address).to_le_bytes());
+            }
+            p if (PCI_CONFIG_DATA..PCI_CONFIG_DATA + 4).contains(&p) => match self.selected(p) {
+                Some((f, off)) => lock(&f).config().read(off, data),
+                None => data.fill(0xff),
+            },
+            _ => return false,
+        }
+        true
+    }
+
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> bool {
+        match port {
+            PCI_CONFIG_PORT if data.len() == 4 => {
+                let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                *lock(&self.address) = v;
+            }
+            p if (PCI_CONFIG_DATA..PCI_CONFIG_DATA + 4).contains(&p) => {
+                if let Some((f, off)) = self.selected(p) {
+                    lock(&f).config_write(off, data);
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// The function, BAR and offset decoding `addr`, if any.
+    fn decode(&self, addr: u64) -> Option<(SharedFunction, usize, u64)> {
+        for f in self.slots.iter().flatten() {
+            let guard = lock(f);
+            let c = guard.config();
+            if !c.memory_enabled() {
+                continue;
+            }
+            for bar in 0..NUM_BARS {
+                if let Some((base, size)) = c.bar(bar) {
+                    if addr >= base && addr - base < size {
+                        drop(guard);
+                        return Some((f.clone(), bar, addr - base));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// MMIO reads; false when no BAR decodes `addr`.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.decode(addr) {
+            Some((f, bar, off)) => {
+                lock(&f).bar_read(bar, off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.decode(addr) {
+            Some((f, bar, off)) => {
+                lock(&f).bar_write(bar, off, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Hands out slots, BAR space and MSI GSIs in a fixed order: the same devices on
+/// the same command line always get the same resources, so a restored machine
+/// matches the saved one without recording an allocation log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocator {
+    next_slot: u8,
+    next_mmio: u64,
+    next_gsi: u32,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum AllocError {
+    Slots,
+    Mmio(u64),
+    Gsis(u32),
+}
+
+impl std::fmt::Display for AllocError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AllocError::Slots => write!(f, "no free PCI slot (at most {})", MAX_PCI_SLOTS - 1),
+            AllocError::Mmio(size) => write!(f, "no room for a {size}-byte BAR"),
+            AllocError::Gsis(n) => write!(f, "no room for {n} more MSI routes"),
+        }
+    }
+}
+
+impl Allocator {
+    pub fn new() -> Self {
+        Allocator {
+            next_slot: 1,
+            next_mmio: PCI_MMIO_START,
+            next_gsi: MSI_GSI_START,
+        }
+    }
+
+    pub fn slot(&mut self) -> Result<u8, AllocError> {
+        if usize::from(self.next_slot) >= MAX_PCI_SLOTS {
+            return Err(AllocError::Slots);
+        }
+        self.next_slot += 1;
+        Ok(self.next_slot - 1)
+    }
+
+    /// A naturally aligned BAR of `size` (a power of two).
+    pub fn mmio(&mut self, size: u64) -> Result<u64, AllocError> {
+        let base = self.next_mmio.next_multiple_of(size);
+        if base + size > PCI_MMIO_START + PCI_MMIO_SIZE {
+            return Err(AllocError::Mmio(size));
+        }
+        self.next_mmio = base + size;
+        Ok(base)
+    }
+
+    pub fn gsis(&mut self, n: u32) -> Result<Vec<u32>, AllocError> {
+        if self.next_gsi + n > MSI_GSI_START + MAX_MSI_GSIS {
+            return Err(AllocError::Gsis(n));
+        }
+        self.next_gsi += n;
+        Ok((self.next_gsi - n..self.next_gsi).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_addr(slot: u32, reg: u32) -> [u8; 4] {
+        (ENABLE_BIT | (slot << 11) | reg).to_le_bytes()
+    }
+
+    #[test]
+    fn host_bridge_answers_and_empty_slots_float() {
+        let bus = PciBus::new();
+        assert!(bus.pio_write(PCI_CONFIG_PORT, &config_addr(0, 0)));
+        let mut d = [0u8; 4];
+        bus.pio_read(PCI_CONFIG_DATA, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x0008_1b36);
+        bus.pio_write(PCI_CONFIG_PORT, &config_addr(5, 0));
+        bus.pio_read(PCI_CONFIG_DATA, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        // Disabled address register: nothing selected.
+        bus.pio_write(PCI_CONFIG_PORT, &[0, 0, 0, 0]);
+        bus.pio_read(PCI_CONFIG_DATA, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        // Byte access at an offset inside the dword.
+        bus.pio_write(PCI_CONFIG_PORT, &config_addr(0, 8));
+        let mut b = [0u8; 1];
+        bus.pio_read(PCI_CONFIG_DATA + 3, &mut b);
+        assert_eq!(b[0], 0x06, "class: bridge");
+        assert!(!bus.pio_read(0x80, &mut b));
+    }
+
+    #[test]
+    fn allocator_is_deterministic_and_bounded() {
+        let mut a = Allocator::new();
+        assert_eq!(a.slot(), Ok(1));
+        assert_eq!(a.mmio(0x8000), Ok(PCI_MMIO_START));
+        assert_eq!(a.mmio(0x4000), Ok(PCI_MMIO_START + 0x8000));
+        assert_eq!(a.mmio(0x8000), Ok(PCI_MMIO_START + 0x10000));
+        assert_eq!(a.gsis(3), Ok(vec![24, 25, 26]));
+        assert_eq!(a.gsis(MAX_MSI_GSIS), Err(AllocError::Gsis(MAX_MSI_GSIS)));
+        assert_eq!(a.mmio(PCI_MMIO_SIZE), Err(AllocError::Mmio(PCI_MMIO_SIZE)));
+        for _ in 2..MAX_PCI_SLOTS {
+            a.slot().unwrap();
+        }
+        assert_eq!(a.slot(), Err(AllocError::Slots));
+    }
+}

@@ -1,0 +1,68 @@
+//! Virtio 1.x devices (OASIS virtio v1.2) and the contract between a device and
+//! its PCI transport (`pci.rs`). Devices see guest memory, their queues and an
+//! interrupt handle, never KVM or PCI.
+
+pub mod block;
+pub mod net;
+pub mod pci;
+mod tap;
+
+use std::os::fd::RawFd;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// VIRTIO_F_VERSION_1 (6. Reserved Feature Bits): the modern interface.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_F_RING_EVENT_IDX: used/avail event suppression.
+pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
+
+/// Device types (5. Device Types).
+pub const TYPE_NET: u16 = 1;
+pub const TYPE_BLOCK: u16 = 2;
+
+/// Raises a device's interrupts. Backed by MSI-X vectors in the transport.
+pub trait Interrupt: Send + Sync {
+    /// Used buffers were added to queue `index`.
+    fn queue(&self, index: usize);
+    /// The device configuration changed.
+    fn config(&self);
+}
+
+/// One emulated virtio device behind a transport.
+///
+/// All calls come with the transport's lock held: from vCPU threads for config
+/// accesses and status changes, from the event loop for queue and fd events.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (`TYPE_*`).
+    fn device_type(&self) -> u16;
+    /// Maximum size of each queue; the slice's length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered; the transport adds VIRTIO_F_VERSION_1.
+    fn features(&self) -> u64;
+    /// The driver accepted `features` (a subset of `features()`), at FEATURES_OK.
+    fn ack_features(&mut self, features: u64);
+    /// Reads device-specific configuration; out-of-range bytes read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device-specific configuration; read-only or out-of-range bytes are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: `queues` (only those the driver enabled are ready)
+    /// are live from now on.
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: Box<dyn Interrupt>);
+    /// Queue `index` was notified by the driver: process what it made available.
+    fn queue_notify(&mut self, index: usize);
+    /// Descriptors besides the queue notifiers that the event loop must watch
+    /// (a tap). Fixed for the device's lifetime.
+    fn extra_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// Whether `extra_fds()[n]` should be watched for input right now (a tap is not
+    /// watched while the guest has posted no receive buffers).
+    fn extra_fd_wanted(&self, _n: usize) -> bool {
+        false
+    }
+    /// `extra_fds()[n]` is readable.
+    fn extra_fd_ready(&mut self, _n: usize) {}
+    /// Device reset (status written 0): drop the queues and any pending work.
+    fn reset(&mut self);
+}

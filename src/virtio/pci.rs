@@ -1,0 +1,471 @@
+//! The virtio-pci modern transport (virtio v1.2, 4.1): a PCI function whose BAR 0
+//! holds the common configuration, ISR, device configuration and notification
+//! regions plus the MSI-X table, described by vendor capabilities.
+//!
+//! Queue notifications normally never reach this code: each queue's notify
+//! address is a KVM ioeventfd watched by the event loop. A write that does reach
+//! it (the ioeventfd missed, e.g. after the guest moved the BAR) kicks the same
+//! eventfd, so there is one notification path.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Interrupt, VirtioDevice, TYPE_BLOCK, TYPE_NET, VIRTIO_F_VERSION_1};
+use crate::pci::config::{ConfigSpace, Header};
+use crate::pci::lock;
+use crate::pci::msix::{self, MsiRouter, Msix};
+use crate::pci::PciFunction;
+
+/// BAR 0 layout.
+const COMMON_OFFSET: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR_OFFSET: u64 = 0x1000;
+const DEVICE_OFFSET: u64 = 0x2000;
+const DEVICE_LEN: u64 = 0x1000;
+const NOTIFY_OFFSET: u64 = 0x3000;
+/// Bytes between two queues' notify addresses (notify_off_multiplier).
+const NOTIFY_MULTIPLIER: u64 = 4;
+const MSIX_TABLE_OFFSET: u64 = 0x4000;
+const MSIX_PBA_OFFSET: u64 = 0x5000;
+pub const BAR_SIZE: u64 = 0x8000;
+
+/// virtio_pci_cap cfg_type values (4.1.4).
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+const CAP_VENDOR: u8 = 0x09;
+
+/// Device status bits (2.1).
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_NEEDS_RESET: u8 = 0x40;
+
+/// "No vector" for msix_config and queue_msix_vector.
+const NO_VECTOR: u16 = 0xffff;
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+/// Interrupt state shared by the transport and the handle the device holds.
+struct Irq {
+    msix: Msix,
+    queue_vectors: Vec<u16>,
+    config_vector: u16,
+    isr: u8,
+}
+
+struct PciInterrupt(Arc<Mutex<Irq>>);
+
+impl Interrupt for PciInterrupt {
+    fn queue(&self, index: usize) {
+        let mut irq = lock(&self.0);
+        irq.isr |= ISR_QUEUE;
+        if let Some(&v) = irq.queue_vectors.get(index) {
+            irq.msix.trigger(v);
+        }
+    }
+
+    fn config(&self) {
+        let mut irq = lock(&self.0);
+        irq.isr |= ISR_CONFIG;
+        let v = irq.config_vector;
+        irq.msix.trigger(v);
+    }
+}
+
+/// The resources a virtio-pci function was given, all fixed at creation.
+pub struct Resources {
+    pub bar_addr: u64,
+    pub gsis: Vec<u32>,
+    pub irqfds: Vec<EventFd>,
+    pub router: Arc<dyn MsiRouter>,
+}
+
+/// Vectors a device needs: one per queue plus one for configuration changes.
+pub fn vectors_needed(device: &dyn VirtioDevice) -> u32 {
+    device.queue_max_sizes().len() as u32 + 1
+}
+
+pub struct VirtioPci {
+    config: ConfigSpace,
+    msix_cap: usize,
+    device: Box<dyn VirtioDevice>,
+    irq: Arc<Mutex<Irq>>,
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    notify: Vec<EventFd>,
+    queue_select: u16,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    active: bool,
+}
+
+impl VirtioPci {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        res: Resources,
+    ) -> std::io::Result<Self> {
+        let kind = device.device_type();
+        let class = match kind {
+            TYPE_NET => 0x02_00_00,
+            TYPE_BLOCK => 0x01_80_00,
+            _ => 0xff_00_00,
+        };
+        let mut config = ConfigSpace::new(&Header {
+            vendor: 0x1af4,
+            device: 0x1040 + kind,
+            revision: 1,
+            class,
+            subsystem_vendor: 0x1af4,
+            subsystem_id: 0x40,
+        });
+        config.set_bar(0, res.bar_addr as u32, BAR_SIZE as u32);
+        let nq = device.queue_max_sizes().len() as u64;
+        let cap = |cfg_type: u8, offset: u64, len: u64, extra: &[u8]| {
+            let mut body = vec![16 + extra.len() as u8, cfg_type, 0, 0, 0, 0];
+            body.extend_from_slice(&(offset as u32).to_le_bytes());
+            body.extend_from_slice(&(len as u32).to_le_bytes());
+            body.extend_from_slice(extra);
+            body
+        };
+        for body in [
+            cap(CAP_COMMON, COMMON_OFFSET, COMMON_LEN, &[]),
+            cap(CAP_ISR, ISR_OFFSET, 1, &[]),
+            cap(CAP_DEVICE, DEVICE_OFFSET, DEVICE_LEN, &[]),
+            cap(
+                CAP_NOTIFY,
+                NOTIFY_OFFSET,
+                nq * NOTIFY_MULTIPLIER,
+                &(NOTIFY_MULTIPLIER as u32).to_le_bytes(),
+            ),
+        ] {
+            config.add_capability(CAP_VENDOR, &body, &[]);
+        }
+        let msix = Msix::new(res.gsis, res.irqfds, res.router);
+        let msix_cap = config.add_capability(
+            msix::CAP_ID,
+            &msix.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32),
+            &Msix::capability_writable(),
+        );
+        let notify = (0..nq)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let queues = fresh_queues(device.as_ref());
+        Ok(VirtioPci {
+            config,
+            msix_cap,
+            irq: Arc::new(Mutex::new(Irq {
+                msix,
+                queue_vectors: vec![NO_VECTOR; nq as usize],
+                config_vector: NO_VECTOR,
+                isr: 0,
+            })),
+            device,
+            mem,
+            queues,
+            notify,
+            queue_select: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            active: false,
+        })
+    }
+
+    /// The eventfd signalled when queue `q` is notified, and its guest address.
+    pub fn notifiers(&self) -> Vec<(&EventFd, u64)> {
+        let base = self.config.bar(0).map_or(0, |b| b.0);
+        self.notify
+            .iter()
+            .enumerate()
+            .map(|(q, e)| (e, base + NOTIFY_OFFSET + q as u64 * NOTIFY_MULTIPLIER))
+            .collect()
+    }
+
+    /// The event loop saw queue `q`'s notifier fire.
+    pub fn queue_notify(&mut self, q: usize) {
+        if let Some(evt) = self.notify.get(q) {
+            let _ = evt.read();
+        }
+        if self.active {
+            self.device.queue_notify(q);
+        }
+    }
+
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.queues = fresh_queues(self.device.as_ref());
+        let mut irq = lock(&self.irq);
+        irq.msix.reset();
+        irq.queue_vectors.fill(NO_VECTOR);
+        irq.config_vector = NO_VECTOR;
+        irq.isr = 0;
+        drop(irq);
+        // The MSI-X enable/mask bits live in config space too.
+        let ctl = self.msix_cap + 2;
+        let bytes = self.config.read_u16(ctl) & 0x07ff;
+        self.config.set_bytes(ctl, &bytes.to_le_bytes());
+        self.queue_select = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.active = false;
+    }
+
+    fn set_status(&mut self, value: u8) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let mut value = value;
+        if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let f = self.driver_features;
+            if f & !self.offered_features() != 0 || f & VIRTIO_F_VERSION_1 == 0 {
+                // Left clear: the driver reads the status back and gives up.
+                value &= !STATUS_FEATURES_OK;
+            } else {
+                self.device.ack_features(f);
+            }
+        }
+        if value & STATUS_DRIVER_OK != 0 && !self.active && value & STATUS_FEATURES_OK != 0 {
+            let bad = self
+                .queues
+                .iter()
+                .position(|q| q.ready() && !q.is_valid(&self.mem));
+            if let Some(q) = bad {
+                log::warn!("virtio: queue {q} is enabled with an invalid layout");
+                value |= STATUS_NEEDS_RESET;
+            } else {
+                let irq = Box::new(PciInterrupt(self.irq.clone()));
+                // The device gets its own copies; the registers keep reading back.
+                let queues = self
+                    .queues
+                    .iter()
+                    .map(|q| Queue::try_from(q.state()))
+                    .collect::<Result<Vec<_>, _>>();
+                match queues {
+                    Ok(queues) => {
+                        self.device.activate(self.mem.clone(), queues, irq);
+                        self.active = true;
+                    }
+                    Err(e) => {
+                        log::warn!("virtio: queue state rejected: {e:?}");
+                        value |= STATUS_NEEDS_RESET;
+                    }
+                }
+            }
+        }
+        self.status = value;
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn common_read(&mut self, offset: u64, len: usize) -> u64 {
+        let q = usize::from(self.queue_select);
+        let irq = lock(&self.irq);
+        let queue = self.queues.get(q);
+        let qval = |f: fn(&Queue) -> u64| queue.map_or(0, f);
+        match (offset, len) {
+            (0x00, 4) => u64::from(self.device_feature_select),
+            (0x04, 4) => match self.device_feature_select {
+                0 => self.offered_features() & 0xffff_ffff,
+                1 => self.offered_features() >> 32,
+                _ => 0,
+            },
+            (0x08, 4) => u64::from(self.driver_feature_select),
+            (0x0c, 4) => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            (0x10, 2) => u64::from(irq.config_vector),
+            (0x12, 2) => self.queues.len() as u64,
+            (0x14, 1) => u64::from(self.status),
+            (0x15, 1) => 0,
+            (0x16, 2) => u64::from(self.queue_select),
+            (0x18, 2) => qval(|q| u64::from(q.size())),
+            (0x1a, 2) => irq.queue_vectors.get(q).map_or(0, |&v| u64::from(v)),
+            (0x1c, 2) => qval(|q| u64::from(q.ready())),
+            (0x1e, 2) => q as u64,
+            (0x20, 4) => qval(|q| q.desc_table() & 0xffff_ffff),
+            (0x24, 4) => qval(|q| q.desc_table() >> 32),
+            (0x28, 4) => qval(|q| q.avail_ring() & 0xffff_ffff),
+            (0x2c, 4) => qval(|q| q.avail_ring() >> 32),
+            (0x30, 4) => qval(|q| q.used_ring() & 0xffff_ffff),
+            (0x34, 4) => qval(|q| q.used_ring() >> 32),
+            _ => 0,
+        }
+    }
+
+    fn common_write(&mut self, offset: u64, len: usize, v: u64) {
+        // Queue layout is frozen once the device runs (4.1.4.3.2).
+        let frozen = self.active;
+        let v32 = v as u32;
+        match (offset, len) {
+            (0x00, 4) => self.device_feature_select = v32,
+            (0x08, 4) => self.driver_feature_select = v32,
+            (0x0c, 4) if self.status & STATUS_FEATURES_OK == 0 => {
+                match self.driver_feature_select {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32),
+                    _ => {}
+                }
+            }
+            (0x10, 2) => {
+                let mut irq = lock(&self.irq);
+                irq.config_vector = valid_vector(v as u16, irq.msix.vectors());
+            }
+            (0x14, 1) => self.set_status(v as u8),
+            (0x16, 2) => self.queue_select = v as u16,
+            (0x18, 2) if !frozen => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            (0x1a, 2) => {
+                let q = usize::from(self.queue_select);
+                let mut irq = lock(&self.irq);
+                let n = irq.msix.vectors();
+                if let Some(slot) = irq.queue_vectors.get_mut(q) {
+                    *slot = valid_vector(v as u16, n);
+                }
+            }
+            (0x1c, 2) if !frozen && v == 1 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(true);
+                }
+            }
+            (0x20..=0x34, 4) if !frozen => {
+                let (lo, hi) = if offset % 8 == 0 {
+                    (Some(v32), None)
+                } else {
+                    (None, Some(v32))
+                };
+                if let Some(q) = self.selected_queue() {
+                    match offset & !7 {
+                        0x20 => q.set_desc_table_address(lo, hi),
+                        0x28 => q.set_avail_ring_address(lo, hi),
+                        _ => q.set_used_ring_address(lo, hi),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    device
+        .queue_max_sizes()
+        .iter()
+        .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
+        .collect()
+}
+
+/// A vector number the guest may use, or NO_VECTOR (read back as refusal).
+fn valid_vector(v: u16, vectors: u16) -> u16 {
+    if v < vectors {
+        v
+    } else {
+        NO_VECTOR
+    }
+}
+
+fn to_u64(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}
+
+impl PciFunction for VirtioPci {
+    fn config(&self) -> &ConfigSpace {
+        &self.config
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+        let ctl = self.msix_cap + 2;
+        if offset < ctl + 2 && offset + data.len() > ctl {
+            lock(&self.irq).msix.set_control(self.config.read_u16(ctl));
+        }
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if bar != 0 {
+            return;
+        }
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_LEN => {
+                let v = self.common_read(o - COMMON_OFFSET, data.len());
+                let n = data.len().min(8);
+                data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+            }
+            ISR_OFFSET if data.len() == 1 => {
+                // Reading the ISR acknowledges it (4.1.4.5).
+                let mut irq = lock(&self.irq);
+                data[0] = irq.isr;
+                irq.isr = 0;
+            }
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_LEN).contains(&o) => {
+                self.device.read_config(o - DEVICE_OFFSET, data);
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                lock(&self.irq).msix.table_read(o - MSIX_TABLE_OFFSET, data);
+            }
+            o if (MSIX_PBA_OFFSET..BAR_SIZE).contains(&o) => {
+                lock(&self.irq).msix.pba_read(o - MSIX_PBA_OFFSET, data);
+            }
+            _ => {}
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar != 0 {
+            return;
+        }
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_LEN => {
+                self.common_write(o - COMMON_OFFSET, data.len(), to_u64(data));
+            }
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_LEN).contains(&o) => {
+                self.device.write_config(o - DEVICE_OFFSET, data);
+            }
+            o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
+                let q = ((o - NOTIFY_OFFSET) / NOTIFY_MULTIPLIER) as usize;
+                if let Some(evt) = self.notify.get(q) {
+                    let _ = evt.write(1);
+                }
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                lock(&self.irq)
+                    .msix
+                    .table_write(o - MSIX_TABLE_OFFSET, data);
+            }
+            _ => {}
+        }
+    }
+}

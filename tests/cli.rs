@@ -1,0 +1,235 @@
+//! Bad argv and the top-level usage of the `molt` binary (SPEC.md "One binary,
+//! configured by argv": errors name the argument and the reason, exit status 2 for
+//! usage, 1 for failure).
+//!
+//! Pure argv errors need no KVM: molt must reject them before touching `/dev/kvm`.
+//! The tests about the kernel file and about memory beyond the host's need KVM
+//! (molt may open `/dev/kvm` before it reads the kernel or maps RAM) and are
+//! guarded like the direct tests. Every run that should fail is given the exit
+//! guest as its kernel, so a molt that wrongly accepts the arguments powers off at
+//! once (status 0, failing the test) instead of hanging it.
+
+mod common;
+
+use common::guest::{exit_guest, write_guest, ExitKind};
+use common::{kvm_available, molt, TempDir};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// A temp dir with a valid, immediately powering-off kernel in it.
+fn with_kernel(tag: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new(tag);
+    let kernel = write_guest(dir.path(), "poweroff.elf", &exit_guest(ExitKind::PowerOff));
+    (dir, kernel)
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Asserts the exit code and that stderr contains every one of `needles`
+/// (case-insensitively).
+fn assert_fails(out: &Output, code: i32, needles: &[&str], what: &str) {
+    let (stdout, stderr) = text(out);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: want exit status {code}, got {}; stdout {stdout:?}; stderr {stderr:?}",
+        out.status
+    );
+    let lower = stderr.to_lowercase();
+    for needle in needles {
+        assert!(
+            lower.contains(&needle.to_lowercase()),
+            "{what}: stderr should mention {needle:?}; stderr {stderr:?}"
+        );
+    }
+}
+
+/// `molt run --kernel KERNEL --serial none ARGS...`
+fn run_with(kernel: &Path, args: &[&str]) -> Output {
+    let mut argv = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--serial",
+        "none",
+    ];
+    argv.extend_from_slice(args);
+    molt(&argv)
+}
+
+#[test]
+fn missing_kernel_file_is_a_failure_naming_the_path() {
+    if !kvm_available("missing_kernel_file_is_a_failure_naming_the_path") {
+        return;
+    }
+    let dir = TempDir::new("nokernel");
+    let missing = dir.join("no-such-kernel.elf");
+    let out = run_with(&missing, &[]);
+    assert_fails(&out, 1, &[missing.to_str().unwrap()], "missing kernel");
+}
+
+#[test]
+fn text_file_is_not_a_kernel() {
+    if !kvm_available("text_file_is_not_a_kernel") {
+        return;
+    }
+    let dir = TempDir::new("notkernel");
+    let junk = write_guest(
+        dir.path(),
+        "junk.txt",
+        "this is not a kernel, just one hundred bytes of text to be refused. "
+            .repeat(2)
+            .as_bytes()
+            .get(..100)
+            .unwrap(),
+    );
+    let out = run_with(&junk, &[]);
+    assert_fails(&out, 1, &[], "text as kernel");
+    let stderr = text(&out).1;
+    assert!(
+        stderr.contains(junk.to_str().unwrap()) || stderr.to_lowercase().contains("kernel"),
+        "stderr should name the file or say it is not a kernel: {stderr:?}"
+    );
+}
+
+#[test]
+fn cpus_out_of_range_is_a_usage_error() {
+    let (_dir, kernel) = with_kernel("cpus");
+    for n in ["0", "33"] {
+        let out = run_with(&kernel, &["--cpus", n]);
+        assert_fails(&out, 2, &["--cpus"], &format!("--cpus {n}"));
+    }
+}
+
+#[test]
+fn cpus_not_a_number_is_a_usage_error() {
+    let (_dir, kernel) = with_kernel("cpusnan");
+    let out = run_with(&kernel, &["--cpus", "four"]);
+    assert_fails(&out, 2, &["--cpus"], "--cpus four");
+}
+
+#[test]
+fn mem_zero_is_a_usage_error() {
+    let (_dir, kernel) = with_kernel("mem0");
+    let out = run_with(&kernel, &["--mem", "0"]);
+    assert_fails(&out, 2, &["--mem"], "--mem 0");
+}
+
+#[test]
+fn mem_bad_suffix_is_a_usage_error() {
+    let (_dir, kernel) = with_kernel("memsfx");
+    let out = run_with(&kernel, &["--mem", "64Q"]);
+    assert_fails(&out, 2, &["--mem"], "--mem 64Q");
+}
+
+#[test]
+fn mem_beyond_host_memory_is_refused() {
+    if !kvm_available("mem_beyond_host_memory_is_refused") {
+        return;
+    }
+    let (_dir, kernel) = with_kernel("membig");
+    let out = run_with(&kernel, &["--mem", "100000G"]);
+    let (stdout, stderr) = text(&out);
+    assert!(
+        matches!(out.status.code(), Some(1 | 2)),
+        "--mem 100000G: want exit status 1 or 2, got {}; stdout {stdout:?}; stderr {stderr:?}",
+        out.status
+    );
+    assert!(
+        stderr.contains("--mem") && stderr.to_lowercase().contains("memory"),
+        "--mem 100000G: stderr should name --mem and say memory: {stderr:?}"
+    );
+}
+
+#[test]
+fn unknown_option_is_a_usage_error() {
+    let (_dir, kernel) = with_kernel("frob");
+    let out = run_with(&kernel, &["--frob"]);
+    assert_fails(&out, 2, &["--frob"], "--frob");
+}
+
+#[test]
+fn serial_bad_value_is_a_usage_error() {
+    let (_dir, kernel) = with_kernel("serial");
+    let out = molt(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--serial",
+        "telepathy",
+    ]);
+    assert_fails(&out, 2, &["--serial"], "--serial telepathy");
+}
+
+#[test]
+fn run_without_kernel_is_a_usage_error() {
+    let out = molt(&["run", "--serial", "none"]);
+    assert_fails(&out, 2, &["--kernel"], "run without --kernel");
+}
+
+#[test]
+fn ctl_to_missing_socket_is_a_failure_naming_the_path() {
+    let out = molt(&["ctl", "/nonexistent/sock", "status"]);
+    assert_fails(&out, 1, &["/nonexistent/sock"], "ctl /nonexistent/sock");
+}
+
+#[test]
+fn no_arguments_is_a_usage_error_listing_the_commands() {
+    let out = molt(&[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "molt with no arguments: want exit status 2; stdout {stdout:?}; stderr {stderr:?}"
+    );
+    let all = format!("{stdout}{stderr}");
+    assert!(
+        all.contains("run") && all.contains("ctl"),
+        "molt with no arguments should list its commands: {all:?}"
+    );
+}
+
+#[test]
+fn unknown_command_is_a_usage_error() {
+    let out = molt(&["frobnicate"]);
+    assert_fails(&out, 2, &["frobnicate"], "molt frobnicate");
+}
+
+#[test]
+fn help_exits_0_and_lists_the_commands() {
+    let out = molt(&["--help"]);
+    let (stdout, stderr) = text(&out);
+    assert!(
+        out.status.success(),
+        "molt --help: want status 0, got {}; stderr {stderr:?}",
+        out.status
+    );
+    for command in ["run", "ctl"] {
+        assert!(
+            stdout.contains(command),
+            "molt --help should list `{command}`: {stdout:?}"
+        );
+    }
+}
+
+#[test]
+fn run_help_exits_0_and_lists_the_options() {
+    let out = molt(&["run", "--help"]);
+    let (stdout, stderr) = text(&out);
+    assert!(
+        out.status.success(),
+        "molt run --help: want status 0, got {}; stderr {stderr:?}",
+        out.status
+    );
+    for option in ["--kernel", "--cpus", "--mem", "--serial", "--control"] {
+        assert!(
+            stdout.contains(option),
+            "molt run --help should list {option}: {stdout:?}"
+        );
+    }
+}

@@ -1,0 +1,351 @@
+//! Helpers shared by the integration tests that run the real `molt` binary: temp
+//! dirs, a child guard that always kills molt, polling with timeouts, `molt ctl`,
+//! and parsing of the test guests' serial output.
+//!
+//! Each test crate (`direct`, `cli`) uses a different subset of these helpers, so
+//! dead-code warnings are silenced for the module as a whole.
+#![allow(dead_code)]
+
+pub mod guest;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The binary under test.
+pub const MOLT: &str = env!("CARGO_BIN_EXE_molt");
+/// How long anything is given to happen before a test fails: generous, because
+/// tests run in parallel on a 2-core machine with busy-looping guests.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+/// Polling interval while waiting.
+pub const POLL: Duration = Duration::from_millis(15);
+
+/// Whether a test that needs `/dev/kvm` can run. If it cannot be opened the test
+/// fails with the reason, unless `MOLT_ALLOW_NO_KVM=1` says skipping is intended,
+/// in which case the skip is printed: CI must never skip silently.
+pub fn kvm_available(test: &str) -> bool {
+    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            let reason = format!("{test}: cannot open /dev/kvm ({e})");
+            if std::env::var("MOLT_ALLOW_NO_KVM").as_deref() == Ok("1") {
+                // Straight to fd 2: libtest captures `eprintln!` of passing tests,
+                // and a skip must show in the log.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED {reason}; MOLT_ALLOW_NO_KVM=1 is set"
+                );
+                false
+            } else {
+                panic!("{reason}; set MOLT_ALLOW_NO_KVM=1 to skip the tests that need KVM");
+            }
+        }
+    }
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        // Kept short: a control socket path must fit in sun_path (108 bytes).
+        let name = format!(
+            "molt-{tag}-{}-{}-{nanos:x}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(name);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `molt run`, killed and reaped when dropped (also when a test panics).
+/// Its stderr goes to a file so that failures can quote it.
+pub struct Molt {
+    pub child: Child,
+    pub stderr_path: PathBuf,
+}
+
+impl Molt {
+    /// Starts `molt run ARGS...` with stdin from /dev/null, stderr to
+    /// `dir/molt.stderr` and stdout as given.
+    pub fn spawn(dir: &TempDir, args: &[&str], stdout: Stdio) -> Molt {
+        let stderr_path = dir.join("molt.stderr");
+        let stderr = File::create(&stderr_path).expect("create stderr file");
+        let child = Command::new(MOLT)
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {MOLT}: {e}"));
+        Molt { child, stderr_path }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What molt wrote to stderr so far, for failure messages.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Panics (quoting stderr) if molt has exited.
+    pub fn assert_running(&mut self, when: &str) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!("molt exited ({status}) {when}; stderr:\n{}", self.stderr());
+        }
+    }
+
+    /// Waits for molt to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_until(timeout, || self.child.try_wait().expect("try_wait"))
+    }
+}
+
+impl Drop for Molt {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every `POLL` until it returns `Some`, or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Runs a command to completion, killing it and failing the test after `timeout`.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    // Drain both pipes in threads so a chatty child cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_t = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut v);
+        v
+    });
+    let err_t = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut v);
+        v
+    });
+    let status = wait_until(timeout, || child.try_wait().expect("try_wait"));
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        let stderr = err_t.join().unwrap_or_default();
+        panic!(
+            "{cmd:?} still running after {timeout:?}, killed; stderr:\n{}",
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
+}
+
+/// `molt ARGS...` to completion (usage and ctl commands).
+pub fn molt(args: &[&str]) -> Output {
+    run_with_timeout(Command::new(MOLT).args(args), TIMEOUT)
+}
+
+/// `molt ctl SOCK COMMAND...`; returns the printed reply line, failing the test if
+/// ctl does not print exactly one line, or if an `ok` reply comes with a non-zero
+/// exit status.
+pub fn ctl(sock: &Path, command: &[&str]) -> String {
+    let mut args = vec!["ctl", sock.to_str().expect("utf-8 path")];
+    args.extend_from_slice(command);
+    let out = molt(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "molt ctl {command:?} should print one reply line; stdout {stdout:?}, stderr {stderr:?}, {}",
+        out.status
+    );
+    let reply = lines[0].to_string();
+    if reply.starts_with("ok") {
+        assert!(
+            out.status.success(),
+            "molt ctl {command:?} replied {reply:?} but exited with {}",
+            out.status
+        );
+    }
+    reply
+}
+
+/// The `key=value` fields of a reply line such as `ok state=running vcpus=1 ...`.
+pub fn field<'a>(reply: &'a str, key: &str) -> Option<&'a str> {
+    reply
+        .split_whitespace()
+        .find_map(|tok| tok.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Waits until the control socket accepts connections (it may exist between
+/// `bind` and `listen`), failing if molt exits first.
+pub fn wait_for_control(molt: &mut Molt, sock: &Path) {
+    let up = wait_until(TIMEOUT, || {
+        molt.assert_running("before its control socket came up");
+        std::os::unix::net::UnixStream::connect(sock).ok()
+    });
+    assert!(
+        up.is_some(),
+        "control socket {} not accepting after {TIMEOUT:?}; stderr:\n{}",
+        sock.display(),
+        molt.stderr()
+    );
+}
+
+/// The serial output of the counting guest, split into complete lines.
+#[derive(Debug, Default)]
+pub struct Serial {
+    /// Every complete (newline-terminated) line, without the newline or a '\r'.
+    pub lines: Vec<String>,
+}
+
+impl Serial {
+    /// Parses the complete lines of `bytes`; a trailing partial line is ignored.
+    pub fn parse(bytes: &[u8]) -> Serial {
+        let text = String::from_utf8_lossy(bytes);
+        let end = text.rfind('\n').map_or(0, |i| i + 1);
+        Serial {
+            lines: text[..end]
+                .lines()
+                .map(|l| l.trim_end_matches('\r').to_string())
+                .collect(),
+        }
+    }
+
+    pub fn read(path: &Path) -> Serial {
+        Serial::parse(&fs::read(path).unwrap_or_default())
+    }
+
+    /// The values of the `count=XXXXXXXX` lines, in order. Panics on a line that
+    /// starts with `count=` but is not 8 uppercase hex digits (a garbled line).
+    pub fn counts(&self) -> Vec<u32> {
+        self.lines
+            .iter()
+            .filter_map(|l| parse_count_line(l))
+            .collect()
+    }
+
+    pub fn start_lines(&self) -> usize {
+        self.lines
+            .iter()
+            .filter(|l| l.as_str() == guest::START_LINE)
+            .count()
+    }
+}
+
+/// `count=0001F000` -> Some(0x1f000); other lines -> None; a malformed count line
+/// fails the test.
+pub fn parse_count_line(line: &str) -> Option<u32> {
+    let hex = line.strip_prefix("count=")?;
+    let ok = hex.len() == 8
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
+    assert!(ok, "malformed count line {line:?}");
+    Some(u32::from_str_radix(hex, 16).expect("hex"))
+}
+
+/// Asserts the counting guest's lines are what one uninterrupted run prints: the
+/// start line exactly once and first, then counts that strictly increase by exactly
+/// `COUNT_STEP` (nothing lost, repeated or restarted), and nothing else.
+pub fn assert_one_continuous_run(serial: &Serial) {
+    assert_eq!(
+        serial.lines.first().map(String::as_str),
+        Some(guest::START_LINE),
+        "the first line should be the start line; lines: {:?}",
+        serial.lines
+    );
+    assert_eq!(
+        serial.start_lines(),
+        1,
+        "guest restarted? {:?}",
+        serial.lines
+    );
+    for line in &serial.lines[1..] {
+        assert!(
+            parse_count_line(line).is_some(),
+            "unexpected serial line {line:?}"
+        );
+    }
+    let counts = serial.counts();
+    for pair in counts.windows(2) {
+        assert!(
+            pair[1] > pair[0],
+            "counts must strictly increase: {:#x} then {:#x}",
+            pair[0],
+            pair[1]
+        );
+        assert_eq!(
+            pair[1] - pair[0],
+            guest::COUNT_STEP,
+            "a line was lost or repeated between {:#x} and {:#x}",
+            pair[0],
+            pair[1]
+        );
+    }
+}
+
+/// Waits until the serial file at `path` holds at least `n` count lines.
+pub fn wait_for_counts(molt: &mut Molt, path: &Path, n: usize) -> Serial {
+    let got = wait_until(TIMEOUT, || {
+        molt.assert_running("while the counting guest should be running");
+        let s = Serial::read(path);
+        (s.counts().len() >= n).then_some(s)
+    });
+    got.unwrap_or_else(|| {
+        panic!(
+            "fewer than {n} count lines after {TIMEOUT:?}; serial: {:?}; stderr:\n{}",
+            Serial::read(path).lines,
+            molt.stderr()
+        )
+    })
+}

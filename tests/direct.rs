@@ -1,0 +1,462 @@
+//! Runs the real `molt` binary on this machine's `/dev/kvm` with the tiny guests of
+//! `common::guest`: boot and serial output (file and stdio), power-off and reset
+//! exits, and the control pipe (SPEC.md "The control pipe"): status, pause/resume,
+//! quit, error replies and `--cpus`.
+//!
+//! Without `/dev/kvm` every test fails with the reason, unless MOLT_ALLOW_NO_KVM=1.
+
+mod common;
+
+use common::guest::{self, counting_guest, exit_guest, write_guest, ExitKind};
+use common::{
+    assert_one_continuous_run, ctl, field, kvm_available, wait_for_control, wait_for_counts, Molt,
+    Serial, TempDir, TIMEOUT,
+};
+use std::fs;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The guest RAM every test asks for, and what `status` must report for it.
+const MEM_ARG: &str = "64M";
+const MEM_BYTES: u64 = 64 << 20;
+
+/// A counting guest running under molt with its serial output in a file and,
+/// optionally, a control socket.
+struct Counting {
+    // Field order matters: molt is killed (dropped) before its directory goes.
+    molt: Molt,
+    serial: PathBuf,
+    sock: PathBuf,
+    _dir: TempDir,
+}
+
+impl Counting {
+    /// Starts molt on the counting guest, serial output to `dir/serial.out`, with
+    /// `--control dir/ctl.sock` if `control` (and then waits for the socket).
+    fn start(tag: &str, control: bool, extra: &[&str]) -> Counting {
+        let dir = TempDir::new(tag);
+        let kernel = write_guest(dir.path(), "counting.elf", &counting_guest());
+        let serial = dir.join("serial.out");
+        let sock = dir.join("ctl.sock");
+        let serial_arg = format!("file:{}", serial.display());
+        let mut args = vec![
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem",
+            MEM_ARG,
+            "--serial",
+            &serial_arg,
+        ];
+        if control {
+            args.extend_from_slice(&["--control", sock.to_str().unwrap()]);
+        }
+        args.extend_from_slice(extra);
+        let mut molt = Molt::spawn(&dir, &args, Stdio::null());
+        if control {
+            wait_for_control(&mut molt, &sock);
+        }
+        Counting {
+            molt,
+            serial,
+            sock,
+            _dir: dir,
+        }
+    }
+
+    fn wait_counts(&mut self, n: usize) -> Serial {
+        wait_for_counts(&mut self.molt, &self.serial, n)
+    }
+
+    fn ctl(&self, command: &[&str]) -> String {
+        ctl(&self.sock, command)
+    }
+
+    fn status(&self) -> String {
+        let reply = self.ctl(&["status"]);
+        assert!(reply.starts_with("ok "), "status replied {reply:?}");
+        reply
+    }
+}
+
+/// `reply` is a success reply: `ok` alone or followed by a space.
+fn assert_ok(command: &str, reply: &str) {
+    assert!(
+        reply == "ok" || reply.starts_with("ok "),
+        "{command} should reply ok, got {reply:?}"
+    );
+}
+
+/// `reply` begins `ok` or `error: ` (SPEC: every reply does).
+fn assert_ok_or_error(command: &str, reply: &str) {
+    assert!(
+        reply == "ok" || reply.starts_with("ok ") || reply.starts_with("error: "),
+        "{command} should reply `ok...` or `error: ...`, got {reply:?}"
+    );
+}
+
+#[test]
+fn boots_and_writes_counts_to_serial_file() {
+    if !kvm_available("boots_and_writes_counts_to_serial_file") {
+        return;
+    }
+    let mut c = Counting::start("boot", false, &[]);
+    let serial = c.wait_counts(5);
+    assert_one_continuous_run(&serial);
+    c.molt.assert_running("while the guest counts");
+}
+
+#[test]
+fn serial_stdio_carries_the_guest_output() {
+    if !kvm_available("serial_stdio_carries_the_guest_output") {
+        return;
+    }
+    let dir = TempDir::new("stdio");
+    let kernel = write_guest(dir.path(), "counting.elf", &counting_guest());
+    let args = [
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--mem",
+        MEM_ARG,
+        "--serial",
+        "stdio",
+    ];
+    let mut molt = Molt::spawn(&dir, &args, Stdio::piped());
+    let stdout = molt.child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    // Ends when molt is killed and the pipe closes.
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    let mut serial = Serial::default();
+    while serial.counts().len() < 5 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => serial.lines.push(line.trim_end_matches('\r').to_string()),
+            Err(e) => panic!(
+                "fewer than 5 count lines on stdout ({e}); got {:?}; stderr:\n{}",
+                serial.lines,
+                molt.stderr()
+            ),
+        }
+    }
+    assert_one_continuous_run(&serial);
+    molt.assert_running("while the guest counts");
+}
+
+fn exit_guest_ends_molt(kind: ExitKind) {
+    let dir = TempDir::new("exit");
+    let kernel = write_guest(dir.path(), "exit.elf", &exit_guest(kind));
+    let stdout_path = dir.join("stdout");
+    let stdout = fs::File::create(&stdout_path).unwrap();
+    let args = [
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--mem",
+        MEM_ARG,
+        "--serial",
+        "stdio",
+    ];
+    let mut molt = Molt::spawn(&dir, &args, Stdio::from(stdout));
+    let status = molt.wait_exit(TIMEOUT).unwrap_or_else(|| {
+        panic!(
+            "{kind:?}: molt still running {TIMEOUT:?} after the guest wrote to port 0x600; \
+             stdout {:?}; stderr:\n{}",
+            fs::read_to_string(&stdout_path).unwrap_or_default(),
+            molt.stderr()
+        )
+    });
+    let out = Serial::read(&stdout_path);
+    assert!(
+        status.success(),
+        "{kind:?}: a guest {kind:?} must end molt with status 0, got {status}; stdout {:?}; stderr:\n{}",
+        out.lines,
+        molt.stderr()
+    );
+    assert!(
+        out.lines.iter().any(|l| l == guest::HELLO_LINE),
+        "{kind:?}: the hello line is missing from stdout: {:?}",
+        out.lines
+    );
+}
+
+#[test]
+fn guest_power_off_ends_molt_with_status_0() {
+    if kvm_available("guest_power_off_ends_molt_with_status_0") {
+        exit_guest_ends_molt(ExitKind::PowerOff);
+    }
+}
+
+#[test]
+fn guest_reset_ends_molt_with_status_0() {
+    if kvm_available("guest_reset_ends_molt_with_status_0") {
+        exit_guest_ends_molt(ExitKind::Reset);
+    }
+}
+
+#[test]
+fn control_status_pause_resume_quit() {
+    if !kvm_available("control_status_pause_resume_quit") {
+        return;
+    }
+    let mut c = Counting::start("ctl", true, &[]);
+
+    let meta = fs::symlink_metadata(&c.sock).expect("stat control socket");
+    assert!(meta.file_type().is_socket(), "{:?} is not a socket", c.sock);
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "control socket mode is {:o}",
+        meta.permissions().mode() & 0o777
+    );
+    c.wait_counts(3);
+
+    let status = c.status();
+    let prefix = format!("ok state=running vcpus=1 mem={MEM_BYTES} version=");
+    assert!(
+        status.starts_with(&prefix),
+        "status {status:?}, want {prefix:?}..."
+    );
+    assert!(
+        field(&status, "version").is_some_and(|v| !v.is_empty()),
+        "empty version in {status:?}"
+    );
+    let pid = c.molt.pid().to_string();
+    assert_eq!(
+        field(&status, "pid"),
+        Some(pid.as_str()),
+        "status {status:?}"
+    );
+    assert!(
+        field(&status, "last_pause_us").is_some_and(|v| !v.is_empty()),
+        "no last_pause_us=U in {status:?}"
+    );
+
+    // Pause: the reply comes once every vCPU has stopped, so output stops with it.
+    // A little slack lets a console writer thread flush bytes the guest wrote before.
+    assert_ok("pause", &c.ctl(&["pause"]));
+    let right_after_pause = fs::read(&c.serial).unwrap_or_default().len();
+    let status = c.status();
+    assert_eq!(field(&status, "state"), Some("paused"), "status {status:?}");
+    thread::sleep(Duration::from_millis(100));
+    let before = fs::read(&c.serial).unwrap_or_default();
+    thread::sleep(Duration::from_millis(300));
+    let still = fs::read(&c.serial).unwrap_or_default();
+    assert_eq!(
+        before.len(),
+        still.len(),
+        "serial output grew while paused: {:?}",
+        String::from_utf8_lossy(&still[before.len().min(still.len())..])
+    );
+    if before.len() != right_after_pause {
+        eprintln!(
+            "note: {} serial bytes arrived within 100 ms after the pause reply",
+            before.len() - right_after_pause
+        );
+    }
+    c.molt.assert_running("while paused");
+    let counts_before = Serial::parse(&before).counts();
+    let last_before = *counts_before.last().expect("counts before the pause");
+
+    assert_ok("resume", &c.ctl(&["resume"]));
+    let status = c.status();
+    assert_eq!(
+        field(&status, "state"),
+        Some("running"),
+        "status {status:?}"
+    );
+    let serial = c.wait_counts(counts_before.len() + 3);
+    let first_after = serial.counts()[counts_before.len()];
+    assert!(
+        first_after > last_before,
+        "first count after resume {first_after:#x} is not above the last before the pause \
+         {last_before:#x}: the guest restarted"
+    );
+    assert_one_continuous_run(&serial);
+
+    assert_ok("quit", &c.ctl(&["quit"]));
+    let exit = c.molt.wait_exit(Duration::from_secs(10));
+    match exit {
+        Some(s) => assert!(s.success(), "molt exited with {s} after quit"),
+        None => panic!(
+            "molt still running 10 s after quit; stderr:\n{}",
+            c.molt.stderr()
+        ),
+    }
+}
+
+#[test]
+fn pause_twice_and_resume_while_running_are_harmless() {
+    if !kvm_available("pause_twice_and_resume_while_running_are_harmless") {
+        return;
+    }
+    let mut c = Counting::start("twice", true, &[]);
+    c.wait_counts(2);
+
+    assert_ok("pause", &c.ctl(&["pause"]));
+    assert_ok_or_error("second pause", &c.ctl(&["pause"]));
+    let status = c.status();
+    assert_eq!(field(&status, "state"), Some("paused"), "status {status:?}");
+    c.molt.assert_running("after pausing twice");
+
+    assert_ok("resume", &c.ctl(&["resume"]));
+    assert_ok_or_error("resume while running", &c.ctl(&["resume"]));
+    let status = c.status();
+    assert_eq!(
+        field(&status, "state"),
+        Some("running"),
+        "status {status:?}"
+    );
+
+    // The VM still works: the guest keeps counting, continuing its sequence.
+    let n = Serial::read(&c.serial).counts().len();
+    let serial = c.wait_counts(n + 3);
+    assert_one_continuous_run(&serial);
+    c.molt.assert_running("after resume");
+}
+
+/// A raw control-pipe client, to send what `molt ctl` never would.
+struct RawClient {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl RawClient {
+    fn connect(sock: &Path) -> RawClient {
+        let writer = UnixStream::connect(sock).expect("connect control socket");
+        writer.set_read_timeout(Some(TIMEOUT)).unwrap();
+        writer.set_write_timeout(Some(TIMEOUT)).unwrap();
+        let reader = BufReader::new(writer.try_clone().unwrap());
+        RawClient { writer, reader }
+    }
+
+    /// Sends `bytes` and reads one reply line (without its newline). A write error
+    /// is tolerated (the server may reply and close before reading everything);
+    /// the reply must still arrive.
+    fn request(&mut self, bytes: &[u8]) -> std::io::Result<String> {
+        if let Err(e) = self.writer.write_all(bytes) {
+            if !matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) {
+                return Err(e);
+            }
+        }
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        assert!(
+            line.ends_with('\n'),
+            "reply not newline-terminated: {line:?}"
+        );
+        Ok(line.trim_end_matches('\n').to_string())
+    }
+
+    /// Whether the server closed the connection (EOF or reset) without sending more.
+    fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        self.writer
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let r = self.reader.read(&mut buf);
+        self.writer.set_read_timeout(Some(TIMEOUT)).unwrap();
+        match r {
+            Ok(0) => true,
+            Ok(_) => panic!("unexpected extra reply data: {:?}", buf[0] as char),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+            Err(_) => true,
+        }
+    }
+}
+
+/// Asserts `reply` is one `error: ` line naming the problem with one of `words`.
+fn assert_error_naming(what: &str, reply: &str, words: &[&str]) {
+    assert!(
+        reply.starts_with("error: "),
+        "{what}: want `error: ...`, got {reply:?}"
+    );
+    let lower = reply.to_lowercase();
+    assert!(
+        words.iter().any(|w| lower.contains(w)),
+        "{what}: the error {reply:?} should say {words:?}"
+    );
+}
+
+/// After an error, `status` works on the same connection; that it returns `ok`
+/// (not a second error line) also proves the error was exactly one line.
+fn assert_status_ok(client: &mut RawClient, after: &str) {
+    let reply = client
+        .request(b"status\n")
+        .unwrap_or_else(|e| panic!("status after {after}: {e}"));
+    assert!(
+        reply.starts_with("ok state="),
+        "status after {after} replied {reply:?} (an extra reply line to {after}?)"
+    );
+}
+
+#[test]
+fn control_errors_get_one_error_line_each() {
+    if !kvm_available("control_errors_get_one_error_line_each") {
+        return;
+    }
+    let mut c = Counting::start("err", true, &[]);
+    let mut client = RawClient::connect(&c.sock);
+
+    let reply = client.request(b"\n").expect("reply to an empty line");
+    assert_error_naming("empty line", &reply, &["empty"]);
+    assert_status_ok(&mut client, "an empty line");
+
+    let reply = client
+        .request(b"frobnicate\n")
+        .expect("reply to frobnicate");
+    assert_error_naming("unknown command", &reply, &["unknown"]);
+    assert_status_ok(&mut client, "an unknown command");
+
+    let mut long = vec![b'a'; 64 * 1024];
+    long.push(b'\n');
+    let reply = client.request(&long).expect("reply to a 64 KiB line");
+    assert_error_naming(
+        "64 KiB line",
+        &reply,
+        &["too long", "long", "length", "limit"],
+    );
+    if client.closed() {
+        eprintln!("note: molt closed the connection after the overlong line");
+        client = RawClient::connect(&c.sock);
+    }
+    assert_status_ok(&mut client, "an overlong line");
+
+    // A fresh connection works too, and the VM is still alive and counting.
+    let mut fresh = RawClient::connect(&c.sock);
+    assert_status_ok(&mut fresh, "the errors, on a new connection");
+    c.molt.assert_running("after the control errors");
+    let n = Serial::read(&c.serial).counts().len();
+    c.wait_counts(n + 2);
+}
+
+#[test]
+fn four_vcpus_are_reported() {
+    if !kvm_available("four_vcpus_are_reported") {
+        return;
+    }
+    let mut c = Counting::start("smp", true, &["--cpus", "4"]);
+    let serial = c.wait_counts(3);
+    assert_one_continuous_run(&serial);
+    let status = c.status();
+    assert_eq!(field(&status, "vcpus"), Some("4"), "status {status:?}");
+    assert_eq!(
+        field(&status, "state"),
+        Some("running"),
+        "status {status:?}"
+    );
+    c.molt.assert_running("with 4 vCPUs");
+}
