@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the L3 guest initramfs: static busybox, /init (rootfs/guest/init) and
-# the virtio modules with their dependencies, from the lab kernel package.
+# Build the L3 guest initramfs: static busybox, /init (rootfs/guest/init), the
+# virtio modules with their dependencies, from the lab kernel package, and the
+# labio helper (rootfs/tools/labio.c) for the device scenarios.
 # Usage: rootfs/build-guest.sh OUT.cpio.gz
 set -euo pipefail
 [[ $# -eq 1 ]] || { echo "usage: $0 OUT.cpio.gz" >&2; exit 2; }
@@ -17,5 +18,7 @@ install -m 755 "$ROOTFS_DIR/guest/init" "$root/init"
 # ext4 is built into the cloud kernel; ir_modules skips builtins, so listing it
 # keeps the image right for a kernel where it is modular.
 ir_modules "$root" virtio_pci virtio_blk virtio_net ext4
+# /usr/bin: on the kernel's default PATH for init.
+gcc -static -O2 -o "$root/usr/bin/labio" "$ROOTFS_DIR/tools/labio.c"
 ir_pack "$root" "$out"
 echo "guest initramfs: $out ($(du -h "$out" | cut -f1))"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the L2 lab host initramfs: static busybox, /init (rootfs/host/init),
-# kvm_amd / tun / vfio / nvdimm modules, and under /lab/: molt, the guest kernel
-# and initramfs, the scenarios and the labtime helper.
+# kvm_amd / tun / loop / vfio / nvdimm modules, and under /lab/: molt, the guest
+# kernel and initramfs, the scenarios and the labtime and labio helpers.
 # Usage: rootfs/build-host.sh OUT.cpio.gz
 # Environment:
 #   MOLT_BIN            molt binary (default: the static release build)
@@ -23,8 +23,9 @@ trap 'rm -rf "$root"' EXIT
 ir_skeleton "$root"
 install -m 755 "$ROOTFS_DIR/host/init" "$root/init"
 # kvm_amd pulls kvm and irqbypass; vfio_pci pulls vfio, vfio_iommu_type1,
-# vfio_virqfd and vfio-pci-core; nd_* pull libnvdimm.
-ir_modules "$root" kvm_amd tun vfio vfio_pci vfio_iommu_type1 nd_pmem nd_e820
+# vfio_virqfd and vfio-pci-core; nd_* pull libnvdimm. loop: the disk scenario
+# checks a guest's image by mounting it in L2.
+ir_modules "$root" kvm_amd tun loop vfio vfio_pci vfio_iommu_type1 nd_pmem nd_e820
 
 mkdir -p "$root/lab/bin" "$root/lab/scenarios" "$root/lab/lib"
 if [[ -f $molt ]]; then
@@ -38,6 +39,8 @@ else
 fi
 # Timestamps with microsecond resolution (busybox date has no %N).
 gcc -static -O2 -o "$root/lab/bin/labtime" "$ROOTFS_DIR/tools/labtime.c"
+# TCP transfers and O_DIRECT disk timing (the guest image has it too).
+gcc -static -O2 -o "$root/lab/bin/labio" "$ROOTFS_DIR/tools/labio.c"
 
 cp "$MOLT_LAB_VMLINUZ" "$root/lab/vmlinuz"
 if [[ -n ${MOLT_GUEST_INITRD:-} ]]; then

@@ -258,6 +258,19 @@ impl RunArgs {
                 self.net.len()
             )));
         }
+        for (i, n) in self.net.iter().enumerate() {
+            if let NetBackend::Fd(fd @ 0..=2) = n.backend {
+                return Err(UsageError(format!(
+                    "--net fd={fd}: descriptors 0-2 are stdin, stdout and stderr"
+                )));
+            }
+            if self.net[..i].iter().any(|m| m.backend == n.backend) {
+                return Err(UsageError(format!(
+                    "--net {:?} given twice: each NIC needs its own tap",
+                    n.backend
+                )));
+            }
+        }
         if self.mem > host_mem {
             return Err(UsageError(format!(
                 "--mem {}: more than this host's memory ({host_mem} bytes)",
@@ -381,6 +394,27 @@ mod tests {
         assert!(parse_net("tap=t,mac=01:00:00:00:00:00").is_err());
         assert!(parse_net("tap=t,mac=52:54:00:12:34").is_err());
         assert!(parse_net("tap=t,speed=10").is_err());
+    }
+
+    #[test]
+    fn nics_need_their_own_taps() {
+        let v = |a: &[&str]| {
+            parse(a)
+                .unwrap()
+                .validate(1 << 40)
+                .map(|_| ())
+                .unwrap_err()
+                .0
+        };
+        assert!(v(&["run", "--kernel", "k", "--net", "fd=1"]).contains("stdout"));
+        let twice = v(&["run", "--kernel", "k", "--net", "tap=a", "--net", "tap=a"]);
+        assert!(twice.contains("twice"));
+        assert!(
+            parse(&["run", "--kernel", "k", "--net", "tap=a", "--net", "fd=5"])
+                .unwrap()
+                .validate(1 << 40)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -2,8 +2,10 @@
  * ticks in 10 ms steps, too coarse to time a VMM launch.
  *   labtime now                          monotonic clock in microseconds
  *   labtime watch PAT SECS LOG CMD...    run CMD (stdout+stderr appended to LOG),
- *       print the microseconds from launch to the first output line containing
- *       PAT, then kill CMD's process group. Exit 0 if seen, 1 on timeout/EOF. */
+ *       print the microseconds from launch to the end of the first output line
+ *       containing PAT, then kill CMD's process group. Exit 0 if seen, 1 on timeout/EOF.
+ *   labtime stamp PAT SECS LOG CMD...    the same, with each LOG line prefixed by
+ *       the milliseconds since launch at which it ended (for boot diagnostics). */
 #define _GNU_SOURCE
 #include <poll.h>
 #include <signal.h>
@@ -22,7 +24,8 @@ static long long now_us(void) {
 
 int main(int argc, char **argv) {
     if (argc == 2 && !strcmp(argv[1], "now")) { printf("%lld\n", now_us()); return 0; }
-    if (argc < 6 || strcmp(argv[1], "watch")) { fprintf(stderr, "usage: see source\n"); return 2; }
+    int stamp = argc >= 6 && !strcmp(argv[1], "stamp");
+    if (argc < 6 || (strcmp(argv[1], "watch") && !stamp)) { fprintf(stderr, "usage: see source\n"); return 2; }
     const char *pat = argv[2];
     long long deadline = now_us() + atoll(argv[3]) * 1000000LL;
     FILE *log = fopen(argv[4], "a");
@@ -45,12 +48,21 @@ int main(int argc, char **argv) {
         ssize_t n = read(fds[0], buf + len, sizeof buf - 1 - len);
         if (n <= 0) break;
         long long t = now_us();
-        fwrite(buf + len, 1, n, log);
+        if (!stamp) fwrite(buf + len, 1, n, log);
         len += n; buf[len] = 0;
+        /* Match whole lines only, so the caller finds the complete line in LOG. */
+        char *nl = strrchr(buf, '\n');
+        if (!nl) { if (len > sizeof buf / 2) len = 0; continue; }
+        *nl = 0;
+        if (stamp) /* every line in the chunk ended now: one stamp each */
+            for (char *l = buf; l;) {
+                char *e = strchr(l, '\n');
+                fprintf(log, "+%8.3f %.*s\n", (t - start) / 1000.0, e ? (int)(e - l) : (int)strlen(l), l);
+                l = e ? e + 1 : NULL;
+            }
         if (strstr(buf, pat)) { printf("%lld\n", t - start); found = 1; }
-        char *nl = strrchr(buf, '\n'); /* keep only the unfinished line */
-        if (nl) { len = buf + len - (nl + 1); memmove(buf, nl + 1, len); }
-        if (len > sizeof buf / 2) len = 0;
+        len = buf + len - (nl + 1); /* keep the unfinished line */
+        memmove(buf, nl + 1, len);
     }
     kill(-pid, SIGKILL);
     kill(pid, SIGKILL);

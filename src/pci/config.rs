@@ -72,7 +72,7 @@ impl ConfigSpace {
     /// Declares BAR `index` as 32-bit, non-prefetchable memory of `size` (a power
     /// of two, at least 16 bytes) at `addr`.
     pub fn set_bar(&mut self, index: usize, addr: u32, size: u32) {
-        debug_assert!(size.is_power_of_two() && size >= 16 && addr % size == 0);
+        debug_assert!(size.is_power_of_two() && size >= 16 && addr.is_multiple_of(size));
         self.bar_sizes[index] = u64::from(size);
         let off = BAR0 + 4 * index;
         self.put(off, &addr.to_le_bytes());

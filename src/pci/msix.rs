@@ -185,7 +185,7 @@ impl Msix {
 
     /// Table entry and 32-bit field for an aligned 4- or 8-byte access.
     fn locate(&self, offset: u64, len: usize) -> Option<(usize, usize)> {
-        if !(len == 4 || len == 8) || offset % len as u64 != 0 {
+        if !(len == 4 || len == 8) || !offset.is_multiple_of(len as u64) {
             return None;
         }
         let entry = usize::try_from(offset / ENTRY_SIZE).ok()?;

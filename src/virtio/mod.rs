@@ -25,8 +25,6 @@ pub const TYPE_BLOCK: u16 = 2;
 pub trait Interrupt: Send + Sync {
     /// Used buffers were added to queue `index`.
     fn queue(&self, index: usize);
-    /// The device configuration changed.
-    fn config(&self);
 }
 
 /// One emulated virtio device behind a transport.

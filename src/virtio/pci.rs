@@ -67,12 +67,14 @@ impl Interrupt for PciInterrupt {
             irq.msix.trigger(v);
         }
     }
+}
 
-    fn config(&self) {
-        let mut irq = lock(&self.0);
-        irq.isr |= ISR_CONFIG;
-        let v = irq.config_vector;
-        irq.msix.trigger(v);
+impl Irq {
+    /// A configuration change, here only DEVICE_NEEDS_RESET (2.1.2).
+    fn config_changed(&mut self) {
+        self.isr |= ISR_CONFIG;
+        let v = self.config_vector;
+        self.msix.trigger(v);
     }
 }
 
@@ -255,6 +257,7 @@ impl VirtioPci {
             if let Some(q) = bad {
                 log::warn!("virtio: queue {q} is enabled with an invalid layout");
                 value |= STATUS_NEEDS_RESET;
+                lock(&self.irq).config_changed();
             } else {
                 let irq = Box::new(PciInterrupt(self.irq.clone()));
                 // The device gets its own copies; the registers keep reading back.
@@ -271,6 +274,7 @@ impl VirtioPci {
                     Err(e) => {
                         log::warn!("virtio: queue state rejected: {e:?}");
                         value |= STATUS_NEEDS_RESET;
+                        lock(&self.irq).config_changed();
                     }
                 }
             }
@@ -358,7 +362,7 @@ impl VirtioPci {
                 }
             }
             (0x20..=0x34, 4) if !frozen => {
-                let (lo, hi) = if offset % 8 == 0 {
+                let (lo, hi) = if offset.is_multiple_of(8) {
                     (Some(v32), None)
                 } else {
                     (None, Some(v32))

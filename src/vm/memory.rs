@@ -92,6 +92,7 @@ impl GuestRam {
         for r in &regions {
             let offset = FileOffset::new(file.try_clone().map_err(Error::SetSize)?, r.file_offset);
             let mmap = MmapRegion::from_file(offset, r.size as usize).map_err(Error::Mmap)?;
+            advise_huge_pages(&mmap);
             // from_file never fails for a non-overflowing base, checked by ram_regions.
             let region = GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr))
                 .ok_or(Error::SetSize(std::io::Error::other("region overflows")))?;
@@ -99,6 +100,18 @@ impl GuestRam {
         }
         let memory = GuestMemoryMmap::from_regions(mapped).map_err(Error::Regions)?;
         Ok(GuestRam { regions, memory })
+    }
+}
+
+/// Asks for transparent huge pages: fewer faults and nested page-table entries.
+/// Shared memory gets them only where the host allows it (`shmem_enabled` set
+/// to `advise` or `always`); elsewhere this is a harmless no-op.
+fn advise_huge_pages(mmap: &MmapRegion) {
+    // SAFETY: the range is exactly the mapping `mmap` owns; madvise changes no
+    // contents, only the kernel's paging policy for it.
+    let r = unsafe { libc::madvise(mmap.as_ptr().cast(), mmap.size(), libc::MADV_HUGEPAGE) };
+    if r != 0 {
+        log::debug!("MADV_HUGEPAGE: {}", std::io::Error::last_os_error());
     }
 }
 
