@@ -76,6 +76,8 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         .map(control::bind)
         .transpose()
         .map_err(Error::Control)?;
+    // Whatever happens from here on, the socket file goes with this process.
+    let _socket_file = cfg.control.clone().map(RemoveOnDrop);
     // Blocked before any thread starts, so only the signalfd ever sees them.
     let signals = signal_fd()?;
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Setup("eventfd", e))?;
@@ -124,10 +126,16 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     if let Err(e) = stopped {
         log::warn!("{e}");
     }
-    if let Some(path) = &cfg.control {
-        let _ = std::fs::remove_file(path);
-    }
     outcome
+}
+
+/// Removes a file (the control socket) when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn open_console(cfg: &SerialConfig) -> Result<Output, Error> {

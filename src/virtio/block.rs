@@ -26,7 +26,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
-use super::{Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX};
+use super::{read_config_bytes, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX};
 
 /// Protocol sector size: capacity, `sector` and data lengths count in these (5.2.4).
 const SECTOR_SIZE: u64 = 512;
@@ -224,13 +224,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config();
-        for (i, b) in data.iter_mut().enumerate() {
-            let at = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok());
-            *b = at.and_then(|o| config.get(o)).copied().unwrap_or(0);
-        }
+        read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

@@ -27,6 +27,17 @@ pub trait Interrupt: Send + Sync {
     fn queue(&self, index: usize);
 }
 
+/// Copies the bytes of a device configuration `config` at `offset` into `data`;
+/// bytes past its end read as 0 (4.1.4.6: the driver may read any field width).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        let at = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok());
+        *byte = at.and_then(|o| config.get(o)).copied().unwrap_or(0);
+    }
+}
+
 /// One emulated virtio device behind a transport.
 ///
 /// All calls come with the transport's lock held: from vCPU threads for config

@@ -32,7 +32,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::tap::{self, Tap, VNET_HDR_LEN};
-use super::{Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX};
+use super::{read_config_bytes, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX};
 use crate::args::{NetBackend, NetConfig};
 
 const RX: usize = 0;
@@ -506,12 +506,7 @@ impl VirtioDevice for Net {
         let mut config = [0u8; CONFIG_LEN];
         config[..6].copy_from_slice(&self.mac);
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok());
-            *byte = at.and_then(|o| config.get(o)).copied().unwrap_or(0);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

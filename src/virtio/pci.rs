@@ -473,3 +473,200 @@ impl PciFunction for VirtioPci {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use vm_memory::GuestAddress;
+
+    #[derive(Default)]
+    struct Calls {
+        acked: AtomicUsize,
+        activated: AtomicUsize,
+        notified: AtomicUsize,
+        resets: AtomicUsize,
+    }
+
+    struct Dummy(Arc<Calls>, Option<Box<dyn Interrupt>>);
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u16 {
+            TYPE_BLOCK
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn features(&self) -> u64 {
+            1 << 9
+        }
+        fn ack_features(&mut self, _: u64) {
+            self.0.acked.fetch_add(1, Ordering::SeqCst);
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(&mut self, _: GuestMemoryMmap, q: Vec<Queue>, irq: Box<dyn Interrupt>) {
+            assert_eq!(q.len(), 2);
+            self.1 = Some(irq);
+            self.0.activated.fetch_add(1, Ordering::SeqCst);
+        }
+        fn queue_notify(&mut self, q: usize) {
+            self.0.notified.fetch_add(1, Ordering::SeqCst);
+            if let Some(irq) = &self.1 {
+                irq.queue(q);
+            }
+        }
+        fn reset(&mut self) {
+            self.1 = None;
+            self.0.resets.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    struct NoRoutes;
+    impl MsiRouter for NoRoutes {
+        fn route(&self, _: u32, _: msix::MsiMessage) {}
+    }
+
+    fn device() -> (VirtioPci, Arc<Calls>, Vec<EventFd>) {
+        let calls = Arc::new(Calls::default());
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irqfds: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let res = Resources {
+            bar_addr: 0xc000_0000,
+            gsis: vec![24, 25, 26],
+            irqfds: irqfds.iter().map(|e| e.try_clone().unwrap()).collect(),
+            router: Arc::new(NoRoutes),
+        };
+        let dev = VirtioPci::new(Box::new(Dummy(calls.clone(), None)), mem, res).unwrap();
+        (dev, calls, irqfds)
+    }
+
+    fn write(d: &mut VirtioPci, offset: u64, value: u64, len: usize) {
+        d.bar_write(0, offset, &value.to_le_bytes()[..len]);
+    }
+
+    fn read(d: &mut VirtioPci, offset: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        d.bar_read(0, offset, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    /// Queue q at a valid layout in the first 64 KiB of RAM.
+    fn setup_queue(d: &mut VirtioPci, q: u64) {
+        write(d, 0x16, q, 2);
+        write(d, 0x20, 0x1000 + q * 0x1000, 4);
+        write(d, 0x28, 0x8000 + q * 0x1000, 4);
+        write(d, 0x30, 0x10000 + q * 0x1000, 4);
+        write(d, 0x1a, q, 2);
+        write(d, 0x1c, 1, 2);
+    }
+
+    fn negotiate(d: &mut VirtioPci, features: u64) -> u8 {
+        write(d, 0x14, 1 | 2, 1);
+        write(d, 0x08, 0, 4);
+        write(d, 0x0c, features & 0xffff_ffff, 4);
+        write(d, 0x08, 1, 4);
+        write(d, 0x0c, features >> 32, 4);
+        write(d, 0x14, 1 | 2 | 8, 1);
+        read(d, 0x14, 1) as u8
+    }
+
+    #[test]
+    fn identity_and_capabilities() {
+        let (d, _, _) = device();
+        let c = d.config();
+        assert_eq!(c.read_u32(0), 0x1042_1af4);
+        assert_eq!(c.bar(0), Some((0xc000_0000, BAR_SIZE)));
+        assert_eq!(d.notifiers()[1].1, 0xc000_0000 + NOTIFY_OFFSET + 4);
+    }
+
+    #[test]
+    fn features_outside_the_offer_are_refused() {
+        let (mut d, calls, _) = device();
+        write(&mut d, 0x00, 1, 4);
+        assert_eq!(read(&mut d, 0x04, 4), 1, "VERSION_1 offered");
+        assert_eq!(read(&mut d, 0x12, 2), 2, "two queues");
+        let status = negotiate(&mut d, VIRTIO_F_VERSION_1 | (1 << 10));
+        assert_eq!(status & STATUS_FEATURES_OK, 0);
+        assert_eq!(calls.acked.load(Ordering::SeqCst), 0);
+        // Without VERSION_1 a modern device refuses too.
+        write(&mut d, 0x14, 0, 1);
+        assert_eq!(negotiate(&mut d, 1 << 9) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn activation_notification_and_reset() {
+        let (mut d, calls, irqfds) = device();
+        assert_ne!(
+            negotiate(&mut d, VIRTIO_F_VERSION_1 | (1 << 9)) & STATUS_FEATURES_OK,
+            0
+        );
+        setup_queue(&mut d, 0);
+        setup_queue(&mut d, 1);
+        write(&mut d, 0x14, 1 | 2 | 4 | 8, 1);
+        assert_eq!(calls.activated.load(Ordering::SeqCst), 1);
+        // Enable MSI-X and unmask vector 1, then a notify on queue 1 interrupts it.
+        let ctl = d.msix_cap + 2;
+        d.config_write(ctl, &0x8000u16.to_le_bytes());
+        for (off, v) in [(16u64, 0xfee0_0000u32), (20, 0), (24, 0x41), (28, 0)] {
+            write(&mut d, MSIX_TABLE_OFFSET + off, u64::from(v), 4);
+        }
+        write(&mut d, NOTIFY_OFFSET + 4, 1, 2);
+        assert_eq!(
+            d.notify[1].read().unwrap(),
+            1,
+            "a notify write kicks the eventfd"
+        );
+        d.notify[1].write(1).unwrap();
+        d.queue_notify(1);
+        assert_eq!(calls.notified.load(Ordering::SeqCst), 1);
+        assert_eq!(irqfds[1].read().unwrap(), 1);
+        // Queue layout is frozen while running.
+        write(&mut d, 0x16, 0, 2);
+        write(&mut d, 0x20, 0x5000, 4);
+        assert_eq!(read(&mut d, 0x20, 4), 0x1000);
+        // Reset clears the device and the transport.
+        write(&mut d, 0x14, 0, 1);
+        assert_eq!(calls.resets.load(Ordering::SeqCst), 1);
+        assert_eq!(read(&mut d, 0x14, 1), 0);
+        assert_eq!(read(&mut d, 0x1c, 2), 0, "queue disabled");
+        assert_eq!(read(&mut d, 0x1a, 2), u64::from(NO_VECTOR));
+        assert_eq!(d.config.read_u16(ctl) & 0x8000, 0, "MSI-X disabled");
+        d.queue_notify(1);
+        assert_eq!(
+            calls.notified.load(Ordering::SeqCst),
+            1,
+            "inactive: ignored"
+        );
+    }
+
+    #[test]
+    fn bad_vectors_and_layouts_are_refused() {
+        let (mut d, calls, _) = device();
+        write(&mut d, 0x16, 0, 2);
+        write(&mut d, 0x1a, 7, 2);
+        assert_eq!(read(&mut d, 0x1a, 2), u64::from(NO_VECTOR));
+        write(&mut d, 0x10, 3, 2);
+        assert_eq!(read(&mut d, 0x10, 2), u64::from(NO_VECTOR));
+        // A queue selector past the end reads as size 0 and takes no writes.
+        write(&mut d, 0x16, 9, 2);
+        assert_eq!(read(&mut d, 0x18, 2), 0);
+        write(&mut d, 0x1c, 1, 2);
+        // A ring outside guest RAM: DEVICE_NEEDS_RESET, not activation.
+        negotiate(&mut d, VIRTIO_F_VERSION_1);
+        write(&mut d, 0x16, 0, 2);
+        write(&mut d, 0x20, 0x7fff_0000, 4);
+        write(&mut d, 0x1c, 1, 2);
+        write(&mut d, 0x14, 1 | 2 | 4 | 8, 1);
+        assert_eq!(calls.activated.load(Ordering::SeqCst), 0);
+        assert_ne!(read(&mut d, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
+        // Odd-sized and out-of-range accesses are harmless.
+        write(&mut d, 0x13, 0xff, 1);
+        assert_eq!(read(&mut d, BAR_SIZE + 8, 4), 0);
+        assert_eq!(read(&mut d, DEVICE_OFFSET + 3, 1), 3);
+    }
+}
