@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// virtio-net NIC: tap=NAME[,mac=MAC] or fd=N[,mac=MAC]; repeatable
     #[argh(option, from_str_fn(parse_net))]
     pub net: Vec<NetConfig>,
+    /// resume a saved guest instead of booting: file:PATH (reboot mode)
+    #[argh(option, from_str_fn(parse_incoming))]
+    pub incoming: Option<Incoming>,
 }
 
 #[derive(FromArgs, Debug)]
@@ -89,6 +92,22 @@ fn parse_serial(s: &str) -> Result<SerialConfig, String> {
             Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
             _ => Err(format!("expected stdio, file:PATH or none, got '{s}'")),
         },
+    }
+}
+
+/// Where `--incoming` takes the saved state from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    File(PathBuf),
+}
+
+fn parse_incoming(s: &str) -> Result<Incoming, String> {
+    match s.split_once(':') {
+        Some(("file", p)) if !p.is_empty() => Ok(Incoming::File(PathBuf::from(p))),
+        Some(("fd" | "unix", _)) => Err(format!(
+            "'{s}': exec and transfer modes are not in this release; use file:PATH"
+        )),
+        _ => Err(format!("expected file:PATH, got '{s}'")),
     }
 }
 
@@ -222,6 +241,7 @@ pub struct RunConfig {
     pub control: Option<PathBuf>,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    pub incoming: Option<Incoming>,
 }
 
 impl RunArgs {
@@ -288,6 +308,7 @@ impl RunArgs {
             control: self.control,
             disks: self.disk,
             nets: self.net,
+            incoming: self.incoming,
         })
     }
 }
@@ -394,6 +415,19 @@ mod tests {
         assert!(parse_net("tap=t,mac=01:00:00:00:00:00").is_err());
         assert!(parse_net("tap=t,mac=52:54:00:12:34").is_err());
         assert!(parse_net("tap=t,speed=10").is_err());
+    }
+
+    #[test]
+    fn incoming_forms() {
+        assert_eq!(
+            parse_incoming("file:/run/s"),
+            Ok(Incoming::File("/run/s".into()))
+        );
+        assert!(parse_incoming("file:").is_err());
+        assert!(parse_incoming("fd:3")
+            .unwrap_err()
+            .contains("not in this release"));
+        assert!(parse_incoming("/run/s").is_err());
     }
 
     #[test]

@@ -19,9 +19,11 @@ pub enum Command {
     Pause,
     Resume,
     Quit,
+    /// Reboot mode: save to this path and exit.
+    CprSave(PathBuf),
 }
 
-const COMMANDS: &str = "status, pause, resume, quit";
+const COMMANDS: &str = "status, pause, resume, quit, cpr-save";
 
 /// Parses one line (without its newline) into a command, or the error reply text.
 pub fn parse(line: &str) -> Result<Command, String> {
@@ -29,6 +31,14 @@ pub fn parse(line: &str) -> Result<Command, String> {
     let Some(name) = words.next() else {
         return Err("empty command line".into());
     };
+    if name == "cpr-save" {
+        // The path is the rest of the line, so it may contain spaces.
+        let path = line.trim().strip_prefix("cpr-save").unwrap_or("").trim();
+        if path.is_empty() {
+            return Err("cpr-save needs a PATH".into());
+        }
+        return Ok(Command::CprSave(PathBuf::from(path)));
+    }
     let cmd = match name {
         "status" => Command::Status,
         "pause" => Command::Pause,
@@ -210,6 +220,11 @@ mod tests {
         assert_eq!(parse("  pause "), Ok(Command::Pause));
         assert_eq!(parse("resume"), Ok(Command::Resume));
         assert_eq!(parse("quit"), Ok(Command::Quit));
+        assert_eq!(
+            parse("cpr-save /run/my state"),
+            Ok(Command::CprSave("/run/my state".into()))
+        );
+        assert!(parse("cpr-save").unwrap_err().contains("PATH"));
     }
 
     #[test]

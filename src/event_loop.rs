@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::args::{RunConfig, SerialConfig};
+use crate::args::{Incoming, RunConfig, SerialConfig};
 use crate::bus::GuestExit;
 use crate::control::{self, Client, Command, Line, MAX_CLIENTS};
+use crate::cpr;
 use crate::devices::serial::Output;
 use crate::terminal::RawMode;
 use crate::vm::{self, Machine};
@@ -25,6 +26,8 @@ use crate::vm::{self, Machine};
 pub enum Outcome {
     Guest(GuestExit),
     Quit,
+    /// `cpr-save` wrote the state: the guest continues in a later molt.
+    Saved,
     Signal(i32),
 }
 
@@ -33,6 +36,7 @@ pub enum Error {
     Console(PathBuf, std::io::Error),
     Control(control::Error),
     Vm(vm::Error),
+    Cpr(cpr::Error),
     Setup(&'static str, std::io::Error),
 }
 
@@ -42,6 +46,7 @@ impl std::fmt::Display for Error {
             Error::Console(p, e) => write!(f, "cannot open --serial file {}: {e}", p.display()),
             Error::Control(e) => e.fmt(f),
             Error::Vm(e) => e.fmt(f),
+            Error::Cpr(e) => e.fmt(f),
             Error::Setup(what, e) => write!(f, "{what}: {e}"),
         }
     }
@@ -99,7 +104,15 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         SerialConfig::Stdio => RawMode::enter(),
         _ => None,
     };
-    let machine = Machine::boot(&cfg, console, sink).map_err(Error::Vm)?;
+    let (machine, last_pause_us) = match &cfg.incoming {
+        None => (Machine::boot(&cfg, console, sink).map_err(Error::Vm)?, 0),
+        Some(Incoming::File(path)) => {
+            let (m, pause_us) =
+                cpr::resume_from_file(&cfg, path, console, sink).map_err(Error::Cpr)?;
+            log::info!("resumed from {}: guest pause {pause_us} us", path.display());
+            (m, pause_us)
+        }
+    };
     let mut lp = Loop {
         epoll: Epoll::new().map_err(|e| Error::Setup("epoll_create", e))?,
         machine,
@@ -108,7 +121,8 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         pending_input: Vec::new(),
         stdin_open: false,
         paused: false,
-        last_pause_us: 0,
+        last_pause_us,
+        ram_in_place: cfg.mem_file.is_some(),
         watching: Vec::new(),
     };
     lp.watch_devices()?;
@@ -192,6 +206,8 @@ struct Loop {
     stdin_open: bool,
     paused: bool,
     last_pause_us: u64,
+    /// RAM lives in a --mem-file that outlives molt: a save leaves it there.
+    ram_in_place: bool,
     /// Per virtio device, whether each of its extra fds is watched for input.
     watching: Vec<Vec<bool>>,
 }
@@ -473,6 +489,42 @@ impl Loop {
                 ("ok".into(), None)
             }
             Command::Quit => ("ok".into(), Some(Outcome::Quit)),
+            Command::CprSave(path) => self.cpr_save(&path),
+        }
+    }
+
+    /// Reboot mode, step 1. On failure the guest runs on as if nothing happened.
+    fn cpr_save(&mut self, path: &std::path::Path) -> (String, Option<Outcome>) {
+        let was_paused = self.paused;
+        if !was_paused {
+            if let Err(e) = self.machine.vcpus.pause() {
+                self.machine.vcpus.resume();
+                return (format!("error: cpr-save: cannot pause: {e}"), None);
+            }
+        }
+        match cpr::save_to_file(&self.machine, path, self.ram_in_place) {
+            Ok(saved) => {
+                log::info!(
+                    "saved to {} ({} bytes) in {} us",
+                    path.display(),
+                    saved.bytes,
+                    saved.save_us
+                );
+                let reply = format!(
+                    "ok saved path={} bytes={} save_us={}",
+                    path.display(),
+                    saved.bytes,
+                    saved.save_us
+                );
+                (reply, Some(Outcome::Saved))
+            }
+            Err(e) => {
+                if !was_paused {
+                    self.machine.vcpus.resume();
+                }
+                log::warn!("cpr-save failed, guest resumed: {e}");
+                (format!("error: cpr-save: {e}"), None)
+            }
         }
     }
 

@@ -8,6 +8,7 @@ mod args;
 mod boot;
 mod bus;
 mod control;
+mod cpr;
 mod devices;
 mod event_loop;
 mod layout;
@@ -65,7 +66,7 @@ fn run(a: RunArgs) -> ExitCode {
             log::info!("guest reset");
             ExitCode::SUCCESS
         }
-        Ok(Outcome::Quit) => ExitCode::SUCCESS,
+        Ok(Outcome::Quit) | Ok(Outcome::Saved) => ExitCode::SUCCESS,
         Ok(Outcome::Guest(GuestExit::Failed(why))) => {
             log::error!("guest stopped: {why}");
             ExitCode::FAILURE

@@ -150,6 +150,30 @@ impl ConfigSpace {
         self.read_u16(COMMAND) & COMMAND_MEMORY != 0
     }
 
+    /// All 256 bytes, for saving.
+    pub fn bytes(&self) -> &[u8] {
+        &self.regs
+    }
+
+    /// Takes saved bytes back. The identity, BARs' sizes and the capability
+    /// layout come from the device itself, so they must match; only what the
+    /// guest could write may differ.
+    pub fn restore_bytes(&mut self, saved: &[u8]) -> Result<(), String> {
+        if saved.len() != CONFIG_SIZE {
+            return Err(format!("config space of {} bytes", saved.len()));
+        }
+        let fixed_differs = (0..CONFIG_SIZE).any(|i| {
+            let ro = !self.writable[i];
+            // Status bits other than the capability list are the guest's to clear.
+            i != STATUS && i != STATUS + 1 && (saved[i] & ro) != (self.regs[i] & ro)
+        });
+        if fixed_differs {
+            return Err("saved PCI config space belongs to another device".into());
+        }
+        self.regs.copy_from_slice(saved);
+        Ok(())
+    }
+
     /// Replaces capability bytes the device itself owns (not guest-writable).
     pub fn set_bytes(&mut self, offset: usize, bytes: &[u8]) {
         self.put(offset, bytes);
@@ -204,6 +228,22 @@ mod tests {
         assert_eq!(c.regs[b + 1], 0);
         c.write(b + 2, &[0xff, 0xff]);
         assert_eq!(c.read_u16(b + 2), 0xc000, "only the writable bits changed");
+    }
+
+    #[test]
+    fn restore_takes_guest_writes_and_refuses_other_devices() {
+        let mut c = space();
+        c.set_bar(0, 0xc000_0000, 0x8000);
+        c.write(COMMAND, &[0x06, 0]);
+        let saved = c.bytes().to_vec();
+        let mut fresh = space();
+        fresh.set_bar(0, 0xc000_0000, 0x8000);
+        fresh.restore_bytes(&saved).unwrap();
+        assert!(fresh.memory_enabled());
+        let mut other = saved.clone();
+        other[DEVICE_ID] ^= 1;
+        assert!(fresh.restore_bytes(&other).is_err());
+        assert!(fresh.restore_bytes(&saved[..100]).is_err());
     }
 
     #[test]

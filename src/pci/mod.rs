@@ -165,7 +165,7 @@ pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Hands out slots, BAR space and MSI GSIs in a fixed order: the same devices on
 /// the same command line always get the same resources, so a restored machine
 /// matches the saved one without recording an allocation log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Allocator {
     next_slot: u8,
     next_mmio: u64,

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use heapless::Vec as BoundedVec;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Bytes per table entry: address low, address high, data, vector control.
@@ -25,7 +27,7 @@ pub trait MsiRouter: Send + Sync {
     fn route(&self, gsi: u32, msg: MsiMessage);
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub addr_lo: u32,
     pub addr_hi: u32,
@@ -44,6 +46,18 @@ impl Entry {
             data: self.data,
         }
     }
+}
+
+/// Most vectors a function has: queues plus one for configuration changes.
+pub const MAX_VECTORS: usize = 8;
+
+/// Version 1 of the saved MSI-X state: the table, pending bits and control bits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    pub entries: BoundedVec<Entry, MAX_VECTORS>,
+    pub pending: BoundedVec<bool, MAX_VECTORS>,
+    pub enabled: bool,
+    pub function_masked: bool,
 }
 
 /// One function's MSI-X state. Each vector owns a GSI and an irqfd on it.
@@ -190,6 +204,39 @@ impl Msix {
         }
         let entry = usize::try_from(offset / ENTRY_SIZE).ok()?;
         (entry < self.entries.len()).then_some((entry, ((offset % ENTRY_SIZE) / 4) as usize))
+    }
+
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            entries: self.entries.iter().copied().collect(),
+            pending: self.pending.iter().copied().collect(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Takes the saved table (same vector count, checked), routes every live
+    /// vector into the fresh KVM routing table and re-raises pending ones that
+    /// can fire: an interrupt in flight at save time is not lost.
+    pub fn restore(&mut self, s: &MsixState) -> Result<(), String> {
+        let n = self.entries.len();
+        if s.entries.len() != n || s.pending.len() != n {
+            return Err(format!(
+                "MSI-X state has {} vectors, the device {n}",
+                s.entries.len()
+            ));
+        }
+        self.entries.copy_from_slice(&s.entries);
+        self.pending.copy_from_slice(&s.pending);
+        self.enabled = s.enabled;
+        self.function_masked = s.function_masked;
+        for (e, gsi) in self.entries.iter().zip(&self.gsis) {
+            if !e.masked() {
+                self.router.route(*gsi, e.message());
+            }
+        }
+        self.deliver_pending();
+        Ok(())
     }
 
     /// Masks everything and forgets pending vectors (function reset).

@@ -26,7 +26,9 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
-use super::{read_config_bytes, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX};
+use super::{
+    read_config_bytes, Interrupt, QueueStateV1, VirtioDevice, TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX,
+};
 
 /// Protocol sector size: capacity, `sector` and data lengths count in these (5.2.4).
 const SECTOR_SIZE: u64 = 512;
@@ -117,6 +119,9 @@ struct Active {
     /// A driver that breaks the ring is reported once, not on every notification.
     warned: bool,
 }
+
+/// The read-only feature bit, as the machine's shape reports disks.
+pub const FEATURE_RO: u64 = 1 << VIRTIO_BLK_F_RO;
 
 /// A virtio-blk device.
 pub struct Block {
@@ -213,7 +218,7 @@ impl VirtioDevice for Block {
             | bit(VIRTIO_BLK_F_FLUSH)
             | VIRTIO_F_RING_EVENT_IDX;
         if self.disk.read_only {
-            common | bit(VIRTIO_BLK_F_RO)
+            common | FEATURE_RO
         } else {
             common | bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)
         }
@@ -246,6 +251,10 @@ impl VirtioDevice for Block {
             irq,
             warned: false,
         });
+    }
+
+    fn queue_states(&self) -> Vec<QueueStateV1> {
+        self.active.iter().map(|a| (&a.queue).into()).collect()
     }
 
     fn queue_notify(&mut self, index: usize) {

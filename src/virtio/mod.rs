@@ -9,7 +9,8 @@ mod tap;
 
 use std::os::fd::RawFd;
 
-use virtio_queue::Queue;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 
 /// VIRTIO_F_VERSION_1 (6. Reserved Feature Bits): the modern interface.
@@ -25,6 +26,58 @@ pub const TYPE_BLOCK: u16 = 2;
 pub trait Interrupt: Send + Sync {
     /// Used buffers were added to queue `index`.
     fn queue(&self, index: usize);
+}
+
+/// Most queues any device has (net: rx and tx).
+pub const MAX_QUEUES: usize = 2;
+
+/// A split virtqueue's configuration and indices, version 1 of its saved form
+/// (virtio-queue's `QueueState`, which has no serde).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStateV1 {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<&Queue> for QueueStateV1 {
+    fn from(q: &Queue) -> Self {
+        let s = q.state();
+        QueueStateV1 {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+impl QueueStateV1 {
+    /// Rebuilds the queue; virtio-queue re-checks size and alignment.
+    pub fn to_queue(self) -> Result<Queue, virtio_queue::Error> {
+        Queue::try_from(QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+    }
 }
 
 /// Copies the bytes of a device configuration `config` at `offset` into `data`;
@@ -74,4 +127,7 @@ pub trait VirtioDevice: Send {
     fn extra_fd_ready(&mut self, _n: usize) {}
     /// Device reset (status written 0): drop the queues and any pending work.
     fn reset(&mut self);
+    /// The live queues, for saving; empty before activation. Everything else a
+    /// device needs to resume comes from argv and the transport's saved state.
+    fn queue_states(&self) -> Vec<QueueStateV1>;
 }

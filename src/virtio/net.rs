@@ -32,7 +32,9 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::tap::{self, Tap, VNET_HDR_LEN};
-use super::{read_config_bytes, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX};
+use super::{
+    read_config_bytes, Interrupt, QueueStateV1, VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX,
+};
 use crate::args::{NetBackend, NetConfig};
 
 const RX: usize = 0;
@@ -523,6 +525,13 @@ impl VirtioDevice for Net {
         tx.set_event_idx(event_idx);
         self.active = Some(Active { mem, rx, tx, irq });
         self.rx_waiting = false;
+    }
+
+    fn queue_states(&self) -> Vec<QueueStateV1> {
+        self.active
+            .iter()
+            .flat_map(|a| [(&a.rx).into(), (&a.tx).into()])
+            .collect()
     }
 
     fn queue_notify(&mut self, index: usize) {

@@ -9,14 +9,18 @@
 
 use std::sync::{Arc, Mutex};
 
+use heapless::Vec as BoundedVec;
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Interrupt, VirtioDevice, TYPE_BLOCK, TYPE_NET, VIRTIO_F_VERSION_1};
+use super::{
+    Interrupt, QueueStateV1, VirtioDevice, MAX_QUEUES, TYPE_BLOCK, TYPE_NET, VIRTIO_F_VERSION_1,
+};
 use crate::pci::config::{ConfigSpace, Header};
 use crate::pci::lock;
-use crate::pci::msix::{self, MsiRouter, Msix};
+use crate::pci::msix::{self, MsiRouter, Msix, MsixState};
 use crate::pci::PciFunction;
 
 /// BAR 0 layout.
@@ -89,6 +93,27 @@ pub struct Resources {
 /// Vectors a device needs: one per queue plus one for configuration changes.
 pub fn vectors_needed(device: &dyn VirtioDevice) -> u32 {
     device.queue_max_sizes().len() as u32 + 1
+}
+
+/// Version 1 of a virtio-pci function's saved state: its PCI config space, the
+/// transport registers, MSI-X, and the device's live queues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub config: BoundedVec<u8, 256>,
+    pub status: u8,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub queue_select: u16,
+    /// The queue registers as the driver programmed them.
+    pub queues: BoundedVec<QueueStateV1, MAX_QUEUES>,
+    pub active: bool,
+    /// The device's own queues (indices advanced) while active.
+    pub device_queues: BoundedVec<QueueStateV1, MAX_QUEUES>,
+    pub msix: MsixState,
+    pub queue_vectors: BoundedVec<u16, MAX_QUEUES>,
+    pub config_vector: u16,
+    pub isr: u8,
 }
 
 pub struct VirtioPci {
@@ -207,6 +232,95 @@ impl VirtioPci {
 
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()
+    }
+
+    pub fn state(&self) -> TransportState {
+        let irq = lock(&self.irq);
+        TransportState {
+            config: self.config.bytes().iter().copied().collect(),
+            status: self.status,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            queues: self.queues.iter().map(QueueStateV1::from).collect(),
+            active: self.active,
+            device_queues: self.device.queue_states().into_iter().collect(),
+            msix: irq.msix.state(),
+            queue_vectors: irq.queue_vectors.iter().copied().collect(),
+            config_vector: irq.config_vector,
+            isr: irq.isr,
+        }
+    }
+
+    /// Rebuilds the transport and device from `s`, checking every value against
+    /// what this device is; a running device is re-activated on its saved queues
+    /// and each queue's interrupt raised once (a spurious interrupt is harmless, a
+    /// lost one stalls the driver).
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
+        let nq = self.queues.len();
+        let maxes = self.device.queue_max_sizes().to_vec();
+        let offered = self.offered_features();
+        let vectors = lock(&self.irq).msix.vectors();
+        let queues_fit = |qs: &[QueueStateV1]| qs.iter().zip(&maxes).all(|(q, &m)| q.max_size == m);
+        if s.queues.len() != nq || s.queue_vectors.len() != nq || !queues_fit(&s.queues) {
+            return Err(format!("state has {} queues, device {nq}", s.queues.len()));
+        }
+        if s.active && (s.device_queues.len() != nq || !queues_fit(&s.device_queues)) {
+            return Err("state's live queues do not fit the device".into());
+        }
+        if s.driver_features & !offered != 0 {
+            return Err(format!(
+                "state's features {:#x} exceed the device's {offered:#x}",
+                s.driver_features
+            ));
+        }
+        let vector_ok = |v: u16| v < vectors || v == NO_VECTOR;
+        if !s.queue_vectors.iter().all(|&v| vector_ok(v)) || !vector_ok(s.config_vector) {
+            return Err("state names an MSI-X vector the device lacks".into());
+        }
+        let queues = s
+            .queues
+            .iter()
+            .map(|q| q.to_queue())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("bad queue registers: {e:?}"))?;
+        let live = if s.active {
+            s.device_queues
+                .iter()
+                .map(|q| q.to_queue())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("bad live queue: {e:?}"))?
+        } else {
+            Vec::new()
+        };
+        self.config.restore_bytes(&s.config)?;
+        {
+            let mut irq = lock(&self.irq);
+            irq.msix.restore(&s.msix)?;
+            irq.queue_vectors.copy_from_slice(&s.queue_vectors);
+            irq.config_vector = s.config_vector;
+            irq.isr = s.isr;
+        }
+        self.queues = queues;
+        self.status = s.status;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.queue_select = s.queue_select;
+        if s.status & STATUS_FEATURES_OK != 0 {
+            self.device.ack_features(s.driver_features);
+        }
+        if s.active {
+            let irq = PciInterrupt(self.irq.clone());
+            self.device.activate(self.mem.clone(), live, Box::new(irq));
+            self.active = true;
+            let irq = PciInterrupt(self.irq.clone());
+            for q in 0..nq {
+                irq.queue(q);
+            }
+        }
+        Ok(())
     }
 
     fn offered_features(&self) -> u64 {
@@ -521,6 +635,9 @@ mod tests {
         fn reset(&mut self) {
             self.1 = None;
             self.0.resets.fetch_add(1, Ordering::SeqCst);
+        }
+        fn queue_states(&self) -> Vec<QueueStateV1> {
+            Vec::new()
         }
     }
 

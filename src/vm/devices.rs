@@ -43,7 +43,7 @@ pub fn build(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     routes: &Arc<GsiRoutes>,
-) -> Result<(PciBus, Vec<SharedVirtio>), Error> {
+) -> Result<(PciBus, Vec<SharedVirtio>, Allocator), Error> {
     let mut bus = PciBus::new();
     let mut alloc = Allocator::new();
     let mut virtio = Vec::new();
@@ -79,5 +79,5 @@ pub fn build(
         bus.add(slot, shared.clone() as SharedFunction);
         virtio.push(shared);
     }
-    Ok((bus, virtio))
+    Ok((bus, virtio, alloc))
 }

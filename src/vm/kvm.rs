@@ -6,15 +6,19 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_pit_config, kvm_userspace_memory_region,
-    KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irqchip, kvm_pit_config,
+    kvm_pit_state2, kvm_userspace_memory_region, KvmIrqRouting, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use serde::{Deserialize, Serialize};
+
 use super::memory::GuestRam;
+use super::pod::Pod;
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::pci::msix::{MsiMessage, MsiRouter};
 
@@ -30,6 +34,7 @@ pub enum Error {
     EventFd(std::io::Error),
     RegisterIrqfd(u32, kvm_ioctls::Error),
     RegisterIoeventfd(u64, kvm_ioctls::Error),
+    State(&'static str, kvm_ioctls::Error),
 }
 
 impl fmt::Display for Error {
@@ -47,6 +52,7 @@ impl fmt::Display for Error {
             Error::EventFd(e) => write!(f, "eventfd failed: {e}"),
             Error::RegisterIrqfd(gsi, e) => write!(f, "KVM_IRQFD for GSI {gsi} failed: {e}"),
             Error::RegisterIoeventfd(a, e) => write!(f, "KVM_IOEVENTFD at {a:#x} failed: {e}"),
+            Error::State(what, e) => write!(f, "KVM_{what} failed: {e}"),
         }
     }
 }
@@ -174,4 +180,58 @@ impl MsiRouter for GsiRoutes {
             log::error!("KVM_SET_GSI_ROUTING for GSI {gsi} failed: {e}");
         }
     }
+}
+
+/// The VM-wide interrupt controllers and clocks, saved for CPR.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: Pod<kvm_irqchip>,
+    pub pic_slave: Pod<kvm_irqchip>,
+    pub ioapic: Pod<kvm_irqchip>,
+    pub pit: Pod<kvm_pit_state2>,
+    pub clock: Pod<kvm_clock_data>,
+}
+
+fn get_irqchip(vm: &VmFd, chip: u32) -> Result<Pod<kvm_irqchip>, Error> {
+    let mut c = kvm_irqchip {
+        chip_id: chip,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut c)
+        .map_err(|e| Error::State("GET_IRQCHIP", e))?;
+    Ok(Pod(c))
+}
+
+/// Reads the irqchip, PIT and kvmclock of a VM whose vCPUs are paused.
+pub fn save_vm(vm: &VmFd) -> Result<VmState, Error> {
+    Ok(VmState {
+        pic_master: get_irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: get_irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: get_irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
+        pit: Pod(vm.get_pit2().map_err(|e| Error::State("GET_PIT2", e))?),
+        clock: Pod(vm.get_clock().map_err(|e| Error::State("GET_CLOCK", e))?),
+    })
+}
+
+/// Writes `state` into a fresh VM (irqchip and PIT created, no vCPU running).
+pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), Error> {
+    for (chip, want) in [
+        (KVM_IRQCHIP_PIC_MASTER, &state.pic_master),
+        (KVM_IRQCHIP_PIC_SLAVE, &state.pic_slave),
+        (KVM_IRQCHIP_IOAPIC, &state.ioapic),
+    ] {
+        let mut c = want.0;
+        // The chip id is ours to trust, not the file's.
+        c.chip_id = chip;
+        vm.set_irqchip(&c)
+            .map_err(|e| Error::State("SET_IRQCHIP", e))?;
+    }
+    vm.set_pit2(&state.pit.0)
+        .map_err(|e| Error::State("SET_PIT2", e))?;
+    // KVM_SET_CLOCK takes no output-only flags (TSC_STABLE, HOST_TSC, REALTIME
+    // without a realtime value): the guest's clock resumes where it stopped.
+    let mut clock = state.clock.0;
+    clock.flags = 0;
+    vm.set_clock(&clock)
+        .map_err(|e| Error::State("SET_CLOCK", e))
 }

@@ -9,7 +9,10 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
+};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -115,6 +118,65 @@ fn advise_huge_pages(mmap: &MmapRegion) {
     }
 }
 
+impl GuestRam {
+    /// The backing file (memfd or `--mem-file`).
+    pub fn file(&self) -> &File {
+        self.memory
+            .iter()
+            .next()
+            .and_then(|r| r.file_offset())
+            .map(FileOffset::file)
+            .expect("guest RAM is always file-backed")
+    }
+
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// The guest address of byte `offset` of the backing file.
+    pub fn guest_addr(&self, offset: u64) -> Option<GuestAddress> {
+        self.regions
+            .iter()
+            .find(|r| offset >= r.file_offset && offset - r.file_offset < r.size)
+            .map(|r| GuestAddress(r.guest_addr + (offset - r.file_offset)))
+    }
+
+    /// Byte ranges `(offset, len)` of the backing file that hold data, split at
+    /// region boundaries; holes (never-touched memfd pages) are skipped.
+    pub fn populated(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file().as_raw_fd();
+        let seek = |off: u64, whence| {
+            // SAFETY: lseek on a descriptor we own; no memory is touched.
+            let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                // ENXIO: no data at or after `off`.
+                return if e.raw_os_error() == Some(libc::ENXIO) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                };
+            }
+            Ok(Some(r as u64))
+        };
+        let mut out = Vec::new();
+        for r in &self.regions {
+            let end = r.file_offset + r.size;
+            let mut pos = r.file_offset;
+            while pos < end {
+                let Some(data) = seek(pos, libc::SEEK_DATA)?.filter(|&d| d < end) else {
+                    break;
+                };
+                let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+                out.push((data, hole - data));
+                pos = hole;
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn memfd(name: &str) -> Result<File, Error> {
     let cname = std::ffi::CString::new(name).expect("static name has no NUL");
     // SAFETY: cname is a valid NUL-terminated string; the flags are valid.
@@ -163,7 +225,7 @@ fn device_size(file: &File) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::Bytes;
 
     #[test]
     fn small_ram_is_one_region() {
@@ -198,6 +260,19 @@ mod tests {
         let file = &region.file_offset().unwrap().file();
         std::os::unix::fs::FileExt::read_exact_at(*file, &mut buf, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+    }
+
+    #[test]
+    fn populated_ranges_skip_holes() {
+        let ram = GuestRam::create(16 << 20, None).unwrap();
+        assert!(ram.populated().unwrap().is_empty());
+        ram.memory.write_obj(1u8, GuestAddress(0x20_0000)).unwrap();
+        let ranges = ram.populated().unwrap();
+        assert_eq!(ranges.len(), 1);
+        let (off, len) = ranges[0];
+        assert!(off <= 0x20_0000 && off + len > 0x20_0000 && len <= 4 << 20);
+        assert_eq!(ram.guest_addr(0x1000), Some(GuestAddress(0x1000)));
+        assert_eq!(ram.guest_addr(16 << 20), None);
     }
 
     #[test]

@@ -8,22 +8,32 @@ pub mod cpu;
 pub mod devices;
 pub mod kvm;
 pub mod memory;
+pub mod pod;
 pub mod vcpu;
+pub mod vcpu_state;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::{Kvm, VmFd};
+use heapless::Vec as BoundedVec;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 
 use crate::args::RunConfig;
 use crate::boot::{self, BootSpec};
 use crate::bus::Bus;
-use crate::devices::serial::{Output, Serial};
-use crate::layout::SERIAL_IRQ;
+use crate::devices::serial::{Output, Serial, SerialStateV1};
+use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
+use crate::pci::Allocator;
+use crate::virtio::pci::TransportState;
 use devices::SharedVirtio;
-use kvm::GsiRoutes;
+use kvm::{GsiRoutes, VmState};
 use memory::GuestRam;
 use vcpu::{ExitSink, Vcpus};
+use vcpu_state::{SaveSpec, VcpuState};
+
+/// Most virtio devices a machine has.
+pub const MAX_DEVICES: usize = MAX_DISKS + MAX_NICS;
 
 #[derive(Debug)]
 pub enum Error {
@@ -32,6 +42,7 @@ pub enum Error {
     Boot(boot::Error),
     Vcpu(vcpu::Error),
     Devices(devices::Error),
+    Mismatch(String),
 }
 
 impl fmt::Display for Error {
@@ -42,8 +53,72 @@ impl fmt::Display for Error {
             Error::Boot(e) => e.fmt(f),
             Error::Vcpu(e) => e.fmt(f),
             Error::Devices(e) => e.fmt(f),
+            Error::Mismatch(why) => write!(f, "state does not fit this machine: {why}"),
         }
     }
+}
+
+/// What the machine is made of; a state only restores into the same shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    pub vcpus: u8,
+    pub mem_size: u64,
+    /// Read-only flag of each disk, in argv order.
+    pub disks: BoundedVec<bool, MAX_DISKS>,
+    /// MAC of each NIC, in argv order.
+    pub nets: BoundedVec<[u8; 6], MAX_NICS>,
+}
+
+impl Shape {
+    /// Human-readable differences from the `saved` shape, empty if none.
+    pub fn differences(&self, saved: &Shape) -> Vec<String> {
+        let mut d = Vec::new();
+        if self.vcpus != saved.vcpus {
+            d.push(format!("vCPUs: saved {}, now {}", saved.vcpus, self.vcpus));
+        }
+        if self.mem_size != saved.mem_size {
+            d.push(format!(
+                "memory: saved {}, now {}",
+                saved.mem_size, self.mem_size
+            ));
+        }
+        if self.disks != saved.disks {
+            d.push(format!(
+                "disks (read-only flags): saved {:?}, now {:?}",
+                saved.disks, self.disks
+            ));
+        }
+        if self.nets != saved.nets {
+            let macs = |n: &[[u8; 6]]| n.iter().map(mac_str).collect::<Vec<_>>();
+            d.push(format!(
+                "NICs (MACs): saved {:?}, now {:?}",
+                macs(&saved.nets),
+                macs(&self.nets)
+            ));
+        }
+        d
+    }
+}
+
+pub fn mac_str(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Version 1 of the machine's saved state: devices, VM and vCPUs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineState {
+    pub shape: Shape,
+    /// Boxed: a vCPU's state is ~25 KiB, too much to keep 32 of on the stack.
+    pub vcpus: BoundedVec<Box<VcpuState>, MAX_VCPUS>,
+    pub vm: VmState,
+    pub serial: SerialStateV1,
+    /// The allocator after placing every device: a restore that places them
+    /// differently is refused rather than resumed with moved resources.
+    pub allocator: Allocator,
+    pub virtio: BoundedVec<TransportState, MAX_DEVICES>,
 }
 
 /// Everything one guest is made of. Fields drop in order: threads stop first.
@@ -52,50 +127,196 @@ pub struct Machine {
     pub bus: Arc<Bus>,
     pub virtio: Vec<SharedVirtio>,
     pub ram: GuestRam,
+    pub shape: Shape,
+    allocator: Allocator,
     _routes: Arc<GsiRoutes>,
-    _vm: Arc<VmFd>,
-    _kvm: Kvm,
+    vm: Arc<VmFd>,
+    kvm: Kvm,
 }
 
-impl Machine {
-    /// Builds the machine for `cfg` and starts its vCPUs.
-    pub fn boot(cfg: &RunConfig, console: Output, exit: ExitSink) -> Result<Self, Error> {
-        let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
+/// A machine with RAM, VM and devices but no vCPUs yet.
+struct Parts {
+    ram: GuestRam,
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    routes: Arc<GsiRoutes>,
+    bus: Arc<Bus>,
+    virtio: Vec<SharedVirtio>,
+    allocator: Allocator,
+}
+
+impl Parts {
+    fn build(
+        cfg: &RunConfig,
+        ram: GuestRam,
+        console: Output,
+        serial: Option<&SerialStateV1>,
+    ) -> Result<Self, Error> {
         let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
         let vm = Arc::new(vm);
         let serial_irq = kvm::irq_eventfd(&vm, SERIAL_IRQ).map_err(Error::Kvm)?;
         let routes = Arc::new(GsiRoutes::new(vm.clone()));
-        let (pci, virtio) =
+        let (pci, virtio, allocator) =
             devices::build(cfg, &vm, &ram.memory, &routes).map_err(Error::Devices)?;
+        let serial = match serial {
+            Some(s) => Serial::from_state(s, Some(serial_irq), console),
+            None => Serial::new(Some(serial_irq), console),
+        };
         let bus = Arc::new(Bus {
-            serial: Mutex::new(Serial::new(Some(serial_irq), console)),
+            serial: Mutex::new(serial),
             pci,
         });
+        Ok(Parts {
+            ram,
+            kvm,
+            vm,
+            routes,
+            bus,
+            virtio,
+            allocator,
+        })
+    }
+
+    fn shape(&self, vcpus: u8) -> Shape {
+        let mut disks = BoundedVec::new();
+        let mut nets = BoundedVec::new();
+        for d in &self.virtio {
+            let d = crate::pci::lock(d);
+            let dev = d.device();
+            // Capacities match argv's limits, so the pushes cannot fail.
+            if dev.device_type() == crate::virtio::TYPE_NET {
+                let mut mac = [0u8; 6];
+                dev.read_config(0, &mut mac);
+                let _ = nets.push(mac);
+            } else {
+                let _ = disks.push(dev.features() & crate::virtio::block::FEATURE_RO != 0);
+            }
+        }
+        Shape {
+            vcpus,
+            mem_size: self.ram.regions.iter().map(|r| r.size).sum(),
+            disks,
+            nets,
+        }
+    }
+
+    fn start(self, fds: Vec<VcpuFd>, exit: ExitSink) -> Result<Machine, Error> {
+        let shape = self.shape(fds.len() as u8);
+        let vcpus = Vcpus::start(fds, self.bus.clone(), exit).map_err(Error::Vcpu)?;
+        Ok(Machine {
+            shape,
+            vcpus,
+            bus: self.bus,
+            virtio: self.virtio,
+            ram: self.ram,
+            allocator: self.allocator,
+            _routes: self.routes,
+            vm: self.vm,
+            kvm: self.kvm,
+        })
+    }
+}
+
+impl Machine {
+    /// Builds the machine for `cfg`, loads the guest and starts its vCPUs.
+    pub fn boot(cfg: &RunConfig, console: Output, exit: ExitSink) -> Result<Self, Error> {
+        let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
+        let parts = Parts::build(cfg, ram, console, None)?;
         let spec = BootSpec {
             kernel: &cfg.kernel,
             initrd: cfg.initrd.as_deref(),
             cmdline: &cfg.cmdline,
             vcpus: cfg.vcpus,
-            ram: &ram.regions,
+            ram: &parts.ram.regions,
         };
-        let entry = boot::load(&ram.memory, &spec).map_err(Error::Boot)?;
+        let entry = boot::load(&parts.ram.memory, &spec).map_err(Error::Boot)?;
         let fds = (0..cfg.vcpus)
-            .map(|i| vcpu::create(&kvm, &vm, &ram.memory, i, cfg.vcpus, entry))
+            .map(|i| {
+                vcpu::create(
+                    &parts.kvm,
+                    &parts.vm,
+                    &parts.ram.memory,
+                    i,
+                    cfg.vcpus,
+                    Some(entry),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(Error::Vcpu)?;
-        let vcpus = Vcpus::start(fds, bus.clone(), exit).map_err(Error::Vcpu)?;
-        Ok(Machine {
-            vcpus,
-            bus,
+        parts.start(fds, exit)
+    }
+
+    /// Builds the machine for `cfg` around `ram` (already holding the guest) and
+    /// resumes it from `state`: the reverse of `save`, devices first, then the
+    /// VM's interrupt controllers and clock, then the vCPUs. Pending interrupts
+    /// are raised again by the devices' restore.
+    pub fn restore(
+        cfg: &RunConfig,
+        ram: GuestRam,
+        console: Output,
+        exit: ExitSink,
+        state: &MachineState,
+    ) -> Result<Self, Error> {
+        let parts = Parts::build(cfg, ram, console, Some(&state.serial))?;
+        let diff = parts.shape(cfg.vcpus).differences(&state.shape);
+        if !diff.is_empty() {
+            return Err(Error::Mismatch(diff.join("; ")));
+        }
+        if parts.allocator != state.allocator {
+            return Err(Error::Mismatch("devices are placed differently".into()));
+        }
+        for (i, (dev, saved)) in parts.virtio.iter().zip(&state.virtio).enumerate() {
+            crate::pci::lock(dev)
+                .restore(saved)
+                .map_err(|why| Error::Mismatch(format!("device {i}: {why}")))?;
+        }
+        kvm::restore_vm(&parts.vm, &state.vm).map_err(Error::Kvm)?;
+        let mut fds = Vec::with_capacity(state.vcpus.len());
+        for (i, saved) in state.vcpus.iter().enumerate() {
+            let i = i as u8;
+            let fd = vcpu::create(&parts.kvm, &parts.vm, &parts.ram.memory, i, cfg.vcpus, None)
+                .map_err(Error::Vcpu)?;
+            vcpu::restore(&fd, i, saved).map_err(Error::Vcpu)?;
+            fds.push(fd);
+        }
+        parts.start(fds, exit)
+    }
+
+    /// Saves a paused machine. The quiesce contract: vCPUs are paused (the
+    /// caller's job); devices are drained (virtio-blk completes every request
+    /// before returning from a notification, virtio-net reads the tap only from
+    /// the event loop, which is busy here), then saved; then the VM (irqchip,
+    /// PIT, clock); then the vCPUs, each on its own thread.
+    pub fn save(&self) -> Result<MachineState, Error> {
+        let virtio = self
+            .virtio
+            .iter()
+            .map(|d| crate::pci::lock(d).state())
+            .collect();
+        let serial = crate::pci::lock(&self.bus.serial).state();
+        let vm = kvm::save_vm(&self.vm).map_err(Error::Kvm)?;
+        let spec = SaveSpec {
+            msr_indices: self
+                .kvm
+                .get_msr_index_list()
+                .map_err(|e| Error::Kvm(kvm::Error::State("GET_MSR_INDEX_LIST", e)))?
+                .as_slice()
+                .to_vec(),
+            xsave_words: (self.vm.check_extension_int(kvm_ioctls::Cap::Xsave2).max(0) as usize)
+                .div_ceil(4),
+        };
+        let vcpus = self.vcpus.save(spec).map_err(Error::Vcpu)?;
+        Ok(MachineState {
+            shape: self.shape.clone(),
+            vcpus: vcpus.into_iter().map(Box::new).collect(),
+            vm,
+            serial,
+            allocator: self.allocator.clone(),
             virtio,
-            ram,
-            _routes: routes,
-            _vm: vm,
-            _kvm: kvm,
         })
     }
 
     pub fn mem_size(&self) -> u64 {
-        self.ram.regions.iter().map(|r| r.size).sum()
+        self.shape.mem_size
     }
 }

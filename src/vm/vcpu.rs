@@ -19,6 +19,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::cpu::{self, Entry};
+use super::vcpu_state::{self as state, SaveSpec, VcpuState};
 use crate::bus::{Bus, GuestExit};
 
 #[derive(Debug)]
@@ -37,6 +38,9 @@ pub enum Error {
     Spawn(std::io::Error),
     SignalHandler(vmm_sys_util::errno::Error),
     StopTimeout(usize),
+    NotPaused,
+    Save(state::Error),
+    Restore(u8, state::Error),
 }
 
 impl fmt::Display for Error {
@@ -56,19 +60,28 @@ impl fmt::Display for Error {
             Error::Spawn(e) => write!(f, "cannot start a vCPU thread: {e}"),
             Error::SignalHandler(e) => write!(f, "cannot install the vCPU kick handler: {e}"),
             Error::StopTimeout(n) => write!(f, "{n} vCPU(s) did not stop in time"),
+            Error::NotPaused => write!(f, "vCPU state can only be saved while paused"),
+            Error::Save(e) => e.fmt(f),
+            Error::Restore(i, e) => write!(f, "restoring vCPU {i}: {e}"),
         }
     }
 }
 
 /// Creates vCPU `index` of `count` with CPUID, MSRs, FPU and LAPIC set; the boot
-/// vCPU also gets `entry`'s registers, the others wait for INIT/SIPI.
+/// vCPU also gets `entry`'s registers (None: a restore will set them), the others
+/// wait for INIT/SIPI.
+/// Writes a saved state into a vCPU made by `create(.., None)`.
+pub fn restore(fd: &VcpuFd, index: u8, saved: &VcpuState) -> Result<(), Error> {
+    state::restore(fd, saved).map_err(|e| Error::Restore(index, e))
+}
+
 pub fn create(
     kvm: &Kvm,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     index: u8,
     count: u8,
-    entry: Entry,
+    entry: Option<Entry>,
 ) -> Result<VcpuFd, Error> {
     let fd = vm
         .create_vcpu(u64::from(index))
@@ -84,7 +97,7 @@ pub fn create(
     fd.set_fpu(&cpu::boot_fpu())
         .map_err(|e| Error::SetFpu(index, e))?;
     set_lint(&fd, index)?;
-    if index == 0 {
+    if let Some(entry) = entry.filter(|_| index == 0) {
         fd.set_regs(&cpu::boot_regs(entry))
             .map_err(Error::SetRegs)?;
         let sregs = fd.get_sregs().map_err(Error::GetSregs)?;
@@ -129,10 +142,20 @@ enum State {
     Exited,
 }
 
+/// Everything the controller and a vCPU thread agree on, under one lock.
+struct Inner {
+    request: Request,
+    state: State,
+    kick: Option<KickTarget>,
+    /// Set by the controller while paused: the thread saves its state into `saved`.
+    save_requested: Option<Arc<SaveSpec>>,
+    saved: Option<Result<VcpuState, Error>>,
+}
+
 struct Shared {
     /// Fast-path copy of the request, read on every exit without the lock.
     request: AtomicU8,
-    state: Mutex<(Request, State, Option<KickTarget>)>,
+    state: Mutex<Inner>,
     changed: Condvar,
 }
 
@@ -174,7 +197,13 @@ impl Vcpus {
         for (index, fd) in fds.into_iter().enumerate() {
             let shared = Arc::new(Shared {
                 request: AtomicU8::new(Request::Run as u8),
-                state: Mutex::new((Request::Run, State::Running, None)),
+                state: Mutex::new(Inner {
+                    request: Request::Run,
+                    state: State::Running,
+                    kick: None,
+                    save_requested: None,
+                    saved: None,
+                }),
                 changed: Condvar::new(),
             });
             let (s, bus, exit) = (shared.clone(), bus.clone(), exit.clone());
@@ -216,14 +245,45 @@ impl Vcpus {
         waited
     }
 
+    /// Saves every vCPU's state; all must be paused. Each thread saves its own
+    /// (KVM's per-vCPU ioctls run where the vCPU is loaded).
+    pub fn save(&self, spec: SaveSpec) -> Result<Vec<VcpuState>, Error> {
+        let spec = Arc::new(spec);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut out = Vec::with_capacity(self.threads.len());
+        for (shared, _) in &self.threads {
+            let mut guard = lock(&shared.state);
+            if guard.state != State::Paused {
+                return Err(Error::NotPaused);
+            }
+            guard.saved = None;
+            guard.save_requested = Some(spec.clone());
+            shared.changed.notify_all();
+            while guard.saved.is_none() {
+                let now = Instant::now();
+                if now >= deadline {
+                    guard.save_requested = None;
+                    return Err(Error::StopTimeout(1));
+                }
+                guard = shared
+                    .changed
+                    .wait_timeout(guard, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            out.push(guard.saved.take().expect("checked above")?);
+        }
+        Ok(out)
+    }
+
     fn request_all(&self, request: Request) {
         for (shared, _) in &self.threads {
             let mut guard = lock(&shared.state);
             // An exiting thread never comes back.
-            if guard.0 == Request::Exit {
+            if guard.request == Request::Exit {
                 continue;
             }
-            guard.0 = request;
+            guard.request = request;
             shared.request.store(request as u8, Ordering::SeqCst);
             if request != Request::Run {
                 kick(&guard);
@@ -237,7 +297,7 @@ impl Vcpus {
         let mut late = 0;
         for (shared, _) in &self.threads {
             let mut guard = lock(&shared.state);
-            while !done(guard.1) {
+            while !done(guard.state) {
                 let now = Instant::now();
                 if now >= deadline {
                     late += 1;
@@ -264,11 +324,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Forces the thread out of (or away from) KVM_RUN. Called with the state lock held.
-fn kick(guard: &MutexGuard<'_, (Request, State, Option<KickTarget>)>) {
-    if guard.1 == State::Exited {
+fn kick(guard: &MutexGuard<'_, Inner>) {
+    if guard.state == State::Exited {
         return;
     }
-    if let Some(t) = guard.2 {
+    if let Some(t) = guard.kick {
         // SAFETY: `immediate_exit` points into this thread's kvm_run mapping, which
         // lives until the thread records State::Exited under this lock (not yet).
         unsafe { AtomicU8::from_ptr(t.immediate_exit) }.store(1, Ordering::SeqCst);
@@ -281,7 +341,7 @@ fn kick(guard: &MutexGuard<'_, (Request, State, Option<KickTarget>)>) {
 fn run_thread(index: usize, mut fd: VcpuFd, shared: &Shared, bus: &Bus, exit: &ExitSink) {
     {
         let mut guard = lock(&shared.state);
-        guard.2 = Some(KickTarget {
+        guard.kick = Some(KickTarget {
             // SAFETY: pthread_self has no preconditions.
             thread: unsafe { libc::pthread_self() },
             immediate_exit: &mut fd.get_kvm_run().immediate_exit as *mut u8,
@@ -290,9 +350,9 @@ fn run_thread(index: usize, mut fd: VcpuFd, shared: &Shared, bus: &Bus, exit: &E
     let outcome = run_loop(index, &mut fd, shared, bus);
     {
         let mut guard = lock(&shared.state);
-        guard.0 = Request::Exit;
-        guard.1 = State::Exited;
-        guard.2 = None;
+        guard.request = Request::Exit;
+        guard.state = State::Exited;
+        guard.kick = None;
         shared.changed.notify_all();
     }
     if let Some(why) = outcome {
@@ -343,21 +403,25 @@ fn run_loop(index: usize, fd: &mut VcpuFd, shared: &Shared, bus: &Bus) -> Option
 fn wait_while_paused(shared: &Shared, fd: &mut VcpuFd) -> bool {
     let mut guard = lock(&shared.state);
     loop {
-        match guard.0 {
+        match guard.request {
             Request::Run => {
-                guard.1 = State::Running;
+                guard.state = State::Running;
                 return true;
             }
             Request::Exit => return false,
             Request::Pause => {
-                if guard.1 != State::Paused {
+                if guard.state != State::Paused {
                     // One KVM_RUN with immediate_exit set completes an in-flight
                     // port or MMIO read without entering the guest, so the saved
                     // state never holds half an instruction (KVM api.rst, KVM_RUN).
                     fd.set_kvm_immediate_exit(1);
                     let _ = fd.run();
                     fd.set_kvm_immediate_exit(0);
-                    guard.1 = State::Paused;
+                    guard.state = State::Paused;
+                    shared.changed.notify_all();
+                }
+                if let Some(spec) = guard.save_requested.take() {
+                    guard.saved = Some(state::save(fd, &spec).map_err(Error::Save));
                     shared.changed.notify_all();
                 }
                 guard = shared

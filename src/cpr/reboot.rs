@@ -1,0 +1,220 @@
+//! Reboot mode: the state goes to a file, molt exits, and a later `molt run`
+//! with the same arguments and `--incoming file:PATH` resumes the guest - after
+//! a restart of molt, or a kexec into another host kernel.
+//!
+//! The file is written to `PATH.tmp`, fsynced, renamed over PATH and the
+//! directory fsynced: PATH is either the old file or the complete new one.
+//! Guest RAM stays where it is when it lives in a `--mem-file` (flushed to it
+//! first); otherwise it follows the state as a RAM section:
+//! `"MOLTRAM\0"`, records `(offset u64, len u64, bytes)` of the populated
+//! parts of RAM, an end record `(u64::MAX, 0)`, and the CRC32 of the records.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::state::{self, CprState, RamLocation, HEADER_LEN};
+use crate::vm::memory::GuestRam;
+
+const RAM_MAGIC: [u8; 8] = *b"MOLTRAM\0";
+const END: u64 = u64::MAX;
+/// RAM is copied in pieces of at most this much.
+const CHUNK: u64 = 8 << 20;
+
+#[derive(Debug)]
+pub enum Error {
+    Io(&'static str, PathBuf, std::io::Error),
+    State(PathBuf, state::Error),
+    Ram(PathBuf, String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(what, p, e) => write!(f, "cannot {what} {}: {e}", p.display()),
+            Error::State(p, e) => write!(f, "state file {}: {e}", p.display()),
+            Error::Ram(p, why) => write!(f, "state file {}: RAM section: {why}", p.display()),
+        }
+    }
+}
+
+/// Writes `state` (and RAM, unless it stays in place) to `path` atomically.
+/// Returns the file's size. On failure nothing is left at `path` that was not
+/// there before.
+pub fn save(path: &Path, state: &CprState, ram: &GuestRam) -> Result<u64, Error> {
+    let tmp = tmp_path(path);
+    let result = write_file(&tmp, state, ram).and_then(|size| {
+        std::fs::rename(&tmp, path).map_err(|e| Error::Io("rename to", path.into(), e))?;
+        sync_dir(path)?;
+        Ok(size)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+fn sync_dir(path: &Path) -> Result<(), Error> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::Io("sync directory of", path.into(), e))
+}
+
+fn write_file(tmp: &Path, state: &CprState, ram: &GuestRam) -> Result<u64, Error> {
+    let io = |what| move |e| Error::Io(what, tmp.to_path_buf(), e);
+    let bytes = state::encode(state).map_err(|e| Error::State(tmp.into(), e))?;
+    if state.ram == RamLocation::InPlace {
+        // A --mem-file on pmem or disk holds dirty pages in the page cache: they
+        // must reach the device before a kexec throws the cache away.
+        ram.file()
+            .sync_data()
+            .map_err(io("flush guest RAM to its file before saving"))?;
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp)
+        .map_err(io("create"))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    w.write_all(&bytes).map_err(io("write"))?;
+    if state.ram == RamLocation::InStateFile {
+        write_ram(&mut w, ram).map_err(io("write RAM to"))?;
+    }
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::Io("write", tmp.into(), e.into_error()))?;
+    file.sync_all().map_err(io("fsync"))?;
+    file.metadata().map(|m| m.len()).map_err(io("stat"))
+}
+
+fn write_ram(w: &mut impl Write, ram: &GuestRam) -> std::io::Result<()> {
+    let mut crc = crc32fast::Hasher::new();
+    w.write_all(&RAM_MAGIC)?;
+    let mut buf = Vec::new();
+    for (start, len) in ram.populated()? {
+        let mut off = start;
+        while off < start + len {
+            let n = CHUNK.min(start + len - off);
+            let addr = ram
+                .guest_addr(off)
+                .ok_or_else(|| std::io::Error::other("offset outside RAM"))?;
+            buf.resize(n as usize, 0);
+            ram.memory
+                .read_slice(&mut buf, addr)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let head = [off.to_le_bytes(), n.to_le_bytes()].concat();
+            crc.update(&head);
+            crc.update(&buf);
+            w.write_all(&head)?;
+            w.write_all(&buf)?;
+            off += n;
+        }
+    }
+    let end = [END.to_le_bytes(), 0u64.to_le_bytes()].concat();
+    crc.update(&end);
+    w.write_all(&end)?;
+    w.write_all(&crc.finalize().to_le_bytes())
+}
+
+/// Reads and validates the state in `path` (the file is only read).
+pub fn load_state(path: &Path) -> Result<(CprState, BufReader<File>), Error> {
+    let file = File::open(path).map_err(|e| Error::Io("open", path.into(), e))?;
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let bad = |e| Error::State(path.into(), e);
+    let mut bytes = vec![0u8; HEADER_LEN];
+    let got = read_up_to(&mut r, &mut bytes).map_err(|e| Error::Io("read", path.into(), e))?;
+    bytes.truncate(got);
+    let len = state::payload_len(&bytes).map_err(bad)?;
+    bytes.resize(HEADER_LEN + len, 0);
+    let got = read_up_to(&mut r, &mut bytes[HEADER_LEN..])
+        .map_err(|e| Error::Io("read", path.into(), e))?;
+    if got < len {
+        return Err(bad(state::Error::Truncated(len - got)));
+    }
+    let state = state::decode(&bytes).map_err(bad)?;
+    Ok((state, r))
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Reads the RAM section that follows the state into `ram`, checking every
+/// record's bounds and the section's CRC.
+pub fn load_ram(path: &Path, r: &mut impl Read, ram: &GuestRam) -> Result<(), Error> {
+    let bad = |why: String| Error::Ram(path.into(), why);
+    let io = |e: std::io::Error| bad(format!("read failed: {e}"));
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic).map_err(io)?;
+    if magic != RAM_MAGIC {
+        return Err(bad("missing (bad magic)".into()));
+    }
+    let mut crc = crc32fast::Hasher::new();
+    let size = ram.size();
+    let mut buf = Vec::new();
+    loop {
+        let mut head = [0u8; 16];
+        r.read_exact(&mut head).map_err(io)?;
+        crc.update(&head);
+        let off = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        let len = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
+        if off == END {
+            break;
+        }
+        let in_one_region = ram.guest_addr(off).is_some()
+            && len > 0
+            && len <= CHUNK
+            && off.checked_add(len).is_some_and(|e| e <= size)
+            && ram.guest_addr(off + len - 1).map(|a| a.0)
+                == ram.guest_addr(off).map(|a| a.0 + len - 1);
+        if !in_one_region {
+            return Err(bad(format!(
+                "record at {off:#x}+{len:#x} is outside guest RAM"
+            )));
+        }
+        buf.resize(len as usize, 0);
+        r.read_exact(&mut buf).map_err(io)?;
+        crc.update(&buf);
+        let addr: GuestAddress = ram.guest_addr(off).expect("checked above");
+        ram.memory
+            .write_slice(&buf, addr)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    let mut stored = [0u8; 4];
+    r.read_exact(&mut stored).map_err(io)?;
+    let actual = crc.finalize();
+    if u32::from_le_bytes(stored) != actual {
+        return Err(bad(format!(
+            "CRC32 {actual:#010x} does not match the stored {:#010x}",
+            u32::from_le_bytes(stored)
+        )));
+    }
+    let mut rest = [0u8; 1];
+    if r.read(&mut rest).map_err(io)? != 0 {
+        return Err(bad("unexpected bytes after the RAM section".into()));
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! `CprState`: everything needed to resume a machine, as one file or message.
+//!
+//! Layout: a fixed 20-byte header (magic, format version, payload length, CRC32
+//! of the payload, all little-endian), then the postcard payload. Every
+//! collection in the payload has a fixed capacity, so decoding a hostile file
+//! cannot allocate without bound; every value is checked again by the code that
+//! uses it (queue sizes, vector numbers, config space identity, vCPU count).
+//!
+//! Versions are frozen once released: `CprStateV1` never changes. A new field
+//! means a `CprStateV2` with `From<CprStateV1>`, and this release then decodes
+//! both (SPEC.md, "State compatibility").
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::vm::MachineState;
+
+pub const MAGIC: [u8; 8] = *b"MOLTCPR\0";
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 20;
+/// No real state comes near this: ~10 KiB per vCPU, ~1 KiB per device.
+pub const MAX_PAYLOAD: usize = 4 << 20;
+
+/// Where guest RAM is while the state is not running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RamLocation {
+    /// In the `--mem-file`, which outlives the process.
+    InPlace,
+    /// Appended to the state file after the payload (reboot mode without a file).
+    InStateFile,
+}
+
+/// Version 1 of the saved state. Frozen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CprStateV1 {
+    /// The release that wrote it, for `molt state` and error messages.
+    pub writer: heapless::String<32>,
+    pub ram: RamLocation,
+    /// CLOCK_REALTIME when the last vCPU stopped, for the pause measurement.
+    pub stopped_at_ns: u64,
+    pub machine: MachineState,
+}
+
+pub type CprState = CprStateV1;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Error {
+    Truncated(usize),
+    BadMagic,
+    UnknownVersion(u32),
+    TooLarge(usize),
+    Checksum { stored: u32, actual: u32 },
+    Decode(String),
+    TrailingBytes(usize),
+    Invalid(String),
+    Encode(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Truncated(n) => write!(f, "truncated: {n} bytes are missing"),
+            Error::BadMagic => write!(f, "not a molt state (bad magic)"),
+            Error::UnknownVersion(v) => write!(
+                f,
+                "state format version {v} is unknown to this molt (it reads version {VERSION})"
+            ),
+            Error::TooLarge(n) => write!(f, "payload of {n} bytes exceeds {MAX_PAYLOAD}"),
+            Error::Checksum { stored, actual } => write!(
+                f,
+                "corrupt: CRC32 {actual:#010x} does not match the stored {stored:#010x}"
+            ),
+            Error::Decode(e) => write!(f, "cannot decode the payload: {e}"),
+            Error::TrailingBytes(n) => write!(f, "{n} unexpected bytes after the payload"),
+            Error::Invalid(why) => write!(f, "invalid state: {why}"),
+            Error::Encode(e) => write!(f, "cannot encode the state: {e}"),
+        }
+    }
+}
+
+/// Encodes `state` with its header.
+pub fn encode(state: &CprState) -> Result<Vec<u8>, Error> {
+    let payload = postcard::to_allocvec(state).map_err(|e| Error::Encode(e.to_string()))?;
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Error::TooLarge(payload.len()));
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// The payload length a header announces, after checking magic and version.
+pub fn payload_len(header: &[u8]) -> Result<usize, Error> {
+    if header.len() < HEADER_LEN {
+        return Err(Error::Truncated(HEADER_LEN - header.len()));
+    }
+    if header[..8] != MAGIC {
+        return Err(Error::BadMagic);
+    }
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let version = word(8);
+    if version != VERSION {
+        return Err(Error::UnknownVersion(version));
+    }
+    let len = word(12) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(Error::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes and validates a state; `bytes` is exactly header + payload.
+pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
+    let len = payload_len(bytes)?;
+    let have = bytes.len() - HEADER_LEN;
+    if have < len {
+        return Err(Error::Truncated(len - have));
+    }
+    if have > len {
+        return Err(Error::TrailingBytes(have - len));
+    }
+    let payload = &bytes[HEADER_LEN..];
+    let stored = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+    let actual = crc32fast::hash(payload);
+    if stored != actual {
+        return Err(Error::Checksum { stored, actual });
+    }
+    let (state, rest): (CprState, _) =
+        postcard::take_from_bytes(payload).map_err(|e| Error::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(Error::TrailingBytes(rest.len()));
+    }
+    validate(&state)?;
+    Ok(state)
+}
+
+/// Cross-field checks: the parts must agree with the shape they claim.
+fn validate(s: &CprState) -> Result<(), Error> {
+    let invalid = |why: String| Err(Error::Invalid(why));
+    let shape = &s.machine.shape;
+    let vcpus = usize::from(shape.vcpus);
+    if vcpus == 0 || vcpus > crate::layout::MAX_VCPUS || s.machine.vcpus.len() != vcpus {
+        return invalid(format!(
+            "{} vCPU states for a shape of {vcpus} vCPUs",
+            s.machine.vcpus.len()
+        ));
+    }
+    let devices = shape.disks.len() + shape.nets.len();
+    if s.machine.virtio.len() != devices {
+        return invalid(format!(
+            "{} device states for {devices} devices",
+            s.machine.virtio.len()
+        ));
+    }
+    if shape.mem_size < crate::args::MIN_MEM || !shape.mem_size.is_multiple_of(4096) {
+        return invalid(format!("memory size {}", shape.mem_size));
+    }
+    Ok(())
+}
