@@ -4,7 +4,7 @@
 # (rootfs/scenarios/bench-devices.sh does the work in L2). Prints a markdown
 # table. Absolute numbers are inflated by TCG emulation: compare the rows with
 # each other, not with numbers from elsewhere.
-# Environment: RUNS (rounds, default 3), SEQ_MIB (64), RR_SECS (10), TCP_MIB (64)
+# Environment: RUNS (rounds, default 5), SEQ_MIB (128), RR_SECS (10), TCP_MIB (128)
 # are passed to the scenario on L2's kernel command line.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)

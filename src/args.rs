@@ -19,6 +19,35 @@ pub struct Molt {
 pub enum Command {
     Run(RunArgs),
     Ctl(CtlArgs),
+    Kexec(KexecArgs),
+    State(StateArgs),
+}
+
+#[derive(FromArgs, Debug)]
+/// Boot another host kernel in place (kexec_file_load + reboot).
+#[argh(subcommand, name = "kexec")]
+pub struct KexecArgs {
+    /// the kernel to boot
+    #[argh(option)]
+    pub kernel: PathBuf,
+    /// its initramfs
+    #[argh(option)]
+    pub initrd: Option<PathBuf>,
+    /// its command line (default: this kernel's, from /proc/cmdline)
+    #[argh(option)]
+    pub cmdline: Option<String>,
+    /// stage the kernel but do not reboot into it
+    #[argh(switch)]
+    pub load_only: bool,
+}
+
+#[derive(FromArgs, Debug)]
+/// Decode a saved state and print a summary.
+#[argh(subcommand, name = "state")]
+pub struct StateArgs {
+    /// the state file
+    #[argh(positional)]
+    pub path: PathBuf,
 }
 
 #[derive(FromArgs, Debug)]

@@ -107,10 +107,14 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     let (machine, last_pause_us) = match &cfg.incoming {
         None => (Machine::boot(&cfg, console, sink).map_err(Error::Vm)?, 0),
         Some(Incoming::File(path)) => {
-            let (m, pause_us) =
-                cpr::resume_from_file(&cfg, path, console, sink).map_err(Error::Cpr)?;
-            log::info!("resumed from {}: guest pause {pause_us} us", path.display());
-            (m, pause_us)
+            let r = cpr::resume_from_file(&cfg, path, console, sink).map_err(Error::Cpr)?;
+            log::info!(
+                "resumed from {}: restore_us={} pause_us={}",
+                path.display(),
+                r.restore_us,
+                r.pause_us
+            );
+            (r.machine, r.pause_us)
         }
     };
     let mut lp = Loop {

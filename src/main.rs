@@ -11,6 +11,7 @@ mod control;
 mod cpr;
 mod devices;
 mod event_loop;
+mod kexec;
 mod layout;
 mod pci;
 mod terminal;
@@ -19,7 +20,7 @@ mod vm;
 
 use std::process::ExitCode;
 
-use args::{Command, CtlArgs, Molt, RunArgs};
+use args::{Command, CtlArgs, KexecArgs, Molt, RunArgs};
 use bus::GuestExit;
 use event_loop::Outcome;
 
@@ -46,6 +47,33 @@ fn main() -> ExitCode {
     match molt.command {
         Command::Run(a) => run(a),
         Command::Ctl(a) => ctl(a),
+        Command::Kexec(a) => kexec(a),
+        Command::State(a) => match cpr::inspect::summary(&a.path) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("molt: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn kexec(a: KexecArgs) -> ExitCode {
+    let cmdline = match a.cmdline {
+        Some(c) => c,
+        None => std::fs::read_to_string("/proc/cmdline")
+            .map(|c| c.trim_end().to_string())
+            .unwrap_or_default(),
+    };
+    match kexec::kexec(&a.kernel, a.initrd.as_deref(), &cmdline, !a.load_only) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("molt: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

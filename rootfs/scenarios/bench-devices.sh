@@ -1,6 +1,6 @@
 # bench-devices: virtio-blk and virtio-net throughput, molt against QEMU 7.2,
 # same guest kernel and initramfs, 1 vCPU, 512 MiB, one disk and one NIC each.
-# RUNS rounds (default 3); each round boots both VMMs, the order alternating
+# RUNS rounds (default 5); each round boots both VMMs, the order alternating
 # (molt first, then QEMU first, ...) so drift in the emulator hits both alike,
 # and measures in every boot:
 #   - sequential write and read, 1 MiB O_DIRECT requests (labio seqwrite/seqread)
@@ -19,10 +19,10 @@
 . /lab/lib/devices.sh
 . /lab/lib/qemu.sh
 
-RUNS=${RUNS:-3}
-SEQ_MIB=${SEQ_MIB:-64}
+RUNS=${RUNS:-5}
+SEQ_MIB=${SEQ_MIB:-128}
 RR_SECS=${RR_SECS:-10}
-TCP_MIB=${TCP_MIB:-64}
+TCP_MIB=${TCP_MIB:-128}
 IMG=/tmp/bench.img
 LOG=/run/guest.log
 METRICS="seqwrite seqread randread tcp_g2h tcp_h2g"

@@ -8,6 +8,7 @@
 //!    rebuild the machine around the same RAM (in place, or read back from the
 //!    file), `Machine::restore`, start the vCPUs (the pause ends).
 
+pub mod inspect;
 pub mod reboot;
 pub mod state;
 
@@ -79,14 +80,23 @@ pub fn save_to_file(machine: &Machine, path: &Path, ram_in_place: bool) -> Resul
     })
 }
 
-/// Reboot mode, step 2: resumes the machine saved in `path`. Returns it and the
-/// guest pause in µs (last vCPU stopped in the old process to now).
+/// What a successful resume reports.
+pub struct Resumed {
+    pub machine: Machine,
+    /// Reading the state and rebuilding the machine, in this process.
+    pub restore_us: u64,
+    /// Last vCPU stopped in the old process to the vCPUs running here.
+    pub pause_us: u64,
+}
+
+/// Reboot mode, step 2: resumes the machine saved in `path`.
 pub fn resume_from_file(
     cfg: &RunConfig,
     path: &Path,
     console: Output,
     exit: ExitSink,
-) -> Result<(Machine, u64), Error> {
+) -> Result<Resumed, Error> {
+    let start = Instant::now();
     let (state, mut rest) = reboot::load_state(path).map_err(Error::File)?;
     let saved = &state.machine.shape;
     if saved.mem_size != cfg.mem_size {
@@ -101,6 +111,9 @@ pub fn resume_from_file(
         reboot::load_ram(path, &mut rest, &ram).map_err(Error::File)?;
     }
     let machine = Machine::restore(cfg, ram, console, exit, &state.machine).map_err(Error::Vm)?;
-    let pause_us = realtime_ns().saturating_sub(state.stopped_at_ns) / 1000;
-    Ok((machine, pause_us))
+    Ok(Resumed {
+        machine,
+        restore_us: start.elapsed().as_micros() as u64,
+        pause_us: realtime_ns().saturating_sub(state.stopped_at_ns) / 1000,
+    })
 }

@@ -1,0 +1,60 @@
+//! `molt state PATH`: a human summary of a saved state, read-only.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use super::reboot;
+use super::state::RamLocation;
+use crate::vm::mac_str;
+use crate::vm::memory::ram_regions;
+
+/// Decodes the state in `path` (checking it as a restore would) and describes it.
+pub fn summary(path: &Path) -> Result<String, reboot::Error> {
+    let (s, _) = reboot::load_state(path)?;
+    let size = std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| reboot::Error::Io("stat", path.into(), e))?;
+    let m = &s.machine;
+    let mut out = String::new();
+    let _ = writeln!(out, "state:    {}", path.display());
+    let _ = writeln!(
+        out,
+        "format:   version {} (written by molt {})",
+        super::state::VERSION,
+        s.writer
+    );
+    let _ = writeln!(out, "size:     {size} bytes");
+    let _ = writeln!(out, "vcpus:    {}", m.shape.vcpus);
+    let _ = writeln!(out, "memory:   {} bytes", m.shape.mem_size);
+    for r in ram_regions(m.shape.mem_size) {
+        let _ = writeln!(
+            out,
+            "  region  guest {:#x}..{:#x} at file offset {:#x}",
+            r.guest_addr,
+            r.guest_addr + r.size,
+            r.file_offset
+        );
+    }
+    let ram = match s.ram {
+        RamLocation::InPlace => "in place (the --mem-file it was saved with)",
+        RamLocation::InStateFile => "in this file",
+    };
+    let _ = writeln!(out, "ram:      {ram}");
+    for (i, ro) in m.shape.disks.iter().enumerate() {
+        let mode = if *ro { "read-only" } else { "read-write" };
+        let _ = writeln!(out, "disk {i}:   virtio-blk, {mode}");
+    }
+    for (i, mac) in m.shape.nets.iter().enumerate() {
+        let _ = writeln!(out, "nic {i}:    virtio-net, mac {}", mac_str(mac));
+    }
+    for (i, d) in m.virtio.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "device {i}: status {:#04x}, features {:#x}, {}",
+            d.status,
+            d.driver_features,
+            if d.active { "running" } else { "not started" }
+        );
+    }
+    Ok(out)
+}
