@@ -306,6 +306,10 @@ impl Loop {
             }
             self.watching.push(vec![false; extra.len()]);
         }
+        for d in 0..self.machine.virtio.len() {
+            lock(&self.machine.virtio[d]).kick_all();
+            self.sync_interest(d);
+        }
         Ok(())
     }
 
@@ -318,14 +322,21 @@ impl Loop {
         let Some(shared) = self.machine.virtio.get(d) else {
             return;
         };
-        let mut dev = lock(shared);
-        if kind == VIRTIO_QUEUE {
-            dev.queue_notify(index);
-        } else {
-            dev.device_mut().extra_fd_ready(index);
+        {
+            let mut dev = lock(shared);
+            if kind == VIRTIO_QUEUE {
+                dev.queue_notify(index);
+            } else {
+                dev.device_mut().extra_fd_ready(index);
+            }
         }
-        // Input is watched only while the device can take it: no busy loop on a
-        // tap whose guest posted no receive buffers.
+        self.sync_interest(d);
+    }
+
+    /// Input is watched only while the device can take it: no busy loop on a
+    /// tap whose guest posted no receive buffers.
+    fn sync_interest(&mut self, d: usize) {
+        let dev = lock(&self.machine.virtio[d]);
         let fds = dev.device().extra_fds();
         for (n, fd) in fds.iter().enumerate() {
             let want = dev.device().extra_fd_wanted(n);

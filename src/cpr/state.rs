@@ -163,3 +163,94 @@ fn validate(s: &CprState) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::Allocator;
+    use crate::vm::{MachineState, Shape};
+
+    fn sample() -> CprState {
+        let mut vcpus = heapless::Vec::new();
+        vcpus.push(Box::default()).unwrap();
+        CprState {
+            writer: heapless::String::try_from("test").unwrap(),
+            ram: RamLocation::InStateFile,
+            stopped_at_ns: 42,
+            machine: MachineState {
+                shape: Shape {
+                    vcpus: 1,
+                    mem_size: 64 << 20,
+                    disks: heapless::Vec::new(),
+                    nets: heapless::Vec::new(),
+                },
+                vcpus,
+                vm: Default::default(),
+                serial: Default::default(),
+                allocator: Allocator::new(),
+                virtio: heapless::Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = sample();
+        let bytes = encode(&s).unwrap();
+        assert_eq!(&bytes[..8], b"MOLTCPR\0");
+        assert_eq!(decode(&bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn damage_is_named() {
+        let bytes = encode(&sample()).unwrap();
+        assert_eq!(decode(&bytes[..10]), Err(Error::Truncated(10)));
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(Error::Truncated(1))
+        ));
+        let mut magic = bytes.clone();
+        magic[0] ^= 1;
+        assert_eq!(decode(&magic), Err(Error::BadMagic));
+        let mut version = bytes.clone();
+        version[8] = 2;
+        assert_eq!(decode(&version), Err(Error::UnknownVersion(2)));
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x10;
+        assert!(matches!(decode(&flipped), Err(Error::Checksum { .. })));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(decode(&long), Err(Error::TrailingBytes(1)));
+        let mut huge = bytes.clone();
+        huge[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&huge), Err(Error::TooLarge(_))));
+    }
+
+    #[test]
+    fn parts_must_agree_with_the_shape() {
+        let mut s = sample();
+        s.machine.shape.vcpus = 2;
+        let bytes = encode(&s).unwrap();
+        assert!(matches!(decode(&bytes), Err(Error::Invalid(_))));
+        let mut s = sample();
+        s.machine.shape.mem_size = 1000;
+        assert!(matches!(
+            decode(&encode(&s).unwrap()),
+            Err(Error::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn shape_differences_are_listed() {
+        let a = sample().machine.shape;
+        let mut b = a.clone();
+        b.vcpus = 4;
+        b.nets.push([0x52, 0x54, 0, 0, 0, 1]).unwrap();
+        let d = b.differences(&a);
+        assert_eq!(d.len(), 2);
+        assert!(d[0].contains("saved 1, now 4"));
+        assert!(d[1].contains("52:54:00:00:00:01"));
+        assert!(a.differences(&a).is_empty());
+    }
+}

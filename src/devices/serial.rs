@@ -68,7 +68,11 @@ impl Serial {
     }
 
     /// Rebuilds the UART from saved registers; a pending interrupt is raised again.
-    pub fn from_state(s: &SerialStateV1, irq: Option<EventFd>, out: Output) -> Self {
+    pub fn from_state(
+        s: &SerialStateV1,
+        irq: Option<EventFd>,
+        out: Output,
+    ) -> Result<Self, String> {
         let state = SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -81,12 +85,9 @@ impl Serial {
             scratch: s.scratch,
             in_buffer: s.in_buffer.to_vec(),
         };
-        // The FIFO bound is the type's, so from_state cannot refuse the buffer;
-        // a failed interrupt write only loses a wake-up the guest polls for anyway.
-        match vm_superio::Serial::from_state(&state, IrqLine(irq), NoEvents, out) {
-            Ok(s) => Serial(s),
-            Err(e) => panic!("UART state within bounds was refused: {e:?}"),
-        }
+        vm_superio::Serial::from_state(&state, IrqLine(irq), NoEvents, out)
+            .map(Serial)
+            .map_err(|e| format!("UART state refused: {e:?}"))
     }
 
     pub fn state(&self) -> SerialStateV1 {
@@ -165,7 +166,7 @@ mod tests {
         s.write(7, 0x5a);
         s.enqueue(b"abc");
         let st = s.state();
-        let mut r = Serial::from_state(&st, None, Output::Sink);
+        let mut r = Serial::from_state(&st, None, Output::Sink).unwrap();
         assert_eq!(r.state(), st);
         assert_eq!(r.read(7), 0x5a);
         assert_eq!(r.read(DATA), b'a');

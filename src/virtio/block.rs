@@ -253,6 +253,13 @@ impl VirtioDevice for Block {
         });
     }
 
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.disk.read_only {
+            return Ok(());
+        }
+        self.disk.file.sync_data()
+    }
+
     fn queue_states(&self) -> Vec<QueueStateV1> {
         self.active.iter().map(|a| (&a.queue).into()).collect()
     }

@@ -127,6 +127,10 @@ pub trait VirtioDevice: Send {
     fn extra_fd_ready(&mut self, _n: usize) {}
     /// Device reset (status written 0): drop the queues and any pending work.
     fn reset(&mut self);
+    /// Makes completed work durable before a save (a disk's writes reach it).
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// The live queues, for saving; empty before activation. Everything else a
     /// device needs to resume comes from argv and the transport's saved state.
     fn queue_states(&self) -> Vec<QueueStateV1>;

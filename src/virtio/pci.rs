@@ -226,6 +226,23 @@ impl VirtioPci {
         }
     }
 
+    /// Before a save: serves every notification still pending (so requests the
+    /// guest already submitted complete now, not never) and flushes the device.
+    pub fn quiesce(&mut self) -> std::io::Result<()> {
+        for q in 0..self.queues.len() {
+            self.queue_notify(q);
+        }
+        self.device.flush()
+    }
+
+    /// After a restore or at start: serves any queue whose kick was lost with the
+    /// old process (a kick is an edge; the work it announced is still there).
+    pub fn kick_all(&mut self) {
+        for q in 0..self.queues.len() {
+            self.queue_notify(q);
+        }
+    }
+
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
     }

@@ -183,7 +183,7 @@ impl MsiRouter for GsiRoutes {
 }
 
 /// The VM-wide interrupt controllers and clocks, saved for CPR.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VmState {
     pub pic_master: Pod<kvm_irqchip>,
     pub pic_slave: Pod<kvm_irqchip>,

@@ -43,6 +43,7 @@ pub enum Error {
     Vcpu(vcpu::Error),
     Devices(devices::Error),
     Mismatch(String),
+    Quiesce(usize, std::io::Error),
 }
 
 impl fmt::Display for Error {
@@ -54,6 +55,7 @@ impl fmt::Display for Error {
             Error::Vcpu(e) => e.fmt(f),
             Error::Devices(e) => e.fmt(f),
             Error::Mismatch(why) => write!(f, "state does not fit this machine: {why}"),
+            Error::Quiesce(i, e) => write!(f, "device {i} cannot flush before saving: {e}"),
         }
     }
 }
@@ -159,7 +161,7 @@ impl Parts {
         let (pci, virtio, allocator) =
             devices::build(cfg, &vm, &ram.memory, &routes).map_err(Error::Devices)?;
         let serial = match serial {
-            Some(s) => Serial::from_state(s, Some(serial_irq), console),
+            Some(s) => Serial::from_state(s, Some(serial_irq), console).map_err(Error::Mismatch)?,
             None => Serial::new(Some(serial_irq), console),
         };
         let bus = Arc::new(Bus {
@@ -288,6 +290,11 @@ impl Machine {
     /// the event loop, which is busy here), then saved; then the VM (irqchip,
     /// PIT, clock); then the vCPUs, each on its own thread.
     pub fn save(&self) -> Result<MachineState, Error> {
+        for (i, d) in self.virtio.iter().enumerate() {
+            crate::pci::lock(d)
+                .quiesce()
+                .map_err(|e| Error::Quiesce(i, e))?;
+        }
         let virtio = self
             .virtio
             .iter()

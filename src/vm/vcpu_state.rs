@@ -64,7 +64,7 @@ pub struct MsrEntry {
 }
 
 /// Version 1 of a vCPU's saved state. Frozen: a change makes a new version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VcpuState {
     /// The CPUID the guest booted with, kept so it never changes under it (a
     /// new host kernel may offer a different list).
