@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the L3 guest initramfs: static busybox, /init (rootfs/guest/init), the
-# virtio modules with their dependencies, from the lab kernel package, and the
-# labio helper (rootfs/tools/labio.c) for the device scenarios.
+# virtio modules with their dependencies, from the lab kernel package, the
+# labio helper (rootfs/tools/labio.c) for the device scenarios, and the
+# live-update workload (rootfs/guest/workload with labcpr.c and labtcp.c).
 # Usage: rootfs/build-guest.sh OUT.cpio.gz
 set -euo pipefail
 [[ $# -eq 1 ]] || { echo "usage: $0 OUT.cpio.gz" >&2; exit 2; }
@@ -20,5 +21,8 @@ install -m 755 "$ROOTFS_DIR/guest/init" "$root/init"
 ir_modules "$root" virtio_pci virtio_blk virtio_net ext4
 # /usr/bin: on the kernel's default PATH for init.
 gcc -static -O2 -o "$root/usr/bin/labio" "$ROOTFS_DIR/tools/labio.c"
+gcc -static -O2 -o "$root/usr/bin/labcpr" "$ROOTFS_DIR/tools/labcpr.c"
+gcc -static -O2 -o "$root/usr/bin/labtcp" "$ROOTFS_DIR/tools/labtcp.c"
+install -m 755 "$ROOTFS_DIR/guest/workload" "$root/usr/bin/workload"
 ir_pack "$root" "$out"
 echo "guest initramfs: $out ($(du -h "$out" | cut -f1))"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the L2 lab host initramfs: static busybox, /init (rootfs/host/init),
 # kvm_amd / tun / loop / vfio / nvdimm modules, and under /lab/: molt, the guest
-# kernel and initramfs, the scenarios and the labtime and labio helpers.
+# kernel and initramfs, the scenarios, the labtime, labio, labcpr and labtcp
+# helpers and molt-upgrade.
 # Usage: rootfs/build-host.sh OUT.cpio.gz
 # Environment:
 #   MOLT_BIN            molt binary (default: the static release build)
@@ -41,6 +42,11 @@ fi
 gcc -static -O2 -o "$root/lab/bin/labtime" "$ROOTFS_DIR/tools/labtime.c"
 # TCP transfers and O_DIRECT disk timing (the guest image has it too).
 gcc -static -O2 -o "$root/lab/bin/labio" "$ROOTFS_DIR/tools/labio.c"
+# Live update: stamping and checking the guest's workload, the TCP peer, and
+# the host-kernel update script (scripts/molt-upgrade.sh).
+gcc -static -O2 -o "$root/lab/bin/labcpr" "$ROOTFS_DIR/tools/labcpr.c"
+gcc -static -O2 -o "$root/lab/bin/labtcp" "$ROOTFS_DIR/tools/labtcp.c"
+install -m 755 "$REPO_DIR/scripts/molt-upgrade.sh" "$root/lab/bin/molt-upgrade"
 
 cp "$MOLT_LAB_VMLINUZ" "$root/lab/vmlinuz"
 if [[ -n ${MOLT_GUEST_INITRD:-} ]]; then

@@ -21,7 +21,14 @@ pub enum Command {
     Ctl(CtlArgs),
     Kexec(KexecArgs),
     State(StateArgs),
+    Version(VersionArgs),
 }
+
+#[derive(FromArgs, Debug)]
+/// Print the version and the state formats this binary reads (cpr-exec checks
+/// a new binary with it before handing the guest over).
+#[argh(subcommand, name = "version")]
+pub struct VersionArgs {}
 
 #[derive(FromArgs, Debug)]
 /// Boot another host kernel in place (kexec_file_load + reboot).
@@ -128,15 +135,23 @@ fn parse_serial(s: &str) -> Result<SerialConfig, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
     File(PathBuf),
+    /// Exec mode: the sealed memfd holding the state (set by the old image).
+    Fd(i32),
 }
 
 fn parse_incoming(s: &str) -> Result<Incoming, String> {
     match s.split_once(':') {
         Some(("file", p)) if !p.is_empty() => Ok(Incoming::File(PathBuf::from(p))),
-        Some(("fd" | "unix", _)) => Err(format!(
-            "'{s}': exec and transfer modes are not in this release; use file:PATH"
+        Some(("fd", n)) => n
+            .parse::<i32>()
+            .ok()
+            .filter(|&fd| fd > 2)
+            .map(Incoming::Fd)
+            .ok_or_else(|| format!("'{n}' is not a descriptor number above 2")),
+        Some(("unix", _)) => Err(format!(
+            "'{s}': transfer mode is not in this release; use file:PATH or fd:N"
         )),
-        _ => Err(format!("expected file:PATH, got '{s}'")),
+        _ => Err(format!("expected file:PATH or fd:N, got '{s}'")),
     }
 }
 

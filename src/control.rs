@@ -21,9 +21,15 @@ pub enum Command {
     Quit,
     /// Reboot mode: save to this path and exit.
     CprSave(PathBuf),
+    /// Exec mode: exec this binary (default: molt's own) with these arguments
+    /// (default: the original ones).
+    CprExec {
+        binary: Option<PathBuf>,
+        args: Vec<String>,
+    },
 }
 
-const COMMANDS: &str = "status, pause, resume, quit, cpr-save";
+const COMMANDS: &str = "status, pause, resume, quit, cpr-save, cpr-exec";
 
 /// Parses one line (without its newline) into a command, or the error reply text.
 pub fn parse(line: &str) -> Result<Command, String> {
@@ -38,6 +44,11 @@ pub fn parse(line: &str) -> Result<Command, String> {
             return Err("cpr-save needs a PATH".into());
         }
         return Ok(Command::CprSave(PathBuf::from(path)));
+    }
+    if name == "cpr-exec" {
+        let binary = words.next().map(PathBuf::from);
+        let args = words.map(String::from).collect();
+        return Ok(Command::CprExec { binary, args });
     }
     let cmd = match name {
         "status" => Command::Status,
@@ -225,6 +236,20 @@ mod tests {
             Ok(Command::CprSave("/run/my state".into()))
         );
         assert!(parse("cpr-save").unwrap_err().contains("PATH"));
+        assert_eq!(
+            parse("cpr-exec"),
+            Ok(Command::CprExec {
+                binary: None,
+                args: vec![]
+            })
+        );
+        assert_eq!(
+            parse("cpr-exec /usr/bin/molt run --cpus 2"),
+            Ok(Command::CprExec {
+                binary: Some("/usr/bin/molt".into()),
+                args: vec!["run".into(), "--cpus".into(), "2".into()]
+            })
+        );
     }
 
     #[test]

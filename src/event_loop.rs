@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -75,12 +75,25 @@ pub const VERSION: &str = match option_env!("MOLT_BUILD_VERSION") {
 /// Boots the guest described by `cfg` and serves it until it ends.
 pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     let console = open_console(&cfg.serial)?;
-    let listener = cfg
-        .control
-        .as_deref()
-        .map(control::bind)
-        .transpose()
-        .map_err(Error::Control)?;
+    // An exec hands over the control socket (and the client that asked).
+    let mut exec_in = match cfg.incoming {
+        Some(Incoming::Fd(fd)) => Some(cpr::receive_exec(&cfg, fd).map_err(Error::Cpr)?),
+        _ => None,
+    };
+    let listener = match exec_in.as_mut().and_then(cpr::ExecIncoming::take_listener) {
+        Some(fd) => {
+            let l = UnixListener::from(fd);
+            l.set_nonblocking(true)
+                .map_err(|e| Error::Setup("control socket", e))?;
+            Some(l)
+        }
+        None => cfg
+            .control
+            .as_deref()
+            .map(control::bind)
+            .transpose()
+            .map_err(Error::Control)?,
+    };
     // Whatever happens from here on, the socket file goes with this process.
     let _socket_file = cfg.control.clone().map(RemoveOnDrop);
     // Blocked before any thread starts, so only the signalfd ever sees them.
@@ -104,8 +117,39 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         SerialConfig::Stdio => RawMode::enter(),
         _ => None,
     };
+    let mut greeting = None;
     let (machine, last_pause_us) = match &cfg.incoming {
         None => (Machine::boot(&cfg, console, sink).map_err(Error::Vm)?, 0),
+        Some(Incoming::Fd(_)) => {
+            let inc = exec_in.as_mut().expect("received above");
+            match cpr::resume_exec(inc, &cfg, console, sink) {
+                Ok((r, client)) => {
+                    let reply = match inc.failure() {
+                        None => format!(
+                            "ok resumed mode=exec pause_us={} version={VERSION}",
+                            r.pause_us
+                        ),
+                        Some(why) => format!(
+                            "error: cpr-exec: the new binary could not resume the guest ({why}); \
+                             it runs on the previous binary"
+                        ),
+                    };
+                    log::info!(
+                        "resumed after exec: restore_us={} pause_us={}",
+                        r.restore_us,
+                        r.pause_us
+                    );
+                    greeting = client.map(|c| (c, reply));
+                    (r.machine, r.pause_us)
+                }
+                Err(e) if inc.failure().is_none() => {
+                    log::error!("cannot resume after exec ({e}): rolling back");
+                    drop(raw);
+                    return Err(Error::Cpr(cpr::rollback(inc, &e.to_string())));
+                }
+                Err(e) => return Err(Error::Cpr(e)),
+            }
+        }
         Some(Incoming::File(path)) => {
             let r = cpr::resume_from_file(&cfg, path, console, sink).map_err(Error::Cpr)?;
             log::info!(
@@ -128,6 +172,10 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         last_pause_us,
         ram_in_place: cfg.mem_file.is_some(),
         watching: Vec::new(),
+        raw,
+        stdio_console: cfg.serial == SerialConfig::Stdio,
+        exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+        argv: std::env::args().collect(),
     };
     lp.watch_devices()?;
     lp.add(exit_evt.as_raw_fd(), TOKEN_EXIT)?;
@@ -138,9 +186,12 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     // /dev/null and regular files cannot be polled (EPERM): then there is no input.
     lp.stdin_open =
         cfg.serial == SerialConfig::Stdio && lp.add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+    if let Some((fd, reply)) = greeting {
+        lp.adopt_client(UnixStream::from(fd), &reply);
+    }
     let outcome = lp.serve(&signals, &exit_reason);
     let stopped = lp.machine.vcpus.stop();
-    drop(raw);
+    drop(lp.raw.take());
     if let Err(e) = stopped {
         log::warn!("{e}");
     }
@@ -214,6 +265,11 @@ struct Loop {
     ram_in_place: bool,
     /// Per virtio device, whether each of its extra fds is watched for input.
     watching: Vec<Vec<bool>>,
+    raw: Option<RawMode>,
+    stdio_console: bool,
+    /// This binary and its argv, for cpr-exec's defaults.
+    exe: PathBuf,
+    argv: Vec<String>,
 }
 
 enum Next {
@@ -409,28 +465,40 @@ impl Loop {
         let Some(listener) = &self.listener else {
             return;
         };
+        let mut accepted = Vec::new();
         while let Ok((stream, _)) = listener.accept() {
-            let Ok(mut client) = Client::new(stream) else {
-                continue;
-            };
-            let slot = self.clients.iter().position(Option::is_none);
-            let slot = match slot {
-                Some(s) => s,
-                None if self.clients.len() < MAX_CLIENTS => {
-                    self.clients.push(None);
-                    self.clients.len() - 1
-                }
-                None => {
-                    let _ = client.reply("error: too many control connections");
-                    continue;
-                }
-            };
-            if self
-                .add(client.stream.as_raw_fd(), TOKEN_CLIENT + slot as u64)
-                .is_ok()
-            {
-                self.clients[slot] = Some(client);
+            accepted.push(stream);
+        }
+        for stream in accepted {
+            self.adopt_client(stream, "");
+        }
+    }
+
+    /// Serves a new client connection; `greeting`, if any, is sent first.
+    fn adopt_client(&mut self, stream: UnixStream, greeting: &str) {
+        let Ok(mut client) = Client::new(stream) else {
+            return;
+        };
+        if !greeting.is_empty() && client.reply(greeting).is_err() {
+            return;
+        }
+        let slot = self.clients.iter().position(Option::is_none);
+        let slot = match slot {
+            Some(s) => s,
+            None if self.clients.len() < MAX_CLIENTS => {
+                self.clients.push(None);
+                self.clients.len() - 1
             }
+            None => {
+                let _ = client.reply("error: too many control connections");
+                return;
+            }
+        };
+        if self
+            .add(client.stream.as_raw_fd(), TOKEN_CLIENT + slot as u64)
+            .is_ok()
+        {
+            self.clients[slot] = Some(client);
         }
     }
 
@@ -451,7 +519,7 @@ impl Loop {
                     None,
                 ),
                 Line::Text(text) => match control::parse(&text) {
-                    Ok(cmd) => self.execute(cmd),
+                    Ok(cmd) => self.execute(cmd, slot),
                     Err(why) => (format!("error: {why}"), None),
                 },
             };
@@ -475,7 +543,7 @@ impl Loop {
     }
 
     /// Carries out one command: the reply line, and whether molt must stop.
-    fn execute(&mut self, cmd: Command) -> (String, Option<Outcome>) {
+    fn execute(&mut self, cmd: Command, slot: usize) -> (String, Option<Outcome>) {
         match cmd {
             Command::Status => (self.status(), None),
             Command::Pause => {
@@ -505,6 +573,7 @@ impl Loop {
             }
             Command::Quit => ("ok".into(), Some(Outcome::Quit)),
             Command::CprSave(path) => self.cpr_save(&path),
+            Command::CprExec { binary, args } => self.cpr_exec(slot, binary, args),
         }
     }
 
@@ -541,6 +610,48 @@ impl Loop {
                 (format!("error: cpr-save: {e}"), None)
             }
         }
+    }
+
+    /// Exec mode, step 1. Returns only if the exec did not happen; the guest then
+    /// runs on here, unchanged.
+    fn cpr_exec(
+        &mut self,
+        slot: usize,
+        binary: Option<PathBuf>,
+        args: Vec<String>,
+    ) -> (String, Option<Outcome>) {
+        let binary = binary.unwrap_or_else(|| self.exe.clone());
+        if let Err(e) = cpr::probe(&binary) {
+            return (format!("error: cpr-exec: {e}"), None);
+        }
+        let argv: Vec<String> = if args.is_empty() {
+            self.argv.clone()
+        } else {
+            self.argv.iter().take(1).cloned().chain(args).collect()
+        };
+        let Some(Some(client)) = self.clients.get(slot) else {
+            return ("error: cpr-exec: no client".into(), None);
+        };
+        let client_fd = client.stream.as_raw_fd();
+        let was_paused = self.paused;
+        if !was_paused {
+            if let Err(e) = self.machine.vcpus.pause() {
+                self.machine.vcpus.resume();
+                return (format!("error: cpr-exec: cannot pause: {e}"), None);
+            }
+        }
+        // The terminal goes back to how the user had it; the new image sets it up.
+        drop(self.raw.take());
+        let listener = self.listener.as_ref().map(|l| l.as_raw_fd());
+        let err = cpr::exec_out(&self.machine, &binary, &argv, listener, client_fd);
+        if self.stdio_console {
+            self.raw = RawMode::enter();
+        }
+        if !was_paused {
+            self.machine.vcpus.resume();
+        }
+        log::warn!("cpr-exec failed, guest resumed: {err}");
+        (format!("error: cpr-exec: {err}"), None)
     }
 
     fn status(&self) -> String {

@@ -48,6 +48,10 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Ctl(a) => ctl(a),
         Command::Kexec(a) => kexec(a),
+        Command::Version(_) => {
+            println!("{}", cpr::version_line());
+            ExitCode::SUCCESS
+        }
         Command::State(a) => match cpr::inspect::summary(&a.path) {
             Ok(text) => {
                 print!("{text}");

@@ -1,9 +1,975 @@
+//! Reboot-mode live update (SPEC.md "The three CPR modes": reboot; "State
+//! compatibility"; "Pause time"), run directly on this machine's `/dev/kvm` with
+//! the counting guest of `common::guest`: `molt ctl SOCK cpr-save PATH` ends one
+//! `molt run`, and a second one with the same arguments plus
+//! `--incoming file:PATH` resumes the guest.
+//!
+//! The guest's serial file is appended to by every process it lives in, so "the
+//! guest continued" is one check over the whole file: the start line exactly once,
+//! then counts stepping by exactly `COUNT_STEP` (nothing lost, repeated or
+//! restarted). A refused state must leave the file byte-identical and start no
+//! guest; a failed save must leave the guest counting and nothing at PATH.
+//!
+//! No timing is asserted (tests run in parallel on 2 cores); `scripts/bench-cpr.sh`
+//! measures. Without `/dev/kvm` every test fails with the reason, unless
+//! MOLT_ALLOW_NO_KVM=1. The read-only and full filesystems are tmpfs mounts (this
+//! needs root): if mounting is impossible the test fails with the reason, unless
+//! MOLT_ALLOW_NO_MOUNT=1.
+
 mod common;
-use common::guest::counting_guest;
+
+use common::guest::{counting_guest, write_guest, COUNT_STEP};
+use common::{
+    assert_one_continuous_run, ctl, field, kvm_available, molt, wait_for_control, wait_for_counts,
+    wait_until, Molt, Serial, TempDir, TIMEOUT,
+};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Guest RAM of every test but the golden one, and what `status` reports for it.
+const MEM_ARG: &str = "64M";
+const MEM_BYTES: u64 = 64 << 20;
+
+/// The state file's layout (src/cpr/state.rs, src/cpr/reboot.rs), which the
+/// corruption tests aim at: a 20-byte header - magic (8), version (u32 LE), payload
+/// length (u32 LE), CRC32 of the payload - then the payload; then, when RAM is in
+/// the file, the RAM section: "MOLTRAM\0", records of (offset u64, len u64, bytes),
+/// an end record, and a CRC32.
+const HEADER_LEN: usize = 20;
+const VERSION_AT: usize = 8;
+const LEN_AT: usize = 12;
+const CRC_AT: usize = 16;
+const RAM_MAGIC_LEN: usize = 8;
+const RAM_RECORD_HEAD: usize = 16;
+
+/// The golden files, committed once and never regenerated (see `golden_*`).
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+}
+
+/// A file removed when dropped (guest RAM in /dev/shm outlives molt by design).
+struct RemoveFile(PathBuf);
+
+impl Drop for RemoveFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// A path under /dev/shm for `--mem-file`, removed when dropped.
+fn shm_file(tag: &str) -> RemoveFile {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    RemoveFile(PathBuf::from(format!(
+        "/dev/shm/molt-cpr-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )))
+}
+
+/// One counting guest across the molt processes it lives in: its directory,
+/// serial file, control socket and `molt run` arguments.
+struct Guest {
+    dir: TempDir,
+    serial: PathBuf,
+    sock: PathBuf,
+    /// `molt run` arguments as (flag, value) pairs, in order.
+    base: Vec<(String, String)>,
+    /// Processes started so far: process N logs to `dir/runN.stderr`.
+    runs: usize,
+    /// Declared last: dropped after every `Molt` a test holds (locals drop first).
+    _mem_file: Option<RemoveFile>,
+}
+
+impl Guest {
+    /// The counting guest with 1 vCPU, `MEM_ARG` of RAM, serial to a file and a
+    /// control socket; `opts` replaces or adds (flag, value) pairs.
+    fn new(tag: &str, opts: &[(&str, &str)]) -> Guest {
+        Guest::with_mem_file(tag, opts, None)
+    }
+
+    /// Like `new`, with RAM in a file on /dev/shm that outlives molt.
+    fn in_shm(tag: &str, opts: &[(&str, &str)]) -> Guest {
+        let file = shm_file(tag);
+        let path = file.0.to_str().expect("utf-8").to_string();
+        let mut opts = opts.to_vec();
+        opts.push(("--mem-file", &path));
+        Guest::with_mem_file(tag, &opts, Some(file))
+    }
+
+    fn with_mem_file(tag: &str, opts: &[(&str, &str)], mem_file: Option<RemoveFile>) -> Guest {
+        let dir = TempDir::new(tag);
+        let kernel = write_guest(dir.path(), "counting.elf", &counting_guest());
+        let serial = dir.join("serial.out");
+        let sock = dir.join("ctl.sock");
+        let mut g = Guest {
+            base: Vec::new(),
+            serial,
+            sock,
+            dir,
+            runs: 0,
+            _mem_file: mem_file,
+        };
+        g.base = g.args(&[
+            ("--kernel", kernel.to_str().expect("utf-8")),
+            ("--mem", MEM_ARG),
+            ("--serial", &format!("file:{}", g.serial.display())),
+            ("--control", g.sock.to_str().expect("utf-8")),
+        ]);
+        g.base = g.args(opts);
+        g
+    }
+
+    /// The base arguments with `overrides` applied: a flag already there gets the
+    /// new value (or is dropped if the value is empty), others are appended.
+    fn args(&self, overrides: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut args = self.base.clone();
+        for (flag, value) in overrides {
+            match args.iter().position(|(f, _)| f == flag) {
+                Some(i) if value.is_empty() => {
+                    args.remove(i);
+                }
+                Some(i) => args[i].1 = value.to_string(),
+                None => args.push((flag.to_string(), value.to_string())),
+            }
+        }
+        args
+    }
+
+    /// Starts `molt run` with `overrides`, not waiting for anything.
+    fn spawn(&mut self, overrides: &[(&str, &str)]) -> Molt {
+        let args = self.args(overrides);
+        let argv: Vec<&str> = args
+            .iter()
+            .flat_map(|(f, v)| [f.as_str(), v.as_str()])
+            .collect();
+        self.runs += 1;
+        Molt::spawn_named(
+            &self.dir,
+            &format!("run{}", self.runs),
+            &argv,
+            Stdio::null(),
+        )
+    }
+
+    /// Boots the guest and waits for the control socket.
+    fn boot(&mut self) -> Molt {
+        let mut m = self.spawn(&[]);
+        wait_for_control(&mut m, &self.sock);
+        m
+    }
+
+    /// Resumes the guest saved in `state` and waits for the control socket.
+    fn resume(&mut self, state: &Path) -> Molt {
+        let incoming = format!("file:{}", state.display());
+        let mut m = self.spawn(&[("--incoming", &incoming)]);
+        wait_for_control(&mut m, &self.sock);
+        m
+    }
+
+    fn read_serial(&self) -> Serial {
+        Serial::read(&self.serial)
+    }
+
+    /// Waits until the serial file has `more` count lines beyond what it has now.
+    fn more_counts(&self, molt: &mut Molt, more: usize) -> Serial {
+        let n = self.read_serial().counts().len();
+        wait_for_counts(molt, &self.serial, n + more)
+    }
+
+    fn ctl(&self, command: &[&str]) -> String {
+        ctl(&self.sock, command)
+    }
+
+    /// `cpr-save state`, which must succeed and end `molt` with status 0.
+    /// Returns the reply.
+    fn save(&self, molt: &mut Molt, state: &Path) -> String {
+        let reply = self.ctl(&["cpr-save", state.to_str().expect("utf-8")]);
+        assert!(
+            reply.starts_with("ok saved "),
+            "cpr-save {} replied {reply:?}; stderr:\n{}",
+            state.display(),
+            molt.stderr()
+        );
+        let exit = molt.wait_exit(TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "molt still running {TIMEOUT:?} after `{reply}`; stderr:\n{}",
+                molt.stderr()
+            )
+        });
+        assert!(
+            exit.success(),
+            "molt exited with {exit} after `{reply}`; stderr:\n{}",
+            molt.stderr()
+        );
+        reply
+    }
+
+    /// Starts a restore from `state` (with `overrides`) that must be refused. Its
+    /// serial output goes to a file of its own, so any byte there means a guest
+    /// ran. Returns the problems found, empty if it was refused as it should be:
+    /// exit status 1, stderr naming one of `words`, the file byte-identical, no
+    /// guest output, molt gone within `TIMEOUT`.
+    fn refused(
+        &mut self,
+        what: &str,
+        state: &Path,
+        overrides: &[(&str, &str)],
+        words: &[&str],
+    ) -> Vec<String> {
+        let before = fs::read(state).expect("read state file");
+        let serial = self.dir.join(&format!("refused{}.out", self.runs + 1));
+        let sock = self.dir.join(&format!("refused{}.sock", self.runs + 1));
+        let incoming = format!("file:{}", state.display());
+        let serial_arg = format!("file:{}", serial.display());
+        let mut all = vec![
+            ("--incoming", incoming.as_str()),
+            ("--serial", serial_arg.as_str()),
+            ("--control", sock.to_str().expect("utf-8")),
+        ];
+        all.extend_from_slice(overrides);
+        let mut m = self.spawn(&all);
+        let guest_ran = || fs::metadata(&serial).is_ok_and(|m| m.len() > 0);
+        let exit = wait_until(TIMEOUT, || {
+            if guest_ran() {
+                return Some(None);
+            }
+            m.child.try_wait().expect("try_wait").map(Some)
+        })
+        .flatten();
+        let stderr = m.stderr();
+        let mut problems = Vec::new();
+        match exit {
+            Some(s) if s.code() == Some(1) => {}
+            Some(s) => problems.push(format!("{what}: restore exited with {s}, want 1")),
+            None if guest_ran() => problems.push(format!(
+                "{what}: the restore was accepted and the guest ran: {:?}",
+                Serial::read(&serial).lines
+            )),
+            None => problems.push(format!("{what}: molt still running after {TIMEOUT:?}")),
+        }
+        drop(m);
+        if guest_ran() {
+            problems.push(format!(
+                "{what}: the guest wrote to the console: {:?}",
+                String::from_utf8_lossy(&fs::read(&serial).unwrap_or_default())
+            ));
+        }
+        let lower = stderr.to_lowercase();
+        if !words.iter().any(|w| lower.contains(&w.to_lowercase())) {
+            problems.push(format!(
+                "{what}: stderr should name the problem ({words:?}): {stderr:?}"
+            ));
+        }
+        if fs::read(state).ok() != Some(before) {
+            problems.push(format!("{what}: the state file changed"));
+        }
+        problems
+    }
+}
+
+/// `molt state PATH` must fail with status 1 and name one of `words` on stderr.
+fn state_refused(what: &str, path: &Path, words: &[&str]) -> Vec<String> {
+    let out = molt(&["state", path.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    let mut problems = Vec::new();
+    if out.status.code() != Some(1) {
+        problems.push(format!(
+            "{what}: `molt state` exited with {}, want 1; stdout {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        ));
+    }
+    if !words.iter().any(|w| stderr.contains(&w.to_lowercase())) {
+        problems.push(format!(
+            "{what}: `molt state` stderr should name the problem ({words:?}): {stderr:?}"
+        ));
+    }
+    problems
+}
+
+/// `molt state PATH` output, which must succeed.
+fn state_summary(path: &Path) -> String {
+    let out = molt(&["state", path.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "molt state {} failed ({}): {}",
+        path.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_no_problems(problems: &[String]) {
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n  {}",
+        problems.len(),
+        problems.join("\n  ")
+    );
+}
+
+fn tmp_of(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+/// The numeric `key=value` field of a reply or log line.
+fn number(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key}= in {line:?}"))
+}
+
+/// Checks a successful save: the reply's fields, the file's size and mode 0600,
+/// no temporary file left behind.
+fn check_saved(reply: &str, state: &Path) {
+    assert_eq!(
+        field(reply, "path"),
+        state.to_str(),
+        "cpr-save reply {reply:?}"
+    );
+    number(reply, "save_us");
+    let meta = fs::metadata(state).unwrap_or_else(|e| panic!("stat {}: {e}", state.display()));
+    assert_eq!(number(reply, "bytes"), meta.len(), "reply {reply:?}");
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "state file mode is {:o}",
+        meta.permissions().mode() & 0o777
+    );
+    assert!(
+        !tmp_of(state).exists(),
+        "{} left behind",
+        tmp_of(state).display()
+    );
+}
+
+/// After a resume: the guest is one continuous run across all processes so far,
+/// continuing above `last_before`; `status` shows the shape and a pause; the log
+/// has the restore line with the same pause.
+fn check_resumed(g: &Guest, molt: &mut Molt, state: &Path, last_before: u32, vcpus: u32) {
+    let serial = g.more_counts(molt, 3);
+    let counts = serial.counts();
+    let first_after = counts
+        .iter()
+        .copied()
+        .find(|&c| c > last_before)
+        .expect("counts after the restore");
+    assert!(
+        first_after <= last_before + 2 * COUNT_STEP,
+        "first count after the restore {first_after:#x} is far above the last before \
+         {last_before:#x}"
+    );
+    assert_one_continuous_run(&serial);
+    let status = g.ctl(&["status"]);
+    assert_eq!(field(&status, "state"), Some("running"), "{status:?}");
+    assert_eq!(
+        field(&status, "vcpus"),
+        Some(vcpus.to_string().as_str()),
+        "{status:?}"
+    );
+    let pid = molt.pid().to_string();
+    assert_eq!(field(&status, "pid"), Some(pid.as_str()), "{status:?}");
+    let pause = number(&status, "last_pause_us");
+    assert!(pause > 0, "status after a restore: {status:?}");
+    let log = molt.stderr();
+    let prefix = format!("molt: info: resumed from {}: ", state.display());
+    let line = log
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}...` line in stderr:\n{log}"));
+    number(line, "restore_us");
+    assert_eq!(
+        number(line, "pause_us"),
+        pause,
+        "log {line:?} vs {status:?}"
+    );
+}
+
+/// The last count line printed so far (the guest must have printed one).
+fn last_count(g: &Guest) -> u32 {
+    *g.read_serial().counts().last().expect("count lines")
+}
+
+/// Boots `g`, then `cycles` times: save, check the file, resume, check the guest.
+fn round_trips(g: &mut Guest, cycles: usize, vcpus: u32) -> Vec<PathBuf> {
+    let mut molt = g.boot();
+    let mut states = Vec::new();
+    for cycle in 0..cycles {
+        g.more_counts(&mut molt, 3);
+        let state = g.dir.join(&format!("state{cycle}"));
+        let reply = g.save(&mut molt, &state);
+        check_saved(&reply, &state);
+        let last_before = last_count(g);
+        molt = g.resume(&state);
+        check_resumed(g, &mut molt, &state, last_before, vcpus);
+        let status = g.ctl(&["status"]);
+        assert_eq!(number(&status, "mem"), MEM_BYTES, "{status:?}");
+        states.push(state);
+    }
+    states
+}
 
 #[test]
-#[ignore]
-fn export_counting_guest() {
-    let out = std::env::var("MOLT_GUEST_OUT").expect("MOLT_GUEST_OUT");
-    std::fs::write(out, counting_guest()).unwrap();
+fn round_trip_with_ram_in_the_state_file() {
+    if !kvm_available("round_trip_with_ram_in_the_state_file") {
+        return;
+    }
+    let mut g = Guest::new("rt", &[]);
+    // Twice: a restored machine must save again just as well.
+    let states = round_trips(&mut g, 2, 1);
+    let summary = state_summary(&states[0]);
+    assert!(
+        summary.contains("ram:      in this file"),
+        "molt state:\n{summary}"
+    );
+}
+
+#[test]
+fn round_trip_with_ram_in_place_on_dev_shm() {
+    if !kvm_available("round_trip_with_ram_in_place_on_dev_shm") {
+        return;
+    }
+    let mut g = Guest::in_shm("shm", &[]);
+    let mut molt = g.boot();
+    g.more_counts(&mut molt, 3);
+    let state = g.dir.join("state");
+    let reply = g.save(&mut molt, &state);
+    check_saved(&reply, &state);
+    let size = fs::metadata(&state).expect("stat").len();
+    assert!(
+        size < 1 << 20,
+        "with RAM in place the state of a {MEM_ARG} guest should be small, is {size} bytes"
+    );
+    let summary = state_summary(&state);
+    assert!(
+        summary.contains("ram:      in place"),
+        "molt state:\n{summary}"
+    );
+
+    // Without the --mem-file there is no RAM to resume with.
+    let problems = g.refused(
+        "restore without --mem-file",
+        &state,
+        &[("--mem-file", "")],
+        &["--mem-file"],
+    );
+    assert_no_problems(&problems);
+
+    let last_before = last_count(&g);
+    let mut molt = g.resume(&state);
+    check_resumed(&g, &mut molt, &state, last_before, 1);
+}
+
+#[test]
+fn round_trip_with_two_vcpus() {
+    if !kvm_available("round_trip_with_two_vcpus") {
+        return;
+    }
+    let mut g = Guest::new("smp", &[("--cpus", "2")]);
+    round_trips(&mut g, 1, 2);
+}
+
+#[test]
+fn save_while_paused_then_resume() {
+    if !kvm_available("save_while_paused_then_resume") {
+        return;
+    }
+    let mut g = Guest::new("paused", &[]);
+    let mut molt = g.boot();
+    g.more_counts(&mut molt, 3);
+    assert_eq!(g.ctl(&["pause"]), "ok");
+    let state = g.dir.join("state");
+    let reply = g.save(&mut molt, &state);
+    check_saved(&reply, &state);
+    let last_before = last_count(&g);
+    let mut molt = g.resume(&state);
+    // SPEC.md does not say whether a guest saved while paused comes back paused
+    // (QEMU keeps the run state across migration); molt resumes it running. If
+    // that changes, resume it here.
+    if field(&g.ctl(&["status"]), "state") == Some("paused") {
+        eprintln!("note: a guest saved while paused was restored paused");
+        assert_eq!(g.ctl(&["resume"]), "ok");
+    }
+    check_resumed(&g, &mut molt, &state, last_before, 1);
+}
+
+#[test]
+fn shape_mismatch_is_refused_and_the_state_kept() {
+    if !kvm_available("shape_mismatch_is_refused_and_the_state_kept") {
+        return;
+    }
+    let disk = {
+        let dir = std::env::temp_dir().join(format!("molt-cpr-disk-{}", std::process::id()));
+        fs::write(&dir, vec![0u8; 1 << 20]).expect("write disk image");
+        RemoveFile(dir)
+    };
+    let disk_rw = disk.0.to_str().expect("utf-8").to_string();
+    let disk_ro = format!("{disk_rw},ro");
+    let mut g = Guest::new("shape", &[("--disk", &disk_rw)]);
+    let mut molt = g.boot();
+    g.more_counts(&mut molt, 3);
+    let state = g.dir.join("state");
+    g.save(&mut molt, &state);
+    let serial_before = fs::read(&g.serial).expect("serial");
+
+    let mut problems = Vec::new();
+    let cases: [(&str, &[(&str, &str)], &[&str]); 5] = [
+        ("--cpus 2", &[("--cpus", "2")], &["vCPUs: saved 1, now 2"]),
+        (
+            "--mem 32M",
+            &[("--mem", "32M")],
+            &["memory: saved 67108864, now 33554432"],
+        ),
+        (
+            "read-only disk",
+            &[("--disk", disk_ro.as_str())],
+            &["disks"],
+        ),
+        ("no disk", &[("--disk", "")], &["disk"]),
+        // Every difference is listed, not just the first one found.
+        (
+            "--cpus 2 --mem 32M",
+            &[("--cpus", "2"), ("--mem", "32M")],
+            &["vCPUs: saved 1, now 2"],
+        ),
+    ];
+    for (what, overrides, words) in cases {
+        problems.extend(g.refused(what, &state, overrides, words));
+    }
+    let both = g.refused(
+        "--cpus 2 --mem 32M (memory listed too)",
+        &state,
+        &[("--cpus", "2"), ("--mem", "32M")],
+        &["memory: saved"],
+    );
+    problems.extend(both);
+    if fs::read(&g.serial).ok() != Some(serial_before) {
+        problems.push("the guest's serial file changed after refused restores".into());
+    }
+    assert_no_problems(&problems);
+
+    // The refusals left the file good: the right arguments resume it.
+    let last_before = last_count(&g);
+    let mut molt = g.resume(&state);
+    check_resumed(&g, &mut molt, &state, last_before, 1);
+}
+
+/// One way to damage a state file, and the words an error about it must use.
+struct Damage {
+    what: String,
+    bytes: Vec<u8>,
+    words: &'static [&'static str],
+}
+
+const TRUNCATED: &[&str] = &["truncated"];
+const CORRUPT: &[&str] = &["crc", "corrupt", "checksum"];
+const TRAILING: &[&str] = &["trailing", "unexpected bytes", "after the"];
+
+/// Damaged copies of `good` aimed at the header and payload.
+fn header_and_payload_damage(good: &[u8]) -> Vec<Damage> {
+    let len = u32::from_le_bytes(good[LEN_AT..LEN_AT + 4].try_into().expect("4 bytes")) as usize;
+    let payload_end = HEADER_LEN + len;
+    assert!(
+        good.len() >= payload_end,
+        "the good file is shorter than its header says"
+    );
+    let cut = |what: &str, at: usize| Damage {
+        what: format!("{what} (cut to {at} of {} bytes)", good.len()),
+        bytes: good[..at].to_vec(),
+        words: TRUNCATED,
+    };
+    let flip = |what: &str, at: usize, words| {
+        let mut bytes = good.to_vec();
+        bytes[at] ^= 0x10;
+        Damage {
+            what: format!("{what} (bit 4 of byte {at})"),
+            bytes,
+            words,
+        }
+    };
+    let mut magic = good.to_vec();
+    magic[..8].copy_from_slice(b"NOTMOLT\0");
+    // Only the version word changes, the CRC is not recomputed: the version is
+    // checked before anything that depends on it.
+    let mut v2 = good.to_vec();
+    v2[VERSION_AT..VERSION_AT + 4].copy_from_slice(&2u32.to_le_bytes());
+    vec![
+        cut("empty file", 0),
+        cut("truncated inside the magic", 5),
+        cut("truncated inside the header", HEADER_LEN - 1),
+        cut("header only", HEADER_LEN),
+        cut("truncated inside the payload", HEADER_LEN + len / 2),
+        cut("last payload byte missing", payload_end - 1),
+        flip("flipped bit in the payload", HEADER_LEN + len / 2, CORRUPT),
+        flip(
+            "flipped bit in the last payload byte",
+            payload_end - 1,
+            CORRUPT,
+        ),
+        flip("flipped bit in the stored CRC", CRC_AT, CORRUPT),
+        Damage {
+            what: "wrong magic".into(),
+            bytes: magic,
+            words: &["magic"],
+        },
+        Damage {
+            what: "version 2".into(),
+            bytes: v2,
+            words: &["version 2"],
+        },
+        Damage {
+            what: "trailing garbage".into(),
+            bytes: [good, b"garbage\n"].concat(),
+            words: TRAILING,
+        },
+    ]
+}
+
+/// Damaged copies of `good` aimed at its RAM section.
+fn ram_section_damage(good: &[u8]) -> Vec<Damage> {
+    let len = u32::from_le_bytes(good[LEN_AT..LEN_AT + 4].try_into().expect("4 bytes")) as usize;
+    let ram = HEADER_LEN + len;
+    let first_data = ram + RAM_MAGIC_LEN + RAM_RECORD_HEAD;
+    let first_len = u64::from_le_bytes(
+        good[first_data - 8..first_data]
+            .try_into()
+            .expect("8 bytes"),
+    ) as usize;
+    assert!(
+        first_len > 0 && first_data + first_len < good.len(),
+        "no RAM record in the good file"
+    );
+    let cut = |what: &str, at: usize| Damage {
+        what: format!("{what} (cut to {at} of {} bytes)", good.len()),
+        bytes: good[..at].to_vec(),
+        words: &["truncated", "missing"],
+    };
+    let mut flipped = good.to_vec();
+    let at = first_data + first_len / 2;
+    flipped[at] ^= 0x10;
+    let mut crc = good.to_vec();
+    let last = crc.len() - 1;
+    crc[last] ^= 0x10;
+    vec![
+        cut("RAM section missing", ram),
+        cut("truncated inside the RAM magic", ram + 4),
+        cut(
+            "truncated inside a RAM record header",
+            ram + RAM_MAGIC_LEN + 5,
+        ),
+        cut("truncated inside RAM data", first_data + first_len / 2),
+        cut("RAM CRC missing", good.len() - 4),
+        cut("last byte missing", good.len() - 1),
+        Damage {
+            what: format!("flipped bit in RAM data (byte {at})"),
+            bytes: flipped,
+            words: CORRUPT,
+        },
+        Damage {
+            what: "flipped bit in the RAM CRC".into(),
+            bytes: crc,
+            words: CORRUPT,
+        },
+        Damage {
+            what: "trailing garbage after the RAM section".into(),
+            bytes: [good, b"garbage\n"].concat(),
+            words: TRAILING,
+        },
+    ]
+}
+
+/// Writes each damaged file next to the good one and checks that both `molt run
+/// --incoming` and `molt state` refuse it.
+fn check_damage(g: &mut Guest, damage: Vec<Damage>, extra: &[(&str, &str)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (i, d) in damage.into_iter().enumerate() {
+        let path = g.dir.join(&format!("damaged{i}"));
+        fs::write(&path, &d.bytes).expect("write damaged state");
+        problems.extend(g.refused(&d.what, &path, extra, d.words));
+        problems.extend(state_refused(&d.what, &path, d.words));
+    }
+    problems
+}
+
+#[test]
+fn damaged_state_with_ram_in_the_file_is_refused() {
+    if !kvm_available("damaged_state_with_ram_in_the_file_is_refused") {
+        return;
+    }
+    let mut g = Guest::new("damage", &[]);
+    let mut molt = g.boot();
+    g.more_counts(&mut molt, 2);
+    let state = g.dir.join("state");
+    g.save(&mut molt, &state);
+    let good = fs::read(&state).expect("read state");
+    let mut damage = header_and_payload_damage(&good);
+    damage.extend(ram_section_damage(&good));
+    let problems = check_damage(&mut g, damage, &[]);
+    assert_no_problems(&problems);
+}
+
+#[test]
+fn damaged_state_with_ram_in_place_is_refused_and_ram_untouched() {
+    if !kvm_available("damaged_state_with_ram_in_place_is_refused_and_ram_untouched") {
+        return;
+    }
+    let mut g = Guest::in_shm("damage-shm", &[]);
+    let mut molt = g.boot();
+    g.more_counts(&mut molt, 2);
+    let state = g.dir.join("state");
+    g.save(&mut molt, &state);
+    let mem_file = g._mem_file.as_ref().expect("mem file").0.clone();
+    let ram = fs::read(&mem_file).expect("read --mem-file");
+    let good = fs::read(&state).expect("read state");
+    let mut problems = check_damage(&mut g, header_and_payload_damage(&good), &[]);
+    if fs::read(&mem_file).ok() != Some(ram) {
+        problems.push("refused restores changed the guest RAM in --mem-file".into());
+    }
+    assert_no_problems(&problems);
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    /// Mounts a tmpfs with `options` on `dir` (created). None if mounting is
+    /// impossible here and MOLT_ALLOW_NO_MOUNT=1 allows skipping; otherwise fails.
+    fn tmpfs(dir: &Path, options: &str) -> Option<Mount> {
+        fs::create_dir_all(dir).expect("create mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir)
+            .output();
+        let why = match out {
+            Ok(o) if o.status.success() => return Some(Mount(dir.into())),
+            Ok(o) => format!(
+                "mount -t tmpfs -o {options}: {}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => format!("cannot run mount: {e}"),
+        };
+        if std::env::var("MOLT_ALLOW_NO_MOUNT").as_deref() == Ok("1") {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED the {options} tmpfs case: {why}; MOLT_ALLOW_NO_MOUNT=1 is set"
+            );
+            None
+        } else {
+            panic!("{why}; set MOLT_ALLOW_NO_MOUNT=1 to skip the cases that mount");
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Still busy: detach it so the temp dir can go.
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// `cpr-save path` must fail, leave the guest counting and leave nothing at
+/// `path` (or what was there, `old`) and no `path.tmp`.
+fn save_fails(g: &Guest, molt: &mut Molt, what: &str, path: &Path, old: Option<&[u8]>) {
+    let reply = g.ctl(&["cpr-save", path.to_str().expect("utf-8")]);
+    assert!(
+        reply.starts_with("error: cpr-save"),
+        "{what}: cpr-save {} replied {reply:?}",
+        path.display()
+    );
+    assert!(
+        reply.contains(&path.display().to_string()),
+        "{what}: the error should name the path: {reply:?}"
+    );
+    molt.assert_running(&format!("after a failed cpr-save ({what})"));
+    let status = g.ctl(&["status"]);
+    assert_eq!(
+        field(&status, "state"),
+        Some("running"),
+        "{what}: {status:?}"
+    );
+    // The guest runs on: its output grows after the error.
+    g.more_counts(molt, 2);
+    match old {
+        None => assert!(
+            fs::symlink_metadata(path).is_err(),
+            "{what}: {} exists after a failed save",
+            path.display()
+        ),
+        Some(old) => assert_eq!(
+            fs::read(path).ok().as_deref(),
+            Some(old),
+            "{what}: the file that was at {} changed",
+            path.display()
+        ),
+    }
+    assert!(
+        fs::symlink_metadata(tmp_of(path)).is_err(),
+        "{what}: {} left behind",
+        tmp_of(path).display()
+    );
+}
+
+#[test]
+fn failed_save_leaves_the_guest_running_and_nothing_behind() {
+    if !kvm_available("failed_save_leaves_the_guest_running_and_nothing_behind") {
+        return;
+    }
+    let mut g = Guest::new("savefail", &[]);
+    let mut molt = g.boot();
+    g.more_counts(&mut molt, 2);
+
+    let missing = g.dir.join("no-such-dir/state");
+    save_fails(&g, &mut molt, "missing directory", &missing, None);
+    save_fails(
+        &g,
+        &mut molt,
+        "in /proc",
+        Path::new("/proc/molt-cpr-state"),
+        None,
+    );
+    // The temporary file is written, then the rename onto a directory fails.
+    let is_dir = g.dir.join("a-directory");
+    fs::create_dir(&is_dir).expect("mkdir");
+    save_fails(&g, &mut molt, "PATH is a directory", &is_dir, None);
+    assert!(is_dir.is_dir(), "the directory at PATH is gone");
+
+    // Declared after `g`, so unmounted before its directory is removed.
+    let ro = Mount::tmpfs(&g.dir.join("ro"), "size=64k,ro");
+    if let Some(ro) = &ro {
+        save_fails(&g, &mut molt, "read-only tmpfs", &ro.0.join("state"), None);
+    }
+    // 16 KiB: the state of the counting guest with its RAM is about 26 KiB.
+    let full = Mount::tmpfs(&g.dir.join("full"), "size=16k");
+    if let Some(full) = &full {
+        let path = full.0.join("state");
+        save_fails(&g, &mut molt, "full tmpfs", &path, None);
+        let old = b"the previous state\n";
+        fs::write(&path, old).expect("write old state");
+        save_fails(&g, &mut molt, "full tmpfs, PATH exists", &path, Some(old));
+    }
+
+    // None of it disturbed the guest: a real save now resumes one continuous run.
+    let state = g.dir.join("state");
+    g.save(&mut molt, &state);
+    let last_before = last_count(&g);
+    let mut molt = g.resume(&state);
+    check_resumed(&g, &mut molt, &state, last_before, 1);
+}
+
+// Golden state, version 1.
+//
+// tests/data/state-v1.bin was written once by molt 0.1.0 (`make_golden_state_v1`)
+// from the counting guest in tests/data/counting.elf: 1 vCPU, 16M, RAM in the
+// file. state-v1.serial is what the guest printed up to the save.
+//
+// THIS FILE MUST DECODE FOREVER (SPEC.md "State compatibility", STYLE.md
+// "Versions are explicit and frozen"). If a change to molt breaks these tests,
+// the change broke compatibility: the format needs a new version (CprStateV2
+// with From<CprStateV1>), not a regenerated file.
+//
+// Decoding is host-independent. Resuming also needs this host's KVM to accept the
+// saved vCPU state (CPUID, MSRs, XSAVE size): on another kind of CPU that part may
+// legitimately fail, the decoding must not.
+
+const GOLDEN_MEM: &str = "16M";
+
+#[test]
+fn golden_state_v1_decodes() {
+    let path = data_dir().join("state-v1.bin");
+    let size = fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .len();
+    let summary = state_summary(&path);
+    let expected = [
+        format!("state:    {}", path.display()),
+        "format:   version 1 (written by molt 0.1.0)".to_string(),
+        format!("size:     {size} bytes"),
+        "vcpus:    1".to_string(),
+        "memory:   16777216 bytes".to_string(),
+        "  region  guest 0x0..0x1000000 at file offset 0x0".to_string(),
+        "ram:      in this file".to_string(),
+    ];
+    for line in &expected {
+        assert!(
+            summary.lines().any(|l| l == line),
+            "`molt state` of the golden file lacks {line:?}:\n{summary}"
+        );
+    }
+}
+
+#[test]
+fn golden_state_v1_resumes() {
+    if !kvm_available("golden_state_v1_resumes") {
+        return;
+    }
+    let data = data_dir();
+    let kernel = data.join("counting.elf");
+    let mut g = Guest::new(
+        "golden",
+        &[
+            ("--kernel", kernel.to_str().expect("utf-8")),
+            ("--mem", GOLDEN_MEM),
+        ],
+    );
+    // The guest's console so far, as if this were the same serial file.
+    let printed = fs::read(data.join("state-v1.serial")).expect("golden serial");
+    fs::write(&g.serial, &printed).expect("write serial");
+    let last_before = *Serial::parse(&printed)
+        .counts()
+        .last()
+        .expect("golden counts");
+    let state = g.dir.join("state-v1.bin");
+    fs::copy(data.join("state-v1.bin"), &state).expect("copy golden state");
+    let mut molt = g.resume(&state);
+    check_resumed(&g, &mut molt, &state, last_before, 1);
+    let status = g.ctl(&["status"]);
+    assert_eq!(number(&status, "mem"), 16 << 20, "{status:?}");
+    assert_eq!(
+        fs::read(&state).ok(),
+        fs::read(data.join("state-v1.bin")).ok(),
+        "resuming changed the state file"
+    );
+}
+
+/// Writes the golden files once. Never run it to "fix" a failing golden test: it
+/// refuses to overwrite, and a format change needs a new version.
+#[test]
+#[ignore = "writes tests/data/state-v1.* once"]
+fn make_golden_state_v1() {
+    let data = data_dir();
+    let state_out = data.join("state-v1.bin");
+    assert!(
+        !state_out.exists(),
+        "{} exists and must never be regenerated",
+        state_out.display()
+    );
+    fs::create_dir_all(&data).expect("mkdir tests/data");
+    let kernel = write_guest(&data, "counting.elf", &counting_guest());
+    let mut g = Guest::new(
+        "mkgolden",
+        &[
+            ("--kernel", kernel.to_str().expect("utf-8")),
+            ("--mem", GOLDEN_MEM),
+        ],
+    );
+    let mut molt = g.boot();
+    g.more_counts(&mut molt, 3);
+    let state = g.dir.join("state");
+    g.save(&mut molt, &state);
+    fs::copy(&state, &state_out).expect("copy state");
+    fs::copy(&g.serial, data.join("state-v1.serial")).expect("copy serial");
 }

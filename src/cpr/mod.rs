@@ -7,20 +7,35 @@
 //! 2. `molt run <same args> --incoming file:PATH`: decode and check the state,
 //!    rebuild the machine around the same RAM (in place, or read back from the
 //!    file), `Machine::restore`, start the vCPUs (the pause ends).
+//!
+//! Exec mode:
+//! 1. `cpr-exec [BINARY [ARG...]]`: check that BINARY is a molt reading this
+//!    state format (`BINARY version`, while the guest still runs), pause, save,
+//!    hand the state and descriptors to `exec` (sealed memfd, CLOEXEC cleared).
+//!    If exec fails, the guest resumes here and the reply says why.
+//! 2. The new image (`--incoming fd:N`) adopts the descriptors, restores and
+//!    replies on the inherited client connection. If it cannot resume, it execs
+//!    back to the previous image with the same state, which resumes the guest
+//!    and replies with the error: rollback.
 
+pub mod exec;
+pub mod fds;
 pub mod inspect;
 pub mod reboot;
 pub mod state;
 
 use std::fmt;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::args::RunConfig;
 use crate::devices::serial::Output;
 use crate::vm::memory::GuestRam;
 use crate::vm::vcpu::ExitSink;
 use crate::vm::{self, Machine};
+use fds::{Adopted, FdKind};
 use state::{CprState, RamLocation};
 
 #[derive(Debug)]
@@ -29,6 +44,9 @@ pub enum Error {
     File(reboot::Error),
     NeedsMemFile(PathBuf),
     Memory(vm::memory::Error),
+    Exec(exec::Error),
+    Probe(PathBuf, String),
+    Handover(String),
 }
 
 impl fmt::Display for Error {
@@ -42,6 +60,9 @@ impl fmt::Display for Error {
                 p.display()
             ),
             Error::Memory(e) => e.fmt(f),
+            Error::Exec(e) => e.fmt(f),
+            Error::Probe(p, why) => write!(f, "{} cannot take the guest: {why}", p.display()),
+            Error::Handover(why) => write!(f, "bad handover: {why}"),
         }
     }
 }
@@ -53,6 +74,220 @@ fn realtime_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// `molt version`: the release and the state formats it reads.
+pub fn version_line() -> String {
+    format!(
+        "molt {} state-formats={}",
+        crate::event_loop::VERSION,
+        state::VERSION
+    )
+}
+
+/// How long a new binary may take to answer `version`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `binary version`: it must be a molt that reads this state format. A
+/// missing file, a binary that fails or exits at once, or an older format is
+/// refused here, while the guest is still running.
+pub fn probe(binary: &Path) -> Result<(), Error> {
+    let err = |why: String| Error::Probe(binary.into(), why);
+    let mut child = Command::new(binary)
+        .arg("version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| err(e.to_string()))?;
+    let deadline = Instant::now() + PROBE_TIMEOUT;
+    let status = loop {
+        match child.try_wait().map_err(|e| err(e.to_string()))? {
+            Some(s) => break s,
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err("`version` did not answer".into()));
+            }
+            None => std::thread::sleep(Duration::from_millis(2)),
+        }
+    };
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        use std::io::Read;
+        let _ = o.read_to_string(&mut out);
+    }
+    if !status.success() {
+        return Err(err(format!("`version` failed ({status})")));
+    }
+    let formats = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("state-formats="))
+        .ok_or_else(|| err(format!("not a molt: `version` said {:?}", out.trim())))?;
+    if !formats.split(',').any(|v| v == state::VERSION.to_string()) {
+        return Err(err(format!(
+            "it reads state formats {formats}, this state is format {}",
+            state::VERSION
+        )));
+    }
+    Ok(())
+}
+
+/// Exec mode, step 1, on a paused machine: saves it and execs `binary`. Returns
+/// only on failure; the caller resumes the guest.
+pub fn exec_out(
+    machine: &Machine,
+    binary: &Path,
+    argv: &[String],
+    listener: Option<RawFd>,
+    client: RawFd,
+) -> Error {
+    let state = match snapshot(machine, RamLocation::InPlace) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let header = exec::ExecHeader {
+        previous_exe: std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        previous_argv: std::env::args().collect(),
+        ..Default::default()
+    };
+    Error::Exec(exec::exec(
+        binary,
+        argv,
+        &state,
+        &handover_fds(machine, listener, client),
+        header,
+    ))
+}
+
+fn snapshot(machine: &Machine, ram: RamLocation) -> Result<CprState, Error> {
+    Ok(CprState {
+        writer: heapless::String::try_from(crate::event_loop::VERSION).unwrap_or_default(),
+        ram,
+        stopped_at_ns: realtime_ns(),
+        machine: machine.save().map_err(Error::Vm)?,
+    })
+}
+
+/// The guest's descriptors by slot: RAM, disks and taps in argv order, then the
+/// control socket and the client that asked.
+fn handover_fds(machine: &Machine, listener: Option<RawFd>, client: RawFd) -> Vec<(FdKind, RawFd)> {
+    let mut fds = vec![(FdKind::GuestRam, machine.ram.file().as_raw_fd())];
+    let (mut disk, mut tap) = (0u8, 0u8);
+    for d in &machine.virtio {
+        let d = crate::pci::lock(d);
+        let dev = d.device();
+        if dev.device_type() == crate::virtio::TYPE_NET {
+            fds.push((FdKind::Tap(tap), dev.backend_fd()));
+            tap += 1;
+        } else {
+            fds.push((FdKind::Disk(disk), dev.backend_fd()));
+            disk += 1;
+        }
+    }
+    fds.extend(listener.map(|l| (FdKind::ControlListener, l)));
+    fds.push((FdKind::Client, client));
+    fds
+}
+
+/// Exec mode, step 2: what the new image received.
+pub struct ExecIncoming {
+    header: exec::ExecHeader,
+    state: CprState,
+    adopted: Adopted,
+}
+
+impl ExecIncoming {
+    pub fn take_listener(&mut self) -> Option<OwnedFd> {
+        self.adopted.listener.take()
+    }
+
+    /// The rollback's error to report, when this image is the previous one.
+    pub fn failure(&self) -> Option<&str> {
+        self.header.failure.as_deref()
+    }
+}
+
+/// Reads the exec message in `fd` and adopts the descriptors it names.
+pub fn receive_exec(cfg: &RunConfig, fd: RawFd) -> Result<ExecIncoming, Error> {
+    let (header, state) = exec::receive(fd).map_err(Error::Exec)?;
+    let adopted = fds::adopt(
+        &header.table.kinds,
+        &header.table.numbers,
+        cfg.disks.len(),
+        cfg.nets.len(),
+    )
+    .map_err(Error::Handover)?;
+    Ok(ExecIncoming {
+        header,
+        state,
+        adopted,
+    })
+}
+
+/// Resumes the guest from an exec handover. The adopted descriptors stay open
+/// until this returns, so a failure can still roll back with them.
+pub fn resume_exec(
+    inc: &mut ExecIncoming,
+    cfg: &RunConfig,
+    console: Output,
+    exit: ExitSink,
+) -> Result<(Resumed, Option<OwnedFd>), Error> {
+    let start = Instant::now();
+    let mut cfg = cfg.clone();
+    let a = &inc.adopted;
+    let ram = a
+        .ram
+        .as_ref()
+        .ok_or_else(|| Error::Handover("no RAM".into()))?;
+    cfg.mem_file = Some(fds::proc_path(ram));
+    for (d, f) in cfg.disks.iter_mut().zip(&a.disks) {
+        d.path = fds::proc_path(f);
+    }
+    for (n, t) in cfg.nets.iter_mut().zip(&a.taps) {
+        // A duplicate: the original stays ours for a rollback.
+        let dup = t
+            .try_clone()
+            .map_err(|e| Error::Handover(format!("dup tap: {e}")))?;
+        n.backend = crate::args::NetBackend::Fd(dup.into_raw_fd());
+    }
+    let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
+    let resumed = resume(&cfg, &inc.state, ram, console, exit, start)?;
+    Ok((resumed, inc.adopted.client.take()))
+}
+
+/// The new image could not resume: exec the previous one with the same state
+/// and descriptors, telling it why. Returns only if that exec fails too.
+pub fn rollback(inc: &ExecIncoming, why: &str) -> Error {
+    let a = &inc.adopted;
+    let mut fds = vec![];
+    fds.extend(a.ram.as_ref().map(|f| (FdKind::GuestRam, f.as_raw_fd())));
+    for (i, f) in a.disks.iter().enumerate() {
+        fds.push((FdKind::Disk(i as u8), f.as_raw_fd()));
+    }
+    for (i, f) in a.taps.iter().enumerate() {
+        fds.push((FdKind::Tap(i as u8), f.as_raw_fd()));
+    }
+    fds.extend(
+        a.listener
+            .as_ref()
+            .map(|f| (FdKind::ControlListener, f.as_raw_fd())),
+    );
+    fds.extend(a.client.as_ref().map(|f| (FdKind::Client, f.as_raw_fd())));
+    let header = exec::ExecHeader {
+        failure: Some(why.to_string()),
+        ..inc.header.clone()
+    };
+    let exe = PathBuf::from(&inc.header.previous_exe);
+    Error::Exec(exec::exec(
+        &exe,
+        &inc.header.previous_argv,
+        &inc.state,
+        &fds,
+        header,
+    ))
+}
+
 /// What a successful save reports.
 pub struct Saved {
     pub bytes: u64,
@@ -62,17 +297,12 @@ pub struct Saved {
 /// Reboot mode, step 1, on a paused machine: saves it to `path`.
 pub fn save_to_file(machine: &Machine, path: &Path, ram_in_place: bool) -> Result<Saved, Error> {
     let start = Instant::now();
-    let stopped_at_ns = realtime_ns();
-    let state = CprState {
-        writer: heapless::String::try_from(crate::event_loop::VERSION).unwrap_or_default(),
-        ram: if ram_in_place {
-            RamLocation::InPlace
-        } else {
-            RamLocation::InStateFile
-        },
-        stopped_at_ns,
-        machine: machine.save().map_err(Error::Vm)?,
+    let location = if ram_in_place {
+        RamLocation::InPlace
+    } else {
+        RamLocation::InStateFile
     };
+    let state = snapshot(machine, location)?;
     let bytes = reboot::save(path, &state, &machine.ram).map_err(Error::File)?;
     Ok(Saved {
         bytes,
@@ -110,6 +340,17 @@ pub fn resume_from_file(
     if state.ram == RamLocation::InStateFile {
         reboot::load_ram(path, &mut rest, &ram).map_err(Error::File)?;
     }
+    resume(cfg, &state, ram, console, exit, start)
+}
+
+fn resume(
+    cfg: &RunConfig,
+    state: &CprState,
+    ram: GuestRam,
+    console: Output,
+    exit: ExitSink,
+    start: Instant,
+) -> Result<Resumed, Error> {
     let machine = Machine::restore(cfg, ram, console, exit, &state.machine).map_err(Error::Vm)?;
     Ok(Resumed {
         machine,

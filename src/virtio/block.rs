@@ -253,6 +253,10 @@ impl VirtioDevice for Block {
         });
     }
 
+    fn backend_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.disk.file)
+    }
+
     fn flush(&mut self) -> std::io::Result<()> {
         if self.disk.read_only {
             return Ok(());

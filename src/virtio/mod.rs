@@ -127,6 +127,9 @@ pub trait VirtioDevice: Send {
     fn extra_fd_ready(&mut self, _n: usize) {}
     /// Device reset (status written 0): drop the queues and any pending work.
     fn reset(&mut self);
+    /// The descriptor behind the device (a disk image, a tap), handed to the
+    /// next process on exec or transfer.
+    fn backend_fd(&self) -> RawFd;
     /// Makes completed work durable before a save (a disk's writes reach it).
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())

@@ -527,6 +527,10 @@ impl VirtioDevice for Net {
         self.rx_waiting = false;
     }
 
+    fn backend_fd(&self) -> RawFd {
+        self.tap.as_raw_fd()
+    }
+
     fn queue_states(&self) -> Vec<QueueStateV1> {
         self.active
             .iter()

@@ -656,6 +656,9 @@ mod tests {
         fn queue_states(&self) -> Vec<QueueStateV1> {
             Vec::new()
         }
+        fn backend_fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
     }
 
     struct NoRoutes;

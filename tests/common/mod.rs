@@ -93,7 +93,13 @@ impl Molt {
     /// Starts `molt run ARGS...` with stdin from /dev/null, stderr to
     /// `dir/molt.stderr` and stdout as given.
     pub fn spawn(dir: &TempDir, args: &[&str], stdout: Stdio) -> Molt {
-        let stderr_path = dir.join("molt.stderr");
+        Molt::spawn_named(dir, "molt", args, stdout)
+    }
+
+    /// Like `spawn`, with stderr to `dir/NAME.stderr`: each of the processes a
+    /// guest lives in across a live update keeps its own log.
+    pub fn spawn_named(dir: &TempDir, name: &str, args: &[&str], stdout: Stdio) -> Molt {
+        let stderr_path = dir.join(&format!("{name}.stderr"));
         let stderr = File::create(&stderr_path).expect("create stderr file");
         let child = Command::new(MOLT)
             .arg("run")

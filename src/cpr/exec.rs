@@ -1,0 +1,223 @@
+//! Exec mode: the state goes into a sealed memfd, the guest's descriptors lose
+//! CLOEXEC, and molt execs the new binary with its original argv plus
+//! `--incoming fd:N`. Same PID; KVM itself cannot cross exec (a VM belongs to the
+//! mm that created it), so the new image builds a fresh VM and restores into it.
+//!
+//! Message in the memfd: `"MOLTEXEC"`, the fd table's length (u32 LE), the fd
+//! table (postcard), then the `CprState` with its own header and CRC.
+
+use std::ffi::CString;
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::fds::{set_cloexec, FdKind, FdTable};
+use super::state::{self, CprState};
+
+/// What travels with the state in the memfd.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecHeader {
+    pub table: FdTable,
+    /// The image to go back to if the new one cannot resume the guest.
+    pub previous_exe: String,
+    pub previous_argv: Vec<String>,
+    /// Set when the new image gave up and execed back: why, for the reply.
+    pub failure: Option<String>,
+}
+
+const MAGIC: [u8; 8] = *b"MOLTEXEC";
+/// An exec message is a few KiB per vCPU; anything near this is not one.
+const MAX_MESSAGE: u64 = 64 << 20;
+
+#[derive(Debug)]
+pub enum Error {
+    Memfd(std::io::Error),
+    Cloexec(RawFd, std::io::Error),
+    Encode(state::Error),
+    Argv,
+    Exec(String, std::io::Error),
+    Read(RawFd, std::io::Error),
+    Message(String),
+    State(state::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Memfd(e) => write!(f, "cannot write the state memfd: {e}"),
+            Error::Cloexec(fd, e) => write!(f, "cannot pass descriptor {fd} on: {e}"),
+            Error::Encode(e) => e.fmt(f),
+            Error::Argv => write!(f, "an argument contains a NUL byte"),
+            Error::Exec(bin, e) => write!(f, "exec {bin} failed: {e}"),
+            Error::Read(fd, e) => write!(f, "cannot read the state from fd {fd}: {e}"),
+            Error::Message(why) => write!(f, "bad exec message: {why}"),
+            Error::State(e) => write!(f, "exec state: {e}"),
+        }
+    }
+}
+
+fn message_memfd(state: &CprState, header: &ExecHeader) -> Result<File, Error> {
+    let state_bytes = state::encode(state).map_err(Error::Encode)?;
+    let table_bytes = postcard::to_allocvec(header).map_err(|e| Error::Message(e.to_string()))?;
+    let name = c"molt-cpr";
+    // SAFETY: a valid NUL-terminated name and flags; the result is checked.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(Error::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is fresh and owned by nothing else.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    f.write_all(&MAGIC)
+        .and_then(|()| f.write_all(&(table_bytes.len() as u32).to_le_bytes()))
+        .and_then(|()| f.write_all(&table_bytes))
+        .and_then(|()| f.write_all(&state_bytes))
+        .map_err(Error::Memfd)?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: adding seals to our own memfd.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(Error::Memfd(std::io::Error::last_os_error()));
+    }
+    Ok(f)
+}
+
+/// Execs `binary` with `argv` (argv[0] first) plus `--incoming fd:N`, handing
+/// over `fds`. Returns only on failure, with every descriptor's CLOEXEC restored:
+/// the caller then resumes the guest as if nothing happened.
+pub fn exec(
+    binary: &Path,
+    argv: &[String],
+    state: &CprState,
+    fds: &[(FdKind, RawFd)],
+    mut header: ExecHeader,
+) -> Error {
+    header.table = FdTable {
+        kinds: fds.iter().map(|f| f.0).collect(),
+        numbers: fds.iter().map(|f| f.1).collect(),
+    };
+    let memfd = match message_memfd(state, &header) {
+        Ok(m) => m,
+        Err(e) => return e,
+    };
+    let mut args: Vec<String> = argv.to_vec();
+    // An earlier exec's --incoming must not reach the new image twice.
+    strip_incoming(&mut args);
+    args.push("--incoming".into());
+    args.push(format!("fd:{}", memfd.as_raw_fd()));
+    let Ok(cargs) = args
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return Error::Argv;
+    };
+    let Ok(cbin) = CString::new(binary.as_os_str().as_bytes()) else {
+        return Error::Argv;
+    };
+    let passed: Vec<RawFd> = fds.iter().map(|f| f.1).chain([memfd.as_raw_fd()]).collect();
+    for (i, &fd) in passed.iter().enumerate() {
+        if let Err(e) = set_cloexec(fd, false) {
+            for &undo in &passed[..i] {
+                let _ = set_cloexec(undo, true);
+            }
+            return Error::Cloexec(fd, e);
+        }
+    }
+    let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    // SAFETY: cbin and every argv string are NUL-terminated and outlive the call;
+    // ptrs is NULL-terminated; environ is the process's own environment.
+    unsafe { libc::execv(cbin.as_ptr(), ptrs.as_ptr()) };
+    let err = std::io::Error::last_os_error();
+    for &fd in &passed {
+        let _ = set_cloexec(fd, true);
+    }
+    Error::Exec(binary.display().to_string(), err)
+}
+
+/// Removes `--incoming X` / `--incoming=X` from an argv.
+pub fn strip_incoming(args: &mut Vec<String>) {
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--incoming" {
+            args.drain(i..(i + 2).min(args.len()));
+        } else if args[i].starts_with("--incoming=") {
+            args.remove(i);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// The new image's side: reads and closes the message memfd `fd`.
+pub fn receive(fd: RawFd) -> Result<(ExecHeader, CprState), Error> {
+    // SAFETY: `--incoming fd:N` hands this process fd N; it is checked to be an
+    // open, sealed memfd before any other use, and owned (closed) here.
+    let check = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if check < 0 || check & libc::F_SEAL_WRITE == 0 {
+        return Err(Error::Message(format!(
+            "fd {fd} is not a sealed molt state memfd"
+        )));
+    }
+    // SAFETY: as above; fd is open (F_GET_SEALS succeeded) and ours from here on.
+    let f = unsafe { File::from_raw_fd(fd) };
+    let len = f.metadata().map_err(|e| Error::Read(fd, e))?.len();
+    if len > MAX_MESSAGE {
+        return Err(Error::Message(format!("{len} bytes is too large")));
+    }
+    // The old image wrote it through the same open file: its offset is at the end.
+    let mut bytes = vec![0u8; len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut bytes, 0).map_err(|e| Error::Read(fd, e))?;
+    if bytes.len() < 12 || bytes[..8] != MAGIC {
+        return Err(Error::Message("bad magic".into()));
+    }
+    let tlen = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+    let table_end = 12usize
+        .checked_add(tlen)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| Error::Message("fd table runs past the end".into()))?;
+    let (header, rest): (ExecHeader, _) = postcard::take_from_bytes(&bytes[12..table_end])
+        .map_err(|e| Error::Message(format!("header: {e}")))?;
+    if !rest.is_empty() || header.table.kinds.len() != header.table.numbers.len() {
+        return Err(Error::Message("inconsistent fd table".into()));
+    }
+    let state = state::decode(&bytes[table_end..]).map_err(Error::State)?;
+    Ok((header, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incoming_is_stripped() {
+        let mut a: Vec<String> = [
+            "molt",
+            "run",
+            "--incoming",
+            "fd:5",
+            "--cpus",
+            "2",
+            "--incoming=fd:9",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        strip_incoming(&mut a);
+        assert_eq!(a, ["molt", "run", "--cpus", "2"]);
+    }
+
+    #[test]
+    fn receive_refuses_what_is_not_a_sealed_message() {
+        use std::os::fd::IntoRawFd;
+        let f = File::open("/dev/null").unwrap().into_raw_fd();
+        assert!(matches!(receive(f), Err(Error::Message(_))));
+        // SAFETY: closing the descriptor opened above (receive did not take it).
+        unsafe { libc::close(f) };
+    }
+}

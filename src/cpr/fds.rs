@@ -1,0 +1,184 @@
+//! The descriptors a running guest depends on, and how they reach the next
+//! process: by slot, never by name. Across `execve` a slot is a descriptor
+//! number the new image inherits; across a socket it is a position in the
+//! SCM_RIGHTS array. The receiving side checks every slot before using it.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use heapless::Vec as BoundedVec;
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{MAX_DISKS, MAX_NICS};
+
+/// What a slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdKind {
+    GuestRam,
+    Disk(u8),
+    Tap(u8),
+    ControlListener,
+    /// The control connection that asked for the update: the new process replies.
+    Client,
+    /// The console's output (stdout or the --serial file) and input.
+    ConsoleOut,
+    ConsoleIn,
+}
+
+pub const MAX_FDS: usize = 5 + MAX_DISKS + MAX_NICS;
+
+/// The descriptor table that travels with a `CprState`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdTable {
+    pub kinds: BoundedVec<FdKind, MAX_FDS>,
+    /// Exec only: the number slot i has in the new image.
+    pub numbers: BoundedVec<i32, MAX_FDS>,
+}
+
+/// Sets or clears FD_CLOEXEC.
+pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD only read and write the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let new = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, new) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Descriptors received from the old process, owned, sorted by kind.
+#[derive(Debug, Default)]
+pub struct Adopted {
+    pub ram: Option<File>,
+    pub disks: Vec<File>,
+    pub taps: Vec<OwnedFd>,
+    pub listener: Option<OwnedFd>,
+    pub client: Option<OwnedFd>,
+    pub console_out: Option<File>,
+    pub console_in: Option<OwnedFd>,
+}
+
+/// Takes ownership of `fds[i]` as `table.kinds[i]`, checking each kind appears
+/// once, disks and taps come in order and match the configured counts, and
+/// every descriptor is open. Sets CLOEXEC on all: they are this process's now.
+pub fn adopt(
+    kinds: &[FdKind],
+    fds: &[RawFd],
+    disks: usize,
+    nets: usize,
+) -> Result<Adopted, String> {
+    if kinds.len() != fds.len() {
+        return Err(format!(
+            "{} slots for {} descriptors",
+            kinds.len(),
+            fds.len()
+        ));
+    }
+    for &fd in fds {
+        set_cloexec(fd, true).map_err(|e| format!("descriptor {fd} is not usable: {e}"))?;
+    }
+    let mut a = Adopted::default();
+    for (&kind, &fd) in kinds.iter().zip(fds) {
+        // SAFETY: the descriptor was handed to this process for exactly this slot
+        // (inherited across exec or received by SCM_RIGHTS), is open (checked
+        // above) and nothing else owns it; each slot is taken once (checked below).
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let dup = |what| Err(format!("the handover names the {what} twice"));
+        match kind {
+            FdKind::GuestRam if a.ram.is_none() => a.ram = Some(File::from(owned)),
+            FdKind::Disk(i) if usize::from(i) == a.disks.len() && a.disks.len() < disks => {
+                a.disks.push(File::from(owned))
+            }
+            FdKind::Tap(i) if usize::from(i) == a.taps.len() && a.taps.len() < nets => {
+                a.taps.push(owned)
+            }
+            FdKind::ControlListener if a.listener.is_none() => a.listener = Some(owned),
+            FdKind::Client if a.client.is_none() => a.client = Some(owned),
+            FdKind::ConsoleOut if a.console_out.is_none() => {
+                a.console_out = Some(File::from(owned))
+            }
+            FdKind::ConsoleIn if a.console_in.is_none() => a.console_in = Some(owned),
+            FdKind::Disk(_) | FdKind::Tap(_) => {
+                return Err(format!(
+                    "unexpected {kind:?} (configured: {disks} disks, {nets} NICs)"
+                ))
+            }
+            other => return dup(format!("{other:?}")),
+        }
+    }
+    if a.ram.is_none() {
+        return Err("the handover has no guest RAM".into());
+    }
+    if a.disks.len() != disks || a.taps.len() != nets {
+        return Err(format!(
+            "the handover has {} disks and {} taps, the command line {disks} and {nets}",
+            a.disks.len(),
+            a.taps.len()
+        ));
+    }
+    Ok(a)
+}
+
+/// A path that opens the same file as `f` (a fresh open file description).
+pub fn proc_path(f: &impl AsRawFd) -> std::path::PathBuf {
+    format!("/proc/self/fd/{}", f.as_raw_fd()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fd() -> RawFd {
+        use std::os::fd::IntoRawFd;
+        File::open("/dev/null").unwrap().into_raw_fd()
+    }
+
+    #[test]
+    fn adopt_checks_slots() {
+        let kinds = [FdKind::GuestRam, FdKind::Disk(0), FdKind::Client];
+        let a = adopt(&kinds, &[fd(), fd(), fd()], 1, 0).unwrap();
+        assert!(a.ram.is_some() && a.client.is_some());
+        assert_eq!(a.disks.len(), 1);
+        assert!(
+            adopt(&[FdKind::GuestRam, FdKind::GuestRam], &[fd(), fd()], 0, 0)
+                .unwrap_err()
+                .contains("twice")
+        );
+        assert!(adopt(&[FdKind::GuestRam, FdKind::Tap(1)], &[fd(), fd()], 0, 2).is_err());
+        assert!(adopt(&[FdKind::Disk(0)], &[fd()], 1, 0)
+            .unwrap_err()
+            .contains("RAM"));
+        assert!(adopt(&[FdKind::GuestRam], &[fd()], 1, 0)
+            .unwrap_err()
+            .contains("disks"));
+        assert!(adopt(&[FdKind::GuestRam], &[9999], 0, 0)
+            .unwrap_err()
+            .contains("9999"));
+    }
+
+    #[test]
+    fn cloexec_toggles() {
+        let f = File::open("/dev/null").unwrap();
+        set_cloexec(f.as_raw_fd(), false).unwrap();
+        // SAFETY: reading flags of an open descriptor.
+        assert_eq!(
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFD) } & libc::FD_CLOEXEC,
+            0
+        );
+        set_cloexec(f.as_raw_fd(), true).unwrap();
+        // SAFETY: as above.
+        assert_ne!(
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFD) } & libc::FD_CLOEXEC,
+            0
+        );
+    }
+}
