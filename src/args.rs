@@ -468,7 +468,9 @@ mod tests {
             Ok(Incoming::File("/run/s".into()))
         );
         assert!(parse_incoming("file:").is_err());
-        assert!(parse_incoming("fd:3")
+        assert_eq!(parse_incoming("fd:7"), Ok(Incoming::Fd(7)));
+        assert!(parse_incoming("fd:1").is_err());
+        assert!(parse_incoming("unix:/x")
             .unwrap_err()
             .contains("not in this release"));
         assert!(parse_incoming("/run/s").is_err());
