@@ -57,7 +57,7 @@ fi
 inputs_hash() {
     {
         echo "$MOLT_LAB_KVER with_qemu=$with_qemu"
-        (cd "$repo" && find rootfs scripts/lab-kernel.sh -type f | LC_ALL=C sort | xargs sha256sum)
+        (cd "$repo" && find rootfs scripts/lab-kernel.sh scripts/molt-upgrade.sh -type f | LC_ALL=C sort | xargs sha256sum)
         [[ -f $MOLT_BIN ]] && sha256sum "$MOLT_BIN" || echo "no molt"
         [[ $with_qemu == 1 ]] && sha256sum "$(command -v qemu-system-x86_64)"
         true

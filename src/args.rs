@@ -91,7 +91,8 @@ pub struct RunArgs {
     /// virtio-net NIC: tap=NAME[,mac=MAC] or fd=N[,mac=MAC]; repeatable
     #[argh(option, from_str_fn(parse_net))]
     pub net: Vec<NetConfig>,
-    /// resume a saved guest instead of booting: file:PATH (reboot mode)
+    /// resume a guest instead of booting: file:PATH (reboot mode), unix:PATH
+    /// (take it over from a running molt), fd:N (set by cpr-exec)
     #[argh(option, from_str_fn(parse_incoming))]
     pub incoming: Option<Incoming>,
 }
@@ -137,6 +138,8 @@ pub enum Incoming {
     File(PathBuf),
     /// Exec mode: the sealed memfd holding the state (set by the old image).
     Fd(i32),
+    /// Transfer mode: listen here for the running molt to hand over.
+    Unix(PathBuf),
 }
 
 fn parse_incoming(s: &str) -> Result<Incoming, String> {
@@ -148,10 +151,8 @@ fn parse_incoming(s: &str) -> Result<Incoming, String> {
             .filter(|&fd| fd > 2)
             .map(Incoming::Fd)
             .ok_or_else(|| format!("'{n}' is not a descriptor number above 2")),
-        Some(("unix", _)) => Err(format!(
-            "'{s}': transfer mode is not in this release; use file:PATH or fd:N"
-        )),
-        _ => Err(format!("expected file:PATH or fd:N, got '{s}'")),
+        Some(("unix", p)) if !p.is_empty() => Ok(Incoming::Unix(PathBuf::from(p))),
+        _ => Err(format!("expected file:PATH, fd:N or unix:PATH, got '{s}'")),
     }
 }
 
@@ -470,9 +471,8 @@ mod tests {
         assert!(parse_incoming("file:").is_err());
         assert_eq!(parse_incoming("fd:7"), Ok(Incoming::Fd(7)));
         assert!(parse_incoming("fd:1").is_err());
-        assert!(parse_incoming("unix:/x")
-            .unwrap_err()
-            .contains("not in this release"));
+        assert_eq!(parse_incoming("unix:/x"), Ok(Incoming::Unix("/x".into())));
+        assert!(parse_incoming("unix:").is_err());
         assert!(parse_incoming("/run/s").is_err());
     }
 

@@ -27,9 +27,11 @@ pub enum Command {
         binary: Option<PathBuf>,
         args: Vec<String>,
     },
+    /// Transfer mode: hand the guest to the molt listening at this path.
+    CprTransfer(PathBuf),
 }
 
-const COMMANDS: &str = "status, pause, resume, quit, cpr-save, cpr-exec";
+const COMMANDS: &str = "status, pause, resume, quit, cpr-save, cpr-exec, cpr-transfer";
 
 /// Parses one line (without its newline) into a command, or the error reply text.
 pub fn parse(line: &str) -> Result<Command, String> {
@@ -37,13 +39,18 @@ pub fn parse(line: &str) -> Result<Command, String> {
     let Some(name) = words.next() else {
         return Err("empty command line".into());
     };
-    if name == "cpr-save" {
+    if name == "cpr-save" || name == "cpr-transfer" {
         // The path is the rest of the line, so it may contain spaces.
-        let path = line.trim().strip_prefix("cpr-save").unwrap_or("").trim();
+        let path = line.trim()[name.len()..].trim();
         if path.is_empty() {
-            return Err("cpr-save needs a PATH".into());
+            return Err(format!("{name} needs a PATH"));
         }
-        return Ok(Command::CprSave(PathBuf::from(path)));
+        let path = PathBuf::from(path);
+        return Ok(if name == "cpr-save" {
+            Command::CprSave(path)
+        } else {
+            Command::CprTransfer(path)
+        });
     }
     if name == "cpr-exec" {
         let binary = words.next().map(PathBuf::from);
@@ -196,7 +203,11 @@ impl Client {
     }
 
     /// Writes one reply line. A client that does not read its replies is dropped.
+    /// An empty text sends nothing: another process will answer (a transfer).
     pub fn reply(&mut self, text: &str) -> std::io::Result<()> {
+        if text.is_empty() {
+            return Ok(());
+        }
         let mut line = String::with_capacity(text.len() + 1);
         line.push_str(text);
         line.push('\n');
@@ -236,6 +247,11 @@ mod tests {
             Ok(Command::CprSave("/run/my state".into()))
         );
         assert!(parse("cpr-save").unwrap_err().contains("PATH"));
+        assert_eq!(
+            parse("cpr-transfer /run/new.sock"),
+            Ok(Command::CprTransfer("/run/new.sock".into()))
+        );
+        assert!(parse("cpr-transfer  ").unwrap_err().contains("PATH"));
         assert_eq!(
             parse("cpr-exec"),
             Ok(Command::CprExec {

@@ -28,6 +28,8 @@ pub enum Outcome {
     Quit,
     /// `cpr-save` wrote the state: the guest continues in a later molt.
     Saved,
+    /// `cpr-transfer` handed the guest to another molt, which runs it now.
+    Transferred,
     Signal(i32),
 }
 
@@ -74,13 +76,36 @@ pub const VERSION: &str = match option_env!("MOLT_BUILD_VERSION") {
 
 /// Boots the guest described by `cfg` and serves it until it ends.
 pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
-    let console = open_console(&cfg.serial)?;
-    // An exec hands over the control socket (and the client that asked).
+    // Blocked before any thread starts, so only the signalfd ever sees them.
+    let signals = signal_fd()?;
+    // An exec or a transfer hands over the control socket and the client that
+    // asked; a transfer also the console.
     let mut exec_in = match cfg.incoming {
         Some(Incoming::Fd(fd)) => Some(cpr::receive_exec(&cfg, fd).map_err(Error::Cpr)?),
         _ => None,
     };
-    let listener = match exec_in.as_mut().and_then(cpr::ExecIncoming::take_listener) {
+    let mut xfer_in = match &cfg.incoming {
+        Some(Incoming::Unix(path)) => {
+            match cpr::receive_transfer(&cfg, path, signals.as_raw_fd()).map_err(Error::Cpr)? {
+                Some(t) => Some(t),
+                None => return Ok(Outcome::Signal(read_signal(&signals))),
+            }
+        }
+        _ => None,
+    };
+    let (console_out, console_in) = xfer_in
+        .as_mut()
+        .map_or((None, None), cpr::TransferIncoming::take_console);
+    let console = match console_out {
+        Some(f) => Output::Fd(f),
+        None => open_console(&cfg.serial)?,
+    };
+    let handed_listener = match (exec_in.as_mut(), xfer_in.as_mut()) {
+        (Some(e), _) => e.take_listener(),
+        (_, Some(t)) => t.take_listener(),
+        _ => None,
+    };
+    let listener = match handed_listener {
         Some(fd) => {
             let l = UnixListener::from(fd);
             l.set_nonblocking(true)
@@ -94,10 +119,9 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
             .transpose()
             .map_err(Error::Control)?,
     };
-    // Whatever happens from here on, the socket file goes with this process.
-    let _socket_file = cfg.control.clone().map(RemoveOnDrop);
-    // Blocked before any thread starts, so only the signalfd ever sees them.
-    let signals = signal_fd()?;
+    // Whatever happens from here on, the socket file goes with this process
+    // (unless the guest went to another one, which serves the same path).
+    let socket_file = cfg.control.clone().map(RemoveOnDrop);
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Setup("eventfd", e))?;
     let exit_reason = Arc::new(Mutex::new(None));
     let sink = {
@@ -120,6 +144,21 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     let mut greeting = None;
     let (machine, last_pause_us) = match &cfg.incoming {
         None => (Machine::boot(&cfg, console, sink).map_err(Error::Vm)?, 0),
+        Some(Incoming::Unix(_)) => {
+            let t = xfer_in.take().expect("received above");
+            let (r, client) = cpr::resume_transfer(t, &cfg, console, sink).map_err(Error::Cpr)?;
+            log::info!(
+                "resumed after transfer: restore_us={} pause_us={}",
+                r.restore_us,
+                r.pause_us
+            );
+            let reply = format!(
+                "ok resumed mode=transfer pause_us={} version={VERSION}",
+                r.pause_us
+            );
+            greeting = client.map(|c| (c, reply));
+            (r.machine, r.pause_us)
+        }
         Some(Incoming::Fd(_)) => {
             let inc = exec_in.as_mut().expect("received above");
             match cpr::resume_exec(inc, &cfg, console, sink) {
@@ -176,6 +215,10 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         stdio_console: cfg.serial == SerialConfig::Stdio,
         exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
         argv: std::env::args().collect(),
+        console_in: console_in
+            .as_ref()
+            .map_or(libc::STDIN_FILENO, |f| f.as_raw_fd()),
+        _console_in: console_in,
     };
     lp.watch_devices()?;
     lp.add(exit_evt.as_raw_fd(), TOKEN_EXIT)?;
@@ -184,12 +227,14 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         lp.add(l.as_raw_fd(), TOKEN_LISTENER)?;
     }
     // /dev/null and regular files cannot be polled (EPERM): then there is no input.
-    lp.stdin_open =
-        cfg.serial == SerialConfig::Stdio && lp.add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+    lp.stdin_open = cfg.serial == SerialConfig::Stdio && lp.add(lp.console_in, TOKEN_STDIN).is_ok();
     if let Some((fd, reply)) = greeting {
         lp.adopt_client(UnixStream::from(fd), &reply);
     }
     let outcome = lp.serve(&signals, &exit_reason);
+    if matches!(outcome, Ok(Outcome::Transferred)) {
+        std::mem::forget(socket_file);
+    }
     let stopped = lp.machine.vcpus.stop();
     drop(lp.raw.take());
     if let Err(e) = stopped {
@@ -270,6 +315,9 @@ struct Loop {
     /// This binary and its argv, for cpr-exec's defaults.
     exe: PathBuf,
     argv: Vec<String>,
+    /// Where console input comes from: stdin, or what a transfer handed over.
+    console_in: RawFd,
+    _console_in: Option<std::os::fd::OwnedFd>,
 }
 
 enum Next {
@@ -413,7 +461,7 @@ impl Loop {
     fn read_stdin(&mut self) {
         let mut buf = [0u8; 256];
         // SAFETY: reading into a local buffer of the given length.
-        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe { libc::read(self.console_in, buf.as_mut_ptr().cast(), buf.len()) };
         match n {
             n if n > 0 => self.feed_console(&buf[..n as usize]),
             0 => self.close_stdin(),
@@ -428,7 +476,7 @@ impl Loop {
 
     fn close_stdin(&mut self) {
         if self.stdin_open {
-            self.remove(libc::STDIN_FILENO);
+            self.remove(self.console_in);
             self.stdin_open = false;
         }
     }
@@ -455,7 +503,7 @@ impl Loop {
             };
             let _ = self.epoll.ctl(
                 ControlOperation::Modify,
-                libc::STDIN_FILENO,
+                self.console_in,
                 EpollEvent::new(events, TOKEN_STDIN),
             );
         }
@@ -574,6 +622,7 @@ impl Loop {
             Command::Quit => ("ok".into(), Some(Outcome::Quit)),
             Command::CprSave(path) => self.cpr_save(&path),
             Command::CprExec { binary, args } => self.cpr_exec(slot, binary, args),
+            Command::CprTransfer(path) => self.cpr_transfer(slot, &path),
         }
     }
 
@@ -652,6 +701,45 @@ impl Loop {
         }
         log::warn!("cpr-exec failed, guest resumed: {err}");
         (format!("error: cpr-exec: {err}"), None)
+    }
+
+    /// Transfer mode, old side. On success the new process replies and this one
+    /// exits; on failure the guest runs on here.
+    fn cpr_transfer(&mut self, slot: usize, path: &std::path::Path) -> (String, Option<Outcome>) {
+        let Some(Some(client)) = self.clients.get(slot) else {
+            return ("error: cpr-transfer: no client".into(), None);
+        };
+        let console_in = self.stdio_console.then_some(self.console_in);
+        let fds = cpr::transfer_fds(
+            &self.machine,
+            self.listener.as_ref().map(|l| l.as_raw_fd()),
+            client.stream.as_raw_fd(),
+            console_in,
+        );
+        let was_paused = self.paused;
+        let vcpus = &self.machine.vcpus;
+        let pause = || {
+            if was_paused {
+                Ok(())
+            } else {
+                vcpus.pause().map_err(|e| format!("cannot pause: {e}"))
+            }
+        };
+        let resume = || {
+            if !was_paused {
+                vcpus.resume();
+            }
+        };
+        match cpr::transfer_out(&self.machine, path, &fds, pause, resume) {
+            Ok(()) => {
+                log::info!("guest handed over to {}", path.display());
+                (String::new(), Some(Outcome::Transferred))
+            }
+            Err(e) => {
+                log::warn!("cpr-transfer failed, guest runs on here: {e}");
+                (format!("error: cpr-transfer: {e}"), None)
+            }
+        }
     }
 
     fn status(&self) -> String {

@@ -98,7 +98,7 @@ fn run(a: RunArgs) -> ExitCode {
             log::info!("guest reset");
             ExitCode::SUCCESS
         }
-        Ok(Outcome::Quit) | Ok(Outcome::Saved) => ExitCode::SUCCESS,
+        Ok(Outcome::Quit) | Ok(Outcome::Saved) | Ok(Outcome::Transferred) => ExitCode::SUCCESS,
         Ok(Outcome::Guest(GuestExit::Failed(why))) => {
             log::error!("guest stopped: {why}");
             ExitCode::FAILURE

@@ -684,22 +684,24 @@ fn ram_section_damage(good: &[u8]) -> Vec<Damage> {
     ]
 }
 
-/// Writes each damaged file next to the good one and checks that both `molt run
-/// --incoming` and `molt state` refuse it.
-fn check_damage(g: &mut Guest, damage: Vec<Damage>, extra: &[(&str, &str)]) -> Vec<String> {
+/// Writes each damaged file into `g`'s directory; checks that `molt run
+/// --incoming` refuses it (and, if `inspect`, `molt state` too).
+fn check_damage(g: &mut Guest, damage: Vec<Damage>, inspect: bool) -> Vec<String> {
     let mut problems = Vec::new();
     for (i, d) in damage.into_iter().enumerate() {
         let path = g.dir.join(&format!("damaged{i}"));
         fs::write(&path, &d.bytes).expect("write damaged state");
-        problems.extend(g.refused(&d.what, &path, extra, d.words));
-        problems.extend(state_refused(&d.what, &path, d.words));
+        problems.extend(g.refused(&d.what, &path, &[], d.words));
+        if inspect {
+            problems.extend(state_refused(&d.what, &path, d.words));
+        }
     }
     problems
 }
 
 #[test]
-fn damaged_state_with_ram_in_the_file_is_refused() {
-    if !kvm_available("damaged_state_with_ram_in_the_file_is_refused") {
+fn damaged_state_with_ram_in_the_file_is_refused_by_restore() {
+    if !kvm_available("damaged_state_with_ram_in_the_file_is_refused_by_restore") {
         return;
     }
     let mut g = Guest::new("damage", &[]);
@@ -710,7 +712,7 @@ fn damaged_state_with_ram_in_the_file_is_refused() {
     let good = fs::read(&state).expect("read state");
     let mut damage = header_and_payload_damage(&good);
     damage.extend(ram_section_damage(&good));
-    let problems = check_damage(&mut g, damage, &[]);
+    let problems = check_damage(&mut g, damage, false);
     assert_no_problems(&problems);
 }
 
@@ -727,9 +729,188 @@ fn damaged_state_with_ram_in_place_is_refused_and_ram_untouched() {
     let mem_file = g._mem_file.as_ref().expect("mem file").0.clone();
     let ram = fs::read(&mem_file).expect("read --mem-file");
     let good = fs::read(&state).expect("read state");
-    let mut problems = check_damage(&mut g, header_and_payload_damage(&good), &[]);
+    let mut problems = check_damage(&mut g, header_and_payload_damage(&good), true);
     if fs::read(&mem_file).ok() != Some(ram) {
         problems.push("refused restores changed the guest RAM in --mem-file".into());
+    }
+    assert_no_problems(&problems);
+}
+
+/// `molt state` checks a file as a restore would (src/cpr/inspect.rs): every
+/// damage to the golden file, RAM section included, is refused. Needs no KVM.
+#[test]
+fn damaged_state_is_refused_by_molt_state() {
+    let good = fs::read(data_dir().join("state-v1.bin")).expect("golden state");
+    let dir = TempDir::new("inspect");
+    let mut damage = header_and_payload_damage(&good);
+    damage.extend(ram_section_damage(&good));
+    let mut problems = Vec::new();
+    for (i, d) in damage.into_iter().enumerate() {
+        let path = dir.join(&format!("damaged{i}"));
+        fs::write(&path, &d.bytes).expect("write damaged state");
+        problems.extend(state_refused(&d.what, &path, d.words));
+    }
+    assert_no_problems(&problems);
+}
+
+/// Where the fields a hostile file would aim at sit in a V1 payload (postcard:
+/// `writer` as a varint length and bytes, `ram` as a varint variant index,
+/// `stopped_at_ns` as a varint, then the machine's shape: `vcpus` as one byte,
+/// `mem_size` as a varint). V1 is frozen, so this is too.
+struct V1Fields {
+    ram: usize,
+    vcpus: usize,
+    mem_size: std::ops::Range<usize>,
+}
+
+fn varint_end(b: &[u8], mut at: usize) -> usize {
+    while b[at] & 0x80 != 0 {
+        at += 1;
+    }
+    at + 1
+}
+
+fn varint(mut v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let low = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(low);
+            return out;
+        }
+        out.push(low | 0x80);
+    }
+}
+
+fn v1_fields(payload: &[u8]) -> V1Fields {
+    let writer_len = payload[0] as usize;
+    assert!(writer_len < 0x80, "writer length is one varint byte");
+    let ram = 1 + writer_len;
+    let vcpus = varint_end(payload, varint_end(payload, ram));
+    let mem_end = varint_end(payload, vcpus + 1);
+    V1Fields {
+        ram,
+        vcpus,
+        mem_size: vcpus + 1..mem_end,
+    }
+}
+
+/// Header (with a correct CRC) + `payload`: damage that no checksum catches.
+fn seal(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(b"MOLTCPR\0");
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Hostile states with a valid checksum, made from the golden file: every decoded
+/// value is checked before use (SPEC.md "State compatibility").
+fn hostile_states() -> Vec<Damage> {
+    let good = fs::read(data_dir().join("state-v1.bin")).expect("golden state");
+    let len = u32::from_le_bytes(good[LEN_AT..LEN_AT + 4].try_into().expect("4 bytes")) as usize;
+    let payload = &good[HEADER_LEN..HEADER_LEN + len];
+    let ram_section = &good[HEADER_LEN + len..];
+    let f = v1_fields(payload);
+    assert_eq!(payload[f.ram], 1, "golden RAM location is InStateFile");
+    assert_eq!(payload[f.vcpus], 1, "golden vCPU count");
+    let edit = |at: usize, byte: u8| {
+        let mut p = payload.to_vec();
+        p[at] = byte;
+        [seal(&p), ram_section.to_vec()].concat()
+    };
+    let mem = |size: u64| {
+        let p = [
+            &payload[..f.mem_size.start],
+            &varint(size),
+            &payload[f.mem_size.end..],
+        ]
+        .concat();
+        [seal(&p), ram_section.to_vec()].concat()
+    };
+    let mut huge = good.clone();
+    huge[LEN_AT..LEN_AT + 4].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
+    let mut in_place = payload.to_vec();
+    in_place[f.ram] = 0;
+    vec![
+        Damage {
+            what: "unknown RAM location variant".into(),
+            bytes: edit(f.ram, 7),
+            words: &["decode", "invalid"],
+        },
+        Damage {
+            what: "0 vCPUs".into(),
+            bytes: edit(f.vcpus, 0),
+            words: &["vcpu"],
+        },
+        Damage {
+            what: "2 vCPUs in the shape, 1 vCPU state".into(),
+            bytes: edit(f.vcpus, 2),
+            words: &["vcpu"],
+        },
+        Damage {
+            what: "memory size not a multiple of 4 KiB".into(),
+            bytes: mem((16 << 20) + 1),
+            words: &["memory size"],
+        },
+        Damage {
+            what: "memory size below the minimum".into(),
+            bytes: mem(4096),
+            words: &["memory size"],
+        },
+        Damage {
+            what: "payload one byte short, resealed".into(),
+            bytes: [seal(&payload[..len - 1]), ram_section.to_vec()].concat(),
+            words: &["decode", "truncated"],
+        },
+        Damage {
+            what: "payload with an extra byte, resealed".into(),
+            bytes: [seal(&[payload, &[0]].concat()), ram_section.to_vec()].concat(),
+            words: TRAILING,
+        },
+        Damage {
+            what: "payload length 0xfffffff0".into(),
+            bytes: huge,
+            words: &["exceeds", "too large", "truncated"],
+        },
+        Damage {
+            what: "RAM in place, with bytes after the payload".into(),
+            bytes: [seal(&in_place), b"garbage\n".to_vec()].concat(),
+            words: TRAILING,
+        },
+    ]
+}
+
+#[test]
+fn hostile_state_with_a_valid_crc_is_refused_by_molt_state() {
+    let dir = TempDir::new("hostile");
+    let mut problems = Vec::new();
+    for (i, d) in hostile_states().into_iter().enumerate() {
+        let path = dir.join(&format!("hostile{i}"));
+        fs::write(&path, &d.bytes).expect("write hostile state");
+        problems.extend(state_refused(&d.what, &path, d.words));
+    }
+    assert_no_problems(&problems);
+}
+
+#[test]
+fn hostile_state_with_a_valid_crc_is_refused_by_restore() {
+    if !kvm_available("hostile_state_with_a_valid_crc_is_refused_by_restore") {
+        return;
+    }
+    let shm = shm_file("hostile");
+    let mut g = Guest::new("hostile", &[("--mem", GOLDEN_MEM)]);
+    let mut problems = Vec::new();
+    for (i, d) in hostile_states().into_iter().enumerate() {
+        let path = g.dir.join(&format!("hostile{i}"));
+        fs::write(&path, &d.bytes).expect("write hostile state");
+        // Given a --mem-file, so that an in-place state is refused for what is
+        // wrong with it, not for the missing file.
+        let mem_file = shm.0.to_str().expect("utf-8");
+        problems.extend(g.refused(&d.what, &path, &[("--mem-file", mem_file)], d.words));
     }
     assert_no_problems(&problems);
 }
@@ -781,9 +962,16 @@ impl Drop for Mount {
     }
 }
 
-/// `cpr-save path` must fail, leave the guest counting and leave nothing at
-/// `path` (or what was there, `old`) and no `path.tmp`.
-fn save_fails(g: &Guest, molt: &mut Molt, what: &str, path: &Path, old: Option<&[u8]>) {
+/// What was at a save's PATH before it failed, and must be there after.
+enum Before<'a> {
+    Nothing,
+    File(&'a [u8]),
+    Directory,
+}
+
+/// `cpr-save path` must fail, leave the guest counting, leave at `path` what was
+/// there before and no `path.tmp`.
+fn save_fails(g: &Guest, molt: &mut Molt, what: &str, path: &Path, before: Before) {
     let reply = g.ctl(&["cpr-save", path.to_str().expect("utf-8")]);
     assert!(
         reply.starts_with("error: cpr-save"),
@@ -803,16 +991,21 @@ fn save_fails(g: &Guest, molt: &mut Molt, what: &str, path: &Path, old: Option<&
     );
     // The guest runs on: its output grows after the error.
     g.more_counts(molt, 2);
-    match old {
-        None => assert!(
+    match before {
+        Before::Nothing => assert!(
             fs::symlink_metadata(path).is_err(),
             "{what}: {} exists after a failed save",
             path.display()
         ),
-        Some(old) => assert_eq!(
+        Before::File(old) => assert_eq!(
             fs::read(path).ok().as_deref(),
             Some(old),
             "{what}: the file that was at {} changed",
+            path.display()
+        ),
+        Before::Directory => assert!(
+            path.is_dir(),
+            "{what}: the directory at {} is gone",
             path.display()
         ),
     }
@@ -833,33 +1026,46 @@ fn failed_save_leaves_the_guest_running_and_nothing_behind() {
     g.more_counts(&mut molt, 2);
 
     let missing = g.dir.join("no-such-dir/state");
-    save_fails(&g, &mut molt, "missing directory", &missing, None);
     save_fails(
         &g,
         &mut molt,
-        "in /proc",
-        Path::new("/proc/molt-cpr-state"),
-        None,
+        "missing directory",
+        &missing,
+        Before::Nothing,
     );
+    let proc = Path::new("/proc/molt-cpr-state");
+    save_fails(&g, &mut molt, "in /proc", proc, Before::Nothing);
     // The temporary file is written, then the rename onto a directory fails.
     let is_dir = g.dir.join("a-directory");
     fs::create_dir(&is_dir).expect("mkdir");
-    save_fails(&g, &mut molt, "PATH is a directory", &is_dir, None);
-    assert!(is_dir.is_dir(), "the directory at PATH is gone");
+    save_fails(
+        &g,
+        &mut molt,
+        "PATH is a directory",
+        &is_dir,
+        Before::Directory,
+    );
 
     // Declared after `g`, so unmounted before its directory is removed.
     let ro = Mount::tmpfs(&g.dir.join("ro"), "size=64k,ro");
     if let Some(ro) = &ro {
-        save_fails(&g, &mut molt, "read-only tmpfs", &ro.0.join("state"), None);
+        let path = ro.0.join("state");
+        save_fails(&g, &mut molt, "read-only tmpfs", &path, Before::Nothing);
     }
     // 16 KiB: the state of the counting guest with its RAM is about 26 KiB.
     let full = Mount::tmpfs(&g.dir.join("full"), "size=16k");
     if let Some(full) = &full {
         let path = full.0.join("state");
-        save_fails(&g, &mut molt, "full tmpfs", &path, None);
+        save_fails(&g, &mut molt, "full tmpfs", &path, Before::Nothing);
         let old = b"the previous state\n";
         fs::write(&path, old).expect("write old state");
-        save_fails(&g, &mut molt, "full tmpfs, PATH exists", &path, Some(old));
+        save_fails(
+            &g,
+            &mut molt,
+            "full tmpfs, PATH exists",
+            &path,
+            Before::File(old),
+        );
     }
 
     // None of it disturbed the guest: a real save now resumes one continuous run.

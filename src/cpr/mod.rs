@@ -23,6 +23,7 @@ pub mod fds;
 pub mod inspect;
 pub mod reboot;
 pub mod state;
+pub mod transfer;
 
 use std::fmt;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -47,6 +48,7 @@ pub enum Error {
     Exec(exec::Error),
     Probe(PathBuf, String),
     Handover(String),
+    Transfer(transfer::Error),
 }
 
 impl fmt::Display for Error {
@@ -62,7 +64,8 @@ impl fmt::Display for Error {
             Error::Memory(e) => e.fmt(f),
             Error::Exec(e) => e.fmt(f),
             Error::Probe(p, why) => write!(f, "{} cannot take the guest: {why}", p.display()),
-            Error::Handover(why) => write!(f, "bad handover: {why}"),
+            Error::Handover(why) => write!(f, "handover: {why}"),
+            Error::Transfer(e) => e.fmt(f),
         }
     }
 }
@@ -171,7 +174,11 @@ fn snapshot(machine: &Machine, ram: RamLocation) -> Result<CprState, Error> {
 
 /// The guest's descriptors by slot: RAM, disks and taps in argv order, then the
 /// control socket and the client that asked.
-fn handover_fds(machine: &Machine, listener: Option<RawFd>, client: RawFd) -> Vec<(FdKind, RawFd)> {
+pub fn handover_fds(
+    machine: &Machine,
+    listener: Option<RawFd>,
+    client: RawFd,
+) -> Vec<(FdKind, RawFd)> {
     let mut fds = vec![(FdKind::GuestRam, machine.ram.file().as_raw_fd())];
     let (mut disk, mut tap) = (0u8, 0u8);
     for d in &machine.virtio {
@@ -234,8 +241,17 @@ pub fn resume_exec(
     exit: ExitSink,
 ) -> Result<(Resumed, Option<OwnedFd>), Error> {
     let start = Instant::now();
+    let (cfg, ram) = adopted_config(cfg, &inc.adopted)?;
+    let resumed = resume(&cfg, &inc.state, ram, console, exit, start)?;
+    Ok((resumed, inc.adopted.client.take()))
+}
+
+/// `cfg` rewritten to use handed-over descriptors instead of names: RAM and
+/// disks reopened through /proc/self/fd (a fresh open file description of the
+/// same file), taps adopted by duplicate (the original stays with `a`, for a
+/// rollback). Returns the config and the mapped RAM.
+fn adopted_config(cfg: &RunConfig, a: &Adopted) -> Result<(RunConfig, GuestRam), Error> {
     let mut cfg = cfg.clone();
-    let a = &inc.adopted;
     let ram = a
         .ram
         .as_ref()
@@ -245,15 +261,125 @@ pub fn resume_exec(
         d.path = fds::proc_path(f);
     }
     for (n, t) in cfg.nets.iter_mut().zip(&a.taps) {
-        // A duplicate: the original stays ours for a rollback.
         let dup = t
             .try_clone()
             .map_err(|e| Error::Handover(format!("dup tap: {e}")))?;
         n.backend = crate::args::NetBackend::Fd(dup.into_raw_fd());
     }
     let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
-    let resumed = resume(&cfg, &inc.state, ram, console, exit, start)?;
-    Ok((resumed, inc.adopted.client.take()))
+    Ok((cfg, ram))
+}
+
+/// The guest's descriptors for a transfer: those of an exec plus the console,
+/// which the new process (started elsewhere) would not otherwise have.
+pub fn transfer_fds(
+    machine: &Machine,
+    listener: Option<RawFd>,
+    client: RawFd,
+    console_in: Option<RawFd>,
+) -> Vec<(FdKind, RawFd)> {
+    let mut fds = handover_fds(machine, listener, client);
+    let out = crate::pci::lock(&machine.bus.serial).output_fd();
+    fds.extend(out.map(|fd| (FdKind::ConsoleOut, fd)));
+    fds.extend(console_in.map(|fd| (FdKind::ConsoleIn, fd)));
+    fds
+}
+
+/// Transfer mode, old side, from a running guest. `pause` and `resume` stop
+/// and restart the vCPUs. On Ok the new process runs the guest and this one
+/// must only exit; on Err the guest runs here as before.
+pub fn transfer_out(
+    machine: &Machine,
+    path: &Path,
+    fds: &[(FdKind, RawFd)],
+    pause: impl FnOnce() -> Result<(), String>,
+    resume: impl FnOnce(),
+) -> Result<(), Error> {
+    let mut out = transfer::Outgoing::hello(path, fds).map_err(Error::Transfer)?;
+    pause().map_err(Error::Handover)?;
+    let sent = snapshot(machine, RamLocation::InPlace)
+        .and_then(|s| state::encode(&s).map_err(|e| Error::Handover(e.to_string())))
+        .and_then(|bytes| out.send_state(bytes).map_err(Error::Transfer))
+        .and_then(|()| out.go().map_err(Error::Transfer));
+    if sent.is_err() {
+        resume();
+    }
+    sent
+}
+
+/// Transfer mode, new side: what arrived with HELLO.
+pub struct TransferIncoming {
+    link: transfer::Incoming,
+    adopted: Adopted,
+}
+
+impl TransferIncoming {
+    pub fn take_listener(&mut self) -> Option<OwnedFd> {
+        self.adopted.listener.take()
+    }
+
+    pub fn take_console(&mut self) -> (Option<std::fs::File>, Option<OwnedFd>) {
+        (
+            self.adopted.console_out.take(),
+            self.adopted.console_in.take(),
+        )
+    }
+}
+
+/// Waits on `path` for the old process (None if `stop` fired first) and adopts
+/// what it hands over.
+pub fn receive_transfer(
+    cfg: &RunConfig,
+    path: &Path,
+    stop: RawFd,
+) -> Result<Option<TransferIncoming>, Error> {
+    let Some(mut link) = transfer::accept(path, stop).map_err(Error::Transfer)? else {
+        return Ok(None);
+    };
+    log::info!("taking the guest over from molt {}", link.peer_version);
+    let kinds = std::mem::take(&mut link.kinds);
+    let fds = std::mem::take(&mut link.fds);
+    match fds::adopt(&kinds, &fds, cfg.disks.len(), cfg.nets.len()) {
+        Ok(adopted) => Ok(Some(TransferIncoming { link, adopted })),
+        Err(why) => {
+            link.fail(&why);
+            Err(Error::Handover(why))
+        }
+    }
+}
+
+/// Transfer mode, new side: prepares the machine while the old process still
+/// runs the guest, loads the state it then sends, and runs the guest on GO.
+pub fn resume_transfer(
+    mut t: TransferIncoming,
+    cfg: &RunConfig,
+    console: Output,
+    exit: ExitSink,
+) -> Result<(Resumed, Option<OwnedFd>), Error> {
+    let prepared = adopted_config(cfg, &t.adopted)
+        .and_then(|(cfg, ram)| Machine::prepare(&cfg, ram, console).map_err(Error::Vm));
+    let loaded = prepared.and_then(|prepared| {
+        let bytes = t.link.ready().map_err(Error::Transfer)?;
+        let start = Instant::now();
+        let state = state::decode(&bytes).map_err(|e| Error::Handover(format!("state: {e}")))?;
+        let restored = prepared.restore(&state.machine).map_err(Error::Vm)?;
+        Ok((restored, state.stopped_at_ns, start))
+    });
+    let (restored, stopped_at_ns, start) = match loaded {
+        Ok(r) => r,
+        Err(e) => {
+            t.link.fail(&e.to_string());
+            return Err(e);
+        }
+    };
+    t.link.restored().map_err(Error::Transfer)?;
+    let machine = restored.start(exit).map_err(Error::Vm)?;
+    let resumed = Resumed {
+        machine,
+        restore_us: start.elapsed().as_micros() as u64,
+        pause_us: realtime_ns().saturating_sub(stopped_at_ns) / 1000,
+    };
+    Ok((resumed, t.adopted.client.take()))
 }
 
 /// The new image could not resume: exec the previous one with the same state

@@ -90,6 +90,26 @@ impl Serial {
             .map_err(|e| format!("UART state refused: {e:?}"))
     }
 
+    /// Takes saved registers into this UART, keeping its interrupt line and output.
+    pub fn restore(&mut self, s: &SerialStateV1) -> Result<(), String> {
+        let irq = match &self.0.interrupt_evt().0 {
+            Some(e) => Some(e.try_clone().map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let placeholder = vm_superio::Serial::new(IrqLine(None), Output::Sink);
+        let out = std::mem::replace(&mut self.0, placeholder).into_writer();
+        *self = Serial::from_state(s, irq, out)?;
+        Ok(())
+    }
+
+    /// The descriptor console output goes to, if any (handed over on transfer).
+    pub fn output_fd(&self) -> Option<std::os::fd::RawFd> {
+        match self.0.writer() {
+            Output::Fd(f) => Some(std::os::fd::AsRawFd::as_raw_fd(f)),
+            Output::Sink => None,
+        }
+    }
+
     pub fn state(&self) -> SerialStateV1 {
         let s = self.0.state();
         SerialStateV1 {

@@ -136,6 +136,66 @@ pub struct Machine {
     kvm: Kvm,
 }
 
+/// A machine built but not yet holding a saved state.
+pub struct Prepared {
+    parts: Parts,
+    vcpus: u8,
+}
+
+/// A machine holding a saved state, its vCPUs not yet running.
+pub struct Restored {
+    parts: Parts,
+    fds: Vec<VcpuFd>,
+}
+
+impl Prepared {
+    /// Loads `state`: the reverse of `save`, devices first (raising their pending
+    /// interrupts again), then the VM's interrupt controllers and clock, then the
+    /// vCPUs. Refuses a state of another shape, listing the differences.
+    pub fn restore(self, state: &MachineState) -> Result<Restored, Error> {
+        let parts = self.parts;
+        let diff = parts.shape(self.vcpus).differences(&state.shape);
+        if !diff.is_empty() {
+            return Err(Error::Mismatch(diff.join("; ")));
+        }
+        if parts.allocator != state.allocator {
+            return Err(Error::Mismatch("devices are placed differently".into()));
+        }
+        crate::pci::lock(&parts.bus.serial)
+            .restore(&state.serial)
+            .map_err(Error::Mismatch)?;
+        for (i, (dev, saved)) in parts.virtio.iter().zip(&state.virtio).enumerate() {
+            crate::pci::lock(dev)
+                .restore(saved)
+                .map_err(|why| Error::Mismatch(format!("device {i}: {why}")))?;
+        }
+        kvm::restore_vm(&parts.vm, &state.vm).map_err(Error::Kvm)?;
+        let mut fds = Vec::with_capacity(state.vcpus.len());
+        for (i, saved) in state.vcpus.iter().enumerate() {
+            let i = i as u8;
+            let fd = vcpu::create(
+                &parts.kvm,
+                &parts.vm,
+                &parts.ram.memory,
+                i,
+                self.vcpus,
+                None,
+            )
+            .map_err(Error::Vcpu)?;
+            vcpu::restore(&fd, i, saved).map_err(Error::Vcpu)?;
+            fds.push(fd);
+        }
+        Ok(Restored { parts, fds })
+    }
+}
+
+impl Restored {
+    /// Runs the vCPUs: the guest's pause ends here.
+    pub fn start(self, exit: ExitSink) -> Result<Machine, Error> {
+        self.parts.start(self.fds, exit)
+    }
+}
+
 /// A machine with RAM, VM and devices but no vCPUs yet.
 struct Parts {
     ram: GuestRam,
@@ -148,22 +208,14 @@ struct Parts {
 }
 
 impl Parts {
-    fn build(
-        cfg: &RunConfig,
-        ram: GuestRam,
-        console: Output,
-        serial: Option<&SerialStateV1>,
-    ) -> Result<Self, Error> {
+    fn build(cfg: &RunConfig, ram: GuestRam, console: Output) -> Result<Self, Error> {
         let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
         let vm = Arc::new(vm);
         let serial_irq = kvm::irq_eventfd(&vm, SERIAL_IRQ).map_err(Error::Kvm)?;
         let routes = Arc::new(GsiRoutes::new(vm.clone()));
         let (pci, virtio, allocator) =
             devices::build(cfg, &vm, &ram.memory, &routes).map_err(Error::Devices)?;
-        let serial = match serial {
-            Some(s) => Serial::from_state(s, Some(serial_irq), console).map_err(Error::Mismatch)?,
-            None => Serial::new(Some(serial_irq), console),
-        };
+        let serial = Serial::new(Some(serial_irq), console);
         let bus = Arc::new(Bus {
             serial: Mutex::new(serial),
             pci,
@@ -223,7 +275,7 @@ impl Machine {
     /// Builds the machine for `cfg`, loads the guest and starts its vCPUs.
     pub fn boot(cfg: &RunConfig, console: Output, exit: ExitSink) -> Result<Self, Error> {
         let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
-        let parts = Parts::build(cfg, ram, console, None)?;
+        let parts = Parts::build(cfg, ram, console)?;
         let spec = BootSpec {
             kernel: &cfg.kernel,
             initrd: cfg.initrd.as_deref(),
@@ -249,9 +301,7 @@ impl Machine {
     }
 
     /// Builds the machine for `cfg` around `ram` (already holding the guest) and
-    /// resumes it from `state`: the reverse of `save`, devices first, then the
-    /// VM's interrupt controllers and clock, then the vCPUs. Pending interrupts
-    /// are raised again by the devices' restore.
+    /// resumes it from `state`.
     pub fn restore(
         cfg: &RunConfig,
         ram: GuestRam,
@@ -259,29 +309,18 @@ impl Machine {
         exit: ExitSink,
         state: &MachineState,
     ) -> Result<Self, Error> {
-        let parts = Parts::build(cfg, ram, console, Some(&state.serial))?;
-        let diff = parts.shape(cfg.vcpus).differences(&state.shape);
-        if !diff.is_empty() {
-            return Err(Error::Mismatch(diff.join("; ")));
-        }
-        if parts.allocator != state.allocator {
-            return Err(Error::Mismatch("devices are placed differently".into()));
-        }
-        for (i, (dev, saved)) in parts.virtio.iter().zip(&state.virtio).enumerate() {
-            crate::pci::lock(dev)
-                .restore(saved)
-                .map_err(|why| Error::Mismatch(format!("device {i}: {why}")))?;
-        }
-        kvm::restore_vm(&parts.vm, &state.vm).map_err(Error::Kvm)?;
-        let mut fds = Vec::with_capacity(state.vcpus.len());
-        for (i, saved) in state.vcpus.iter().enumerate() {
-            let i = i as u8;
-            let fd = vcpu::create(&parts.kvm, &parts.vm, &parts.ram.memory, i, cfg.vcpus, None)
-                .map_err(Error::Vcpu)?;
-            vcpu::restore(&fd, i, saved).map_err(Error::Vcpu)?;
-            fds.push(fd);
-        }
-        parts.start(fds, exit)
+        Self::prepare(cfg, ram, console)?
+            .restore(state)?
+            .start(exit)
+    }
+
+    /// Everything that needs no saved state: RAM mapped, VM, memslots, devices.
+    /// A transfer does this while the old process still runs the guest.
+    pub fn prepare(cfg: &RunConfig, ram: GuestRam, console: Output) -> Result<Prepared, Error> {
+        Ok(Prepared {
+            parts: Parts::build(cfg, ram, console)?,
+            vcpus: cfg.vcpus,
+        })
     }
 
     /// Saves a paused machine. The quiesce contract: vCPUs are paused (the

@@ -38,8 +38,8 @@ guest_ready() {
     echo "LAB-INFO guest up $(( $(now_ms) - _t0 )) ms after launch"
 }
 
-# gout TAG: the text of the guest's output lines tagged TAG (most recent run of
-# the tag only if the caller used a fresh tag; tags are meant to be unique).
+# gout TAG: the guest's output lines tagged TAG, without the tag (each command
+# uses its own tag, so these are that command's lines).
 gout() { grep "^$1 " "$VMM_LOG" | tr -d '\r' | sed "s/^$1 //"; }
 
 # gval TAG: the last line tagged TAG.

@@ -1,0 +1,237 @@
+# Helpers for the live-update (CPR) scenarios: cpr-restart, cpr-ramcopy,
+# cpr-kexec, bench-reboot. Sourced after common.sh and devices.sh.
+#
+# The guest runs rootfs/guest/workload: a counter on the console (GUEST-COUNT
+# n every COUNT_MS), numbered records appended to a file on its virtio disk,
+# and a TCP client exchanging numbered messages with `labtcp server` on L2.
+# L2 stamps every GUEST-COUNT line as it leaves molt (labcpr stamp), so the
+# guest-visible pause is the largest gap between two stamped lines.
+
+SOCK=/run/molt.sock
+CPR_PORT=7000
+COUNT_MS=${COUNT_MS:-100}
+SERVER_STATUS=/run/tcp-server.status
+# The stamp file (TSC, CLOCK_MONOTONIC, n per GUEST-COUNT line); a scenario
+# that crosses a kexec puts it on persistent memory.
+STAMPS=/run/counts.ts
+
+# cpr_vmm_start LOG CMD...: vmm_start, with the console going through
+# `labcpr stamp` into LOG (and the GUEST-COUNT stamps into $STAMPS).
+# VMM_PID is CMD's process; the stamper exits when CMD closes its output.
+cpr_vmm_start() {
+    VMM_LOG=$1; shift
+    rm -f "$VMM_LOG" "$VMM_LOG.err" "$VMM_LOG.in" "$VMM_LOG.out"
+    mkfifo "$VMM_LOG.in" "$VMM_LOG.out"
+    : > "$VMM_LOG"
+    labcpr stamp "$VMM_LOG" "$STAMPS" < "$VMM_LOG.out" &
+    STAMP_PID=$!
+    "$@" < "$VMM_LOG.in" > "$VMM_LOG.out" 2> "$VMM_LOG.err" &
+    VMM_PID=$!
+    exec 3> "$VMM_LOG.in"
+}
+
+# run_args EXTRA...: print the `molt run` arguments the CPR scenarios share,
+# one per line (the form molt-upgrade's ARGV file takes; read it back with
+# `while IFS= read -r a; do set -- "$@" "$a"; done`).
+run_args() {
+    printf '%s\n' --kernel /lab/vmlinuz --initrd /lab/guest.cpio.gz \
+        --cmdline "$DEVICE_CMDLINE" --serial stdio --cpus 2 --mem 256M "$@" \
+        --control "$SOCK"
+}
+
+# tcp_server_start: the L2 end of the guest's TCP connection.
+tcp_server_start() {
+    rm -f "$SERVER_STATUS"
+    labtcp server "$CPR_PORT" "$SERVER_STATUS" > /run/tcp-server.log 2>&1 &
+    SERVER_PID=$!
+}
+
+# server_field KEY: a field of the TCP server's status line (empty if none).
+server_field() { [ -f "$SERVER_STATUS" ] && field "$1" "$(cat "$SERVER_STATUS")"; }
+
+counts() { count "$VMM_LOG" '^GUEST-COUNT [0-9]'; }
+
+# guest_workload_setup: network, an ext filesystem on /dev/vda at /mnt, the
+# workload; waits until it has run for about 3 s (counter, records, TCP).
+guest_workload_setup() {
+    guest_net_up guest_ip_rc
+    gcheck mkfs_rc 120 "mke2fs -F /dev/vda >/dev/null 2>&1 && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt"
+    gcheck workload_start_rc 30 "workload start $COUNT_MS /mnt/records $HOST_IP $CPR_PORT"
+    wait_count "$VMM_LOG" '^GUEST-COUNT [0-9]' 30 60 || fail counter "fewer than 30 GUEST-COUNT lines in 60 s"
+    _i=0
+    while [ -z "$(server_field msgs)" ] || [ "$(server_field msgs)" -lt 20 ]; do
+        _i=$((_i + 1))
+        [ $_i -le 300 ] || { fail tcp_before "the TCP server got fewer than 20 messages in 30 s"; break; }
+        sleep 0.1
+    done
+}
+
+# cpr_save STATE: cpr-save through the control socket; checks the reply and
+# that the old molt exits 0. Sets SAVE_REPLY.
+cpr_save() {
+    _t0=$(now_ms)
+    SAVE_REPLY=$(molt ctl "$SOCK" cpr-save "$1" 2>&1)
+    result save_cmd_ms $(( $(now_ms) - _t0 ))
+    echo "LAB-INFO cpr-save reply: $SAVE_REPLY"
+    case $SAVE_REPLY in "ok saved "*) check save_reply ok ok ;; *) check save_reply "$SAVE_REPLY" ok ;; esac
+    result save_us "$(field save_us "$SAVE_REPLY")"
+    result state_bytes "$(field bytes "$SAVE_REPLY")"
+    wait_exit "$VMM_PID" 60
+    check old_molt_exit "$EXIT_RC" 0
+    molt state "$1" 2>&1 | sed 's/^/LAB-INFO molt state: /'
+}
+
+# cpr_resumed: wait for the new molt's "resumed from" log line and report its
+# numbers; then for the guest to run on (20 more counts). Returns 1 if it did not.
+cpr_resumed() {
+    if ! wait_log "$VMM_LOG.err" 'resumed from' 120 "$VMM_PID"; then
+        fail resumed "no 'resumed from' from the new molt (alive: $(alive "$VMM_PID" && echo yes || echo no))"
+        return 1
+    fi
+    _l=$(grep -m1 'resumed from' "$VMM_LOG.err")
+    echo "LAB-INFO $_l"
+    check resumed yes yes
+    result restore_us "$(field restore_us "$_l")"
+    result pause_us "$(field pause_us "$_l")"
+    if ! wait_count "$VMM_LOG" '^GUEST-COUNT [0-9]' 20 60; then
+        fail counter_after "fewer than 20 GUEST-COUNT lines in 60 s after the resume"
+        alive "$VMM_PID" && proc_diag "$VMM_PID"
+        return 1
+    fi
+}
+
+# count_checks LOG_BEFORE LOG_AFTER: the counter went on where it stopped.
+# The two console logs joined must hold GUEST-COUNT 1, 2, 3, ... with no gap
+# or repeat (a line cut by the save continues in the second log).
+count_checks() {
+    _last=$(tr -d '\r' < "$1" | sed -n 's/^GUEST-COUNT \([0-9][0-9]*\)$/\1/p' | tail -n 1)
+    _first=$(tr -d '\r' < "$2" | sed -n 's/^GUEST-COUNT \([0-9][0-9]*\)$/\1/p' | head -n 1)
+    result count_before "$_last"
+    result count_after "$_first"
+    check count_continues "$([ -n "$_last" ] && [ -n "$_first" ] && [ "$_first" -gt "$_last" ] && echo yes || echo no)" yes
+    _seq=$(cat "$1" "$2" | tr -d '\r' | sed -n 's/^GUEST-COUNT \([0-9][0-9]*\)$/\1/p' |
+        awk '$1 != p + 1 { bad++; if (bad <= 3) printf "%d after %d; ", $1, p } { p = $1 }
+             END { print (bad ? bad " out of order" : "ok") }')
+    check count_sequence "$_seq" ok
+}
+
+# count_gap [TICKS_PER_US]: the largest gap in the stamped GUEST-COUNT stream.
+count_gap() {
+    _g=$(labcpr gaps "$STAMPS" "$@")
+    echo "LAB-INFO count stream: $_g (period $COUNT_MS ms)"
+    result count_gap_ms $(( $(field max_gap_us "$_g") / 1000 ))
+}
+
+# workload_checks MODE MSGS_BEFORE: stop the workload, check records and TCP.
+# MODE same: one connection throughout, no gap on either end, and the server
+# got more than MSGS_BEFORE messages (its count at the save);
+# reconnected: the peer died with the old kernel, a new connection to the new
+# server carries on (MSGS_BEFORE is 0: a new server).
+workload_checks() {
+    _mode=$1 _before=$2
+    # Let TCP run for a few messages after the resume (the guest may first have
+    # to retransmit into, or be reset by, the new L2).
+    _i=0
+    while [ -z "$(server_field msgs)" ] || [ "$(server_field msgs)" -le $((_before + 5)) ]; do
+        _i=$((_i + 1))
+        [ $_i -le 300 ] || break
+        sleep 0.1
+    done
+    gcheck workload_stop_rc 60 "workload stop"
+    guest_cmd "workload check /mnt/records" 60 >/dev/null
+    _rec=$(gval WL-REC)
+    _tcp=$(gval WL-TCP)
+    echo "LAB-INFO guest records: $_rec"
+    echo "LAB-INFO guest TCP client: $_tcp"
+    gout WL-TCPLOG | sed 's/^/LAB-INFO guest TCP log: /'
+    echo "LAB-INFO L2 TCP server: $(cat "$SERVER_STATUS" 2>/dev/null)"
+    sed 's/^/LAB-INFO L2 TCP server log: /' /run/tcp-server.log
+    result records "$(field records "$_rec")"
+    check records_clean "$(field gaps "$_rec")/$(field dups "$_rec")/$(field bad "$_rec")" 0/0/0
+    GUEST_RECORDS=$(field last "$_rec")
+    check tcp_client_errors "$(field errors "$_tcp")" 0
+    check tcp_server_gaps "$(server_field gaps)" 0
+    check tcp_server_errors "$(server_field errors)" 0
+    result tcp_msgs "$(server_field last)"
+    case $_mode in
+    same)
+        check tcp_client_conns "$(field conns "$_tcp")" 1
+        check tcp_server_conns "$(server_field conns)" 1
+        check tcp_same_connection "$([ "$(field local_port "$_tcp")" = "$(server_field peer_port)" ] && echo yes || echo no)" yes
+        check tcp_continued "$([ "$(server_field msgs)" -gt "$_before" ] && echo yes || echo no)" yes
+        ;;
+    reconnected)
+        # The old connection's peer died with the old kernel: one reconnect,
+        # accepted by the new server, which then sees the messages continue.
+        check tcp_client_conns "$(field conns "$_tcp")" 2
+        check tcp_server_conns "$(server_field conns)" 1
+        check tcp_after_kexec "$([ "$(server_field msgs)" -gt 0 ] && [ "$(field acked "$_tcp")" = "$(field sent "$_tcp")" ] && echo reconnected || echo broken)" reconnected
+        ;;
+    esac
+}
+
+# disk_records_check IMG: after the guest unmounted and powered off, L2 reads
+# the records file from the disk image itself.
+disk_records_check() {
+    modprobe loop 2>/dev/null
+    mkdir -p /mnt/img
+    if mount -o ro -t ext4 "$1" /mnt/img 2>/dev/null; then
+        _r=$(labcpr check /mnt/img/records 2>&1)
+        umount -d /mnt/img
+        echo "LAB-INFO records on the disk image: $_r"
+        check disk_records_clean "$(field gaps "$_r")/$(field dups "$_r")/$(field bad "$_r")" 0/0/0
+        check disk_records_match "$([ "$(field last "$_r")" = "${GUEST_RECORDS:-x}" ] && echo yes || echo no)" yes
+    else
+        fail disk_records "L2 cannot mount the image"
+    fi
+}
+
+# cpr_finish IMG: dmesg, unmount, power off, the image from L2's side.
+cpr_finish() {
+    guest_dmesg_clean dmesg_errors
+    gcheck umount_rc 60 "umount /mnt"
+    guest_poweroff molt_exit
+    disk_records_check "$1"
+}
+
+# cpr_local NAME MOLT_ARGS...: the restart without reboot (cpr-restart,
+# cpr-ramcopy): boot with 2 vCPUs, a disk and a NIC, run the workload,
+# cpr-save, start molt again with --incoming, check everything, power off.
+cpr_local() {
+    _name=$1; shift
+    IMG=/tmp/disk.img
+    STATE=/run/state
+    t_start=$(now_ms)
+    if tap_up; then check tap yes yes; else check tap no yes; fi
+    truncate -s 64M "$IMG"
+    tcp_server_start
+    run_args "$@" --disk "$IMG" --net "tap=$TAP,mac=$GUEST_MAC" > /run/argv
+    set --
+    while IFS= read -r a; do set -- "$@" "$a"; done < /run/argv
+    echo "LAB-INFO $_name: molt run $*"
+
+    cpr_vmm_start /run/guest1.log molt run "$@"
+    if ! guest_ready "$VMM_LOG"; then
+        kill -9 "$VMM_PID" 2>/dev/null
+        dump_vmm guest1
+        return
+    fi
+    check guest_cpus "$GUEST_CPUS" 2
+    guest_workload_setup
+    _msgs=$(server_field msgs)
+    cpr_save "$STATE"
+    dump_vmm old-molt
+
+    cpr_vmm_start /run/guest2.log molt run "$@" --incoming "file:$STATE"
+    if cpr_resumed; then
+        count_gap
+        workload_checks same "$_msgs"
+        count_checks /run/guest1.log /run/guest2.log
+        cpr_finish "$IMG"
+    else
+        kill -9 "$VMM_PID" 2>/dev/null
+    fi
+    dump_vmm new-molt
+    kill "$SERVER_PID" 2>/dev/null
+    result lab_ms $(( $(now_ms) - t_start ))
+}
