@@ -12,12 +12,15 @@
 #                process to the vCPUs starting in the new one (includes both
 #                processes' exit/start and this script's gap between them)
 #   old_exit_us  external: reply received -> old molt reaped
+#   start_us     estimate: new molt spawned -> its restore began (fork, exec, setup
+#                before the state is read), = (t_reply - save_us + pause_us)
+#                - restore_us - t_spawn, exact to the reply's transit time
 #   next_line_us external: reply received -> the restored guest's next complete
-#                serial line (includes process start; up to one line period of
+#                serial line (includes process start, and up to one line period of
 #                guest work on top, see line_us)
-#   resumed_us   external, RAM in place only: next_line_us minus the time the guest
-#                needed for the increments between the saved counter (read from the
-#                --mem-file) and that line, at the steady-state line rate
+#   resumed_us   estimate: next_line_us minus the guest work that line still needed
+#                when the guest stopped (one line period minus the time from the
+#                last line before the save to the stop), at the steady line rate
 #   line_us      the guest's steady-state time per serial line, for scale
 #
 # The serial console is a FIFO read by a background loop that stamps each line
@@ -43,8 +46,7 @@ fi
 work=$(mktemp -d /tmp/molt-bench-cpr.XXXXXX)
 state_dir=${STATE_DIR:-$work}
 mkdir -p "$state_dir"
-# Where the guest counts (tests/common/guest.rs COUNTER_ADDR) and its step per line.
-counter_offset=$((0x100400))
+# The counting guest's step between two lines (tests/common/guest.rs COUNT_STEP).
 count_step=1024
 pid= reader= memfile=
 
@@ -81,11 +83,13 @@ wait_lines() {
     done
 }
 
-# Prints "STAMP COUNT" of the first stamped line after $1 (µs), waiting up to 20 s.
+# Prints "LAST_BEFORE FIRST_AFTER": the stamps of the last count line before $1
+# (µs) and of the first one after it, waiting up to 20 s for the latter.
 first_line_after() {
     local deadline=$(($(now_us) + 20000000)) found
     while :; do
-        found=$(awk -v t0="$1" '$1 > t0 && $2 ~ /^count=/ { print $1, substr($2, 7); exit }' "$stamps")
+        found=$(awk -v t0="$1" '$2 !~ /^count=/ { next }
+            $1 <= t0 { last = $1 } $1 > t0 { print last, $1; exit }' "$stamps")
         [[ -n $found ]] && { echo "$found"; return; }
         (($(now_us) < deadline)) || die "$label: no serial line after the restore; log: $(cat "$log")"
         sleep 0.001
@@ -118,7 +122,7 @@ check_continuity() {
 # run_set LABEL SIZE in-place|copy: one booted guest, $cycles save+restore cycles.
 run_set() {
     label=$1
-    local size=$2 mode=$3 dir=$work/$1 fd reply t0 t_exit first counter line i
+    local size=$2 mode=$3 dir=$work/$1 fd reply t0 t_exit t_spawn first line i s r p
     mkdir -p "$dir"
     local sock=$dir/ctl.sock state=$state_dir/$1.state fifo=$dir/serial.fifo
     stamps=$dir/serial.stamped
@@ -131,13 +135,14 @@ run_set() {
     mkfifo "$fifo"
     # Held open read-write, so the FIFO never sees EOF between two molts.
     exec {fd}<>"$fifo"
-    stamp_lines <&"$fd" >"$stamps" &
+    : >"$stamps"
+    stamp_lines <&"$fd" >>"$stamps" &
     reader=$!
     log=$dir/run0.log
     "$molt" run "${args[@]}" >"$fifo" 2>"$log" </dev/null &
     pid=$!
     wait_lines 3
-    local save= restore= pause= old_exit= next_line= resumed= stopped_lines=()
+    local save= restore= pause= old_exit= start= next_line= stops= gaps=
     for ((i = 1; i <= cycles; i++)); do
         wait_lines $(($(wc -l <"$stamps") + 3))
         reply=$("$molt" ctl "$sock" cpr-save "$state") || die "$label: cpr-save: $reply"
@@ -145,45 +150,52 @@ run_set() {
         [[ $reply == "ok saved "* ]] || die "$label: cpr-save replied $reply"
         wait "$pid" || die "$label: the saving molt exited with $?; log: $(cat "$log")"
         t_exit=$(now_us)
-        stopped_lines+=("$(wc -l <"$stamps")")
-        counter=
-        if [[ -n $memfile ]]; then
-            counter=$(od -An -tu4 -j "$counter_offset" -N4 "$memfile" | tr -d ' ')
-        fi
         log=$dir/run$i.log
+        t_spawn=$(now_us)
         "$molt" run "${args[@]}" --incoming "file:$state" >"$fifo" 2>"$log" </dev/null &
         pid=$!
         first=$(first_line_after "$t0")
-        line=$(grep -m1 'resumed from' "$log" || true)
+        # molt logs the restore right after starting the vCPUs: allow it a moment.
+        for _ in {1..200}; do
+            line=$(grep -m1 'resumed from' "$log" || true)
+            [[ -z $line ]] || break
+            sleep 0.01
+        done
         [[ -n $line ]] || die "$label: no restore line in the log: $(cat "$log")"
-        save+="${reply##*save_us=} "
-        restore+="$(sed 's/.*restore_us=\([0-9]*\).*/\1/' <<<"$line") "
-        pause+="$(sed 's/.*pause_us=\([0-9]*\).*/\1/' <<<"$line") "
+        s=${reply##*save_us=}
+        r=$(sed 's/.*restore_us=\([0-9]*\).*/\1/' <<<"$line")
+        p=$(sed 's/.*pause_us=\([0-9]*\).*/\1/' <<<"$line")
+        save+="$s " restore+="$r " pause+="$p "
         old_exit+="$((t_exit - t0)) "
-        next_line+="$((${first% *} - t0)) "
-        if [[ -n $counter ]]; then
-            # "STAMP_DELTA INCREMENTS_LEFT" for resumed_us, once line_us is known.
-            resumed+="$((${first% *} - t0)):$((16#${first#* } - counter)) "
-        fi
+        start+="$((t0 - s + p - r - t_spawn)) "
+        next_line+="$((${first#* } - t0)) "
+        stops+="$((t0 - s)) "
+        # "REPLY_TO_LINE:LAST_LINE_TO_STOP", for resumed_us once line_us is known.
+        gaps+="$((${first#* } - t0)):$((t0 - s - ${first% *})) "
     done
     "$molt" ctl "$sock" quit >/dev/null
     wait "$pid" || true
     pid=
     check_continuity
-    # Steady-state line period: intervals between consecutive lines, leaving out
-    # the ones that span a save.
-    local spans
-    spans=$(printf '%s\n' "${stopped_lines[@]}")
-    line_us=$(awk -v spans="$spans" 'BEGIN { n = split(spans, s, "\n"); for (i = 1; i <= n; i++) skip[s[i] + 1] = 1 }
-        NR > 2 && !skip[NR] { print $1 - prev } { prev = $1 }' "$stamps" | stats | awk '{ print $2 }')
-    local est=
-    for r in $resumed; do
-        est+="$((${r%:*} - ${r#*:} * line_us / count_step)) "
+    # Steady-state line period: intervals between consecutive count lines,
+    # leaving out the ones that span a stop.
+    line_us=$(awk -v stops="$stops" 'BEGIN { n = split(stops, s, " ") }
+        $2 !~ /^count=/ { next }
+        prev { ok = 1; for (i = 1; i <= n; i++) if (prev < s[i] && s[i] < $1) ok = 0; if (ok) print $1 - prev }
+        { prev = $1 }' "$stamps" | stats | awk '{ print $2 }')
+    local est= g left
+    for g in $gaps; do
+        # Guest work the next line still needed at the stop: one period minus what
+        # had passed since the last line (never below zero).
+        left=$((line_us - ${g#*:}))
+        ((left > 0)) || left=0
+        est+="$((${g%:*} - left)) "
     done
     row "$size" "$mode" save_us "$save"
     row "$size" "$mode" restore_us "$restore"
     row "$size" "$mode" pause_us "$pause"
     row "$size" "$mode" old_exit_us "$old_exit"
+    row "$size" "$mode" start_us "$start"
     row "$size" "$mode" next_line_us "$next_line"
     row "$size" "$mode" resumed_us "$est"
     row "$size" "$mode" line_us "$line_us"

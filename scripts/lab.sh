@@ -10,7 +10,8 @@
 # Environment:
 #   MOLT_LAB_TIMEOUT    overall limit in seconds (default 600)
 #   MOLT_LAB_SMP        L2 vCPUs (default 2: MTTCG runs them on both host cores)
-#   MOLT_LAB_APPEND     extra L2 kernel arguments (e.g. memmap=64M!1G)
+#   MOLT_LAB_APPEND     extra L2 kernel arguments (e.g. memmap=64M!1G), after
+#                       the scenario's own (its `# lab-append: ARGS` line)
 #   MOLT_LAB_WITH_QEMU  1: put QEMU into the L2 image too (for bench-boot)
 #   MOLT_BIN            molt binary (default: the static release build, which is
 #                       rebuilt first with `cargo build --release`)
@@ -81,6 +82,10 @@ flock -u 9
 
 append="console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet molt.scenario=$scenario"
 [[ $keep == 1 ]] && append+=" molt.keep=1"
+# A scenario that needs L2 kernel arguments (e.g. memmap= for persistent
+# memory) names them in a `# lab-append: ARGS` line.
+scenario_append=$(sed -n 's/^# lab-append: //p' "$repo/rootfs/scenarios/$scenario.sh")
+[[ -n $scenario_append ]] && append+=" $scenario_append"
 [[ -n ${MOLT_LAB_APPEND:-} ]] && append+=" $MOLT_LAB_APPEND"
 
 # EPYC-v3 gives SVM, so kvm_amd loads inside; intel-iommu makes IOMMU groups

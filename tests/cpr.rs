@@ -519,36 +519,21 @@ fn shape_mismatch_is_refused_and_the_state_kept() {
     let serial_before = fs::read(&g.serial).expect("serial");
 
     let mut problems = Vec::new();
-    let cases: [(&str, &[(&str, &str)], &[&str]); 5] = [
-        ("--cpus 2", &[("--cpus", "2")], &["vCPUs: saved 1, now 2"]),
-        (
-            "--mem 32M",
-            &[("--mem", "32M")],
-            &["memory: saved 67108864, now 33554432"],
-        ),
-        (
-            "read-only disk",
-            &[("--disk", disk_ro.as_str())],
-            &["disks"],
-        ),
-        ("no disk", &[("--disk", "")], &["disk"]),
-        // Every difference is listed, not just the first one found.
-        (
-            "--cpus 2 --mem 32M",
-            &[("--cpus", "2"), ("--mem", "32M")],
-            &["vCPUs: saved 1, now 2"],
-        ),
-    ];
-    for (what, overrides, words) in cases {
+    let mut refused = |what: &str, overrides: &[(&str, &str)], words: &[&str]| {
         problems.extend(g.refused(what, &state, overrides, words));
-    }
-    let both = g.refused(
-        "--cpus 2 --mem 32M (memory listed too)",
-        &state,
-        &[("--cpus", "2"), ("--mem", "32M")],
-        &["memory: saved"],
+    };
+    refused("--cpus 2", &[("--cpus", "2")], &["vCPUs: saved 1, now 2"]);
+    refused(
+        "--mem 32M",
+        &[("--mem", "32M")],
+        &["memory: saved 67108864, now 33554432"],
     );
-    problems.extend(both);
+    refused("read-only disk", &[("--disk", &disk_ro)], &["disks"]);
+    refused("no disk", &[("--disk", "")], &["disks"]);
+    // Every difference is listed, not just the first one found.
+    let both = [("--cpus", "2"), ("--mem", "32M")];
+    refused("--cpus 2 --mem 32M", &both, &["vCPUs: saved 1, now 2"]);
+    refused("--cpus 2 --mem 32M", &both, &["memory: saved"]);
     if fs::read(&g.serial).ok() != Some(serial_before) {
         problems.push("the guest's serial file changed after refused restores".into());
     }

@@ -72,7 +72,7 @@ stage1() {
     cpr_vmm_start $PM/guest1.log molt run "$@"
     if ! guest_ready "$VMM_LOG"; then
         kill -9 "$VMM_PID" 2>/dev/null
-        dump_vmm guest1
+        dump_cpr guest1
         lab_end
         return
     fi
@@ -80,7 +80,7 @@ stage1() {
     guest_workload_setup
     result tsc_mhz_stage1 "$(labcpr tschz)"
     if [ "$LAB_FAILED" != 0 ]; then
-        dump_vmm guest1
+        dump_cpr guest1
         lab_end
         return
     fi
@@ -91,7 +91,7 @@ stage1() {
     # Only a failure comes back here.
     fail kexec "molt-upgrade returned"
     wait_exit "$VMM_PID" 10
-    dump_vmm guest1
+    dump_cpr guest1
     lab_end
 }
 
@@ -134,7 +134,7 @@ stage2() {
         molt state "$STATE" 2>&1 | sed 's/^/LAB-INFO molt state: /'
     fi
     [ "$LAB_FAILED" != 0 ] && dump stage1 $PM/guest1.log 60 && dump stage1-stderr $PM/guest1.log.err 30
-    dump_vmm guest2
+    dump_cpr guest2
     kill "$SERVER_PID" 2>/dev/null
     result stage2_ms $(( $(now_ms) - t_start ))
     lab_end

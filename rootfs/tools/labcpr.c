@@ -19,7 +19,10 @@
  *       against CLOCK_MONOTONIC over 300 ms.
  *   labcpr gaps TSLOG [TICKS_PER_US]  the largest gap between consecutive
  *       stamped lines: `max_gap_us=G after=n lines=N`, on the TSC when
- *       TICKS_PER_US is given, else on the monotonic column. */
+ *       TICKS_PER_US is given, else on the monotonic column.
+ *   labcpr hmp SOCK CMD...            QEMU's human monitor on a UNIX socket
+ *       (busybox nc has no UNIX sockets): run each CMD, waiting for the next
+ *       `(qemu) ` prompt (for `quit`: for the close); output to stdout. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -28,6 +31,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 #include <x86intrin.h>
@@ -154,6 +159,37 @@ static int cmd_gaps(const char *path, double hz) {
     return lines < 2;
 }
 
+/* Reads from s to stdout until the monitor's prompt (or EOF): 0 if seen. */
+static int hmp_wait(int s) {
+    char buf[4096], tail[8] = "";
+    ssize_t r;
+    while ((r = read(s, buf, sizeof buf)) > 0) {
+        fwrite(buf, 1, r, stdout);
+        for (ssize_t i = 0; i < r; i++) { /* the last 7 bytes seen */
+            memmove(tail, tail + 1, 6);
+            tail[6] = buf[i];
+            tail[7] = 0;
+        }
+        if (!strcmp(tail, "(qemu) ")) return 0;
+    }
+    return 1;
+}
+
+static int cmd_hmp(const char *path, int n, char **cmds) {
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (s < 0 || connect(s, (struct sockaddr *)&sa, sizeof sa)) { perror(path); return 1; }
+    if (hmp_wait(s)) return 1;
+    for (int i = 0; i < n; i++) {
+        if (dprintf(s, "%s\n", cmds[i]) < 0) { perror("labcpr hmp"); return 1; }
+        int eof = hmp_wait(s);
+        if (eof) return strcmp(cmds[i], "quit") ? 1 : 0;
+    }
+    printf("\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     /* No SA_RESTART: a blocked nanosleep/write returns so the loop sees `stop`. */
     struct sigaction sa = { .sa_handler = on_term };
@@ -168,6 +204,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "now") && argc == 2) { printf("%llu %lld\n", __rdtsc(), mono_us()); return 0; }
     if (!strcmp(c, "tschz") && argc == 2) { printf("%.3f\n", tschz()); return 0; }
     if (!strcmp(c, "gaps") && (argc == 3 || argc == 4)) return cmd_gaps(argv[2], argc == 4 ? atof(argv[3]) : 0);
-    fprintf(stderr, "usage: labcpr count|records|check|stamp|now|tschz|gaps ... (see source)\n");
+    if (!strcmp(c, "hmp") && argc >= 4) return cmd_hmp(argv[2], argc - 3, argv + 3);
+    fprintf(stderr, "usage: labcpr count|records|check|stamp|now|tschz|gaps|hmp ... (see source)\n");
     return 2;
 }

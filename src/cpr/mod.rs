@@ -454,10 +454,9 @@ pub fn resume_from_file(
 ) -> Result<Resumed, Error> {
     let start = Instant::now();
     let (state, mut rest) = reboot::load_state(path).map_err(Error::File)?;
-    let saved = &state.machine.shape;
-    if saved.mem_size != cfg.mem_size {
-        let diff = format!("memory: saved {}, now {}", saved.mem_size, cfg.mem_size);
-        return Err(Error::Vm(vm::Error::Mismatch(diff)));
+    let diff = vm::Shape::argv_differences(cfg, &state.machine.shape);
+    if !diff.is_empty() {
+        return Err(Error::Vm(vm::Error::Mismatch(diff.join("; "))));
     }
     if state.ram == RamLocation::InPlace && cfg.mem_file.is_none() {
         return Err(Error::NeedsMemFile(path.into()));

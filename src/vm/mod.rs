@@ -102,6 +102,21 @@ impl Shape {
     }
 }
 
+impl Shape {
+    /// Differences visible from argv alone, checked before anything is built
+    /// (MACs without `mac=` need the tap and are checked at restore).
+    pub fn argv_differences(cfg: &RunConfig, saved: &Shape) -> Vec<String> {
+        let mut now = saved.clone();
+        now.vcpus = cfg.vcpus;
+        now.mem_size = cfg.mem_size;
+        now.disks = cfg.disks.iter().map(|d| d.read_only).collect();
+        if cfg.nets.len() != saved.nets.len() {
+            now.nets = cfg.nets.iter().map(|n| n.mac.unwrap_or_default()).collect();
+        }
+        now.differences(saved)
+    }
+}
+
 pub fn mac_str(m: &[u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
