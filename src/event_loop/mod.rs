@@ -21,6 +21,8 @@ use crate::devices::serial::Output;
 use crate::terminal::RawMode;
 use crate::vm::{self, Machine};
 
+mod updates;
+
 /// How `molt run` ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -623,122 +625,6 @@ impl Loop {
             Command::CprSave(path) => self.cpr_save(&path),
             Command::CprExec { binary, args } => self.cpr_exec(slot, binary, args),
             Command::CprTransfer(path) => self.cpr_transfer(slot, &path),
-        }
-    }
-
-    /// Reboot mode, step 1. On failure the guest runs on as if nothing happened.
-    fn cpr_save(&mut self, path: &std::path::Path) -> (String, Option<Outcome>) {
-        let was_paused = self.paused;
-        if !was_paused {
-            if let Err(e) = self.machine.vcpus.pause() {
-                self.machine.vcpus.resume();
-                return (format!("error: cpr-save: cannot pause: {e}"), None);
-            }
-        }
-        match cpr::save_to_file(&self.machine, path, self.ram_in_place) {
-            Ok(saved) => {
-                log::info!(
-                    "saved to {} ({} bytes) in {} us",
-                    path.display(),
-                    saved.bytes,
-                    saved.save_us
-                );
-                let reply = format!(
-                    "ok saved path={} bytes={} save_us={}",
-                    path.display(),
-                    saved.bytes,
-                    saved.save_us
-                );
-                (reply, Some(Outcome::Saved))
-            }
-            Err(e) => {
-                if !was_paused {
-                    self.machine.vcpus.resume();
-                }
-                log::warn!("cpr-save failed, guest resumed: {e}");
-                (format!("error: cpr-save: {e}"), None)
-            }
-        }
-    }
-
-    /// Exec mode, step 1. Returns only if the exec did not happen; the guest then
-    /// runs on here, unchanged.
-    fn cpr_exec(
-        &mut self,
-        slot: usize,
-        binary: Option<PathBuf>,
-        args: Vec<String>,
-    ) -> (String, Option<Outcome>) {
-        let binary = binary.unwrap_or_else(|| self.exe.clone());
-        if let Err(e) = cpr::probe(&binary) {
-            return (format!("error: cpr-exec: {e}"), None);
-        }
-        let argv: Vec<String> = if args.is_empty() {
-            self.argv.clone()
-        } else {
-            self.argv.iter().take(1).cloned().chain(args).collect()
-        };
-        let Some(Some(client)) = self.clients.get(slot) else {
-            return ("error: cpr-exec: no client".into(), None);
-        };
-        let client_fd = client.stream.as_raw_fd();
-        let was_paused = self.paused;
-        if !was_paused {
-            if let Err(e) = self.machine.vcpus.pause() {
-                self.machine.vcpus.resume();
-                return (format!("error: cpr-exec: cannot pause: {e}"), None);
-            }
-        }
-        // The terminal goes back to how the user had it; the new image sets it up.
-        drop(self.raw.take());
-        let listener = self.listener.as_ref().map(|l| l.as_raw_fd());
-        let err = cpr::exec_out(&self.machine, &binary, &argv, listener, client_fd);
-        if self.stdio_console {
-            self.raw = RawMode::enter();
-        }
-        if !was_paused {
-            self.machine.vcpus.resume();
-        }
-        log::warn!("cpr-exec failed, guest resumed: {err}");
-        (format!("error: cpr-exec: {err}"), None)
-    }
-
-    /// Transfer mode, old side. On success the new process replies and this one
-    /// exits; on failure the guest runs on here.
-    fn cpr_transfer(&mut self, slot: usize, path: &std::path::Path) -> (String, Option<Outcome>) {
-        let Some(Some(client)) = self.clients.get(slot) else {
-            return ("error: cpr-transfer: no client".into(), None);
-        };
-        let console_in = self.stdio_console.then_some(self.console_in);
-        let fds = cpr::transfer_fds(
-            &self.machine,
-            self.listener.as_ref().map(|l| l.as_raw_fd()),
-            client.stream.as_raw_fd(),
-            console_in,
-        );
-        let was_paused = self.paused;
-        let vcpus = &self.machine.vcpus;
-        let pause = || {
-            if was_paused {
-                Ok(())
-            } else {
-                vcpus.pause().map_err(|e| format!("cannot pause: {e}"))
-            }
-        };
-        let resume = || {
-            if !was_paused {
-                vcpus.resume();
-            }
-        };
-        match cpr::transfer_out(&self.machine, path, &fds, pause, resume) {
-            Ok(()) => {
-                log::info!("guest handed over to {}", path.display());
-                (String::new(), Some(Outcome::Transferred))
-            }
-            Err(e) => {
-                log::warn!("cpr-transfer failed, guest runs on here: {e}");
-                (format!("error: cpr-transfer: {e}"), None)
-            }
         }
     }
 
