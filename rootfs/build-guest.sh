@@ -23,6 +23,8 @@ ir_modules "$root" virtio_pci virtio_blk virtio_net ext4
 gcc -static -O2 -o "$root/usr/bin/labio" "$ROOTFS_DIR/tools/labio.c"
 gcc -static -O2 -o "$root/usr/bin/labcpr" "$ROOTFS_DIR/tools/labcpr.c"
 gcc -static -O2 -o "$root/usr/bin/labtcp" "$ROOTFS_DIR/tools/labtcp.c"
+# The blackout benchmark's sender (scripts/bench-blackout.sh).
+gcc -static -O2 -o "$root/usr/bin/labudp" "$ROOTFS_DIR/tools/labudp.c"
 install -m 755 "$ROOTFS_DIR/guest/workload" "$root/usr/bin/workload"
 ir_pack "$root" "$out"
 echo "guest initramfs: $out ($(du -h "$out" | cut -f1))"

@@ -7,6 +7,8 @@
 # Environment:
 #   MOLT_BIN            molt binary (default: the static release build)
 #   MOLT_GUEST_INITRD   prebuilt guest initramfs (default: build one here)
+#   MOLT_NEXT_BIN       a second molt build (another MOLT_BUILD_VERSION), put in
+#                       as /lab/bin/molt-next for the version-switching scenarios
 #   MOLT_LAB_WITH_QEMU  1: also add QEMU 7.2 + its libraries and ROMs (bench only;
 #                       it makes the image several times larger)
 set -euo pipefail
@@ -38,6 +40,10 @@ else
     # with "molt binary missing".
     echo "warning: no molt binary at $molt" >&2
 fi
+if [[ -n ${MOLT_NEXT_BIN:-} ]]; then
+    file_is_static "$MOLT_NEXT_BIN" || { echo "$MOLT_NEXT_BIN is not statically linked" >&2; exit 1; }
+    install -m 755 "$MOLT_NEXT_BIN" "$root/lab/bin/molt-next"
+fi
 # Timestamps with microsecond resolution (busybox date has no %N).
 gcc -static -O2 -o "$root/lab/bin/labtime" "$ROOTFS_DIR/tools/labtime.c"
 # TCP transfers and O_DIRECT disk timing (the guest image has it too).
@@ -46,6 +52,8 @@ gcc -static -O2 -o "$root/lab/bin/labio" "$ROOTFS_DIR/tools/labio.c"
 # the host-kernel update script (scripts/molt-upgrade.sh).
 gcc -static -O2 -o "$root/lab/bin/labcpr" "$ROOTFS_DIR/tools/labcpr.c"
 gcc -static -O2 -o "$root/lab/bin/labtcp" "$ROOTFS_DIR/tools/labtcp.c"
+# Blackout benchmark: the UDP receiver (scripts/bench-blackout.sh).
+gcc -static -O2 -o "$root/lab/bin/labudp" "$ROOTFS_DIR/tools/labudp.c"
 install -m 755 "$REPO_DIR/scripts/molt-upgrade.sh" "$root/lab/bin/molt-upgrade"
 
 cp "$MOLT_LAB_VMLINUZ" "$root/lab/vmlinuz"

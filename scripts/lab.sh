@@ -13,6 +13,9 @@
 #   MOLT_LAB_APPEND     extra L2 kernel arguments (e.g. memmap=64M!1G), after
 #                       the scenario's own (its `# lab-append: ARGS` line)
 #   MOLT_LAB_WITH_QEMU  1: put QEMU into the L2 image too (for bench-boot)
+#   (a scenario with a `# lab-needs: molt-next` line also gets /lab/bin/molt-next:
+#   the same source built with MOLT_BUILD_VERSION=lab-next into target/lab-next,
+#   a second version to update to)
 #   MOLT_BIN            molt binary (default: the static release build, which is
 #                       rebuilt first with `cargo build --release`)
 #   MOLT_LAB_CACHE      kernel download cache (default ~/.cache/molt-lab)
@@ -36,6 +39,8 @@ mkdir -p "$work"
 timeout_s=${MOLT_LAB_TIMEOUT:-600}
 smp=${MOLT_LAB_SMP:-2}
 with_qemu=${MOLT_LAB_WITH_QEMU:-0}
+with_next=0
+if grep -q '^# lab-needs:.*molt-next' "$repo/rootfs/scenarios/$scenario.sh"; then with_next=1; fi
 
 # Parallel runs share the kernel cache and the images: one fetches and builds,
 # the others wait and reuse.
@@ -51,20 +56,30 @@ if [[ -z ${MOLT_BIN:-} ]]; then
     export MOLT_BIN=$repo/target/x86_64-unknown-linux-gnu/release/molt
     (cd "$repo" && cargo build --release --quiet) || echo "lab: warning: molt did not build" >&2
 fi
+# The second version, only for the scenarios that need it; its own target
+# directory keeps both builds incremental (cargo tracks the variable).
+unset MOLT_NEXT_BIN
+if [[ $with_next == 1 ]]; then
+    export MOLT_NEXT_BIN=$repo/target/lab-next/x86_64-unknown-linux-gnu/release/molt
+    (cd "$repo" && MOLT_BUILD_VERSION=lab-next cargo build --release --quiet --target-dir target/lab-next) ||
+        echo "lab: warning: molt-next did not build" >&2
+fi
 
 # Rebuild the images only when an input changed: kernel, rootfs/ sources,
 # molt, and whether QEMU is included. A build takes ~5 s, an L2 boot ~5 s more;
 # repeated test runs add up.
 inputs_hash() {
     {
-        echo "$MOLT_LAB_KVER with_qemu=$with_qemu"
+        echo "$MOLT_LAB_KVER with_qemu=$with_qemu with_next=$with_next"
         (cd "$repo" && find rootfs scripts/lab-kernel.sh scripts/molt-upgrade.sh -type f | LC_ALL=C sort | xargs sha256sum)
         [[ -f $MOLT_BIN ]] && sha256sum "$MOLT_BIN" || echo "no molt"
         [[ $with_qemu == 1 ]] && sha256sum "$(command -v qemu-system-x86_64)"
+        [[ $with_next == 1 && -f $MOLT_NEXT_BIN ]] && sha256sum "$MOLT_NEXT_BIN"
         true
     } | sha256sum | cut -d' ' -f1
 }
 suffix=; [[ $with_qemu == 1 ]] && suffix=-qemu
+[[ $with_next == 1 ]] && suffix+=-next
 guest_img=$work/guest.cpio.gz
 host_img=$work/host$suffix.cpio.gz
 stamp=$host_img.inputs

@@ -25,8 +25,9 @@
 #       mount, then exec `molt run <ARGV> --incoming file:STATE`; run it from
 #       the new kernel's init (with the guest's taps already configured:
 #       molt re-opens them by name).
-# --journal FILE appends `STEP <timestamps>` per step (`labcpr now` output if
-# that tool exists, else /proc/uptime); `resume` appends to STATE.journal.
+# --journal FILE appends `STEP <timestamps> [DETAIL]` per step (`labcpr now`
+# output if that tool exists, else uptime=SECONDS; `saved` has molt's reply as
+# DETAIL); `resume` appends to STATE.journal.
 # Paths must not contain commas or whitespace (they travel on the kernel
 # command line).
 set -u
@@ -37,7 +38,8 @@ JOURNAL=
 journal() {
     [ -n "$JOURNAL" ] || return 0
     _t=$(labcpr now 2>/dev/null) || _t="uptime=$(cut -d' ' -f1 /proc/uptime)"
-    echo "$1 $_t" >> "$JOURNAL"
+    _s=$1; shift
+    echo "$_s $_t${*:+ $*}" >> "$JOURNAL"
 }
 
 # fs_of PATH: "DEV FSTYPE MOUNTPOINT" of the filesystem holding PATH.
@@ -81,6 +83,16 @@ cmdline_for() {
         [ $_keep = 1 ] && _out="$_out $_w"
     done
     echo "${_out# } $*"
+}
+
+# running PID: the process exists and is not a zombie (its parent, not us,
+# reaps it; a zombie holds no files).
+running() {
+    [ -r /proc/"$1"/status ] || return 1
+    while read -r _k _v _; do
+        [ "$_k" = State: ] && { [ "$_v" != Z ]; return; }
+    done < /proc/"$1"/status 2>/dev/null
+    return 1
 }
 
 cmd_save() {
@@ -137,23 +149,33 @@ cmd_save() {
     journal staged
 
     reply=$(molt ctl "$sock" cpr-save "$state")
-    journal saved
+    journal saved "$reply"
     case $reply in
     "ok saved "*) echo "molt-upgrade: $reply" >&2 ;;
     *) die "cpr-save refused, the guest runs on: $reply" ;;
     esac
     # molt exits after replying; its files (disks, RAM, state) must be closed
     # before the filesystem can go read-only.
+    # Shell built-ins only in this loop: every fork counts in the pause.
     i=0
-    while [ -r /proc/"$pid"/status ] && ! grep -q '^State:[[:space:]]*Z' /proc/"$pid"/status 2>/dev/null; do
+    while running "$pid"; do
         i=$((i + 1))
-        [ $i -le 300 ] || { echo "molt-upgrade: warning: molt (pid $pid) still running after 30 s" >&2; break; }
-        usleep 100000
+        [ $i -le 1500 ] || { echo "molt-upgrade: warning: molt (pid $pid) still running after 30 s" >&2; break; }
+        usleep 20000
     done
     journal exited
+    # The last journal entry this kernel writes: STATE's filesystem goes
+    # read-only next.
+    journal kexec
     sync
-    mount -o remount,ro "$mnt" 2>/dev/null ||
-        echo "molt-upgrade: warning: cannot remount $mnt read-only; kexec with it mounted" >&2
+    # A process that logged the guest's console to this filesystem may take a
+    # moment longer to close it.
+    i=0
+    until mount -o remount,ro "$mnt" 2>/dev/null; do
+        i=$((i + 1))
+        [ $i -le 20 ] || { echo "molt-upgrade: warning: cannot remount $mnt read-only; kexec with it mounted" >&2; break; }
+        usleep 100000
+    done
     echo "molt-upgrade: kexec $kernel cmdline: $cmdline" >&2
     molt kexec --kernel "$kernel" --initrd "$initrd" --cmdline "$cmdline"
     rc=$?

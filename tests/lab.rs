@@ -163,3 +163,113 @@ fn two_disks_and_a_nic_work_together_on_two_vcpus() {
     expect(&r, "image_a_matches", "yes");
     expect(&r, "image_b_matches", "yes");
 }
+
+/// The checks every reboot-mode update scenario shares (rootfs/scenarios/lib/cpr.sh):
+/// the guest's counter, its records on the virtio disk, its kernel log, and the
+/// old and new molt's exits.
+fn expect_guest_survived_update(r: &HashMap<String, String>) {
+    expect(r, "guest_cpus", "2");
+    for step in [
+        "guest_ip_rc",
+        "mkfs_rc",
+        "workload_start_rc",
+        "workload_stop_rc",
+    ] {
+        expect(r, step, "0");
+    }
+    expect(r, "resumed", "yes");
+    // The counter in guest memory went on from where it stopped, and the
+    // console stream across both molts is 1, 2, 3, ... with nothing lost.
+    expect(r, "count_continues", "yes");
+    expect(r, "count_sequence", "ok");
+    assert!(
+        number(r, "count_after") == number(r, "count_before") + 1.0
+            || number(r, "count_after") == number(r, "count_before") + 2.0,
+        "first count after the update is the next one (or the one after a line cut by the save): {r:?}"
+    );
+    // The records file: no gap, duplicate or corrupt line, in the guest and in
+    // the image read by L2 after power-off.
+    assert!(number(r, "records") > 0.0, "records were written: {r:?}");
+    expect(r, "records_clean", "0/0/0");
+    expect(r, "disk_records_clean", "0/0/0");
+    expect(r, "disk_records_match", "yes");
+    expect(r, "tcp_client_errors", "0");
+    expect(r, "tcp_server_gaps", "0");
+    expect(r, "tcp_server_errors", "0");
+    expect(r, "dmesg_errors", "0");
+    expect(r, "umount_rc", "0");
+    expect(r, "molt_exit", "0");
+    // molt measured its work; the numbers are informational under TCG.
+    for name in ["restore_us", "pause_us", "count_gap_ms"] {
+        assert!(number(r, name) > 0.0, "LAB-RESULT {name} measured: {r:?}");
+    }
+}
+
+#[test]
+fn reboot_mode_restart_keeps_guest_ram_in_tmpfs_file_and_tcp_connection() {
+    let Some(r) = run_scenario("cpr-restart") else {
+        return;
+    };
+    expect(&r, "tap", "yes");
+    expect(&r, "save_reply", "ok");
+    expect(&r, "old_molt_exit", "0");
+    expect_guest_survived_update(&r);
+    // The TCP connection to L2 is the same one, and carried on without a gap.
+    expect(&r, "tcp_client_conns", "1");
+    expect(&r, "tcp_server_conns", "1");
+    expect(&r, "tcp_same_connection", "yes");
+    expect(&r, "tcp_continued", "yes");
+    // RAM stayed in /dev/shm: the state is a few KiB.
+    assert!(number(&r, "state_bytes") < 1024.0 * 1024.0, "{r:?}");
+    assert!(number(&r, "save_us") > 0.0);
+}
+
+#[test]
+fn reboot_mode_restart_without_mem_file_copies_ram_through_the_state_file() {
+    let Some(r) = run_scenario("cpr-ramcopy") else {
+        return;
+    };
+    expect(&r, "tap", "yes");
+    expect(&r, "save_reply", "ok");
+    expect(&r, "old_molt_exit", "0");
+    expect_guest_survived_update(&r);
+    expect(&r, "tcp_client_conns", "1");
+    expect(&r, "tcp_server_conns", "1");
+    expect(&r, "tcp_same_connection", "yes");
+    expect(&r, "tcp_continued", "yes");
+    // RAM travelled in the state file: at least what the guest touched
+    // (several MiB for a booted kernel), at most all 256 MiB plus headers.
+    let bytes = number(&r, "state_bytes");
+    assert!(
+        bytes > 8.0 * 1024.0 * 1024.0 && bytes < 257.0 * 1024.0 * 1024.0,
+        "{r:?}"
+    );
+}
+
+#[test]
+fn reboot_mode_host_kernel_switch_through_kexec_with_guest_ram_on_pmem() {
+    let Some(r) = run_scenario("cpr-kexec") else {
+        return;
+    };
+    // Stage 1 (old kernel): pmem for guest RAM and the state filesystem.
+    expect(&r, "pmem", "yes");
+    expect(&r, "tap", "yes");
+    // molt-upgrade's steps, in both kernels: staged the new kernel, saved
+    // (molt replied ok and exited), kexec'd, resumed after the switch.
+    expect(
+        &r,
+        "upgrade_steps",
+        "start,packed,staged,saved,exited,kexec,resume",
+    );
+    expect(&r, "tap2", "yes");
+    expect_guest_survived_update(&r);
+    // L2's end of the TCP connection died with the old kernel: the guest's
+    // client got a reset and reconnected to the new server, losing nothing.
+    expect(&r, "tcp_client_conns", "2");
+    expect(&r, "tcp_server_conns", "1");
+    expect(&r, "tcp_after_kexec", "reconnected");
+    // The pause split on L2's TSC (which runs on across the kexec).
+    for name in ["pause_total_ms", "kexec_ms", "pause_without_kexec_ms"] {
+        assert!(number(&r, name) > 0.0, "LAB-RESULT {name}: {r:?}");
+    }
+}

@@ -59,10 +59,10 @@ stage1() {
     fi
     check pmem yes yes
     echo "LAB-INFO guest RAM on $RAM_DEV, state filesystem on $FS_DEV"
-    mke2fs -F "$FS_DEV" >/dev/null 2>&1 && mkdir -p $PM && mount -t ext4 "$FS_DEV" $PM ||
+    mke2fs -F -b 4096 "$FS_DEV" >/dev/null 2>&1 && mkdir -p $PM && mount -t ext4 "$FS_DEV" $PM ||
         { fail pm_fs "cannot make and mount a filesystem on $FS_DEV"; lab_end; return; }
     truncate -s 64M "$IMG"
-    if tap_up; then check tap yes yes; else check tap no yes; fi
+    if cpr_tap_up; then check tap yes yes; else check tap no yes; fi
     tcp_server_start
     run_args --mem-file "$RAM_DEV" --disk "$IMG" --net "tap=$TAP,mac=$GUEST_MAC" > "$ARGV"
     set --
@@ -104,7 +104,7 @@ stage2() {
         return
     fi
     # The guest's NIC: the tap, configured as before; molt re-opens it by name.
-    if tap_up; then check tap2 yes yes; else check tap2 no yes; fi
+    if cpr_tap_up; then check tap2 yes yes; else check tap2 no yes; fi
     tcp_server_start
     cpr_vmm_start $PM/guest2.log molt-upgrade resume
     if cpr_resumed; then
@@ -113,6 +113,9 @@ stage2() {
         count_gap "$hz"
         # The journal: TSC at each molt-upgrade step, in both kernels.
         sed 's/^/LAB-INFO journal: /' "$JOURNAL"
+        result save_us "$(field save_us "$(grep '^saved ' "$JOURNAL")")"
+        check upgrade_steps "$(cut -d' ' -f1 "$JOURNAL" | tr '\n' ',' | sed 's/,$//')" \
+            start,packed,staged,saved,exited,kexec,resume
         first=$(awk -v n="$(tr -d '\r' < $PM/guest1.log | sed -n 's/^GUEST-COUNT \([0-9][0-9]*\)$/\1/p' | tail -n 1)" \
             '$3 > n { print $1; exit }' "$STAMPS")
         last=$(awk '{ t = $1 } $3 == n { print t; exit }' n="$(tr -d '\r' < $PM/guest1.log | sed -n 's/^GUEST-COUNT \([0-9][0-9]*\)$/\1/p' | tail -n 1)" "$STAMPS")
@@ -123,6 +126,9 @@ stage2() {
             result kexec_ms "$(ms "$(j kexec)" "$(j resume)")"
             result restore_part_ms "$(ms "$(j resume)" "$first")"
             result pause_without_kexec_ms $(( $(ms "$last" "$first") - $(ms "$(j kexec)" "$(j resume)") ))
+            # molt kexec loads the kernel again inside the pause (it has no
+            # "boot what is staged" mode): about as long as the load before it.
+            result kexec_load_ms "$(ms "$(j packed)" "$(j staged)")"
         else
             fail pause_split "journal or stamps incomplete"
         fi

@@ -10,7 +10,11 @@ use crate::vm::memory::ram_regions;
 
 /// Decodes the state in `path` (checking it as a restore would) and describes it.
 pub fn summary(path: &Path) -> Result<String, reboot::Error> {
-    let (s, _) = reboot::load_state(path)?;
+    let (s, mut rest) = reboot::load_state(path)?;
+    match s.ram {
+        RamLocation::InPlace { .. } => reboot::expect_end(path, &mut rest)?,
+        RamLocation::InStateFile => reboot::verify_ram(path, &mut rest, s.machine.shape.mem_size)?,
+    }
     let size = std::fs::metadata(path)
         .map(|m| m.len())
         .map_err(|e| reboot::Error::Io("stat", path.into(), e))?;
@@ -36,7 +40,7 @@ pub fn summary(path: &Path) -> Result<String, reboot::Error> {
         );
     }
     let ram = match s.ram {
-        RamLocation::InPlace => "in place (the --mem-file it was saved with)",
+        RamLocation::InPlace { .. } => "in place (the --mem-file it was saved with)",
         RamLocation::InStateFile => "in this file",
     };
     let _ = writeln!(out, "ram:      {ram}");

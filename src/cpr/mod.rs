@@ -49,6 +49,7 @@ pub enum Error {
     Probe(PathBuf, String),
     Handover(String),
     Transfer(transfer::Error),
+    RamMismatch { now: u32, saved: u32 },
 }
 
 impl fmt::Display for Error {
@@ -66,6 +67,11 @@ impl fmt::Display for Error {
             Error::Probe(p, why) => write!(f, "{} cannot take the guest: {why}", p.display()),
             Error::Handover(why) => write!(f, "handover: {why}"),
             Error::Transfer(e) => e.fmt(f),
+            Error::RamMismatch { now, saved } => write!(
+                f,
+                "guest RAM is not the RAM that was saved (page sample CRC {now:#010x}, \
+                 saved {saved:#010x}): wrong --mem-file?"
+            ),
         }
     }
 }
@@ -143,7 +149,7 @@ pub fn exec_out(
     listener: Option<RawFd>,
     client: RawFd,
 ) -> Error {
-    let state = match snapshot(machine, RamLocation::InPlace) {
+    let state = match snapshot(machine, in_place(machine)) {
         Ok(s) => s,
         Err(e) => return e,
     };
@@ -242,6 +248,7 @@ pub fn resume_exec(
 ) -> Result<(Resumed, Option<OwnedFd>), Error> {
     let start = Instant::now();
     let (cfg, ram) = adopted_config(cfg, &inc.adopted)?;
+    check_ram(&inc.state, &ram)?;
     let resumed = resume(&cfg, &inc.state, ram, console, exit, start)?;
     Ok((resumed, inc.adopted.client.take()))
 }
@@ -297,7 +304,7 @@ pub fn transfer_out(
 ) -> Result<(), Error> {
     let mut out = transfer::Outgoing::hello(path, fds).map_err(Error::Transfer)?;
     pause().map_err(Error::Handover)?;
-    let sent = snapshot(machine, RamLocation::InPlace)
+    let sent = snapshot(machine, in_place(machine))
         .and_then(|s| state::encode(&s).map_err(|e| Error::Handover(e.to_string())))
         .and_then(|bytes| out.send_state(bytes).map_err(Error::Transfer))
         .and_then(|()| out.go().map_err(Error::Transfer));
@@ -424,7 +431,7 @@ pub struct Saved {
 pub fn save_to_file(machine: &Machine, path: &Path, ram_in_place: bool) -> Result<Saved, Error> {
     let start = Instant::now();
     let location = if ram_in_place {
-        RamLocation::InPlace
+        in_place(machine)
     } else {
         RamLocation::InStateFile
     };
@@ -458,14 +465,37 @@ pub fn resume_from_file(
     if !diff.is_empty() {
         return Err(Error::Vm(vm::Error::Mismatch(diff.join("; "))));
     }
-    if state.ram == RamLocation::InPlace && cfg.mem_file.is_none() {
+    let in_place = matches!(state.ram, RamLocation::InPlace { .. });
+    if in_place && cfg.mem_file.is_none() {
         return Err(Error::NeedsMemFile(path.into()));
     }
     let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
-    if state.ram == RamLocation::InStateFile {
-        reboot::load_ram(path, &mut rest, &ram).map_err(Error::File)?;
+    match state.ram {
+        RamLocation::InStateFile => reboot::load_ram(path, &mut rest, &ram).map_err(Error::File)?,
+        RamLocation::InPlace { .. } => reboot::expect_end(path, &mut rest).map_err(Error::File)?,
     }
+    check_ram(&state, &ram)?;
     resume(cfg, &state, ram, console, exit, start)
+}
+
+/// RAM kept in place must be the RAM that was saved.
+fn check_ram(state: &CprState, ram: &GuestRam) -> Result<(), Error> {
+    if let RamLocation::InPlace { sample_crc } = state.ram {
+        let now = ram.sample_crc();
+        if now != sample_crc {
+            return Err(Error::RamMismatch {
+                now,
+                saved: sample_crc,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn in_place(machine: &Machine) -> RamLocation {
+    RamLocation::InPlace {
+        sample_crc: machine.ram.sample_crc(),
+    }
 }
 
 fn resume(

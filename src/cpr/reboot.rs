@@ -15,7 +15,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::Bytes;
 
 use super::state::{self, CprState, RamLocation, HEADER_LEN};
 use crate::vm::memory::GuestRam;
@@ -77,7 +77,7 @@ fn sync_dir(path: &Path) -> Result<(), Error> {
 fn write_file(tmp: &Path, state: &CprState, ram: &GuestRam) -> Result<u64, Error> {
     let io = |what| move |e| Error::Io(what, tmp.to_path_buf(), e);
     let bytes = state::encode(state).map_err(|e| Error::State(tmp.into(), e))?;
-    if state.ram == RamLocation::InPlace {
+    if matches!(state.ram, RamLocation::InPlace { .. }) {
         // A --mem-file on pmem or disk holds dirty pages in the page cache: they
         // must reach the device before a kexec throws the cache away.
         ram.file()
@@ -165,15 +165,49 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Reads the RAM section that follows the state into `ram`, checking every
 /// record's bounds and the section's CRC.
 pub fn load_ram(path: &Path, r: &mut impl Read, ram: &GuestRam) -> Result<(), Error> {
+    read_ram(path, r, ram.size(), |off, buf| {
+        let addr = ram.guest_addr(off).expect("checked by read_ram");
+        ram.memory.write_slice(buf, addr).map_err(|e| e.to_string())
+    })
+}
+
+/// Checks the RAM section without keeping it (`molt state`).
+pub fn verify_ram(path: &Path, r: &mut impl Read, mem_size: u64) -> Result<(), Error> {
+    read_ram(path, r, mem_size, |_, _| Ok(()))
+}
+
+/// After a state whose RAM stays in place the file must end.
+pub fn expect_end(path: &Path, r: &mut impl Read) -> Result<(), Error> {
+    let mut rest = [0u8; 1];
+    match r.read(&mut rest) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(Error::State(path.into(), state::Error::TrailingBytes(1))),
+        Err(e) => Err(Error::Io("read", path.into(), e)),
+    }
+}
+
+/// Walks the RAM section, handing each checked record to `sink`.
+fn read_ram(
+    path: &Path,
+    r: &mut impl Read,
+    size: u64,
+    mut sink: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<(), Error> {
+    let regions = crate::vm::memory::ram_regions(size);
     let bad = |why: String| Error::Ram(path.into(), why);
-    let io = |e: std::io::Error| bad(format!("read failed: {e}"));
+    let io = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            bad("truncated".into())
+        } else {
+            bad(format!("read failed: {e}"))
+        }
+    };
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).map_err(io)?;
     if magic != RAM_MAGIC {
         return Err(bad("missing (bad magic)".into()));
     }
     let mut crc = crc32fast::Hasher::new();
-    let size = ram.size();
     let mut buf = Vec::new();
     loop {
         let mut head = [0u8; 16];
@@ -184,12 +218,12 @@ pub fn load_ram(path: &Path, r: &mut impl Read, ram: &GuestRam) -> Result<(), Er
         if off == END {
             break;
         }
-        let in_one_region = ram.guest_addr(off).is_some()
-            && len > 0
+        let in_one_region = len > 0
             && len <= CHUNK
             && off.checked_add(len).is_some_and(|e| e <= size)
-            && ram.guest_addr(off + len - 1).map(|a| a.0)
-                == ram.guest_addr(off).map(|a| a.0 + len - 1);
+            && regions
+                .iter()
+                .any(|g| off >= g.file_offset && off + len <= g.file_offset + g.size);
         if !in_one_region {
             return Err(bad(format!(
                 "record at {off:#x}+{len:#x} is outside guest RAM"
@@ -198,10 +232,7 @@ pub fn load_ram(path: &Path, r: &mut impl Read, ram: &GuestRam) -> Result<(), Er
         buf.resize(len as usize, 0);
         r.read_exact(&mut buf).map_err(io)?;
         crc.update(&buf);
-        let addr: GuestAddress = ram.guest_addr(off).expect("checked above");
-        ram.memory
-            .write_slice(&buf, addr)
-            .map_err(|e| bad(e.to_string()))?;
+        sink(off, &buf).map_err(bad)?;
     }
     let mut stored = [0u8; 4];
     r.read_exact(&mut stored).map_err(io)?;

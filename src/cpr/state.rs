@@ -25,8 +25,10 @@ pub const MAX_PAYLOAD: usize = 4 << 20;
 /// Where guest RAM is while the state is not running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RamLocation {
-    /// In the `--mem-file`, which outlives the process.
-    InPlace,
+    /// In the `--mem-file`, which outlives the process. `sample_crc` covers a
+    /// fixed sample of its pages, so a restore against the wrong (or an empty)
+    /// file is refused instead of running the guest on someone else's memory.
+    InPlace { sample_crc: u32 },
     /// Appended to the state file after the payload (reboot mode without a file).
     InStateFile,
 }

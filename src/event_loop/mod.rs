@@ -220,6 +220,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         console_in: console_in
             .as_ref()
             .map_or(libc::STDIN_FILENO, |f| f.as_raw_fd()),
+        control_path: cfg.control.clone(),
         _console_in: console_in,
     };
     lp.watch_devices()?;
@@ -234,8 +235,21 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         lp.adopt_client(UnixStream::from(fd), &reply);
     }
     let outcome = lp.serve(&signals, &exit_reason);
-    if matches!(outcome, Ok(Outcome::Transferred)) {
+    if let Ok(o @ (Outcome::Saved | Outcome::Transferred)) = &outcome {
+        // The guest lives on elsewhere, which also serves the control socket.
+        // Leave at once: tearing the VM down (~20 ms of KVM freeing its page
+        // tables) would only delay whoever waits for this process to end.
+        drop(lp.raw.take());
+        log::info!(
+            "{}",
+            if *o == Outcome::Saved {
+                "saved; exiting"
+            } else {
+                "handed over; exiting"
+            }
+        );
         std::mem::forget(socket_file);
+        std::process::exit(0);
     }
     let stopped = lp.machine.vcpus.stop();
     drop(lp.raw.take());
@@ -319,6 +333,7 @@ struct Loop {
     argv: Vec<String>,
     /// Where console input comes from: stdin, or what a transfer handed over.
     console_in: RawFd,
+    control_path: Option<PathBuf>,
     _console_in: Option<std::os::fd::OwnedFd>,
 }
 

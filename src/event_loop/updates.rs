@@ -33,6 +33,13 @@ impl Loop {
                     saved.bytes,
                     saved.save_us
                 );
+                // Free what the next molt opens by name before it is told to
+                // start: the control socket and taps (a tap takes one owner).
+                self.listener = None;
+                if let Some(p) = &self.control_path {
+                    let _ = std::fs::remove_file(p);
+                }
+                self.machine.release_backends();
                 (reply, Some(Outcome::Saved))
             }
             Err(e) => {

@@ -10,7 +10,7 @@ use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap, MmapRegion,
 };
 
@@ -141,6 +141,27 @@ impl GuestRam {
             .map(|r| GuestAddress(r.guest_addr + (offset - r.file_offset)))
     }
 
+    /// CRC32 of a fixed sample of guest pages: the zero page and the kernel's
+    /// first page (both always written at boot) and 62 pages spread evenly.
+    pub fn sample_crc(&self) -> u32 {
+        const PAGE: usize = 4096;
+        let size = self.size();
+        let stride = (size / 62).max(PAGE as u64) & !(PAGE as u64 - 1);
+        let offsets = [crate::layout::ZERO_PAGE_START, crate::layout::HIMEM_START]
+            .into_iter()
+            .chain((0..62).map(|i| i * stride));
+        let mut crc = crc32fast::Hasher::new();
+        let mut page = [0u8; PAGE];
+        for off in offsets.filter(|&o| o + PAGE as u64 <= size) {
+            if let Some(addr) = self.guest_addr(off) {
+                if self.memory.read_slice(&mut page, addr).is_ok() {
+                    crc.update(&page);
+                }
+            }
+        }
+        crc.finalize()
+    }
+
     /// Byte ranges `(offset, len)` of the backing file that hold data, split at
     /// region boundaries; holes (never-touched memfd pages) are skipped.
     pub fn populated(&self) -> std::io::Result<Vec<(u64, u64)>> {
@@ -225,7 +246,6 @@ fn device_size(file: &File) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::Bytes;
 
     #[test]
     fn small_ram_is_one_region() {

@@ -377,6 +377,18 @@ impl Machine {
         })
     }
 
+    /// Closes the devices' backends (disk images, taps) so a successor process
+    /// can open them by name while this one is still exiting. Only for a machine
+    /// that will never run again: the process must exit without dropping it.
+    pub fn release_backends(&self) {
+        for d in &self.virtio {
+            let fd = crate::pci::lock(d).device().backend_fd();
+            // SAFETY: the caller exits right after (std::process::exit, no Drop),
+            // so nothing uses or closes this descriptor again.
+            unsafe { libc::close(fd) };
+        }
+    }
+
     pub fn mem_size(&self) -> u64 {
         self.shape.mem_size
     }

@@ -99,16 +99,23 @@ impl Molt {
     /// Like `spawn`, with stderr to `dir/NAME.stderr`: each of the processes a
     /// guest lives in across a live update keeps its own log.
     pub fn spawn_named(dir: &TempDir, name: &str, args: &[&str], stdout: Stdio) -> Molt {
+        Molt::spawn_bin(dir, Path::new(MOLT), name, args, stdout)
+    }
+
+    /// Like `spawn_named`, running `bin run ARGS...` instead of the binary under
+    /// test: the upgrade tests run copies of it and of a second build. A copy that
+    /// was just written may still be open for writing in a child another test
+    /// thread is forking (ETXTBSY): that is retried for a while.
+    pub fn spawn_bin(dir: &TempDir, bin: &Path, name: &str, args: &[&str], stdout: Stdio) -> Molt {
         let stderr_path = dir.join(&format!("{name}.stderr"));
         let stderr = File::create(&stderr_path).expect("create stderr file");
-        let child = Command::new(MOLT)
-            .arg("run")
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
             .args(args)
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {MOLT}: {e}"));
+            .stderr(stderr);
+        let child = spawn_retrying_etxtbsy(&mut cmd);
         Molt { child, stderr_path }
     }
 
@@ -193,6 +200,20 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     }
 }
 
+/// Spawns `cmd`, retrying for up to `TIMEOUT` while exec fails with ETXTBSY.
+pub fn spawn_retrying_etxtbsy(cmd: &mut Command) -> Child {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match cmd.spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                thread::sleep(POLL)
+            }
+            Err(e) => panic!("spawn {cmd:?}: {e}"),
+        }
+    }
+}
+
 /// `molt ARGS...` to completion (usage and ctl commands).
 pub fn molt(args: &[&str]) -> Output {
     run_with_timeout(Command::new(MOLT).args(args), TIMEOUT)
@@ -202,9 +223,15 @@ pub fn molt(args: &[&str]) -> Output {
 /// ctl does not print exactly one line, or if an `ok` reply comes with a non-zero
 /// exit status.
 pub fn ctl(sock: &Path, command: &[&str]) -> String {
+    ctl_timeout(sock, command, TIMEOUT)
+}
+
+/// `ctl` for commands allowed to take longer than `TIMEOUT` (a live update that
+/// fails only when the other process's timeout expires).
+pub fn ctl_timeout(sock: &Path, command: &[&str], timeout: Duration) -> String {
     let mut args = vec!["ctl", sock.to_str().expect("utf-8 path")];
     args.extend_from_slice(command);
-    let out = molt(&args);
+    let out = run_with_timeout(Command::new(MOLT).args(&args), timeout);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stdout.lines().collect();

@@ -46,6 +46,13 @@ tcp_server_start() {
     SERVER_PID=$!
 }
 
+# cpr_tap_up: tap_up with a fixed MAC on L2's side. A host's network setup
+# survives its kernel update, and so must this address: the guest's ARP entry
+# for L2 names it (a fresh random MAC would black-hole the guest's frames until
+# its neighbour entry times out).
+TAP_HOST_MAC=02:6d:6f:6c:74:01
+cpr_tap_up() { tap_up && ip link set "$TAP" address "$TAP_HOST_MAC"; }
+
 # server_field KEY: a field of the TCP server's status line (empty if none).
 server_field() { [ -f "$SERVER_STATUS" ] && field "$1" "$(cat "$SERVER_STATUS")"; }
 
@@ -140,11 +147,24 @@ count_checks() {
     check count_sequence "$_seq" ok
 }
 
-# count_gap [TICKS_PER_US]: the largest gap in the stamped GUEST-COUNT stream.
+# update_gap_ms FIRST [TICKS_PER_US]: the gap in the stamped GUEST-COUNT
+# stream just before line FIRST (the new process's first): the guest-visible
+# pause of the update, plus up to one COUNT_MS period. On the TSC when
+# TICKS_PER_US is given, else on CLOCK_MONOTONIC.
+update_gap_ms() {
+    awk -v n="$1" -v hz="${2:-0}" '{ t = hz > 0 ? $1 / hz : $2 }
+        $3 == n && NR > 1 { printf "%d\n", (t - p) / 1000; exit } { p = t }' "$STAMPS"
+}
+
+# first_count LOG: the first complete GUEST-COUNT number in LOG.
+first_count() { tr -d '\r' < "$1" | sed -n 's/^GUEST-COUNT \([0-9][0-9]*\)$/\1/p' | head -n 1; }
+
+# count_gap [TICKS_PER_US]: count_gap_ms, the gap at the update; the largest
+# gap anywhere in the stream for scale (TCG has hiccups of its own).
 count_gap() {
     _g=$(labcpr gaps "$STAMPS" "$@")
     echo "LAB-INFO count stream: $_g (period $COUNT_MS ms)"
-    result count_gap_ms $(( $(field max_gap_us "$_g") / 1000 ))
+    result count_gap_ms "$(update_gap_ms "$(first_count "$VMM_LOG")" "$@")"
 }
 
 # workload_checks MODE MSGS_BEFORE: stop the workload, check records and TCP.
@@ -183,14 +203,14 @@ workload_checks() {
         check tcp_client_conns "$(field conns "$_tcp")" 1
         check tcp_server_conns "$(server_field conns)" 1
         check tcp_same_connection "$([ "$(field local_port "$_tcp")" = "$(server_field peer_port)" ] && echo yes || echo no)" yes
-        check tcp_continued "$([ "$(server_field msgs)" -gt "$_before" ] && echo yes || echo no)" yes
+        check tcp_continued "$([ "$(server_field msgs)" -gt "$_before" ] 2>/dev/null && echo yes || echo no)" yes
         ;;
     reconnected)
         # The old connection's peer died with the old kernel: one reconnect,
         # accepted by the new server, which then sees the messages continue.
         check tcp_client_conns "$(field conns "$_tcp")" 2
         check tcp_server_conns "$(server_field conns)" 1
-        check tcp_after_kexec "$([ "$(server_field msgs)" -gt 0 ] && [ "$(field acked "$_tcp")" = "$(field sent "$_tcp")" ] && echo reconnected || echo broken)" reconnected
+        check tcp_after_kexec "$([ "$(server_field msgs)" -gt 0 ] 2>/dev/null && [ "$(field acked "$_tcp")" = "$(field sent "$_tcp")" ] && echo reconnected || echo broken)" reconnected
         ;;
     esac
 }
@@ -227,7 +247,7 @@ cpr_local() {
     IMG=/tmp/disk.img
     STATE=/run/state
     t_start=$(now_ms)
-    if tap_up; then check tap yes yes; else check tap no yes; fi
+    if cpr_tap_up; then check tap yes yes; else check tap no yes; fi
     truncate -s 64M "$IMG"
     tcp_server_start
     run_args "$@" --disk "$IMG" --net "tap=$TAP,mac=$GUEST_MAC" > /run/argv

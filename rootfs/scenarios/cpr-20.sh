@@ -1,0 +1,217 @@
+# cpr-20: twenty live updates in a row under a running guest, exec and
+# transfer mode in turn, each one to a different molt build. The guest has 2
+# vCPUs, a virtio disk and a NIC, RAM in molt's memfd (no --mem-file: it only
+# survives because it is handed over), and runs the CPR workload of
+# lib/cpr.sh (counter on the console, records on its disk, a TCP connection to
+# L2). The tap is created by molt itself, not persistent: it lives only as
+# long as some molt holds its descriptor, so a handover that dropped it would
+# take the guest's network (and L2's address on it) down.
+#
+# Two binaries: /lab/bin/molt (version A) and /lab/bin/molt-next, the same
+# source built with MOLT_BUILD_VERSION=lab-next (version B; lab.sh builds it
+# for scenarios that name it on a `lab-needs:` line). Every step switches
+# binary, so `status` must report the other version after it. Steps 1-10 are
+# exec, transfer, exec, ... starting on A; steps 11-20 begin with a transfer,
+# so both modes run in both directions (A to B and B to A); that is the one
+# place where two transfers follow each other.
+#
+# After each step: the reply is `ok resumed mode=M pause_us=U version=V` with
+# the new version, `status` says running with that version and the right pid
+# (exec: the same; transfer: the new process, and the old one exited 0), and
+# the counter and the TCP connection moved on. After all of them: the counter
+# never reset or skipped, the records have no gap or duplicate (in the guest
+# and on the image read from L2), one TCP connection throughout with no gap,
+# no virtio/block errors or hung tasks in the guest's kernel log, power-off
+# exits 0. Reports pause_us (molt's) min/median/max overall and per mode, and
+# the largest guest-visible gap in the counter stream seen from L2.
+# lab-needs: molt-next
+. /lab/lib/common.sh
+. /lab/lib/devices.sh
+. /lab/lib/cpr.sh
+
+UPDATES=${UPDATES:-20}
+XFER=/run/molt-incoming.sock
+IMG=/tmp/disk.img
+NEXT=/lab/bin/molt-next
+
+if [ ! -x /lab/bin/molt ] || [ ! -x $NEXT ]; then
+    fail molt "binary missing (molt: $(ls /lab/bin/molt 2>&1), molt-next: $(ls $NEXT 2>&1))"
+    lab_end
+    exit 0
+fi
+
+# version BIN: the VERSION of `molt version` ("molt VERSION state-formats=N").
+version() { "$1" version 2>&1 | awk '{ print $2 }'; }
+
+# start_incoming BIN ERRLOG: start BIN with the scenario's run arguments
+# (/run/argv) plus --incoming unix:$XFER; it waits there to be handed the guest.
+# Sets NEW_PID; returns 1 if its socket did not appear within 60 s.
+start_incoming() {
+    _bin=$1 _err=$2
+    set --
+    while IFS= read -r a; do set -- "$@" "$a"; done < /run/argv
+    rm -f $XFER
+    # The console comes with the handover: this process's own stdio is unused.
+    "$_bin" run "$@" --incoming "unix:$XFER" < /dev/null > "$_err.out" 2> "$_err" &
+    NEW_PID=$!
+    _i=0
+    while [ ! -S $XFER ]; do
+        _i=$((_i + 1))
+        if [ $_i -gt 1200 ] || ! alive "$NEW_PID"; then return 1; fi
+        sleep 0.05
+    done
+}
+
+# stats FILE: "min median max" of the numbers in FILE.
+stats() {
+    sort -n "$1" | awk '{ v[NR] = $1 } END { if (NR) print v[1], v[int((NR + 1) / 2)], v[NR] }'
+}
+
+t_start=$(now_ms)
+VER_A=$(version /lab/bin/molt)
+VER_B=$(version $NEXT)
+echo "LAB-INFO versions: molt=$VER_A molt-next=$VER_B"
+check versions_differ "$([ -n "$VER_A" ] && [ -n "$VER_B" ] && [ "$VER_A" != "$VER_B" ] && echo yes || echo no)" yes
+
+modprobe tun
+ip link del $TAP 2>/dev/null
+truncate -s 64M "$IMG"
+tcp_server_start
+run_args --disk "$IMG" --net "tap=$TAP,mac=$GUEST_MAC" > /run/argv
+set --
+while IFS= read -r a; do set -- "$@" "$a"; done < /run/argv
+echo "LAB-INFO cpr-20: molt run $*"
+cpr_vmm_start /run/guest.log /lab/bin/molt run "$@"
+# molt made the tap; L2's side of it is configured once, here.
+i=0
+while [ ! -d /sys/class/net/$TAP ] && [ $i -lt 300 ]; do i=$((i + 1)); sleep 0.1; done
+ip link set $TAP up && ip addr add "$HOST_IP/24" dev $TAP
+check tap "$([ -d /sys/class/net/$TAP ] && echo yes || echo no)" yes
+if ! guest_ready "$VMM_LOG"; then
+    kill -9 "$VMM_PID" 2>/dev/null
+    dump_vmm guest
+    lab_end
+    exit 0
+fi
+check guest_cpus "$GUEST_CPUS" 2
+guest_workload_setup
+msgs_before=$(server_field msgs)
+if [ "$LAB_FAILED" != 0 ]; then
+    dump_vmm guest
+    kill -9 "$VMM_PID" 2>/dev/null
+    lab_end
+    exit 0
+fi
+
+# ---- the updates ----
+: > /run/pause.all; : > /run/pause.exec; : > /run/pause.transfer
+ok_reply=0 ok_status=0 ok_pid=0 ok_progress=0 ok_old_exit=0 transfers=0
+bin=/lab/bin/molt
+step=1
+t_updates=$(now_ms)
+while [ $step -le "$UPDATES" ]; do
+    # exec on odd steps up to 10, on even steps after (see the header).
+    if [ $(( (step + (step > 10)) % 2 )) = 1 ]; then mode=exec; else mode=transfer; fi
+    if [ $bin = /lab/bin/molt ]; then from=$VER_A bin=$NEXT want=$VER_B; else from=$VER_B bin=/lab/bin/molt want=$VER_A; fi
+    c0=$(counts)
+    m0=$(server_field msgs)
+    t0=$(now_ms)
+    if [ $mode = exec ]; then
+        reply=$(molt ctl "$SOCK" cpr-exec $bin 2>&1)
+        want_pid=$VMM_PID
+    else
+        transfers=$((transfers + 1))
+        if ! start_incoming $bin /run/molt-step$step.err; then
+            fail "step${step}_incoming" "$bin --incoming unix:$XFER: no socket (alive: $(alive "$NEW_PID" && echo yes || echo no))"
+            dump "step$step-stderr" /run/molt-step$step.err 30
+            break
+        fi
+        reply=$(molt ctl "$SOCK" cpr-transfer $XFER 2>&1)
+        old_pid=$VMM_PID
+        want_pid=$NEW_PID
+    fi
+    cmd_ms=$(( $(now_ms) - t0 ))
+    pause=$(field pause_us "$reply")
+    echo "LAB-INFO step $step: $mode $from -> $want: $reply (command ${cmd_ms} ms)"
+    case $reply in
+    "ok resumed mode=$mode pause_us="*" version=$want") ok_reply=$((ok_reply + 1)) ;;
+    *) echo "LAB-CHECK-FAIL step${step}_reply: got '$reply', want 'ok resumed mode=$mode ... version=$want'" ;;
+    esac
+    if [ $mode = transfer ]; then
+        case $reply in
+        "ok resumed"*)
+            wait_exit "$old_pid" 30
+            if [ "$EXIT_RC" = 0 ]; then ok_old_exit=$((ok_old_exit + 1)); else
+                echo "LAB-CHECK-FAIL step${step}_old_exit: old molt $old_pid exit $EXIT_RC"; fi
+            VMM_PID=$NEW_PID
+            ;;
+        *)
+            # Refused: the old process keeps the guest; the new one should give up.
+            kill "$NEW_PID" 2>/dev/null
+            ;;
+        esac
+    fi
+    case $pause in
+    [0-9]*) echo "$pause" >> /run/pause.all; echo "$pause" >> /run/pause.$mode ;;
+    esac
+    st=$(molt ctl "$SOCK" status 2>&1)
+    echo "LAB-INFO step $step status: $st"
+    case $st in
+    "ok state=running vcpus=2 "*" version=$want "*) ok_status=$((ok_status + 1)) ;;
+    *) echo "LAB-CHECK-FAIL step${step}_status: got '$st', want running with version=$want" ;;
+    esac
+    if [ "$(field pid "$st")" = "$want_pid" ]; then ok_pid=$((ok_pid + 1)); else
+        echo "LAB-CHECK-FAIL step${step}_pid: status pid $(field pid "$st"), want $want_pid"; fi
+    # The guest runs on: 3 more counts on the console, 2 more TCP messages.
+    i=0
+    while [ "$(counts)" -lt $((c0 + 3)) ] || [ "$(server_field msgs)" -lt $((m0 + 2)) ]; do
+        i=$((i + 1))
+        [ $i -le 300 ] || break
+        sleep 0.1
+    done
+    if [ $i -le 300 ]; then ok_progress=$((ok_progress + 1)); else
+        echo "LAB-CHECK-FAIL step${step}_progress: counts $c0 -> $(counts), TCP msgs $m0 -> $(server_field msgs) in 30 s"
+        alive "$VMM_PID" && proc_diag "$VMM_PID"
+        break
+    fi
+    step=$((step + 1))
+done
+result updates_ms $(( $(now_ms) - t_updates ))
+check replies_ok $ok_reply "$UPDATES"
+check status_version_ok $ok_status "$UPDATES"
+check status_pid_ok $ok_pid "$UPDATES"
+check guest_progress_ok $ok_progress "$UPDATES"
+check old_transfer_molt_exit_ok $ok_old_exit $transfers
+set -- $(stats /run/pause.all)
+result pause_us_min "${1:-none}"
+result pause_us_median "${2:-none}"
+result pause_us_max "${3:-none}"
+set -- $(stats /run/pause.exec)
+result exec_pause_us "min=${1:-none} median=${2:-none} max=${3:-none}"
+set -- $(stats /run/pause.transfer)
+result transfer_pause_us "min=${1:-none} median=${2:-none} max=${3:-none}"
+
+# ---- after all of them ----
+if alive "$VMM_PID"; then
+    count_gap
+    workload_checks same "$msgs_before"
+    _seq=$(tr -d '\r' < "$VMM_LOG" | sed -n 's/^GUEST-COUNT \([0-9][0-9]*\)$/\1/p' |
+        awk 'NR == 1 && $1 != 1 { bad++ } NR > 1 && $1 != p + 1 { bad++; if (bad <= 3) printf "%d after %d; ", $1, p }
+             { p = $1 } END { print (bad ? bad " out of order" : "ok") }')
+    result counts_total "$(counts)"
+    check count_sequence "$_seq" ok
+    cpr_finish "$IMG"
+else
+    fail guest_alive "molt $VMM_PID is gone"
+fi
+for f in "$VMM_LOG.err" /run/molt-step*.err; do
+    [ -f "$f" ] || continue
+    grep -i -E 'error|warn|panic' "$f" | sed "s|^|LAB-INFO ${f##*/}: |"
+done
+if [ "$LAB_FAILED" != 0 ]; then
+    for f in /run/molt-step*.err; do dump "${f##*/}" "$f" 15; done
+fi
+dump_vmm guest
+kill "$SERVER_PID" 2>/dev/null
+result lab_ms $(( $(now_ms) - t_start ))
+lab_end
