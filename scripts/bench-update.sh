@@ -369,7 +369,7 @@ blocking() {
 }
 
 declare -A slowest blocked
-brows=()
+erows=() trows=()
 for size in "$first" "$last"; do
     boot "perf-exec-$size" "$size"
     samples=() slow=
@@ -390,7 +390,7 @@ for size in "$first" "$last"; do
     for col in 1 2 3 4 5 6; do
         m[col]=$(median "$(printf '%s\n' "${samples[@]}" | awk -v c="$col" '{ print $c }' | tr '\n' ' ')")
     done
-    brows+=("| exec | $size | ${m[1]} | save ${m[2]} | execve ${m[3]} | release ${m[4]} | startup ${m[5]} | restore ${m[6]} |")
+    erows+=("| $size | ${m[1]} | ${m[2]} | ${m[3]} | ${m[4]} | ${m[5]} | ${m[6]} |")
     slowest[$size]=$slow
 
     boot "perf-transfer-$size" "$size"
@@ -410,14 +410,18 @@ for size in "$first" "$last"; do
     for col in 1 2 3 4; do
         m[col]=$(median "$(printf '%s\n' "${samples[@]}" | awk -v c="$col" '{ print $c }' | tr '\n' ' ')")
     done
-    brows+=("| transfer | $size | ${m[1]} | save ${m[2]} | handoff ${m[3]} | restore ${m[4]} | | |")
+    trows+=("| $size | ${m[1]} | ${m[2]} | ${m[3]} | ${m[4]} |")
 done
 
 echo "### Where the pause goes (us, medians of $breakdown_runs traced updates)"
 echo
-echo "| mode | RAM | pause_us | segment | segment | segment | segment | segment |"
-echo "|---|---|---|---|---|---|---|---|"
-printf '%s\n' "${brows[@]}"
+echo "| exec, RAM | pause_us | save | execve | release (old VM destroyed) | startup | restore (new VM built) |"
+echo "|---|---|---|---|---|---|---|"
+printf '%s\n' "${erows[@]}"
+echo
+echo "| transfer, RAM | pause_us | save | handoff | restore |"
+echo "|---|---|---|---|---|"
+printf '%s\n' "${trows[@]}"
 echo
 for size in "$first" "$last"; do
     echo "Slowest gaps between the new image's KVM ioctls (exec, $size; the ioctl named took most of it):" \

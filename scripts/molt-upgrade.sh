@@ -12,7 +12,7 @@
 #          kernel that does not load is found before the guest pauses;
 #       3. `molt ctl SOCK cpr-save STATE`: the guest pauses, molt exits;
 #       4. syncs and remounts STATE's filesystem read-only (clean after kexec);
-#       5. `molt kexec` into K with this kernel's command line plus WORDS and
+#       5. `molt kexec --exec-staged`: reboot into K, staged in step 2 with this kernel's command line plus WORDS and
 #          `molt.resume=DEV,FSTYPE,MOUNTPOINT,STATE,ARGV`.
 #       ARGV is molt's `run` arguments, one per line (without --incoming);
 #       if it does not exist it is written from the running molt's command line.
@@ -177,7 +177,8 @@ cmd_save() {
         usleep 100000
     done
     echo "molt-upgrade: kexec $kernel cmdline: $cmdline" >&2
-    molt kexec --kernel "$kernel" --initrd "$initrd" --cmdline "$cmdline"
+    # The kernel was staged before the pause: only the reboot is left in it.
+    molt kexec --exec-staged
     rc=$?
     mount -o remount,rw "$mnt" 2>/dev/null
     die "kexec failed (status $rc); the guest is saved in $state: run 'molt-upgrade resume' to bring it back here"

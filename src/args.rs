@@ -34,9 +34,9 @@ pub struct VersionArgs {}
 /// Boot another host kernel in place (kexec_file_load + reboot).
 #[argh(subcommand, name = "kexec")]
 pub struct KexecArgs {
-    /// the kernel to boot
+    /// the kernel to boot (not with --exec-staged)
     #[argh(option)]
-    pub kernel: PathBuf,
+    pub kernel: Option<PathBuf>,
     /// its initramfs
     #[argh(option)]
     pub initrd: Option<PathBuf>,
@@ -46,6 +46,10 @@ pub struct KexecArgs {
     /// stage the kernel but do not reboot into it
     #[argh(switch)]
     pub load_only: bool,
+    /// reboot into the kernel staged earlier with --load-only (keeps the load
+    /// out of the guest's pause)
+    #[argh(switch)]
+    pub exec_staged: bool,
 }
 
 #[derive(FromArgs, Debug)]

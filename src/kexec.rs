@@ -59,13 +59,18 @@ pub fn kexec(kernel: &Path, initrd: Option<&Path>, cmdline: &str, exec: bool) ->
     if !exec {
         return Ok(());
     }
+    Err(exec_staged())
+}
+
+/// Reboots into the staged kernel; returns only on failure.
+pub fn exec_staged() -> Error {
     // SAFETY: flushing buffers has no preconditions.
     unsafe { libc::sync() };
     // SAFETY: reboot with the KEXEC command only returns on failure.
     let r = unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC) };
-    Err(Error::Reboot(if r != 0 {
+    Error::Reboot(if r != 0 {
         std::io::Error::last_os_error()
     } else {
         std::io::Error::other("returned")
-    }))
+    })
 }

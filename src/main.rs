@@ -66,13 +66,25 @@ fn main() -> ExitCode {
 }
 
 fn kexec(a: KexecArgs) -> ExitCode {
+    let kernel = match (a.exec_staged, a.kernel, a.load_only) {
+        (true, None, false) => {
+            let e = kexec::exec_staged();
+            eprintln!("molt: {e}");
+            return ExitCode::FAILURE;
+        }
+        (false, Some(k), _) => k,
+        _ => {
+            eprintln!("molt: kexec takes --kernel K, or --exec-staged alone");
+            return ExitCode::from(2);
+        }
+    };
     let cmdline = match a.cmdline {
         Some(c) => c,
         None => std::fs::read_to_string("/proc/cmdline")
             .map(|c| c.trim_end().to_string())
             .unwrap_or_default(),
     };
-    match kexec::kexec(&a.kernel, a.initrd.as_deref(), &cmdline, !a.load_only) {
+    match kexec::kexec(&kernel, a.initrd.as_deref(), &cmdline, !a.load_only) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("molt: {e}");

@@ -28,7 +28,7 @@ mod common;
 use common::guest::{counting_guest, write_guest};
 use common::{
     assert_one_continuous_run, ctl, ctl_timeout, field, kvm_available, run_with_timeout,
-    wait_for_control, wait_for_counts, wait_until, Molt, Serial, TempDir, MOLT, TIMEOUT,
+    wait_for_control, wait_until, Molt, Serial, TempDir, MOLT, TIMEOUT,
 };
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -37,7 +37,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -183,12 +183,22 @@ fn wait_listening(molt: &mut Molt, path: &Path) {
     );
 }
 
-/// A counting guest under molt, with its serial output in a file and a control
-/// socket, and the process that currently runs it.
+/// Where the guest's console goes.
+enum Console {
+    /// `--serial file:PATH`.
+    File(PathBuf),
+    /// `--serial stdio`, molt's stdout being a pipe this test drains into the
+    /// buffer. Only the first process gets the pipe: later ones must write to
+    /// it through the handed-over descriptor.
+    Pipe(Arc<Mutex<Vec<u8>>>),
+}
+
+/// A counting guest under molt, with its console and a control socket, and the
+/// process that currently runs it.
 struct Guest {
     // Field order matters: molt is killed (dropped) before its directory goes.
     molt: Molt,
-    serial: PathBuf,
+    console: Console,
     sock: PathBuf,
     /// `run` arguments of every process this guest lives in (no --incoming).
     args: Vec<String>,
@@ -198,11 +208,28 @@ struct Guest {
 }
 
 impl Guest {
-    /// Boots the counting guest with `bin` (a path inside `dir`) and waits for it
-    /// to count.
+    /// Boots the counting guest with `bin` (a path inside `dir`), its console in
+    /// a file, and waits for it to count.
     fn start(dir: TempDir, bin: &Path, extra: &[&str]) -> Guest {
-        let kernel = write_guest(dir.path(), "counting.elf", &counting_guest());
         let serial = dir.join("serial.out");
+        let arg = format!("file:{}", serial.display());
+        Guest::start_with(dir, bin, &arg, Console::File(serial), extra)
+    }
+
+    /// Like `start`, with the console on molt's stdout, a pipe.
+    fn start_on_pipe(dir: TempDir, bin: &Path, extra: &[&str]) -> Guest {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        Guest::start_with(dir, bin, "stdio", Console::Pipe(buffer), extra)
+    }
+
+    fn start_with(
+        dir: TempDir,
+        bin: &Path,
+        serial: &str,
+        console: Console,
+        extra: &[&str],
+    ) -> Guest {
+        let kernel = write_guest(dir.path(), "counting.elf", &counting_guest());
         let sock = dir.join("ctl.sock");
         let mut args: Vec<String> = vec![
             "--kernel".into(),
@@ -210,17 +237,32 @@ impl Guest {
             "--mem".into(),
             MEM_ARG.into(),
             "--serial".into(),
-            format!("file:{}", serial.display()),
+            serial.into(),
             "--control".into(),
             sock.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut molt = Molt::spawn_bin(&dir, bin, "molt-0", &argv, Stdio::null());
+        let stdout = match console {
+            Console::File(_) => Stdio::null(),
+            Console::Pipe(_) => Stdio::piped(),
+        };
+        let mut molt = Molt::spawn_bin(&dir, bin, "molt-0", &argv, stdout);
+        if let Console::Pipe(buffer) = &console {
+            let mut out = molt.child.stdout.take().expect("piped stdout");
+            let buffer = buffer.clone();
+            // Ends when the last process holding the pipe is gone.
+            thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = out.read(&mut chunk) {
+                    buffer.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+        }
         wait_for_control(&mut molt, &sock);
         let mut g = Guest {
             molt,
-            serial,
+            console,
             sock,
             args,
             spawned: 1,
@@ -231,14 +273,29 @@ impl Guest {
     }
 
     fn serial(&self) -> Serial {
-        Serial::read(&self.serial)
+        match &self.console {
+            Console::File(path) => Serial::read(path),
+            Console::Pipe(buffer) => Serial::parse(&buffer.lock().unwrap()),
+        }
     }
 
     /// Waits for `more` count lines beyond those written so far, then checks the
     /// whole output is still one continuous run.
     fn wait_more(&mut self, more: usize) -> Serial {
         let before = self.serial().counts();
-        let s = wait_for_counts(&mut self.molt, &self.serial, before.len() + more);
+        let s = wait_until(TIMEOUT, || {
+            self.molt
+                .assert_running("while the counting guest should run");
+            let s = self.serial();
+            (s.counts().len() >= before.len() + more).then_some(s)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "fewer than {more} more count lines after {TIMEOUT:?}; console: {:?}; stderr:\n{}",
+                self.serial().lines,
+                self.molt.stderr()
+            )
+        });
         if let Some(&last) = before.last() {
             let first_after = s.counts()[before.len()];
             assert!(
@@ -442,6 +499,25 @@ fn ten_updates_alternating_exec_and_transfer_with_two_vcpus() {
             "after update {i}: {status:?}"
         );
     }
+    let s = g.serial();
+    assert_eq!(s.start_lines(), 1, "the guest restarted: {:?}", s.lines);
+}
+
+#[test]
+fn console_on_a_pipe_continues_across_exec_and_transfer() {
+    if !kvm_available("console_on_a_pipe_continues_across_exec_and_transfer") {
+        return;
+    }
+    let dir = TempDir::new("pipe");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    let mut g = Guest::start_on_pipe(dir, &a, &[]);
+    g.exec(None, &version);
+    // The new process's own stdout is /dev/null: what arrives on the pipe came
+    // through the handed-over console descriptor.
+    g.transfer(&a, &version);
+    g.exec(None, &version);
+    g.transfer(&a, &version);
     let s = g.serial();
     assert_eq!(s.start_lines(), 1, "the guest restarted: {:?}", s.lines);
 }
@@ -761,9 +837,12 @@ fn transfer_to_a_new_process_killed_after_it_took_the_descriptors() {
             update.join()
         );
     };
-    let serial = g.serial.display().to_string();
+    let Console::File(serial) = &g.console else {
+        unreachable!("started with a console file")
+    };
+    let serial = serial.display().to_string();
     assert!(
-        fds.iter().any(|t| *t == serial),
+        fds.contains(&serial),
         "the new molt does not hold the console file {serial}: {fds:?}"
     );
     new.child.kill().expect("kill the new molt");
@@ -1053,9 +1132,12 @@ fn check_hello(g: &Guest, version: &str, r: &fake::Report) {
         r.targets[1].starts_with("socket:") && r.targets[2].starts_with("socket:"),
         "{r:?}"
     );
+    let Console::File(serial) = &g.console else {
+        unreachable!("started with a console file")
+    };
     assert_eq!(
         r.targets[3],
-        g.serial.display().to_string(),
+        serial.display().to_string(),
         "console slot: {r:?}"
     );
 }

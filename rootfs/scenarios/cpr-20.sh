@@ -30,6 +30,8 @@
 . /lab/lib/cpr.sh
 
 UPDATES=${UPDATES:-20}
+# A console that lost its reader must fail a check, not kill this script.
+trap '' PIPE
 XFER=/run/molt-incoming.sock
 IMG=/tmp/disk.img
 NEXT=/lab/bin/molt-next
@@ -192,7 +194,10 @@ set -- $(stats /run/pause.transfer)
 result transfer_pause_us "min=${1:-none} median=${2:-none} max=${3:-none}"
 
 # ---- after all of them ----
-if alive "$VMM_PID"; then
+if [ $ok_progress != "$UPDATES" ]; then
+    # The guest (or its console) is gone: commands to it would only time out.
+    kill -9 "$VMM_PID" 2>/dev/null
+elif alive "$VMM_PID"; then
     count_gap
     workload_checks same "$msgs_before"
     _seq=$(tr -d '\r' < "$VMM_LOG" | sed -n 's/^GUEST-COUNT \([0-9][0-9]*\)$/\1/p' |

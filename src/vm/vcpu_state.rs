@@ -110,9 +110,14 @@ pub fn save(fd: &VcpuFd, spec: &SaveSpec) -> Result<VcpuState, Error> {
     let cpuid = fd
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::Get("CPUID2", e))?;
+    // Some kernels (seen: 6.1) return the buffer's full count, the unused tail
+    // zeroed; no real leaf is all zero (leaf 0 names the highest leaf).
     let cpuid: Vec<CpuidEntry> = cpuid
         .as_slice()
         .iter()
+        .filter(|e| {
+            (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) != (0, 0, 0, 0, 0, 0, 0)
+        })
         .map(|e| CpuidEntry {
             function: e.function,
             index: e.index,

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Guest-visible blackout of a local update inside the lab, measured as in
+# shared/LAB.md: the guest sends a numbered UDP datagram every 1 ms to L2 over
+# virtio-net; the largest gap in their arrival across an update is the
+# blackout. molt's exec, transfer and reboot mode (cpr-save, start again with
+# --incoming file:, RAM on /dev/shm) against QEMU 7.2's x-ignore-shared
+# restart, RUNS updates each (rootfs/scenarios/bench-blackout.sh does the work
+# in L2). Prints a markdown table: median (min-max) ms, ratio of medians to
+# QEMU's, datagrams lost. A benchmark, not a test: it passes as long as every
+# update worked. Absolute numbers are inflated by TCG emulation: compare the
+# rows with each other, not with numbers from elsewhere.
+# Usage: scripts/bench-blackout.sh [SIZES]   SIZES: comma-separated guest RAM
+#        sizes (default 256M; L2 has 3 GiB, so 1G is the largest that fits)
+# Environment: RUNS (5), MOLT_LAB_TIMEOUT (3000), MOLT_BIN (as for lab.sh)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+sizes=${1:-256M}
+MOLT_LAB_WITH_QEMU=1 MOLT_LAB_TIMEOUT=${MOLT_LAB_TIMEOUT:-3000} \
+    MOLT_LAB_APPEND="molt.env.SIZES=$sizes molt.env.RUNS=${RUNS:-5} ${MOLT_LAB_APPEND:-}" \
+    "$repo/scripts/lab.sh" bench-blackout >/dev/null || status=$?
+log=$repo/target/lab/bench-blackout.log
+grep -h '^LAB-RESULT\|^LAB-CHECK-FAIL' "$log" | tr -d '\r' >&2 || true
+echo
+grep '^LAB-TABLE ' "$log" | tr -d '\r' | sed 's/^LAB-TABLE //'
+echo
+echo "Guest: 1 vCPU, RAM in a /dev/shm file, UDP datagram every 1 ms (rootfs/tools/labudp.c);" \
+    "L2: QEMU TCG, EPYC-v3, smp=${MOLT_LAB_SMP:-2}; log $log"
+exit "${status:-0}"
