@@ -333,7 +333,14 @@ slowest_ioctls() {
         !x || tid != pid || !/sys_enter_ioctl/ { next }
         { match($0, /cmd: 0x[0-9a-f]+/); c = substr($0, RSTART + 5, RLENGTH - 5)
           if (prev != "") printf "%d %s\n", t - pt, prev; prev = c; pt = t }
-    ' "$1" | sort -rn | head -4 | awk '{ printf "%s%s %d us", sep, $2, $1; sep = ", " }'
+    ' "$1" | sort -rn | head -4 | awk '
+        BEGIN {
+            name["0x0000ae01"] = "KVM_CREATE_VM"; name["0x0000ae60"] = "KVM_CREATE_IRQCHIP"
+            name["0x4040ae77"] = "KVM_CREATE_PIT2"; name["0x4020ae46"] = "KVM_SET_USER_MEMORY_REGION"
+            name["0x4020ae76"] = "KVM_IRQFD"; name["0x4008ae6a"] = "KVM_SET_GSI_ROUTING"
+            name["0x0000ae41"] = "KVM_CREATE_VCPU"; name["0x00005421"] = "FIONBIO (then RAM is mapped)"
+        }
+        { printf "%s%s %d us", sep, ($2 in name) ? name[$2] : $2, $1; sep = ", " }'
 }
 
 # Where the main thread of $pid sleeps during one exec's pause (from the state

@@ -273,3 +273,52 @@ fn reboot_mode_host_kernel_switch_through_kexec_with_guest_ram_on_pmem() {
         assert!(number(&r, name) > 0.0, "LAB-RESULT {name}: {r:?}");
     }
 }
+
+#[test]
+fn twenty_live_updates_alternate_exec_and_transfer_between_two_versions() {
+    let Some(r) = run_scenario("cpr-20") else {
+        return;
+    };
+    // Two builds of molt (the second with MOLT_BUILD_VERSION=lab-next).
+    expect(&r, "versions_differ", "yes");
+    expect(&r, "tap", "yes");
+    expect(&r, "guest_cpus", "2");
+    for step in [
+        "guest_ip_rc",
+        "mkfs_rc",
+        "workload_start_rc",
+        "workload_stop_rc",
+    ] {
+        expect(&r, step, "0");
+    }
+    // Each of the 20 steps: `ok resumed mode=M ... version=<the other one>`,
+    // status running with that version and the right pid, the guest moving on;
+    // after each of the 10 transfers the old process exited 0.
+    for name in [
+        "replies_ok",
+        "status_version_ok",
+        "status_pid_ok",
+        "guest_progress_ok",
+    ] {
+        expect(&r, name, "20");
+    }
+    expect(&r, "old_transfer_molt_exit_ok", "10");
+    assert!(number(&r, "pause_us_median") > 0.0);
+    // After all of them: the counter never reset or skipped, the records are
+    // whole, one TCP connection without a gap, a clean kernel log.
+    expect(&r, "count_sequence", "ok");
+    assert!(number(&r, "records") > 0.0, "records were written: {r:?}");
+    expect(&r, "records_clean", "0/0/0");
+    expect(&r, "tcp_client_errors", "0");
+    expect(&r, "tcp_server_gaps", "0");
+    expect(&r, "tcp_server_errors", "0");
+    expect(&r, "tcp_client_conns", "1");
+    expect(&r, "tcp_server_conns", "1");
+    expect(&r, "tcp_same_connection", "yes");
+    expect(&r, "tcp_continued", "yes");
+    expect(&r, "dmesg_errors", "0");
+    expect(&r, "umount_rc", "0");
+    expect(&r, "molt_exit", "0");
+    expect(&r, "disk_records_clean", "0/0/0");
+    expect(&r, "disk_records_match", "yes");
+}

@@ -23,7 +23,8 @@
 # and on the image read from L2), one TCP connection throughout with no gap,
 # no virtio/block errors or hung tasks in the guest's kernel log, power-off
 # exits 0. Reports pause_us (molt's) min/median/max overall and per mode, and
-# the largest guest-visible gap in the counter stream seen from L2.
+# the guest-visible gap in the counter stream seen from L2 per mode
+# (*_count_gap_ms, at COUNT_MS resolution) and over the whole run.
 # lab-needs: molt-next
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
@@ -117,7 +118,8 @@ while [ $step -le "$UPDATES" ]; do
     if [ $bin = /lab/bin/molt ]; then from=$VER_A bin=$NEXT want=$VER_B; else from=$VER_B bin=/lab/bin/molt want=$VER_A; fi
     c0=$(counts)
     m0=$(server_field msgs)
-    t0=$(now_ms)
+    t0_us=$(labtime now)
+    t0=$((t0_us / 1000))
     if [ $mode = exec ]; then
         reply=$(molt ctl "$SOCK" cpr-exec $bin 2>&1)
         want_pid=$VMM_PID
@@ -132,7 +134,9 @@ while [ $step -le "$UPDATES" ]; do
         old_pid=$VMM_PID
         want_pid=$NEW_PID
     fi
-    cmd_ms=$(( $(now_ms) - t0 ))
+    t1_us=$(labtime now)
+    cmd_ms=$((t1_us / 1000 - t0))
+    echo "$step $mode $t0_us $t1_us" >> /run/steps
     pause=$(field pause_us "$reply")
     echo "LAB-INFO step $step: $mode $from -> $want: $reply (command ${cmd_ms} ms)"
     case $reply in
@@ -193,12 +197,30 @@ result exec_pause_us "min=${1:-none} median=${2:-none} max=${3:-none}"
 set -- $(stats /run/pause.transfer)
 result transfer_pause_us "min=${1:-none} median=${2:-none} max=${3:-none}"
 
+# The guest-visible pause of each step: the largest gap in the stamped
+# GUEST-COUNT stream (lib/cpr.sh) that overlaps the step's command, in ms
+# (COUNT_MS resolution). Prints "STEP MODE GAP_MS" per step.
+step_gaps() {
+    awk 'NR == FNR { t0[$1] = $3; t1[$1] = $4; m[$1] = $2; n = $1; next }
+         { if (p) for (s = 1; s <= n; s++) if ($2 > t0[s] && p < t1[s] && $2 - p > g[s]) g[s] = $2 - p; p = $2 }
+         END { for (s = 1; s <= n; s++) print s, m[s], int(g[s] / 1000) }' /run/steps "$STAMPS"
+}
+if [ -s /run/steps ]; then
+    step_gaps > /run/step-gaps
+    sed 's/^/LAB-INFO guest-visible gap (step mode ms): /' /run/step-gaps
+    for m in exec transfer; do
+        awk -v m=$m '$2 == m { print $3 }' /run/step-gaps > /run/gaps.$m
+        set -- $(stats /run/gaps.$m)
+        result ${m}_count_gap_ms "min=${1:-none} median=${2:-none} max=${3:-none}"
+    done
+    result count_max_gap_ms $(( $(field max_gap_us "$(labcpr gaps "$STAMPS")") / 1000 ))
+fi
+
 # ---- after all of them ----
 if [ $ok_progress != "$UPDATES" ]; then
     # The guest (or its console) is gone: commands to it would only time out.
     kill -9 "$VMM_PID" 2>/dev/null
 elif alive "$VMM_PID"; then
-    count_gap
     workload_checks same "$msgs_before"
     _seq=$(tr -d '\r' < "$VMM_LOG" | sed -n 's/^GUEST-COUNT \([0-9][0-9]*\)$/\1/p' |
         awk 'NR == 1 && $1 != 1 { bad++ } NR > 1 && $1 != p + 1 { bad++; if (bad <= 3) printf "%d after %d; ", $1, p }

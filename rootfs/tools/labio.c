@@ -10,7 +10,9 @@
  *       within SECS (default 60), write what arrives to DST (`-` discards) until
  *       EOF, then close. Both print `bytes=N us=T mbps=R`; T runs from the
  *       connection being established to the last byte (send: the peer's close,
- *       which it sends only after reading everything).
+ *       which it sends only after reading everything). Both give up, with
+ *       `stalled` on stderr and status 1, when the connection makes no progress
+ *       for SECS: a scenario must not hang on a stuck NIC.
  *   labio seqwrite DEV MIB [KIB]      O_DIRECT sequential write of MIB MiB in
  *       KIB-KiB blocks (default 1024) from offset 0, fdatasync included.
  *   labio seqread DEV MIB [KIB]       O_DIRECT sequential read, the same way.
@@ -33,6 +35,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -47,6 +50,21 @@ static long long now_us(void) {
 static int die(const char *what) {
     fprintf(stderr, "labio: %s: %s\n", what, strerror(errno));
     return 1;
+}
+
+/* Reads and writes on S fail with EAGAIN after SECS without progress. */
+static void stall_timeout(int s, int secs) {
+    struct timeval tv = { .tv_sec = secs };
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+static int io_fail(const char *what, long long done) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        fprintf(stderr, "labio: %s: stalled after %lld bytes\n", what, done);
+        return 1;
+    }
+    return die(what);
 }
 
 /* MB/s with MB = 10^6 bytes, as dd and iperf report it. */
@@ -79,6 +97,7 @@ static int cmd_send(const char *host, int port, const char *src, int secs) {
             return die("connect");
         usleep(100000);
     }
+    stall_timeout(s, secs);
     long long t0 = now_us();
     static char buf[BUF];
     if (total >= 0) memset(buf, 0x5a, sizeof buf);
@@ -93,7 +112,7 @@ static int cmd_send(const char *host, int port, const char *src, int secs) {
         if (n == 0) break;
         for (ssize_t off = 0; off < n;) {
             ssize_t w = write(s, buf + off, n - off);
-            if (w < 0) { if (errno == EINTR) continue; return die("send"); }
+            if (w < 0) { if (errno == EINTR) continue; return io_fail("send", sent + off); }
             off += w;
         }
         sent += n;
@@ -102,7 +121,7 @@ static int cmd_send(const char *host, int port, const char *src, int secs) {
     /* The receiver closes after it has read everything: that is the end. */
     for (;;) {
         ssize_t n = read(s, buf, sizeof buf);
-        if (n < 0) { if (errno == EINTR) continue; return die("wait for close"); }
+        if (n < 0) { if (errno == EINTR) continue; return io_fail("wait for close", sent); }
         if (n == 0) break;
     }
     report(sent, now_us() - t0);
@@ -122,11 +141,12 @@ static int cmd_recv(int port, const char *dst, int secs) {
     if (r <= 0) { fprintf(stderr, "labio: no connection within %d s\n", secs); return 1; }
     int s = accept(l, NULL, NULL);
     if (s < 0) return die("accept");
+    stall_timeout(s, secs);
     long long t0 = now_us(), got = 0;
     static char buf[BUF];
     for (;;) {
         ssize_t n = read(s, buf, sizeof buf);
-        if (n < 0) { if (errno == EINTR) continue; return die("recv"); }
+        if (n < 0) { if (errno == EINTR) continue; return io_fail("recv", got); }
         if (n == 0) break;
         got += n;
         for (ssize_t off = 0; out >= 0 && off < n;) {
