@@ -34,13 +34,17 @@
 #              handoff   STATE write -> new: KVM_SET_IRQCHIP (received, decoded)
 #              restore   KVM_SET_IRQCHIP -> the `resumed after transfer` log write
 #                        (restore, RESTORED/GO round trip, vCPU start)
-#    The slowest KVM ioctls of one traced exec's new image are listed too.
+#    Also listed, for one traced exec per size: the slowest gaps between the new
+#    image's KVM ioctls, and where molt's main thread sleeps during the pause
+#    (sched_switch kernel stacks). Tracing costs a little: compare the traced
+#    pause_us with the untraced table (a traced transfer's restore runs long).
 #
 # Environment: MOLT_BIN (default: cargo build --release and use that), RUNS (20),
 # SIZES ("256M 1G 4G 16G"), TOUCHED (1G; empty to skip that series),
 # BREAKDOWN_RUNS (5), MODES ("exec transfer"), KEEP (set: keep the scratch
-# directory with every log, serial output and trace). The binary is copied to a scratch directory first: exec
-# mode re-executes it by path, so a concurrent rebuild must not replace it.
+# directory with every log, serial output and trace). The binary is copied to a
+# scratch directory first: exec mode re-executes it by path, so a concurrent
+# rebuild must not replace it.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 kernel=$repo/tests/data/counting.elf
@@ -247,7 +251,7 @@ printf '%s\n' "${rows[@]}"
 echo
 first=${sizes%% *} last=${sizes##* }
 verdict() {
-    if [[ -z $2 || -z $3 ]]; then
+    if [[ -z $1 ]]; then
         echo "n/a"
     elif (($2)); then
         echo "met ($3)"
@@ -377,7 +381,11 @@ blocking() {
 
 declare -A slowest blocked
 erows=() trows=()
-for size in "$first" "$last"; do
+ends=$first
+if [[ $last != "$first" ]]; then
+    ends+=" $last"
+fi
+for size in $ends; do
     boot "perf-exec-$size" "$size"
     samples=() slow=
     for ((i = 0; i < breakdown_runs; i++)); do
@@ -430,7 +438,7 @@ echo "| transfer, RAM | pause_us | save | handoff | restore |"
 echo "|---|---|---|---|---|"
 printf '%s\n' "${trows[@]}"
 echo
-for size in "$first" "$last"; do
+for size in $ends; do
     echo "Slowest gaps between the new image's KVM ioctls (exec, $size; the ioctl named took most of it):" \
         "${slowest[$size]}"
     echo

@@ -166,9 +166,15 @@ measure() {
     true
 }
 
-# guest_sender NAME: network up in the guest, the sender started, the stream
-# seen; then a window with no update as the baseline.
+# guest_sender NAME: a receiver for this guest's stream (each boot numbers
+# from 1 again), network up in the guest, the sender started, the stream seen;
+# then a window with no update as the baseline.
 guest_sender() {
+    [ -n "${RECV_PID:-}" ] && kill "$RECV_PID" 2>/dev/null && wait "$RECV_PID" 2>/dev/null
+    : > $UDP
+    rm -f $UDP.live
+    labudp recv $UDP_PORT $UDP &
+    RECV_PID=$!
     guest_net_up "$1_ip_rc"
     check "$1_sender_rc" "$(guest_cmd "setsid labudp send $HOST_IP $UDP_PORT 1000 </dev/null >/dev/null 2>&1 &" 30)" 0
     flowing 500 || { fail "$1_stream" "no datagrams from the guest"; return 1; }
@@ -184,9 +190,6 @@ guest_sender() {
 
 t_start=$(now_ms)
 if tap_up; then check tap yes yes; else check tap no yes; fi
-: > $UDP
-labudp recv $UDP_PORT $UDP &
-RECV_PID=$!
 
 for SIZE in $SIZES; do
     # ---- molt: exec, transfer, reboot on one guest ----
@@ -241,7 +244,7 @@ for SIZE in $SIZES; do
     exec 3>&- 4>&- 5>&-
     rm -f /dev/shm/qram $QSTATE
 done
-kill "$RECV_PID" 2>/dev/null
+[ -n "${RECV_PID:-}" ] && kill "$RECV_PID" 2>/dev/null
 
 # ---- the table ----
 # ms FILE: "median (min-max)" in ms of the microsecond values in FILE; MED is

@@ -13,7 +13,11 @@
 # binary, so `status` must report the other version after it. Steps 1-10 are
 # exec, transfer, exec, ... starting on A; steps 11-20 begin with a transfer,
 # so both modes run in both directions (A to B and B to A); that is the one
-# place where two transfers follow each other.
+# place where two transfers follow each other. Step 20 is an exec; three
+# more execs follow it (23 updates in all), and the process must hold the
+# same number of descriptors after each of those three (a leak per exec would
+# otherwise hide: with strict alternation each process lives through one
+# exec only).
 #
 # After each step: the reply is `ok resumed mode=M pause_us=U version=V` with
 # the new version, `status` says running with that version and the right pid
@@ -31,6 +35,9 @@
 . /lab/lib/cpr.sh
 
 UPDATES=${UPDATES:-20}
+# Then execs only: step 20 is one, and three more follow.
+EXEC_RUN=3
+TOTAL=$((UPDATES + EXEC_RUN))
 # A console that lost its reader must fail a check, not kill this script.
 trap '' PIPE
 XFER=/run/molt-incoming.sock
@@ -107,14 +114,14 @@ if [ "$LAB_FAILED" != 0 ]; then
 fi
 
 # ---- the updates ----
-: > /run/pause.all; : > /run/pause.exec; : > /run/pause.transfer
+: > /run/pause.all; : > /run/pause.exec; : > /run/pause.transfer; : > /run/fds; : > /run/steps
 ok_reply=0 ok_status=0 ok_pid=0 ok_progress=0 ok_old_exit=0 transfers=0
 bin=/lab/bin/molt
 step=1
 t_updates=$(now_ms)
-while [ $step -le "$UPDATES" ]; do
+while [ $step -le $TOTAL ]; do
     # exec on odd steps up to 10, on even steps after (see the header).
-    if [ $(( (step + (step > 10)) % 2 )) = 1 ]; then mode=exec; else mode=transfer; fi
+    if [ $step -gt "$UPDATES" ] || [ $(( (step + (step > 10)) % 2 )) = 1 ]; then mode=exec; else mode=transfer; fi
     if [ $bin = /lab/bin/molt ]; then from=$VER_A bin=$NEXT want=$VER_B; else from=$VER_B bin=/lab/bin/molt want=$VER_A; fi
     c0=$(counts)
     m0=$(server_field msgs)
@@ -168,6 +175,10 @@ while [ $step -le "$UPDATES" ]; do
     esac
     if [ "$(field pid "$st")" = "$want_pid" ]; then ok_pid=$((ok_pid + 1)); else
         echo "LAB-CHECK-FAIL step${step}_pid: status pid $(field pid "$st"), want $want_pid"; fi
+    # Open descriptors of the process now running the guest: a handover that
+    # leaks some shows as growth from the first ten steps to the last ten.
+    fds=$(ls /proc/"$VMM_PID"/fd 2>/dev/null | wc -l)
+    echo "$step $fds" >> /run/fds
     # The guest runs on: 3 more counts on the console, 2 more TCP messages.
     i=0
     while [ "$(counts)" -lt $((c0 + 3)) ] || [ "$(server_field msgs)" -lt $((m0 + 2)) ]; do
@@ -183,10 +194,14 @@ while [ $step -le "$UPDATES" ]; do
     step=$((step + 1))
 done
 result updates_ms $(( $(now_ms) - t_updates ))
-check replies_ok $ok_reply "$UPDATES"
-check status_version_ok $ok_status "$UPDATES"
-check status_pid_ok $ok_pid "$UPDATES"
-check guest_progress_ok $ok_progress "$UPDATES"
+result fds_per_step "$(awk '{ printf "%s%s", (NR > 1 ? "," : ""), $2 }' /run/fds)"
+# The same process exec'ed again and again must hold the same descriptors
+# each time: the execs after step UPDATES.
+check exec_fds_stable "$(awk -v a="$UPDATES" '$1 > a { if (n++ && $2 != f) bad = 1; f = $2 } END { print (n > 1 && !bad ? "yes" : "no") }' /run/fds)" yes
+check replies_ok $ok_reply $TOTAL
+check status_version_ok $ok_status $TOTAL
+check status_pid_ok $ok_pid $TOTAL
+check guest_progress_ok $ok_progress $TOTAL
 check old_transfer_molt_exit_ok $ok_old_exit $transfers
 set -- $(stats /run/pause.all)
 result pause_us_min "${1:-none}"
@@ -217,7 +232,7 @@ if [ -s /run/steps ]; then
 fi
 
 # ---- after all of them ----
-if [ $ok_progress != "$UPDATES" ]; then
+if [ $ok_progress != $TOTAL ]; then
     # The guest (or its console) is gone: commands to it would only time out.
     kill -9 "$VMM_PID" 2>/dev/null
 elif alive "$VMM_PID"; then

@@ -86,11 +86,17 @@ fn message_memfd(state: &CprState, header: &ExecHeader) -> Result<File, Error> {
     Ok(f)
 }
 
+/// What to exec: a path, or an open executable (execveat with AT_EMPTY_PATH).
+pub enum Target<'a> {
+    Path(&'a Path),
+    Fd(RawFd),
+}
+
 /// Execs `binary` with `argv` (argv[0] first) plus `--incoming fd:N`, handing
 /// over `fds`. Returns only on failure, with every descriptor's CLOEXEC restored:
 /// the caller then resumes the guest as if nothing happened.
 pub fn exec(
-    binary: &Path,
+    binary: Target,
     argv: &[String],
     state: &CprState,
     fds: &[(FdKind, RawFd)],
@@ -116,7 +122,11 @@ pub fn exec(
     else {
         return Error::Argv;
     };
-    let Ok(cbin) = CString::new(binary.as_os_str().as_bytes()) else {
+    let (name, cbin) = match binary {
+        Target::Path(p) => (p.display().to_string(), p.as_os_str().as_bytes().to_vec()),
+        Target::Fd(fd) => (format!("the previous image (fd {fd})"), Vec::new()),
+    };
+    let Ok(cbin) = CString::new(cbin) else {
         return Error::Argv;
     };
     let passed: Vec<RawFd> = fds.iter().map(|f| f.1).chain([memfd.as_raw_fd()]).collect();
@@ -130,14 +140,30 @@ pub fn exec(
     }
     let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
     ptrs.push(std::ptr::null());
+    extern "C" {
+        static environ: *const *const libc::c_char;
+    }
     // SAFETY: cbin and every argv string are NUL-terminated and outlive the call;
-    // ptrs is NULL-terminated; environ is the process's own environment.
-    unsafe { libc::execv(cbin.as_ptr(), ptrs.as_ptr()) };
+    // ptrs is NULL-terminated; environ is the process's own environment; with
+    // AT_EMPTY_PATH an empty path names the descriptor itself.
+    unsafe {
+        match binary {
+            Target::Path(_) => libc::execv(cbin.as_ptr(), ptrs.as_ptr()),
+            Target::Fd(fd) => libc::syscall(
+                libc::SYS_execveat,
+                fd,
+                cbin.as_ptr(),
+                ptrs.as_ptr(),
+                environ,
+                libc::AT_EMPTY_PATH,
+            ) as i32,
+        }
+    };
     let err = std::io::Error::last_os_error();
     for &fd in &passed {
         let _ = set_cloexec(fd, true);
     }
-    Error::Exec(binary.display().to_string(), err)
+    Error::Exec(name, err)
 }
 
 /// Removes `--incoming X` / `--incoming=X` from an argv.

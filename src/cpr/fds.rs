@@ -24,9 +24,12 @@ pub enum FdKind {
     /// The console's output (stdout or the --serial file) and input.
     ConsoleOut,
     ConsoleIn,
+    /// The image that handed over (exec): a rollback execs it by descriptor,
+    /// which works even when its file was replaced on disk.
+    PreviousExe,
 }
 
-pub const MAX_FDS: usize = 5 + MAX_DISKS + MAX_NICS;
+pub const MAX_FDS: usize = 6 + MAX_DISKS + MAX_NICS;
 
 /// The descriptor table that travels with a `CprState`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +68,7 @@ pub struct Adopted {
     pub client: Option<OwnedFd>,
     pub console_out: Option<File>,
     pub console_in: Option<OwnedFd>,
+    pub previous_exe: Option<OwnedFd>,
 }
 
 /// Takes ownership of `fds[i]` as `table.kinds[i]`, checking each kind appears
@@ -107,6 +111,7 @@ pub fn adopt(
                 a.console_out = Some(File::from(owned))
             }
             FdKind::ConsoleIn if a.console_in.is_none() => a.console_in = Some(owned),
+            FdKind::PreviousExe if a.previous_exe.is_none() => a.previous_exe = Some(owned),
             FdKind::Disk(_) | FdKind::Tap(_) => {
                 return Err(format!(
                     "unexpected {kind:?} (configured: {disks} disks, {nets} NICs)"

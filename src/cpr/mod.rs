@@ -148,11 +148,20 @@ pub fn exec_out(
     argv: &[String],
     listener: Option<RawFd>,
     client: RawFd,
+    console_in: Option<RawFd>,
+    stopped_at_ns: u64,
 ) -> Error {
-    let state = match snapshot(machine, in_place(machine)) {
+    let state = match snapshot(machine, in_place(machine), stopped_at_ns) {
         Ok(s) => s,
         Err(e) => return e,
     };
+    // Our own image, by descriptor: a rollback must not depend on its path.
+    let me = match std::fs::File::open("/proc/self/exe") {
+        Ok(f) => f,
+        Err(e) => return Error::Handover(format!("cannot open /proc/self/exe: {e}")),
+    };
+    let mut fds = transfer_fds(machine, listener, client, console_in);
+    fds.push((FdKind::PreviousExe, me.as_raw_fd()));
     let header = exec::ExecHeader {
         previous_exe: std::env::current_exe()
             .map(|p| p.display().to_string())
@@ -161,19 +170,24 @@ pub fn exec_out(
         ..Default::default()
     };
     Error::Exec(exec::exec(
-        binary,
+        exec::Target::Path(binary),
         argv,
         &state,
-        &handover_fds(machine, listener, client),
+        &fds,
         header,
     ))
 }
 
-fn snapshot(machine: &Machine, ram: RamLocation) -> Result<CprState, Error> {
+/// CLOCK_REALTIME now, in ns: callers record it when the last vCPU stopped.
+pub fn now_ns() -> u64 {
+    realtime_ns()
+}
+
+fn snapshot(machine: &Machine, ram: RamLocation, stopped_at_ns: u64) -> Result<CprState, Error> {
     Ok(CprState {
         writer: heapless::String::try_from(crate::event_loop::VERSION).unwrap_or_default(),
         ram,
-        stopped_at_ns: realtime_ns(),
+        stopped_at_ns,
         machine: machine.save().map_err(Error::Vm)?,
     })
 }
@@ -213,6 +227,13 @@ pub struct ExecIncoming {
 impl ExecIncoming {
     pub fn take_listener(&mut self) -> Option<OwnedFd> {
         self.adopted.listener.take()
+    }
+
+    pub fn take_console(&mut self) -> (Option<std::fs::File>, Option<OwnedFd>) {
+        (
+            self.adopted.console_out.take(),
+            self.adopted.console_in.take(),
+        )
     }
 
     /// The rollback's error to report, when this image is the previous one.
@@ -299,12 +320,12 @@ pub fn transfer_out(
     machine: &Machine,
     path: &Path,
     fds: &[(FdKind, RawFd)],
-    pause: impl FnOnce() -> Result<(), String>,
+    pause: impl FnOnce() -> Result<u64, String>,
     resume: impl FnOnce(),
 ) -> Result<(), Error> {
     let mut out = transfer::Outgoing::hello(path, fds).map_err(Error::Transfer)?;
-    pause().map_err(Error::Handover)?;
-    let sent = snapshot(machine, in_place(machine))
+    let stopped_at_ns = pause().map_err(Error::Handover)?;
+    let sent = snapshot(machine, in_place(machine), stopped_at_ns)
         .and_then(|s| state::encode(&s).map_err(|e| Error::Handover(e.to_string())))
         .and_then(|bytes| out.send_state(bytes).map_err(Error::Transfer))
         .and_then(|()| out.go().map_err(Error::Transfer));
@@ -411,9 +432,22 @@ pub fn rollback(inc: &ExecIncoming, why: &str) -> Error {
         failure: Some(why.to_string()),
         ..inc.header.clone()
     };
-    let exe = PathBuf::from(&inc.header.previous_exe);
+    fds.extend(
+        a.console_out
+            .as_ref()
+            .map(|f| (FdKind::ConsoleOut, f.as_raw_fd())),
+    );
+    fds.extend(
+        a.console_in
+            .as_ref()
+            .map(|f| (FdKind::ConsoleIn, f.as_raw_fd())),
+    );
+    let target = match &a.previous_exe {
+        Some(f) => exec::Target::Fd(f.as_raw_fd()),
+        None => exec::Target::Path(Path::new(&inc.header.previous_exe)),
+    };
     Error::Exec(exec::exec(
-        &exe,
+        target,
         &inc.header.previous_argv,
         &inc.state,
         &fds,
@@ -428,14 +462,19 @@ pub struct Saved {
 }
 
 /// Reboot mode, step 1, on a paused machine: saves it to `path`.
-pub fn save_to_file(machine: &Machine, path: &Path, ram_in_place: bool) -> Result<Saved, Error> {
+pub fn save_to_file(
+    machine: &Machine,
+    path: &Path,
+    ram_in_place: bool,
+    stopped_at_ns: u64,
+) -> Result<Saved, Error> {
     let start = Instant::now();
     let location = if ram_in_place {
         in_place(machine)
     } else {
         RamLocation::InStateFile
     };
-    let state = snapshot(machine, location)?;
+    let state = snapshot(machine, location, stopped_at_ns)?;
     let bytes = reboot::save(path, &state, &machine.ram).map_err(Error::File)?;
     Ok(Saved {
         bytes,

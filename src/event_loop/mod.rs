@@ -95,9 +95,11 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         }
         _ => None,
     };
-    let (console_out, console_in) = xfer_in
-        .as_mut()
-        .map_or((None, None), cpr::TransferIncoming::take_console);
+    let (console_out, console_in) = match (exec_in.as_mut(), xfer_in.as_mut()) {
+        (Some(e), _) => e.take_console(),
+        (_, Some(t)) => t.take_console(),
+        _ => (None, None),
+    };
     let console = match console_out {
         Some(f) => Output::Fd(f),
         None => open_console(&cfg.serial)?,
@@ -123,7 +125,12 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     };
     // Whatever happens from here on, the socket file goes with this process
     // (unless the guest went to another one, which serves the same path).
-    let socket_file = cfg.control.clone().map(RemoveOnDrop);
+    // A transfer's new process owns the path only once it has taken over: if it
+    // fails, the old process still serves it.
+    let mut socket_file = match cfg.incoming {
+        Some(Incoming::Unix(_)) => None,
+        _ => cfg.control.clone().map(RemoveOnDrop),
+    };
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Setup("eventfd", e))?;
     let exit_reason = Arc::new(Mutex::new(None));
     let sink = {
@@ -202,6 +209,9 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
             (r.machine, r.pause_us)
         }
     };
+    if socket_file.is_none() {
+        socket_file = cfg.control.clone().map(RemoveOnDrop);
+    }
     let mut lp = Loop {
         epoll: Epoll::new().map_err(|e| Error::Setup("epoll_create", e))?,
         machine,
@@ -221,6 +231,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
             .as_ref()
             .map_or(libc::STDIN_FILENO, |f| f.as_raw_fd()),
         control_path: cfg.control.clone(),
+        paused_at_ns: 0,
         _console_in: console_in,
     };
     lp.watch_devices()?;
@@ -334,6 +345,8 @@ struct Loop {
     /// Where console input comes from: stdin, or what a transfer handed over.
     console_in: RawFd,
     control_path: Option<PathBuf>,
+    /// CLOCK_REALTIME (ns) when the vCPUs last stopped: a CPR pause starts here.
+    paused_at_ns: u64,
     _console_in: Option<std::os::fd::OwnedFd>,
 }
 
@@ -618,6 +631,7 @@ impl Loop {
                 match self.machine.vcpus.pause() {
                     Ok(()) => {
                         self.paused = true;
+                        self.paused_at_ns = cpr::now_ns();
                         log::info!("guest paused");
                         ("ok".into(), None)
                     }

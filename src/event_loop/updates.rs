@@ -18,8 +18,9 @@ impl Loop {
                 self.machine.vcpus.resume();
                 return (format!("error: cpr-save: cannot pause: {e}"), None);
             }
+            self.paused_at_ns = cpr::now_ns();
         }
-        match cpr::save_to_file(&self.machine, path, self.ram_in_place) {
+        match cpr::save_to_file(&self.machine, path, self.ram_in_place, self.paused_at_ns) {
             Ok(saved) => {
                 log::info!(
                     "saved to {} ({} bytes) in {} us",
@@ -79,11 +80,21 @@ impl Loop {
                 self.machine.vcpus.resume();
                 return (format!("error: cpr-exec: cannot pause: {e}"), None);
             }
+            self.paused_at_ns = cpr::now_ns();
         }
         // The terminal goes back to how the user had it; the new image sets it up.
         drop(self.raw.take());
         let listener = self.listener.as_ref().map(|l| l.as_raw_fd());
-        let err = cpr::exec_out(&self.machine, &binary, &argv, listener, client_fd);
+        let console_in = self.stdio_console.then_some(self.console_in);
+        let err = cpr::exec_out(
+            &self.machine,
+            &binary,
+            &argv,
+            listener,
+            client_fd,
+            console_in,
+            self.paused_at_ns,
+        );
         if self.stdio_console {
             self.raw = RawMode::enter();
         }
@@ -108,12 +119,16 @@ impl Loop {
             console_in,
         );
         let was_paused = self.paused;
+        let paused_at_ns = self.paused_at_ns;
         let vcpus = &self.machine.vcpus;
         let pause = || {
             if was_paused {
-                Ok(())
+                Ok(paused_at_ns)
             } else {
-                vcpus.pause().map_err(|e| format!("cannot pause: {e}"))
+                vcpus
+                    .pause()
+                    .map(|()| cpr::now_ns())
+                    .map_err(|e| format!("cannot pause: {e}"))
             }
         };
         let resume = || {
