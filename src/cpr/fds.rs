@@ -27,9 +27,11 @@ pub enum FdKind {
     /// The image that handed over (exec): a rollback execs it by descriptor,
     /// which works even when its file was replaced on disk.
     PreviousExe,
+    /// The old image's VM or vCPU descriptor, closed once the guest runs again.
+    StaleKvm,
 }
 
-pub const MAX_FDS: usize = 6 + MAX_DISKS + MAX_NICS;
+pub const MAX_FDS: usize = 7 + MAX_DISKS + MAX_NICS + 1 + crate::layout::MAX_VCPUS;
 
 /// The descriptor table that travels with a `CprState`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +71,7 @@ pub struct Adopted {
     pub console_out: Option<File>,
     pub console_in: Option<OwnedFd>,
     pub previous_exe: Option<OwnedFd>,
+    pub stale_kvm: Vec<OwnedFd>,
 }
 
 /// Takes ownership of `fds[i]` as `table.kinds[i]`, checking each kind appears
@@ -112,6 +115,7 @@ pub fn adopt(
             }
             FdKind::ConsoleIn if a.console_in.is_none() => a.console_in = Some(owned),
             FdKind::PreviousExe if a.previous_exe.is_none() => a.previous_exe = Some(owned),
+            FdKind::StaleKvm => a.stale_kvm.push(owned),
             FdKind::Disk(_) | FdKind::Tap(_) => {
                 return Err(format!(
                     "unexpected {kind:?} (configured: {disks} disks, {nets} NICs)"

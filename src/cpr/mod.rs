@@ -162,6 +162,12 @@ pub fn exec_out(
     };
     let mut fds = transfer_fds(machine, listener, client, console_in);
     fds.push((FdKind::PreviousExe, me.as_raw_fd()));
+    fds.extend(
+        machine
+            .kvm_fds()
+            .into_iter()
+            .map(|fd| (FdKind::StaleKvm, fd)),
+    );
     let header = exec::ExecHeader {
         previous_exe: std::env::current_exe()
             .map(|p| p.display().to_string())
@@ -271,6 +277,13 @@ pub fn resume_exec(
     let (cfg, ram) = adopted_config(cfg, &inc.adopted)?;
     check_ram(&inc.state, &ram)?;
     let resumed = resume(&cfg, &inc.state, ram, console, exit, start)?;
+    // The guest runs: now let KVM tear the old VM down, off the main thread.
+    let stale = std::mem::take(&mut inc.adopted.stale_kvm);
+    if !stale.is_empty() {
+        let _ = std::thread::Builder::new()
+            .name("old-vm-release".into())
+            .spawn(move || drop(stale));
+    }
     Ok((resumed, inc.adopted.client.take()))
 }
 

@@ -176,6 +176,8 @@ pub type ExitSink = Arc<dyn Fn(GuestExit) + Send + Sync>;
 /// Running vCPU threads and the means to pause, resume and stop them.
 pub struct Vcpus {
     threads: Vec<(Arc<Shared>, Option<JoinHandle<()>>)>,
+    /// The vCPU descriptors (owned by the threads), for an exec to keep open.
+    raw_fds: Vec<std::os::fd::RawFd>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -193,6 +195,7 @@ impl Vcpus {
     /// Starts one thread per vCPU; they run the guest at once.
     pub fn start(fds: Vec<VcpuFd>, bus: Arc<Bus>, exit: ExitSink) -> Result<Self, Error> {
         register_signal_handler(kick_signal(), kick_handler).map_err(Error::SignalHandler)?;
+        let raw_fds = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
         let mut threads = Vec::with_capacity(fds.len());
         for (index, fd) in fds.into_iter().enumerate() {
             let shared = Arc::new(Shared {
@@ -213,11 +216,15 @@ impl Vcpus {
                 .map_err(Error::Spawn)?;
             threads.push((shared, Some(handle)));
         }
-        Ok(Vcpus { threads })
+        Ok(Vcpus { threads, raw_fds })
     }
 
     pub fn count(&self) -> usize {
         self.threads.len()
+    }
+
+    pub fn raw_fds(&self) -> &[std::os::fd::RawFd] {
+        &self.raw_fds
     }
 
     /// Stops every vCPU; returns when all have acknowledged, or fails after a bound.
