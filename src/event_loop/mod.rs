@@ -131,7 +131,8 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         Some(Incoming::Unix(_)) => None,
         _ => cfg.control.clone().map(RemoveOnDrop),
     };
-    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Setup("eventfd", e))?;
+    let exit_evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|e| Error::Setup("eventfd", e))?;
     let exit_reason = Arc::new(Mutex::new(None));
     let sink = {
         let (evt, reason) = (
@@ -284,8 +285,9 @@ fn open_console(cfg: &SerialConfig) -> Result<Output, Error> {
         SerialConfig::None => Ok(Output::Sink),
         // A duplicate of stdout, unbuffered: console bytes leave as the guest writes them.
         SerialConfig::Stdio => {
-            // SAFETY: dup of a descriptor we own; the result is checked below.
-            let fd = unsafe { libc::dup(libc::STDOUT_FILENO) };
+            // SAFETY: duplicating a descriptor we own (close-on-exec: an exec hands
+            // over what it means to); the result is checked below.
+            let fd = unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_DUPFD_CLOEXEC, 3) };
             if fd < 0 {
                 return Err(Error::Setup("dup stdout", std::io::Error::last_os_error()));
             }

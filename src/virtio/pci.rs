@@ -181,7 +181,7 @@ impl VirtioPci {
             &Msix::capability_writable(),
         );
         let notify = (0..nq)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<std::io::Result<Vec<_>>>()?;
         let queues = fresh_queues(device.as_ref());
         Ok(VirtioPci {

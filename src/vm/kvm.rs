@@ -95,7 +95,7 @@ pub fn create_vm(ram: &GuestRam) -> Result<(Kvm, VmFd), Error> {
 
 /// Creates an eventfd that raises `gsi` on the in-kernel irqchip when written.
 pub fn irq_eventfd(vm: &VmFd, gsi: u32) -> Result<EventFd, Error> {
-    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd)?;
     vm.register_irqfd(&evt, gsi)
         .map_err(|e| Error::RegisterIrqfd(gsi, e))?;
     Ok(evt)
