@@ -14,7 +14,8 @@
 # molt's three flows run on one guest, QEMU's on another; the tap is persistent
 # (QEMU and molt's reboot mode reopen it by name). Needs the image with QEMU
 # (MOLT_LAB_WITH_QEMU=1; scripts/bench-blackout.sh). Parameters (molt.env.*):
-# RUNS (5), SIZES (comma-separated, default 256M).
+# RUNS (5), SIZES (comma-separated, default 256M; scripts/bench-blackout.sh
+# passes one size per L2 boot, see there).
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
 . /lab/lib/qemu.sh
