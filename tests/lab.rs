@@ -205,20 +205,25 @@ fn expect_guest_survived_update(r: &HashMap<String, String>) {
     }
 }
 
+/// A restart without a kexec: saved, the old molt gone, the guest intact, and
+/// its TCP connection to L2 the same one, carried on without a gap.
+fn expect_restart_kept_everything(r: &HashMap<String, String>) {
+    expect(r, "tap", "yes");
+    expect(r, "save_reply", "ok");
+    expect(r, "old_molt_exit", "0");
+    expect_guest_survived_update(r);
+    expect(r, "tcp_client_conns", "1");
+    expect(r, "tcp_server_conns", "1");
+    expect(r, "tcp_same_connection", "yes");
+    expect(r, "tcp_continued", "yes");
+}
+
 #[test]
 fn reboot_mode_restart_keeps_guest_ram_in_tmpfs_file_and_tcp_connection() {
     let Some(r) = run_scenario("cpr-restart") else {
         return;
     };
-    expect(&r, "tap", "yes");
-    expect(&r, "save_reply", "ok");
-    expect(&r, "old_molt_exit", "0");
-    expect_guest_survived_update(&r);
-    // The TCP connection to L2 is the same one, and carried on without a gap.
-    expect(&r, "tcp_client_conns", "1");
-    expect(&r, "tcp_server_conns", "1");
-    expect(&r, "tcp_same_connection", "yes");
-    expect(&r, "tcp_continued", "yes");
+    expect_restart_kept_everything(&r);
     // RAM stayed in /dev/shm: the state is a few KiB.
     assert!(number(&r, "state_bytes") < 1024.0 * 1024.0, "{r:?}");
     assert!(number(&r, "save_us") > 0.0);
@@ -229,14 +234,7 @@ fn reboot_mode_restart_without_mem_file_copies_ram_through_the_state_file() {
     let Some(r) = run_scenario("cpr-ramcopy") else {
         return;
     };
-    expect(&r, "tap", "yes");
-    expect(&r, "save_reply", "ok");
-    expect(&r, "old_molt_exit", "0");
-    expect_guest_survived_update(&r);
-    expect(&r, "tcp_client_conns", "1");
-    expect(&r, "tcp_server_conns", "1");
-    expect(&r, "tcp_same_connection", "yes");
-    expect(&r, "tcp_continued", "yes");
+    expect_restart_kept_everything(&r);
     // RAM travelled in the state file: at least what the guest touched
     // (several MiB for a booted kernel), at most all 256 MiB plus headers.
     let bytes = number(&r, "state_bytes");
