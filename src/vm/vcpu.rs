@@ -384,7 +384,12 @@ fn run_loop(index: usize, fd: &mut VcpuFd, shared: &Shared, bus: &Bus) -> Option
             }
             Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
-            Ok(VcpuExit::Shutdown) => return Some(GuestExit::Reset),
+            Ok(VcpuExit::Shutdown) => {
+                // A triple fault, not a reset the guest asked for: say where.
+                let rip = fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                log::warn!("vCPU {index}: triple fault (KVM_EXIT_SHUTDOWN) at rip {rip:#x}");
+                return Some(GuestExit::Reset);
+            }
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
                 return Some(GuestExit::PowerOff)
             }
