@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Longest accepted command line, newline excluded.
 pub const MAX_LINE: usize = 4096;
@@ -27,8 +28,12 @@ pub enum Command {
         binary: Option<PathBuf>,
         args: Vec<String>,
     },
-    /// Transfer mode: hand the guest to the molt listening at this path.
-    CprTransfer(PathBuf),
+    /// Transfer mode: hand the guest to the molt listening at this path,
+    /// keeping it paused no longer than `max_pause` (default if None).
+    CprTransfer {
+        path: PathBuf,
+        max_pause: Option<Duration>,
+    },
 }
 
 const COMMANDS: &str = "status, pause, resume, quit, cpr-save, cpr-exec, cpr-transfer";
@@ -41,15 +46,24 @@ pub fn parse(line: &str) -> Result<Command, String> {
     };
     if name == "cpr-save" || name == "cpr-transfer" {
         // The path is the rest of the line, so it may contain spaces.
-        let path = line.trim()[name.len()..].trim();
-        if path.is_empty() {
+        let mut rest = line.trim()[name.len()..].trim();
+        let mut max_pause = None;
+        if name == "cpr-transfer" {
+            if let Some(opt) = rest.strip_prefix("--max-pause-ms") {
+                let opt = opt.trim_start();
+                let (value, path) = opt.split_once(char::is_whitespace).unwrap_or((opt, ""));
+                max_pause = Some(max_pause_ms(value)?);
+                rest = path.trim();
+            }
+        }
+        if rest.is_empty() {
             return Err(format!("{name} needs a PATH"));
         }
-        let path = PathBuf::from(path);
+        let path = PathBuf::from(rest);
         return Ok(if name == "cpr-save" {
             Command::CprSave(path)
         } else {
-            Command::CprTransfer(path)
+            Command::CprTransfer { path, max_pause }
         });
     }
     if name == "cpr-exec" {
@@ -73,6 +87,18 @@ pub fn parse(line: &str) -> Result<Command, String> {
         return Err(format!("{name} takes no arguments"));
     }
     Ok(cmd)
+}
+
+/// `--max-pause-ms N`: whole milliseconds, 1 up to the protocol's limit.
+fn max_pause_ms(value: &str) -> Result<Duration, String> {
+    let limit = crate::cpr::transfer::MAX_MAX_PAUSE.as_millis() as u64;
+    match value.parse::<u64>() {
+        Ok(ms @ 1..) if ms <= limit => Ok(Duration::from_millis(ms)),
+        _ => Err(format!(
+            "--max-pause-ms takes whole milliseconds from 1 to {limit}, not '{}'",
+            truncate(value, 32)
+        )),
+    }
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -249,9 +275,26 @@ mod tests {
         assert!(parse("cpr-save").unwrap_err().contains("PATH"));
         assert_eq!(
             parse("cpr-transfer /run/new.sock"),
-            Ok(Command::CprTransfer("/run/new.sock".into()))
+            Ok(Command::CprTransfer {
+                path: "/run/new.sock".into(),
+                max_pause: None
+            })
+        );
+        assert_eq!(
+            parse("cpr-transfer --max-pause-ms 250 /run/a b.sock"),
+            Ok(Command::CprTransfer {
+                path: "/run/a b.sock".into(),
+                max_pause: Some(Duration::from_millis(250))
+            })
         );
         assert!(parse("cpr-transfer  ").unwrap_err().contains("PATH"));
+        assert!(parse("cpr-transfer --max-pause-ms 250")
+            .unwrap_err()
+            .contains("PATH"));
+        for bad in ["0", "x", "60001", "-1"] {
+            let e = parse(&format!("cpr-transfer --max-pause-ms {bad} /p")).unwrap_err();
+            assert!(e.contains("--max-pause-ms takes whole milliseconds"), "{e}");
+        }
         assert_eq!(
             parse("cpr-exec"),
             Ok(Command::CprExec {

@@ -361,6 +361,11 @@ impl Guest {
     /// exits 0, the new one serves the same control socket and console file.
     fn transfer(&mut self, bin: &Path, version: &str) -> u64 {
         let (new, path) = self.spawn_incoming(bin, &[]);
+        self.transfer_to(new, &path, version)
+    }
+
+    /// A successful transfer to `new`, already listening on `path`.
+    fn transfer_to(&mut self, new: Molt, path: &Path, version: &str) -> u64 {
         let reply = self.update(&["cpr-transfer", path.to_str().unwrap()]);
         let mut old = std::mem::replace(&mut self.molt, new);
         let pause = check_resumed(&reply, "transfer", version);
@@ -902,15 +907,21 @@ fn transfer_refused_by_the_new_process() {
 }
 
 // ---------------------------------------------------------------------------
-// Transfer failures, fake new process
+// Transfer failures, fake peers
 
-/// A stand-in for the new molt of transfer mode, speaking the protocol of
-/// src/cpr/transfer.rs (frames of a u32 LE length and a postcard `Msg`) up to a
-/// chosen step. `Msg` and `FdKind` mirror the private types there: variant order
-/// is the encoding, so they must change together.
+/// Stand-ins for either side of transfer mode, speaking the protocol of
+/// src/cpr/transfer.rs (MAGIC before each side's first frame, then frames of a
+/// u32 LE length and a postcard `Msg`) up to a chosen step. `Msg` and `FdKind`
+/// mirror the private types there: variant order is the encoding, so they must
+/// change together.
 mod fake {
     use super::*;
     use serde::{Deserialize, Serialize};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+    pub const MAGIC: [u8; 8] = *b"MOLTXFR2";
+    /// The state format molt writes today.
+    const FORMAT: u32 = 1;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
     pub enum FdKind {
@@ -924,38 +935,68 @@ mod fake {
     }
 
     #[derive(Debug, Serialize, Deserialize)]
-    enum Msg {
-        Hello { version: String, kinds: Vec<FdKind> },
+    pub enum Msg {
+        Hello {
+            version: String,
+            writes: u32,
+            reads: Vec<u32>,
+        },
+        Fds {
+            kinds: Vec<FdKind>,
+        },
         Ready,
-        State(Vec<u8>),
+        State {
+            max_pause_ms: u32,
+            bytes: Vec<u8>,
+        },
         Restored,
         Go,
         Fail(String),
     }
 
-    /// Where the fake stops.
+    pub fn hello(reads: &[u32]) -> Msg {
+        Msg::Hello {
+            version: "fake".into(),
+            writes: FORMAT,
+            reads: reads.to_vec(),
+        }
+    }
+
+    /// Where the fake new process stops.
     #[derive(Debug, Clone, Copy)]
     pub enum Step {
-        /// Takes HELLO and the descriptors, then exits without READY.
-        DieAfterHello,
-        /// Takes HELLO, then never answers.
-        HangAfterHello,
+        /// Takes HELLO, never answers it.
+        SilentBeforeHello,
+        /// Answers HELLO with bytes that are not the protocol.
+        GarbageHello,
+        /// Answers HELLO reading no format the old side writes.
+        WrongFormat,
+        /// Takes FDS and the descriptors, then exits without READY.
+        DieAfterFds,
+        /// Takes FDS, then never answers.
+        HangAfterFds,
         /// Sends READY, takes the state, then exits without RESTORED.
         DieAfterState,
         /// Sends READY, takes the state, then never answers.
         HangAfterState,
+        /// Sends READY, takes the state, then drips a frame one byte at a time.
+        DripAfterState,
         /// Sends READY, takes the state, then FAIL with this reason.
         FailAfterState(&'static str),
     }
 
     /// What the fake was handed.
-    #[derive(Debug)]
+    #[derive(Debug, Default)]
     pub struct Report {
         pub version: String,
         pub kinds: Vec<FdKind>,
-        /// What each received descriptor pointed at, by slot.
+        /// Every descriptor received, over the whole connection.
+        pub fds: usize,
+        /// What each descriptor of FDS pointed at, by slot.
         pub targets: Vec<String>,
         pub state: Option<Vec<u8>>,
+        /// The old side's FAIL, if it sent one.
+        pub fail: Option<String>,
     }
 
     /// Binds `path` now, then serves one old process in a thread.
@@ -968,42 +1009,62 @@ mod fake {
         let mut s = accept(&listener)?;
         s.set_read_timeout(Some(UPDATE_TIMEOUT))
             .map_err(|e| e.to_string())?;
-        let (body, fds) = recv_hello(&s)?;
-        let Msg::Hello { version, kinds } =
-            postcard::from_bytes(&body).map_err(|e| format!("HELLO: {e}"))?
-        else {
+        let mut report = Report::default();
+        let Msg::Hello { version, .. } = recv(&mut s, true)? else {
             return Err("the first message is not HELLO".into());
         };
-        let targets = fds
+        report.version = version;
+        match step {
+            Step::SilentBeforeHello => return Ok(drain(&s, report)),
+            Step::GarbageHello => {
+                s.write_all(b"status\n").map_err(|e| e.to_string())?;
+                return Ok(drain(&s, report));
+            }
+            Step::WrongFormat => {
+                send(&mut s, &hello(&[FORMAT + 100]), true)?;
+                return Ok(drain(&s, report));
+            }
+            _ => send(&mut s, &hello(&[FORMAT]), true)?,
+        }
+        let (body, fds) = recv_with_fds(&s)?;
+        let Msg::Fds { kinds } = postcard::from_bytes(&body).map_err(|e| format!("FDS: {e}"))?
+        else {
+            return Err("expected FDS".into());
+        };
+        report.kinds = kinds;
+        report.fds = fds.len();
+        report.targets = fds
             .iter()
             .map(|fd| {
                 fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
                     .map_or_else(|e| e.to_string(), |t| t.display().to_string())
             })
             .collect();
-        let mut report = Report {
-            version,
-            kinds,
-            targets,
-            state: None,
-        };
-        if matches!(step, Step::DieAfterHello) {
-            return Ok(report);
+        match step {
+            Step::DieAfterFds => return Ok(report),
+            Step::HangAfterFds => return Ok(drain(&s, report)),
+            _ => {}
         }
-        if matches!(step, Step::HangAfterHello) {
-            wait_for_eof(&mut s);
-            return Ok(report);
-        }
-        send(&mut s, &Msg::Ready)?;
-        match recv(&mut s)? {
-            Msg::State(bytes) => report.state = Some(bytes),
+        send(&mut s, &Msg::Ready, false)?;
+        match recv(&mut s, false)? {
+            Msg::State { bytes, .. } => report.state = Some(bytes),
             other => return Err(format!("expected STATE, got {other:?}")),
         }
         match step {
-            Step::HangAfterState => wait_for_eof(&mut s),
+            Step::HangAfterState => return Ok(drain(&s, report)),
+            Step::DripAfterState => {
+                // RESTORED's length prefix, a byte at a time: never a whole frame.
+                for b in 1u32.to_le_bytes() {
+                    if s.write_all(&[b]).is_err() {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(300));
+                }
+                return Ok(drain(&s, report));
+            }
             Step::FailAfterState(why) => {
-                send(&mut s, &Msg::Fail(why.into()))?;
-                wait_for_eof(&mut s);
+                send(&mut s, &Msg::Fail(why.into()), false)?;
+                return Ok(drain(&s, report));
             }
             _ => {}
         }
@@ -1031,21 +1092,56 @@ mod fake {
         }
     }
 
-    /// Reads until the old side closes the connection (it gave up and resumed).
-    fn wait_for_eof(s: &mut UnixStream) {
-        let mut buf = [0u8; 4096];
-        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    /// Reads until the other side closes the connection, counting descriptors
+    /// and noting a FAIL among the frames.
+    pub fn drain(s: &UnixStream, mut report: Report) -> Report {
+        let mut bytes = Vec::new();
+        loop {
+            let mut buf = vec![0u8; 4096];
+            match recvmsg(s, &mut buf) {
+                Ok((0, _)) | Err(_) => break,
+                Ok((n, fds)) => {
+                    report.fds += fds.len();
+                    bytes.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        let mut rest = &bytes[..];
+        while rest.len() >= 4 {
+            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let Some(body) = rest.get(4..4 + len) else {
+                break;
+            };
+            if let Ok(Msg::Fail(why)) = postcard::from_bytes(body) {
+                report.fail = Some(why);
+            }
+            rest = &rest[4 + len..];
+        }
+        report
     }
 
-    fn send(s: &mut UnixStream, msg: &Msg) -> Result<(), String> {
-        let body = postcard::to_allocvec(msg).map_err(|e| e.to_string())?;
-        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
-        frame.extend_from_slice(&body);
-        s.write_all(&frame)
+    pub fn send(s: &mut UnixStream, msg: &Msg, magic: bool) -> Result<(), String> {
+        s.write_all(&frame(msg, magic))
             .map_err(|e| format!("send {msg:?}: {e}"))
     }
 
-    fn recv(s: &mut UnixStream) -> Result<Msg, String> {
+    pub fn frame(msg: &Msg, magic: bool) -> Vec<u8> {
+        let body = postcard::to_allocvec(msg).expect("encode");
+        let mut out = if magic { MAGIC.to_vec() } else { vec![] };
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    pub fn recv(s: &mut UnixStream, magic: bool) -> Result<Msg, String> {
+        if magic {
+            let mut m = [0u8; 8];
+            s.read_exact(&mut m)
+                .map_err(|e| format!("read MAGIC: {e}"))?;
+            if m != MAGIC {
+                return Err(format!("bad MAGIC {m:?}"));
+            }
+        }
         let mut len = [0u8; 4];
         s.read_exact(&mut len)
             .map_err(|e| format!("read a frame: {e}"))?;
@@ -1055,9 +1151,8 @@ mod fake {
         postcard::from_bytes(&body).map_err(|e| format!("decode a frame: {e}"))
     }
 
-    /// HELLO's body and the descriptors that came with its first bytes.
-    fn recv_hello(s: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
-        let mut buf = vec![0u8; 64 << 10];
+    /// One recvmsg: the bytes and the descriptors that came with them.
+    fn recvmsg(s: &UnixStream, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), String> {
         // u64s keep the control buffer aligned for cmsghdr.
         let mut control = [0u64; 64];
         let mut iov = libc::iovec {
@@ -1096,30 +1191,77 @@ mod fake {
         if msg.msg_flags & libc::MSG_CTRUNC != 0 {
             return Err("descriptors truncated".into());
         }
-        let n = n as usize;
+        Ok((n as usize, fds))
+    }
+
+    /// A frame's body and the descriptors that came with its first bytes.
+    fn recv_with_fds(s: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
+        let mut buf = vec![0u8; 64 << 10];
+        let (n, fds) = recvmsg(s, &mut buf)?;
         if n < 4 {
-            return Err(format!("short HELLO ({n} bytes)"));
+            return Err(format!("short frame ({n} bytes)"));
         }
         let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if 4 + len > buf.len() {
-            return Err(format!("{len}-byte HELLO"));
+            return Err(format!("{len}-byte frame"));
         }
         if n < 4 + len {
             let mut rest = s;
             rest.read_exact(&mut buf[n..4 + len])
-                .map_err(|e| format!("read HELLO: {e}"))?;
+                .map_err(|e| format!("read a frame: {e}"))?;
         }
         Ok((buf[4..4 + len].to_vec(), fds))
+    }
+
+    /// A fake old process: connects to a new molt at `path`, shakes hands and
+    /// hands it guest RAM (a fresh memfd of `mem` bytes) and a control socket
+    /// (`listener`), then waits for READY. The connection is returned for the
+    /// test to go on with.
+    pub fn old_side_until_ready(
+        path: &Path,
+        mem: u64,
+        listener: &UnixListener,
+    ) -> Result<UnixStream, String> {
+        let mut s = UnixStream::connect(path).expect("connect to the new molt");
+        s.set_read_timeout(Some(UPDATE_TIMEOUT)).unwrap();
+        send(&mut s, &hello(&[FORMAT]), true).unwrap();
+        let Msg::Hello { reads, .. } = recv(&mut s, true).expect("the new molt's HELLO") else {
+            panic!("the new molt did not answer HELLO");
+        };
+        assert!(reads.contains(&FORMAT), "reads {reads:?}");
+        // SAFETY: a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"molt-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: fd is fresh and owned by nothing else.
+        let ram = unsafe { File::from_raw_fd(fd) };
+        ram.set_len(mem).unwrap();
+        let f = frame(
+            &Msg::Fds {
+                kinds: vec![FdKind::GuestRam, FdKind::ControlListener],
+            },
+            false,
+        );
+        let sent = s
+            .send_with_fds(&[&f[..]], &[ram.as_raw_fd(), listener.as_raw_fd()])
+            .unwrap();
+        s.write_all(&f[sent..]).unwrap();
+        match recv(&mut s, false) {
+            Ok(Msg::Ready) => Ok(s),
+            other => Err(format!("expected READY from the new molt, got {other:?}")),
+        }
     }
 }
 
 /// Runs a transfer against the fake stopping at `step`; returns the reply and
 /// what the fake received.
-fn transfer_to_fake(g: &Guest, step: fake::Step) -> (String, fake::Report) {
+fn transfer_to_fake(g: &Guest, step: fake::Step, options: &[&str]) -> (String, fake::Report) {
     let path = g.dir.join("fake.sock");
     let _ = fs::remove_file(&path);
     let fake = fake::spawn(&path, step);
-    let reply = g.update(&["cpr-transfer", path.to_str().unwrap()]);
+    let mut command = vec!["cpr-transfer"];
+    command.extend_from_slice(options);
+    command.push(path.to_str().unwrap());
+    let reply = g.update(&command);
     let report = fake
         .join()
         .expect("fake thread")
@@ -1128,15 +1270,15 @@ fn transfer_to_fake(g: &Guest, step: fake::Step) -> (String, fake::Report) {
     (reply, report)
 }
 
-/// What every HELLO must carry for this guest (no disks, no NICs, --serial
+/// What every FDS must carry for this guest (no disks, no NICs, --serial
 /// file): RAM, the control socket, the asking client and the console file.
-fn check_hello(g: &Guest, version: &str, r: &fake::Report) {
+fn check_fds(g: &Guest, version: &str, r: &fake::Report) {
     use fake::FdKind::*;
     assert_eq!(r.version, version, "HELLO's version");
     assert_eq!(
         r.kinds,
         [GuestRam, ControlListener, Client, ConsoleOut],
-        "HELLO's slots"
+        "FDS's slots"
     );
     assert_eq!(
         r.targets.len(),
@@ -1169,14 +1311,73 @@ fn transfer_to_a_new_process_that_dies_or_hangs_before_ready() {
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();
 
-    let (reply, report) = transfer_to_fake(&g, fake::Step::DieAfterHello);
-    check_hello(&g, &version, &report);
+    let (reply, report) = transfer_to_fake(&g, fake::Step::DieAfterFds, &[]);
+    check_fds(&g, &version, &report);
     g.check_survived(pid, &reply, "cpr-transfer", &["READY"]);
 
-    // Silence past READY_TIMEOUT (30 s); the guest runs on meanwhile.
-    let (reply, _) = transfer_to_fake(&g, fake::Step::HangAfterHello);
-    g.check_survived(pid, &reply, "cpr-transfer", &["READY"]);
+    // Silence past READY_TIMEOUT (30 s); the guest runs on meanwhile, and the
+    // control socket answers throughout.
+    let path = g.dir.join("fake.sock");
+    let _ = fs::remove_file(&path);
+    let fake = fake::spawn(&path, fake::Step::HangAfterFds);
+    let sock = g.sock.clone();
+    let target = path.to_str().unwrap().to_string();
+    let update =
+        thread::spawn(move || ctl_timeout(&sock, &["cpr-transfer", &target], UPDATE_TIMEOUT));
+    let mut waits = Vec::new();
+    while !update.is_finished() && waits.len() < 20 {
+        let t = Instant::now();
+        let reply = ctl(&g.sock, &["status"]);
+        waits.push(t.elapsed());
+        assert!(reply.starts_with("ok state=running"), "{reply:?}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    waits.sort();
+    assert!(
+        waits.len() >= 10 && waits[waits.len() - 1] < Duration::from_secs(1),
+        "status during a transfer's wait for READY took {waits:?}"
+    );
+    eprintln!(
+        "status while waiting for READY: median {:?}, max {:?}",
+        waits[waits.len() / 2],
+        waits[waits.len() - 1]
+    );
+    let reply = update.join().expect("ctl thread");
+    fake.join().expect("fake thread").expect("fake");
+    let _ = fs::remove_file(&path);
+    g.check_survived(pid, &reply, "cpr-transfer", &["timed out", "READY"]);
 
+    g.transfer(&a, &version);
+}
+
+/// No descriptor leaves before the peer has shown it is a molt that reads the
+/// state format: a silent peer (past the 5 s hand-shake deadline), one that
+/// talks another protocol, and one of another format get nothing.
+#[test]
+fn transfer_to_a_peer_that_is_not_a_molt_moves_no_descriptor() {
+    if !kvm_available("transfer_to_a_peer_that_is_not_a_molt_moves_no_descriptor") {
+        return;
+    }
+    let dir = TempDir::new("xfer-hello");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    let mut g = Guest::start(dir, &a, &[]);
+    let pid = g.molt.pid();
+    for (step, words) in [
+        (
+            fake::Step::SilentBeforeHello,
+            &["timed out after 5 s", "HELLO"][..],
+        ),
+        (fake::Step::GarbageHello, &["not a molt"][..]),
+        (
+            fake::Step::WrongFormat,
+            &["state format 1", "not among"][..],
+        ),
+    ] {
+        let (reply, report) = transfer_to_fake(&g, step, &[]);
+        assert_eq!(report.fds, 0, "{step:?}: the fake received descriptors");
+        g.check_survived(pid, &reply, "cpr-transfer", words);
+    }
     g.transfer(&a, &version);
 }
 
@@ -1190,8 +1391,8 @@ fn transfer_to_a_new_process_that_dies_after_the_state() {
     let version = version_of(&a);
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();
-    let (reply, report) = transfer_to_fake(&g, fake::Step::DieAfterState);
-    check_hello(&g, &version, &report);
+    let (reply, report) = transfer_to_fake(&g, fake::Step::DieAfterState, &[]);
+    check_fds(&g, &version, &report);
     let state = report.state.expect("the fake got a state");
     assert!(
         state.starts_with(b"MOLTCPR\0"),
@@ -1201,9 +1402,12 @@ fn transfer_to_a_new_process_that_dies_after_the_state() {
     g.transfer(&a, &version);
 }
 
+/// The guest stays paused at most the pause bound after STATE, however the new
+/// side behaves: silent (default bound, 1 s) or dripping bytes (a bound given
+/// with --max-pause-ms). Then the old side resumes and tells the new one FAIL.
 #[test]
-fn transfer_to_a_new_process_that_hangs_after_the_state() {
-    if !kvm_available("transfer_to_a_new_process_that_hangs_after_the_state") {
+fn transfer_to_a_new_process_that_hangs_or_drips_after_the_state() {
+    if !kvm_available("transfer_to_a_new_process_that_hangs_or_drips_after_the_state") {
         return;
     }
     let dir = TempDir::new("xfer-hang");
@@ -1211,9 +1415,27 @@ fn transfer_to_a_new_process_that_hangs_after_the_state() {
     let version = version_of(&a);
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();
-    // The guest is paused until RESTORED_TIMEOUT (10 s) passes, then resumes.
-    let (reply, _) = transfer_to_fake(&g, fake::Step::HangAfterState);
-    g.check_survived(pid, &reply, "cpr-transfer", &["RESTORED"]);
+    for (step, options, bound) in [
+        (fake::Step::HangAfterState, &[][..], "1 s"),
+        (
+            fake::Step::DripAfterState,
+            &["--max-pause-ms", "500"][..],
+            "500 ms",
+        ),
+    ] {
+        let t = Instant::now();
+        let (reply, report) = transfer_to_fake(&g, step, options);
+        let took = t.elapsed();
+        let words = [&format!("timed out after {bound}")[..], "RESTORED"];
+        g.check_survived(pid, &reply, "cpr-transfer", &words);
+        let told = report.fail.unwrap_or_default();
+        assert!(
+            told.contains("timed out"),
+            "{step:?}: the new side was not told FAIL: {told:?}"
+        );
+        // Before: 10 s silent, 40 s dripping.
+        assert!(took < Duration::from_secs(8), "{step:?} took {took:?}");
+    }
     g.transfer(&a, &version);
 }
 
@@ -1228,7 +1450,273 @@ fn transfer_to_a_new_process_that_refuses_the_state() {
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();
     let why = "the fake cannot restore this";
-    let (reply, _) = transfer_to_fake(&g, fake::Step::FailAfterState(why));
+    let (reply, _) = transfer_to_fake(&g, fake::Step::FailAfterState(why), &[]);
     g.check_survived(pid, &reply, "cpr-transfer", &["refused", why]);
     g.transfer(&a, &version);
+}
+
+/// A SIGTERM to the old side during the hand-over aborts it at once (it used to
+/// wait out the 30 s READY timeout): the guest resumes, then molt stops as for
+/// any SIGTERM.
+#[test]
+fn sigterm_to_the_old_process_during_a_transfer_stops_it_cleanly() {
+    if !kvm_available("sigterm_to_the_old_process_during_a_transfer_stops_it_cleanly") {
+        return;
+    }
+    let dir = TempDir::new("xfer-term-old");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let mut g = Guest::start(dir, &a, &[]);
+    let path = g.dir.join("fake.sock");
+    let fake = fake::spawn(&path, fake::Step::HangAfterFds);
+    let sock = g.sock.clone();
+    let target = path.to_str().unwrap().to_string();
+    let update =
+        thread::spawn(move || ctl_timeout(&sock, &["cpr-transfer", &target], UPDATE_TIMEOUT));
+    // Wait until the fake holds the descriptors (it then waits for EOF).
+    let held = wait_until(TIMEOUT, || {
+        fd_targets(std::process::id())
+            .iter()
+            .any(|t| t.contains("memfd:molt-ram"))
+            .then_some(())
+    });
+    assert!(held.is_some(), "the fake never got the guest's RAM");
+    let t = Instant::now();
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(g.molt.pid() as i32, libc::SIGTERM) }, 0);
+    let exit = g.molt.wait_exit(TIMEOUT);
+    let took = t.elapsed();
+    assert!(
+        exit.is_some_and(|s| s.code() == Some(1)),
+        "SIGTERM during the hand-over: {exit:?}\n{}",
+        g.molt.stderr()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop");
+    let log = g.molt.stderr();
+    assert!(log.contains("interrupted"), "{log}");
+    fake.join().expect("fake thread").expect("fake");
+    let _ = update.join();
+}
+
+/// The new side drops a peer of another uid, garbage, a silent connection and
+/// half a frame, and goes on waiting: the real old process still gets through.
+#[test]
+fn a_new_process_drops_bad_connections_and_takes_the_real_one() {
+    if !kvm_available("a_new_process_drops_bad_connections_and_takes_the_real_one") {
+        return;
+    }
+    let dir = TempDir::new("xfer-bad-in");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    let mut g = Guest::start(dir, &a, &[]);
+    let (new, path) = g.spawn_incoming(&a, &[]);
+
+    if let Some(setpriv) = common::setpriv() {
+        // Only the uid check stands in the way of user nobody here.
+        fs::set_permissions(g.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        let out = run_with_timeout(
+            Command::new(setpriv).args(common::AS_NOBODY).arg(&a).args([
+                "ctl",
+                path.to_str().unwrap(),
+                "status",
+            ]),
+            TIMEOUT,
+        );
+        assert!(!out.status.success(), "nobody's connection was answered");
+    }
+    // Garbage of our own uid: a control command sent to the wrong socket.
+    let out = run_with_timeout(
+        Command::new(&a).args(["ctl", path.to_str().unwrap(), "status"]),
+        TIMEOUT,
+    );
+    assert!(!out.status.success(), "garbage was answered");
+    // A silent connection and half a frame, both kept open.
+    let _silent = UnixStream::connect(&path).expect("connect");
+    let mut half = UnixStream::connect(&path).expect("connect");
+    half.write_all(&fake::MAGIC[..5]).unwrap();
+
+    let log_path = new.stderr_path.clone();
+    g.transfer_to(new, &path, &version);
+    let log = fs::read_to_string(log_path).unwrap();
+    let dropped = log.matches("dropped a connection").count();
+    let expected = if common::setpriv().is_some() { 4 } else { 3 };
+    assert!(dropped >= expected, "dropped {dropped}:\n{log}");
+    if common::setpriv().is_some() {
+        assert!(log.contains("uid 65534"), "{log}");
+    }
+    assert!(log.contains("not a molt transfer peer"), "{log}");
+}
+
+/// A SIGTERM to the new side after READY, before GO, sends FAIL and exits
+/// non-zero without ever running the guest (it used to take the guest and
+/// stop it). With a silent connection attached, SIGTERM still ends the wait.
+#[test]
+fn sigterm_to_the_new_process_before_go_fails_the_transfer() {
+    if !kvm_available("sigterm_to_the_new_process_before_go_fails_the_transfer") {
+        return;
+    }
+    let dir = TempDir::new("xfer-term-new");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let mut g = Guest::start(dir, &a, &[]);
+
+    let (mut waiting, path) = g.spawn_incoming(&a, &[]);
+    let _silent = UnixStream::connect(&path).expect("connect");
+    thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    assert_eq!(
+        unsafe { libc::kill(waiting.pid() as i32, libc::SIGTERM) },
+        0
+    );
+    let exit = waiting.wait_exit(Duration::from_secs(5));
+    assert!(
+        exit.is_some_and(|s| !s.success()),
+        "SIGTERM with a silent peer attached: {exit:?}\n{}",
+        waiting.stderr()
+    );
+
+    let (mut new, path) = g.spawn_incoming(&a, &[]);
+    let listener = UnixListener::bind(g.dir.join("fake-ctl.sock")).unwrap();
+    let old = fake::old_side_until_ready(&path, 64 << 20, &listener)
+        .unwrap_or_else(|e| panic!("{e}; new molt:\n{}", new.stderr()));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(new.pid() as i32, libc::SIGTERM) }, 0);
+    let told = fake::drain(&old, fake::Report::default()).fail;
+    assert!(
+        told.as_deref().is_some_and(|w| w.contains("interrupted")),
+        "the new molt did not send FAIL: {told:?}\n{}",
+        new.stderr()
+    );
+    let exit = new.wait_exit(TIMEOUT);
+    assert!(
+        exit.is_some_and(|s| !s.success()),
+        "the interrupted new molt: {exit:?}"
+    );
+    assert!(
+        !new.stderr().contains("resumed after transfer"),
+        "{}",
+        new.stderr()
+    );
+    old.shutdown(std::net::Shutdown::Both).ok();
+    g.status();
+}
+
+/// The old side refuses a PATH another user owns or could replace, before
+/// connecting; a sticky directory with our own socket is fine.
+#[test]
+fn transfer_refuses_sockets_other_users_could_own_or_replace() {
+    if !kvm_available("transfer_refuses_sockets_other_users_could_own_or_replace") {
+        return;
+    }
+    let dir = TempDir::new("xfer-owner");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    let mut g = Guest::start(dir, &a, &[]);
+    let pid = g.molt.pid();
+    fs::set_permissions(g.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let base = g.dir.path().to_path_buf();
+    let make = |name: &str, mode: u32| {
+        let d = base.join(name);
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(mode)).unwrap();
+        d.join("in.sock")
+    };
+
+    // Open to all and not sticky: anyone could swap the socket.
+    let open = make("open", 0o777);
+    let _listener = UnixListener::bind(&open).unwrap();
+    let reply = g.update(&["cpr-transfer", open.to_str().unwrap()]);
+    g.check_survived(pid, &reply, "cpr-transfer", &["writable by other users"]);
+
+    let sticky = make("sticky", 0o1777);
+    if let Some(setpriv) = common::setpriv() {
+        // A molt of user nobody listening in the shared directory gets nothing.
+        let theirs = sticky.with_file_name("theirs.sock");
+        let mut cmd = Command::new(setpriv);
+        cmd.args(common::AS_NOBODY)
+            .arg(&a)
+            .args([
+                "run", "--kernel", &g.args[1], "--mem", MEM_ARG, "--serial", "none",
+            ])
+            .arg("--incoming")
+            .arg(format!("unix:{}", theirs.display()));
+        let stderr_path = g.dir.join("nobody.stderr");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr_path).unwrap());
+        let mut nobody = Molt {
+            child: common::spawn_retrying_etxtbsy(&mut cmd),
+            stderr_path,
+        };
+        wait_listening(&mut nobody, &theirs);
+        let reply = g.update(&["cpr-transfer", theirs.to_str().unwrap()]);
+        g.check_survived(pid, &reply, "cpr-transfer", &["belongs to uid 65534"]);
+        nobody.assert_running("after the refused transfer");
+        let log = nobody.stderr();
+        assert!(!log.contains("taking the guest over"), "{log}");
+    }
+
+    // Our own socket in a sticky directory: nobody else can replace it.
+    let incoming = format!("unix:{}", sticky.display());
+    let mut argv: Vec<&str> = g.args.iter().map(String::as_str).collect();
+    argv.extend_from_slice(&["--incoming", &incoming]);
+    let mut new = Molt::spawn_bin(&g.dir, &a, "molt-sticky", &argv, Stdio::null());
+    wait_listening(&mut new, &sticky);
+    g.transfer_to(new, &sticky, &version);
+}
+
+/// `cpr-transfer` to molt's own control socket is refused at once (it used to
+/// hang 31 s), and the probe of `cpr-exec` runs off the event loop: `status`
+/// answers while a slow probe runs, and a probe that does not answer is killed
+/// with everything it started.
+#[test]
+fn slow_probes_and_own_sockets_do_not_block_the_control_plane() {
+    if !kvm_available("slow_probes_and_own_sockets_do_not_block_the_control_plane") {
+        return;
+    }
+    let dir = TempDir::new("probe-slow");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let mut g = Guest::start(dir, &a, &[]);
+    let pid = g.molt.pid();
+
+    let t = Instant::now();
+    let own = g.sock.to_str().unwrap().to_string();
+    let reply = g.update(&["cpr-transfer", &own]);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    g.check_survived(pid, &reply, "cpr-transfer", &["own control socket"]);
+
+    let child_pid = g.dir.join("child.pid");
+    let slow = script(
+        &g.dir,
+        "slow-probe",
+        &format!("sleep 300 &\necho $! > {}\nsleep 300", child_pid.display()),
+    );
+    let sock = g.sock.clone();
+    let target = slow.to_str().unwrap().to_string();
+    let update = thread::spawn(move || ctl_timeout(&sock, &["cpr-exec", &target], UPDATE_TIMEOUT));
+    let mut waits = Vec::new();
+    while !update.is_finished() && waits.len() < 15 {
+        let t = Instant::now();
+        let reply = ctl(&g.sock, &["status"]);
+        waits.push(t.elapsed());
+        assert!(reply.starts_with("ok state=running"), "{reply:?}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    waits.sort();
+    assert!(
+        waits.len() >= 10 && waits[waits.len() - 1] < Duration::from_secs(1),
+        "status during a probe took {waits:?}"
+    );
+    let reply = update.join().expect("ctl thread");
+    g.check_survived(pid, &reply, "cpr-exec", &["did not answer within 5 s"]);
+    let child: i32 = fs::read_to_string(&child_pid)
+        .expect("the probe wrote its child's pid")
+        .trim()
+        .parse()
+        .unwrap();
+    let gone = wait_until(TIMEOUT, || {
+        let state = fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // Gone, or a zombie waiting for init to reap it: not running.
+        (state.is_empty() || state.contains(") Z")).then_some(())
+    });
+    assert!(gone.is_some(), "the probe's child {child} outlived it");
 }

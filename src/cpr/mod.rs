@@ -24,9 +24,10 @@ pub mod inspect;
 pub mod reboot;
 pub mod state;
 pub mod transfer;
+pub mod wait;
 
 use std::fmt;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -94,39 +95,66 @@ pub fn version_line() -> String {
 
 /// How long a new binary may take to answer `version`.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of a probe's output that is read.
+const PROBE_OUTPUT: usize = 4096;
 
 /// Runs `binary version`: it must be a molt that reads this state format. A
-/// missing file, a binary that fails or exits at once, or an older format is
-/// refused here, while the guest is still running.
-pub fn probe(binary: &Path) -> Result<(), Error> {
+/// missing file, a binary that fails, hangs or exits at once, or an older
+/// format is refused here, while the guest is still running. Runs on a worker
+/// thread: `stop` (readable) abandons it. The probe runs in a process group of
+/// its own, and nothing of that group outlives this call.
+pub fn probe(binary: &Path, stop: RawFd) -> Result<(), Error> {
+    use std::os::unix::process::CommandExt;
     let err = |why: String| Error::Probe(binary.into(), why);
     let mut child = Command::new(binary)
         .arg("version")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .map_err(|e| err(e.to_string()))?;
-    let deadline = Instant::now() + PROBE_TIMEOUT;
-    let status = loop {
-        match child.try_wait().map_err(|e| err(e.to_string()))? {
-            Some(s) => break s,
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(err("`version` did not answer".into()));
-            }
-            None => std::thread::sleep(Duration::from_millis(2)),
-        }
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: pidfd_open on our own child, which is not reaped yet; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    let waited = if pidfd < 0 {
+        Err(wait::Stop::Io(std::io::Error::last_os_error()))
+    } else {
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        wait::until(
+            pidfd.as_raw_fd(),
+            libc::POLLIN,
+            Instant::now() + PROBE_TIMEOUT,
+            &[stop],
+        )
     };
-    let mut out = String::new();
-    if let Some(mut o) = child.stdout.take() {
-        use std::io::Read;
-        let _ = o.read_to_string(&mut out);
+    // The group id stays reserved until the child is reaped below, so this
+    // reaches the probe and whatever it started, never an unrelated process.
+    // SAFETY: killpg has no memory effects.
+    unsafe { libc::killpg(pid, libc::SIGKILL) };
+    let status = child.wait().map_err(|e| err(e.to_string()))?;
+    match waited {
+        Ok(()) => {}
+        Err(wait::Stop::TimedOut) => {
+            return Err(err(format!(
+                "`version` did not answer within {}",
+                wait::human(PROBE_TIMEOUT)
+            )))
+        }
+        Err(wait::Stop::Interrupted) => return Err(err("interrupted by a signal or quit".into())),
+        Err(wait::Stop::Io(e)) => return Err(err(format!("waiting for `version`: {e}"))),
     }
     if !status.success() {
         return Err(err(format!("`version` failed ({status})")));
     }
+    let mut out = Vec::new();
+    if let Some(o) = child.stdout.take() {
+        use std::io::Read;
+        // Every writer is gone (the group was killed): this ends.
+        let _ = o.take(PROBE_OUTPUT as u64).read_to_end(&mut out);
+    }
+    let out = String::from_utf8_lossy(&out);
     let formats = out
         .split_whitespace()
         .find_map(|w| w.strip_prefix("state-formats="))
@@ -326,26 +354,43 @@ pub fn transfer_fds(
     fds
 }
 
-/// Transfer mode, old side, from a running guest. `pause` and `resume` stop
-/// and restart the vCPUs. On Ok the new process runs the guest and this one
-/// must only exit; on Err the guest runs here as before.
+/// Transfer mode, old side, once the new process is READY. `pause` and
+/// `resume` stop and restart the vCPUs; the guest stays paused at most
+/// `max_pause` after STATE is sent, and `stop` (the signalfd) aborts. On Ok the
+/// new process runs the guest and this one must only exit; on Err the guest
+/// runs here as before and the new process was told FAIL.
 pub fn transfer_out(
     machine: &Machine,
-    path: &Path,
-    fds: &[(FdKind, RawFd)],
+    mut out: transfer::Outgoing,
+    max_pause: Duration,
+    stop: RawFd,
     pause: impl FnOnce() -> Result<u64, String>,
     resume: impl FnOnce(),
 ) -> Result<(), Error> {
-    let mut out = transfer::Outgoing::hello(path, fds).map_err(Error::Transfer)?;
-    let stopped_at_ns = pause().map_err(Error::Handover)?;
+    let stopped_at_ns = match pause() {
+        Ok(t) => t,
+        Err(why) => {
+            out.fail(&why);
+            return Err(Error::Handover(why));
+        }
+    };
     let sent = snapshot(machine, in_place(machine), stopped_at_ns)
         .and_then(|s| state::encode(&s).map_err(|e| Error::Handover(e.to_string())))
-        .and_then(|bytes| out.send_state(bytes).map_err(Error::Transfer))
-        .and_then(|()| out.go().map_err(Error::Transfer));
-    if sent.is_err() {
-        resume();
+        .and_then(|bytes| {
+            out.send_state(bytes, max_pause, stop)
+                .map_err(Error::Transfer)
+        });
+    match sent {
+        Ok(()) => out.go().map_err(|e| {
+            resume();
+            Error::Transfer(e)
+        }),
+        Err(e) => {
+            out.fail(&e.to_string());
+            resume();
+            Err(e)
+        }
     }
-    sent
 }
 
 /// Transfer mode, new side: what arrived with HELLO.
@@ -379,7 +424,10 @@ pub fn receive_transfer(
     };
     log::info!("taking the guest over from molt {}", link.peer_version);
     let kinds = std::mem::take(&mut link.kinds);
-    let fds = std::mem::take(&mut link.fds);
+    let fds: Vec<RawFd> = std::mem::take(&mut link.fds)
+        .into_iter()
+        .map(IntoRawFd::into_raw_fd)
+        .collect();
     match fds::adopt(&kinds, &fds, cfg.disks.len(), cfg.nets.len()) {
         Ok(adopted) => Ok(Some(TransferIncoming { link, adopted })),
         Err(why) => {
@@ -400,20 +448,24 @@ pub fn resume_transfer(
     let prepared = adopted_config(cfg, &t.adopted)
         .and_then(|(cfg, ram)| Machine::prepare(&cfg, ram, console).map_err(Error::Vm));
     let loaded = prepared.and_then(|prepared| {
-        let bytes = t.link.ready().map_err(Error::Transfer)?;
+        let (bytes, max_pause) = t.link.ready().map_err(Error::Transfer)?;
         let start = Instant::now();
         let state = state::decode(&bytes).map_err(|e| Error::Handover(format!("state: {e}")))?;
         let restored = prepared.restore(&state.machine).map_err(Error::Vm)?;
-        Ok((restored, state.stopped_at_ns, start))
+        Ok((restored, state.stopped_at_ns, start, max_pause))
     });
-    let (restored, stopped_at_ns, start) = match loaded {
+    // Without GO nothing runs: a failure, a signal or silence ends it here.
+    let go = loaded.and_then(|(restored, stopped_at_ns, start, max_pause)| {
+        t.link.restored(max_pause).map_err(Error::Transfer)?;
+        Ok((restored, stopped_at_ns, start))
+    });
+    let (restored, stopped_at_ns, start) = match go {
         Ok(r) => r,
         Err(e) => {
             t.link.fail(&e.to_string());
             return Err(e);
         }
     };
-    t.link.restored().map_err(Error::Transfer)?;
     let machine = restored.start(exit).map_err(Error::Vm)?;
     let resumed = Resumed {
         machine,

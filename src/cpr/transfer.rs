@@ -3,58 +3,130 @@
 //!
 //! ```text
 //!   old (running the guest)               new (listening on PATH)
-//!   connect, HELLO + descriptors  ---->   adopt them, map RAM, build VM,
+//!   check PATH, connect, peer uid         peer uid
+//!   MOLTXFR2 HELLO (version, formats) --> check formats
+//!                                   <--   MOLTXFR2 HELLO (version, formats)
+//!   check formats
+//!   FDS + descriptors               -->   adopt them, map RAM, build VM,
 //!                                         devices  (the guest still runs)
-//!                                 <----   READY
-//!   pause, save, STATE            ---->   decode, check, restore (not run)
-//!                                 <----   RESTORED   (or FAIL: why)
-//!   GO, exit 0                    ---->   run the vCPUs, reply to the client
+//!                                   <--   READY
+//!   pause, save, STATE              -->   decode, check, restore (not run)
+//!                                   <--   RESTORED   (or FAIL: why)
+//!   GO, exit 0                      -->   run the vCPUs, reply to the client
 //! ```
 //!
+//! Trust: guest RAM moves with FDS, so nothing moves before both sides have
+//! checked that the peer runs as molt's own uid (SO_PEERCRED), speaks this
+//! protocol and reads the state format that will be sent. The old side also
+//! refuses a PATH that another user owns or could replace.
+//!
+//! Deadlines: every wait is bounded for the whole message, not per read, and
+//! ends early on a stop descriptor (the signalfd, or a worker's abort). The
+//! guest stays paused at most `max_pause` after STATE is sent: past it the old
+//! side resumes the guest and tells the new side FAIL.
+//!
 //! Until the old side sends GO, it can and does resume the guest on any
-//! failure: a refused state, a new process that dies (EOF), or silence past a
-//! timeout; the new side never runs vCPUs without GO, so the guest never runs
+//! failure; the new side never runs vCPUs without GO, so the guest never runs
 //! twice. After GO the old side only exits.
 
 use std::fmt;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::fds::{FdKind, MAX_FDS};
+use super::state;
+use super::wait::{self, human, Stop};
 
+/// How long the new side waits for a connection's HELLO. A real old side sends
+/// it as it connects; connections are served one at a time, so a silent one
+/// delays the real one by at most this much.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the old side waits for the new side's HELLO, and the new side for FDS.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the old side waits for READY (the new side maps RAM and builds a VM).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the old side waits for RESTORED while the guest is paused.
-pub const RESTORED_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the new side waits for GO after RESTORED.
-pub const GO_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_MESSAGE: usize = 64 << 20;
+/// How long the new side waits for STATE after READY (the old side only pauses and saves).
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the guest may stay paused after STATE is sent, unless `cpr-transfer` says otherwise.
+pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(1);
+/// The largest `--max-pause-ms` a `cpr-transfer` may ask for.
+pub const MAX_MAX_PAUSE: Duration = Duration::from_secs(60);
+/// The new side waits for GO this much longer than the old side waits for
+/// RESTORED, so that a GO sent in time is never missed.
+const GO_MARGIN: Duration = Duration::from_secs(10);
+/// First bytes each side sends: garbage and other protocols fail at once.
+const MAGIC: [u8; 8] = *b"MOLTXFR2";
+/// HELLO, FDS, READY, RESTORED, GO and FAIL are small.
+const MAX_SMALL: usize = 4096;
+/// STATE: a `CprState` with its header.
+const MAX_STATE: usize = state::HEADER_LEN + state::MAX_PAYLOAD + 64;
+/// Most state formats one HELLO may list.
+const MAX_FORMATS: usize = 8;
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Msg {
     Hello {
         version: String,
+        /// The state format this side sends.
+        writes: u32,
+        /// The state formats this side reads.
+        reads: heapless::Vec<u32, MAX_FORMATS>,
+    },
+    Fds {
         kinds: heapless::Vec<FdKind, MAX_FDS>,
     },
     Ready,
-    State(Vec<u8>),
+    State {
+        max_pause_ms: u32,
+        bytes: Vec<u8>,
+    },
     Restored,
     Go,
     Fail(String),
 }
 
+impl Msg {
+    fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "HELLO",
+            Msg::Fds { .. } => "FDS",
+            Msg::Ready => "READY",
+            Msg::State { .. } => "STATE",
+            Msg::Restored => "RESTORED",
+            Msg::Go => "GO",
+            Msg::Fail(_) => "FAIL",
+        }
+    }
+
+    fn hello() -> Msg {
+        Msg::Hello {
+            version: crate::event_loop::VERSION.into(),
+            writes: state::VERSION,
+            reads: [state::VERSION].into_iter().collect(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum Error {
-    Connect(PathBuf, std::io::Error),
-    Listen(PathBuf, std::io::Error),
-    Io(&'static str, std::io::Error),
-    Protocol(String),
+    /// PATH failed a safety check before anything was sent.
+    Path(PathBuf, String),
+    Connect(PathBuf, io::Error),
+    Listen(PathBuf, String),
+    /// The peer is not a molt of this uid that reads our state format.
+    Peer(String),
+    TimedOut(&'static str, Duration),
+    /// A signal (or `quit`) arrived during the hand-over.
+    Interrupted(&'static str),
+    Io(&'static str, io::Error),
+    Protocol(&'static str, String),
     /// The other side said why it gave up.
     Refused(String),
 }
@@ -62,219 +134,688 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Error::Path(p, why) => write!(f, "refusing {}: {why}", p.display()),
             Error::Connect(p, e) => write!(f, "cannot connect to {}: {e}", p.display()),
             Error::Listen(p, e) => write!(f, "cannot listen on {}: {e}", p.display()),
+            Error::Peer(why) => write!(f, "peer refused: {why}"),
+            Error::TimedOut(step, d) => write!(f, "timed out after {} {step}", human(*d)),
+            Error::Interrupted(step) => write!(f, "interrupted by a signal or quit {step}"),
             Error::Io(step, e) => write!(f, "{step}: {e}"),
-            Error::Protocol(why) => write!(f, "protocol error: {why}"),
-            Error::Refused(why) => write!(f, "the new process refused: {why}"),
+            Error::Protocol(step, why) => write!(f, "protocol error {step}: {why}"),
+            Error::Refused(why) => write!(f, "the other side refused: {why}"),
         }
     }
 }
 
-fn send(s: &mut UnixStream, msg: &Msg, step: &'static str) -> Result<(), Error> {
-    let body = postcard::to_allocvec(msg).map_err(|e| Error::Protocol(e.to_string()))?;
-    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
-    frame.extend_from_slice(&body);
-    s.write_all(&frame).map_err(|e| Error::Io(step, e))
+/// One step's time budget: the whole message must fit in it.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    total: Duration,
 }
 
-fn recv(s: &mut UnixStream, step: &'static str) -> Result<Msg, Error> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).map_err(|e| Error::Io(step, e))?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_MESSAGE {
-        return Err(Error::Protocol(format!("{len}-byte message")));
-    }
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).map_err(|e| Error::Io(step, e))?;
-    match postcard::from_bytes(&body).map_err(|e| Error::Protocol(e.to_string()))? {
-        Msg::Fail(why) => Err(Error::Refused(why)),
-        m => Ok(m),
+impl Deadline {
+    fn after(total: Duration) -> Self {
+        Deadline {
+            at: Instant::now() + total,
+            total,
+        }
     }
 }
 
-fn expect(
-    s: &mut UnixStream,
-    want: &str,
-    step: &'static str,
-    timeout: Duration,
-) -> Result<Msg, Error> {
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| Error::Io(step, e))?;
-    let m = recv(s, step)?;
-    let got = format!("{m:?}");
-    if !got.starts_with(want) {
-        return Err(Error::Protocol(format!(
-            "expected {want}, got {}",
-            &got[..got.len().min(40)]
+/// A non-blocking connection whose every wait is bounded and stoppable.
+struct Link {
+    s: UnixStream,
+    stop: RawFd,
+}
+
+impl Link {
+    fn new(s: UnixStream, stop: RawFd) -> Result<Self, Error> {
+        s.set_nonblocking(true)
+            .map_err(|e| Error::Io("set up the connection", e))?;
+        Ok(Link { s, stop })
+    }
+
+    fn wait(&self, events: i16, step: &'static str, d: Deadline) -> Result<(), Error> {
+        wait::until(self.s.as_raw_fd(), events, d.at, &[self.stop]).map_err(|e| match e {
+            Stop::TimedOut => Error::TimedOut(step, d.total),
+            Stop::Interrupted => Error::Interrupted(step),
+            Stop::Io(e) => Error::Io(step, e),
+        })
+    }
+
+    /// Runs `op` until it moves bytes, waiting for `events` while it would block.
+    fn retry(
+        &mut self,
+        events: i16,
+        step: &'static str,
+        d: Deadline,
+        mut op: impl FnMut(&mut UnixStream) -> io::Result<usize>,
+    ) -> Result<usize, Error> {
+        loop {
+            match op(&mut self.s) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(events, step, d)?,
+                Err(e) => return Err(Error::Io(step, e)),
+            }
+        }
+    }
+
+    fn write_all(&mut self, mut buf: &[u8], step: &'static str, d: Deadline) -> Result<(), Error> {
+        while !buf.is_empty() {
+            let n = self.retry(libc::POLLOUT, step, d, |s| s.write(buf))?;
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+
+    fn read_exact(
+        &mut self,
+        mut buf: &mut [u8],
+        step: &'static str,
+        d: Deadline,
+    ) -> Result<(), Error> {
+        while !buf.is_empty() {
+            let n = self.retry(libc::POLLIN, step, d, |s| s.read(buf))?;
+            if n == 0 {
+                return Err(Error::Io(step, io::ErrorKind::UnexpectedEof.into()));
+            }
+            buf = &mut buf[n..];
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, msg: &Msg, magic: bool, d: Deadline) -> Result<(), Error> {
+        let step = send_step(msg);
+        let frame = frame(msg, magic).map_err(|e| Error::Protocol(step, e))?;
+        self.write_all(&frame, step, d)
+    }
+
+    /// Receives one frame of at most `max` bytes (after MAGIC, if `magic`).
+    /// The other side's FAIL becomes `Error::Refused`.
+    fn recv(
+        &mut self,
+        step: &'static str,
+        magic: bool,
+        max: usize,
+        d: Deadline,
+    ) -> Result<Msg, Error> {
+        if magic {
+            // Checked as it arrives: a short greeting of another protocol
+            // ("status\n") is refused at once, not at the deadline.
+            let mut m = [0u8; MAGIC.len()];
+            let mut got = 0;
+            while got < m.len() {
+                let n = self.retry(libc::POLLIN, step, d, |s| s.read(&mut m[got..]))?;
+                if n == 0 {
+                    return Err(Error::Io(step, io::ErrorKind::UnexpectedEof.into()));
+                }
+                got += n;
+                if m[..got] != MAGIC[..got] {
+                    return Err(Error::Peer(format!(
+                        "{step}: not a molt transfer peer (it sent {:?})",
+                        String::from_utf8_lossy(&m[..got])
+                    )));
+                }
+            }
+        }
+        let mut len = [0u8; 4];
+        self.read_exact(&mut len, step, d)?;
+        self.body(u32::from_le_bytes(len) as usize, step, max, d)
+    }
+
+    fn body(
+        &mut self,
+        len: usize,
+        step: &'static str,
+        max: usize,
+        d: Deadline,
+    ) -> Result<Msg, Error> {
+        if len > max {
+            return Err(Error::Protocol(
+                step,
+                format!("{len}-byte message (at most {max})"),
+            ));
+        }
+        let mut body = vec![0u8; len];
+        self.read_exact(&mut body, step, d)?;
+        match postcard::from_bytes(&body).map_err(|e| Error::Protocol(step, e.to_string()))? {
+            Msg::Fail(why) => Err(Error::Refused(why)),
+            m => Ok(m),
+        }
+    }
+
+    /// Tells the other side why this one gives up; best effort, it may be gone.
+    fn fail(&mut self, why: &str) {
+        let why: String = why.chars().take(MAX_SMALL / 2).collect();
+        let _ = self.send(
+            &Msg::Fail(why),
+            false,
+            Deadline::after(Duration::from_millis(100)),
+        );
+    }
+}
+
+fn send_step(msg: &Msg) -> &'static str {
+    match msg {
+        Msg::Hello { .. } => "sending HELLO",
+        Msg::Fds { .. } => "sending FDS",
+        Msg::Ready => "sending READY",
+        Msg::State { .. } => "sending STATE",
+        Msg::Restored => "sending RESTORED",
+        Msg::Go => "sending GO",
+        Msg::Fail(_) => "sending FAIL",
+    }
+}
+
+fn frame(msg: &Msg, magic: bool) -> Result<Vec<u8>, String> {
+    let body = postcard::to_allocvec(msg).map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(MAGIC.len() + 4 + body.len());
+    if magic {
+        out.extend_from_slice(&MAGIC);
+    }
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+fn unexpected(step: &'static str, want: &str, got: &Msg) -> Error {
+    Error::Protocol(step, format!("expected {want}, got {}", got.name()))
+}
+
+/// The uid of the process at the other end of `s`.
+fn peer_uid(s: &UnixStream) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writes of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+fn my_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// The peer must run as molt's own uid.
+fn check_peer_uid(s: &UnixStream, who: &str) -> Result<(), Error> {
+    let uid = peer_uid(s).map_err(|e| Error::Io("SO_PEERCRED", e))?;
+    check_uid(uid, my_uid(), who)
+}
+
+fn check_uid(peer: u32, me: u32, who: &str) -> Result<(), Error> {
+    if peer == me {
+        Ok(())
+    } else {
+        Err(Error::Peer(format!(
+            "{who} runs as uid {peer}; only molt's own uid {me} may take part"
+        )))
+    }
+}
+
+/// The peer's HELLO must show a molt that can take part: the new side must
+/// read the format the old side writes. Returns the peer's version.
+fn check_formats(step: &'static str, peer: &Msg, peer_is_old: bool) -> Result<String, Error> {
+    let Msg::Hello {
+        version,
+        writes,
+        reads,
+    } = peer
+    else {
+        return Err(unexpected(step, "HELLO", peer));
+    };
+    let (format, readable) = if peer_is_old {
+        (*writes, &[state::VERSION][..])
+    } else {
+        (state::VERSION, &reads[..])
+    };
+    if !readable.contains(&format) {
+        return Err(Error::Peer(format!(
+            "state format {format} is not among those the new process reads ({readable:?}); \
+             the other side is molt {version}"
         )));
     }
-    Ok(m)
+    Ok(version.clone())
 }
 
-/// The old side, after HELLO.
-pub struct Outgoing(UnixStream);
+/// PATH must be a socket of ours, in a directory no other user can write to
+/// (unless the directory is sticky: then nobody else can replace our socket).
+pub fn check_path(path: &Path) -> Result<(), Error> {
+    let refuse = |why: String| Err(Error::Path(path.into(), why));
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Err(Error::Connect(path.into(), e)),
+    };
+    let me = my_uid();
+    if !meta.file_type().is_socket() {
+        return refuse("it is not a socket".into());
+    }
+    if meta.uid() != me {
+        return refuse(format!(
+            "it belongs to uid {}, not molt's uid {me}",
+            meta.uid()
+        ));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dmeta = std::fs::metadata(dir).map_err(|e| Error::Connect(dir.into(), e))?;
+    if dmeta.uid() != me && dmeta.uid() != 0 {
+        return refuse(format!(
+            "its directory {} belongs to uid {}, who could replace it",
+            dir.display(),
+            dmeta.uid()
+        ));
+    }
+    let sticky = dmeta.mode() & libc::S_ISVTX != 0;
+    if dmeta.mode() & 0o022 != 0 && !sticky {
+        return refuse(format!(
+            "its directory {} (mode {:o}) is writable by other users and not sticky",
+            dir.display(),
+            dmeta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// Connects without blocking: a listener with a full backlog is an error, not a hang.
+fn connect(path: &Path) -> Result<UnixStream, Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let err = |e| Error::Connect(path.into(), e);
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(err(io::Error::other("path too long for a socket")));
+    }
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh socket owned by nothing else.
+    let s = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: addr is a valid sockaddr_un of the size given.
+    let r = unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(s)
+}
+
+/// The old side, from the hand-shake to GO.
+pub struct Outgoing {
+    link: Link,
+    pub peer_version: String,
+}
 
 impl Outgoing {
-    /// Connects to the new process and hands it the descriptors.
-    pub fn hello(path: &Path, fds: &[(FdKind, RawFd)]) -> Result<Self, Error> {
-        let mut s = UnixStream::connect(path).map_err(|e| Error::Connect(path.into(), e))?;
-        let msg = Msg::Hello {
-            version: crate::event_loop::VERSION.into(),
+    /// Checks PATH and the new process, hands it the descriptors and waits
+    /// until it is READY; the guest runs meanwhile. `stop` aborts every wait.
+    pub fn prepare(path: &Path, fds: &[(FdKind, RawFd)], stop: RawFd) -> Result<Self, Error> {
+        check_path(path)?;
+        let s = connect(path)?;
+        check_peer_uid(&s, "the process listening there")?;
+        let mut link = Link::new(s, stop)?;
+        link.send(&Msg::hello(), true, Deadline::after(HANDSHAKE_TIMEOUT))?;
+        let step = "waiting for the new process's HELLO";
+        let hello = link.recv(step, true, MAX_SMALL, Deadline::after(HANDSHAKE_TIMEOUT))?;
+        let peer_version = check_formats(step, &hello, false)?;
+        let msg = Msg::Fds {
             kinds: fds.iter().map(|f| f.0).collect(),
         };
-        let body = postcard::to_allocvec(&msg).map_err(|e| Error::Protocol(e.to_string()))?;
-        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
-        frame.extend_from_slice(&body);
+        let frame = frame(&msg, false).map_err(|e| Error::Protocol("sending FDS", e))?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.1).collect();
-        let sent = s
-            .send_with_fds(&[&frame[..]], &raw)
-            .map_err(|e| Error::Io("send HELLO", std::io::Error::from_raw_os_error(e.errno())))?;
-        s.write_all(&frame[sent..])
-            .map_err(|e| Error::Io("send HELLO", e))?;
-        expect(&mut s, "Ready", "wait for READY", READY_TIMEOUT)?;
-        Ok(Outgoing(s))
+        let d = Deadline::after(HANDSHAKE_TIMEOUT);
+        let sent = link.retry(libc::POLLOUT, "sending FDS", d, |s| {
+            s.send_with_fds(&[&frame[..]], &raw)
+                .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+        })?;
+        link.write_all(&frame[sent..], "sending FDS", d)?;
+        let step = "waiting for READY";
+        match link.recv(step, false, MAX_SMALL, Deadline::after(READY_TIMEOUT))? {
+            Msg::Ready => Ok(Outgoing { link, peer_version }),
+            m => Err(unexpected(step, "READY", &m)),
+        }
     }
 
-    /// Sends the state of the (now paused) guest and waits for RESTORED.
-    pub fn send_state(&mut self, state: Vec<u8>) -> Result<(), Error> {
-        send(&mut self.0, &Msg::State(state), "send STATE")?;
-        expect(
-            &mut self.0,
-            "Restored",
-            "wait for RESTORED",
-            RESTORED_TIMEOUT,
-        )
-        .map(|_| ())
+    /// Sends the state of the (now paused) guest and waits for RESTORED, both
+    /// within `max_pause`. `stop` (the signalfd) aborts the wait.
+    pub fn send_state(
+        &mut self,
+        bytes: Vec<u8>,
+        max_pause: Duration,
+        stop: RawFd,
+    ) -> Result<(), Error> {
+        self.link.stop = stop;
+        let d = Deadline::after(max_pause);
+        let msg = Msg::State {
+            max_pause_ms: max_pause.as_millis() as u32,
+            bytes,
+        };
+        self.link.send(&msg, false, d)?;
+        let step = "waiting for RESTORED (the guest is paused)";
+        match self.link.recv(step, false, MAX_SMALL, d)? {
+            Msg::Restored => Ok(()),
+            m => Err(unexpected(step, "RESTORED", &m)),
+        }
     }
 
     /// Commits: from here on the new process runs the guest.
     pub fn go(mut self) -> Result<(), Error> {
-        send(&mut self.0, &Msg::Go, "send GO")
+        self.link
+            .send(&Msg::Go, false, Deadline::after(HANDSHAKE_TIMEOUT))
+    }
+
+    /// Gives up, telling the new process why.
+    pub fn fail(&mut self, why: &str) {
+        self.link.fail(why);
     }
 }
 
 /// The new side, from HELLO to GO.
 pub struct Incoming {
-    stream: UnixStream,
+    link: Link,
     pub kinds: Vec<FdKind>,
-    pub fds: Vec<RawFd>,
+    pub fds: Vec<OwnedFd>,
     pub peer_version: String,
 }
 
-/// Listens on `path` (mode 0600) until the old process connects, or until
-/// `stop` (a signalfd) becomes readable; then receives HELLO.
+/// Listens on `path` (mode 0600) until a molt of this uid hands a guest over,
+/// or until `stop` (the signalfd) fires: then `None`. A connection that fails
+/// a check or a deadline is dropped and the wait goes on.
 pub fn accept(path: &Path, stop: RawFd) -> Result<Option<Incoming>, Error> {
-    let listener = crate::control::bind(path)
-        .map_err(|e| Error::Listen(path.into(), std::io::Error::other(e.to_string())))?;
-    let result = accept_on(&listener, stop);
+    let listener =
+        crate::control::bind(path).map_err(|e| Error::Listen(path.into(), e.to_string()))?;
+    let result = accept_on(&listener, stop, path);
     let _ = std::fs::remove_file(path);
     result
 }
 
-fn accept_on(listener: &UnixListener, stop: RawFd) -> Result<Option<Incoming>, Error> {
-    let mut fds = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+fn accept_on(listener: &UnixListener, stop: RawFd, path: &Path) -> Result<Option<Incoming>, Error> {
+    // The wait for the old process itself is unbounded: a pre-started molt
+    // waits until it is used or stopped.
+    let forever = Instant::now() + Duration::from_secs(100 * 365 * 86400);
     loop {
-        // SAFETY: fds is a valid array of two pollfd structs.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::Io("wait for the old process", e));
+        match wait::until(listener.as_raw_fd(), libc::POLLIN, forever, &[stop]) {
+            Ok(()) => {}
+            Err(Stop::Interrupted) => return Ok(None),
+            Err(Stop::TimedOut) => continue,
+            Err(Stop::Io(e)) => return Err(Error::Io("waiting for the old process", e)),
         }
-        if fds[1].revents != 0 {
-            return Ok(None);
-        }
-        match listener.accept() {
-            Ok((s, _)) => return receive_hello(s).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+        let s = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(Error::Io("accept", e)),
+        };
+        match handshake(s, stop) {
+            Ok(inc) => return Ok(Some(inc)),
+            Err(Error::Interrupted(_)) => return Ok(None),
+            Err(e) => log::warn!(
+                "dropped a connection on {}: {e}; still waiting",
+                path.display()
+            ),
         }
     }
 }
 
-fn receive_hello(mut s: UnixStream) -> Result<Incoming, Error> {
-    s.set_nonblocking(false)
-        .map_err(|e| Error::Io("receive HELLO", e))?;
-    let mut buf = vec![0u8; 64 << 10];
-    let mut fds = [-1; MAX_FDS];
-    let mut iov = [libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    }];
-    // SAFETY: iov points at `buf`, which outlives the call and may hold any bytes.
-    let (n, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }.map_err(|e| {
-        Error::Io(
-            "receive HELLO",
-            std::io::Error::from_raw_os_error(e.errno()),
-        )
-    })?;
-    let received: Vec<RawFd> = fds[..nfds].to_vec();
-    let close_all = |e: Error| {
-        for &fd in &received {
-            // SAFETY: descriptors just received and owned by nobody else.
-            unsafe { libc::close(fd) };
+/// The new side of the hand-shake on one connection, up to the descriptors.
+fn handshake(s: UnixStream, stop: RawFd) -> Result<Incoming, Error> {
+    check_peer_uid(&s, "the connecting process")?;
+    let mut link = Link::new(s, stop)?;
+    let step = "waiting for HELLO";
+    let hello = link.recv(step, true, MAX_SMALL, Deadline::after(HELLO_TIMEOUT))?;
+    let peer_version = match check_formats(step, &hello, true) {
+        Ok(v) => v,
+        Err(e) => {
+            link.fail(&e.to_string());
+            return Err(e);
         }
-        e
     };
-    if n < 4 {
-        return Err(close_all(Error::Protocol("short HELLO".into())));
+    link.send(&Msg::hello(), true, Deadline::after(HANDSHAKE_TIMEOUT))?;
+    let (kinds, fds) = receive_fds(&mut link)?;
+    Ok(Incoming {
+        link,
+        kinds,
+        fds,
+        peer_version,
+    })
+}
+
+/// FDS: the descriptors arrive with the frame's first bytes.
+fn receive_fds(link: &mut Link) -> Result<(Vec<FdKind>, Vec<OwnedFd>), Error> {
+    let step = "waiting for FDS";
+    let d = Deadline::after(HANDSHAKE_TIMEOUT);
+    let mut len = [0u8; 4];
+    let mut raw = [-1; MAX_FDS];
+    let mut nfds = 0;
+    let n = {
+        let mut iov = [libc::iovec {
+            iov_base: len.as_mut_ptr().cast(),
+            iov_len: len.len(),
+        }];
+        link.retry(libc::POLLIN, step, d, |s| {
+            // SAFETY: iov points at `len`, which outlives the call and may hold any bytes.
+            let (n, k) = unsafe { s.recv_with_fds(&mut iov, &mut raw) }
+                .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+            nfds = k;
+            Ok(n)
+        })?
+    };
+    let fds: Vec<OwnedFd> = raw[..nfds]
+        .iter()
+        // SAFETY: descriptors just received, owned by nothing else.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Err(Error::Io(step, io::ErrorKind::UnexpectedEof.into()));
     }
-    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if len > buf.len() - 4 {
-        return Err(close_all(Error::Protocol("oversized HELLO".into())));
-    }
-    if n < 4 + len {
-        s.read_exact(&mut buf[n..4 + len])
-            .map_err(|e| close_all(Error::Io("receive HELLO", e)))?;
-    }
-    match postcard::from_bytes(&buf[4..4 + len]) {
-        Ok(Msg::Hello { version, kinds }) => Ok(Incoming {
-            stream: s,
-            kinds: kinds.to_vec(),
-            fds: received,
-            peer_version: version,
-        }),
-        _ => Err(close_all(Error::Protocol("expected HELLO".into()))),
+    link.read_exact(&mut len[n..], step, d)?;
+    match link.body(u32::from_le_bytes(len) as usize, step, MAX_SMALL, d)? {
+        Msg::Fds { kinds } => Ok((kinds.to_vec(), fds)),
+        m => Err(unexpected(step, "FDS", &m)),
     }
 }
 
 impl Incoming {
-    /// Tells the old side everything is prepared; returns the state it sends.
-    pub fn ready(&mut self) -> Result<Vec<u8>, Error> {
-        send(&mut self.stream, &Msg::Ready, "send READY")?;
-        match expect(
-            &mut self.stream,
-            "State",
-            "wait for STATE",
-            RESTORED_TIMEOUT + READY_TIMEOUT,
-        )? {
-            Msg::State(bytes) => Ok(bytes),
-            _ => Err(Error::Protocol("expected STATE".into())),
+    /// Tells the old side everything is prepared; returns the state it sends
+    /// and how long it will keep the guest paused.
+    pub fn ready(&mut self) -> Result<(Vec<u8>, Duration), Error> {
+        self.link
+            .send(&Msg::Ready, false, Deadline::after(HANDSHAKE_TIMEOUT))?;
+        let step = "waiting for STATE";
+        match self
+            .link
+            .recv(step, false, MAX_STATE, Deadline::after(STATE_TIMEOUT))?
+        {
+            Msg::State {
+                max_pause_ms,
+                bytes,
+            } => Ok((bytes, Duration::from_millis(max_pause_ms.into()))),
+            m => Err(unexpected(step, "STATE", &m)),
         }
     }
 
     /// The state is loaded: waits for the old side's GO.
-    pub fn restored(&mut self) -> Result<(), Error> {
-        send(&mut self.stream, &Msg::Restored, "send RESTORED")?;
-        expect(&mut self.stream, "Go", "wait for GO", GO_TIMEOUT).map(|_| ())
+    pub fn restored(&mut self, max_pause: Duration) -> Result<(), Error> {
+        self.link
+            .send(&Msg::Restored, false, Deadline::after(HANDSHAKE_TIMEOUT))?;
+        let step = "waiting for GO";
+        match self.link.recv(
+            step,
+            false,
+            MAX_SMALL,
+            Deadline::after(max_pause + GO_MARGIN),
+        )? {
+            Msg::Go => Ok(()),
+            m => Err(unexpected(step, "GO", &m)),
+        }
     }
 
     /// Gives up, telling the old side why (best effort: it may be gone).
     pub fn fail(&mut self, why: &str) {
-        let _ = send(&mut self.stream, &Msg::Fail(why.into()), "send FAIL");
+        self.link.fail(why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn only_our_uid_is_accepted() {
+        assert!(check_uid(1000, 1000, "x").is_ok());
+        let e = check_uid(65534, 0, "the process listening there").unwrap_err();
+        assert!(e.to_string().contains("uid 65534"), "{e}");
+    }
+
+    #[test]
+    fn formats_are_checked_both_ways() {
+        let hello = |writes, reads: &[u32]| Msg::Hello {
+            version: "x".into(),
+            writes,
+            reads: reads.iter().copied().collect(),
+        };
+        let v = state::VERSION;
+        assert!(check_formats("s", &hello(v, &[v]), true).is_ok());
+        assert!(check_formats("s", &hello(v, &[v]), false).is_ok());
+        for e in [
+            check_formats("s", &hello(v + 1, &[v]), true).unwrap_err(),
+            check_formats("s", &hello(v, &[v + 1]), false).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("not among those"), "{e}");
+        }
+        assert!(check_formats("s", &Msg::Ready, true).is_err());
+    }
+
+    fn socket_in(dir: &Path, mode: u32) -> (PathBuf, UnixListener) {
+        let _ = std::fs::create_dir_all(dir);
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        (path, l)
+    }
+
+    #[test]
+    fn paths_others_could_replace_are_refused() {
+        let base = std::env::temp_dir().join(format!("molt-xfer-path-{}", std::process::id()));
+        let (p, _l) = socket_in(&base.join("private"), 0o700);
+        check_path(&p).unwrap();
+        let (p, _l) = socket_in(&base.join("sticky"), 0o1777);
+        check_path(&p).unwrap();
+        let (p, _l) = socket_in(&base.join("open"), 0o777);
+        let e = check_path(&p).unwrap_err().to_string();
+        assert!(e.contains("writable by other users"), "{e}");
+        let file = base.join("private").join("plain");
+        std::fs::write(&file, b"").unwrap();
+        let e = check_path(&file).unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// A hand-shake over a socket pair, both ends in this process.
+    #[test]
+    fn garbage_silence_and_drip_end_within_the_deadline() {
+        let (stop, _keep) = UnixStream::pair().unwrap();
+        // Garbage: refused at once as not a molt.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"status\nstatus\n").unwrap();
+        let e = handshake(a, stop.as_raw_fd()).err().unwrap();
+        assert!(matches!(e, Error::Peer(_)), "{e}");
+        // A frame longer than a HELLO may be: refused without reading it.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(&MAGIC).unwrap();
+        b.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
+        let e = handshake(a, stop.as_raw_fd()).err().unwrap();
+        assert!(e.to_string().contains("at most"), "{e}");
+        // The other side gave up.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(&frame(&Msg::Fail("no".into()), true).unwrap())
+            .unwrap();
+        assert!(matches!(
+            handshake(a, stop.as_raw_fd()),
+            Err(Error::Refused(_))
+        ));
+        // Going away.
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        assert!(matches!(
+            handshake(a, stop.as_raw_fd()),
+            Err(Error::Io(_, _))
+        ));
+    }
+
+    #[test]
+    fn a_stop_ends_a_silent_wait() {
+        let (stop_r, mut stop_w) = UnixStream::pair().unwrap();
+        let (a, _b) = UnixStream::pair().unwrap();
+        stop_w.write_all(b"x").unwrap();
+        let t = Instant::now();
+        let e = handshake(a, stop_r.as_raw_fd()).err().unwrap();
+        assert!(matches!(e, Error::Interrupted(_)), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn descriptors_move_only_after_both_hellos() {
+        let (stop, _keep) = UnixStream::pair().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        let new_side = std::thread::spawn(move || {
+            let (stop2, _k) = UnixStream::pair().unwrap();
+            handshake(a, stop2.as_raw_fd()).map(|i| (i.kinds, i.fds.len(), i.peer_version))
+        });
+        // The old side, by hand, up to FDS.
+        let mut link = Link::new(b, stop.as_raw_fd()).unwrap();
+        let d = Deadline::after(HANDSHAKE_TIMEOUT);
+        link.send(&Msg::hello(), true, d).unwrap();
+        let hello = link.recv("s", true, MAX_SMALL, d).unwrap();
+        assert!(check_formats("s", &hello, false).is_ok());
+        let memfd = std::fs::File::open("/dev/null").unwrap();
+        let msg = Msg::Fds {
+            kinds: [FdKind::GuestRam].into_iter().collect(),
+        };
+        let f = frame(&msg, false).unwrap();
+        link.s
+            .send_with_fds(&[&f[..]], &[memfd.as_raw_fd()])
+            .unwrap();
+        let (kinds, n, version) = new_side.join().unwrap().unwrap();
+        assert_eq!(kinds, [FdKind::GuestRam]);
+        assert_eq!(n, 1);
+        assert_eq!(version, crate::event_loop::VERSION);
     }
 }

@@ -21,6 +21,7 @@ use crate::devices::serial::Output;
 use crate::terminal::RawMode;
 use crate::vm::{self, Machine};
 
+mod pending;
 mod updates;
 
 /// How `molt run` ended.
@@ -60,6 +61,8 @@ const TOKEN_EXIT: u64 = 0;
 const TOKEN_SIGNAL: u64 = 1;
 const TOKEN_STDIN: u64 = 2;
 const TOKEN_LISTENER: u64 = 3;
+/// A CPR command's worker finished (`pending`).
+const TOKEN_OP: u64 = 4;
 const TOKEN_CLIENT: u64 = 16;
 /// Virtio events: `TOKEN_VIRTIO | device << 16 | kind << 8 | index`.
 const TOKEN_VIRTIO: u64 = 1 << 32;
@@ -234,6 +237,8 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         control_path: cfg.control.clone(),
         paused_at_ns: 0,
         _console_in: console_in,
+        signal_fd: signals.as_raw_fd(),
+        pending: None,
     };
     lp.watch_devices()?;
     lp.add(exit_evt.as_raw_fd(), TOKEN_EXIT)?;
@@ -247,6 +252,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         lp.adopt_client(UnixStream::from(fd), &reply);
     }
     let outcome = lp.serve(&signals, &exit_reason);
+    lp.abandon_pending();
     if let Ok(o @ (Outcome::Saved | Outcome::Transferred)) = &outcome {
         // The guest lives on elsewhere, which also serves the control socket.
         // Leave at once: tearing the VM down (~20 ms of KVM freeing its page
@@ -350,6 +356,10 @@ struct Loop {
     /// CLOCK_REALTIME (ns) when the vCPUs last stopped: a CPR pause starts here.
     paused_at_ns: u64,
     _console_in: Option<std::os::fd::OwnedFd>,
+    /// Polled (not read) by the pause of a transfer: a signal aborts it.
+    signal_fd: RawFd,
+    /// The CPR command under way, if any.
+    pending: Option<pending::Pending>,
 }
 
 enum Next {
@@ -409,6 +419,7 @@ impl Loop {
                         self.accept();
                         Next::Continue
                     }
+                    TOKEN_OP => self.finish_pending(),
                     t if t >= TOKEN_VIRTIO => {
                         self.virtio_event(t - TOKEN_VIRTIO);
                         Next::Continue
@@ -613,13 +624,46 @@ impl Loop {
                 next = Next::Stop(outcome);
                 break;
             }
-        }
-        if drop_client {
-            if let Some(client) = self.clients[slot].take() {
-                self.remove(client.stream.as_raw_fd());
+            if self.held(slot) {
+                // One update per client at a time; it waits for its reply.
+                break;
             }
         }
+        // A held client's descriptor stays open until its update ends: the
+        // update may be handing that very descriptor on.
+        if drop_client && !self.held(slot) {
+            self.drop_client(slot);
+        }
         next
+    }
+
+    fn drop_client(&mut self, slot: usize) {
+        if let Some(client) = self.clients[slot].take() {
+            self.remove(client.stream.as_raw_fd());
+        }
+    }
+
+    /// Whether `slot` waits for a CPR command's reply.
+    fn held(&self, slot: usize) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.slot == slot)
+    }
+
+    /// Stops reading from a client (its update is under way).
+    fn hold(&mut self, slot: usize) {
+        if let Some(Some(client)) = self.clients.get(slot) {
+            self.remove(client.stream.as_raw_fd());
+        }
+    }
+
+    /// Sends a held client its reply and serves it again.
+    fn release(&mut self, slot: usize, reply: &str) {
+        let Some(Some(client)) = self.clients.get_mut(slot) else {
+            return;
+        };
+        let fd = client.stream.as_raw_fd();
+        if client.reply(reply).is_err() || self.add(fd, TOKEN_CLIENT + slot as u64).is_err() {
+            self.drop_client(slot);
+        }
     }
 
     /// Carries out one command: the reply line, and whether molt must stop.
@@ -653,9 +697,14 @@ impl Loop {
                 ("ok".into(), None)
             }
             Command::Quit => ("ok".into(), Some(Outcome::Quit)),
+            Command::CprSave(_) | Command::CprExec { .. } | Command::CprTransfer { .. }
+                if self.pending.is_some() =>
+            {
+                ("error: another update is under way".into(), None)
+            }
             Command::CprSave(path) => self.cpr_save(&path),
             Command::CprExec { binary, args } => self.cpr_exec(slot, binary, args),
-            Command::CprTransfer(path) => self.cpr_transfer(slot, &path),
+            Command::CprTransfer { path, max_pause } => self.cpr_transfer(slot, path, max_pause),
         }
     }
 

@@ -2,10 +2,12 @@
 //! `cpr-exec` and `cpr-transfer`. Each returns the reply line and, on success,
 //! how this process ends; on failure the guest runs on here as before.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use super::{Loop, Outcome};
+use super::pending::{Pending, Prepared, Worker};
+use super::{Loop, Next, Outcome, TOKEN_OP};
 use crate::cpr;
 use crate::terminal::RawMode;
 
@@ -53,8 +55,8 @@ impl Loop {
         }
     }
 
-    /// Exec mode, step 1. Returns only if the exec did not happen; the guest then
-    /// runs on here, unchanged.
+    /// Exec mode, step 1: probes the binary on a worker, the guest running.
+    /// The reply comes from `exec_now`, or from the new image.
     pub(super) fn cpr_exec(
         &mut self,
         slot: usize,
@@ -62,14 +64,126 @@ impl Loop {
         args: Vec<String>,
     ) -> (String, Option<Outcome>) {
         let binary = binary.unwrap_or_else(|| self.exe.clone());
-        if let Err(e) = cpr::probe(&binary) {
-            return (format!("error: cpr-exec: {e}"), None);
-        }
         let argv: Vec<String> = if args.is_empty() {
             self.argv.clone()
         } else {
             self.argv.iter().take(1).cloned().chain(args).collect()
         };
+        self.start(slot, "cpr-exec", move |abort| Prepared::Exec {
+            probe: cpr::probe(&binary, abort),
+            binary,
+            argv,
+        })
+    }
+
+    /// Transfer mode, old side, step 1: the hand-shake up to READY on a
+    /// worker, the guest running. The reply comes from `transfer_now`, or
+    /// from the new process.
+    pub(super) fn cpr_transfer(
+        &mut self,
+        slot: usize,
+        path: PathBuf,
+        max_pause: Option<Duration>,
+    ) -> (String, Option<Outcome>) {
+        let Some(Some(client)) = self.clients.get(slot) else {
+            return ("error: cpr-transfer: no client".into(), None);
+        };
+        if let Some(own) = &self.control_path {
+            if same_file(own, &path) {
+                return (
+                    format!(
+                        "error: cpr-transfer: {} is this molt's own control socket; \
+                         name the socket of the new molt's --incoming unix:",
+                        path.display()
+                    ),
+                    None,
+                );
+            }
+        }
+        let console_in = self.stdio_console.then_some(self.console_in);
+        let fds = cpr::transfer_fds(
+            &self.machine,
+            self.listener.as_ref().map(|l| l.as_raw_fd()),
+            client.stream.as_raw_fd(),
+            console_in,
+        );
+        let max_pause = max_pause.unwrap_or(cpr::transfer::DEFAULT_MAX_PAUSE);
+        self.start(slot, "cpr-transfer", move |abort| Prepared::Transfer {
+            max_pause,
+            out: cpr::transfer::Outgoing::prepare(&path, &fds, abort),
+        })
+    }
+
+    /// Starts a CPR command's worker; the asking client is held until it ends.
+    fn start(
+        &mut self,
+        slot: usize,
+        what: &'static str,
+        work: impl FnOnce(RawFd) -> Prepared + Send + 'static,
+    ) -> (String, Option<Outcome>) {
+        let worker = match Worker::spawn(what, work) {
+            Ok(w) => w,
+            Err(e) => return (format!("error: {what}: cannot start a worker: {e}"), None),
+        };
+        if let Err(e) = self.add(worker.done_fd(), TOKEN_OP) {
+            return (format!("error: {what}: {e}"), None);
+        }
+        self.hold(slot);
+        self.pending = Some(Pending { slot, what, worker });
+        (String::new(), None)
+    }
+
+    /// The worker finished: the pause, on this thread, then the reply.
+    pub(super) fn finish_pending(&mut self) -> Next {
+        let Some(p) = self.pending.take() else {
+            return Next::Continue;
+        };
+        self.remove(p.worker.done_fd());
+        let slot = p.slot;
+        let (reply, stop) = match p.worker.join() {
+            Prepared::Exec {
+                binary,
+                argv,
+                probe: Ok(()),
+            } => self.exec_now(slot, &binary, &argv),
+            Prepared::Exec { probe: Err(e), .. } => (format!("error: cpr-exec: {e}"), None),
+            Prepared::Transfer {
+                max_pause,
+                out: Ok(out),
+            } => self.transfer_now(slot, out, max_pause),
+            Prepared::Transfer { out: Err(e), .. } => {
+                log::warn!("cpr-transfer failed, guest runs on here: {e}");
+                (format!("error: cpr-transfer: {e}"), None)
+            }
+        };
+        self.release(slot, &reply);
+        match stop {
+            Some(outcome) => Next::Stop(outcome),
+            None => Next::Continue,
+        }
+    }
+
+    /// Molt is stopping (a signal, `quit`, the guest's end) while an update
+    /// is under way: the update is abandoned - its worker stops at once - and
+    /// its client is told.
+    pub(super) fn abandon_pending(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.remove(p.worker.done_fd());
+            let (slot, what) = (p.slot, p.what);
+            drop(p.worker);
+            log::warn!("{what} interrupted: molt is stopping");
+            self.release(slot, &format!("error: {what}: interrupted: molt is stopping"));
+        }
+    }
+
+    /// Exec mode, step 2. Returns only if the exec did not happen; the guest
+    /// then runs on here, unchanged.
+    fn exec_now(
+        &mut self,
+        slot: usize,
+        binary: &Path,
+        argv: &[String],
+    ) -> (String, Option<Outcome>) {
         let Some(Some(client)) = self.clients.get(slot) else {
             return ("error: cpr-exec: no client".into(), None);
         };
@@ -88,8 +202,8 @@ impl Loop {
         let console_in = self.stdio_console.then_some(self.console_in);
         let err = cpr::exec_out(
             &self.machine,
-            &binary,
-            &argv,
+            binary,
+            argv,
             listener,
             client_fd,
             console_in,
@@ -105,19 +219,17 @@ impl Loop {
         (format!("error: cpr-exec: {err}"), None)
     }
 
-    /// Transfer mode, old side. On success the new process replies and this one
-    /// exits; on failure the guest runs on here.
-    pub(super) fn cpr_transfer(&mut self, slot: usize, path: &Path) -> (String, Option<Outcome>) {
-        let Some(Some(client)) = self.clients.get(slot) else {
+    /// Transfer mode, old side, step 2: the new process is READY. On success
+    /// it replies and this one exits; on failure the guest runs on here.
+    fn transfer_now(
+        &mut self,
+        slot: usize,
+        out: cpr::transfer::Outgoing,
+        max_pause: Duration,
+    ) -> (String, Option<Outcome>) {
+        if self.clients.get(slot).is_none() {
             return ("error: cpr-transfer: no client".into(), None);
-        };
-        let console_in = self.stdio_console.then_some(self.console_in);
-        let fds = cpr::transfer_fds(
-            &self.machine,
-            self.listener.as_ref().map(|l| l.as_raw_fd()),
-            client.stream.as_raw_fd(),
-            console_in,
-        );
+        }
         let was_paused = self.paused;
         let paused_at_ns = self.paused_at_ns;
         let vcpus = &self.machine.vcpus;
@@ -136,9 +248,10 @@ impl Loop {
                 vcpus.resume();
             }
         };
-        match cpr::transfer_out(&self.machine, path, &fds, pause, resume) {
+        let peer = out.peer_version.clone();
+        match cpr::transfer_out(&self.machine, out, max_pause, self.signal_fd, pause, resume) {
             Ok(()) => {
-                log::info!("guest handed over to {}", path.display());
+                log::info!("guest handed over to molt {peer}");
                 (String::new(), Some(Outcome::Transferred))
             }
             Err(e) => {
@@ -146,5 +259,14 @@ impl Loop {
                 (format!("error: cpr-transfer: {e}"), None)
             }
         }
+    }
+}
+
+/// Whether two paths name the same file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }

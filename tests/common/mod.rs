@@ -82,6 +82,22 @@ impl Drop for TempDir {
     }
 }
 
+/// `setpriv`'s arguments that run a command as user nobody, no groups kept.
+pub const AS_NOBODY: [&str; 5] = ["--reuid", "nobody", "--regid", "nogroup", "--clear-groups"];
+
+/// util-linux's setpriv, which runs a command as another uid (tests run as
+/// root); None, with the reason printed, where it is missing.
+pub fn setpriv() -> Option<PathBuf> {
+    let found = ["/usr/bin/setpriv", "/bin/setpriv"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    if found.is_none() {
+        eprintln!("SKIPPED the second-uid part: setpriv (util-linux) is not installed");
+    }
+    found
+}
+
 /// A running `molt run`, killed and reaped when dropped (also when a test panics).
 /// Its stderr goes to a file so that failures can quote it.
 pub struct Molt {
