@@ -411,7 +411,7 @@ mod tests {
         let live: Vec<_> = (0..3)
             .map(|v| (24 + v, msg(0xfee0_0000, 0x40 + v)))
             .collect();
-        assert_eq!(rec.calls(), [live.clone()]);
+        assert_eq!(rec.calls(), [live]);
         // Vector 1 was in flight (pending, masked) at save time.
         set_mask(&mut m, 1, true);
         m.trigger(1);
