@@ -53,6 +53,8 @@ impl Entry {
 
 /// Most vectors a function has: queues plus one for configuration changes.
 pub const MAX_VECTORS: usize = 8;
+// `Msix::live` keeps one bit per vector in a u32.
+const _: () = assert!(MAX_VECTORS <= 32);
 
 /// Version 1 of the saved MSI-X state: the table, pending bits and control bits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +89,7 @@ impl Msix {
     /// `gsis[i]` and `irqfds[i]` (already bound together) serve vector i.
     pub fn new(gsis: Vec<u32>, irqfds: Vec<EventFd>, router: Arc<dyn MsiRouter>) -> Self {
         let n = gsis.len();
+        debug_assert!(n <= MAX_VECTORS, "{n} MSI-X vectors");
         Msix {
             entries: vec![
                 Entry {

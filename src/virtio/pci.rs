@@ -458,6 +458,7 @@ impl VirtioPci {
     fn common_write(&mut self, offset: u64, len: usize, v: u64) {
         // Queue layout is frozen once the device runs (4.1.4.3.2).
         let frozen = self.active;
+        let sel = self.queue_select;
         let v32 = v as u32;
         match (offset, len) {
             (0x00, 4) => self.device_feature_select = v32,
@@ -478,7 +479,7 @@ impl VirtioPci {
             (0x18, 2) if !frozen => {
                 if let Some(q) = self.selected_queue() {
                     if let Err(e) = q.try_set_size(v as u16) {
-                        guest_log!(Warn, "virtio: queue size {v}: {e}");
+                        guest_log!(Warn, "virtio: queue {sel} size {v}: {e}");
                     }
                 }
             }
@@ -508,7 +509,10 @@ impl VirtioPci {
                         _ => q.try_set_used_ring_address(merge(q.used_ring())),
                     };
                     if let Err(e) = set {
-                        guest_log!(Warn, "virtio: queue register {offset:#x} = {v32:#x}: {e}");
+                        guest_log!(
+                            Warn,
+                            "virtio: queue {sel} register {offset:#x} = {v32:#x}: {e}"
+                        );
                     }
                 }
             }
@@ -521,6 +525,8 @@ impl VirtioPci {
 /// logs an error each time, as often as the guest retries.
 fn rings_in_ram(q: &Queue, mem: &GuestMemoryMmap) -> bool {
     let n = q.size() as usize;
+    // 16-byte descriptors; 2- and 8-byte ring elements after flags and idx, then
+    // the event index field (2.7).
     [
         (q.desc_table(), 16 * n),
         (q.avail_ring(), 6 + 2 * n),
