@@ -14,6 +14,7 @@ mod event_loop;
 mod kexec;
 mod layout;
 mod pci;
+mod ratelimit;
 mod terminal;
 mod virtio;
 mod vm;

@@ -7,6 +7,8 @@ use heapless::Vec as BoundedVec;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::ratelimit::guest_log;
+
 /// Bytes per table entry: address low, address high, data, vector control.
 pub const ENTRY_SIZE: u64 = 16;
 /// Capability ID of MSI-X.
@@ -22,9 +24,10 @@ pub struct MsiMessage {
     pub data: u32,
 }
 
-/// Points a GSI at an MSI message in the interrupt controller (KVM routing).
+/// Points GSIs at MSI messages in the interrupt controller (KVM routing).
 pub trait MsiRouter: Send + Sync {
-    fn route(&self, gsi: u32, msg: MsiMessage);
+    /// Installs `routes` (GSI, message) together, in one controller update.
+    fn route(&self, routes: &[(u32, MsiMessage)]);
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +53,8 @@ impl Entry {
 
 /// Most vectors a function has: queues plus one for configuration changes.
 pub const MAX_VECTORS: usize = 8;
+// `Msix::live` keeps one bit per vector in a u32.
+const _: () = assert!(MAX_VECTORS <= 32);
 
 /// Version 1 of the saved MSI-X state: the table, pending bits and control bits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +66,13 @@ pub struct MsixState {
 }
 
 /// One function's MSI-X state. Each vector owns a GSI and an irqfd on it.
+///
+/// A vector's route is (re)programmed only when the vector becomes live (MSI-X
+/// enabled, function and vector unmasked) with a message other than the one its
+/// GSI already routes to, as QEMU does. A write to the message of a live vector
+/// takes effect at its next unmask: the spec leaves such writes undefined
+/// (6.8.2.9) and Linux masks around them, while applying each one would let the
+/// guest issue a KVM_SET_GSI_ROUTING, which rebuilds the whole table, per write.
 pub struct Msix {
     entries: Vec<Entry>,
     pending: Vec<bool>,
@@ -69,12 +81,15 @@ pub struct Msix {
     gsis: Vec<u32>,
     irqfds: Vec<EventFd>,
     router: Arc<dyn MsiRouter>,
+    /// The message each vector's GSI routes to, as last given to the router.
+    routed: Vec<Option<MsiMessage>>,
 }
 
 impl Msix {
     /// `gsis[i]` and `irqfds[i]` (already bound together) serve vector i.
     pub fn new(gsis: Vec<u32>, irqfds: Vec<EventFd>, router: Arc<dyn MsiRouter>) -> Self {
         let n = gsis.len();
+        debug_assert!(n <= MAX_VECTORS, "{n} MSI-X vectors");
         Msix {
             entries: vec![
                 Entry {
@@ -89,6 +104,7 @@ impl Msix {
             gsis,
             irqfds,
             router,
+            routed: vec![None; n],
         }
     }
 
@@ -112,8 +128,10 @@ impl Msix {
 
     /// The guest wrote the message control word.
     pub fn set_control(&mut self, control: u16) {
+        let before = self.live();
         self.enabled = control & CONTROL_ENABLE != 0;
         self.function_masked = control & CONTROL_FUNCTION_MASK != 0;
+        self.route_new(before);
         self.deliver_pending();
     }
 
@@ -142,6 +160,7 @@ impl Msix {
             b[..chunk.len()].copy_from_slice(chunk);
             words[i] = u32::from_le_bytes(b);
         }
+        let before = self.live();
         let was_masked = self.entries[entry].masked();
         for (i, w) in words.iter().take(data.len().div_ceil(4)).enumerate() {
             let e = &mut self.entries[entry];
@@ -152,13 +171,8 @@ impl Msix {
                 _ => e.control = *w & VECTOR_MASKED,
             }
         }
-        let e = self.entries[entry];
-        // Route when the vector can fire: at unmask, or on a message change while
-        // unmasked (Linux rewrites address/data of live vectors when it migrates IRQs).
-        if !e.masked() && (was_masked || field < 3) {
-            self.router.route(self.gsis[entry], e.message());
-        }
-        if was_masked && !e.masked() {
+        self.route_new(before);
+        if was_masked && !self.entries[entry].masked() {
             self.deliver_pending();
         }
     }
@@ -181,7 +195,34 @@ impl Msix {
         if self.function_masked || self.entries[v].masked() {
             self.pending[v] = true;
         } else if let Err(e) = self.irqfds[v].write(1) {
-            log::warn!("MSI-X vector {v}: irqfd write failed: {e}");
+            guest_log!(Warn, "MSI-X vector {v}: irqfd write failed: {e}");
+        }
+    }
+
+    /// Bit v set: vector v can fire (enabled, function and vector unmasked).
+    fn live(&self) -> u32 {
+        if !self.enabled || self.function_masked {
+            return 0;
+        }
+        (0..self.entries.len())
+            .filter(|&v| !self.entries[v].masked())
+            .fold(0, |acc, v| acc | 1 << v)
+    }
+
+    /// Routes, in one router call, the vectors live now but not in `before`
+    /// whose GSI does not route to their message yet.
+    fn route_new(&mut self, before: u32) {
+        let newly = self.live() & !before;
+        let mut routes = Vec::new();
+        for v in (0..self.entries.len()).filter(|v| newly & 1 << v != 0) {
+            let msg = self.entries[v].message();
+            if self.routed[v] != Some(msg) {
+                self.routed[v] = Some(msg);
+                routes.push((self.gsis[v], msg));
+            }
+        }
+        if !routes.is_empty() {
+            self.router.route(&routes);
         }
     }
 
@@ -216,8 +257,8 @@ impl Msix {
     }
 
     /// Takes the saved table (same vector count, checked), routes every live
-    /// vector into the fresh KVM routing table and re-raises pending ones that
-    /// can fire: an interrupt in flight at save time is not lost.
+    /// vector into the fresh KVM routing table (one update) and re-raises
+    /// pending ones that can fire: an interrupt in flight at save time is not lost.
     pub fn restore(&mut self, s: &MsixState) -> Result<(), String> {
         let n = self.entries.len();
         if s.entries.len() != n || s.pending.len() != n {
@@ -230,11 +271,7 @@ impl Msix {
         self.pending.copy_from_slice(&s.pending);
         self.enabled = s.enabled;
         self.function_masked = s.function_masked;
-        for (e, gsi) in self.entries.iter().zip(&self.gsis) {
-            if !e.masked() {
-                self.router.route(*gsi, e.message());
-            }
-        }
+        self.route_new(0);
         self.deliver_pending();
         Ok(())
     }
@@ -258,12 +295,26 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// Every router call, with the routes it installed.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<(u32, MsiMessage)>>);
+    struct Recorder(Mutex<Vec<Vec<(u32, MsiMessage)>>>);
     impl MsiRouter for Recorder {
-        fn route(&self, gsi: u32, msg: MsiMessage) {
-            self.0.lock().unwrap().push((gsi, msg));
+        fn route(&self, routes: &[(u32, MsiMessage)]) {
+            self.0.lock().unwrap().push(routes.to_vec());
         }
+    }
+    impl Recorder {
+        fn calls(&self) -> Vec<Vec<(u32, MsiMessage)>> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    fn msg(addr: u64, data: u32) -> MsiMessage {
+        MsiMessage { addr, data }
+    }
+
+    fn set_mask(m: &mut Msix, v: u64, masked: bool) {
+        m.table_write(v * 16 + 12, &u32::from(masked).to_le_bytes());
     }
 
     fn msix(n: usize) -> (Msix, Arc<Recorder>, Vec<EventFd>) {
@@ -288,17 +339,7 @@ mod tests {
         let (mut m, rec, fds) = msix(2);
         m.set_control(CONTROL_ENABLE);
         program(&mut m, 1, 0xfee0_0000, 0x4041);
-        let routes = rec.0.lock().unwrap().clone();
-        assert_eq!(
-            routes.last(),
-            Some(&(
-                25,
-                MsiMessage {
-                    addr: 0xfee0_0000,
-                    data: 0x4041
-                }
-            ))
-        );
+        assert_eq!(rec.calls(), [vec![(25, msg(0xfee0_0000, 0x4041))]]);
         m.trigger(1);
         assert_eq!(fds[1].read().unwrap(), 1);
         assert!(fds[0].read().is_err(), "vector 0 did not fire");
@@ -318,6 +359,78 @@ mod tests {
         assert_eq!(fds[0].read().unwrap(), 1);
         m.pba_read(0, &mut pba);
         assert_eq!(pba[0], 0);
+    }
+
+    #[test]
+    fn message_writes_to_a_live_vector_wait_for_its_next_unmask() {
+        let (mut m, rec, _fds) = msix(1);
+        m.set_control(CONTROL_ENABLE);
+        program(&mut m, 0, 0xfee0_0000, 0x41);
+        assert_eq!(rec.calls().len(), 1);
+        // A guest rewriting a live vector's message in a loop: no route at all.
+        for i in 0..10_000u32 {
+            m.table_write(0, &(0xfee0_0000 | ((i & 0xff) << 12)).to_le_bytes());
+            m.table_write(8, &i.to_le_bytes());
+        }
+        assert_eq!(rec.calls().len(), 1, "no route per message write");
+        // The next unmask installs the last message written, once.
+        set_mask(&mut m, 0, true);
+        set_mask(&mut m, 0, false);
+        let last = msg(0xfee0_0000 | ((9_999 & 0xff) << 12), 9_999);
+        assert_eq!(rec.calls()[1..], [vec![(24, last)]]);
+    }
+
+    #[test]
+    fn unmasking_an_unchanged_message_routes_nothing() {
+        let (mut m, rec, fds) = msix(2);
+        m.set_control(CONTROL_ENABLE);
+        program(&mut m, 0, 0xfee0_0000, 0x41);
+        for _ in 0..100 {
+            set_mask(&mut m, 0, true);
+            set_mask(&mut m, 0, false);
+            m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+            m.set_control(CONTROL_ENABLE);
+        }
+        // Nor does a reset: KVM keeps the route, and the message is the same.
+        m.reset();
+        m.set_control(CONTROL_ENABLE);
+        program(&mut m, 0, 0xfee0_0000, 0x41);
+        assert_eq!(rec.calls().len(), 1);
+        m.trigger(0);
+        assert_eq!(fds[0].read().unwrap(), 1, "the vector still fires");
+    }
+
+    #[test]
+    fn enable_and_restore_route_every_live_vector_in_one_call() {
+        let (mut m, rec, _) = msix(4);
+        for v in 0..4 {
+            program(&mut m, v, 0xfee0_0000, 0x40 + v as u32);
+        }
+        set_mask(&mut m, 3, true);
+        assert!(rec.calls().is_empty(), "MSI-X disabled: nothing can fire");
+        m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        assert!(rec.calls().is_empty(), "function masked: nothing can fire");
+        m.set_control(CONTROL_ENABLE);
+        let live: Vec<_> = (0..3)
+            .map(|v| (24 + v, msg(0xfee0_0000, 0x40 + v)))
+            .collect();
+        assert_eq!(rec.calls(), [live]);
+        // Vector 1 was in flight (pending, masked) at save time.
+        set_mask(&mut m, 1, true);
+        m.trigger(1);
+        set_mask(&mut m, 1, false);
+        set_mask(&mut m, 1, true);
+        m.trigger(1);
+        let saved = m.state();
+        let (mut fresh, rec, fds) = msix(4);
+        fresh.restore(&saved).unwrap();
+        let live: Vec<_> = [0, 2].map(|v| (24 + v, msg(0xfee0_0000, 0x40 + v))).into();
+        assert_eq!(rec.calls(), [live], "one call for the live vectors");
+        assert_eq!(fresh.state(), saved);
+        assert!(fds[1].read().is_err(), "still masked: still pending");
+        set_mask(&mut fresh, 1, false);
+        assert_eq!(rec.calls()[1], [(25, msg(0xfee0_0000, 0x41))]);
+        assert_eq!(fds[1].read().unwrap(), 1, "pending vector fires at unmask");
     }
 
     #[test]

@@ -29,6 +29,7 @@ use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileSli
 use super::{
     read_config_bytes, Interrupt, QueueStateV1, VirtioDevice, TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX,
 };
+use crate::ratelimit::guest_log;
 
 /// Protocol sector size: capacity, `sector` and data lengths count in these (5.2.4).
 const SECTOR_SIZE: u64 = 512;
@@ -275,7 +276,11 @@ impl VirtioDevice for Block {
         let mut added = 0;
         if let Err(e) = drain(&self.disk, self.acked_features, a, &mut added) {
             if !a.warned {
-                log::warn!("disk {}: queue unusable: {e}", self.disk.path.display());
+                guest_log!(
+                    Warn,
+                    "disk {}: queue unusable: {e}",
+                    self.disk.path.display()
+                );
                 a.warned = true;
             }
         }
@@ -459,7 +464,8 @@ impl Disk {
         match result {
             Ok(()) => (VIRTIO_BLK_S_OK as u8, written),
             Err(e) => {
-                log::warn!(
+                guest_log!(
+                    Warn,
                     "disk {}: I/O error at byte {offset}: {e}",
                     self.path.display()
                 );
@@ -531,7 +537,7 @@ impl Disk {
         match self.file.sync_data() {
             Ok(()) => OK,
             Err(e) => {
-                log::warn!("disk {}: flush failed: {e}", self.path.display());
+                guest_log!(Warn, "disk {}: flush failed: {e}", self.path.display());
                 IOERR
             }
         }
@@ -578,7 +584,11 @@ impl Disk {
                 // cannot punch holes simply keeps the data.
                 let _ = self.fallocate(PUNCH, offset, len);
             } else if let Err(e) = self.zero(offset, len, unmap) {
-                log::warn!("disk {}: write-zeroes failed: {e}", self.path.display());
+                guest_log!(
+                    Warn,
+                    "disk {}: write-zeroes failed: {e}",
+                    self.path.display()
+                );
                 return IOERR;
             }
         }

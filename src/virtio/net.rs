@@ -36,6 +36,7 @@ use super::{
     read_config_bytes, Interrupt, QueueStateV1, VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX,
 };
 use crate::args::{NetBackend, NetConfig};
+use crate::ratelimit::guest_log;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -198,7 +199,7 @@ impl Net {
                 other => {
                     // Not a tap any more (or a hung-up stand-in): stop watching it
                     // until the guest kicks, instead of spinning on it.
-                    log::warn!("virtio-net {}: tap read: {other:?}", self.tap.name());
+                    guest_log!(Warn, "virtio-net {}: tap read: {other:?}", self.tap.name());
                     unpop(q, &mut window);
                     want_kick(q, mem);
                     self.rx_waiting = true;
@@ -500,7 +501,7 @@ impl VirtioDevice for Net {
             }
         }
         if let Err(e) = self.tap.set_offload(offload) {
-            log::warn!("{e}");
+            guest_log!(Warn, "{e}");
         }
     }
 
@@ -565,7 +566,7 @@ impl VirtioDevice for Net {
         self.acked = 0;
         self.rx_waiting = false;
         if let Err(e) = self.tap.set_offload(0) {
-            log::warn!("{e}");
+            guest_log!(Warn, "{e}");
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use heapless::Vec as BoundedVec;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -22,6 +22,7 @@ use crate::pci::config::{ConfigSpace, Header};
 use crate::pci::lock;
 use crate::pci::msix::{self, MsiRouter, Msix, MsixState};
 use crate::pci::PciFunction;
+use crate::ratelimit::guest_log;
 
 /// BAR 0 layout.
 const COMMON_OFFSET: u64 = 0x0000;
@@ -384,9 +385,9 @@ impl VirtioPci {
             let bad = self
                 .queues
                 .iter()
-                .position(|q| q.ready() && !q.is_valid(&self.mem));
+                .position(|q| q.ready() && !rings_in_ram(q, &self.mem));
             if let Some(q) = bad {
-                log::warn!("virtio: queue {q} is enabled with an invalid layout");
+                guest_log!(Warn, "virtio: queue {q} is enabled with rings outside RAM");
                 value |= STATUS_NEEDS_RESET;
                 lock(&self.irq).config_changed();
             } else {
@@ -403,7 +404,7 @@ impl VirtioPci {
                         self.active = true;
                     }
                     Err(e) => {
-                        log::warn!("virtio: queue state rejected: {e:?}");
+                        guest_log!(Warn, "virtio: queue state rejected: {e}");
                         value |= STATUS_NEEDS_RESET;
                         lock(&self.irq).config_changed();
                     }
@@ -457,6 +458,7 @@ impl VirtioPci {
     fn common_write(&mut self, offset: u64, len: usize, v: u64) {
         // Queue layout is frozen once the device runs (4.1.4.3.2).
         let frozen = self.active;
+        let sel = self.queue_select;
         let v32 = v as u32;
         match (offset, len) {
             (0x00, 4) => self.device_feature_select = v32,
@@ -476,7 +478,9 @@ impl VirtioPci {
             (0x16, 2) => self.queue_select = v as u16,
             (0x18, 2) if !frozen => {
                 if let Some(q) = self.selected_queue() {
-                    q.set_size(v as u16);
+                    if let Err(e) = q.try_set_size(v as u16) {
+                        guest_log!(Warn, "virtio: queue {sel} size {v}: {e}");
+                    }
                 }
             }
             (0x1a, 2) => {
@@ -493,22 +497,43 @@ impl VirtioPci {
                 }
             }
             (0x20..=0x34, 4) if !frozen => {
-                let (lo, hi) = if offset.is_multiple_of(8) {
-                    (Some(v32), None)
-                } else {
-                    (None, Some(v32))
+                // Each address is two registers: replace the half written.
+                let shift = if offset.is_multiple_of(8) { 0 } else { 32 };
+                let merge = |old: u64| {
+                    GuestAddress((old & !(0xffff_ffff << shift)) | (u64::from(v32) << shift))
                 };
                 if let Some(q) = self.selected_queue() {
-                    match offset & !7 {
-                        0x20 => q.set_desc_table_address(lo, hi),
-                        0x28 => q.set_avail_ring_address(lo, hi),
-                        _ => q.set_used_ring_address(lo, hi),
+                    let set = match offset & !7 {
+                        0x20 => q.try_set_desc_table_address(merge(q.desc_table())),
+                        0x28 => q.try_set_avail_ring_address(merge(q.avail_ring())),
+                        _ => q.try_set_used_ring_address(merge(q.used_ring())),
+                    };
+                    if let Err(e) = set {
+                        guest_log!(
+                            Warn,
+                            "virtio: queue {sel} register {offset:#x} = {v32:#x}: {e}"
+                        );
                     }
                 }
             }
             _ => {}
         }
     }
+}
+
+/// Whether `q`'s rings lie in guest RAM. `QueueT::is_valid` checks the same but
+/// logs an error each time, as often as the guest retries.
+fn rings_in_ram(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    let n = q.size() as usize;
+    // 16-byte descriptors; 2- and 8-byte ring elements after flags and idx, then
+    // the event index field (2.7).
+    [
+        (q.desc_table(), 16 * n),
+        (q.avail_ring(), 6 + 2 * n),
+        (q.used_ring(), 6 + 8 * n),
+    ]
+    .into_iter()
+    .all(|(addr, len)| mem.check_range(GuestAddress(addr), len))
 }
 
 fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
@@ -608,8 +633,8 @@ impl PciFunction for VirtioPci {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ratelimit::{capture, BUDGET};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use vm_memory::GuestAddress;
 
     #[derive(Default)]
     struct Calls {
@@ -663,7 +688,7 @@ mod tests {
 
     struct NoRoutes;
     impl MsiRouter for NoRoutes {
-        fn route(&self, _: u32, _: msix::MsiMessage) {}
+        fn route(&self, _: &[(u32, msix::MsiMessage)]) {}
     }
 
     fn device() -> (VirtioPci, Arc<Calls>, Vec<EventFd>) {
@@ -779,6 +804,32 @@ mod tests {
             1,
             "inactive: ignored"
         );
+    }
+
+    #[test]
+    fn a_flood_of_bad_queue_writes_logs_a_bounded_number_of_lines() {
+        let (mut d, calls, _) = device();
+        negotiate(&mut d, VIRTIO_F_VERSION_1);
+        setup_queue(&mut d, 0);
+        let lines = capture::lines_logged(|| {
+            for _ in 0..10_000 {
+                write(&mut d, 0x18, 3, 2); // not a power of two
+                write(&mut d, 0x20, 0x1008, 4); // misaligned
+                write(&mut d, 0x28, 0x8001, 4);
+                write(&mut d, 0x34, 0x8000_0001, 4); // beyond RAM
+                write(&mut d, 0x14, 1 | 2 | 4 | 8, 1);
+            }
+        })
+        .len();
+        // Four call sites, each a budget per window: one window, or two if
+        // the loop straddled a boundary.
+        let most = 4 * 2 * (BUDGET as usize + 1);
+        assert!(lines <= most, "{lines} lines for 50,000 bad writes");
+        assert_eq!(calls.activated.load(Ordering::SeqCst), 0);
+        // Refused writes leave the registers as they were.
+        assert_eq!(read(&mut d, 0x18, 2), 16);
+        assert_eq!(read(&mut d, 0x20, 4), 0x1000);
+        assert_eq!(read(&mut d, 0x28, 4), 0x8000);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use super::memory::GuestRam;
 use super::pod::Pod;
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::pci::msix::{MsiMessage, MsiRouter};
+use crate::ratelimit::guest_log;
 
 #[derive(Debug)]
 pub enum Error {
@@ -166,9 +167,13 @@ impl GsiRoutes {
 const IOAPIC_PINS: u32 = 24;
 
 impl MsiRouter for GsiRoutes {
-    fn route(&self, gsi: u32, msg: MsiMessage) {
+    fn route(&self, routes: &[(u32, MsiMessage)]) {
         let mut msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
-        if msi.insert(gsi, msg) == Some(msg) {
+        let mut changed = false;
+        for &(gsi, msg) in routes {
+            changed |= msi.insert(gsi, msg) != Some(msg);
+        }
+        if !changed {
             return;
         }
         let entries = Self::table(&msi);
@@ -176,8 +181,9 @@ impl MsiRouter for GsiRoutes {
             .map_err(|e| format!("{e:?}"))
             .and_then(|r| self.vm.set_gsi_routing(&r).map_err(|e| e.to_string()));
         if let Err(e) = result {
-            // The vector stays silent; the guest driver times out and says so.
-            log::error!("KVM_SET_GSI_ROUTING for GSI {gsi} failed: {e}");
+            // The vectors stay silent; the guest driver times out and says so.
+            let gsis: Vec<u32> = routes.iter().map(|r| r.0).collect();
+            guest_log!(Error, "KVM_SET_GSI_ROUTING for GSIs {gsis:?} failed: {e}");
         }
     }
 }
