@@ -1,5 +1,5 @@
 //! Reboot-mode live update (SPEC.md "The three CPR modes": reboot; "State
-//! compatibility"; "Pause time"), run directly on this machine's `/dev/kvm` with
+//! compatibility"; "Pause time"; "Files molt creates"), run directly on this machine's `/dev/kvm` with
 //! the counting guest of `common::guest`: `molt ctl SOCK cpr-save PATH` ends one
 //! `molt run`, and a second one with the same arguments plus
 //! `--incoming file:PATH` resumes the guest.
