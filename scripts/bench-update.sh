@@ -150,8 +150,9 @@ boot() {
     args=(--kernel "$kernel" --mem "$size" --serial "file:$serial" --control "$sock")
     if [[ -n $touch ]]; then
         memfile=/dev/shm/molt-bench-update-$$-$label
-        dd if=/dev/zero of="$memfile" bs=1M count=$(($(numfmt --from=iec "$touch") >> 20)) \
-            status=none
+        # Mode 0600: molt refuses a --mem-file other users may read.
+        (umask 077 && dd if=/dev/zero of="$memfile" bs=1M \
+            count=$(($(numfmt --from=iec "$touch") >> 20)) status=none)
         args+=(--mem-file "$memfile")
     fi
     "$molt" run "${args[@]}" 2>"$log" </dev/null >/dev/null &

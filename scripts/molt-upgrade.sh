@@ -59,6 +59,17 @@ survives() {
     esac
 }
 
+# private PATH WHAT: refuse a regular file that the restarted molt would refuse
+# (SPEC.md "Files molt creates": other users may read or write it, or it is not
+# ours), before the guest pauses rather than after the kexec. Devices pass.
+private() {
+    [ ! -L "$1" ] || die "$2 $1 is a symbolic link: molt would refuse it"
+    [ -f "$1" ] || return 0
+    [ "$(stat -c %u "$1")" = "$(id -u)" ] || die "$2 $1 is not owned by uid $(id -u): molt would refuse it"
+    [ $((0$(stat -c %a "$1") & 066)) -eq 0 ] ||
+        die "$2 $1 is open to other users (mode $(stat -c %a "$1")): chmod 600 it"
+}
+
 # pack_root OUT: the running root filesystem (the initramfs) as a newc cpio,
 # mount points included but not their contents, plus the /dev/console node
 # that devtmpfs hides (the kernel opens it before /init runs).
@@ -130,7 +141,7 @@ cmd_save() {
     while IFS= read -r a; do
         case $_prev in
         --disk) survives "${a%%,*}" "disk" ;;
-        --mem-file) survives "$a" "--mem-file" ;;
+        --mem-file) survives "$a" "--mem-file" && private "$a" "--mem-file" ;;
         esac
         _prev=$a
     done < "$argv"

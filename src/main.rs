@@ -11,6 +11,7 @@ mod control;
 mod cpr;
 mod devices;
 mod event_loop;
+mod files;
 mod kexec;
 mod layout;
 mod pci;

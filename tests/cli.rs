@@ -1,6 +1,8 @@
 //! Bad argv and the top-level usage of the `molt` binary (SPEC.md "One binary,
 //! configured by argv": errors name the argument and the reason, exit status 2 for
-//! usage, 1 for failure).
+//! usage, 1 for failure), and the `--mem-file` and `--serial file:` paths molt
+//! refuses (SPEC.md "Files molt creates": no symlinks, nothing other users may
+//! read or write; new files are mode 0600).
 //!
 //! Pure argv errors need no KVM: molt must reject them before touching `/dev/kvm`.
 //! The tests about the kernel file and about memory beyond the host's need KVM
@@ -12,9 +14,11 @@
 mod common;
 
 use common::guest::{exit_guest, write_guest, ExitKind};
-use common::{kvm_available, molt, TempDir};
+use common::{kvm_available, molt, run_with_timeout, write_private, TempDir, MOLT, TIMEOUT};
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 
 /// A temp dir with a valid, immediately powering-off kernel in it.
 fn with_kernel(tag: &str) -> (TempDir, PathBuf) {
@@ -232,4 +236,142 @@ fn run_help_exits_0_and_lists_the_options() {
             "molt run --help should list {option}: {stdout:?}"
         );
     }
+}
+
+/// A file with `bytes` and mode `mode`, for molt to refuse.
+fn file_with_mode(path: &Path, bytes: &[u8], mode: u32) {
+    write_private(path, bytes);
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// `path` still holds exactly `bytes`.
+fn assert_untouched(path: &Path, bytes: &[u8], what: &str) {
+    let now = fs::read(path).expect("read");
+    assert!(
+        now == bytes,
+        "{what}: {} changed ({} bytes, {} before)",
+        path.display(),
+        now.len(),
+        bytes.len()
+    );
+}
+
+/// The two files `molt run` writes to by path, as named in its errors.
+const FILE_OPTIONS: [&str; 2] = ["--mem-file", "--serial file"];
+
+/// `molt run` on the power-off guest with its RAM (`--mem-file`) or its console
+/// (`--serial file`) at `path`.
+fn run_with_file(kernel: &Path, option: &str, path: &Path) -> Output {
+    let path = path.to_str().unwrap();
+    match option {
+        "--mem-file" => run_with(kernel, &["--mem", "16M", "--mem-file", path]),
+        _ => molt(&[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--serial",
+            &format!("file:{path}"),
+        ]),
+    }
+}
+
+#[test]
+fn mem_file_or_serial_file_behind_a_symlink_is_refused_and_its_target_untouched() {
+    if !kvm_available(
+        "mem_file_or_serial_file_behind_a_symlink_is_refused_and_its_target_untouched",
+    ) {
+        return;
+    }
+    let (dir, kernel) = with_kernel("filelink");
+    for (i, option) in FILE_OPTIONS.into_iter().enumerate() {
+        // A link planted where molt is told to write: following it would grow
+        // (and map into the guest) or append to a file molt was not given.
+        let victim = dir.join(&format!("victim{i}"));
+        write_private(&victim, b"victim\n");
+        let link = dir.join(&format!("link{i}"));
+        symlink(&victim, &link).expect("symlink");
+        let out = run_with_file(&kernel, option, &link);
+        let what = format!("{option} symlink");
+        assert_fails(
+            &out,
+            1,
+            &[option, link.to_str().unwrap(), "is a symbolic link"],
+            &what,
+        );
+        assert_untouched(&victim, b"victim\n", &what);
+    }
+}
+
+#[test]
+fn mem_file_or_serial_file_other_users_may_read_is_refused() {
+    if !kvm_available("mem_file_or_serial_file_other_users_may_read_is_refused") {
+        return;
+    }
+    let (dir, kernel) = with_kernel("filemode");
+    for (i, option) in FILE_OPTIONS.into_iter().enumerate() {
+        let path = dir.join(&format!("file{i}"));
+        file_with_mode(&path, b"earlier\n", 0o644);
+        let out = run_with_file(&kernel, option, &path);
+        let what = format!("{option} mode 0644");
+        assert_fails(
+            &out,
+            1,
+            &[
+                option,
+                path.to_str().unwrap(),
+                "is readable by other users (mode 0644): chmod 600 it",
+            ],
+            &what,
+        );
+        assert_untouched(&path, b"earlier\n", &what);
+    }
+}
+
+#[test]
+fn new_mem_file_and_serial_file_are_0600_under_umask_022() {
+    if !kvm_available("new_mem_file_and_serial_file_are_0600_under_umask_022") {
+        return;
+    }
+    let (dir, kernel) = with_kernel("newmode");
+    let ram = dir.join("ram");
+    let log = dir.join("console.log");
+    // umask 022 is the usual one, with which a plain create makes mode 0644.
+    let out = run_with_timeout(
+        Command::new("sh").args([
+            "-c",
+            "umask 022 && exec \"$0\" \"$@\"",
+            MOLT,
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem",
+            "16M",
+            "--mem-file",
+            ram.to_str().unwrap(),
+            "--serial",
+            &format!("file:{}", log.display()),
+        ]),
+        TIMEOUT,
+    );
+    let (_, stderr) = text(&out);
+    assert!(
+        out.status.success(),
+        "the power-off guest should exit 0, got {}; stderr {stderr:?}",
+        out.status
+    );
+    for path in [&ram, &log] {
+        let meta = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(
+            meta.permissions().mode() & 0o7777,
+            0o600,
+            "{} was created with mode {:o}",
+            path.display(),
+            meta.permissions().mode() & 0o7777
+        );
+    }
+    assert_eq!(
+        fs::metadata(&ram).unwrap().len(),
+        16 << 20,
+        "--mem-file size"
+    );
 }

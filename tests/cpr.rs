@@ -1,5 +1,5 @@
 //! Reboot-mode live update (SPEC.md "The three CPR modes": reboot; "State
-//! compatibility"; "Pause time"), run directly on this machine's `/dev/kvm` with
+//! compatibility"; "Pause time"; "Files molt creates"), run directly on this machine's `/dev/kvm` with
 //! the counting guest of `common::guest`: `molt ctl SOCK cpr-save PATH` ends one
 //! `molt run`, and a second one with the same arguments plus
 //! `--incoming file:PATH` resumes the guest.
@@ -25,7 +25,7 @@ mod common;
 use common::guest::{counting_guest, write_guest, COUNT_STEP};
 use common::{
     assert_one_continuous_run, ctl, field, kvm_available, molt, wait_for_control, wait_for_counts,
-    wait_until, Molt, Serial, TempDir, TIMEOUT,
+    wait_until, write_private, Molt, Serial, TempDir, TIMEOUT,
 };
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -163,6 +163,16 @@ impl Guest {
         let mut m = self.spawn(&[]);
         wait_for_control(&mut m, &self.sock);
         m
+    }
+
+    /// Boots the guest, waits for `counts` count lines and saves it to
+    /// `dir/state` (molt exits). Returns that path.
+    fn boot_and_save(&mut self, counts: usize) -> PathBuf {
+        let mut molt = self.boot();
+        self.more_counts(&mut molt, counts);
+        let state = self.dir.join("state");
+        self.save(&mut molt, &state);
+        state
     }
 
     /// Resumes the guest saved in `state` and waits for the control socket.
@@ -526,10 +536,7 @@ fn shape_mismatch_is_refused_and_the_state_kept() {
     let disk_rw = disk.0.to_str().expect("utf-8").to_string();
     let disk_ro = format!("{disk_rw},ro");
     let mut g = Guest::new("shape", &[("--disk", &disk_rw)]);
-    let mut molt = g.boot();
-    g.more_counts(&mut molt, 3);
-    let state = g.dir.join("state");
-    g.save(&mut molt, &state);
+    let state = g.boot_and_save(3);
     let serial_before = fs::read(&g.serial).expect("serial");
 
     let mut problems = Vec::new();
@@ -690,7 +697,7 @@ fn check_damage(g: &mut Guest, damage: Vec<Damage>) -> Vec<String> {
     let mut problems = Vec::new();
     for (i, d) in damage.into_iter().enumerate() {
         let path = g.dir.join(&format!("damaged{i}"));
-        fs::write(&path, &d.bytes).expect("write damaged state");
+        write_private(&path, &d.bytes);
         problems.extend(g.refused(&d.what, &path, &[], d.words));
     }
     problems
@@ -702,10 +709,7 @@ fn damaged_state_with_ram_in_the_file_is_refused_by_restore() {
         return;
     }
     let mut g = Guest::new("damage", &[]);
-    let mut molt = g.boot();
-    g.more_counts(&mut molt, 2);
-    let state = g.dir.join("state");
-    g.save(&mut molt, &state);
+    let state = g.boot_and_save(2);
     let good = fs::read(&state).expect("read state");
     let mut damage = header_and_payload_damage(&good);
     damage.extend(ram_section_damage(&good));
@@ -719,10 +723,7 @@ fn damaged_state_with_ram_in_place_is_refused_and_ram_untouched() {
         return;
     }
     let mut g = Guest::in_shm("damage-shm", &[]);
-    let mut molt = g.boot();
-    g.more_counts(&mut molt, 2);
-    let state = g.dir.join("state");
-    g.save(&mut molt, &state);
+    let state = g.boot_and_save(2);
     let mem_file = g._mem_file.as_ref().expect("mem file").0.clone();
     let ram = fs::read(&mem_file).expect("read --mem-file");
     let good = fs::read(&state).expect("read state");
@@ -737,14 +738,14 @@ fn damaged_state_with_ram_in_place_is_refused_and_ram_untouched() {
 /// damage to the golden file, RAM section included, is refused. Needs no KVM.
 #[test]
 fn damaged_state_is_refused_by_molt_state() {
-    let good = fs::read(data_dir().join("state-v1.bin")).expect("golden state");
+    let good = golden_state();
     let dir = TempDir::new("inspect");
     let mut damage = header_and_payload_damage(&good);
     damage.extend(ram_section_damage(&good));
     let mut problems = Vec::new();
     for (i, d) in damage.into_iter().enumerate() {
         let path = dir.join(&format!("damaged{i}"));
-        fs::write(&path, &d.bytes).expect("write damaged state");
+        write_private(&path, &d.bytes);
         problems.extend(state_refused(&d.what, &path, d.words));
     }
     assert_no_problems(&problems);
@@ -807,7 +808,7 @@ fn seal(payload: &[u8]) -> Vec<u8> {
 /// Hostile states with a valid checksum, made from the golden file: every decoded
 /// value is checked before use (SPEC.md "State compatibility").
 fn hostile_states() -> Vec<Damage> {
-    let good = fs::read(data_dir().join("state-v1.bin")).expect("golden state");
+    let good = golden_state();
     let len = u32::from_le_bytes(good[LEN_AT..LEN_AT + 4].try_into().expect("4 bytes")) as usize;
     let payload = &good[HEADER_LEN..HEADER_LEN + len];
     let ram_section = &good[HEADER_LEN + len..];
@@ -887,7 +888,7 @@ fn hostile_state_with_a_valid_crc_is_refused_by_molt_state() {
     let mut problems = Vec::new();
     for (i, d) in hostile_states().into_iter().enumerate() {
         let path = dir.join(&format!("hostile{i}"));
-        fs::write(&path, &d.bytes).expect("write hostile state");
+        write_private(&path, &d.bytes);
         problems.extend(state_refused(&d.what, &path, d.words));
     }
     assert_no_problems(&problems);
@@ -903,7 +904,7 @@ fn hostile_state_with_a_valid_crc_is_refused_by_restore() {
     let mut problems = Vec::new();
     for (i, d) in hostile_states().into_iter().enumerate() {
         let path = g.dir.join(&format!("hostile{i}"));
-        fs::write(&path, &d.bytes).expect("write hostile state");
+        write_private(&path, &d.bytes);
         // Given a --mem-file, so that an in-place state is refused for what is
         // wrong with it, not for the missing file.
         let mem_file = shm.0.to_str().expect("utf-8");
@@ -1073,6 +1074,159 @@ fn failed_save_leaves_the_guest_running_and_nothing_behind() {
     check_resumed(&g, &mut molt, &state, last_before, 1);
 }
 
+/// A file with `bytes` and mode `mode` (which `fs::write` alone does not set
+/// under every umask).
+fn file_with_mode(path: &Path, bytes: &[u8], mode: u32) {
+    write_private(path, bytes);
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// SPEC.md "Files molt creates": links planted at PATH.tmp and PATH (as anyone
+/// may in /tmp or /dev/shm) are replaced, never written through, and a stale
+/// PATH.tmp readable by others does not make the state readable.
+#[test]
+fn save_writes_through_no_link_and_makes_a_0600_file() {
+    if !kvm_available("save_writes_through_no_link_and_makes_a_0600_file") {
+        return;
+    }
+    let mut g = Guest::new("links", &[]);
+    let mut molt = g.boot();
+    g.more_counts(&mut molt, 2);
+    let state = g.dir.join("state");
+    let victims = [
+        (g.dir.join("tmp-victim"), tmp_of(&state)),
+        (g.dir.join("path-victim"), state.clone()),
+    ];
+    for (victim, link) in &victims {
+        file_with_mode(victim, b"not molt's\n", 0o644);
+        std::os::unix::fs::symlink(victim, link).expect("symlink");
+    }
+    let reply = g.save(&mut molt, &state);
+    for (victim, _) in &victims {
+        let now = fs::read(victim).expect("read victim");
+        assert!(
+            now == b"not molt's\n",
+            "cpr-save wrote through a link into {} (now {} bytes)",
+            victim.display(),
+            now.len()
+        );
+        let mode = fs::metadata(victim).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "{} mode changed", victim.display());
+    }
+    let meta = fs::symlink_metadata(&state).expect("lstat state");
+    assert!(meta.is_file(), "{} is not a regular file", state.display());
+    check_saved(&reply, &state);
+
+    let last_before = last_count(&g);
+    let mut molt = g.resume(&state);
+    check_resumed(&g, &mut molt, &state, last_before, 1);
+    let again = g.dir.join("state2");
+    file_with_mode(&tmp_of(&again), b"stale\n", 0o644);
+    let reply = g.save(&mut molt, &again);
+    check_saved(&reply, &again);
+}
+
+/// A state is loaded only from a file molt would have written: not through a
+/// link, not one other users may read or write, not another user's.
+#[test]
+fn a_state_behind_a_link_or_open_to_others_is_not_loaded() {
+    if !kvm_available("a_state_behind_a_link_or_open_to_others_is_not_loaded") {
+        return;
+    }
+    let mut g = Guest::new("loadmode", &[]);
+    let state = g.boot_and_save(2);
+    let good = fs::read(&state).expect("read state");
+
+    let link = g.dir.join("link");
+    std::os::unix::fs::symlink(&state, &link).expect("symlink");
+    let readable = g.dir.join("readable");
+    file_with_mode(&readable, &good, 0o644);
+    let writable = g.dir.join("writable");
+    file_with_mode(&writable, &good, 0o602);
+    let foreign = g.dir.join("foreign");
+    write_private(&foreign, &good);
+    std::os::unix::fs::chown(&foreign, Some(65534), None).expect("chown (needs root)");
+    let cases: [(&str, &Path, &[&str]); 4] = [
+        ("link", &link, &["is a symbolic link"]),
+        (
+            "mode 0644",
+            &readable,
+            &["is readable by other users (mode 0644): chmod 600 it"],
+        ),
+        (
+            "mode 0602",
+            &writable,
+            &["is writable by other users (mode 0602)"],
+        ),
+        ("owned by uid 65534", &foreign, &["is owned by uid 65534"]),
+    ];
+    let mut problems = Vec::new();
+    for (what, path, words) in cases {
+        problems.extend(g.refused(what, path, &[], words));
+        problems.extend(state_refused(what, path, words));
+    }
+    assert_no_problems(&problems);
+}
+
+/// `CMD PATH` run as uid/gid 65534 (nobody) with no supplementary groups:
+/// Ok, or Err with its stderr.
+fn as_nobody(setpriv: &Path, cmd: &str, path: &Path) -> Result<(), String> {
+    let out = Command::new(setpriv)
+        .args(common::AS_NOBODY)
+        .arg(cmd)
+        .arg(path)
+        .stdout(Stdio::null())
+        .output()
+        .expect("run setpriv");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Guest RAM (`--mem-file`), the saved state and the console file are molt's
+/// alone: another uid cannot read them, where it can read a file of mode 0644
+/// next to each (so the directories let it through and the modes stop it).
+#[test]
+fn another_user_cannot_read_ram_state_or_console() {
+    if !kvm_available("another_user_cannot_read_ram_state_or_console") {
+        return;
+    }
+    let Some(setpriv) = common::setpriv() else {
+        return;
+    };
+    let mut g = Guest::in_shm("nobody", &[]);
+    fs::set_permissions(g.dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let state = g.boot_and_save(2);
+    let mem_file = g._mem_file.as_ref().expect("mem file").0.clone();
+
+    let shm_control = shm_file("nobody-control");
+    let controls = [g.dir.join("control"), shm_control.0.clone()];
+    for c in &controls {
+        file_with_mode(c, b"anyone may read this\n", 0o644);
+        if let Err(e) = as_nobody(&setpriv, "cat", c) {
+            panic!(
+                "uid 65534 cannot read the 0644 control {}: {e}",
+                c.display()
+            );
+        }
+    }
+    let mut problems = Vec::new();
+    for (what, path) in [
+        ("--mem-file", &mem_file),
+        ("state file", &state),
+        ("--serial file", &g.serial),
+    ] {
+        match as_nobody(&setpriv, "cat", path) {
+            Ok(()) => problems.push(format!("uid 65534 read the {what} {}", path.display())),
+            Err(e) if e.contains("Permission denied") => {}
+            Err(e) => problems.push(format!("{what}: want permission denied, got {e:?}")),
+        }
+    }
+    assert_no_problems(&problems);
+}
+
 // Golden state, version 1.
 //
 // tests/data/state-v1.bin was written once by molt 0.1.0 (`make_golden_state_v1`)
@@ -1090,9 +1244,17 @@ fn failed_save_leaves_the_guest_running_and_nothing_behind() {
 
 const GOLDEN_MEM: &str = "16M";
 
+/// The golden state's bytes. It is loaded from a private copy: the checkout's
+/// file is readable by other users, which molt refuses for a state.
+fn golden_state() -> Vec<u8> {
+    fs::read(data_dir().join("state-v1.bin")).expect("golden state")
+}
+
 #[test]
 fn golden_state_v1_decodes() {
-    let path = data_dir().join("state-v1.bin");
+    let dir = TempDir::new("golden-decode");
+    let path = dir.join("state-v1.bin");
+    write_private(&path, &golden_state());
     let size = fs::metadata(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .len();
@@ -1130,20 +1292,20 @@ fn golden_state_v1_resumes() {
     );
     // The guest's console so far, as if this were the same serial file.
     let printed = fs::read(data.join("state-v1.serial")).expect("golden serial");
-    fs::write(&g.serial, &printed).expect("write serial");
+    write_private(&g.serial, &printed);
     let last_before = *Serial::parse(&printed)
         .counts()
         .last()
         .expect("golden counts");
     let state = g.dir.join("state-v1.bin");
-    fs::copy(data.join("state-v1.bin"), &state).expect("copy golden state");
+    write_private(&state, &golden_state());
     let mut molt = g.resume(&state);
     check_resumed(&g, &mut molt, &state, last_before, 1);
     let status = g.ctl(&["status"]);
     assert_eq!(number(&status, "mem"), 16 << 20, "{status:?}");
     assert_eq!(
         fs::read(&state).ok(),
-        fs::read(data.join("state-v1.bin")).ok(),
+        Some(golden_state()),
         "resuming changed the state file"
     );
 }
@@ -1169,10 +1331,7 @@ fn make_golden_state_v1() {
             ("--mem", GOLDEN_MEM),
         ],
     );
-    let mut molt = g.boot();
-    g.more_counts(&mut molt, 3);
-    let state = g.dir.join("state");
-    g.save(&mut molt, &state);
+    let state = g.boot_and_save(3);
     fs::copy(&state, &state_out).expect("copy state");
     fs::copy(&g.serial, data.join("state-v1.serial")).expect("copy serial");
 }

@@ -325,7 +325,9 @@ fn adopted_config(cfg: &RunConfig, a: &Adopted) -> Result<(RunConfig, GuestRam),
         .ram
         .as_ref()
         .ok_or_else(|| Error::Handover("no RAM".into()))?;
-    cfg.mem_file = Some(fds::proc_path(ram));
+    let path = fds::proc_path(ram);
+    let ram = GuestRam::adopt(cfg.mem_size, &path).map_err(Error::Memory)?;
+    cfg.mem_file = Some(path);
     for (d, f) in cfg.disks.iter_mut().zip(&a.disks) {
         d.path = fds::proc_path(f);
     }
@@ -335,7 +337,6 @@ fn adopted_config(cfg: &RunConfig, a: &Adopted) -> Result<(RunConfig, GuestRam),
             .map_err(|e| Error::Handover(format!("dup tap: {e}")))?;
         n.backend = crate::args::NetBackend::Fd(dup.into_raw_fd());
     }
-    let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
     Ok((cfg, ram))
 }
 

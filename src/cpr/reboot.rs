@@ -3,21 +3,25 @@
 //! a restart of molt, or a kexec into another host kernel.
 //!
 //! The file is written to `PATH.tmp`, fsynced, renamed over PATH and the
-//! directory fsynced: PATH is either the old file or the complete new one.
+//! directory fsynced: PATH is either the old file or the complete new one. The
+//! temporary is created anew, mode 0600 (a stale file or planted link there is
+//! removed first, see `files`), and the rename replaces a link named PATH rather
+//! than writing through it. A state is loaded only from a file molt would have
+//! written: not through a link, not readable by other users.
 //! Guest RAM stays where it is when it lives in a `--mem-file` (flushed to it
 //! first); otherwise it follows the state as a RAM section:
 //! `"MOLTRAM\0"`, records `(offset u64, len u64, bytes)` of the populated
 //! parts of RAM, an end record `(u64::MAX, 0)`, and the CRC32 of the records.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use vm_memory::Bytes;
 
 use super::state::{self, CprState, RamLocation, HEADER_LEN};
+use crate::files::{self, Access};
 use crate::vm::memory::GuestRam;
 
 const RAM_MAGIC: [u8; 8] = *b"MOLTRAM\0";
@@ -27,6 +31,7 @@ const CHUNK: u64 = 8 << 20;
 
 #[derive(Debug)]
 pub enum Error {
+    Access(files::Error),
     Io(&'static str, PathBuf, std::io::Error),
     State(PathBuf, state::Error),
     Ram(PathBuf, String),
@@ -35,6 +40,7 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Error::Access(e) => e.fmt(f),
             Error::Io(what, p, e) => write!(f, "cannot {what} {}: {e}", p.display()),
             Error::State(p, e) => write!(f, "state file {}: {e}", p.display()),
             Error::Ram(p, why) => write!(f, "state file {}: RAM section: {why}", p.display()),
@@ -46,8 +52,19 @@ impl fmt::Display for Error {
 /// Returns the file's size. On failure nothing is left at `path` that was not
 /// there before.
 pub fn save(path: &Path, state: &CprState, ram: &GuestRam) -> Result<u64, Error> {
+    let bytes = state::encode(state).map_err(|e| Error::State(path.into(), e))?;
+    if matches!(state.ram, RamLocation::InPlace { .. }) {
+        // A --mem-file on pmem or disk holds dirty pages in the page cache: they
+        // must reach the device before a kexec throws the cache away.
+        ram.file()
+            .sync_data()
+            .map_err(|e| Error::Io("flush guest RAM to its file before saving", path.into(), e))?;
+    }
     let tmp = tmp_path(path);
-    let result = write_file(&tmp, state, ram).and_then(|size| {
+    let file =
+        files::open("temporary state file", &tmp, Access::CreateNew).map_err(Error::Access)?;
+    // From here on `tmp` is the file molt created: removed again on failure.
+    let result = write_file(file, &tmp, &bytes, state, ram).and_then(|size| {
         std::fs::rename(&tmp, path).map_err(|e| Error::Io("rename to", path.into(), e))?;
         sync_dir(path)?;
         Ok(size)
@@ -74,25 +91,16 @@ fn sync_dir(path: &Path) -> Result<(), Error> {
         .map_err(|e| Error::Io("sync directory of", path.into(), e))
 }
 
-fn write_file(tmp: &Path, state: &CprState, ram: &GuestRam) -> Result<u64, Error> {
+fn write_file(
+    file: File,
+    tmp: &Path,
+    bytes: &[u8],
+    state: &CprState,
+    ram: &GuestRam,
+) -> Result<u64, Error> {
     let io = |what| move |e| Error::Io(what, tmp.to_path_buf(), e);
-    let bytes = state::encode(state).map_err(|e| Error::State(tmp.into(), e))?;
-    if matches!(state.ram, RamLocation::InPlace { .. }) {
-        // A --mem-file on pmem or disk holds dirty pages in the page cache: they
-        // must reach the device before a kexec throws the cache away.
-        ram.file()
-            .sync_data()
-            .map_err(io("flush guest RAM to its file before saving"))?;
-    }
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(tmp)
-        .map_err(io("create"))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&bytes).map_err(io("write"))?;
+    w.write_all(bytes).map_err(io("write"))?;
     if state.ram == RamLocation::InStateFile {
         write_ram(&mut w, ram).map_err(io("write RAM to"))?;
     }
@@ -134,7 +142,7 @@ fn write_ram(w: &mut impl Write, ram: &GuestRam) -> std::io::Result<()> {
 
 /// Reads and validates the state in `path` (the file is only read).
 pub fn load_state(path: &Path) -> Result<(CprState, BufReader<File>), Error> {
-    let file = File::open(path).map_err(|e| Error::Io("open", path.into(), e))?;
+    let file = files::open("state file", path, Access::Read).map_err(Error::Access)?;
     let mut r = BufReader::with_capacity(1 << 20, file);
     let bad = |e| Error::State(path.into(), e);
     let mut bytes = vec![0u8; HEADER_LEN];

@@ -2,10 +2,9 @@
 //! termination signals, console input and the control socket. vCPUs run on their
 //! own threads; everything that changes the machine's run state happens here.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -18,6 +17,7 @@ use crate::bus::GuestExit;
 use crate::control::{self, Client, Command, Line, MAX_CLIENTS};
 use crate::cpr;
 use crate::devices::serial::Output;
+use crate::files::{self, Access};
 use crate::terminal::RawMode;
 use crate::vm::{self, Machine};
 
@@ -38,7 +38,7 @@ pub enum Outcome {
 
 #[derive(Debug)]
 pub enum Error {
-    Console(PathBuf, std::io::Error),
+    Console(files::Error),
     Control(control::Error),
     Vm(vm::Error),
     Cpr(cpr::Error),
@@ -48,7 +48,7 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Error::Console(p, e) => write!(f, "cannot open --serial file {}: {e}", p.display()),
+            Error::Console(e) => e.fmt(f),
             Error::Control(e) => e.fmt(f),
             Error::Vm(e) => e.fmt(f),
             Error::Cpr(e) => e.fmt(f),
@@ -301,13 +301,9 @@ fn open_console(cfg: &SerialConfig) -> Result<Output, Error> {
             Ok(Output::Fd(unsafe { File::from_raw_fd(fd) }))
         }
         // Appended to, never truncated: a restarted molt continues the same log.
-        SerialConfig::File(path) => OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
+        SerialConfig::File(path) => files::open("--serial file", path, Access::Append)
             .map(Output::Fd)
-            .map_err(|e| Error::Console(path.clone(), e)),
+            .map_err(Error::Console),
     }
 }
 

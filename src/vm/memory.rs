@@ -14,12 +14,15 @@ use vm_memory::{
     GuestRegionMmap, MmapRegion,
 };
 
+use crate::files::{self, Access};
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
 #[derive(Debug)]
 pub enum Error {
     Memfd(std::io::Error),
-    OpenMemFile(PathBuf, std::io::Error),
+    MemFile(files::Error),
+    Adopt(PathBuf, std::io::Error),
+    MemFileSize(PathBuf, std::io::Error),
     MemFileTooSmall(PathBuf, u64, u64),
     SetSize(std::io::Error),
     Mmap(vm_memory::mmap::MmapRegionError),
@@ -30,7 +33,17 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Memfd(e) => write!(f, "memfd_create for guest RAM failed: {e}"),
-            Error::OpenMemFile(p, e) => write!(f, "cannot open --mem-file {}: {e}", p.display()),
+            Error::MemFile(e) => e.fmt(f),
+            Error::Adopt(p, e) => {
+                write!(
+                    f,
+                    "cannot reopen the handed-over guest RAM {}: {e}",
+                    p.display()
+                )
+            }
+            Error::MemFileSize(p, e) => {
+                write!(f, "cannot find the size of --mem-file {}: {e}", p.display())
+            }
             Error::MemFileTooSmall(p, have, want) => write!(
                 f,
                 "--mem-file {} holds {have} bytes and cannot grow to {want}",
@@ -84,9 +97,27 @@ impl GuestRam {
                 file.set_len(size).map_err(Error::SetSize)?;
                 file
             }
-            Some(path) => open_mem_file(path, size)?,
+            Some(path) => {
+                let file =
+                    files::open("--mem-file", path, Access::ReadWrite).map_err(Error::MemFile)?;
+                fit(file, path, size)?
+            }
         };
         Self::map(file, size)
+    }
+
+    /// Maps the RAM a previous molt handed over (exec, transfer), reopened
+    /// through `path`, a `/proc/self/fd/N` link to it (a fresh open file
+    /// description). Not checked by `files`: the descriptor is already the
+    /// guest's RAM (a memfd, mode 0777, or a `--mem-file` checked when first
+    /// opened by name), and the path is a link by design.
+    pub fn adopt(size: u64, path: &Path) -> Result<Self, Error> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::Adopt(path.to_path_buf(), e))?;
+        Self::map(fit(file, path, size)?, size)
     }
 
     fn map(file: File, size: u64) -> Result<Self, Error> {
@@ -209,25 +240,18 @@ fn memfd(name: &str) -> Result<File, Error> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-/// Opens a file for RAM. A regular file grows to `size`; a device (devdax, pmem)
-/// must already be large enough.
-fn open_mem_file(path: &Path, size: u64) -> Result<File, Error> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| Error::OpenMemFile(path.to_path_buf(), e))?;
+/// Sizes a file for RAM: a regular file grows to `size`; a device (devdax,
+/// pmem) must already be large enough.
+fn fit(file: File, path: &Path, size: u64) -> Result<File, Error> {
     let meta = file
         .metadata()
-        .map_err(|e| Error::OpenMemFile(path.to_path_buf(), e))?;
+        .map_err(|e| Error::MemFileSize(path.to_path_buf(), e))?;
     if meta.is_file() {
         if meta.len() < size {
             file.set_len(size).map_err(Error::SetSize)?;
         }
     } else {
-        let have = device_size(&file).map_err(|e| Error::OpenMemFile(path.to_path_buf(), e))?;
+        let have = device_size(&file).map_err(|e| Error::MemFileSize(path.to_path_buf(), e))?;
         if have < size {
             return Err(Error::MemFileTooSmall(path.to_path_buf(), have, size));
         }
@@ -293,6 +317,20 @@ mod tests {
         assert!(off <= 0x20_0000 && off + len > 0x20_0000 && len <= 4 << 20);
         assert_eq!(ram.guest_addr(0x1000), Some(GuestAddress(0x1000)));
         assert_eq!(ram.guest_addr(16 << 20), None);
+    }
+
+    #[test]
+    fn handed_over_memfd_is_adopted_through_proc_self_fd() {
+        use std::os::fd::AsRawFd;
+        let ram = GuestRam::create(16 << 20, None).unwrap();
+        ram.memory
+            .write_obj(0x1234_5678u32, GuestAddress(0x2000))
+            .unwrap();
+        // A memfd has mode 0777 and the path is a link: what `files` refuses.
+        let path = PathBuf::from(format!("/proc/self/fd/{}", ram.file().as_raw_fd()));
+        let again = GuestRam::adopt(16 << 20, &path).unwrap();
+        let got: u32 = again.memory.read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(got, 0x1234_5678);
     }
 
     #[test]

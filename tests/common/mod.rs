@@ -98,6 +98,21 @@ pub fn setpriv() -> Option<PathBuf> {
     found
 }
 
+/// Writes `bytes` to `path` as a new file of mode 0600 (replacing what was there):
+/// molt refuses a state or console file other users may read (SPEC.md "Files molt
+/// creates"), and `fs::write` under umask 022 makes one.
+pub fn write_private(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::remove_file(path);
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
 /// A running `molt run`, killed and reaped when dropped (also when a test panics).
 /// Its stderr goes to a file so that failures can quote it.
 pub struct Molt {
