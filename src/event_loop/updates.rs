@@ -70,10 +70,9 @@ impl Loop {
         } else {
             self.argv.iter().take(1).cloned().chain(args).collect()
         };
-        let Some(Some(client)) = self.clients.get(slot) else {
+        let Some(client_fd) = self.clients.fd(slot) else {
             return ("error: cpr-exec: no client".into(), None);
         };
-        let client_fd = client.stream.as_raw_fd();
         let was_paused = self.paused;
         if !was_paused {
             if let Err(e) = self.machine.vcpus.pause() {
@@ -108,14 +107,14 @@ impl Loop {
     /// Transfer mode, old side. On success the new process replies and this one
     /// exits; on failure the guest runs on here.
     pub(super) fn cpr_transfer(&mut self, slot: usize, path: &Path) -> (String, Option<Outcome>) {
-        let Some(Some(client)) = self.clients.get(slot) else {
+        let Some(client_fd) = self.clients.fd(slot) else {
             return ("error: cpr-transfer: no client".into(), None);
         };
         let console_in = self.stdio_console.then_some(self.console_in);
         let fds = cpr::transfer_fds(
             &self.machine,
             self.listener.as_ref().map(|l| l.as_raw_fd()),
-            client.stream.as_raw_fd(),
+            client_fd,
             console_in,
         );
         let was_paused = self.paused;
