@@ -499,7 +499,11 @@ fn idle_connections_do_not_lock_the_operator_out() {
         return;
     }
     let mut c = Counting::start("idle", true, &[]);
+    // Settle first, so that molt holds no connection but these 20 (the probe
+    // that saw the socket come up is gone), and these are all accepted.
+    thread::sleep(Duration::from_millis(200));
     let idle: Vec<_> = (0..20).map(|_| RawClient::connect(&c.sock)).collect();
+    thread::sleep(Duration::from_millis(200));
     c.status();
     drop(idle);
     c.molt.assert_running("after 20 idle connections");
@@ -511,12 +515,19 @@ fn bursts_of_connect_and_close_leave_the_socket_usable() {
         return;
     }
     let mut c = Counting::start("burst", true, &[]);
-    for _ in 0..4 {
+    for round in 0..5 {
         for _ in 0..100 {
             drop(UnixStream::connect(&c.sock).expect("connect"));
         }
-        c.status();
+        // At once, not via `molt ctl`: its start-up would give molt time to
+        // see the closed connections go.
+        let reply = request_once(&c.sock, "status");
+        assert!(
+            reply.as_ref().is_ok_and(|r| r.starts_with("ok state=")),
+            "status after burst {round}: {reply:?}"
+        );
     }
+    c.status();
     c.molt.assert_running("after bursts of connect and close");
 }
 
@@ -628,4 +639,37 @@ fn a_peer_of_another_uid_is_refused() {
     );
     let log = c.molt.stderr();
     assert!(log.contains("refused"), "the refusal is logged: {log}");
+}
+
+/// molt serves at most this many control clients at once (README).
+const MAX_CLIENTS: usize = 64;
+
+#[test]
+fn a_client_beyond_the_limit_waits_for_a_free_slot() {
+    if !kvm_available("a_client_beyond_the_limit_waits_for_a_free_slot") {
+        return;
+    }
+    let mut c = Counting::start("full", true, &[]);
+    let mut held: Vec<RawClient> = (0..MAX_CLIENTS)
+        .map(|i| {
+            let mut client = RawClient::connect(&c.sock);
+            assert_status_ok(&mut client, &format!("connection {i}"));
+            client
+        })
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    let sock = c.sock.clone();
+    thread::spawn(move || tx.send(request_once(&sock, "status")));
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "with every slot taken, a further client waits"
+    );
+    held.pop();
+    let reply = rx.recv_timeout(TIMEOUT).expect("served once a slot freed");
+    assert!(
+        reply.as_ref().is_ok_and(|r| r.starts_with("ok state=")),
+        "{reply:?}"
+    );
+    assert_status_ok(&mut held[0], "a slot freed");
+    c.molt.assert_running("with every slot taken");
 }
