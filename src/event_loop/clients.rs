@@ -34,7 +34,8 @@ struct Slot {
     active_at: Instant,
     /// The peer closed its side: what it sent is still served, then it is closed.
     eof: bool,
-    /// Held by an operation under way: not read, not served, never idle.
+    /// Held by an operation under way: not read, not served, never idle (its
+    /// replies still go out).
     held: bool,
     /// What epoll watches this client for; `None` while not registered at all
     /// (an empty interest would still report hang-ups, over and over).
@@ -47,12 +48,12 @@ impl Slot {
         !self.held && !self.client.output_pending() && self.client.has_line()
     }
 
+    /// Replies waiting go out even while held; input is read only when there
+    /// is no command buffered, so a flood stays in the client's socket.
     fn wanted(&self) -> Option<EventSet> {
-        if self.held {
-            None
-        } else if self.client.output_pending() {
+        if self.client.output_pending() {
             Some(EventSet::OUT)
-        } else if self.eof || self.client.has_line() {
+        } else if self.held || self.eof || self.client.has_line() {
             None
         } else {
             Some(EventSet::IN)
@@ -122,16 +123,13 @@ impl Clients {
         let Some(Some(s)) = self.slots.get_mut(slot) else {
             return;
         };
-        if s.held {
-            return;
-        }
         if s.client.output_pending() {
             match s.client.flush() {
                 Ok(0) => {}
                 Ok(_) => s.active_at = now,
                 Err(_) => return self.close(epoll, slot),
             }
-        } else if !s.eof && !s.client.has_line() {
+        } else if !s.held && !s.eof && !s.client.has_line() {
             match s.client.fill() {
                 Input::Bytes => s.active_at = now,
                 Input::Nothing => {}
@@ -569,6 +567,8 @@ mod tests {
         h.clients.hold(&h.epoll, slot);
         send(&mut peer, b"status\n");
         assert!(h.turn(t0).is_empty());
+        let watched = h.clients.slots[slot].as_ref().unwrap().watched;
+        assert_eq!(watched, None, "a held client is not read from");
         assert_eq!(
             h.clients.timeout_ms(t0),
             -1,
