@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -10,8 +11,14 @@ use std::time::Duration;
 
 /// Longest accepted command line, newline excluded.
 pub const MAX_LINE: usize = 4096;
-/// Most clients served at once; more are turned away with an error line.
-pub const MAX_CLIENTS: usize = 16;
+/// Most clients served at once; further connections wait in the listen backlog
+/// (`molt ctl` blocks in `connect`) until one of these closes.
+pub const MAX_CLIENTS: usize = 64;
+/// A client that sends nothing (not even part of a line) and reads no reply for
+/// this long is closed, so idle connections cannot keep the slots taken.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most bytes read from one client at a time.
+const READ_CHUNK: usize = 4096;
 
 /// A parsed control command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +122,8 @@ pub enum Error {
     Connect(PathBuf, std::io::Error),
     Io(PathBuf, std::io::Error),
     NoReply(PathBuf),
+    PeerCred(std::io::Error),
+    Refused { uid: u32, pid: i32, euid: u32 },
 }
 
 impl fmt::Display for Error {
@@ -129,6 +138,14 @@ impl fmt::Display for Error {
             Error::Connect(p, e) => write!(f, "cannot connect to {}: {e}", p.display()),
             Error::Io(p, e) => write!(f, "control socket {}: {e}", p.display()),
             Error::NoReply(p) => write!(f, "{} closed the connection without a reply", p.display()),
+            Error::PeerCred(e) => {
+                write!(f, "cannot read the control peer's uid (SO_PEERCRED): {e}")
+            }
+            Error::Refused { uid, pid, euid } => write!(
+                f,
+                "control connection from uid {uid} (pid {pid}) refused: only uid {euid}, \
+                 which molt runs as, may use it"
+            ),
         }
     }
 }
@@ -161,10 +178,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     Ok(listener)
 }
 
-/// One client connection and its partial input line.
+/// One client connection: the bytes it sent that were not taken as lines yet, and
+/// the reply bytes its socket had no room for yet.
 pub struct Client {
     pub stream: UnixStream,
-    buf: Vec<u8>,
+    input: Vec<u8>,
+    output: Vec<u8>,
     /// Set after an overlong line was answered: drop bytes until its newline.
     discarding: bool,
 }
@@ -176,83 +195,160 @@ pub enum Line {
     TooLong,
 }
 
+/// What one read from a client brought.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Input {
+    Bytes,
+    /// Nothing to read now.
+    Nothing,
+    /// The peer closed its side, or the connection broke.
+    Closed,
+}
+
 impl Client {
     pub fn new(stream: UnixStream) -> std::io::Result<Self> {
         stream.set_nonblocking(true)?;
         Ok(Client {
             stream,
-            buf: Vec::new(),
+            input: Vec::new(),
+            output: Vec::new(),
             discarding: false,
         })
     }
 
-    /// Reads what is available; returns the complete lines and whether the peer closed.
-    pub fn read_lines(&mut self) -> (Vec<Line>, bool) {
-        let mut lines = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
+    /// Reads at most one chunk. Called only while `has_line` is false, so what a
+    /// client has buffered here stays under `MAX_LINE + READ_CHUNK` bytes however
+    /// much it sends: the rest waits in its socket.
+    pub fn fill(&mut self) -> Input {
+        let mut chunk = [0u8; READ_CHUNK];
+        let n = loop {
             match self.stream.read(&mut chunk) {
-                Ok(0) => return (lines, true),
-                Ok(n) => self.take(&chunk[..n], &mut lines),
+                Ok(0) => return Input::Closed,
+                Ok(n) => break n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return (lines, false),
-                Err(_) => return (lines, true),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Input::Nothing,
+                Err(_) => return Input::Closed,
             }
+        };
+        self.input.extend_from_slice(&chunk[..n]);
+        if self.discarding {
+            match self.input.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.input.drain(..=i);
+                    self.discarding = false;
+                }
+                None => self.input.clear(),
+            }
+        }
+        Input::Bytes
+    }
+
+    /// Whether `next_line` has something: a complete line, or a too-long one.
+    pub fn has_line(&self) -> bool {
+        self.input.len() > MAX_LINE || self.input.contains(&b'\n')
+    }
+
+    /// Takes the next complete line from what was read.
+    pub fn next_line(&mut self) -> Option<Line> {
+        match self.input.iter().position(|&b| b == b'\n') {
+            Some(i) if i <= MAX_LINE => {
+                let raw: Vec<u8> = self.input.drain(..=i).take(i).collect();
+                let text = String::from_utf8_lossy(&raw);
+                Some(Line::Text(text.trim_end_matches('\r').to_string()))
+            }
+            Some(i) => {
+                self.input.drain(..=i);
+                Some(Line::TooLong)
+            }
+            None if self.input.len() > MAX_LINE => {
+                self.input.clear();
+                self.discarding = true;
+                Some(Line::TooLong)
+            }
+            None => None,
         }
     }
 
-    fn take(&mut self, mut data: &[u8], lines: &mut Vec<Line>) {
-        while !data.is_empty() {
-            let newline = data.iter().position(|&b| b == b'\n');
-            let (part, rest) = match newline {
-                Some(i) => (&data[..i], &data[i + 1..]),
-                None => (data, &[][..]),
-            };
-            if !self.discarding {
-                self.buf.extend_from_slice(part);
-                if self.buf.len() > MAX_LINE {
-                    self.buf.clear();
-                    self.discarding = true;
-                    lines.push(Line::TooLong);
-                }
-            }
-            if newline.is_some() {
-                if !self.discarding {
-                    let raw = std::mem::take(&mut self.buf);
-                    let text = String::from_utf8_lossy(&raw);
-                    lines.push(Line::Text(text.trim_end_matches('\r').to_string()));
-                }
-                self.discarding = false;
-            }
-            data = rest;
-        }
-    }
-
-    /// Writes one reply line. A client that does not read its replies is dropped.
-    /// An empty text sends nothing: another process will answer (a transfer).
-    pub fn reply(&mut self, text: &str) -> std::io::Result<()> {
+    /// Queues one reply line and writes what the socket takes; the rest goes out
+    /// with `flush` once the client reads. An empty text sends nothing: another
+    /// process will answer (a transfer). Never blocks.
+    pub fn reply(&mut self, text: &str) -> std::io::Result<usize> {
         if text.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        let mut line = String::with_capacity(text.len() + 1);
-        line.push_str(text);
-        line.push('\n');
-        self.stream.write_all(line.as_bytes())
+        self.output.extend_from_slice(text.as_bytes());
+        self.output.push(b'\n');
+        self.flush()
     }
+
+    /// Writes queued reply bytes until done or the socket is full; returns how
+    /// many went out. An error means the connection is broken.
+    pub fn flush(&mut self) -> std::io::Result<usize> {
+        let mut written = 0;
+        while written < self.output.len() {
+            match self.stream.write(&self.output[written..]) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        self.output.drain(..written);
+        Ok(written)
+    }
+
+    /// Whether reply bytes wait for the client to read.
+    pub fn output_pending(&self) -> bool {
+        !self.output.is_empty()
+    }
+}
+
+/// Admits a new connection only from molt's own effective uid (SO_PEERCRED): the
+/// socket's 0600 mode is the first guard, this one holds even if the mode or the
+/// directory was loosened.
+pub fn check_peer(stream: &UnixStream) -> Result<(), Error> {
+    // SAFETY: ucred is plain data; zeroed is a valid value.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writing and `len` is cred's size.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::PeerCred(std::io::Error::last_os_error()));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if cred.uid != euid {
+        return Err(Error::Refused {
+            uid: cred.uid,
+            pid: cred.pid,
+            euid,
+        });
+    }
+    Ok(())
 }
 
 /// `molt ctl`: sends `line` and returns the reply line without its newline.
 pub fn request(path: &Path, line: &str) -> Result<String, Error> {
     let mut stream = UnixStream::connect(path).map_err(|e| Error::Connect(path.into(), e))?;
-    stream
-        .write_all(format!("{line}\n").as_bytes())
-        .map_err(|e| Error::Io(path.into(), e))?;
+    // A refused connection may be closed before the line is sent: its one reply
+    // line, the reason, is still there to read.
+    let sent = stream.write_all(format!("{line}\n").as_bytes());
     let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .map_err(|e| Error::Io(path.into(), e))?;
+    let read = BufReader::new(stream).read_line(&mut reply);
     if !reply.ends_with('\n') {
-        return Err(Error::NoReply(path.into()));
+        return Err(match (sent, read) {
+            (Err(e), _) | (_, Err(e)) => Error::Io(path.into(), e),
+            _ => Error::NoReply(path.into()),
+        });
     }
     reply.pop();
     Ok(reply)
@@ -328,13 +424,30 @@ mod tests {
         (Client::new(a).unwrap(), b)
     }
 
+    /// Reads until nothing is left, taking lines as they complete (as the event
+    /// loop does); also returns whether the peer closed.
+    fn drain(c: &mut Client) -> (Vec<Line>, bool) {
+        let mut lines = Vec::new();
+        loop {
+            while let Some(line) = c.next_line() {
+                lines.push(line);
+            }
+            match c.fill() {
+                Input::Bytes => {}
+                Input::Nothing => return (lines, false),
+                Input::Closed => return (lines, true),
+            }
+        }
+    }
+
     #[test]
     fn lines_split_across_reads() {
         let (mut c, mut peer) = client();
         peer.write_all(b"sta").unwrap();
-        assert_eq!(c.read_lines(), (vec![], false));
+        assert_eq!(drain(&mut c), (vec![], false));
+        assert!(!c.has_line());
         peer.write_all(b"tus\r\npause\n").unwrap();
-        let (lines, closed) = c.read_lines();
+        let (lines, closed) = drain(&mut c);
         assert!(!closed);
         assert_eq!(
             lines,
@@ -349,17 +462,80 @@ mod tests {
         let big = vec![b'a'; MAX_LINE * 3];
         for chunk in big.chunks(1000) {
             peer.write_all(chunk).unwrap();
-            lines.extend(c.read_lines().0);
+            lines.extend(drain(&mut c).0);
         }
         peer.write_all(b"\nstatus\n").unwrap();
-        lines.extend(c.read_lines().0);
+        lines.extend(drain(&mut c).0);
         assert_eq!(lines, vec![Line::TooLong, Line::Text("status".into())]);
+    }
+
+    #[test]
+    fn an_overlong_line_in_one_write_is_one_error() {
+        let (mut c, mut peer) = client();
+        let mut big = vec![b'a'; MAX_LINE + 1];
+        big.extend_from_slice(b"\nstatus\n");
+        peer.write_all(&big).unwrap();
+        assert_eq!(
+            drain(&mut c).0,
+            vec![Line::TooLong, Line::Text("status".into())]
+        );
+        let exact = format!("{}\n", "b".repeat(MAX_LINE));
+        peer.write_all(exact.as_bytes()).unwrap();
+        assert_eq!(drain(&mut c).0, vec![Line::Text("b".repeat(MAX_LINE))]);
+    }
+
+    #[test]
+    fn a_flood_is_read_one_chunk_at_a_time() {
+        let (mut c, mut peer) = client();
+        peer.write_all(&b"status\n".repeat(1000)).unwrap();
+        assert_eq!(c.fill(), Input::Bytes);
+        assert!(c.has_line());
+        assert!(
+            c.input.len() <= READ_CHUNK,
+            "{} bytes buffered",
+            c.input.len()
+        );
     }
 
     #[test]
     fn closing_is_seen() {
         let (mut c, peer) = client();
         drop(peer);
-        assert!(c.read_lines().1);
+        assert!(drain(&mut c).1);
+    }
+
+    #[test]
+    fn replies_the_socket_cannot_take_wait_for_flush() {
+        let (mut c, mut peer) = client();
+        let text = "x".repeat(1000);
+        let mut queued = 0;
+        while !c.output_pending() {
+            c.reply(&text).unwrap();
+            queued += text.len() + 1;
+        }
+        peer.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        while got.len() < queued {
+            match peer.read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    c.flush().unwrap();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(!c.output_pending());
+        assert_eq!(got.len(), queued, "every reply byte arrives, once");
+        assert!(got
+            .split(|&b| b == b'\n')
+            .take(queued / 1001)
+            .all(|l| l == text.as_bytes()));
+    }
+
+    #[test]
+    fn a_peer_of_our_own_uid_is_admitted() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        check_peer(&a).unwrap();
     }
 }

@@ -334,11 +334,15 @@ struct RawClient {
 
 impl RawClient {
     fn connect(sock: &Path) -> RawClient {
-        let writer = UnixStream::connect(sock).expect("connect control socket");
-        writer.set_read_timeout(Some(TIMEOUT)).unwrap();
-        writer.set_write_timeout(Some(TIMEOUT)).unwrap();
-        let reader = BufReader::new(writer.try_clone().unwrap());
-        RawClient { writer, reader }
+        RawClient::connect_checked(sock).expect("connect control socket")
+    }
+
+    fn connect_checked(sock: &Path) -> std::io::Result<RawClient> {
+        let writer = UnixStream::connect(sock)?;
+        writer.set_read_timeout(Some(TIMEOUT))?;
+        writer.set_write_timeout(Some(TIMEOUT))?;
+        let reader = BufReader::new(writer.try_clone()?);
+        Ok(RawClient { writer, reader })
     }
 
     /// Sends `bytes` and reads one reply line (without its newline). A write error
@@ -459,4 +463,213 @@ fn four_vcpus_are_reported() {
         "status {status:?}"
     );
     c.molt.assert_running("with 4 vCPUs");
+}
+
+/// One request on a connection of its own, as `molt ctl` makes it.
+fn request_once(sock: &Path, line: &str) -> std::io::Result<String> {
+    let mut client = RawClient::connect_checked(sock)?;
+    client.request(format!("{line}\n").as_bytes())
+}
+
+#[test]
+fn fifty_parallel_clients_get_every_reply() {
+    if !kvm_available("fifty_parallel_clients_get_every_reply") {
+        return;
+    }
+    let mut c = Counting::start("par", true, &[]);
+    let workers: Vec<_> = (0..50)
+        .map(|_| {
+            let sock = c.sock.clone();
+            thread::spawn(move || {
+                (0..20)
+                    .map(|_| request_once(&sock, "status"))
+                    .filter(|r| r.as_ref().is_ok_and(|l| l.starts_with("ok state=")))
+                    .count()
+            })
+        })
+        .collect();
+    let ok: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert_eq!(ok, 1000, "status requests answered `ok state=...`");
+    c.molt.assert_running("after 1000 parallel requests");
+}
+
+#[test]
+fn idle_connections_do_not_lock_the_operator_out() {
+    if !kvm_available("idle_connections_do_not_lock_the_operator_out") {
+        return;
+    }
+    let mut c = Counting::start("idle", true, &[]);
+    // Settle first, so that molt holds no connection but these 20 (the probe
+    // that saw the socket come up is gone), and these are all accepted.
+    thread::sleep(Duration::from_millis(200));
+    let idle: Vec<_> = (0..20).map(|_| RawClient::connect(&c.sock)).collect();
+    thread::sleep(Duration::from_millis(200));
+    c.status();
+    drop(idle);
+    c.molt.assert_running("after 20 idle connections");
+}
+
+#[test]
+fn bursts_of_connect_and_close_leave_the_socket_usable() {
+    if !kvm_available("bursts_of_connect_and_close_leave_the_socket_usable") {
+        return;
+    }
+    let mut c = Counting::start("burst", true, &[]);
+    for round in 0..5 {
+        for _ in 0..100 {
+            drop(UnixStream::connect(&c.sock).expect("connect"));
+        }
+        // At once, not via `molt ctl`: its start-up would give molt time to
+        // see the closed connections go.
+        let reply = request_once(&c.sock, "status");
+        assert!(
+            reply.as_ref().is_ok_and(|r| r.starts_with("ok state=")),
+            "status after burst {round}: {reply:?}"
+        );
+    }
+    c.status();
+    c.molt.assert_running("after bursts of connect and close");
+}
+
+/// The pipeliner pauses the guest, asks `status` 1000 times and resumes it, all in
+/// one write, and reads nothing meanwhile. Another client's `status` must be
+/// answered while the guest is still paused: served in turn, not after the
+/// pipeliner's whole batch. Then every one of the pipeliner's replies arrives.
+#[test]
+fn a_pipelining_client_does_not_delay_another() {
+    if !kvm_available("a_pipelining_client_does_not_delay_another") {
+        return;
+    }
+    let mut c = Counting::start("pipe", true, &[]);
+    let mut single = RawClient::connect(&c.sock);
+    assert_status_ok(&mut single, "connecting");
+    let mut pipeliner = RawClient::connect(&c.sock);
+    assert_status_ok(&mut pipeliner, "connecting");
+
+    let mut batch = b"pause\n".to_vec();
+    batch.extend_from_slice(&b"status\n".repeat(1000));
+    batch.extend_from_slice(b"resume\n");
+    pipeliner.writer.write_all(&batch).expect("pipelined write");
+    // Its pause is served first: wait for it, without reading its replies.
+    let paused = common::wait_until(TIMEOUT, || {
+        let status = request_once(&c.sock, "status").ok()?;
+        (field(&status, "state") == Some("paused")).then_some(())
+    });
+    assert!(paused.is_some(), "the pipelined pause was never served");
+
+    let asked = Instant::now();
+    let reply = single
+        .request(b"status\n")
+        .expect("status beside the pipeliner");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        field(&reply, "state"),
+        Some("paused"),
+        "status {reply:?}: served only after the pipeliner's whole batch"
+    );
+
+    let mut replies = Vec::new();
+    for _ in 0..batch.split(|&b| b == b'\n').count() - 1 {
+        let mut line = String::new();
+        match pipeliner.reader.read_line(&mut line) {
+            Ok(n) if n > 0 => replies.push(line),
+            other => panic!("pipeliner's reply {}: {other:?}", replies.len()),
+        }
+    }
+    assert_eq!(replies.first().map(String::as_str), Some("ok\n"));
+    assert_eq!(replies.last().map(String::as_str), Some("ok\n"));
+    let statuses = replies[1..replies.len() - 1]
+        .iter()
+        .filter(|r| r.starts_with("ok state="))
+        .count();
+    assert_eq!(statuses, 1000, "every pipelined status answered");
+    let status = c.status();
+    assert_eq!(field(&status, "state"), Some("running"));
+    c.molt.assert_running("after the pipeliner");
+}
+
+#[test]
+fn a_peer_of_another_uid_is_refused() {
+    let test = "a_peer_of_another_uid_is_refused";
+    if !kvm_available(test) {
+        return;
+    }
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(setpriv) = setpriv else {
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no setpriv");
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs root for setpriv");
+        return;
+    }
+    let c = Counting::start("uid", true, &[]);
+    // Open the file modes wide: only the SO_PEERCRED check stands in the way.
+    fs::set_permissions(&c.sock, fs::Permissions::from_mode(0o666)).unwrap();
+    fs::set_permissions(c.sock.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+    let out = common::run_with_timeout(
+        std::process::Command::new(setpriv).args([
+            "--reuid",
+            "nobody",
+            "--regid",
+            "nogroup",
+            "--clear-groups",
+            common::MOLT,
+            "ctl",
+            c.sock.to_str().unwrap(),
+            "pause",
+        ]),
+        TIMEOUT,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "pause from nobody: {stdout:?}");
+    assert_error_naming("pause from nobody", stdout.trim_end(), &["uid"]);
+    let status = c.status();
+    assert_eq!(
+        field(&status, "state"),
+        Some("running"),
+        "nobody's pause was carried out: {status:?}"
+    );
+    let log = c.molt.stderr();
+    assert!(log.contains("refused"), "the refusal is logged: {log}");
+}
+
+/// molt serves at most this many control clients at once (README).
+const MAX_CLIENTS: usize = 64;
+
+#[test]
+fn a_client_beyond_the_limit_waits_for_a_free_slot() {
+    if !kvm_available("a_client_beyond_the_limit_waits_for_a_free_slot") {
+        return;
+    }
+    let mut c = Counting::start("full", true, &[]);
+    let mut held: Vec<RawClient> = (0..MAX_CLIENTS)
+        .map(|i| {
+            let mut client = RawClient::connect(&c.sock);
+            assert_status_ok(&mut client, &format!("connection {i}"));
+            client
+        })
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    let sock = c.sock.clone();
+    thread::spawn(move || tx.send(request_once(&sock, "status")));
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "with every slot taken, a further client waits"
+    );
+    held.pop();
+    let reply = rx.recv_timeout(TIMEOUT).expect("served once a slot freed");
+    assert!(
+        reply.as_ref().is_ok_and(|r| r.starts_with("ok state=")),
+        "{reply:?}"
+    );
+    assert_status_ok(&mut held[0], "a slot freed");
+    c.molt.assert_running("with every slot taken");
 }

@@ -8,21 +8,25 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::args::{Incoming, RunConfig, SerialConfig};
 use crate::bus::GuestExit;
-use crate::control::{self, Client, Command, Line, MAX_CLIENTS};
+use crate::control::{self, Command};
 use crate::cpr;
 use crate::devices::serial::Output;
 use crate::files::{self, Access};
 use crate::terminal::RawMode;
 use crate::vm::{self, Machine};
 
+mod clients;
 mod pending;
 mod updates;
+
+use clients::Clients;
 
 /// How `molt run` ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -220,7 +224,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         epoll: Epoll::new().map_err(|e| Error::Setup("epoll_create", e))?,
         machine,
         listener,
-        clients: Vec::new(),
+        clients: Clients::new(),
         pending_input: Vec::new(),
         stdin_open: false,
         paused: false,
@@ -244,7 +248,9 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     lp.add(exit_evt.as_raw_fd(), TOKEN_EXIT)?;
     lp.add(signals.as_raw_fd(), TOKEN_SIGNAL)?;
     if let Some(l) = &lp.listener {
-        lp.add(l.as_raw_fd(), TOKEN_LISTENER)?;
+        lp.clients
+            .watch_listener(&lp.epoll, l.as_raw_fd())
+            .map_err(|e| Error::Setup("epoll_ctl", e))?;
     }
     // /dev/null and regular files cannot be polled (EPERM): then there is no input.
     lp.stdin_open = cfg.serial == SerialConfig::Stdio && lp.add(lp.console_in, TOKEN_STDIN).is_ok();
@@ -331,7 +337,7 @@ struct Loop {
     epoll: Epoll,
     machine: Machine,
     listener: Option<UnixListener>,
-    clients: Vec<Option<Client>>,
+    clients: Clients,
     /// Console input read from stdin that the UART had no room for yet.
     pending_input: Vec<u8>,
     stdin_open: bool,
@@ -387,11 +393,12 @@ impl Loop {
     ) -> Result<Outcome, Error> {
         let mut events = vec![EpollEvent::default(); 32];
         loop {
-            let timeout = if self.pending_input.is_empty() {
+            let input_timeout = if self.pending_input.is_empty() {
                 -1
             } else {
                 INPUT_RETRY_MS
             };
+            let timeout = earliest(input_timeout, self.clients.timeout_ms(Instant::now()));
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -420,11 +427,18 @@ impl Loop {
                         self.virtio_event(t - TOKEN_VIRTIO);
                         Next::Continue
                     }
-                    t => self.client_ready((t - TOKEN_CLIENT) as usize),
+                    t => {
+                        let slot = (t - TOKEN_CLIENT) as usize;
+                        self.clients.event(&self.epoll, slot, Instant::now());
+                        Next::Continue
+                    }
                 };
                 if let Next::Stop(outcome) = next {
                     return Ok(outcome);
                 }
+            }
+            if let Next::Stop(outcome) = self.serve_clients() {
+                return Ok(outcome);
             }
         }
     }
@@ -548,120 +562,6 @@ impl Loop {
         }
     }
 
-    fn accept(&mut self) {
-        let Some(listener) = &self.listener else {
-            return;
-        };
-        let mut accepted = Vec::new();
-        while let Ok((stream, _)) = listener.accept() {
-            accepted.push(stream);
-        }
-        for stream in accepted {
-            self.adopt_client(stream, "");
-        }
-    }
-
-    /// Serves a new client connection; `greeting`, if any, is sent first.
-    fn adopt_client(&mut self, stream: UnixStream, greeting: &str) {
-        let Ok(mut client) = Client::new(stream) else {
-            return;
-        };
-        if !greeting.is_empty() && client.reply(greeting).is_err() {
-            return;
-        }
-        let slot = self.clients.iter().position(Option::is_none);
-        let slot = match slot {
-            Some(s) => s,
-            None if self.clients.len() < MAX_CLIENTS => {
-                self.clients.push(None);
-                self.clients.len() - 1
-            }
-            None => {
-                let _ = client.reply("error: too many control connections");
-                return;
-            }
-        };
-        if self
-            .add(client.stream.as_raw_fd(), TOKEN_CLIENT + slot as u64)
-            .is_ok()
-        {
-            self.clients[slot] = Some(client);
-        }
-    }
-
-    fn client_ready(&mut self, slot: usize) -> Next {
-        let Some(Some(client)) = self.clients.get_mut(slot) else {
-            return Next::Continue;
-        };
-        let (lines, closed) = client.read_lines();
-        let mut next = Next::Continue;
-        let mut drop_client = closed;
-        for line in lines {
-            let (reply, stop) = match line {
-                Line::TooLong => (
-                    format!(
-                        "error: command line too long (more than {} bytes)",
-                        control::MAX_LINE
-                    ),
-                    None,
-                ),
-                Line::Text(text) => match control::parse(&text) {
-                    Ok(cmd) => self.execute(cmd, slot),
-                    Err(why) => (format!("error: {why}"), None),
-                },
-            };
-            let Some(Some(client)) = self.clients.get_mut(slot) else {
-                break;
-            };
-            if client.reply(&reply).is_err() {
-                drop_client = true;
-            }
-            if let Some(outcome) = stop {
-                next = Next::Stop(outcome);
-                break;
-            }
-            if self.held(slot) {
-                // One update per client at a time; it waits for its reply.
-                break;
-            }
-        }
-        // A held client's descriptor stays open until its update ends: the
-        // update may be handing that very descriptor on.
-        if drop_client && !self.held(slot) {
-            self.drop_client(slot);
-        }
-        next
-    }
-
-    fn drop_client(&mut self, slot: usize) {
-        if let Some(client) = self.clients[slot].take() {
-            self.remove(client.stream.as_raw_fd());
-        }
-    }
-
-    /// Whether `slot` waits for a CPR command's reply.
-    fn held(&self, slot: usize) -> bool {
-        self.pending.as_ref().is_some_and(|p| p.slot == slot)
-    }
-
-    /// Stops reading from a client (its update is under way).
-    fn hold(&mut self, slot: usize) {
-        if let Some(Some(client)) = self.clients.get(slot) {
-            self.remove(client.stream.as_raw_fd());
-        }
-    }
-
-    /// Sends a held client its reply and serves it again.
-    fn release(&mut self, slot: usize, reply: &str) {
-        let Some(Some(client)) = self.clients.get_mut(slot) else {
-            return;
-        };
-        let fd = client.stream.as_raw_fd();
-        if client.reply(reply).is_err() || self.add(fd, TOKEN_CLIENT + slot as u64).is_err() {
-            self.drop_client(slot);
-        }
-    }
-
     /// Carries out one command: the reply line, and whether molt must stop.
     fn execute(&mut self, cmd: Command, slot: usize) -> (String, Option<Outcome>) {
         match cmd {
@@ -713,6 +613,14 @@ impl Loop {
             std::process::id(),
             self.last_pause_us,
         )
+    }
+}
+
+/// The earlier of two epoll timeouts in ms, where -1 means none.
+fn earliest(a: i32, b: i32) -> i32 {
+    match (a, b) {
+        (-1, t) | (t, -1) => t,
+        (a, b) => a.min(b),
     }
 }
 

@@ -85,7 +85,7 @@ impl Loop {
         path: PathBuf,
         max_pause: Option<Duration>,
     ) -> (String, Option<Outcome>) {
-        let Some(Some(client)) = self.clients.get(slot) else {
+        let Some(client_fd) = self.clients.fd(slot) else {
             return ("error: cpr-transfer: no client".into(), None);
         };
         if let Some(own) = &self.control_path {
@@ -104,7 +104,7 @@ impl Loop {
         let fds = cpr::transfer_fds(
             &self.machine,
             self.listener.as_ref().map(|l| l.as_raw_fd()),
-            client.stream.as_raw_fd(),
+            client_fd,
             console_in,
         );
         let max_pause = max_pause.unwrap_or(cpr::transfer::DEFAULT_MAX_PAUSE);
@@ -128,7 +128,7 @@ impl Loop {
         if let Err(e) = self.add(worker.done_fd(), TOKEN_OP) {
             return (format!("error: {what}: {e}"), None);
         }
-        self.hold(slot);
+        self.clients.hold(&self.epoll, slot);
         self.pending = Some(Pending { slot, what, worker });
         (String::new(), None)
     }
@@ -156,7 +156,7 @@ impl Loop {
                 (format!("error: cpr-transfer: {e}"), None)
             }
         };
-        self.release(slot, &reply);
+        self.answer_held(slot, &reply);
         match stop {
             Some(outcome) => Next::Stop(outcome),
             None => Next::Continue,
@@ -172,11 +172,18 @@ impl Loop {
             let (slot, what) = (p.slot, p.what);
             drop(p.worker);
             log::warn!("{what} interrupted: molt is stopping");
-            self.release(
+            self.answer_held(
                 slot,
                 &format!("error: {what}: interrupted: molt is stopping"),
             );
         }
+    }
+
+    /// Serves a held client again, its update's reply first.
+    fn answer_held(&mut self, slot: usize, reply: &str) {
+        let now = std::time::Instant::now();
+        self.clients.release(&self.epoll, slot, now);
+        self.clients.reply(&self.epoll, slot, reply, now);
     }
 
     /// Exec mode, step 2. Returns only if the exec did not happen; the guest
@@ -187,10 +194,9 @@ impl Loop {
         binary: &Path,
         argv: &[String],
     ) -> (String, Option<Outcome>) {
-        let Some(Some(client)) = self.clients.get(slot) else {
+        let Some(client_fd) = self.clients.fd(slot) else {
             return ("error: cpr-exec: no client".into(), None);
         };
-        let client_fd = client.stream.as_raw_fd();
         let was_paused = self.paused;
         if !was_paused {
             if let Err(e) = self.machine.vcpus.pause() {
@@ -230,7 +236,7 @@ impl Loop {
         out: cpr::transfer::Outgoing,
         max_pause: Duration,
     ) -> (String, Option<Outcome>) {
-        if self.clients.get(slot).is_none() {
+        if self.clients.fd(slot).is_none() {
             return ("error: cpr-transfer: no client".into(), None);
         }
         let was_paused = self.paused;
