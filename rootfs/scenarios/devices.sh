@@ -23,6 +23,9 @@ if tap_up; then check tap yes yes; else check tap no yes; fi
 
 if molt_boot "$LOG" --cpus 2 --mem 256M --disk "$A" --disk "$B" --net "tap=$TAP"; then
     check guest_cpus "$GUEST_CPUS" 2
+    # Informational: DEVICE_CMDLINE's hung-task timeout took effect.
+    guest_cmd 'echo "HUNG $(cat /proc/sys/kernel/hung_task_timeout_secs)"' 30 >/dev/null
+    result guest_hung_task_timeout "$(gval HUNG)"
     guest_cmd 'echo "VIRTIO $(ls /sys/bus/virtio/devices | wc -l)"; ls /sys/block | sed "s/^/BLK /"' 30 >/dev/null
     check virtio_devices "$(gval VIRTIO)" 3
     check guest_disks "$(gout BLK | grep -c '^vd')" 2

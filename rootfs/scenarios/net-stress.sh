@@ -6,6 +6,9 @@
 # counts (twice, 3 s apart), then whether a guest-side transmit gets it going
 # again. If molt has exited instead, its status, stderr and the guest console.
 # Run: MOLT_LAB_TIMEOUT=1500 MOLT_LAB_APPEND=molt.env.ROUNDS=40 scripts/lab.sh net-stress
+# loglevel=7: if L2 itself hangs (seen once: khugepaged blocked, every process
+# in L2 stuck), its hung-task reports come with the stacks.
+# lab-append: loglevel=7
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
 
