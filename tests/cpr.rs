@@ -1335,3 +1335,38 @@ fn make_golden_state_v1() {
     fs::copy(&state, &state_out).expect("copy state");
     fs::copy(&g.serial, data.join("state-v1.serial")).expect("copy serial");
 }
+
+/// A restart opens the disks by name, so `cpr-save` refuses a disk whose name
+/// no longer leads to the open image (it used to save and exit, and the last
+/// reference to a deleted image went with it); the guest runs on.
+#[test]
+fn save_refuses_a_disk_replaced_or_deleted_while_molt_runs() {
+    if !kvm_available("save_refuses_a_disk_replaced_or_deleted_while_molt_runs") {
+        return;
+    }
+    let disk =
+        RemoveFile(std::env::temp_dir().join(format!("molt-cpr-gone-{}", std::process::id())));
+    fs::write(&disk.0, vec![0u8; 1 << 20]).expect("write disk image");
+    let mut g = Guest::new("disk-gone", &[("--disk", disk.0.to_str().expect("utf-8"))]);
+    let mut molt = g.boot();
+    g.more_counts(&mut molt, 2);
+    let state = g.dir.join("state");
+    let save = |g: &Guest| g.ctl(&["cpr-save", state.to_str().expect("utf-8")]);
+
+    let fresh = disk.0.with_extension("new");
+    fs::write(&fresh, vec![0u8; 1 << 20]).expect("write the replacement");
+    fs::rename(&fresh, &disk.0).expect("replace the image");
+    let reply = save(&g);
+    assert!(
+        reply.starts_with("error: cpr-save: disk") && reply.contains("another file"),
+        "{reply}"
+    );
+    g.more_counts(&mut molt, 2);
+
+    fs::remove_file(&disk.0).expect("delete the image");
+    let reply = save(&g);
+    assert!(reply.contains("was deleted while molt ran"), "{reply}");
+    assert!(!state.exists(), "a state was written");
+    g.more_counts(&mut molt, 2);
+    molt.assert_running("after the refused saves");
+}

@@ -1720,3 +1720,22 @@ fn slow_probes_and_own_sockets_do_not_block_the_control_plane() {
     });
     assert!(gone.is_some(), "the probe's child {child} outlived it");
 }
+
+/// Exec and transfer hand the open image over, so a disk deleted while molt
+/// runs is no obstacle to them (reboot mode refuses it: tests/cpr.rs).
+#[test]
+fn exec_and_transfer_carry_a_deleted_disk() {
+    if !kvm_available("exec_and_transfer_carry_a_deleted_disk") {
+        return;
+    }
+    let dir = TempDir::new("disk-gone");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    let disk = dir.join("disk.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).expect("write disk image");
+    let mut g = Guest::start(dir, &a, &["--disk", disk.to_str().unwrap()]);
+    fs::remove_file(&disk).expect("delete the image");
+    g.exec(None, &version);
+    g.transfer(&a, &version);
+    g.exec(None, &version);
+}

@@ -50,7 +50,12 @@ pub enum Error {
     Probe(PathBuf, String),
     Handover(String),
     Transfer(transfer::Error),
-    RamMismatch { now: u32, saved: u32 },
+    RamMismatch {
+        now: u32,
+        saved: u32,
+    },
+    /// A disk's name no longer leads to the image molt has open.
+    DiskGone(PathBuf, &'static str),
 }
 
 impl fmt::Display for Error {
@@ -68,6 +73,12 @@ impl fmt::Display for Error {
             Error::Probe(p, why) => write!(f, "{} cannot take the guest: {why}", p.display()),
             Error::Handover(why) => write!(f, "handover: {why}"),
             Error::Transfer(e) => e.fmt(f),
+            Error::DiskGone(p, why) => write!(
+                f,
+                "disk {} {why}: a restart would not find what the guest wrote \
+                 (cpr-exec and cpr-transfer carry the open image)",
+                p.display()
+            ),
             Error::RamMismatch { now, saved } => write!(
                 f,
                 "guest RAM is not the RAM that was saved (page sample CRC {now:#010x}, \
@@ -226,6 +237,21 @@ fn snapshot(machine: &Machine, ram: RamLocation, stopped_at_ns: u64) -> Result<C
     })
 }
 
+/// The disk and tap descriptors, each in argv order.
+fn backends(machine: &Machine) -> (Vec<RawFd>, Vec<RawFd>) {
+    let (mut disks, mut taps) = (Vec::new(), Vec::new());
+    for d in &machine.virtio {
+        let d = crate::pci::lock(d);
+        let dev = d.device();
+        if dev.device_type() == crate::virtio::TYPE_NET {
+            taps.push(dev.backend_fd());
+        } else {
+            disks.push(dev.backend_fd());
+        }
+    }
+    (disks, taps)
+}
+
 /// The guest's descriptors by slot: RAM, disks and taps in argv order, then the
 /// control socket and the client that asked.
 pub fn handover_fds(
@@ -234,21 +260,34 @@ pub fn handover_fds(
     client: RawFd,
 ) -> Vec<(FdKind, RawFd)> {
     let mut fds = vec![(FdKind::GuestRam, machine.ram.file().as_raw_fd())];
-    let (mut disk, mut tap) = (0u8, 0u8);
-    for d in &machine.virtio {
-        let d = crate::pci::lock(d);
-        let dev = d.device();
-        if dev.device_type() == crate::virtio::TYPE_NET {
-            fds.push((FdKind::Tap(tap), dev.backend_fd()));
-            tap += 1;
-        } else {
-            fds.push((FdKind::Disk(disk), dev.backend_fd()));
-            disk += 1;
-        }
-    }
+    let (disks, taps) = backends(machine);
+    fds.extend((0u8..).zip(disks).map(|(i, fd)| (FdKind::Disk(i), fd)));
+    fds.extend((0u8..).zip(taps).map(|(i, fd)| (FdKind::Tap(i), fd)));
     fds.extend(listener.map(|l| (FdKind::ControlListener, l)));
     fds.push((FdKind::Client, client));
     fds
+}
+
+/// Reboot mode reopens the disks by name: each of `paths` (argv order) must
+/// still name the image this process has open, neither deleted nor replaced.
+pub fn check_disks_named(machine: &Machine, paths: &[PathBuf]) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    for (path, fd) in paths.iter().zip(backends(machine).0) {
+        // SAFETY: stat is plain data, filled in by fstat on our open disk.
+        let mut open: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is the disk's open descriptor; `open` is valid for writes.
+        if unsafe { libc::fstat(fd, &mut open) } < 0 {
+            return Err(Error::DiskGone(path.clone(), "cannot be checked"));
+        }
+        let why = match std::fs::metadata(path) {
+            Ok(m) if m.dev() == open.st_dev && m.ino() == open.st_ino => continue,
+            Ok(_) => "now names another file than the image molt has open",
+            Err(_) if open.st_nlink == 0 => "was deleted while molt ran",
+            Err(_) => "was moved away while molt ran",
+        };
+        return Err(Error::DiskGone(path.clone(), why));
+    }
+    Ok(())
 }
 
 /// Exec mode, step 2: what the new image received.

@@ -239,6 +239,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
             .as_ref()
             .map_or(libc::STDIN_FILENO, |f| f.as_raw_fd()),
         control_path: cfg.control.clone(),
+        disk_paths: cfg.disks.iter().map(|d| d.path.clone()).collect(),
         paused_at_ns: 0,
         _console_in: console_in,
         signal_fd: signals.as_raw_fd(),
@@ -358,6 +359,8 @@ struct Loop {
     /// CLOCK_REALTIME (ns) when the vCPUs last stopped: a CPR pause starts here.
     paused_at_ns: u64,
     _console_in: Option<std::os::fd::OwnedFd>,
+    /// The disks as named on argv (not the descriptors an update handed over).
+    disk_paths: Vec<PathBuf>,
     /// Polled (not read) by the pause of a transfer: a signal aborts it.
     signal_fd: RawFd,
     /// The CPR command under way, if any.

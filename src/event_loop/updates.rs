@@ -14,6 +14,12 @@ use crate::terminal::RawMode;
 impl Loop {
     /// Reboot mode, step 1. On failure the guest runs on as if nothing happened.
     pub(super) fn cpr_save(&mut self, path: &Path) -> (String, Option<Outcome>) {
+        // The next molt opens the disks by name: a name that no longer leads to
+        // the open image would lose what the guest wrote.
+        if let Err(e) = cpr::check_disks_named(&self.machine, &self.disk_paths) {
+            log::warn!("cpr-save refused, guest runs on: {e}");
+            return (format!("error: cpr-save: {e}"), None);
+        }
         let was_paused = self.paused;
         if !was_paused {
             if let Err(e) = self.machine.vcpus.pause() {
