@@ -1320,8 +1320,9 @@ fn golden_state_v1_resumes() {
     write_private(&state, &golden_state());
     // `molt state` compares the saved CPU needs with this host's KVM as the
     // restore does: on a host that cannot run the guest (this AMD EPYC's KVM
-    // lacks AVX-512 and PKRU state, among others) the restore must refuse with
-    // the same reason, exit 1 and leave the file and the console untouched.
+    // lacks PKRU state and Intel-only features, and lays AVX-512 state out
+    // elsewhere) the restore must refuse with the same reason, exit 1, and
+    // leave the file and the console untouched.
     let verdict = host_cpu_verdict(&state_summary(&state)).to_string();
     if let Some(reason) = verdict.strip_prefix("refused: ") {
         let expected = format!(

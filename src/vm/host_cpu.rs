@@ -848,7 +848,7 @@ mod tests {
         );
     }
 
-    /// The golden state (Intel, Sapphire Rapids class) against its own CPUID
+    /// The golden state (an Intel Xeon, family 6 model 0xcf) against its own CPUID
     /// (accepted) and against that CPUID without AVX-512F and PKRU state.
     #[test]
     fn golden_state_against_fixed_hosts() {
