@@ -172,7 +172,10 @@ impl Loop {
             let (slot, what) = (p.slot, p.what);
             drop(p.worker);
             log::warn!("{what} interrupted: molt is stopping");
-            self.release(slot, &format!("error: {what}: interrupted: molt is stopping"));
+            self.release(
+                slot,
+                &format!("error: {what}: interrupted: molt is stopping"),
+            );
         }
     }
 
