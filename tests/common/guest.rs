@@ -112,11 +112,7 @@ pub enum ExitKind {
 /// read back from RAM in 8 uppercase hex digits. A guest restored with its RAM
 /// continues the sequence; one that restarted would print the start line again.
 pub fn counting_guest() -> Vec<u8> {
-    let mut a = Asm::new(LOAD_ADDR);
-    a.emit(&[0xfa]); // cli
-    a.emit_u32(&[0xbc], STACK_TOP); // mov esp, STACK_TOP
-    a.emit_u32(&[0xbb], MSG_START_ADDR); // mov ebx, MSG_START
-    a.rel32(&[0xe8], "puts"); // call puts
+    let mut a = entry(MSG_START_ADDR);
 
     a.label("main_loop");
     a.emit_u32(&[0xba], UART_LSR); // mov edx, 0x3fd
@@ -157,11 +153,7 @@ pub fn exit_guest(kind: ExitKind) -> Vec<u8> {
         ExitKind::PowerOff => ACPI_POWER_OFF,
         ExitKind::Reset => ACPI_RESET,
     };
-    let mut a = Asm::new(LOAD_ADDR);
-    a.emit(&[0xfa]); // cli
-    a.emit_u32(&[0xbc], STACK_TOP); // mov esp, STACK_TOP
-    a.emit_u32(&[0xbb], MSG_HELLO_ADDR); // mov ebx, MSG_HELLO
-    a.rel32(&[0xe8], "puts"); // call puts
+    let mut a = entry(MSG_HELLO_ADDR);
     a.emit_u32(&[0xba], ACPI_SLEEP_PORT); // mov edx, 0x600
     a.emit(&[0xb0, value]); // mov al, 0x34 (power off) or 0x01 (reset)
     a.emit(&[0xee]); // out dx, al
@@ -221,11 +213,7 @@ pub fn storm_guest() -> Vec<u8> {
         a.emit_u32(&[0xc7, 0x83], off);
         a.emit(&v.to_le_bytes());
     };
-    let mut a = Asm::new(LOAD_ADDR);
-    a.emit(&[0xfa]); // cli
-    a.emit_u32(&[0xbc], STACK_TOP); // mov esp, STACK_TOP
-    a.emit_u32(&[0xbb], MSG_START_ADDR); // mov ebx, MSG_START
-    a.rel32(&[0xe8], "puts"); // call puts
+    let mut a = entry(MSG_START_ADDR);
 
     a.emit_u32(&[0xba], PCI_CONFIG_ADDRESS); // mov edx, 0xcf8
     a.emit_u32(&[0xb8], slot1(0x04)); // mov eax, slot 1 command register
@@ -275,6 +263,17 @@ pub fn storm_guest() -> Vec<u8> {
 
     emit_serial_routines(&mut a);
     build_elf(a.finish())
+}
+
+/// The common start of every guest: interrupts off, the stack set up, the string
+/// at `msg` printed.
+fn entry(msg: u32) -> Asm {
+    let mut a = Asm::new(LOAD_ADDR);
+    a.emit(&[0xfa]); // cli
+    a.emit_u32(&[0xbc], STACK_TOP); // mov esp, STACK_TOP
+    a.emit_u32(&[0xbb], msg); // mov ebx, msg
+    a.rel32(&[0xe8], "puts"); // call puts
+    a
 }
 
 /// Writes a guest image to `dir/name` and returns its path.
