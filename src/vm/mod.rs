@@ -346,9 +346,10 @@ impl Machine {
     }
 
     /// Saves a paused machine. The quiesce contract: vCPUs are paused (the
-    /// caller's job); devices are drained (virtio-blk completes every request
-    /// before returning from a notification, virtio-net reads the tap only from
-    /// the event loop, which is busy here), then saved; then the VM (irqchip,
+    /// caller's job); devices are drained (each queue served once more, within
+    /// its budget: a request completes before the notification returns or is left
+    /// untouched in the avail ring for the next process's `kick_all`; virtio-net
+    /// reads the tap only from the event loop, which is busy here), then saved; then the VM (irqchip,
     /// PIT, clock); then the vCPUs, each on its own thread.
     pub fn save(&self) -> Result<MachineState, Error> {
         for (i, d) in self.virtio.iter().enumerate() {
