@@ -752,9 +752,11 @@ fn damaged_state_is_refused_by_molt_state() {
 }
 
 /// Where the fields a hostile file would aim at sit in a V1 payload (postcard:
-/// `writer` as a varint length and bytes, `ram` as a varint variant index,
-/// `stopped_at_ns` as a varint, then the machine's shape: `vcpus` as one byte,
-/// `mem_size` as a varint). V1 is frozen, so this is too.
+/// `writer` as a varint length and bytes, `ram` as a varint variant index (for
+/// `InPlace`, 0, then its sample CRC as a varint), `stopped_at_ns` as a varint,
+/// then the machine's shape: `vcpus` as one byte, `mem_size` as a varint, then
+/// `disks` and `nets` as a varint count and their items). V1 is frozen, so this
+/// is too.
 struct V1Fields {
     ram: usize,
     vcpus: usize,
@@ -785,7 +787,12 @@ fn v1_fields(payload: &[u8]) -> V1Fields {
     let writer_len = payload[0] as usize;
     assert!(writer_len < 0x80, "writer length is one varint byte");
     let ram = 1 + writer_len;
-    let vcpus = varint_end(payload, varint_end(payload, ram));
+    // InPlace (variant 0) carries its sample CRC, a varint.
+    let mut at = varint_end(payload, ram);
+    if payload[ram] == 0 {
+        at = varint_end(payload, at);
+    }
+    let vcpus = varint_end(payload, at);
     let mem_end = varint_end(payload, vcpus + 1);
     V1Fields {
         ram,
@@ -803,6 +810,276 @@ fn seal(payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     out.extend_from_slice(payload);
     out
+}
+
+/// A split virtqueue as `QueueStateV1` encodes it (src/virtio/mod.rs): u16s
+/// and u64s as varints, bools as one byte.
+#[derive(Clone, Copy)]
+struct SavedQueue {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+/// A running queue of 256 entries with its rings low in the golden 16 MiB.
+const LIVE_QUEUE: SavedQueue = SavedQueue {
+    max_size: 256,
+    next_avail: 9,
+    next_used: 9,
+    size: 256,
+    ready: true,
+    desc_table: 0x10000,
+    avail_ring: 0x11000,
+    used_ring: 0x12000,
+};
+
+impl SavedQueue {
+    fn encode(&self) -> Vec<u8> {
+        [
+            varint(self.max_size.into()),
+            varint(self.next_avail.into()),
+            varint(self.next_used.into()),
+            vec![0],
+            varint(self.size.into()),
+            vec![u8::from(self.ready)],
+            varint(self.desc_table),
+            varint(self.avail_ring),
+            varint(self.used_ring),
+        ]
+        .concat()
+    }
+}
+
+/// A running virtio-pci transport as `TransportState` encodes it
+/// (src/virtio/pci.rs): the 256-byte config space with its PCI IDs, status
+/// 0x0f, VIRTIO_F_VERSION_1, the queue registers, the live queues, MSI-X (one
+/// vector per queue plus config) and the vector numbers.
+fn transport(device_type: u16, registers: &[SavedQueue], live: &[SavedQueue]) -> Vec<u8> {
+    let mut config = vec![0u8; 256];
+    config[..2].copy_from_slice(&0x1af4u16.to_le_bytes());
+    config[2..4].copy_from_slice(&(0x1040 + device_type).to_le_bytes());
+    let queues = |qs: &[SavedQueue]| {
+        let mut out = varint(qs.len() as u64);
+        qs.iter().for_each(|q| out.extend(q.encode()));
+        out
+    };
+    let nq = registers.len() as u64;
+    let mut out = [varint(256), config, vec![0x0f]].concat();
+    out.extend([varint(0), varint(0), varint(1 << 32), varint(0)].concat());
+    out.extend(queues(registers));
+    out.push(1);
+    out.extend(queues(live));
+    // MSI-X: entries (address lo/hi, data, control = masked), pending, enabled,
+    // function masked; then the queues' vectors, the config vector and the ISR.
+    out.extend(varint(nq + 1));
+    for _ in 0..=nq {
+        out.extend([0, 0, 0, 1]);
+    }
+    out.extend(varint(nq + 1));
+    out.extend(vec![0; nq as usize + 1]);
+    out.extend([1, 0]);
+    out.extend(varint(nq));
+    out.extend(vec![0; nq as usize]);
+    out.extend(varint(nq));
+    out.push(0);
+    out
+}
+
+/// The golden payload with devices put in: its shape's `disks` and `nets`
+/// (both empty in it) replaced by `disks` read-write disks and one NIC per MAC,
+/// and its `virtio` list (empty, the payload's last byte) by `transports`.
+fn with_devices(payload: &[u8], disks: usize, nets: &[[u8; 6]], transports: &[Vec<u8>]) -> Vec<u8> {
+    let f = v1_fields(payload);
+    assert_eq!(
+        payload[f.mem_size.end..f.mem_size.end + 2],
+        [0, 0],
+        "golden has no devices"
+    );
+    assert_eq!(payload.last(), Some(&0), "golden has no transports");
+    let mut out = payload[..f.mem_size.end].to_vec();
+    out.extend(varint(disks as u64));
+    out.extend(vec![0; disks]);
+    out.extend(varint(nets.len() as u64));
+    nets.iter().for_each(|m| out.extend(m));
+    out.extend(&payload[f.mem_size.end + 2..payload.len() - 1]);
+    out.extend(varint(transports.len() as u64));
+    transports.iter().for_each(|t| out.extend(t));
+    out
+}
+
+/// The golden payload with vCPU 0's XSAVE image cut or zero-extended to
+/// `words` 32-bit words. It sits after the shape's end and vCPU 0's CPUID (a
+/// count, then 7 varints per entry) and its MP_STATE, REGS and SREGS (each a
+/// varint length and the bytes).
+fn with_xsave_words(payload: &[u8], words: usize) -> Vec<u8> {
+    let f = v1_fields(payload);
+    let read = |at: &mut usize| {
+        let end = varint_end(payload, *at);
+        let v = payload[*at..end]
+            .iter()
+            .rev()
+            .fold(0u64, |v, b| v << 7 | u64::from(b & 0x7f));
+        *at = end;
+        v
+    };
+    // Past the empty disks and nets, then the vCPU count.
+    let mut at = f.mem_size.end + 2;
+    assert_eq!(read(&mut at), 1, "golden vCPU count");
+    let entries = read(&mut at);
+    for _ in 0..entries * 7 {
+        read(&mut at);
+    }
+    for _ in 0..3 {
+        let len = read(&mut at) as usize;
+        at += len;
+    }
+    let start = at;
+    let saved = read(&mut at) as usize;
+    let first = at;
+    for _ in 0..saved.min(words) {
+        read(&mut at);
+    }
+    let kept = at;
+    for _ in saved.min(words)..saved {
+        read(&mut at);
+    }
+    [
+        &payload[..start],
+        &varint(words as u64),
+        &payload[first..kept],
+        &vec![0; words.saturating_sub(saved)],
+        &payload[at..],
+    ]
+    .concat()
+}
+
+/// The golden payload with one running disk (disk 0, a virtio-blk transport)
+/// whose live queue is `live`; its queue registers are `LIVE_QUEUE` with
+/// `live`'s ring addresses (a running queue's layout cannot change).
+fn with_disk_queue(payload: &[u8], live: SavedQueue) -> Vec<u8> {
+    let registers = SavedQueue {
+        desc_table: live.desc_table,
+        avail_ring: live.avail_ring,
+        used_ring: live.used_ring,
+        ..LIVE_QUEUE
+    };
+    with_devices(payload, 1, &[], &[transport(2, &[registers], &[live])])
+}
+
+/// Hostile states that differ from a valid one only in their devices or vCPU
+/// state, each with the field its refusal must name.
+fn hostile_devices(payload: &[u8]) -> Vec<(String, Vec<u8>, &'static [&'static str])> {
+    const END: u64 = 16 << 20;
+    let ring = |what: &str, f: fn(&mut SavedQueue), field: &'static [&'static str]| {
+        let mut q = LIVE_QUEUE;
+        f(&mut q);
+        (what.to_string(), with_disk_queue(payload, q), field)
+    };
+    let mut out = vec![
+        ring(
+            "descriptor table overflowing RAM's end",
+            |q| q.desc_table = END - 0x800,
+            &["desc_table"],
+        ),
+        ring(
+            "descriptor table wrapping past 2^64",
+            |q| q.desc_table = u64::MAX - 0xf,
+            &["desc_table"],
+        ),
+        ring(
+            "descriptor table above RAM",
+            |q| q.desc_table = 1 << 32,
+            &["desc_table"],
+        ),
+        ring(
+            "available ring in the MMIO hole",
+            |q| q.avail_ring = 0xd000_0000,
+            &["avail_ring"],
+        ),
+        ring(
+            "available ring whose used_event field passes RAM's end",
+            |q| q.avail_ring = END - 0x204,
+            &["avail_ring"],
+        ),
+        ring(
+            "used ring at RAM's end",
+            |q| q.used_ring = END,
+            &["used_ring"],
+        ),
+        ring(
+            "used ring wrapping past 2^64",
+            |q| q.used_ring = u64::MAX - 3,
+            &["used_ring"],
+        ),
+        ring(
+            "next_avail 0x8000 ahead of next_used",
+            |q| q.next_avail = 0x8009,
+            &["next_avail"],
+        ),
+        ring(
+            "live queue not ready while running",
+            |q| q.ready = false,
+            &["ready"],
+        ),
+        ring(
+            "live queue max_size 128 for a 256 device",
+            |q| q.max_size = 128,
+            &["max_size"],
+        ),
+    ];
+    for words in [0, 1023, 1025, 4096] {
+        out.push((
+            format!("XSAVE image of {words} words"),
+            with_xsave_words(payload, words),
+            &["xsave"],
+        ));
+    }
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let net = transport(1, &[LIVE_QUEUE; 2], &[LIVE_QUEUE; 2]);
+    let disk = transport(2, &[LIVE_QUEUE], &[LIVE_QUEUE]);
+    out.push((
+        "disk and NIC transports swapped".into(),
+        with_devices(payload, 1, &[mac], &[net, disk]),
+        &["swapped"],
+    ));
+    out
+}
+
+/// The device states `hostile_devices` starts from are valid: each hostile one
+/// is refused for what was changed, not for the frame around it.
+#[test]
+fn states_with_devices_made_for_the_hostile_tests_are_valid() {
+    let good = golden_state();
+    let len = u32::from_le_bytes(good[LEN_AT..LEN_AT + 4].try_into().expect("4 bytes")) as usize;
+    let payload = &good[HEADER_LEN..HEADER_LEN + len];
+    let ram_section = &good[HEADER_LEN + len..];
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let net = transport(1, &[LIVE_QUEUE; 2], &[LIVE_QUEUE; 2]);
+    let disk = transport(2, &[LIVE_QUEUE], &[LIVE_QUEUE]);
+    let dir = TempDir::new("devices-valid");
+    let states = [
+        ("one running disk", with_disk_queue(payload, LIVE_QUEUE)),
+        (
+            "a disk and a NIC",
+            with_devices(payload, 1, &[mac], &[disk, net]),
+        ),
+        (
+            "XSAVE image rewritten as it was",
+            with_xsave_words(payload, 1024),
+        ),
+    ];
+    assert_eq!(states[2].1, payload, "the XSAVE rewrite is exact");
+    for (what, p) in states {
+        let path = dir.join(what);
+        write_private(&path, &[seal(&p), ram_section.to_vec()].concat());
+        let summary = state_summary(&path);
+        assert!(summary.contains("vcpus:    1"), "{what}: {summary}");
+    }
 }
 
 /// Hostile states with a valid checksum, made from the golden file: every decoded
@@ -879,7 +1156,23 @@ fn hostile_states() -> Vec<Damage> {
             bytes: [seal(&in_place), b"garbage\n".to_vec()].concat(),
             words: TRAILING,
         },
+        Damage {
+            what: "memory size 2^64 - 4096".into(),
+            bytes: mem(u64::MAX - 4095),
+            words: &["memory size"],
+        },
     ]
+    .into_iter()
+    .chain(
+        hostile_devices(payload)
+            .into_iter()
+            .map(|(what, p, words)| Damage {
+                what,
+                bytes: [seal(&p), ram_section.to_vec()].concat(),
+                words,
+            }),
+    )
+    .collect()
 }
 
 #[test]
@@ -901,14 +1194,21 @@ fn hostile_state_with_a_valid_crc_is_refused_by_restore() {
     }
     let shm = shm_file("hostile");
     let mut g = Guest::new("hostile", &[("--mem", GOLDEN_MEM)]);
+    let disk = g.dir.join("disk.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).expect("write disk image");
+    let disk = disk.to_str().expect("utf-8").to_string();
     let mut problems = Vec::new();
     for (i, d) in hostile_states().into_iter().enumerate() {
         let path = g.dir.join(&format!("hostile{i}"));
         write_private(&path, &d.bytes);
         // Given a --mem-file, so that an in-place state is refused for what is
-        // wrong with it, not for the missing file.
-        let mem_file = shm.0.to_str().expect("utf-8");
-        problems.extend(g.refused(&d.what, &path, &[("--mem-file", mem_file)], d.words));
+        // wrong with it, not for the missing file; and the disks the state
+        // claims, so that it is not refused for a shape other than its own.
+        let mut args = vec![("--mem-file", shm.0.to_str().expect("utf-8"))];
+        let payload = &d.bytes[HEADER_LEN..];
+        let disks = payload[v1_fields(payload).mem_size.end];
+        args.extend((0..disks).map(|_| ("--disk", disk.as_str())));
+        problems.extend(g.refused(&d.what, &path, &args, d.words));
     }
     assert_no_problems(&problems);
 }

@@ -19,6 +19,7 @@
 //!    back to the previous image with the same state, which resumes the guest
 //!    and replies with the error: rollback.
 
+pub mod check;
 pub mod exec;
 pub mod fds;
 pub mod inspect;

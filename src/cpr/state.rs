@@ -3,8 +3,9 @@
 //! Layout: a fixed 20-byte header (magic, format version, payload length, CRC32
 //! of the payload, all little-endian), then the postcard payload. Every
 //! collection in the payload has a fixed capacity, so decoding a hostile file
-//! cannot allocate without bound; every value is checked again by the code that
-//! uses it (queue sizes, vector numbers, config space identity, vCPU count).
+//! cannot allocate without bound; every decoded state then passes `check::state`
+//! (shape, devices, live queues, XSAVE sizes), and every value is checked again
+//! by the code that uses it.
 //!
 //! Versions are frozen once released: `CprStateV1` never changes. A new field
 //! means a `CprStateV2` with `From<CprStateV1>`, and this release then decodes
@@ -52,10 +53,18 @@ pub enum Error {
     BadMagic,
     UnknownVersion(u32),
     TooLarge(usize),
-    Checksum { stored: u32, actual: u32 },
-    Decode(String),
+    Checksum {
+        stored: u32,
+        actual: u32,
+    },
+    Decode {
+        part: &'static str,
+        at: usize,
+        len: usize,
+        why: postcard::Error,
+    },
     TrailingBytes(usize),
-    Invalid(String),
+    Invalid(super::check::Error),
     Encode(String),
 }
 
@@ -73,7 +82,11 @@ impl fmt::Display for Error {
                 f,
                 "corrupt: CRC32 {actual:#010x} does not match the stored {stored:#010x}"
             ),
-            Error::Decode(e) => write!(f, "cannot decode the payload: {e}"),
+            Error::Decode { part, at, len, why } => write!(
+                f,
+                "payload: cannot decode {part} (from byte {at} of {len}; postcard: {why}): \
+                 truncated or not a molt state"
+            ),
             Error::TrailingBytes(n) => write!(f, "{n} unexpected bytes after the payload"),
             Error::Invalid(why) => write!(f, "invalid state: {why}"),
             Error::Encode(e) => write!(f, "cannot encode the state: {e}"),
@@ -133,48 +146,71 @@ pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
     if stored != actual {
         return Err(Error::Checksum { stored, actual });
     }
-    let (state, rest): (CprState, _) =
-        postcard::take_from_bytes(payload).map_err(|e| Error::Decode(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(Error::TrailingBytes(rest.len()));
-    }
-    validate(&state)?;
+    let state = decode_payload(payload)?;
+    super::check::state(&state).map_err(Error::Invalid)?;
     Ok(state)
 }
 
-/// Cross-field checks: the parts must agree with the shape they claim.
-fn validate(s: &CprState) -> Result<(), Error> {
-    let invalid = |why: String| Err(Error::Invalid(why));
-    let shape = &s.machine.shape;
-    let vcpus = usize::from(shape.vcpus);
-    if vcpus == 0 || vcpus > crate::layout::MAX_VCPUS || s.machine.vcpus.len() != vcpus {
-        return invalid(format!(
-            "{} vCPU states for a shape of {vcpus} vCPUs",
-            s.machine.vcpus.len()
-        ));
+/// Decodes the payload part by part, so that a failure names the part and the
+/// byte it starts at. Postcard writes a struct as its fields one after the
+/// other, so this reads exactly what `postcard::from_bytes::<CprState>` would.
+fn decode_payload(payload: &[u8]) -> Result<CprState, Error> {
+    let mut p = Parts { payload, at: 0 };
+    let writer = p.next("writer")?;
+    let ram = p.next("ram")?;
+    let stopped_at_ns = p.next("stopped_at_ns")?;
+    let machine = MachineState {
+        shape: p.next("machine.shape")?,
+        vcpus: p.next("machine.vcpus")?,
+        vm: p.next("machine.vm")?,
+        serial: p.next("machine.serial")?,
+        allocator: p.next("machine.allocator")?,
+        virtio: p.next("machine.virtio")?,
+    };
+    if p.at < payload.len() {
+        return Err(Error::TrailingBytes(payload.len() - p.at));
     }
-    let devices = shape.disks.len() + shape.nets.len();
-    if s.machine.virtio.len() != devices {
-        return invalid(format!(
-            "{} device states for {devices} devices",
-            s.machine.virtio.len()
-        ));
+    Ok(CprState {
+        writer,
+        ram,
+        stopped_at_ns,
+        machine,
+    })
+}
+
+/// The payload being decoded and how far it has been read.
+struct Parts<'a> {
+    payload: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Parts<'a> {
+    fn next<T: Deserialize<'a>>(&mut self, part: &'static str) -> Result<T, Error> {
+        let rest = &self.payload[self.at..];
+        let (value, left) = postcard::take_from_bytes(rest).map_err(|e| Error::Decode {
+            part,
+            at: self.at,
+            len: self.payload.len(),
+            why: e,
+        })?;
+        self.at += rest.len() - left.len();
+        Ok(value)
     }
-    if shape.mem_size < crate::args::MIN_MEM || !shape.mem_size.is_multiple_of(4096) {
-        return invalid(format!("memory size {}", shape.mem_size));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::pci::Allocator;
     use crate::vm::{MachineState, Shape};
 
-    fn sample() -> CprState {
+    /// A valid state: one vCPU with a legacy-sized XSAVE image, no devices.
+    pub(crate) fn sample() -> CprState {
+        let mut vcpu = Box::<crate::vm::vcpu_state::VcpuState>::default();
+        let legacy = crate::vm::vcpu_state::LEGACY_XSAVE_WORDS;
+        vcpu.xsave.resize(legacy, 0).unwrap();
         let mut vcpus = heapless::Vec::new();
-        vcpus.push(Box::default()).unwrap();
+        vcpus.push(vcpu).unwrap();
         CprState {
             writer: heapless::String::try_from("test").unwrap(),
             ram: RamLocation::InStateFile,
@@ -227,6 +263,30 @@ mod tests {
         let mut huge = bytes.clone();
         huge[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(decode(&huge), Err(Error::TooLarge(_))));
+    }
+
+    #[test]
+    fn a_payload_that_cannot_be_decoded_names_the_part_and_offset() {
+        let bytes = encode(&sample()).unwrap();
+        let payload = &bytes[HEADER_LEN..];
+        // The last byte is the (empty) virtio list's length.
+        let short = &payload[..payload.len() - 1];
+        let mut resealed = bytes[..HEADER_LEN].to_vec();
+        resealed[12..16].copy_from_slice(&(short.len() as u32).to_le_bytes());
+        resealed[16..20].copy_from_slice(&crc32fast::hash(short).to_le_bytes());
+        resealed.extend_from_slice(short);
+        let e = decode(&resealed).unwrap_err();
+        assert!(
+            matches!(e, Error::Decode { part: "machine.virtio", at, len, .. }
+                if at == short.len() && len == short.len()),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with("payload: cannot decode machine.virtio (from byte"),
+            "{text}"
+        );
+        assert!(text.ends_with("truncated or not a molt state"), "{text}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ use crate::ratelimit::guest_log;
 const SECTOR_SIZE: u64 = 512;
 /// Entries in the one request queue.
 const QUEUE_SIZE: u16 = 256;
+/// The maximum size of each queue (one request queue).
+pub const QUEUE_MAX_SIZES: [u16; 1] = [QUEUE_SIZE];
 /// Data segments per request. Header and status take two descriptors of a
 /// direct chain, as in QEMU; more could only come through indirect tables.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
@@ -211,7 +213,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &QUEUE_MAX_SIZES
     }
 
     fn features(&self) -> u64 {

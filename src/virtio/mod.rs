@@ -22,6 +22,25 @@ pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
 pub const TYPE_NET: u16 = 1;
 pub const TYPE_BLOCK: u16 = 2;
 
+/// The maximum size of each queue of a device of type `device_type`, as its
+/// `VirtioDevice::queue_max_sizes` says; None for a type molt does not emulate.
+pub fn queue_max_sizes(device_type: u16) -> Option<&'static [u16]> {
+    match device_type {
+        TYPE_BLOCK => Some(&block::QUEUE_MAX_SIZES),
+        TYPE_NET => Some(&net::QUEUE_SIZES),
+        _ => None,
+    }
+}
+
+/// A device type's name, for messages.
+pub fn type_name(device_type: u16) -> &'static str {
+    match device_type {
+        TYPE_BLOCK => "virtio-blk",
+        TYPE_NET => "virtio-net",
+        _ => "an unknown device",
+    }
+}
+
 /// Raises a device's interrupts. Backed by MSI-X vectors in the transport.
 pub trait Interrupt: Send + Sync {
     /// Used buffers were added to queue `index`.
@@ -128,6 +147,21 @@ impl QueueStateV1 {
             used_ring: self.used_ring,
         })
     }
+}
+
+/// Where a split virtqueue of `size` entries keeps its three rings (2.7): the
+/// descriptor table (16-byte descriptors), the available ring (flags, idx, 2-byte
+/// entries, `used_event`) and the used ring (flags, idx, 8-byte entries,
+/// `avail_event`), as (`QueueStateV1` field, guest address, length). The event index fields
+/// are counted whether or not VIRTIO_F_RING_EVENT_IDX was negotiated: the
+/// driver allocates them either way.
+pub fn ring_extents(size: u16, desc: u64, avail: u64, used: u64) -> [(&'static str, u64, u64); 3] {
+    let n = u64::from(size);
+    [
+        ("desc_table", desc, 16 * n),
+        ("avail_ring", avail, 6 + 2 * n),
+        ("used_ring", used, 6 + 8 * n),
+    ]
 }
 
 /// Copies the bytes of a device configuration `config` at `offset` into `data`;

@@ -41,7 +41,7 @@ use crate::ratelimit::guest_log;
 
 const RX: usize = 0;
 const TX: usize = 1;
-const QUEUE_SIZES: [u16; 2] = [256, 256];
+pub const QUEUE_SIZES: [u16; 2] = [256, 256];
 /// Header plus the largest frame a tap delivers with TSO: 64 KiB of payload and
 /// an Ethernet header (the 65562 bytes of 5.1.6.3.1).
 const MAX_FRAME: usize = VNET_HDR_LEN + 65536 + 14;

@@ -16,7 +16,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    Interrupt, QueueStateV1, Served, VirtioDevice, MAX_QUEUES, TYPE_BLOCK, TYPE_NET,
+    ring_extents, Interrupt, QueueStateV1, Served, VirtioDevice, MAX_QUEUES, TYPE_BLOCK, TYPE_NET,
     VIRTIO_F_VERSION_1,
 };
 use crate::pci::config::{ConfigSpace, Header};
@@ -289,12 +289,27 @@ impl VirtioPci {
         let maxes = self.device.queue_max_sizes().to_vec();
         let offered = self.offered_features();
         let vectors = lock(&self.irq).msix.vectors();
-        let queues_fit = |qs: &[QueueStateV1]| qs.iter().zip(&maxes).all(|(q, &m)| q.max_size == m);
-        if s.queues.len() != nq || s.queue_vectors.len() != nq || !queues_fit(&s.queues) {
-            return Err(format!("state has {} queues, device {nq}", s.queues.len()));
+        let fit = |what: &str, qs: &[QueueStateV1]| {
+            if qs.len() != nq {
+                return Err(format!("{} {what} saved, the device has {nq}", qs.len()));
+            }
+            match qs.iter().zip(&maxes).position(|(q, &m)| q.max_size != m) {
+                Some(i) => Err(format!(
+                    "{what} {i}: max_size {}, the device's is {}",
+                    qs[i].max_size, maxes[i]
+                )),
+                None => Ok(()),
+            }
+        };
+        fit("queues", &s.queues)?;
+        if s.active {
+            fit("live queues", &s.device_queues)?;
         }
-        if s.active && (s.device_queues.len() != nq || !queues_fit(&s.device_queues)) {
-            return Err("state's live queues do not fit the device".into());
+        if s.queue_vectors.len() != nq {
+            return Err(format!(
+                "{} queue vectors saved, the device has {nq} queues",
+                s.queue_vectors.len()
+            ));
         }
         if s.driver_features & !offered != 0 {
             return Err(format!(
@@ -533,16 +548,9 @@ impl VirtioPci {
 /// Whether `q`'s rings lie in guest RAM. `QueueT::is_valid` checks the same but
 /// logs an error each time, as often as the guest retries.
 fn rings_in_ram(q: &Queue, mem: &GuestMemoryMmap) -> bool {
-    let n = q.size() as usize;
-    // 16-byte descriptors; 2- and 8-byte ring elements after flags and idx, then
-    // the event index field (2.7).
-    [
-        (q.desc_table(), 16 * n),
-        (q.avail_ring(), 6 + 2 * n),
-        (q.used_ring(), 6 + 8 * n),
-    ]
-    .into_iter()
-    .all(|(addr, len)| mem.check_range(GuestAddress(addr), len))
+    ring_extents(q.size(), q.desc_table(), q.avail_ring(), q.used_ring())
+        .into_iter()
+        .all(|(_, addr, len)| mem.check_range(GuestAddress(addr), len as usize))
 }
 
 fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {

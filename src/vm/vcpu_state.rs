@@ -102,6 +102,27 @@ pub struct VcpuState {
     pub events: Pod<kvm_vcpu_events>,
 }
 
+impl VcpuState {
+    /// Bytes of the standard-format XSAVE area the guest's CPUID describes: the
+    /// end of the last user component it may enable (leaf 0xD.0 EDX:EAX, each
+    /// component's size and offset in leaf 0xD.n), never less than the legacy
+    /// area. KVM_CAP_XSAVE2, which sized the saved image, is this same end for
+    /// the components KVM offers, so a longer image belongs to no guest.
+    pub fn xsave_layout_bytes(&self) -> u64 {
+        let leaf = |n: u32| {
+            self.cpuid
+                .iter()
+                .find(|e| e.function == 0xd && e.index == n)
+        };
+        let mask = leaf(0).map_or(0, |e| u64::from(e.edx) << 32 | u64::from(e.eax));
+        (2..64)
+            .filter(|&c| mask & (1 << c) != 0)
+            .filter_map(leaf)
+            .map(|e| u64::from(e.ebx) + u64::from(e.eax))
+            .fold(4 * LEGACY_XSAVE_WORDS as u64, u64::max)
+    }
+}
+
 /// What to save, fixed per machine.
 pub struct SaveSpec {
     /// MSRs to read (KVM_GET_MSR_INDEX_LIST); those KVM refuses are skipped.
