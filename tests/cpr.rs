@@ -22,10 +22,10 @@
 
 mod common;
 
-use common::guest::{counting_guest, write_guest, COUNT_STEP};
+use common::guest::{self, counting_guest, write_guest, COUNT_STEP};
 use common::{
-    assert_one_continuous_run, ctl, field, kvm_available, molt, wait_for_control, wait_for_counts,
-    wait_until, write_private, Molt, Serial, TempDir, TIMEOUT,
+    assert_one_continuous_run, bytes_read, ctl, field, kvm_available, molt, wait_for_control,
+    wait_for_counts, wait_until, write_private, Molt, Serial, TempDir, TIMEOUT,
 };
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -1211,6 +1211,57 @@ fn hostile_state_with_a_valid_crc_is_refused_by_restore() {
         problems.extend(g.refused(&d.what, &path, &args, d.words));
     }
     assert_no_problems(&problems);
+}
+
+/// A guest whose virtio-blk queue is running (the storm guest keeps 200 reads
+/// queued) is saved with its live queue; `molt state` and the restore accept
+/// that state (its rings are in RAM, its indices within the queue size, its
+/// layout its registers'), and the restored device goes on serving the same
+/// queue.
+#[test]
+fn a_running_disk_queue_is_saved_checked_and_resumed() {
+    if !kvm_available("a_running_disk_queue_is_saved_checked_and_resumed") {
+        return;
+    }
+    let dir = TempDir::new("storm-img");
+    let kernel = write_guest(dir.path(), "storm.elf", &guest::storm_guest());
+    let disk = dir.join("disk.img");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(guest::STORM_DISK_BYTES))
+        .expect("create the sparse disk image");
+    let mut g = Guest::new(
+        "storm-cpr",
+        &[
+            ("--kernel", kernel.to_str().expect("utf-8")),
+            ("--mem", guest::STORM_MEM),
+            ("--disk", disk.to_str().expect("utf-8")),
+        ],
+    );
+    let full = u64::from(guest::STORM_QUEUED) * u64::from(guest::STORM_READ_BYTES);
+    let storming = |m: &mut Molt| {
+        let pid = m.pid();
+        let on = wait_until(TIMEOUT, || {
+            m.assert_running("while the guest keeps its disk busy");
+            (bytes_read(pid) > full).then_some(())
+        });
+        assert!(
+            on.is_some(),
+            "no queue of reads served; stderr:\n{}",
+            m.stderr()
+        );
+    };
+    let mut m = g.boot();
+    storming(&mut m);
+    let state = g.dir.join("state");
+    g.save(&mut m, &state);
+    let summary = state_summary(&state);
+    assert!(
+        summary.contains("device 0: status 0x0f") && summary.contains("running"),
+        "{summary}"
+    );
+    let mut m = g.resume(&state);
+    storming(&mut m);
+    assert!(g.ctl(&["status"]).starts_with("ok state=running"));
 }
 
 /// A tmpfs mounted for one test, unmounted when dropped.

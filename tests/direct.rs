@@ -676,15 +676,6 @@ fn a_client_beyond_the_limit_waits_for_a_free_slot() {
 }
 
 /// Bytes molt has read through read(2)-like calls (preadv included), from
-/// /proc/PID/io: how far the storm guest's reads have gone.
-fn bytes_read(pid: u32) -> u64 {
-    let io = fs::read_to_string(format!("/proc/{pid}/io")).expect("read /proc/PID/io");
-    io.lines()
-        .find_map(|l| l.strip_prefix("rchar: "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("rchar in /proc/PID/io")
-}
-
 #[test]
 fn status_and_sigterm_stay_prompt_under_a_disk_storm() {
     if !kvm_available("status_and_sigterm_stay_prompt_under_a_disk_storm") {
@@ -719,7 +710,7 @@ fn status_and_sigterm_stay_prompt_under_a_disk_storm() {
     let full = u64::from(guest::STORM_QUEUED) * u64::from(guest::STORM_READ_BYTES);
     let storming = common::wait_until(TIMEOUT, || {
         molt.assert_running("while the guest starts its storm");
-        (bytes_read(molt.pid()) > full).then_some(())
+        (common::bytes_read(molt.pid()) > full).then_some(())
     });
     assert!(
         storming.is_some(),
@@ -729,7 +720,7 @@ fn status_and_sigterm_stay_prompt_under_a_disk_storm() {
     );
 
     let mut client = RawClient::connect(&sock);
-    let before = bytes_read(molt.pid());
+    let before = common::bytes_read(molt.pid());
     let mut took: Vec<Duration> = (0..50)
         .map(|_| {
             let t = Instant::now();
@@ -740,7 +731,7 @@ fn status_and_sigterm_stay_prompt_under_a_disk_storm() {
             t.elapsed()
         })
         .collect();
-    let during = bytes_read(molt.pid()) - before;
+    let during = common::bytes_read(molt.pid()) - before;
     took.sort();
     let (median, worst) = (took[took.len() / 2], took[took.len() - 1]);
     eprintln!(

@@ -244,6 +244,15 @@ pub fn spawn_retrying_etxtbsy(cmd: &mut Command) -> Child {
     }
 }
 
+/// /proc/PID/io: how much process `pid` has read (a disk guest's progress).
+pub fn bytes_read(pid: u32) -> u64 {
+    let io = fs::read_to_string(format!("/proc/{pid}/io")).expect("read /proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("rchar in /proc/PID/io")
+}
+
 /// `molt ARGS...` to completion (usage and ctl commands).
 pub fn molt(args: &[&str]) -> Output {
     run_with_timeout(Command::new(MOLT).args(args), TIMEOUT)
