@@ -291,7 +291,7 @@ impl VirtioPci {
         let vectors = lock(&self.irq).msix.vectors();
         let fit = |what: &str, qs: &[QueueStateV1]| {
             if qs.len() != nq {
-                return Err(format!("{} {what} saved, the device has {nq}", qs.len()));
+                return Err(format!("{} {what}s saved, the device has {nq}", qs.len()));
             }
             match qs.iter().zip(&maxes).position(|(q, &m)| q.max_size != m) {
                 Some(i) => Err(format!(
@@ -301,9 +301,9 @@ impl VirtioPci {
                 None => Ok(()),
             }
         };
-        fit("queues", &s.queues)?;
+        fit("queue", &s.queues)?;
         if s.active {
-            fit("live queues", &s.device_queues)?;
+            fit("live queue", &s.device_queues)?;
         }
         if s.queue_vectors.len() != nq {
             return Err(format!(
@@ -911,5 +911,32 @@ mod tests {
         write(&mut d, 0x13, 0xff, 1);
         assert_eq!(read(&mut d, BAR_SIZE + 8, 4), 0);
         assert_eq!(read(&mut d, DEVICE_OFFSET + 3, 1), 3);
+    }
+
+    #[test]
+    fn a_restore_names_what_differs_from_the_device() {
+        let (d, _, _) = device();
+        let saved = d.state();
+        let (mut d, _, _) = device();
+        let mut s = saved.clone();
+        s.queues[1].max_size = 32;
+        assert_eq!(
+            d.restore(&s),
+            Err("queue 1: max_size 32, the device's is 16".to_string())
+        );
+        let mut s = saved.clone();
+        s.queues.pop();
+        assert_eq!(
+            d.restore(&s),
+            Err("1 queues saved, the device has 2".to_string())
+        );
+        let mut s = saved;
+        s.active = true;
+        s.device_queues = s.queues.clone();
+        s.device_queues[0].max_size = 8;
+        assert_eq!(
+            d.restore(&s),
+            Err("live queue 0: max_size 8, the device's is 16".to_string())
+        );
     }
 }
