@@ -6,7 +6,7 @@
 //!    reply, exit 0. A failure resumes the guest and replies `error: ...`.
 //! 2. `molt run <same args> --incoming file:PATH`: decode and check the state,
 //!    rebuild the machine around the same RAM (in place, or read back from the
-//!    file), `Machine::restore`, start the vCPUs (the pause ends).
+//!    file), restore the machine, start the vCPUs (the pause ends).
 //!
 //! Exec mode:
 //! 1. `cpr-exec [BINARY [ARG...]]`: check that BINARY is a molt reading this
@@ -17,9 +17,13 @@
 //!    replies on the inherited client connection. If it cannot resume, it execs
 //!    back to the previous image with the same state, which resumes the guest
 //!    and replies with the error: rollback.
+//! 3. If the new image dies before it runs the guest, the guardian started
+//!    before the pause (`guardian`) does that rollback instead, from its own
+//!    process: the guest then runs under a new PID.
 
 pub mod exec;
 pub mod fds;
+pub mod guardian;
 pub mod inspect;
 pub mod reboot;
 pub mod state;
@@ -47,6 +51,7 @@ pub enum Error {
     NeedsMemFile(PathBuf),
     Memory(vm::memory::Error),
     Exec(exec::Error),
+    Guardian(guardian::Error),
     Probe(PathBuf, String),
     Handover(String),
     Transfer(transfer::Error),
@@ -70,6 +75,7 @@ impl fmt::Display for Error {
             ),
             Error::Memory(e) => e.fmt(f),
             Error::Exec(e) => e.fmt(f),
+            Error::Guardian(e) => e.fmt(f),
             Error::Probe(p, why) => write!(f, "{} cannot take the guest: {why}", p.display()),
             Error::Handover(why) => write!(f, "handover: {why}"),
             Error::Transfer(e) => e.fmt(f),
@@ -179,8 +185,10 @@ pub fn probe(binary: &Path, stop: RawFd) -> Result<(), Error> {
     Ok(())
 }
 
-/// Exec mode, step 1, on a paused machine: saves it and execs `binary`. Returns
-/// only on failure; the caller resumes the guest.
+/// Exec mode, step 1, on a paused machine: saves it and execs `binary`, which
+/// `guardian` watches. Returns only on failure; the caller then releases the
+/// guardian and resumes the guest.
+#[allow(clippy::too_many_arguments)]
 pub fn exec_out(
     machine: &Machine,
     binary: &Path,
@@ -189,6 +197,7 @@ pub fn exec_out(
     client: RawFd,
     console_in: Option<RawFd>,
     stopped_at_ns: u64,
+    guardian: &guardian::Guardian,
 ) -> Error {
     let state = match snapshot(machine, in_place(machine), stopped_at_ns) {
         Ok(s) => s,
@@ -201,6 +210,7 @@ pub fn exec_out(
     };
     let mut fds = transfer_fds(machine, listener, client, console_in);
     fds.push((FdKind::PreviousExe, me.as_raw_fd()));
+    fds.push((FdKind::Guardian, guardian.fd()));
     fds.extend(
         machine
             .kvm_fds()
@@ -220,6 +230,7 @@ pub fn exec_out(
         &state,
         &fds,
         header,
+        Some(guardian),
     ))
 }
 
@@ -302,6 +313,12 @@ impl ExecIncoming {
         self.adopted.listener.take()
     }
 
+    /// The control socket taken above, for a rollback to hand on: the guardian
+    /// holds it too, so the previous image could not bind its path again.
+    pub fn give_back_listener(&mut self, listener: OwnedFd) {
+        self.adopted.listener = Some(listener);
+    }
+
     pub fn take_console(&mut self) -> (Option<std::fs::File>, Option<OwnedFd>) {
         (
             self.adopted.console_out.take(),
@@ -343,7 +360,15 @@ pub fn resume_exec(
     let start = Instant::now();
     let (cfg, ram) = adopted_config(cfg, &inc.adopted)?;
     check_ram(&inc.state, &ram)?;
-    let resumed = resume(&cfg, &inc.state, ram, console, exit, start)?;
+    // The guest is about to run here: the guardian (if any) must leave now, or
+    // a later death of this image would make it resume an older copy. Until
+    // then the line stays in `inc`: a rollback hands it on.
+    let line = &mut inc.adopted.guardian;
+    let resumed = resume(&cfg, &inc.state, ram, console, exit, start, || {
+        if let Some(line) = line.take() {
+            guardian::release(line);
+        }
+    })?;
     // The guest runs: now let KVM tear the old VM down, off the main thread.
     let stale = std::mem::take(&mut inc.adopted.stale_kvm);
     if !stale.is_empty() {
@@ -533,6 +558,12 @@ pub fn rollback(inc: &ExecIncoming, why: &str) -> Error {
             .map(|f| (FdKind::ControlListener, f.as_raw_fd())),
     );
     fds.extend(a.client.as_ref().map(|f| (FdKind::Client, f.as_raw_fd())));
+    // The image execed next releases the guardian once it runs the guest.
+    fds.extend(
+        a.guardian
+            .as_ref()
+            .map(|f| (FdKind::Guardian, f.as_raw_fd())),
+    );
     let header = exec::ExecHeader {
         failure: Some(why.to_string()),
         ..inc.header.clone()
@@ -557,6 +588,7 @@ pub fn rollback(inc: &ExecIncoming, why: &str) -> Error {
         &inc.state,
         &fds,
         header,
+        None,
     ))
 }
 
@@ -619,7 +651,7 @@ pub fn resume_from_file(
         RamLocation::InPlace { .. } => reboot::expect_end(path, &mut rest).map_err(Error::File)?,
     }
     check_ram(&state, &ram)?;
-    resume(cfg, &state, ram, console, exit, start)
+    resume(cfg, &state, ram, console, exit, start, || {})
 }
 
 /// RAM kept in place must be the RAM that was saved.
@@ -642,6 +674,8 @@ fn in_place(machine: &Machine) -> RamLocation {
     }
 }
 
+/// Rebuilds the machine around `ram` and loads `state`; `before_start` runs
+/// once nothing can fail any more but the vCPUs, just before they start.
 fn resume(
     cfg: &RunConfig,
     state: &CprState,
@@ -649,8 +683,13 @@ fn resume(
     console: Output,
     exit: ExitSink,
     start: Instant,
+    before_start: impl FnOnce(),
 ) -> Result<Resumed, Error> {
-    let machine = Machine::restore(cfg, ram, console, exit, &state.machine).map_err(Error::Vm)?;
+    let restored = Machine::prepare(cfg, ram, console)
+        .and_then(|p| p.restore(&state.machine))
+        .map_err(Error::Vm)?;
+    before_start();
+    let machine = restored.start(exit).map_err(Error::Vm)?;
     Ok(Resumed {
         machine,
         restore_us: start.elapsed().as_micros() as u64,

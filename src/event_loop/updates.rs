@@ -61,8 +61,9 @@ impl Loop {
         }
     }
 
-    /// Exec mode, step 1: probes the binary on a worker, the guest running.
-    /// The reply comes from `exec_now`, or from the new image.
+    /// Exec mode, step 1: probes the binary and starts the guardian on a
+    /// worker, the guest running. The reply comes from `exec_now`, or from the
+    /// new image (or, if that dies, the previous image the guardian resumes).
     pub(super) fn cpr_exec(
         &mut self,
         slot: usize,
@@ -75,8 +76,20 @@ impl Loop {
         } else {
             self.argv.iter().take(1).cloned().chain(args).collect()
         };
+        let Some(client_fd) = self.clients.fd(slot) else {
+            return ("error: cpr-exec: no client".into(), None);
+        };
+        let console_in = self.stdio_console.then_some(self.console_in);
+        let fds = cpr::transfer_fds(
+            &self.machine,
+            self.listener.as_ref().map(|l| l.as_raw_fd()),
+            client_fd,
+            console_in,
+        );
         self.start(slot, "cpr-exec", move |abort| Prepared::Exec {
-            probe: cpr::probe(&binary, abort),
+            ready: cpr::probe(&binary, abort).and_then(|()| {
+                cpr::guardian::Guardian::start(&binary, &fds).map_err(cpr::Error::Guardian)
+            }),
             binary,
             argv,
         })
@@ -150,9 +163,9 @@ impl Loop {
             Prepared::Exec {
                 binary,
                 argv,
-                probe: Ok(()),
-            } => self.exec_now(slot, &binary, &argv),
-            Prepared::Exec { probe: Err(e), .. } => (format!("error: cpr-exec: {e}"), None),
+                ready: Ok(guardian),
+            } => self.exec_now(slot, &binary, &argv, guardian),
+            Prepared::Exec { ready: Err(e), .. } => (format!("error: cpr-exec: {e}"), None),
             Prepared::Transfer {
                 max_pause,
                 out: Ok(out),
@@ -193,12 +206,13 @@ impl Loop {
     }
 
     /// Exec mode, step 2. Returns only if the exec did not happen; the guest
-    /// then runs on here, unchanged.
+    /// then runs on here, unchanged, and `guardian` leaves.
     fn exec_now(
         &mut self,
         slot: usize,
         binary: &Path,
         argv: &[String],
+        guardian: cpr::guardian::Guardian,
     ) -> (String, Option<Outcome>) {
         let Some(client_fd) = self.clients.fd(slot) else {
             return ("error: cpr-exec: no client".into(), None);
@@ -223,7 +237,9 @@ impl Loop {
             client_fd,
             console_in,
             self.paused_at_ns,
+            &guardian,
         );
+        guardian.release();
         if self.stdio_console {
             self.raw = RawMode::enter();
         }
