@@ -76,16 +76,9 @@ impl Loop {
         } else {
             self.argv.iter().take(1).cloned().chain(args).collect()
         };
-        let Some(client_fd) = self.clients.fd(slot) else {
+        let Some(fds) = self.handover_fds(slot) else {
             return ("error: cpr-exec: no client".into(), None);
         };
-        let console_in = self.stdio_console.then_some(self.console_in);
-        let fds = cpr::transfer_fds(
-            &self.machine,
-            self.listener.as_ref().map(|l| l.as_raw_fd()),
-            client_fd,
-            console_in,
-        );
         self.start(slot, "cpr-exec", move |abort| Prepared::Exec {
             ready: cpr::probe(&binary, abort).and_then(|()| {
                 cpr::guardian::Guardian::start(&binary, &fds).map_err(cpr::Error::Guardian)
@@ -104,7 +97,7 @@ impl Loop {
         path: PathBuf,
         max_pause: Option<Duration>,
     ) -> (String, Option<Outcome>) {
-        let Some(client_fd) = self.clients.fd(slot) else {
+        let Some(fds) = self.handover_fds(slot) else {
             return ("error: cpr-transfer: no client".into(), None);
         };
         if let Some(own) = &self.control_path {
@@ -119,18 +112,24 @@ impl Loop {
                 );
             }
         }
-        let console_in = self.stdio_console.then_some(self.console_in);
-        let fds = cpr::transfer_fds(
-            &self.machine,
-            self.listener.as_ref().map(|l| l.as_raw_fd()),
-            client_fd,
-            console_in,
-        );
         let max_pause = max_pause.unwrap_or(cpr::transfer::DEFAULT_MAX_PAUSE);
         self.start(slot, "cpr-transfer", move |abort| Prepared::Transfer {
             max_pause,
             out: cpr::transfer::Outgoing::prepare(&path, &fds, abort),
         })
+    }
+
+    /// What a transfer, or an exec's guardian, gets: the guest's descriptors,
+    /// the console and the asking client (None if it is gone).
+    fn handover_fds(&self, slot: usize) -> Option<Vec<(cpr::fds::FdKind, RawFd)>> {
+        let client_fd = self.clients.fd(slot)?;
+        let console_in = self.stdio_console.then_some(self.console_in);
+        Some(cpr::transfer_fds(
+            &self.machine,
+            self.listener.as_ref().map(|l| l.as_raw_fd()),
+            client_fd,
+            console_in,
+        ))
     }
 
     /// Starts a CPR command's worker; the asking client is held until it ends.
