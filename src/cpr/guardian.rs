@@ -9,10 +9,13 @@
 //!    no child of molt, so no image has to reap it. molt then sends it duplicates
 //!    of every descriptor an exec hands over (message `F`).
 //! 2. In the pause, once the state memfd exists, molt sends it too (`S`); the
-//!    line itself crosses the exec (`FdKind::Guardian`).
+//!    line itself crosses the exec (`FdKind::Guardian`). The guardian sleeps
+//!    until the line closes or the process ends (the memfd stays queued), so
+//!    nothing of it runs inside the pause.
 //! 3. Whichever image is about to run the guest - the new one after its
 //!    restore, the old one when execve failed, the previous one after a
-//!    rollback - sends `R` just before its vCPUs start: the guardian exits.
+//!    rollback - sends `R` and closes the line just before its vCPUs start:
+//!    the guardian reads `R` and exits.
 //! 4. If molt's process (the same PID before and after execve) ends with the
 //!    memfd sent and no `R`, no image runs the guest: the guardian execs the
 //!    previous image by descriptor with that state and its duplicates, exactly
@@ -242,76 +245,109 @@ struct Held {
 /// Waits until an image resumes the guest (None) or molt's process ends
 /// without one having done so (what to resume it with).
 fn watch(line: &Line, pidfd: &OwnedFd, image: OwnedFd) -> Result<Option<Held>, String> {
-    let mut image = Some(image);
-    let mut adopted = None;
+    let Some(Message {
+        tag: MSG_FDS,
+        body,
+        fds: got,
+    }) = receive(line)?
+    else {
+        return Ok(None);
+    };
+    let kinds: Vec<FdKind> =
+        postcard::from_bytes(&body).map_err(|e| format!("bad descriptor table: {e}"))?;
+    let count = |f: fn(&FdKind) -> bool| kinds.iter().filter(|k| f(k)).count();
+    let disks = count(|k| matches!(k, FdKind::Disk(_)));
+    let taps = count(|k| matches!(k, FdKind::Tap(_)));
+    let raw: Vec<RawFd> = got.into_iter().map(IntoRawFd::into_raw_fd).collect();
+    let mut adopted = fds::adopt(&kinds, &raw, disks, taps)?;
+    adopted.previous_exe = Some(image);
+    // Sleep until the line closes (the image that runs the guest sends `R`
+    // and closes it; a death closes it too) or the process ends. The state
+    // memfd stays queued meanwhile: polling for POLLIN would wake this
+    // process inside the pause, on a host that may have a single free CPU.
+    wait(&[(line.socket_fd(), 0), (pidfd.as_raw_fd(), libc::POLLIN)])?;
+    set_nonblocking(line)?;
     let mut state = None;
-    let mut open = true;
+    while let Some(Message { tag, mut fds, .. }) = receive(line)? {
+        match (tag, fds.pop()) {
+            (MSG_RESUMED, _) => return Ok(None),
+            (MSG_STATE, Some(fd)) if fds.is_empty() => state = Some(fd),
+            (tag, _) => return Err(format!("unexpected message {tag:#04x}")),
+        }
+    }
+    let Some(state) = state else {
+        return Ok(None);
+    };
+    // Closing comes before the end of an exit: act once the process is gone.
+    wait(&[(pidfd.as_raw_fd(), libc::POLLIN)])?;
+    Ok(Some(Held { adopted, state }))
+}
+
+/// One message on the line.
+struct Message {
+    tag: u8,
+    body: Vec<u8>,
+    /// Received with it, CLOEXEC.
+    fds: Vec<OwnedFd>,
+}
+
+/// The line's next message; None at the end (or, non-blocking, when nothing
+/// is queued).
+fn receive(line: &Line) -> Result<Option<Message>, String> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let mut raw = [-1; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: iov points at `buf`, which outlives the call and may hold any bytes.
+    let (n, nfds) = match unsafe { line.recv_with_fds(&mut iov, &mut raw) } {
+        Ok(got) => got,
+        Err(e) if e.errno() == libc::EAGAIN => return Ok(None),
+        Err(e) => return Err(format!("receiving: {e}")),
+    };
+    let got: Vec<OwnedFd> = raw[..nfds]
+        .iter()
+        // SAFETY: descriptors just received, owned by nothing else.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    for fd in &got {
+        set_cloexec(fd.as_raw_fd(), true).map_err(|e| format!("received descriptor: {e}"))?;
+    }
+    Ok((n > 0).then(|| Message {
+        tag: buf[0],
+        body: buf[1..n].to_vec(),
+        fds: got,
+    }))
+}
+
+/// Makes the line non-blocking, to read what is queued and no more.
+fn set_nonblocking(line: &Line) -> Result<(), String> {
+    // SAFETY: F_SETFL on our own open socket.
+    match unsafe { libc::fcntl(line.socket_fd(), libc::F_SETFL, libc::O_NONBLOCK) } {
+        0 => Ok(()),
+        _ => Err(format!("fcntl: {}", io::Error::last_os_error())),
+    }
+}
+
+/// Blocks until one of `fds` reports one of its events (or POLLHUP/POLLERR).
+fn wait(fds: &[(RawFd, i16)]) -> Result<(), String> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, events)| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+        .collect();
     loop {
-        let mut polled = [
-            libc::pollfd {
-                fd: if open { line.socket_fd() } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: pidfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: a valid array of two initialised pollfd structs.
-        if unsafe { libc::poll(polled.as_mut_ptr(), 2, -1) } < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
+        // SAFETY: a valid array of initialised pollfd structs of that length.
+        if unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) } >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
             return Err(format!("poll: {e}"));
-        }
-        // Messages first: an `R` written just before a death counts.
-        if polled[0].revents != 0 {
-            let mut buf = [0u8; MAX_MESSAGE];
-            let mut raw = [-1; MAX_FDS];
-            let mut iov = [libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            }];
-            // SAFETY: iov points at `buf`, which outlives the call and may hold any bytes.
-            let (n, nfds) = unsafe { line.recv_with_fds(&mut iov, &mut raw) }
-                .map_err(|e| format!("receiving: {e}"))?;
-            let got: Vec<RawFd> = raw[..nfds].to_vec();
-            match (n, buf[0]) {
-                (0, _) => {
-                    open = false;
-                    if state.is_none() {
-                        return Ok(None);
-                    }
-                }
-                (_, MSG_RESUMED) => return Ok(None),
-                (_, MSG_FDS) => {
-                    let kinds: Vec<FdKind> = postcard::from_bytes(&buf[1..n])
-                        .map_err(|e| format!("bad descriptor table: {e}"))?;
-                    let count = |f: fn(&FdKind) -> bool| kinds.iter().filter(|k| f(k)).count();
-                    let disks = count(|k| matches!(k, FdKind::Disk(_)));
-                    let taps = count(|k| matches!(k, FdKind::Tap(_)));
-                    let mut a = fds::adopt(&kinds, &got, disks, taps)?;
-                    a.previous_exe = image.take();
-                    adopted = Some(a);
-                }
-                (_, MSG_STATE) if got.len() == 1 => {
-                    // SAFETY: just received, owned by nothing else.
-                    let fd = unsafe { OwnedFd::from_raw_fd(got[0]) };
-                    set_cloexec(fd.as_raw_fd(), true).map_err(|e| format!("state memfd: {e}"))?;
-                    state = Some(fd);
-                }
-                (_, tag) => return Err(format!("unexpected message {tag:#04x}")),
-            }
-            continue;
-        }
-        if polled[1].revents != 0 {
-            return match (adopted, state) {
-                (Some(adopted), Some(state)) => Ok(Some(Held { adopted, state })),
-                _ => Ok(None),
-            };
         }
     }
 }
