@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -308,24 +307,8 @@ impl Client {
 /// socket's 0600 mode is the first guard, this one holds even if the mode or the
 /// directory was loosened.
 pub fn check_peer(stream: &UnixStream) -> Result<(), Error> {
-    // SAFETY: ucred is plain data; zeroed is a valid value.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writing and `len` is cred's size.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::PeerCred(std::io::Error::last_os_error()));
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let cred = crate::creds::peer(stream).map_err(Error::PeerCred)?;
+    let euid = crate::creds::euid();
     if cred.uid != euid {
         return Err(Error::Refused {
             uid: cred.uid,

@@ -9,6 +9,7 @@ mod boot;
 mod bus;
 mod control;
 mod cpr;
+mod creds;
 mod devices;
 mod event_loop;
 mod files;

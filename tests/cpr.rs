@@ -1238,9 +1238,11 @@ fn another_user_cannot_read_ram_state_or_console() {
 // the change broke compatibility: the format needs a new version (CprStateV2
 // with From<CprStateV1>), not a regenerated file.
 //
-// Decoding is host-independent. Resuming also needs this host's KVM to accept the
-// saved vCPU state (CPUID, MSRs, XSAVE size): on another kind of CPU that part may
-// legitimately fail, the decoding must not.
+// Decoding is host-independent. Resuming also needs this host's KVM to offer
+// every CPU feature the guest was started with (it was saved on an Intel Xeon:
+// its CPUID, XSAVE layout and MSRs): where it does not, the restore must refuse
+// the state naming what is missing, with the file untouched; the decoding must
+// never fail.
 
 const GOLDEN_MEM: &str = "16M";
 
@@ -1267,6 +1269,7 @@ fn golden_state_v1_decodes() {
         "memory:   16777216 bytes".to_string(),
         "  region  guest 0x0..0x1000000 at file offset 0x0".to_string(),
         "ram:      in this file".to_string(),
+        "cpu:      GenuineIntel family 0x6 model 0xcf".to_string(),
     ];
     for line in &expected {
         assert!(
@@ -1274,6 +1277,22 @@ fn golden_state_v1_decodes() {
             "`molt state` of the golden file lacks {line:?}:\n{summary}"
         );
     }
+    // Without /dev/kvm it says so instead of failing.
+    let verdict = host_cpu_verdict(&summary);
+    assert!(
+        ["compatible (", "refused: ", "not checked ("]
+            .iter()
+            .any(|p| verdict.starts_with(p)),
+        "`molt state` host cpu line: {verdict:?}"
+    );
+}
+
+/// What `molt state` says of this host's KVM against the state's vCPUs.
+fn host_cpu_verdict(summary: &str) -> &str {
+    summary
+        .lines()
+        .find_map(|l| l.strip_prefix("host cpu: "))
+        .unwrap_or_else(|| panic!("`molt state` has no `host cpu:` line:\n{summary}"))
 }
 
 #[test]
@@ -1299,6 +1318,32 @@ fn golden_state_v1_resumes() {
         .expect("golden counts");
     let state = g.dir.join("state-v1.bin");
     write_private(&state, &golden_state());
+    // `molt state` compares the saved CPU needs with this host's KVM as the
+    // restore does: on a host that cannot run the guest (this AMD EPYC's KVM
+    // lacks PKRU state and Intel-only features, and lays AVX-512 state out
+    // elsewhere) the restore must refuse with the same reason, exit 1, and
+    // leave the file and the console untouched.
+    let verdict = host_cpu_verdict(&state_summary(&state)).to_string();
+    if let Some(reason) = verdict.strip_prefix("refused: ") {
+        let expected = format!(
+            "the guest saved in {} cannot run on this host (the file is left as it is): {reason}",
+            state.display()
+        );
+        let mut problems = g.refused("the golden state here", &state, &[], &[&expected]);
+        // Refused before the console file or the control socket was created.
+        let created: Vec<String> = fs::read_dir(g.dir.path())
+            .expect("read test dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("refused"))
+            .collect();
+        if !created.is_empty() {
+            problems.push(format!("the refused restore created {created:?}"));
+        }
+        assert_no_problems(&problems);
+        assert_eq!(fs::read(&g.serial).ok(), Some(printed), "console changed");
+        return;
+    }
+    assert!(verdict.starts_with("compatible ("), "host cpu: {verdict:?}");
     let mut molt = g.resume(&state);
     check_resumed(&g, &mut molt, &state, last_before, 1);
     let status = g.ctl(&["status"]);

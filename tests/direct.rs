@@ -1,7 +1,8 @@
 //! Runs the real `molt` binary on this machine's `/dev/kvm` with the tiny guests of
 //! `common::guest`: boot and serial output (file and stdio), power-off and reset
 //! exits, and the control pipe (SPEC.md "The control pipe"): status, pause/resume,
-//! quit, error replies and `--cpus`.
+//! quit, error replies and `--cpus`; and that a guest keeping its disk's queue full
+//! cannot take the event loop away from `status` and SIGTERM.
 //!
 //! Without `/dev/kvm` every test fails with the reason, unless MOLT_ALLOW_NO_KVM=1.
 
@@ -672,4 +673,97 @@ fn a_client_beyond_the_limit_waits_for_a_free_slot() {
     );
     assert_status_ok(&mut held[0], "a slot freed");
     c.molt.assert_running("with every slot taken");
+}
+
+/// Bytes molt has read through read(2)-like calls (preadv included), from
+/// /proc/PID/io: how far the storm guest's reads have gone.
+fn bytes_read(pid: u32) -> u64 {
+    let io = fs::read_to_string(format!("/proc/{pid}/io")).expect("read /proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("rchar in /proc/PID/io")
+}
+
+#[test]
+fn status_and_sigterm_stay_prompt_under_a_disk_storm() {
+    if !kvm_available("status_and_sigterm_stay_prompt_under_a_disk_storm") {
+        return;
+    }
+    let dir = TempDir::new("storm");
+    let kernel = write_guest(dir.path(), "storm.elf", &guest::storm_guest());
+    let disk = dir.join("disk.img");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(guest::STORM_DISK_BYTES))
+        .expect("create the sparse disk image");
+    let (serial, sock) = (dir.join("serial.out"), dir.join("ctl.sock"));
+    let serial_arg = format!("file:{}", serial.display());
+    let mut molt = Molt::spawn(
+        &dir,
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem",
+            guest::STORM_MEM,
+            "--serial",
+            &serial_arg,
+            "--control",
+            sock.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+        ],
+        Stdio::null(),
+    );
+    wait_for_control(&mut molt, &sock);
+    // The storm is on once molt has read a full queue's worth.
+    let full = u64::from(guest::STORM_QUEUED) * u64::from(guest::STORM_READ_BYTES);
+    let storming = common::wait_until(TIMEOUT, || {
+        molt.assert_running("while the guest starts its storm");
+        (bytes_read(molt.pid()) > full).then_some(())
+    });
+    assert!(
+        storming.is_some(),
+        "the storm guest never got a queue of reads served; serial {:?}, stderr:\n{}",
+        fs::read_to_string(&serial).unwrap_or_default(),
+        molt.stderr()
+    );
+
+    let mut client = RawClient::connect(&sock);
+    let before = bytes_read(molt.pid());
+    let mut took: Vec<Duration> = (0..50)
+        .map(|_| {
+            let t = Instant::now();
+            let reply = client.request(b"status\n").unwrap_or_else(|e| {
+                panic!("status got no reply within {TIMEOUT:?} under the storm: {e}")
+            });
+            assert!(reply.starts_with("ok state=running"), "status {reply:?}");
+            t.elapsed()
+        })
+        .collect();
+    let during = bytes_read(molt.pid()) - before;
+    took.sort();
+    let (median, worst) = (took[took.len() / 2], took[took.len() - 1]);
+    eprintln!(
+        "status under the storm: median {median:?}, worst {worst:?}; {} MiB read meanwhile",
+        during >> 20
+    );
+    assert!(
+        during >= 4 * u64::from(guest::STORM_READ_BYTES),
+        "the storm was not going on while status was asked ({during} bytes read)"
+    );
+    assert!(
+        median < Duration::from_millis(100),
+        "status took {median:?} (median of 50) under the storm, {worst:?} at worst"
+    );
+
+    let t = Instant::now();
+    // SAFETY: kill takes no pointers; the pid is our child's, reaped only by Molt.
+    assert_eq!(unsafe { libc::kill(molt.pid() as i32, libc::SIGTERM) }, 0);
+    let exited = molt.wait_exit(Duration::from_secs(5));
+    let stop = t.elapsed();
+    eprintln!("SIGTERM to exit under the storm: {stop:?}");
+    assert!(
+        exited.is_some() && stop < Duration::from_secs(1),
+        "molt took {stop:?} to stop on SIGTERM under the storm (exited: {exited:?})"
+    );
 }

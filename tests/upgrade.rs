@@ -1457,6 +1457,30 @@ fn check_fds(g: &Guest, version: &str, r: &fake::Report) {
     );
 }
 
+/// Asks `status` every 200 ms (at least 10 times) while `update` runs: each
+/// must answer `running` within 1 s (it used to wait for the whole update).
+fn status_answers_while(g: &Guest, update: &thread::JoinHandle<String>, during: &str) {
+    let mut waits = Vec::new();
+    while !update.is_finished() && waits.len() < 15 {
+        let t = Instant::now();
+        let reply = ctl(&g.sock, &["status"]);
+        waits.push(t.elapsed());
+        assert!(reply.starts_with("ok state=running"), "{reply:?}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    waits.sort();
+    assert!(
+        waits.len() >= 10 && waits[waits.len() - 1] < Duration::from_secs(1),
+        "status during {during} took {waits:?}"
+    );
+    eprintln!(
+        "status during {during}: min {:?}, median {:?}, max {:?}",
+        waits[0],
+        waits[waits.len() / 2],
+        waits[waits.len() - 1]
+    );
+}
+
 #[test]
 fn transfer_to_a_new_process_that_dies_or_hangs_before_ready() {
     if !kvm_available("transfer_to_a_new_process_that_dies_or_hangs_before_ready") {
@@ -1481,24 +1505,7 @@ fn transfer_to_a_new_process_that_dies_or_hangs_before_ready() {
     let target = path.to_str().unwrap().to_string();
     let update =
         thread::spawn(move || ctl_timeout(&sock, &["cpr-transfer", &target], UPDATE_TIMEOUT));
-    let mut waits = Vec::new();
-    while !update.is_finished() && waits.len() < 20 {
-        let t = Instant::now();
-        let reply = ctl(&g.sock, &["status"]);
-        waits.push(t.elapsed());
-        assert!(reply.starts_with("ok state=running"), "{reply:?}");
-        thread::sleep(Duration::from_millis(200));
-    }
-    waits.sort();
-    assert!(
-        waits.len() >= 10 && waits[waits.len() - 1] < Duration::from_secs(1),
-        "status during a transfer's wait for READY took {waits:?}"
-    );
-    eprintln!(
-        "status while waiting for READY: median {:?}, max {:?}",
-        waits[waits.len() / 2],
-        waits[waits.len() - 1]
-    );
+    status_answers_while(&g, &update, "a transfer's wait for READY");
     let reply = update.join().expect("ctl thread");
     fake.join().expect("fake thread").expect("fake");
     let _ = fs::remove_file(&path);
@@ -1850,19 +1857,7 @@ fn slow_probes_and_own_sockets_do_not_block_the_control_plane() {
     let sock = g.sock.clone();
     let target = slow.to_str().unwrap().to_string();
     let update = thread::spawn(move || ctl_timeout(&sock, &["cpr-exec", &target], UPDATE_TIMEOUT));
-    let mut waits = Vec::new();
-    while !update.is_finished() && waits.len() < 15 {
-        let t = Instant::now();
-        let reply = ctl(&g.sock, &["status"]);
-        waits.push(t.elapsed());
-        assert!(reply.starts_with("ok state=running"), "{reply:?}");
-        thread::sleep(Duration::from_millis(200));
-    }
-    waits.sort();
-    assert!(
-        waits.len() >= 10 && waits[waits.len() - 1] < Duration::from_secs(1),
-        "status during a probe took {waits:?}"
-    );
+    status_answers_while(&g, &update, "a slow probe");
     let reply = update.join().expect("ctl thread");
     g.check_survived(pid, &reply, "cpr-exec", &["did not answer within 5 s"]);
     let child: i32 = fs::read_to_string(&child_pid)

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::reboot;
 use super::state::RamLocation;
+use crate::vm::host_cpu::{self, HostCpu};
 use crate::vm::mac_str;
 use crate::vm::memory::ram_regions;
 
@@ -29,6 +30,10 @@ pub fn summary(path: &Path) -> Result<String, reboot::Error> {
     );
     let _ = writeln!(out, "size:     {size} bytes");
     let _ = writeln!(out, "vcpus:    {}", m.shape.vcpus);
+    if let Some(v) = m.vcpus.first() {
+        let _ = writeln!(out, "cpu:      {}", host_cpu::describe_saved(&v.cpuid));
+    }
+    let _ = writeln!(out, "host cpu: {}", host_verdict(&s));
     let _ = writeln!(out, "memory:   {} bytes", m.shape.mem_size);
     for r in ram_regions(m.shape.mem_size) {
         let _ = writeln!(
@@ -61,4 +66,16 @@ pub fn summary(path: &Path) -> Result<String, reboot::Error> {
         );
     }
     Ok(out)
+}
+
+/// Whether this host's KVM could resume the state, as a restore would decide.
+fn host_verdict(s: &super::state::CprState) -> String {
+    let host = match HostCpu::open() {
+        Ok(h) => h,
+        Err(e) => return format!("not checked ({e})"),
+    };
+    match host.check(s.machine.vcpus.iter().map(|v| &**v)) {
+        Ok(()) => format!("compatible ({})", host.describe()),
+        Err(e) => format!("refused: {e}"),
+    }
 }

@@ -4,9 +4,10 @@
 //! 1. `cpr-save PATH`: pause the vCPUs (the last one stopping starts the pause),
 //!    `Machine::save` (devices, VM, vCPUs), write PATH atomically (`reboot`),
 //!    reply, exit 0. A failure resumes the guest and replies `error: ...`.
-//! 2. `molt run <same args> --incoming file:PATH`: decode and check the state,
-//!    rebuild the machine around the same RAM (in place, or read back from the
-//!    file), restore the machine, start the vCPUs (the pause ends).
+//! 2. `molt run <same args> --incoming file:PATH`: decode and check the state
+//!    (against argv, and against this host's KVM: `vm::host_cpu`), rebuild the
+//!    machine around the same RAM (in place, or read back from the file),
+//!    restore the machine, start the vCPUs (the pause ends).
 //!
 //! Exec mode:
 //! 1. `cpr-exec [BINARY [ARG...]]`: check that BINARY is a molt reading this
@@ -38,6 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::args::RunConfig;
 use crate::devices::serial::Output;
+use crate::vm::host_cpu::HostCpu;
 use crate::vm::memory::GuestRam;
 use crate::vm::vcpu::ExitSink;
 use crate::vm::{self, Machine};
@@ -61,6 +63,7 @@ pub enum Error {
     },
     /// A disk's name no longer leads to the image molt has open.
     DiskGone(PathBuf, &'static str),
+    HostCpu(PathBuf, vm::host_cpu::Error),
 }
 
 impl fmt::Display for Error {
@@ -89,6 +92,11 @@ impl fmt::Display for Error {
                 f,
                 "guest RAM is not the RAM that was saved (page sample CRC {now:#010x}, \
                  saved {saved:#010x}): wrong --mem-file?"
+            ),
+            Error::HostCpu(p, e) => write!(
+                f,
+                "the guest saved in {} cannot run on this host (the file is left as it is): {e}",
+                p.display()
             ),
         }
     }
@@ -628,27 +636,60 @@ pub struct Resumed {
     pub pause_us: u64,
 }
 
-/// Reboot mode, step 2: resumes the machine saved in `path`.
-pub fn resume_from_file(
-    cfg: &RunConfig,
-    path: &Path,
-    console: Output,
-    exit: ExitSink,
-) -> Result<Resumed, Error> {
+/// Reboot mode, step 2, first half: the state in a file, read and checked.
+pub struct FileIncoming {
+    path: PathBuf,
+    state: CprState,
+    /// The file after the state: the RAM section, or its end.
+    rest: std::io::BufReader<std::fs::File>,
+    start: Instant,
+}
+
+/// Reads the state in `path` and checks it against argv and this host's KVM,
+/// before anything else is opened or created: a refused state leaves the file,
+/// the console and `--mem-file` as they were, and the error says why.
+pub fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     let start = Instant::now();
     let (state, mut rest) = reboot::load_state(path).map_err(Error::File)?;
     let diff = vm::Shape::argv_differences(cfg, &state.machine.shape);
     if !diff.is_empty() {
         return Err(Error::Vm(vm::Error::Mismatch(diff.join("; "))));
     }
-    let in_place = matches!(state.ram, RamLocation::InPlace { .. });
-    if in_place && cfg.mem_file.is_none() {
-        return Err(Error::NeedsMemFile(path.into()));
+    if let RamLocation::InPlace { .. } = state.ram {
+        if cfg.mem_file.is_none() {
+            return Err(Error::NeedsMemFile(path.into()));
+        }
+        reboot::expect_end(path, &mut rest).map_err(Error::File)?;
     }
+    // `Prepared::restore` checks again, for every mode; here it runs before
+    // RAM is mapped or loaded.
+    HostCpu::open()
+        .and_then(|host| host.check(state.machine.vcpus.iter().map(|v| &**v)))
+        .map_err(|e| Error::HostCpu(path.into(), e))?;
+    Ok(FileIncoming {
+        path: path.into(),
+        state,
+        rest,
+        start,
+    })
+}
+
+/// Reboot mode, step 2: resumes the machine saved in the file.
+pub fn resume_from_file(
+    inc: FileIncoming,
+    cfg: &RunConfig,
+    console: Output,
+    exit: ExitSink,
+) -> Result<Resumed, Error> {
+    let FileIncoming {
+        path,
+        state,
+        mut rest,
+        start,
+    } = inc;
     let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
-    match state.ram {
-        RamLocation::InStateFile => reboot::load_ram(path, &mut rest, &ram).map_err(Error::File)?,
-        RamLocation::InPlace { .. } => reboot::expect_end(path, &mut rest).map_err(Error::File)?,
+    if state.ram == RamLocation::InStateFile {
+        reboot::load_ram(&path, &mut rest, &ram).map_err(Error::File)?;
     }
     check_ram(&state, &ram)?;
     resume(cfg, &state, ram, console, exit, start, || {})

@@ -93,16 +93,22 @@ enum Msg {
 }
 
 impl Msg {
-    fn name(&self) -> &'static str {
+    /// The step of sending this message, for errors: "sending HELLO".
+    fn sending(&self) -> &'static str {
         match self {
-            Msg::Hello { .. } => "HELLO",
-            Msg::Fds { .. } => "FDS",
-            Msg::Ready => "READY",
-            Msg::State { .. } => "STATE",
-            Msg::Restored => "RESTORED",
-            Msg::Go => "GO",
-            Msg::Fail(_) => "FAIL",
+            Msg::Hello { .. } => "sending HELLO",
+            Msg::Fds { .. } => "sending FDS",
+            Msg::Ready => "sending READY",
+            Msg::State { .. } => "sending STATE",
+            Msg::Restored => "sending RESTORED",
+            Msg::Go => "sending GO",
+            Msg::Fail(_) => "sending FAIL",
         }
+    }
+
+    /// The message's name: "HELLO".
+    fn name(&self) -> &'static str {
+        &self.sending()["sending ".len()..]
     }
 
     fn hello() -> Msg {
@@ -227,7 +233,7 @@ impl Link {
     }
 
     fn send(&mut self, msg: &Msg, magic: bool, d: Deadline) -> Result<(), Error> {
-        let step = send_step(msg);
+        let step = msg.sending();
         let frame = frame(msg, magic).map_err(|e| Error::Protocol(step, e))?;
         self.write_all(&frame, step, d)
     }
@@ -297,18 +303,6 @@ impl Link {
     }
 }
 
-fn send_step(msg: &Msg) -> &'static str {
-    match msg {
-        Msg::Hello { .. } => "sending HELLO",
-        Msg::Fds { .. } => "sending FDS",
-        Msg::Ready => "sending READY",
-        Msg::State { .. } => "sending STATE",
-        Msg::Restored => "sending RESTORED",
-        Msg::Go => "sending GO",
-        Msg::Fail(_) => "sending FAIL",
-    }
-}
-
 fn frame(msg: &Msg, magic: bool) -> Result<Vec<u8>, String> {
     let body = postcard::to_allocvec(msg).map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(MAGIC.len() + 4 + body.len());
@@ -324,39 +318,10 @@ fn unexpected(step: &'static str, want: &str, got: &Msg) -> Error {
     Error::Protocol(step, format!("expected {want}, got {}", got.name()))
 }
 
-/// The uid of the process at the other end of `s`.
-fn peer_uid(s: &UnixStream) -> io::Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred.uid)
-}
-
-fn my_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() }
-}
-
 /// The peer must run as molt's own uid.
 fn check_peer_uid(s: &UnixStream, who: &str) -> Result<(), Error> {
-    let uid = peer_uid(s).map_err(|e| Error::Io("SO_PEERCRED", e))?;
-    check_uid(uid, my_uid(), who)
+    let cred = crate::creds::peer(s).map_err(|e| Error::Io("SO_PEERCRED", e))?;
+    check_uid(cred.uid, crate::creds::euid(), who)
 }
 
 fn check_uid(peer: u32, me: u32, who: &str) -> Result<(), Error> {
@@ -402,7 +367,7 @@ pub fn check_path(path: &Path) -> Result<(), Error> {
         Ok(m) => m,
         Err(e) => return Err(Error::Connect(path.into(), e)),
     };
-    let me = my_uid();
+    let me = crate::creds::euid();
     if !meta.file_type().is_socket() {
         return refuse("it is not a socket".into());
     }

@@ -87,6 +87,11 @@ pub const VERSION: &str = match option_env!("MOLT_BUILD_VERSION") {
 pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     // Blocked before any thread starts, so only the signalfd ever sees them.
     let signals = signal_fd()?;
+    // Reboot mode reads and checks the state before anything is opened.
+    let mut file_in = match &cfg.incoming {
+        Some(Incoming::File(path)) => Some(cpr::receive_file(&cfg, path).map_err(Error::Cpr)?),
+        _ => None,
+    };
     // An exec or a transfer hands over the control socket and the client that
     // asked; a transfer also the console.
     let mut exec_in = match cfg.incoming {
@@ -210,7 +215,8 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
             }
         }
         Some(Incoming::File(path)) => {
-            let r = cpr::resume_from_file(&cfg, path, console, sink).map_err(Error::Cpr)?;
+            let inc = file_in.take().expect("received above");
+            let r = cpr::resume_from_file(inc, &cfg, console, sink).map_err(Error::Cpr)?;
             log::info!(
                 "resumed from {}: restore_us={} pause_us={}",
                 path.display(),

@@ -10,7 +10,8 @@
 //! malformed request completes with an error status and the device carries on.
 //!
 //! Requests are handled synchronously on the caller's thread, so none is ever in
-//! flight between calls. The device's state is therefore only: the features the
+//! flight between calls; each call serves at most one `Budget` of them and leaves
+//! the rest in the avail ring for the event loop's next turn. The device's state is therefore only: the features the
 //! driver acked, and (while active) the queue, whose indices are the only queue
 //! state a live update must carry. Everything else is fixed when the image is opened.
 
@@ -27,7 +28,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::{
-    read_config_bytes, Interrupt, QueueStateV1, VirtioDevice, TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX,
+    read_config_bytes, Budget, Interrupt, QueueStateV1, Served, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_RING_EVENT_IDX,
 };
 use crate::ratelimit::guest_log;
 
@@ -269,12 +271,12 @@ impl VirtioDevice for Block {
         self.active.iter().map(|a| (&a.queue).into()).collect()
     }
 
-    fn queue_notify(&mut self, index: usize) {
+    fn queue_notify(&mut self, index: usize) -> Served {
         let Some(a) = self.active.as_mut().filter(|_| index == 0) else {
-            return;
+            return Served::All;
         };
         let mut added = 0;
-        if let Err(e) = drain(&self.disk, self.acked_features, a, &mut added) {
+        let served = drain(&self.disk, self.acked_features, a, &mut added).unwrap_or_else(|e| {
             if !a.warned {
                 guest_log!(
                     Warn,
@@ -283,12 +285,15 @@ impl VirtioDevice for Block {
                 );
                 a.warned = true;
             }
-        }
+            // Nothing more until the driver kicks again.
+            Served::All
+        });
         // On a failed check, interrupt anyway: a spurious interrupt is harmless,
         // a lost one hangs the guest.
         if added > 0 && a.queue.needs_notification(&a.mem).unwrap_or(true) {
             a.irq.queue(0);
         }
+        served
     }
 
     fn reset(&mut self) {
@@ -298,25 +303,28 @@ impl VirtioDevice for Block {
     }
 }
 
-/// Handles every chain the driver made available, counting in `added` those put in
-/// the used ring. With EVENT_IDX, notifications stay off while draining and the
-/// ring is checked once more after turning them on, so that no request made
-/// available in between is missed (virtio-queue's documented loop).
+/// Handles the chains the driver made available, one `Budget`'s worth, counting
+/// in `added` those put in the used ring. With EVENT_IDX, notifications stay off
+/// while draining and the ring is checked once more after turning them on, so
+/// that no request made available in between is missed (virtio-queue's
+/// documented loop). That check also tells whether a spent budget left work.
 fn drain(
     disk: &Disk,
     acked: u64,
     a: &mut Active,
     added: &mut usize,
-) -> Result<(), virtio_queue::Error> {
+) -> Result<Served, virtio_queue::Error> {
+    let mut budget = Budget::default();
     loop {
         a.queue.disable_notification(&a.mem)?;
-        loop {
+        while !budget.exhausted() {
             // Fails if avail.idx runs more than a ring ahead: the ring is unusable
             // until the driver fixes it or resets the device.
             let next = a.queue.iter(&a.mem)?.next();
             let Some(chain) = next else { break };
             let head = chain.head_index();
-            let len = disk.handle(&a.mem, chain, a.queue.size(), acked);
+            let (len, bytes) = disk.handle(&a.mem, chain, a.queue.size(), acked);
+            budget.spend(bytes);
             // A head beyond the ring cannot be returned: it is dropped here, before
             // add_used would log an error for every such request.
             if head < a.queue.size() {
@@ -325,7 +333,10 @@ fn drain(
             }
         }
         if !a.queue.enable_notification(&a.mem)? {
-            return Ok(());
+            return Ok(Served::All);
+        }
+        if budget.exhausted() {
+            return Ok(Served::More);
         }
     }
 }
@@ -337,25 +348,27 @@ const UNSUPP: Outcome = (VIRTIO_BLK_S_UNSUPP as u8, 0);
 const OK: Outcome = (VIRTIO_BLK_S_OK as u8, 0);
 
 impl Disk {
-    /// Executes one request and returns the used length: the bytes written into
-    /// device-writable buffers, the status byte included (0 if there is none).
+    /// Executes one request and returns the used length (the bytes written into
+    /// device-writable buffers, the status byte included; 0 if there is none) and
+    /// the bytes its buffers hold, which is what it costs the budget.
     fn handle(
         &self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
         queue_size: u16,
         acked: u64,
-    ) -> u32 {
+    ) -> (u32, u64) {
         // A chain never exceeds the queue size (2.7.5.3.1) without an indirect table;
         // keep that many, and count the rest only to find the last descriptor.
         let mut descs = Vec::with_capacity(4);
-        let mut count = 0usize;
+        let (mut count, mut bytes) = (0usize, 0u64);
         let mut last = None;
         for d in chain {
             if count < usize::from(queue_size) {
                 descs.push(d);
             }
             count += 1;
+            bytes += u64::from(d.len());
             last = Some(d);
         }
         // The status is the request's last byte. Without a last descriptor that ends
@@ -363,13 +376,13 @@ impl Disk {
         // table) or one the device may write, there is nowhere to report anything.
         let Some(status) = last.filter(|d| !d.has_next() && d.is_write_only() && d.len() > 0)
         else {
-            return 0;
+            return (0, bytes);
         };
         let Some(status_addr) = status.addr().checked_add(u64::from(status.len()) - 1) else {
-            return 0;
+            return (0, bytes);
         };
         if !GuestMemoryBackend::check_range(mem, status_addr, 1) {
-            return 0;
+            return (0, bytes);
         }
         let (code, written) = if count > usize::from(queue_size) {
             IOERR
@@ -377,8 +390,8 @@ impl Disk {
             self.execute(mem, &descs[..count - 1], acked)
         };
         match mem.write_obj(code, status_addr) {
-            Ok(()) => written + 1,
-            Err(_) => 0,
+            Ok(()) => (written + 1, bytes),
+            Err(_) => (0, bytes),
         }
     }
 
@@ -866,7 +879,7 @@ mod tests {
         fn run(&mut self, head: u16) -> u32 {
             let before = self.used_idx();
             self.publish(head);
-            self.blk.queue_notify(0);
+            assert_eq!(self.blk.queue_notify(0), Served::All);
             assert_eq!(self.used_idx(), before.wrapping_add(1), "one used entry");
             let elem = USED + 4 + 8 * u64::from(before % self.size);
             let id: u32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
@@ -1469,7 +1482,7 @@ mod tests {
     fn avail_index_far_ahead() {
         let mut d = Driver::new();
         d.set_avail_idx(d.avail_idx.wrapping_add(1000));
-        d.blk.queue_notify(0);
+        assert_eq!(d.blk.queue_notify(0), Served::All);
         assert_eq!(d.used_idx(), 0);
         assert_eq!(d.irqs.load(Ordering::SeqCst), 0);
         // The driver repairs the index: the ring works again.
@@ -1483,7 +1496,7 @@ mod tests {
         // As a head: nothing can be returned for it, and it is skipped.
         d.publish(16);
         d.publish(0xffff);
-        d.blk.queue_notify(0);
+        assert_eq!(d.blk.queue_notify(0), Served::All);
         assert_eq!(d.used_idx(), 0);
         // As a `next`: the chain has no end, so no status.
         d.header(VIRTIO_BLK_T_IN, 0);
@@ -1491,7 +1504,7 @@ mod tests {
         d.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         let before = d.used_idx();
         d.publish(0);
-        d.blk.queue_notify(0);
+        assert_eq!(d.blk.queue_notify(0), Served::All);
         assert_eq!(d.used_idx(), before + 1);
         assert_eq!(d.guest(STATUS, 1), [0xff]);
         d.next_desc = 1;
@@ -1504,13 +1517,13 @@ mod tests {
         d.header(VIRTIO_BLK_T_FLUSH, 0);
         let head = d.chain(&[(HDR, 16, R), (STATUS, 1, W)]);
         d.publish(head);
-        d.blk.queue_notify(1);
-        d.blk.queue_notify(usize::MAX);
+        assert_eq!(d.blk.queue_notify(1), Served::All);
+        assert_eq!(d.blk.queue_notify(usize::MAX), Served::All);
         assert_eq!(d.used_idx(), 0);
-        d.blk.queue_notify(0);
+        assert_eq!(d.blk.queue_notify(0), Served::All);
         assert_eq!(d.used_idx(), 1);
         d.blk.reset();
-        d.blk.queue_notify(0);
+        assert_eq!(d.blk.queue_notify(0), Served::All);
     }
 
     #[test]
@@ -1527,6 +1540,121 @@ mod tests {
         // The device asks to be notified at the next available entry.
         let avail_event: u16 = d.mem.read_obj(GuestAddress(USED + 4 + 8 * 16)).unwrap();
         assert_eq!(avail_event, 3);
+    }
+
+    /// Publishes `n` reads of `len` bytes, request i from sector `i * len / 512`
+    /// modulo the disk into its own buffer at `buf(i)`, each through its own indirect
+    /// table: a ring has too few descriptors for three per request.
+    fn queue_reads(d: &mut Driver, n: u16, len: u32, buf: impl Fn(u16) -> u64) {
+        for i in 0..n {
+            let (hdr, status) = (STORM_HDR + 16 * u64::from(i), STORM_STATUS + u64::from(i));
+            let sector = (u64::from(i) * u64::from(len) / 512) % SECTORS;
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+            h[8..].copy_from_slice(&sector.to_le_bytes());
+            d.fill(hdr, &h);
+            d.fill(status, &[0xff]);
+            let table = INDIRECT + 48 * u64::from(i);
+            let next = VRING_DESC_F_NEXT as u16;
+            d.write_desc(table, 0, hdr, 16, R | next, 1);
+            d.write_desc(table, 1, buf(i), len, W | next, 2);
+            d.write_desc(table, 2, status, 1, W, 0);
+            let head = d.chain(&[(table, 48, VRING_DESC_F_INDIRECT as u16)]);
+            d.publish(head);
+        }
+    }
+
+    const STORM_HDR: u64 = 0x3_0000;
+    const STORM_STATUS: u64 = 0x3_8000;
+    const STORM_DATA: u64 = 0x4_0000;
+
+    /// Serves the queue one event at a time until it reports nothing left; the
+    /// used index after each event.
+    fn events(d: &mut Driver) -> Vec<u16> {
+        let mut after = Vec::new();
+        loop {
+            let served = d.blk.queue_notify(0);
+            after.push(d.used_idx());
+            if served == Served::All {
+                return after;
+            }
+            assert!(after.len() < 1000, "never done");
+        }
+    }
+
+    /// Request i completed, in order, with the sector it asked for.
+    fn assert_reads_done(d: &Driver, n: u16) {
+        assert_eq!(d.used_idx(), n);
+        for i in 0..n {
+            let elem = USED + 4 + 8 * u64::from(i % d.size);
+            let id: u32 = d.mem.read_obj(GuestAddress(elem)).unwrap();
+            let len: u32 = d.mem.read_obj(GuestAddress(elem + 4)).unwrap();
+            assert_eq!((id, len), (u32::from(i % d.size), 513), "used entry {i}");
+            assert_eq!(d.guest(STORM_STATUS + u64::from(i), 1), [OK_S]);
+            let sector = u64::from(i) % SECTORS;
+            let want: Vec<u8> = (sector * 512..sector * 512 + 512).map(pattern).collect();
+            assert_eq!(d.guest(STORM_DATA + 512 * u64::from(i), 512), want);
+        }
+    }
+
+    #[test]
+    fn a_storm_is_served_one_budget_per_event() {
+        // 200 small reads queued at once: each event serves at most 64 of them and
+        // says so; the rest follow, in order, on the next events.
+        let mut d = Driver::with(false, 256, !0);
+        queue_reads(&mut d, 200, 512, |i| STORM_DATA + 512 * u64::from(i));
+        assert_eq!(events(&mut d), [64, 128, 192, 200]);
+        assert_reads_done(&d, 200);
+        // Kicks armed again past the last request.
+        let avail_event: u16 = d.mem.read_obj(GuestAddress(USED + 4 + 8 * 256)).unwrap();
+        assert_eq!(avail_event, 200);
+        d.assert_works();
+    }
+
+    #[test]
+    fn large_requests_are_bounded_by_bytes() {
+        // 64 KiB reads: 32 of them fill the 2 MiB budget, whatever the chain count.
+        assert_eq!(Budget::BYTES, 2 << 20);
+        let mut d = Driver::with(false, 256, !VIRTIO_F_RING_EVENT_IDX);
+        queue_reads(&mut d, 40, 64 << 10, |_| 0x18_0000);
+        assert_eq!(events(&mut d), [32, 40]);
+        assert_eq!(d.irqs.load(Ordering::SeqCst), 2, "one interrupt per event");
+        let whole: Vec<u8> = (0..SECTORS * 512).map(pattern).collect();
+        assert_eq!(d.guest(0x18_0000, whole.len()), whole);
+        // A request larger than the whole budget is still served, alone.
+        queue_reads(&mut d, 2, 512, |i| STORM_DATA + 512 * u64::from(i));
+        let next = VRING_DESC_F_NEXT as u16;
+        d.write_desc(INDIRECT, 1, REGION, 2 << 20, W | next, 2);
+        assert_eq!(events(&mut d), [41, 42]);
+        assert_eq!(d.guest(STORM_STATUS, 2), [IOERR_S, OK_S]);
+    }
+
+    #[test]
+    fn a_save_mid_storm_loses_nothing() {
+        // One event's worth served, then the queue is saved and resumed by a new
+        // device on the same image, as a live update does: the new device serves
+        // exactly the rest, none twice.
+        let mut d = Driver::with(false, 256, !0);
+        queue_reads(&mut d, 200, 512, |i| STORM_DATA + 512 * u64::from(i));
+        assert_eq!(d.blk.queue_notify(0), Served::More);
+        assert_eq!(d.used_idx(), 64);
+        let saved = d.blk.queue_states();
+        assert_eq!(saved[0].next_avail, 64);
+        let mut blk = Block::new(&DiskConfig {
+            path: d.img.0.clone(),
+            read_only: false,
+        })
+        .unwrap();
+        blk.ack_features(!0);
+        let queue = saved[0].to_queue().unwrap();
+        blk.activate(
+            d.mem.clone(),
+            vec![queue],
+            Box::new(Counter(d.irqs.clone())),
+        );
+        d.blk = blk;
+        assert_eq!(events(&mut d), [128, 192, 200]);
+        assert_reads_done(&d, 200);
     }
 
     #[test]
@@ -1548,6 +1676,6 @@ mod tests {
         d.blk.reset();
         d.blk
             .activate(d.mem.clone(), Vec::new(), Box::new(Counter(d.irqs.clone())));
-        d.blk.queue_notify(0);
+        assert_eq!(d.blk.queue_notify(0), Served::All);
     }
 }

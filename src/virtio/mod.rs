@@ -31,6 +31,56 @@ pub trait Interrupt: Send + Sync {
 /// Most queues any device has (net: rx and tx).
 pub const MAX_QUEUES: usize = 2;
 
+/// What a queue notification left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Served {
+    /// Everything the driver made available was handled; its kicks are armed.
+    All,
+    /// A budget ran out with chains still available: the transport signals the
+    /// queue's notifier again, so the event loop comes back to it after the events
+    /// already waiting (a control command, a signal, another device).
+    More,
+}
+
+/// The work one queue may do per event-loop turn, so that a guest keeping a
+/// queue full cannot hold the loop (and the device's lock, which its vCPUs
+/// need for config accesses) for longer than one turn. At least one chain is
+/// always served, whatever its size: a request is never split across turns, so
+/// none is ever half done between calls.
+pub struct Budget {
+    chains: usize,
+    bytes: u64,
+}
+
+impl Default for Budget {
+    fn default() -> Budget {
+        Budget {
+            chains: Budget::CHAINS,
+            bytes: Budget::BYTES,
+        }
+    }
+}
+
+impl Budget {
+    /// Chains per turn: a quarter of a 256-entry ring.
+    pub const CHAINS: usize = 64;
+    /// Bytes of guest buffers per turn: about 1 ms of copying from the page cache.
+    pub const BYTES: u64 = 2 << 20;
+
+    /// Charges one chain holding `bytes` of buffers; false once the budget is
+    /// used up.
+    pub fn spend(&mut self, bytes: u64) -> bool {
+        self.chains = self.chains.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+        !self.exhausted()
+    }
+
+    pub fn exhausted(&self) -> bool {
+        self.chains == 0 || self.bytes == 0
+    }
+}
+
 /// A split virtqueue's configuration and indices, version 1 of its saved form
 /// (virtio-queue's `QueueState`, which has no serde).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,8 +161,9 @@ pub trait VirtioDevice: Send {
     /// The driver set DRIVER_OK: `queues` (only those the driver enabled are ready)
     /// are live from now on.
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: Box<dyn Interrupt>);
-    /// Queue `index` was notified by the driver: process what it made available.
-    fn queue_notify(&mut self, index: usize);
+    /// Queue `index` was notified by the driver: process what it made available,
+    /// within one `Budget`.
+    fn queue_notify(&mut self, index: usize) -> Served;
     /// Descriptors besides the queue notifiers that the event loop must watch
     /// (a tap). Fixed for the device's lifetime.
     fn extra_fds(&self) -> Vec<RawFd> {

@@ -33,7 +33,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 use super::tap::{self, Tap, VNET_HDR_LEN};
 use super::{
-    read_config_bytes, Interrupt, QueueStateV1, VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX,
+    read_config_bytes, Budget, Interrupt, QueueStateV1, Served, VirtioDevice, TYPE_NET,
+    VIRTIO_F_RING_EVENT_IDX,
 };
 use crate::args::{NetBackend, NetConfig};
 use crate::ratelimit::guest_log;
@@ -50,9 +51,6 @@ const SMALL_FRAME: usize = VNET_HDR_LEN + 1518;
 const NUM_BUFFERS_OFFSET: usize = 10;
 /// readv/writev take at most IOV_MAX buffers.
 const MAX_IOVS: usize = 1024;
-/// Frames received per event before returning to the event loop, so that a busy
-/// tap cannot starve the other devices (the fd stays readable and is polled again).
-const RX_BATCH: usize = 64;
 /// Configuration space (5.1.4): mac[6], status (le16). Later fields need features not offered.
 const CONFIG_LEN: usize = 8;
 
@@ -132,7 +130,9 @@ impl Net {
     }
 
     /// Moves frames from the tap into posted receive buffers until the tap is empty,
-    /// the guest's buffers run out, or a batch is done.
+    /// the guest's buffers run out, or a `Budget` is spent (a frame counts as a
+    /// chain); then the tap stays watched and, being readable, is served again on
+    /// the event loop's next turn, after the other events.
     fn rx(&mut self) {
         let Some(a) = self.active.as_mut() else {
             return;
@@ -154,11 +154,16 @@ impl Net {
         // no state outlives this call.
         let mut window: VecDeque<RxChain> = VecDeque::new();
         let (mut room, mut iovs) = (0, 0);
-        let mut frames = 0;
-        while frames < RX_BATCH {
+        // The avail index up to which the device has looked, a chain handed back
+        // below included: where kicks must be asked from.
+        let mut examined = q.next_avail();
+        let mut budget = Budget::default();
+        while !budget.exhausted() {
             let mut full = false;
             while (room == 0 || (mrg && room < need)) && !full {
-                let Some(chain) = pop(q, mem) else { break };
+                let chain = pop(q, mem);
+                examined = q.next_avail();
+                let Some(chain) = chain else { break };
                 let c = RxChain::parse(chain, mem, ring);
                 if c.len == 0 && window.is_empty() {
                     publish(q, mem, &[(c.head, 0)]);
@@ -177,13 +182,18 @@ impl Net {
             // Nothing is read without room for the largest frame, unless the ring
             // cannot hold more: then a frame may be truncated, the driver's choice.
             if room == 0 || (mrg && room < need && !full) {
-                unpop(q, &mut window);
-                if want_kick(q, mem) {
-                    (room, iovs) = (0, 0);
-                    continue;
+                if !rearm(q, mem, &mut window, examined) {
+                    self.rx_waiting = true;
+                    break;
                 }
-                self.rx_waiting = true;
-                break;
+                // The driver posted more meanwhile: look again. A retry costs a
+                // chain, so a driver racing with this check cannot keep the device
+                // here; out of budget, the tap stays watched and brings it back.
+                if !budget.spend(0) {
+                    break;
+                }
+                (room, iovs) = (0, 0);
+                continue;
             }
             let bufs: Vec<_> = window
                 .iter()
@@ -200,8 +210,7 @@ impl Net {
                     // Not a tap any more (or a hung-up stand-in): stop watching it
                     // until the guest kicks, instead of spinning on it.
                     guest_log!(Warn, "virtio-net {}: tap read: {other:?}", self.tap.name());
-                    unpop(q, &mut window);
-                    want_kick(q, mem);
+                    rearm(q, mem, &mut window, examined);
                     self.rx_waiting = true;
                     break;
                 }
@@ -226,7 +235,7 @@ impl Net {
                 c.write_at(NUM_BUFFERS_OFFSET, &count.to_le_bytes());
             }
             publish(q, mem, &used);
-            frames += 1;
+            budget.spend(n as u64);
         }
         unpop(q, &mut window);
         if Wrapping(q.next_used()) != old_used && needs_irq(q, mem, old_used) {
@@ -234,47 +243,60 @@ impl Net {
         }
     }
 
-    /// Sends every frame the guest made available.
-    fn tx(&mut self) {
+    /// Sends the frames the guest made available, one `Budget`'s worth.
+    fn tx(&mut self) -> Served {
         let Some(a) = self.active.as_mut() else {
-            return;
+            return Served::All;
         };
         let (mem, q) = (&a.mem, &mut a.tx);
         if !q.ready() {
-            return;
+            return Served::All;
         }
         let ring = usize::from(q.size());
         let (mut drops, mut total) = (Vec::new(), 0);
-        loop {
+        let mut budget = Budget::default();
+        let served = loop {
             let _ = q.disable_notification(mem);
             let mut popped = 0;
-            while let Some(chain) = pop(q, mem) {
+            while !budget.exhausted() {
+                let Some(chain) = pop(q, mem) else { break };
                 popped += 1;
                 let head = chain.head_index();
-                match tx_slices(chain, mem, ring) {
-                    Ok(bufs) => match self.tap.writev(&bufs) {
-                        Ok(_) => {}
-                        // The tap's queue is full: dropping is what a NIC does and
-                        // keeps the guest moving (there is no writable-fd wakeup).
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            drops.push("tap full")
+                let bytes = match tx_slices(chain, mem, ring) {
+                    Ok(bufs) => {
+                        match self.tap.writev(&bufs) {
+                            Ok(_) => {}
+                            // The tap's queue is full: dropping is what a NIC does and
+                            // keeps the guest moving (there is no writable-fd wakeup).
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                drops.push("tap full")
+                            }
+                            Err(_) => drops.push("tap write failed"),
                         }
-                        Err(_) => drops.push("tap write failed"),
-                    },
-                    Err(why) => drops.push(why),
-                }
+                        bufs.iter().map(|b| b.len() as u64).sum()
+                    }
+                    Err(why) => {
+                        drops.push(why);
+                        0
+                    }
+                };
+                budget.spend(bytes);
                 if head < q.size() {
                     let _ = q.add_used(mem, head, 0);
                 }
             }
-            // Re-enabled before leaving, always; looping only on progress (a
-            // bogus avail index would otherwise spin here).
+            // Re-enabled before leaving, always (it is also how a spent budget
+            // learns whether work is left); looping only on progress (a bogus
+            // avail index would otherwise spin here).
             let more = q.enable_notification(mem).unwrap_or(false);
             total += popped;
             if !more || popped == 0 {
-                break;
+                break Served::All;
             }
-        }
+            if budget.exhausted() {
+                break Served::More;
+            }
+        };
         if total > 0 && q.needs_notification(mem).unwrap_or(true) {
             a.irq.queue(TX);
         }
@@ -286,6 +308,7 @@ impl Net {
                 log::warn!("virtio-net {name}: dropped frame ({why}), {n} so far");
             }
         }
+        served
     }
 }
 
@@ -411,17 +434,34 @@ fn unpop(q: &mut Queue, window: &mut VecDeque<RxChain>) {
     window.clear();
 }
 
-/// Asks the driver to kick when it makes more buffers available than are there now
-/// (2.7.10: `avail_event` is the avail index past what the device has seen).
-/// True if it already did meanwhile.
+/// Asks the driver to kick when it makes buffers available past `q.next_avail()`,
+/// the avail index up to which the device examined the ring (2.7.10:
+/// `avail_event`). Not a fresh read of the avail index: buffers posted after the
+/// device looked were never counted, and the driver, which posted them before
+/// `avail_event` moved, did not kick for them; with a full ring it posts nothing
+/// more, so receive would stop for good. True if the driver made more available
+/// meanwhile, in a ring still usable (at most a ring ahead, else a retry would
+/// find nothing).
 fn want_kick(q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    let next = q.next_avail();
-    let Ok(avail) = q.avail_idx(mem, Ordering::Acquire) else {
-        return false;
-    };
-    q.set_next_avail(avail.0);
-    let more = q.enable_notification(mem).unwrap_or(false);
-    q.set_next_avail(next);
+    let examined = Wrapping(q.next_avail());
+    q.enable_notification(mem).unwrap_or(false)
+        && q.avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|avail| avail - examined <= Wrapping(q.size()))
+}
+
+/// Gives the chains in `window` back and asks for a kick past `examined`.
+/// True if the driver made more available meanwhile (`want_kick`).
+fn rearm(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    window: &mut VecDeque<RxChain>,
+    examined: u16,
+) -> bool {
+    let resume = q.next_avail();
+    q.set_next_avail(examined);
+    let more = want_kick(q, mem);
+    q.set_next_avail(resume);
+    unpop(q, window);
     more
 }
 
@@ -539,12 +579,14 @@ impl VirtioDevice for Net {
             .collect()
     }
 
-    fn queue_notify(&mut self, index: usize) {
+    fn queue_notify(&mut self, index: usize) -> Served {
         match index {
+            // Frames left in the tap keep it readable: the loop comes back by itself.
             RX => self.rx(),
-            TX => self.tx(),
+            TX => return self.tx(),
             _ => {}
         }
+        Served::All
     }
 
     fn extra_fds(&self) -> Vec<RawFd> {
@@ -715,8 +757,12 @@ mod tests {
 
     impl Rig {
         /// A device over a SOCK_SEQPACKET pair (one message per frame, like a tap),
-        /// activated with `features` and an rx ring of `rx_size`.
+        /// activated with `features`, an rx ring of `rx_size` and a tx ring of 16.
         fn new(features: u64, rx_size: u16) -> Rig {
+            Rig::with(features, rx_size, 16)
+        }
+
+        fn with(features: u64, rx_size: u16, tx_size: u16) -> Rig {
             let mut fds = [0; 2];
             let ty = libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
             // SAFETY: socketpair writes two descriptors into `fds`.
@@ -726,7 +772,7 @@ mod tests {
             let (ours, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
             let mut net = Net::with_tap(Tap::stand_in(ours), [0x52, 0x54, 0, 1, 2, 3]);
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-            let (rx, tx) = (Ring::new(0x1000, rx_size), Ring::new(0x8000, 16));
+            let (rx, tx) = (Ring::new(0x1000, rx_size), Ring::new(0x8000, tx_size));
             let irqs = Arc::new(Irqs::default());
             net.ack_features(features);
             net.activate(
@@ -815,7 +861,7 @@ mod tests {
         r.write(0x20_5000, &q);
         r.write_indirect(0x9000, &[(0x20_5000, q.len() as u32, 0)]);
         r.tx.chain(&r.mem, 3, &[(0x9000, 16, INDIRECT)]);
-        r.net.queue_notify(TX);
+        assert_eq!(r.net.queue_notify(TX), Served::All);
         assert_eq!(r.recv().unwrap(), p);
         assert_eq!(r.recv().unwrap(), q);
         assert_eq!(r.recv(), None);
@@ -837,7 +883,7 @@ mod tests {
             0,
             &[(0x10_0000, 100, WRITE), (0x10_1000, 1500, WRITE)],
         );
-        r.net.queue_notify(RX);
+        assert_eq!(r.net.queue_notify(RX), Served::All);
         assert!(r.net.extra_fd_wanted(0));
         let p = packet(400, 5);
         r.peer.write_all(&p).unwrap();
@@ -883,7 +929,7 @@ mod tests {
                 &[(0x10_0000 + u64::from(i) * 0x1000, 1536, WRITE)],
             );
         }
-        r.net.queue_notify(RX);
+        assert_eq!(r.net.queue_notify(RX), Served::All);
         assert!(r.net.extra_fd_wanted(0));
         assert_eq!(r.rx.used_idx(&r.mem), 4);
         let lens: Vec<_> = (0..4).map(|i| r.rx.used(&r.mem, i)).collect();
@@ -957,11 +1003,11 @@ mod tests {
         assert_eq!(r.rx.used_idx(&r.mem), 0);
         assert_eq!(r.irq_count(RX), 0);
         // A kick with still nothing posted changes nothing.
-        r.net.queue_notify(RX);
+        assert_eq!(r.net.queue_notify(RX), Served::All);
         assert!(!r.net.extra_fd_wanted(0));
         r.rx.chain(&r.mem, 0, &[(0x10_0000, 4096, WRITE)]);
         r.rx.chain(&r.mem, 1, &[(0x10_1000, 4096, WRITE)]);
-        r.net.queue_notify(RX);
+        assert_eq!(r.net.queue_notify(RX), Served::All);
         assert!(r.net.extra_fd_wanted(0));
         assert_eq!(r.rx.used(&r.mem, 0), (0, p.len() as u32));
         assert_eq!(r.read(0x10_0000 + 12, 200), p[12..]);
@@ -987,6 +1033,96 @@ mod tests {
         r.peer.write_all(&packet(10, 0)).unwrap();
         r.net.extra_fd_ready(0);
         assert_eq!((r.rx.used_idx(&r.mem), r.irq_count(RX)), (3, 1));
+    }
+
+    /// The driver's test for a kick after moving the avail index from `old` to
+    /// `new` (2.7.10, `vring_need_event`).
+    fn driver_kicks(avail_event: u16, new: u16, old: u16) -> bool {
+        new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+
+    #[test]
+    fn rx_kick_is_asked_from_where_the_device_looked() {
+        // The stall, step by step. Eight 4 KiB buffers are too little room for a
+        // TSO frame: the device looks at the ring, finds nothing more, and must ask
+        // for a kick. Before it does, the driver fills the ring.
+        let mut r = Rig::new(
+            EVENT_IDX | MRG | GUEST_TSO | bit(VIRTIO_NET_F_GUEST_CSUM),
+            16,
+        );
+        let buf = |i: u16| [(0x10_0000 + u64::from(i) * 0x1000, 4096, WRITE)];
+        for i in 0..8u16 {
+            r.rx.chain(&r.mem, i, &buf(i));
+        }
+        let a = r.net.active.as_mut().unwrap();
+        let mut examined = 0;
+        while pop(&mut a.rx, &a.mem).is_some() {
+            examined += 1;
+        }
+        assert_eq!((examined, a.rx.next_avail()), (8, 8));
+        for i in 8..16u16 {
+            r.rx.chain(&r.mem, i, &buf(i));
+        }
+        // avail_event had not moved: the driver did not kick for buffers 8..16,
+        // and with all 16 posted it posts nothing more.
+        assert!(!driver_kicks(r.rx.avail_event(&r.mem), 16, 8));
+        // Now the device asks for a kick. It must count from the index it examined,
+        // so the buffers posted in between are seen, not from the avail index it
+        // would read now, which would wait for a 17th buffer that never comes.
+        assert!(
+            want_kick(&mut a.rx, &a.mem),
+            "buffers posted meanwhile missed"
+        );
+        assert_eq!(r.rx.avail_event(&r.mem), 8);
+        assert_eq!(a.rx.next_avail(), 8, "the examined index is left as it was");
+    }
+
+    #[test]
+    fn a_tx_flood_is_sent_one_budget_per_event() {
+        let mut r = Rig::with(EVENT_IDX, 256, 256);
+        let frames: Vec<_> = (0..200u16).map(|i| packet(50, i as u8)).collect();
+        for (i, p) in (0u16..).zip(&frames) {
+            let at = 0x20_0000 + u64::from(i) * 0x100;
+            r.write(at, p);
+            r.tx.chain(&r.mem, i, &[(at, p.len() as u32, 0)]);
+        }
+        let (mut after, mut sent) = (Vec::new(), Vec::new());
+        loop {
+            let served = r.net.queue_notify(TX);
+            after.push(r.tx.used_idx(&r.mem));
+            sent.extend(std::iter::from_fn(|| r.recv()));
+            if served == Served::All {
+                break;
+            }
+            assert!(after.len() < 100, "never done");
+        }
+        assert_eq!(after, [64, 128, 192, 200]);
+        assert_eq!(sent, frames, "all sent, in order");
+        assert_eq!(r.net.dropped, 0);
+        assert_eq!(r.tx.avail_event(&r.mem), 200);
+    }
+
+    #[test]
+    fn an_rx_flood_is_received_one_budget_per_event() {
+        let mut r = Rig::new(EVENT_IDX | MRG, 256);
+        let at = |i: u16| 0x10_0000 + u64::from(i) * 0x800;
+        for i in 0..256u16 {
+            r.rx.chain(&r.mem, i, &[(at(i), 2048, WRITE)]);
+        }
+        for i in 0..200 {
+            r.peer.write_all(&packet(100, i as u8)).unwrap();
+        }
+        let mut after = Vec::new();
+        for _ in 0..5 {
+            assert!(r.net.extra_fd_wanted(0), "the tap stays watched");
+            r.net.extra_fd_ready(0);
+            after.push(r.rx.used_idx(&r.mem));
+        }
+        assert_eq!(after, [64, 128, 192, 200, 200]);
+        for i in 0..200u16 {
+            assert_eq!(r.rx.used(&r.mem, i), (u32::from(i), 112), "frame {i}");
+            assert_eq!(r.read(at(i) + 12, 100), frame(100, i as u8));
+        }
     }
 
     #[test]
@@ -1052,7 +1188,7 @@ mod tests {
         assert!(!r.net.extra_fd_wanted(0));
         assert_eq!(r.net.acked, 0);
         r.tx.chain(&r.mem, 0, &[(0x20_0000, 20, 0)]);
-        r.net.queue_notify(TX);
+        assert_eq!(r.net.queue_notify(TX), Served::All);
         r.net.extra_fd_ready(0);
         assert_eq!(r.recv(), None);
         assert_eq!(r.tx.used_idx(&r.mem), 0);
@@ -1060,7 +1196,7 @@ mod tests {
         let irq = Box::new(SharedIrqs(r.irqs.clone()));
         r.net
             .activate(r.mem.clone(), vec![r.rx.queue(), r.tx.queue()], irq);
-        r.net.queue_notify(TX);
+        assert_eq!(r.net.queue_notify(TX), Served::All);
         assert_eq!(r.recv().map(|f| f.len()), Some(20));
         // Wrong number of queues: stays inactive rather than guessing.
         r.net.reset();
@@ -1098,7 +1234,7 @@ mod tests {
         r.tx.offer(m, 999);
         r.tx.set_desc(m, 12, 0x20_0000, 112, NEXT, 999);
         r.tx.offer(m, 12);
-        r.net.queue_notify(TX);
+        assert_eq!(r.net.queue_notify(TX), Served::All);
         assert_eq!(r.recv(), None);
         assert_eq!(r.net.dropped, 11);
         // Every head came back but the bogus 999, which cannot.
@@ -1108,13 +1244,13 @@ mod tests {
         // An avail index far beyond the ring: refused, nothing consumed.
         let idx = r.tx.avail_idx(&r.mem);
         r.tx.set_avail_idx(&r.mem, idx.wrapping_add(1000));
-        r.net.queue_notify(TX);
+        assert_eq!(r.net.queue_notify(TX), Served::All);
         assert_eq!(r.tx.used_idx(&r.mem), 10);
         r.tx.set_avail_idx(&r.mem, idx);
 
         // Still works.
         r.tx.chain(&r.mem, 13, &[(0x20_0000, 112, 0)]);
-        r.net.queue_notify(TX);
+        assert_eq!(r.net.queue_notify(TX), Served::All);
         assert_eq!(r.recv(), Some(good));
         assert_eq!(r.tx.used_idx(&r.mem), 11);
     }
@@ -1153,7 +1289,7 @@ mod tests {
         let idx = r.rx.avail_idx(&r.mem);
         r.rx.set_avail_idx(&r.mem, idx.wrapping_add(1000));
         r.peer.write_all(&p).unwrap();
-        r.net.queue_notify(RX);
+        assert_eq!(r.net.queue_notify(RX), Served::All);
         assert!(!r.net.extra_fd_wanted(0));
         assert_eq!(r.rx.used_idx(&r.mem), 9);
         r.rx.set_avail_idx(&r.mem, idx);
@@ -1161,7 +1297,7 @@ mod tests {
         // Still works.
         r.rx.chain(&r.mem, 10, &[(0x10_5000, 4096, WRITE)]);
         r.rx.chain(&r.mem, 11, &[(0x10_6000, 4096, WRITE)]);
-        r.net.queue_notify(RX);
+        assert_eq!(r.net.queue_notify(RX), Served::All);
         assert_eq!(r.rx.used(&r.mem, 9), (10, 1500));
         assert!(r.net.extra_fd_wanted(0));
     }
@@ -1174,7 +1310,7 @@ mod tests {
         for i in 0..16 {
             r.tx.chain(&r.mem, i, &[(0x20_0000, 60_012, 0)]);
         }
-        r.net.queue_notify(TX);
+        assert_eq!(r.net.queue_notify(TX), Served::All);
         assert_eq!(r.tx.used_idx(&r.mem), 16);
         let sent = std::iter::from_fn(|| r.recv()).count() as u64;
         assert!(
@@ -1224,8 +1360,12 @@ mod tests {
             }
             let _ = r.peer.write(&packet((rand() % 3000) as usize, round as u8));
             match rand() % 3 {
-                0 => r.net.queue_notify(RX),
-                1 => r.net.queue_notify(TX),
+                0 => {
+                    let _ = r.net.queue_notify(RX);
+                }
+                1 => {
+                    let _ = r.net.queue_notify(TX);
+                }
                 _ => r.net.extra_fd_ready(0),
             }
             while r.recv().is_some() {}
@@ -1251,7 +1391,7 @@ mod tests {
             .activate(r.mem.clone(), vec![r.rx.queue(), r.tx.queue()], irq);
         r.write(0x20_0000, &packet(50, 1));
         r.tx.chain(&r.mem, 0, &[(0x20_0000, 62, 0)]);
-        r.net.queue_notify(TX);
+        assert_eq!(r.net.queue_notify(TX), Served::All);
         assert_eq!(r.recv(), Some(packet(50, 1)));
     }
 }

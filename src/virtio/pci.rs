@@ -16,7 +16,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    Interrupt, QueueStateV1, VirtioDevice, MAX_QUEUES, TYPE_BLOCK, TYPE_NET, VIRTIO_F_VERSION_1,
+    Interrupt, QueueStateV1, Served, VirtioDevice, MAX_QUEUES, TYPE_BLOCK, TYPE_NET,
+    VIRTIO_F_VERSION_1,
 };
 use crate::pci::config::{ConfigSpace, Header};
 use crate::pci::lock;
@@ -217,18 +218,26 @@ impl VirtioPci {
             .collect()
     }
 
-    /// The event loop saw queue `q`'s notifier fire.
+    /// The event loop saw queue `q`'s notifier fire. Work left over by the
+    /// device's budget re-arms the notifier (the loop polls it level-triggered),
+    /// so the queue is served again on the next turn, after the events already
+    /// waiting.
     pub fn queue_notify(&mut self, q: usize) {
-        if let Some(evt) = self.notify.get(q) {
-            let _ = evt.read();
-        }
-        if self.active {
-            self.device.queue_notify(q);
+        let Some(evt) = self.notify.get(q) else {
+            return;
+        };
+        let _ = evt.read();
+        if self.active && self.device.queue_notify(q) == Served::More {
+            let _ = evt.write(1);
         }
     }
 
-    /// Before a save: serves every notification still pending (so requests the
-    /// guest already submitted complete now, not never) and flushes the device.
+    /// Before a save: serves each queue once more (one budget) and flushes the
+    /// device. Nothing is in flight either way: a chain is either complete in the
+    /// used ring or untouched in the avail ring, where the next process finds it
+    /// (`kick_all`) or, if the update fails, this one (its notifier is re-armed).
+    /// Not serving the whole backlog keeps a guest with a full queue from
+    /// lengthening the pause.
     pub fn quiesce(&mut self) -> std::io::Result<()> {
         for q in 0..self.queues.len() {
             self.queue_notify(q);
@@ -642,6 +651,8 @@ mod tests {
         activated: AtomicUsize,
         notified: AtomicUsize,
         resets: AtomicUsize,
+        /// Notifications still to answer with `Served::More`.
+        more: AtomicUsize,
     }
 
     struct Dummy(Arc<Calls>, Option<Box<dyn Interrupt>>);
@@ -668,10 +679,19 @@ mod tests {
             self.1 = Some(irq);
             self.0.activated.fetch_add(1, Ordering::SeqCst);
         }
-        fn queue_notify(&mut self, q: usize) {
+        fn queue_notify(&mut self, q: usize) -> Served {
             self.0.notified.fetch_add(1, Ordering::SeqCst);
             if let Some(irq) = &self.1 {
                 irq.queue(q);
+            }
+            let more = self
+                .0
+                .more
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if more.is_ok() {
+                Served::More
+            } else {
+                Served::All
             }
         }
         fn reset(&mut self) {
@@ -804,6 +824,33 @@ mod tests {
             1,
             "inactive: ignored"
         );
+    }
+
+    #[test]
+    fn work_left_over_rearms_the_notifier() {
+        let (mut d, calls, _irqfds) = device();
+        negotiate(&mut d, VIRTIO_F_VERSION_1 | (1 << 9));
+        setup_queue(&mut d, 0);
+        setup_queue(&mut d, 1);
+        write(&mut d, 0x14, 1 | 2 | 4 | 8, 1);
+        // The device's budget runs out twice: the notifier stays readable, so the
+        // event loop comes back; then it is consumed.
+        calls.more.store(2, Ordering::SeqCst);
+        d.notify[0].write(1).unwrap();
+        for turn in 1..=3 {
+            assert_eq!(d.notify[0].read().unwrap(), 1, "turn {turn}");
+            d.notify[0].write(1).unwrap();
+            d.queue_notify(0);
+        }
+        assert_eq!(calls.notified.load(Ordering::SeqCst), 3);
+        assert!(d.notify[0].read().is_err(), "nothing left: not re-armed");
+        // A save serves each queue once and re-arms what is left for this process,
+        // should the update fail.
+        calls.more.store(1, Ordering::SeqCst);
+        d.quiesce().unwrap();
+        assert_eq!(calls.notified.load(Ordering::SeqCst), 5);
+        assert_eq!(d.notify[0].read().unwrap(), 1);
+        assert!(d.notify[1].read().is_err());
     }
 
     #[test]

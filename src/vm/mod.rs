@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod devices;
+pub mod host_cpu;
 pub mod kvm;
 pub mod memory;
 pub mod pod;
@@ -16,6 +17,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use heapless::Vec as BoundedVec;
+use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
@@ -26,7 +28,9 @@ use crate::devices::serial::{Output, Serial, SerialStateV1};
 use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
 use crate::pci::Allocator;
 use crate::virtio::pci::TransportState;
+use cpu::Entry;
 use devices::SharedVirtio;
+use host_cpu::HostCpu;
 use kvm::{GsiRoutes, VmState};
 use memory::GuestRam;
 use vcpu::{ExitSink, Vcpus};
@@ -42,6 +46,7 @@ pub enum Error {
     Boot(boot::Error),
     Vcpu(vcpu::Error),
     Devices(devices::Error),
+    HostCpu(host_cpu::Error),
     Mismatch(String),
     Quiesce(usize, std::io::Error),
 }
@@ -54,6 +59,7 @@ impl fmt::Display for Error {
             Error::Boot(e) => e.fmt(f),
             Error::Vcpu(e) => e.fmt(f),
             Error::Devices(e) => e.fmt(f),
+            Error::HostCpu(e) => e.fmt(f),
             Error::Mismatch(why) => write!(f, "state does not fit this machine: {why}"),
             Error::Quiesce(i, e) => write!(f, "device {i} cannot flush before saving: {e}"),
         }
@@ -151,10 +157,12 @@ pub struct Machine {
     kvm: Kvm,
 }
 
-/// A machine built but not yet holding a saved state.
+/// A machine built but not yet holding a saved state: its vCPUs exist, and
+/// what this host's KVM offers them is known.
 pub struct Prepared {
     parts: Parts,
-    vcpus: u8,
+    fds: Vec<VcpuFd>,
+    host: HostCpu,
 }
 
 /// A machine holding a saved state, its vCPUs not yet running.
@@ -166,16 +174,20 @@ pub struct Restored {
 impl Prepared {
     /// Loads `state`: the reverse of `save`, devices first (raising their pending
     /// interrupts again), then the VM's interrupt controllers and clock, then the
-    /// vCPUs. Refuses a state of another shape, listing the differences.
+    /// vCPUs. Refuses a state of another shape, listing the differences, and one
+    /// whose vCPUs need what this host's KVM lacks, naming it, before any of it
+    /// is loaded.
     pub fn restore(self, state: &MachineState) -> Result<Restored, Error> {
-        let parts = self.parts;
-        let diff = parts.shape(self.vcpus).differences(&state.shape);
+        let Prepared { parts, fds, host } = self;
+        let diff = parts.shape(fds.len() as u8).differences(&state.shape);
         if !diff.is_empty() {
             return Err(Error::Mismatch(diff.join("; ")));
         }
         if parts.allocator != state.allocator {
             return Err(Error::Mismatch("devices are placed differently".into()));
         }
+        host.check(state.vcpus.iter().map(|v| &**v))
+            .map_err(Error::HostCpu)?;
         crate::pci::lock(&parts.bus.serial)
             .restore(&state.serial)
             .map_err(Error::Mismatch)?;
@@ -185,20 +197,8 @@ impl Prepared {
                 .map_err(|why| Error::Mismatch(format!("device {i}: {why}")))?;
         }
         kvm::restore_vm(&parts.vm, &state.vm).map_err(Error::Kvm)?;
-        let mut fds = Vec::with_capacity(state.vcpus.len());
-        for (i, saved) in state.vcpus.iter().enumerate() {
-            let i = i as u8;
-            let fd = vcpu::create(
-                &parts.kvm,
-                &parts.vm,
-                &parts.ram.memory,
-                i,
-                self.vcpus,
-                None,
-            )
-            .map_err(Error::Vcpu)?;
-            vcpu::restore(&fd, i, saved).map_err(Error::Vcpu)?;
-            fds.push(fd);
+        for (i, (fd, saved)) in fds.iter().zip(&state.vcpus).enumerate() {
+            vcpu::restore(fd, i as u8, saved, host.xsave_words()).map_err(Error::Vcpu)?;
         }
         Ok(Restored { parts, fds })
     }
@@ -269,6 +269,19 @@ impl Parts {
         }
     }
 
+    /// vCPUs 0..`count`, with the CPUID KVM offers; see `vcpu::create`.
+    fn create_vcpus(
+        &self,
+        supported: &CpuId,
+        count: u8,
+        entry: Option<Entry>,
+    ) -> Result<Vec<VcpuFd>, Error> {
+        (0..count)
+            .map(|i| vcpu::create(supported, &self.vm, &self.ram.memory, i, count, entry))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::Vcpu)
+    }
+
     fn start(self, fds: Vec<VcpuFd>, exit: ExitSink) -> Result<Machine, Error> {
         let shape = self.shape(fds.len() as u8);
         let vcpus = Vcpus::start(fds, self.bus.clone(), exit).map_err(Error::Vcpu)?;
@@ -299,35 +312,30 @@ impl Machine {
             ram: &parts.ram.regions,
         };
         let entry = boot::load(&parts.ram.memory, &spec).map_err(Error::Boot)?;
-        let fds = (0..cfg.vcpus)
-            .map(|i| {
-                vcpu::create(
-                    &parts.kvm,
-                    &parts.vm,
-                    &parts.ram.memory,
-                    i,
-                    cfg.vcpus,
-                    Some(entry),
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Error::Vcpu)?;
+        let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;
+        let fds = parts.create_vcpus(&supported, cfg.vcpus, Some(entry))?;
         parts.start(fds, exit)
     }
 
-    /// Everything that needs no saved state: RAM mapped, VM, memslots, devices.
-    /// A transfer does this while the old process still runs the guest.
+    /// Everything that needs no saved state: RAM mapped, VM, memslots, devices,
+    /// vCPUs, and what this host's KVM offers them (asked of vCPU 0). A
+    /// transfer does this while the old process still runs the guest.
     pub fn prepare(cfg: &RunConfig, ram: GuestRam, console: Output) -> Result<Prepared, Error> {
-        Ok(Prepared {
-            parts: Parts::build(cfg, ram, console)?,
-            vcpus: cfg.vcpus,
-        })
+        let parts = Parts::build(cfg, ram, console)?;
+        let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;
+        let fds = parts.create_vcpus(&supported, cfg.vcpus, None)?;
+        let probe = fds
+            .first()
+            .ok_or_else(|| Error::Mismatch("a machine without vCPUs".into()))?;
+        let host = HostCpu::query(&parts.kvm, &supported, probe).map_err(Error::HostCpu)?;
+        Ok(Prepared { parts, fds, host })
     }
 
     /// Saves a paused machine. The quiesce contract: vCPUs are paused (the
-    /// caller's job); devices are drained (virtio-blk completes every request
-    /// before returning from a notification, virtio-net reads the tap only from
-    /// the event loop, which is busy here), then saved; then the VM (irqchip,
+    /// caller's job); devices are drained (each queue served once more, within
+    /// its budget: a request completes before the notification returns or is left
+    /// untouched in the avail ring for the next process's `kick_all`; virtio-net
+    /// reads the tap only from the event loop, which is busy here), then saved; then the VM (irqchip,
     /// PIT, clock); then the vCPUs, each on its own thread.
     pub fn save(&self) -> Result<MachineState, Error> {
         for (i, d) in self.virtio.iter().enumerate() {
@@ -343,14 +351,8 @@ impl Machine {
         let serial = crate::pci::lock(&self.bus.serial).state();
         let vm = kvm::save_vm(&self.vm).map_err(Error::Kvm)?;
         let spec = SaveSpec {
-            msr_indices: self
-                .kvm
-                .get_msr_index_list()
-                .map_err(|e| Error::Kvm(kvm::Error::State("GET_MSR_INDEX_LIST", e)))?
-                .as_slice()
-                .to_vec(),
-            xsave_words: (self.vm.check_extension_int(kvm_ioctls::Cap::Xsave2).max(0) as usize)
-                .div_ceil(4),
+            msr_indices: host_cpu::msr_indices(&self.kvm).map_err(Error::HostCpu)?,
+            xsave_words: host_cpu::xsave_words(&self.kvm),
         };
         let vcpus = self.vcpus.save(spec).map_err(Error::Vcpu)?;
         Ok(MachineState {

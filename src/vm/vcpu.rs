@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::CpuId;
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -25,7 +25,6 @@ use crate::bus::{Bus, GuestExit};
 #[derive(Debug)]
 pub enum Error {
     CreateVcpu(u8, kvm_ioctls::Error),
-    GetSupportedCpuid(kvm_ioctls::Error),
     SetCpuid(u8, kvm_ioctls::Error),
     SetMsrs(u8, kvm_ioctls::Error),
     SetFpu(u8, kvm_ioctls::Error),
@@ -47,7 +46,6 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::CreateVcpu(i, e) => write!(f, "KVM_CREATE_VCPU {i} failed: {e}"),
-            Error::GetSupportedCpuid(e) => write!(f, "KVM_GET_SUPPORTED_CPUID failed: {e}"),
             Error::SetCpuid(i, e) => write!(f, "KVM_SET_CPUID2 on vCPU {i} failed: {e}"),
             Error::SetMsrs(i, e) => write!(f, "KVM_SET_MSRS on vCPU {i} failed: {e}"),
             Error::SetFpu(i, e) => write!(f, "KVM_SET_FPU on vCPU {i} failed: {e}"),
@@ -67,16 +65,18 @@ impl fmt::Display for Error {
     }
 }
 
-/// Creates vCPU `index` of `count` with CPUID, MSRs, FPU and LAPIC set; the boot
-/// vCPU also gets `entry`'s registers (None: a restore will set them), the others
-/// wait for INIT/SIPI.
-/// Writes a saved state into a vCPU made by `create(.., None)`.
-pub fn restore(fd: &VcpuFd, index: u8, saved: &VcpuState) -> Result<(), Error> {
-    state::restore(fd, saved).map_err(|e| Error::Restore(index, e))
+/// Writes a saved state into a vCPU made by `create(.., None)`; `xsave_words`
+/// is this host's XSAVE size.
+pub fn restore(fd: &VcpuFd, index: u8, saved: &VcpuState, xsave_words: usize) -> Result<(), Error> {
+    state::restore(fd, saved, xsave_words).map_err(|e| Error::Restore(index, e))
 }
 
+/// Creates vCPU `index` of `count` with CPUID (`supported`, KVM_GET_SUPPORTED_CPUID,
+/// given this vCPU's topology), MSRs, FPU and LAPIC set; the boot vCPU also gets
+/// `entry`'s registers (None: a restore will set them), the others wait for
+/// INIT/SIPI.
 pub fn create(
-    kvm: &Kvm,
+    supported: &CpuId,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     index: u8,
@@ -86,9 +86,7 @@ pub fn create(
     let fd = vm
         .create_vcpu(u64::from(index))
         .map_err(|e| Error::CreateVcpu(index, e))?;
-    let mut cpuid: CpuId = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::GetSupportedCpuid)?;
+    let mut cpuid = supported.clone();
     cpu::patch_cpuid(&mut cpuid, u32::from(index), u32::from(count));
     fd.set_cpuid2(&cpuid)
         .map_err(|e| Error::SetCpuid(index, e))?;

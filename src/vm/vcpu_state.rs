@@ -26,6 +26,8 @@ pub const MAX_CPUID_ENTRIES: usize = 128;
 pub const MAX_MSRS: usize = 256;
 /// 16 KiB of XSAVE area: the legacy 4 KiB plus AVX-512 and AMX tiles.
 pub const MAX_XSAVE_WORDS: usize = 4096;
+/// The legacy `kvm_xsave`: 4 KiB, what KVM_GET_XSAVE fills.
+pub const LEGACY_XSAVE_WORDS: usize = 1024;
 
 #[derive(Debug)]
 pub enum Error {
@@ -33,6 +35,7 @@ pub enum Error {
     Set(&'static str, kvm_ioctls::Error),
     TooMany(&'static str, usize),
     MsrRefused(u32),
+    XsaveTooLarge { saved: usize, host: usize },
 }
 
 impl fmt::Display for Error {
@@ -42,6 +45,11 @@ impl fmt::Display for Error {
             Error::Set(what, e) => write!(f, "KVM_SET_{what} failed: {e}"),
             Error::TooMany(what, n) => write!(f, "{n} {what} entries exceed the state's capacity"),
             Error::MsrRefused(i) => write!(f, "KVM_SET_MSRS refused MSR {i:#x}"),
+            Error::XsaveTooLarge { saved, host } => write!(
+                f,
+                "the saved XSAVE image is {saved} bytes, this host's KVM takes {host} \
+                 (KVM_CAP_XSAVE2)"
+            ),
         }
     }
 }
@@ -55,6 +63,20 @@ pub struct CpuidEntry {
     pub ebx: u32,
     pub ecx: u32,
     pub edx: u32,
+}
+
+impl From<&kvm_cpuid_entry2> for CpuidEntry {
+    fn from(e: &kvm_cpuid_entry2) -> Self {
+        CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,27 +129,7 @@ pub fn save(fd: &VcpuFd, spec: &SaveSpec) -> Result<VcpuState, Error> {
         .map_err(|e| Error::Get("DEBUGREGS", e))?;
     let lapic = fd.get_lapic().map_err(|e| Error::Get("LAPIC", e))?;
     let msrs = save_msrs(fd, &spec.msr_indices)?;
-    let cpuid = fd
-        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| Error::Get("CPUID2", e))?;
-    // Some kernels (seen: 6.1) return the buffer's full count, the unused tail
-    // zeroed; no real leaf is all zero (leaf 0 names the highest leaf).
-    let cpuid: Vec<CpuidEntry> = cpuid
-        .as_slice()
-        .iter()
-        .filter(|e| {
-            (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) != (0, 0, 0, 0, 0, 0, 0)
-        })
-        .map(|e| CpuidEntry {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        })
-        .collect();
+    let cpuid = read_cpuid(fd)?;
     let events = fd
         .get_vcpu_events()
         .map_err(|e| Error::Get("VCPU_EVENTS", e))?;
@@ -145,13 +147,30 @@ pub fn save(fd: &VcpuFd, spec: &SaveSpec) -> Result<VcpuState, Error> {
     })
 }
 
+/// The CPUID a vCPU answers the guest with (KVM_GET_CPUID2).
+pub fn read_cpuid(fd: &VcpuFd) -> Result<Vec<CpuidEntry>, Error> {
+    let cpuid = fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::Get("CPUID2", e))?;
+    // Some kernels (seen: 6.1) return the buffer's full count, the unused tail
+    // zeroed; no real leaf is all zero (leaf 0 names the highest leaf).
+    Ok(cpuid
+        .as_slice()
+        .iter()
+        .filter(|e| {
+            (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) != (0, 0, 0, 0, 0, 0, 0)
+        })
+        .map(CpuidEntry::from)
+        .collect())
+}
+
 fn save_xsave(fd: &VcpuFd, words: usize) -> Result<Vec<u32>, Error> {
-    const LEGACY_WORDS: usize = 1024;
-    if words <= LEGACY_WORDS {
+    if words <= LEGACY_XSAVE_WORDS {
         let x = fd.get_xsave().map_err(|e| Error::Get("XSAVE", e))?;
         return Ok(x.region.to_vec());
     }
-    let mut x = Xsave::new(words - LEGACY_WORDS).map_err(|_| Error::TooMany("XSAVE", words))?;
+    let mut x =
+        Xsave::new(words - LEGACY_XSAVE_WORDS).map_err(|_| Error::TooMany("XSAVE", words))?;
     // SAFETY: `x` was allocated for the KVM_CAP_XSAVE2 size, so the kernel writes
     // inside it.
     unsafe { fd.get_xsave2(&mut x) }.map_err(|e| Error::Get("XSAVE2", e))?;
@@ -188,7 +207,8 @@ fn save_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrEntry>, Error> {
 }
 
 /// Writes `state` into a fresh vCPU, before its thread first runs it.
-pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
+/// `xsave_words` is this host's XSAVE size (`host_cpu::xsave_words`).
+pub fn restore(fd: &VcpuFd, state: &VcpuState, xsave_words: usize) -> Result<(), Error> {
     let entries: Vec<kvm_cpuid_entry2> = state
         .cpuid
         .iter()
@@ -212,7 +232,10 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
         .map_err(|e| Error::Set("REGS", e))?;
     fd.set_sregs(&state.sregs.0)
         .map_err(|e| Error::Set("SREGS", e))?;
-    restore_xsave(fd, &state.xsave)?;
+    let xsave = xsave_image(&state.xsave, xsave_words)?;
+    // SAFETY: `xsave` is `xsave_words` long, this host's KVM_CAP_XSAVE2 size:
+    // at least what KVM_SET_XSAVE reads for any of its vCPUs.
+    unsafe { fd.set_xsave2(&xsave) }.map_err(|e| Error::Set("XSAVE", e))?;
     fd.set_xcrs(&state.xcrs.0)
         .map_err(|e| Error::Set("XCRS", e))?;
     fd.set_debug_regs(&state.debug_regs.0)
@@ -240,15 +263,58 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
     Ok(())
 }
 
-fn restore_xsave(fd: &VcpuFd, words: &[u32]) -> Result<(), Error> {
-    const LEGACY_WORDS: usize = 1024;
-    let extra = words.len().saturating_sub(LEGACY_WORDS);
-    let mut x = Xsave::new(extra).map_err(|_| Error::TooMany("XSAVE", words.len()))?;
-    let n = words.len().min(LEGACY_WORDS);
+/// The saved XSAVE image in a buffer of this host's size, zero-padded: KVM
+/// reads its own size whatever length was saved (a state from a host without
+/// AMX is smaller), and zeros are the init state of any component not in
+/// XSTATE_BV.
+fn xsave_image(words: &[u32], host_words: usize) -> Result<Xsave, Error> {
+    if words.len() > host_words {
+        return Err(Error::XsaveTooLarge {
+            saved: words.len() * 4,
+            host: host_words * 4,
+        });
+    }
+    let extra = host_words.saturating_sub(LEGACY_XSAVE_WORDS);
+    let mut x = Xsave::new(extra).map_err(|_| Error::TooMany("XSAVE", host_words))?;
+    let (legacy, rest) = words.split_at(words.len().min(LEGACY_XSAVE_WORDS));
     // SAFETY: the FAM struct is only written through its own fields.
-    unsafe { x.as_mut_fam_struct() }.xsave.region[..n].copy_from_slice(&words[..n]);
-    x.as_mut_slice().copy_from_slice(&words[n..]);
-    // SAFETY: `x` holds a complete XSAVE image of the size it was saved with;
-    // KVM reads at most that much (it was sized by KVM_CAP_XSAVE2 when saved).
-    unsafe { fd.set_xsave2(&x) }.map_err(|e| Error::Set("XSAVE", e))
+    unsafe { x.as_mut_fam_struct() }.xsave.region[..legacy.len()].copy_from_slice(legacy);
+    x.as_mut_slice()[..rest.len()].copy_from_slice(rest);
+    Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(x: &Xsave) -> Vec<u32> {
+        let mut all = x.as_fam_struct_ref().xsave.region.to_vec();
+        all.extend_from_slice(x.as_slice());
+        all
+    }
+
+    #[test]
+    fn xsave_image_is_padded_to_the_host_size() {
+        let saved: Vec<u32> = (1..=LEGACY_XSAVE_WORDS as u32).collect();
+        let x = xsave_image(&saved, LEGACY_XSAVE_WORDS + 700).unwrap();
+        let all = image(&x);
+        assert_eq!(all.len(), LEGACY_XSAVE_WORDS + 700);
+        assert_eq!(all[..LEGACY_XSAVE_WORDS], saved[..]);
+        assert!(all[LEGACY_XSAVE_WORDS..].iter().all(|&w| w == 0));
+        let larger: Vec<u32> = (1..=LEGACY_XSAVE_WORDS as u32 + 8).collect();
+        let all = image(&xsave_image(&larger, LEGACY_XSAVE_WORDS + 8).unwrap());
+        assert_eq!(all, larger);
+    }
+
+    #[test]
+    fn xsave_image_larger_than_the_host_is_refused() {
+        let saved = vec![0u32; LEGACY_XSAVE_WORDS + 1];
+        match xsave_image(&saved, LEGACY_XSAVE_WORDS) {
+            Err(e @ Error::XsaveTooLarge { .. }) => assert_eq!(
+                e.to_string(),
+                "the saved XSAVE image is 4100 bytes, this host's KVM takes 4096 (KVM_CAP_XSAVE2)"
+            ),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
 }

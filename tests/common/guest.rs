@@ -57,6 +57,12 @@ pub const HELLO_LINE: &str = "molt-guest: hello";
 const UART_THR: u32 = 0x3f8;
 /// Port of the 16550 line status register; bit 5 = transmit holding register empty.
 const UART_LSR: u32 = 0x3fd;
+/// PCI configuration mechanism 1: address and data ports.
+const PCI_CONFIG_ADDRESS: u32 = 0xcf8;
+const PCI_CONFIG_DATA: u32 = 0xcfc;
+/// Offset of the virtio notification region in molt's virtio-pci BAR 0 (queue 0's
+/// doorbell is its first word).
+const NOTIFY_OFFSET: u32 = 0x3000;
 /// molt's ACPI sleep/reset port.
 const ACPI_SLEEP_PORT: u32 = 0x600;
 /// SLP_TYP=5 (S5) | SLP_EN, written to the sleep port: power off.
@@ -106,11 +112,7 @@ pub enum ExitKind {
 /// read back from RAM in 8 uppercase hex digits. A guest restored with its RAM
 /// continues the sequence; one that restarted would print the start line again.
 pub fn counting_guest() -> Vec<u8> {
-    let mut a = Asm::new(LOAD_ADDR);
-    a.emit(&[0xfa]); // cli
-    a.emit_u32(&[0xbc], STACK_TOP); // mov esp, STACK_TOP
-    a.emit_u32(&[0xbb], MSG_START_ADDR); // mov ebx, MSG_START
-    a.rel32(&[0xe8], "puts"); // call puts
+    let mut a = entry(MSG_START_ADDR);
 
     a.label("main_loop");
     a.emit_u32(&[0xba], UART_LSR); // mov edx, 0x3fd
@@ -151,11 +153,7 @@ pub fn exit_guest(kind: ExitKind) -> Vec<u8> {
         ExitKind::PowerOff => ACPI_POWER_OFF,
         ExitKind::Reset => ACPI_RESET,
     };
-    let mut a = Asm::new(LOAD_ADDR);
-    a.emit(&[0xfa]); // cli
-    a.emit_u32(&[0xbc], STACK_TOP); // mov esp, STACK_TOP
-    a.emit_u32(&[0xbb], MSG_HELLO_ADDR); // mov ebx, MSG_HELLO
-    a.rel32(&[0xe8], "puts"); // call puts
+    let mut a = entry(MSG_HELLO_ADDR);
     a.emit_u32(&[0xba], ACPI_SLEEP_PORT); // mov edx, 0x600
     a.emit(&[0xb0, value]); // mov al, 0x34 (power off) or 0x01 (reset)
     a.emit(&[0xee]); // out dx, al
@@ -164,6 +162,118 @@ pub fn exit_guest(kind: ExitKind) -> Vec<u8> {
 
     emit_serial_routines(&mut a);
     build_elf(a.finish())
+}
+
+/// Bytes of each read the storm guest queues: `MAX_REQUEST_BYTES`, the most molt
+/// takes in one virtio-blk request (254 segments of 128 KiB).
+pub const STORM_READ_BYTES: u32 = 254 << 17;
+/// Reads the storm guest keeps queued.
+pub const STORM_QUEUED: u32 = 200;
+/// The storm guest's disk must hold at least one read.
+pub const STORM_DISK_BYTES: u64 = 64 << 20;
+/// Guest RAM the storm guest needs (its read buffer ends at 36 MiB).
+pub const STORM_MEM: &str = "64M";
+
+/// A guest that keeps its virtio-blk disk busy, as a misbehaving guest would: it
+/// drives the function in PCI slot 1 (the first `--disk`) by hand, with no
+/// interrupts - memory decoding on, BAR 0 read from config space, VERSION_1 only,
+/// queue 0 in RAM at 2 MiB - and then forever keeps `STORM_QUEUED` reads of
+/// `STORM_READ_BYTES` from sector 0 outstanding: each time round its loop it sets
+/// the avail index to the used index plus `STORM_QUEUED` and kicks, so the avail
+/// index moves whenever a read completes. All the reads share one descriptor chain
+/// (header, data, status) and head 0: the device does not care, and RAM starts
+/// zeroed, so the avail ring already holds head 0 everywhere and the header says
+/// VIRTIO_BLK_T_IN of sector 0.
+pub fn storm_guest() -> Vec<u8> {
+    const DESC: u32 = 0x20_0000;
+    const AVAIL: u32 = 0x20_1000;
+    const USED: u32 = 0x20_2000;
+    const HDR: u32 = 0x20_3000;
+    const STATUS: u32 = 0x20_3100;
+    const DATA: u32 = 0x40_0000;
+    /// Config mechanism 1 address of bus 0, slot 1, function 0, at `reg`.
+    const fn slot1(reg: u32) -> u32 {
+        0x8000_0000 | 1 << 11 | reg
+    }
+    // mov dword [addr], imm32
+    let store = |a: &mut Asm, addr: u32, v: u32| {
+        a.emit_u32(&[0xc7, 0x05], addr);
+        a.emit(&v.to_le_bytes());
+    };
+    // mov byte/word/dword [ebx + off], imm: virtio common configuration registers.
+    let reg8 = |a: &mut Asm, off: u32, v: u8| {
+        a.emit_u32(&[0xc6, 0x83], off);
+        a.emit(&[v]);
+    };
+    let reg16 = |a: &mut Asm, off: u32, v: u16| {
+        a.emit_u32(&[0x66, 0xc7, 0x83], off);
+        a.emit(&v.to_le_bytes());
+    };
+    let reg32 = |a: &mut Asm, off: u32, v: u32| {
+        a.emit_u32(&[0xc7, 0x83], off);
+        a.emit(&v.to_le_bytes());
+    };
+    let mut a = entry(MSG_START_ADDR);
+
+    a.emit_u32(&[0xba], PCI_CONFIG_ADDRESS); // mov edx, 0xcf8
+    a.emit_u32(&[0xb8], slot1(0x04)); // mov eax, slot 1 command register
+    a.emit(&[0xef]); // out dx, eax
+    a.emit_u32(&[0xba], PCI_CONFIG_DATA); // mov edx, 0xcfc
+    a.emit_u32(&[0xb8], 0x6); // mov eax, memory space | bus master
+    a.emit(&[0x66, 0xef]); // out dx, ax
+    a.emit_u32(&[0xba], PCI_CONFIG_ADDRESS); // mov edx, 0xcf8
+    a.emit_u32(&[0xb8], slot1(0x10)); // mov eax, slot 1 BAR 0
+    a.emit(&[0xef]); // out dx, eax
+    a.emit_u32(&[0xba], PCI_CONFIG_DATA); // mov edx, 0xcfc
+    a.emit(&[0xed]); // in eax, dx
+    a.emit_u32(&[0x25], 0xffff_fff0); // and eax, ~0xf (the address bits)
+    a.emit(&[0x89, 0xc3]); // mov ebx, eax
+
+    // The chain: header (device-readable, NEXT), data (WRITE | NEXT), status (WRITE).
+    store(&mut a, DESC, HDR);
+    store(&mut a, DESC + 8, 16);
+    store(&mut a, DESC + 12, 1 | 1 << 16); // flags NEXT, next 1
+    store(&mut a, DESC + 16, DATA);
+    store(&mut a, DESC + 24, STORM_READ_BYTES);
+    store(&mut a, DESC + 28, 3 | 2 << 16); // flags NEXT | WRITE, next 2
+    store(&mut a, DESC + 32, STATUS);
+    store(&mut a, DESC + 40, 1);
+    store(&mut a, DESC + 44, 2); // flags WRITE
+
+    reg8(&mut a, 0x14, 1); // device_status = ACKNOWLEDGE
+    reg8(&mut a, 0x14, 1 | 2); // | DRIVER
+    reg32(&mut a, 0x08, 1); // driver_feature_select = 1
+    reg32(&mut a, 0x0c, 1); // driver_feature = VIRTIO_F_VERSION_1 (bit 32)
+    reg8(&mut a, 0x14, 1 | 2 | 8); // | FEATURES_OK
+    reg16(&mut a, 0x16, 0); // queue_select = 0
+    reg32(&mut a, 0x20, DESC); // queue_desc
+    reg32(&mut a, 0x28, AVAIL); // queue_driver
+    reg32(&mut a, 0x30, USED); // queue_device
+    reg16(&mut a, 0x1c, 1); // queue_enable
+    reg8(&mut a, 0x14, 1 | 2 | 4 | 8); // | DRIVER_OK
+
+    a.label("round");
+    a.emit_u32(&[0x0f, 0xb7, 0x35], USED + 2); // movzx esi, word [used.idx]
+    a.emit_u32(&[0x81, 0xc6], STORM_QUEUED); // add esi, STORM_QUEUED
+    a.emit_u32(&[0x66, 0x89, 0x35], AVAIL + 2); // mov [avail.idx], si
+    reg32(&mut a, NOTIFY_OFFSET, 0); // notify queue 0
+    a.emit_u32(&[0xba], UART_LSR); // mov edx, 0x3fd
+    a.emit(&[0xec]); // in al, dx (pacing, as in the counting guest)
+    a.rel8(0xeb, "round"); // jmp round
+
+    emit_serial_routines(&mut a);
+    build_elf(a.finish())
+}
+
+/// The common start of every guest: interrupts off, the stack set up, the string
+/// at `msg` printed.
+fn entry(msg: u32) -> Asm {
+    let mut a = Asm::new(LOAD_ADDR);
+    a.emit(&[0xfa]); // cli
+    a.emit_u32(&[0xbc], STACK_TOP); // mov esp, STACK_TOP
+    a.emit_u32(&[0xbb], msg); // mov ebx, msg
+    a.rel32(&[0xe8], "puts"); // call puts
+    a
 }
 
 /// Writes a guest image to `dir/name` and returns its path.
@@ -428,6 +538,7 @@ mod tests {
             ("counting", counting_guest()),
             ("power-off", exit_guest(ExitKind::PowerOff)),
             ("reset", exit_guest(ExitKind::Reset)),
+            ("storm", storm_guest()),
         ]
     }
 
