@@ -32,6 +32,9 @@ fn main() -> ExitCode {
     log::set_max_level(log::LevelFilter::Info);
     let argv: Vec<String> = std::env::args().collect();
     let words: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
+    if words.first() == Some(&cpr::guardian::ARG) {
+        return cpr::guardian::main(&argv[2..]);
+    }
     let molt = match <Molt as argh::FromArgs>::from_args(&["molt"], &words) {
         Ok(m) => m,
         Err(early) => {

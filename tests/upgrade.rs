@@ -623,40 +623,197 @@ fn exec_rolls_back_when_the_new_image_cannot_resume() {
         log.contains("rolling back"),
         "no rollback in the log:\n{log}"
     );
+    // The previous image runs the guest: it sent the guardian away.
+    let gone = wait_until(TIMEOUT, || guardians(g.dir.path()).is_empty().then_some(()));
+    assert!(gone.is_some(), "a guardian outlived the rollback");
     // The rolled-back image can still be updated.
     g.exec(None, &version);
 }
 
+/// The molt a guardian became (not this test's child): killed when dropped.
+struct Adopted(u32);
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory effects; the pid was read from `status`.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}
+
+/// The guardians (`molt __guardian FD BINARY`) running for a binary in `dir`.
+fn guardians(dir: &Path) -> Vec<u32> {
+    let want = dir.to_str().expect("utf-8 path");
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.len() >= 4 && args[1] == "__guardian" && args[3].starts_with(want)
+        })
+        .collect()
+}
+
+/// The children of `pid` (zombies included).
+fn children(pid: u32) -> Vec<String> {
+    let mut all = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let path = task.expect("task").path().join("children");
+        all.extend(
+            fs::read_to_string(path)
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(String::from),
+        );
+    }
+    all
+}
+
 /// SPEC.md: "a crash of the new process" must leave the guest running. A binary
-/// that passes the `version` probe but exits when executed for real takes the
-/// guest with it: after a successful execve there is no old image left.
+/// that passes the `version` probe but, executed for real, runs `body` (and so
+/// ends before it resumes the guest): the guardian execs the previous image,
+/// which resumes the guest under a new PID and replies `error:` naming the death
+/// (`words`). The guest counts on as one run, `status` answers on the same
+/// socket, and that molt can be updated again.
+fn exec_into_a_binary_that_dies(tag: &str, body: &str, words: &[&str]) {
+    let dir = TempDir::new(tag);
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    let fake = script(
+        &dir,
+        "fake-molt",
+        &format!("[ \"$1\" = version ] && {{ echo 'molt x state-formats=1'; exit 0; }}\n{body}"),
+    );
+    let mut g = Guest::start(dir, &a, &[]);
+    let pid = g.molt.pid();
+    let counted = g.serial().counts().len();
+    let reply = g.update(&["cpr-exec", fake.to_str().unwrap()]);
+    eprintln!("refused as expected: {reply}");
+    let ended = g.molt.wait_exit(TIMEOUT);
+    let status = ctl(&g.sock, &["status"]);
+    let new_pid: u32 = field(&status, "pid")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("status replied {status:?}; reply {reply:?}"));
+    let _adopted = Adopted(new_pid);
+    assert!(
+        ended.is_some(),
+        "the process that execed the fake still runs; reply {reply:?}"
+    );
+    assert_error(&reply, "cpr-exec", words);
+    assert_ne!(new_pid, pid, "the guest runs under a new PID: {status:?}");
+    assert_eq!(field(&status, "state"), Some("running"), "{status:?}");
+    assert_eq!(field(&status, "version"), Some(version.as_str()));
+    let log = g.molt.stderr();
+    assert!(
+        log.contains("guardian:") && log.contains("died"),
+        "the guardian did not say what it did:\n{log}"
+    );
+    let more = wait_until(TIMEOUT, || {
+        let s = g.serial();
+        (s.counts().len() >= counted + MORE_LINES).then_some(s)
+    });
+    let s = more.unwrap_or_else(|| panic!("the guest stopped counting:\n{log}"));
+    assert_one_continuous_run(&s);
+    // The resumed molt is a full one: a real update works, and keeps its PID.
+    let reply = g.update(&["cpr-exec"]);
+    check_resumed(&reply, "exec", &version);
+    let status = ctl(&g.sock, &["status"]);
+    assert_eq!(field(&status, "pid"), Some(new_pid.to_string().as_str()));
+    assert_eq!(field(&status, "state"), Some("running"), "{status:?}");
+}
+
 #[test]
-#[ignore = "known limitation: once execve succeeds, a new binary that exits before restoring takes the guest with it (needs a guardian process)"]
 fn exec_into_a_binary_that_dies_keeps_the_guest() {
     if !kvm_available("exec_into_a_binary_that_dies_keeps_the_guest") {
         return;
     }
-    let dir = TempDir::new("exec-dies");
+    exec_into_a_binary_that_dies(
+        "exec-dies",
+        "exit 0",
+        &["fake-molt", "died", "exit status 0"],
+    );
+    exec_into_a_binary_that_dies(
+        "exec-segv",
+        "kill -SEGV $$",
+        &["fake-molt", "died", "killed by signal 11"],
+    );
+}
+
+#[test]
+fn exec_into_a_binary_killed_right_after_the_exec_keeps_the_guest() {
+    if !kvm_available("exec_into_a_binary_killed_right_after_the_exec_keeps_the_guest") {
+        return;
+    }
+    exec_into_a_binary_that_dies(
+        "exec-killed",
+        "kill -KILL $$",
+        &["fake-molt", "died", "killed by signal 9"],
+    );
+}
+
+/// A guardian watches every exec and leaves once the new image runs the guest.
+/// The new binary here is a script that sleeps a second, then execs the real
+/// molt: meanwhile the guardian must be there; after the reply it must be gone,
+/// molt must have no child (not even a zombie) and hold no more descriptors than
+/// after the first update.
+#[test]
+fn exec_leaves_no_guardian_behind() {
+    if !kvm_available("exec_leaves_no_guardian_behind") {
+        return;
+    }
+    let dir = TempDir::new("exec-guardian");
     let a = install(&dir, Path::new(MOLT), "molt-a");
-    let fake = script(&dir, "fake-molt", "echo 'molt x state-formats=1'\nexit 0");
+    let version = version_of(&a);
+    let slow = script(
+        &dir,
+        "slow-molt",
+        &format!(
+            "[ \"$1\" = version ] && exec {0} version\nsleep 1\nexec {0} \"$@\"",
+            a.display()
+        ),
+    );
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();
-    let out = run_with_timeout(
-        Command::new(MOLT)
-            .args(["ctl", g.sock.to_str().unwrap(), "cpr-exec"])
-            .arg(&fake),
-        UPDATE_TIMEOUT,
-    );
-    let reply = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
-    let alive = g.molt.child.try_wait().expect("try_wait").is_none();
-    assert!(
-        alive && reply.starts_with("error: cpr-exec: "),
-        "after exec into a binary that exits: molt alive={alive}, reply {reply:?}, ctl stderr {:?}; \
-         molt stderr:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        g.molt.stderr()
-    );
-    g.check_survived(pid, &reply, "cpr-exec", &["fake-molt"]);
+    let mut fds = None;
+    for i in 0..3 {
+        let asking = Command::new(MOLT)
+            .arg("ctl")
+            .arg(&g.sock)
+            .arg("cpr-exec")
+            .arg(&slow)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn molt ctl");
+        let seen = wait_until(TIMEOUT, || {
+            (!guardians(g.dir.path()).is_empty()).then_some(())
+        });
+        let out = asking.wait_with_output().expect("molt ctl");
+        let reply = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+        assert!(
+            seen.is_some(),
+            "exec {i}: no guardian was seen; reply {reply:?}"
+        );
+        let pause = check_resumed(&reply, "exec", &version);
+        g.check_after_update(&version, pause);
+        let gone = wait_until(TIMEOUT, || guardians(g.dir.path()).is_empty().then_some(()));
+        assert!(
+            gone.is_some(),
+            "after exec {i} a guardian still runs: {:?}",
+            guardians(g.dir.path())
+        );
+        assert_eq!(children(pid), Vec::<String>::new(), "after exec {i}");
+        let now = fd_targets(pid).len();
+        assert!(
+            now <= *fds.get_or_insert(now),
+            "after exec {i}: {now} descriptors, {fds:?} after the first: {:?}",
+            fd_targets(pid)
+        );
+    }
 }
 
 /// The usual way to upgrade: install the new molt over the old file, then

@@ -17,6 +17,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::fds::{set_cloexec, FdKind, FdTable};
+use super::guardian::{self, Guardian};
 use super::state::{self, CprState};
 
 /// What travels with the state in the memfd.
@@ -44,6 +45,7 @@ pub enum Error {
     Read(RawFd, std::io::Error),
     Message(String),
     State(state::Error),
+    Guardian(guardian::Error),
 }
 
 impl fmt::Display for Error {
@@ -57,6 +59,7 @@ impl fmt::Display for Error {
             Error::Read(fd, e) => write!(f, "cannot read the state from fd {fd}: {e}"),
             Error::Message(why) => write!(f, "bad exec message: {why}"),
             Error::State(e) => write!(f, "exec state: {e}"),
+            Error::Guardian(e) => e.fmt(f),
         }
     }
 }
@@ -93,14 +96,16 @@ pub enum Target<'a> {
 }
 
 /// Execs `binary` with `argv` (argv[0] first) plus `--incoming fd:N`, handing
-/// over `fds`. Returns only on failure, with every descriptor's CLOEXEC restored:
-/// the caller then resumes the guest as if nothing happened.
+/// over `fds`; `guardian`, if any, gets the state memfd first. Returns only on
+/// failure, with every descriptor's CLOEXEC restored: the caller then resumes
+/// the guest as if nothing happened.
 pub fn exec(
     binary: Target,
     argv: &[String],
     state: &CprState,
     fds: &[(FdKind, RawFd)],
     mut header: ExecHeader,
+    guardian: Option<&Guardian>,
 ) -> Error {
     header.table = FdTable {
         kinds: fds.iter().map(|f| f.0).collect(),
@@ -110,6 +115,9 @@ pub fn exec(
         Ok(m) => m,
         Err(e) => return e,
     };
+    if let Some(Err(e)) = guardian.map(|g| g.send_state(memfd.as_raw_fd())) {
+        return Error::Guardian(e);
+    }
     let mut args: Vec<String> = argv.to_vec();
     // An earlier exec's --incoming must not reach the new image twice.
     strip_incoming(&mut args);

@@ -29,9 +29,11 @@ pub enum FdKind {
     PreviousExe,
     /// The old image's VM or vCPU descriptor, closed once the guest runs again.
     StaleKvm,
+    /// Exec: the line to the guardian (`guardian.rs`), told once the guest runs.
+    Guardian,
 }
 
-pub const MAX_FDS: usize = 7 + MAX_DISKS + MAX_NICS + 1 + crate::layout::MAX_VCPUS;
+pub const MAX_FDS: usize = 8 + MAX_DISKS + MAX_NICS + 1 + crate::layout::MAX_VCPUS;
 
 /// The descriptor table that travels with a `CprState`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +74,7 @@ pub struct Adopted {
     pub console_in: Option<OwnedFd>,
     pub previous_exe: Option<OwnedFd>,
     pub stale_kvm: Vec<OwnedFd>,
+    pub guardian: Option<OwnedFd>,
 }
 
 /// Takes ownership of `fds[i]` as `table.kinds[i]`, checking each kind appears
@@ -116,6 +119,7 @@ pub fn adopt(
             FdKind::ConsoleIn if a.console_in.is_none() => a.console_in = Some(owned),
             FdKind::PreviousExe if a.previous_exe.is_none() => a.previous_exe = Some(owned),
             FdKind::StaleKvm => a.stale_kvm.push(owned),
+            FdKind::Guardian if a.guardian.is_none() => a.guardian = Some(owned),
             FdKind::Disk(_) | FdKind::Tap(_) => {
                 return Err(format!(
                     "unexpected {kind:?} (configured: {disks} disks, {nets} NICs)"

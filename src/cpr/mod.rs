@@ -7,7 +7,7 @@
 //! 2. `molt run <same args> --incoming file:PATH`: decode and check the state
 //!    (against argv, and against this host's KVM: `vm::host_cpu`), rebuild the
 //!    machine around the same RAM (in place, or read back from the file),
-//!    `Machine::restore`, start the vCPUs (the pause ends).
+//!    restore the machine, start the vCPUs (the pause ends).
 //!
 //! Exec mode:
 //! 1. `cpr-exec [BINARY [ARG...]]`: check that BINARY is a molt reading this
@@ -18,10 +18,14 @@
 //!    replies on the inherited client connection. If it cannot resume, it execs
 //!    back to the previous image with the same state, which resumes the guest
 //!    and replies with the error: rollback.
+//! 3. If the new image dies before it runs the guest, the guardian started
+//!    before the pause (`guardian`) does that rollback instead, from its own
+//!    process: the guest then runs under a new PID.
 
 pub mod check;
 pub mod exec;
 pub mod fds;
+pub mod guardian;
 pub mod inspect;
 pub mod reboot;
 pub mod state;
@@ -50,6 +54,7 @@ pub enum Error {
     NeedsMemFile(PathBuf),
     Memory(vm::memory::Error),
     Exec(exec::Error),
+    Guardian(guardian::Error),
     Probe(PathBuf, String),
     Handover(String),
     Transfer(transfer::Error),
@@ -74,6 +79,7 @@ impl fmt::Display for Error {
             ),
             Error::Memory(e) => e.fmt(f),
             Error::Exec(e) => e.fmt(f),
+            Error::Guardian(e) => e.fmt(f),
             Error::Probe(p, why) => write!(f, "{} cannot take the guest: {why}", p.display()),
             Error::Handover(why) => write!(f, "handover: {why}"),
             Error::Transfer(e) => e.fmt(f),
@@ -188,8 +194,10 @@ pub fn probe(binary: &Path, stop: RawFd) -> Result<(), Error> {
     Ok(())
 }
 
-/// Exec mode, step 1, on a paused machine: saves it and execs `binary`. Returns
-/// only on failure; the caller resumes the guest.
+/// Exec mode, step 1, on a paused machine: saves it and execs `binary`, which
+/// `guardian` watches. Returns only on failure; the caller then releases the
+/// guardian and resumes the guest.
+#[allow(clippy::too_many_arguments)]
 pub fn exec_out(
     machine: &Machine,
     binary: &Path,
@@ -198,6 +206,7 @@ pub fn exec_out(
     client: RawFd,
     console_in: Option<RawFd>,
     stopped_at_ns: u64,
+    guardian: &guardian::Guardian,
 ) -> Error {
     let state = match snapshot(machine, in_place(machine), stopped_at_ns) {
         Ok(s) => s,
@@ -210,6 +219,7 @@ pub fn exec_out(
     };
     let mut fds = transfer_fds(machine, listener, client, console_in);
     fds.push((FdKind::PreviousExe, me.as_raw_fd()));
+    fds.push((FdKind::Guardian, guardian.fd()));
     fds.extend(
         machine
             .kvm_fds()
@@ -229,6 +239,7 @@ pub fn exec_out(
         &state,
         &fds,
         header,
+        Some(guardian),
     ))
 }
 
@@ -311,6 +322,12 @@ impl ExecIncoming {
         self.adopted.listener.take()
     }
 
+    /// The control socket taken above, for a rollback to hand on: the guardian
+    /// holds it too, so the previous image could not bind its path again.
+    pub fn give_back_listener(&mut self, listener: OwnedFd) {
+        self.adopted.listener = Some(listener);
+    }
+
     pub fn take_console(&mut self) -> (Option<std::fs::File>, Option<OwnedFd>) {
         (
             self.adopted.console_out.take(),
@@ -352,7 +369,15 @@ pub fn resume_exec(
     let start = Instant::now();
     let (cfg, ram) = adopted_config(cfg, &inc.adopted)?;
     check_ram(&inc.state, &ram)?;
-    let resumed = resume(&cfg, &inc.state, ram, console, exit, start)?;
+    // The guest is about to run here: the guardian (if any) must leave now, or
+    // a later death of this image would make it resume an older copy. Until
+    // then the line stays in `inc`: a rollback hands it on.
+    let line = &mut inc.adopted.guardian;
+    let resumed = resume(&cfg, &inc.state, ram, console, exit, start, || {
+        if let Some(line) = line.take() {
+            guardian::release(line);
+        }
+    })?;
     // The guest runs: now let KVM tear the old VM down, off the main thread.
     let stale = std::mem::take(&mut inc.adopted.stale_kvm);
     if !stale.is_empty() {
@@ -542,6 +567,12 @@ pub fn rollback(inc: &ExecIncoming, why: &str) -> Error {
             .map(|f| (FdKind::ControlListener, f.as_raw_fd())),
     );
     fds.extend(a.client.as_ref().map(|f| (FdKind::Client, f.as_raw_fd())));
+    // The image execed next releases the guardian once it runs the guest.
+    fds.extend(
+        a.guardian
+            .as_ref()
+            .map(|f| (FdKind::Guardian, f.as_raw_fd())),
+    );
     let header = exec::ExecHeader {
         failure: Some(why.to_string()),
         ..inc.header.clone()
@@ -566,6 +597,7 @@ pub fn rollback(inc: &ExecIncoming, why: &str) -> Error {
         &inc.state,
         &fds,
         header,
+        None,
     ))
 }
 
@@ -661,7 +693,7 @@ pub fn resume_from_file(
         reboot::load_ram(&path, &mut rest, &ram).map_err(Error::File)?;
     }
     check_ram(&state, &ram)?;
-    resume(cfg, &state, ram, console, exit, start)
+    resume(cfg, &state, ram, console, exit, start, || {})
 }
 
 /// RAM kept in place must be the RAM that was saved.
@@ -684,6 +716,8 @@ fn in_place(machine: &Machine) -> RamLocation {
     }
 }
 
+/// Rebuilds the machine around `ram` and loads `state`; `before_start` runs
+/// once nothing can fail any more but the vCPUs, just before they start.
 fn resume(
     cfg: &RunConfig,
     state: &CprState,
@@ -691,8 +725,13 @@ fn resume(
     console: Output,
     exit: ExitSink,
     start: Instant,
+    before_start: impl FnOnce(),
 ) -> Result<Resumed, Error> {
-    let machine = Machine::restore(cfg, ram, console, exit, &state.machine).map_err(Error::Vm)?;
+    let restored = Machine::prepare(cfg, ram, console)
+        .and_then(|p| p.restore(&state.machine))
+        .map_err(Error::Vm)?;
+    before_start();
+    let machine = restored.start(exit).map_err(Error::Vm)?;
     Ok(Resumed {
         machine,
         restore_us: start.elapsed().as_micros() as u64,

@@ -121,7 +121,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         (_, Some(t)) => t.take_listener(),
         _ => None,
     };
-    let listener = match handed_listener {
+    let mut listener = match handed_listener {
         Some(fd) => {
             let l = UnixListener::from(fd);
             l.set_nonblocking(true)
@@ -206,6 +206,9 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
                 Err(e) if inc.failure().is_none() => {
                     log::error!("cannot resume after exec ({e}): rolling back");
                     drop(raw);
+                    if let Some(l) = listener.take() {
+                        inc.give_back_listener(l.into());
+                    }
                     return Err(Error::Cpr(cpr::rollback(inc, &e.to_string())));
                 }
                 Err(e) => return Err(Error::Cpr(e)),

@@ -1,5 +1,5 @@
-//! A CPR command's slow, guest-running part - the exec probe, the transfer
-//! hand-shake up to READY - runs on a worker thread, so that the event loop
+//! A CPR command's slow, guest-running part - the exec probe and guardian, the
+//! transfer hand-shake up to READY - runs on a worker thread, so that the event loop
 //! keeps serving `status`, `quit`, the console and the devices meanwhile. The
 //! worker reports through an eventfd on the loop's epoll; the pause itself
 //! then runs on the loop's thread. Dropping a worker aborts and joins it: all
@@ -19,7 +19,8 @@ pub(super) enum Prepared {
     Exec {
         binary: PathBuf,
         argv: Vec<String>,
-        probe: Result<(), cpr::Error>,
+        /// The probe passed and the guardian runs.
+        ready: Result<cpr::guardian::Guardian, cpr::Error>,
     },
     Transfer {
         max_pause: Duration,

@@ -61,8 +61,9 @@ impl Loop {
         }
     }
 
-    /// Exec mode, step 1: probes the binary on a worker, the guest running.
-    /// The reply comes from `exec_now`, or from the new image.
+    /// Exec mode, step 1: probes the binary and starts the guardian on a
+    /// worker, the guest running. The reply comes from `exec_now`, or from the
+    /// new image (or, if that dies, the previous image the guardian resumes).
     pub(super) fn cpr_exec(
         &mut self,
         slot: usize,
@@ -75,8 +76,13 @@ impl Loop {
         } else {
             self.argv.iter().take(1).cloned().chain(args).collect()
         };
+        let Some(fds) = self.handover_fds(slot) else {
+            return ("error: cpr-exec: no client".into(), None);
+        };
         self.start(slot, "cpr-exec", move |abort| Prepared::Exec {
-            probe: cpr::probe(&binary, abort),
+            ready: cpr::probe(&binary, abort).and_then(|()| {
+                cpr::guardian::Guardian::start(&binary, &fds).map_err(cpr::Error::Guardian)
+            }),
             binary,
             argv,
         })
@@ -91,7 +97,7 @@ impl Loop {
         path: PathBuf,
         max_pause: Option<Duration>,
     ) -> (String, Option<Outcome>) {
-        let Some(client_fd) = self.clients.fd(slot) else {
+        let Some(fds) = self.handover_fds(slot) else {
             return ("error: cpr-transfer: no client".into(), None);
         };
         if let Some(own) = &self.control_path {
@@ -106,18 +112,24 @@ impl Loop {
                 );
             }
         }
-        let console_in = self.stdio_console.then_some(self.console_in);
-        let fds = cpr::transfer_fds(
-            &self.machine,
-            self.listener.as_ref().map(|l| l.as_raw_fd()),
-            client_fd,
-            console_in,
-        );
         let max_pause = max_pause.unwrap_or(cpr::transfer::DEFAULT_MAX_PAUSE);
         self.start(slot, "cpr-transfer", move |abort| Prepared::Transfer {
             max_pause,
             out: cpr::transfer::Outgoing::prepare(&path, &fds, abort),
         })
+    }
+
+    /// What a transfer, or an exec's guardian, gets: the guest's descriptors,
+    /// the console and the asking client (None if it is gone).
+    fn handover_fds(&self, slot: usize) -> Option<Vec<(cpr::fds::FdKind, RawFd)>> {
+        let client_fd = self.clients.fd(slot)?;
+        let console_in = self.stdio_console.then_some(self.console_in);
+        Some(cpr::transfer_fds(
+            &self.machine,
+            self.listener.as_ref().map(|l| l.as_raw_fd()),
+            client_fd,
+            console_in,
+        ))
     }
 
     /// Starts a CPR command's worker; the asking client is held until it ends.
@@ -150,9 +162,9 @@ impl Loop {
             Prepared::Exec {
                 binary,
                 argv,
-                probe: Ok(()),
-            } => self.exec_now(slot, &binary, &argv),
-            Prepared::Exec { probe: Err(e), .. } => (format!("error: cpr-exec: {e}"), None),
+                ready: Ok(guardian),
+            } => self.exec_now(slot, &binary, &argv, guardian),
+            Prepared::Exec { ready: Err(e), .. } => (format!("error: cpr-exec: {e}"), None),
             Prepared::Transfer {
                 max_pause,
                 out: Ok(out),
@@ -193,12 +205,13 @@ impl Loop {
     }
 
     /// Exec mode, step 2. Returns only if the exec did not happen; the guest
-    /// then runs on here, unchanged.
+    /// then runs on here, unchanged, and `guardian` leaves.
     fn exec_now(
         &mut self,
         slot: usize,
         binary: &Path,
         argv: &[String],
+        guardian: cpr::guardian::Guardian,
     ) -> (String, Option<Outcome>) {
         let Some(client_fd) = self.clients.fd(slot) else {
             return ("error: cpr-exec: no client".into(), None);
@@ -223,7 +236,9 @@ impl Loop {
             client_fd,
             console_in,
             self.paused_at_ns,
+            &guardian,
         );
+        guardian.release();
         if self.stdio_console {
             self.raw = RawMode::enter();
         }

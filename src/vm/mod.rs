@@ -317,20 +317,6 @@ impl Machine {
         parts.start(fds, exit)
     }
 
-    /// Builds the machine for `cfg` around `ram` (already holding the guest) and
-    /// resumes it from `state`.
-    pub fn restore(
-        cfg: &RunConfig,
-        ram: GuestRam,
-        console: Output,
-        exit: ExitSink,
-        state: &MachineState,
-    ) -> Result<Self, Error> {
-        Self::prepare(cfg, ram, console)?
-            .restore(state)?
-            .start(exit)
-    }
-
     /// Everything that needs no saved state: RAM mapped, VM, memslots, devices,
     /// vCPUs, and what this host's KVM offers them (asked of vCPU 0). A
     /// transfer does this while the old process still runs the guest.
