@@ -1224,11 +1224,7 @@ fn a_running_disk_queue_is_saved_checked_and_resumed() {
         return;
     }
     let dir = TempDir::new("storm-img");
-    let kernel = write_guest(dir.path(), "storm.elf", &guest::storm_guest());
-    let disk = dir.join("disk.img");
-    fs::File::create(&disk)
-        .and_then(|f| f.set_len(guest::STORM_DISK_BYTES))
-        .expect("create the sparse disk image");
+    let (kernel, disk) = guest::storm_files(dir.path());
     let mut g = Guest::new(
         "storm-cpr",
         &[

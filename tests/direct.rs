@@ -682,11 +682,7 @@ fn status_and_sigterm_stay_prompt_under_a_disk_storm() {
         return;
     }
     let dir = TempDir::new("storm");
-    let kernel = write_guest(dir.path(), "storm.elf", &guest::storm_guest());
-    let disk = dir.join("disk.img");
-    fs::File::create(&disk)
-        .and_then(|f| f.set_len(guest::STORM_DISK_BYTES))
-        .expect("create the sparse disk image");
+    let (kernel, disk) = guest::storm_files(dir.path());
     let (serial, sock) = (dir.join("serial.out"), dir.join("ctl.sock"));
     let serial_arg = format!("file:{}", serial.display());
     let mut molt = Molt::spawn(

@@ -79,6 +79,21 @@ impl From<&kvm_cpuid_entry2> for CpuidEntry {
     }
 }
 
+impl From<&CpuidEntry> for kvm_cpuid_entry2 {
+    fn from(e: &CpuidEntry) -> Self {
+        kvm_cpuid_entry2 {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsrEntry {
     pub index: u32,
@@ -230,20 +245,7 @@ fn save_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrEntry>, Error> {
 /// Writes `state` into a fresh vCPU, before its thread first runs it.
 /// `xsave_words` is this host's XSAVE size (`host_cpu::xsave_words`).
 pub fn restore(fd: &VcpuFd, state: &VcpuState, xsave_words: usize) -> Result<(), Error> {
-    let entries: Vec<kvm_cpuid_entry2> = state
-        .cpuid
-        .iter()
-        .map(|e| kvm_cpuid_entry2 {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-            ..Default::default()
-        })
-        .collect();
+    let entries: Vec<kvm_cpuid_entry2> = state.cpuid.iter().map(kvm_cpuid_entry2::from).collect();
     let cpuid =
         CpuId::from_entries(&entries).map_err(|_| Error::TooMany("CPUID", entries.len()))?;
     fd.set_cpuid2(&cpuid).map_err(|e| Error::Set("CPUID2", e))?;

@@ -174,6 +174,16 @@ pub const STORM_DISK_BYTES: u64 = 64 << 20;
 /// Guest RAM the storm guest needs (its read buffer ends at 36 MiB).
 pub const STORM_MEM: &str = "64M";
 
+/// Writes the storm guest and its sparse disk image into `dir`; returns their paths.
+pub fn storm_files(dir: &Path) -> (PathBuf, PathBuf) {
+    let kernel = write_guest(dir, "storm.elf", &storm_guest());
+    let disk = dir.join("disk.img");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(STORM_DISK_BYTES))
+        .expect("create the sparse disk image");
+    (kernel, disk)
+}
+
 /// A guest that keeps its virtio-blk disk busy, as a misbehaving guest would: it
 /// drives the function in PCI slot 1 (the first `--disk`) by hand, with no
 /// interrupts - memory decoding on, BAR 0 read from config space, VERSION_1 only,
