@@ -204,6 +204,19 @@ fn unknown_command_is_a_usage_error() {
     assert_fails(&out, 2, &["frobnicate"], "molt frobnicate");
 }
 
+/// `molt version` lists every state format the binary reads (the exec probe
+/// and upgrade scripts rely on it): this release writes 2 and still reads 1.
+#[test]
+fn version_lists_the_state_formats_it_reads() {
+    let out = molt(&["version"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "molt version: {stderr}");
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    assert_eq!(words.len(), 3, "{stdout:?}");
+    assert_eq!(words[0], "molt");
+    assert_eq!(words[2], "state-formats=1,2", "{stdout:?}");
+}
+
 #[test]
 fn help_exits_0_and_lists_the_commands() {
     let out = molt(&["--help"]);

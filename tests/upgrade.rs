@@ -207,6 +207,8 @@ struct Guest {
     args: Vec<String>,
     /// Processes started so far: names their stderr files and incoming sockets.
     spawned: usize,
+    /// The user paused the guest: an update must leave it paused.
+    paused: bool,
     dir: TempDir,
 }
 
@@ -269,6 +271,7 @@ impl Guest {
             sock,
             args,
             spawned: 1,
+            paused: false,
             dir,
         };
         g.wait_more(MORE_LINES);
@@ -397,18 +400,26 @@ impl Guest {
             Some(version),
             "status {status:?}"
         );
-        assert_eq!(
-            field(&status, "state"),
-            Some("running"),
-            "status {status:?}"
-        );
+        let want = if self.paused { "paused" } else { "running" };
+        assert_eq!(field(&status, "state"), Some(want), "status {status:?}");
         let last = pause.to_string();
         assert_eq!(
             field(&status, "last_pause_us"),
             Some(last.as_str()),
             "status must report the update's pause; {status:?}"
         );
-        self.wait_more(MORE_LINES);
+        if self.paused {
+            let before = self.serial().counts().len();
+            thread::sleep(Duration::from_millis(500));
+            self.molt.assert_running("while paused after an update");
+            let after = self.serial().counts().len();
+            assert_eq!(
+                after, before,
+                "a guest paused before the update ran after it"
+            );
+        } else {
+            self.wait_more(MORE_LINES);
+        }
     }
 
     /// After a failed update: the reply says what failed, the same process runs
@@ -483,6 +494,29 @@ fn transfer_upgrade_then_downgrade() {
     let mut g = Guest::start(dir, &a, &[]);
     g.transfer(&b, &vb);
     g.transfer(&a, &va);
+}
+
+/// SPEC.md: the run state survives every mode. A paused guest (2 vCPUs)
+/// stays paused through an exec and a transfer, and runs on after `resume`.
+#[test]
+fn a_paused_guest_stays_paused_through_exec_and_transfer() {
+    if !kvm_available("a_paused_guest_stays_paused_through_exec_and_transfer") {
+        return;
+    }
+    let dir = TempDir::new("paused");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    let mut g = Guest::start(dir, &a, &["--cpus", "2"]);
+    assert_eq!(ctl(&g.sock, &["pause"]), "ok");
+    g.paused = true;
+    g.exec(None, &version);
+    g.transfer(&a, &version);
+    g.exec(None, &version);
+    assert_eq!(ctl(&g.sock, &["resume"]), "ok");
+    g.paused = false;
+    let status = g.status();
+    assert_eq!(field(&status, "state"), Some("running"), "{status}");
+    g.wait_more(MORE_LINES);
 }
 
 #[test]
@@ -587,7 +621,7 @@ fn exec_that_fails_after_the_probe_resumes_the_guest() {
     let vanishing = script(
         &dir,
         "vanishing",
-        "echo 'molt 9.9.9 state-formats=1'\nrm -f \"$0\"",
+        "echo 'molt 9.9.9 state-formats=1,2'\nrm -f \"$0\"",
     );
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();
@@ -687,7 +721,7 @@ fn exec_into_a_binary_that_dies(tag: &str, body: &str, words: &[&str]) {
     let fake = script(
         &dir,
         "fake-molt",
-        &format!("[ \"$1\" = version ] && {{ echo 'molt x state-formats=1'; exit 0; }}\n{body}"),
+        &format!("[ \"$1\" = version ] && {{ echo 'molt x state-formats=1,2'; exit 0; }}\n{body}"),
     );
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();
@@ -1078,7 +1112,7 @@ mod fake {
 
     pub const MAGIC: [u8; 8] = *b"MOLTXFR2";
     /// The state format molt writes today.
-    const FORMAT: u32 = 1;
+    const FORMAT: u32 = 2;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
     pub enum FdKind {
@@ -1535,7 +1569,7 @@ fn transfer_to_a_peer_that_is_not_a_molt_moves_no_descriptor() {
         (fake::Step::GarbageHello, &["not a molt"][..]),
         (
             fake::Step::WrongFormat,
-            &["state format 1", "not among"][..],
+            &["state format 2", "not among"][..],
         ),
     ] {
         let (reply, report) = transfer_to_fake(&g, step, &[]);

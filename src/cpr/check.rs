@@ -171,6 +171,11 @@ pub enum Error {
         vector: u16,
         vectors: usize,
     },
+    /// Format 2 records one identity per disk.
+    DiskIdentities {
+        identities: usize,
+        disks: usize,
+    },
 }
 
 impl fmt::Display for Error {
@@ -259,6 +264,11 @@ impl fmt::Display for Error {
                 f,
                 "{slot}: {field} {vector} names no MSI-X vector (it has {vectors})"
             ),
+            Error::DiskIdentities { identities, disks } => write!(
+                f,
+                "{identities} disk identities (disks) for {disks} disks (shape.disks): \
+                 one each"
+            ),
         }
     }
 }
@@ -294,6 +304,18 @@ pub fn state(s: &CprState) -> Result<(), Error> {
     }
     for (slot, t) in slots.into_iter().zip(&m.virtio) {
         transport(slot, t, &ram, shape.mem_size)?;
+    }
+    Ok(())
+}
+
+/// A state of format 2 or later names every disk's image.
+pub fn disks(s: &CprState) -> Result<(), Error> {
+    let disks = s.machine.shape.disks.len();
+    if s.disks.len() != disks {
+        return Err(Error::DiskIdentities {
+            identities: s.disks.len(),
+            disks,
+        });
     }
     Ok(())
 }

@@ -4,7 +4,7 @@ use std::fmt::Write;
 use std::path::Path;
 
 use super::reboot;
-use super::state::RamLocation;
+use super::state::{RamLocation, RunState};
 use crate::vm::host_cpu::{self, HostCpu};
 use crate::vm::mac_str;
 use crate::vm::memory::ram_regions;
@@ -22,12 +22,22 @@ pub fn summary(path: &Path) -> Result<String, reboot::Error> {
     let m = &s.machine;
     let mut out = String::new();
     let _ = writeln!(out, "state:    {}", path.display());
+    let mut header = [0u8; super::state::HEADER_LEN];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header))
+        .map_err(|e| reboot::Error::Io("read", path.into(), e))?;
+    let (format, _) =
+        super::state::header(&header).map_err(|e| reboot::Error::State(path.into(), e))?;
     let _ = writeln!(
         out,
-        "format:   version {} (written by molt {})",
-        super::state::VERSION,
+        "format:   version {format} (written by molt {})",
         s.writer
     );
+    let run = match s.run {
+        RunState::Running => "running",
+        RunState::Paused => "paused (stays paused when resumed)",
+    };
+    let _ = writeln!(out, "run:      {run}");
     let _ = writeln!(out, "size:     {size} bytes");
     let _ = writeln!(out, "vcpus:    {}", m.shape.vcpus);
     if let Some(v) = m.vcpus.first() {
@@ -51,7 +61,11 @@ pub fn summary(path: &Path) -> Result<String, reboot::Error> {
     let _ = writeln!(out, "ram:      {ram}");
     for (i, ro) in m.shape.disks.iter().enumerate() {
         let mode = if *ro { "read-only" } else { "read-write" };
-        let _ = writeln!(out, "disk {i}:   virtio-blk, {mode}");
+        let image = match s.disks.get(i) {
+            Some(id) => format!("image {id}"),
+            None => "image not recorded (format 1)".into(),
+        };
+        let _ = writeln!(out, "disk {i}:   virtio-blk, {mode}, {image}");
     }
     for (i, mac) in m.shape.nets.iter().enumerate() {
         let _ = writeln!(out, "nic {i}:    virtio-net, mac {}", mac_str(mac));

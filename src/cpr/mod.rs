@@ -40,12 +40,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::args::RunConfig;
 use crate::devices::serial::Output;
+use crate::virtio::block::Identity;
 use crate::vm::host_cpu::HostCpu;
 use crate::vm::memory::GuestRam;
 use crate::vm::vcpu::ExitSink;
 use crate::vm::{self, Machine};
 use fds::{Adopted, FdKind};
-use state::{CprState, RamLocation};
+use state::{CprState, RamLocation, RunState};
 
 #[derive(Debug)]
 pub enum Error {
@@ -64,6 +65,17 @@ pub enum Error {
     },
     /// A disk's name no longer leads to the image molt has open.
     DiskGone(PathBuf, &'static str),
+    /// An open disk's identity could not be read for the state.
+    DiskIdentity(usize, std::io::Error),
+    /// A restart's disk is not the image the state was saved with.
+    DiskChanged {
+        index: usize,
+        path: PathBuf,
+        saved: Identity,
+        now: Result<Identity, String>,
+        /// The saved disk whose image this is, if another.
+        swapped_with: Option<usize>,
+    },
     HostCpu(PathBuf, vm::host_cpu::Error),
 }
 
@@ -89,6 +101,33 @@ impl fmt::Display for Error {
                  (cpr-exec and cpr-transfer carry the open image)",
                 p.display()
             ),
+            Error::DiskIdentity(i, e) => write!(f, "disk {i}: cannot read its size and inode: {e}"),
+            Error::DiskChanged {
+                index,
+                path,
+                saved,
+                now,
+                swapped_with,
+            } => {
+                write!(
+                    f,
+                    "disk {index} ({}) is not the image the guest was saved with ({saved}): ",
+                    path.display()
+                )?;
+                match (now, swapped_with) {
+                    (Err(e), _) => write!(f, "cannot open it: {e}"),
+                    (Ok(_), Some(j)) => {
+                        write!(
+                            f,
+                            "it is the image saved as disk {j}: disks swapped on argv?"
+                        )
+                    }
+                    (Ok(n), None) if n.dev == saved.dev && n.ino == saved.ino => {
+                        write!(f, "it was resized to {} bytes", n.size)
+                    }
+                    (Ok(n), None) => write!(f, "it is another file ({n}): replaced?"),
+                }
+            }
             Error::RamMismatch { now, saved } => write!(
                 f,
                 "guest RAM is not the RAM that was saved (page sample CRC {now:#010x}, \
@@ -115,7 +154,7 @@ pub fn version_line() -> String {
     format!(
         "molt {} state-formats={}",
         crate::event_loop::VERSION,
-        state::VERSION
+        state::formats()
     )
 }
 
@@ -207,8 +246,9 @@ pub fn exec_out(
     console_in: Option<RawFd>,
     stopped_at_ns: u64,
     guardian: &guardian::Guardian,
+    run: RunState,
 ) -> Error {
-    let state = match snapshot(machine, in_place(machine), stopped_at_ns) {
+    let state = match snapshot(machine, in_place(machine), stopped_at_ns, run) {
         Ok(s) => s,
         Err(e) => return e,
     };
@@ -248,13 +288,65 @@ pub fn now_ns() -> u64 {
     realtime_ns()
 }
 
-fn snapshot(machine: &Machine, ram: RamLocation, stopped_at_ns: u64) -> Result<CprState, Error> {
+fn snapshot(
+    machine: &Machine,
+    ram: RamLocation,
+    stopped_at_ns: u64,
+    run: RunState,
+) -> Result<CprState, Error> {
+    let mut disks = heapless::Vec::new();
+    for (i, fd) in backends(machine).0.into_iter().enumerate() {
+        // SAFETY: the disk's own open descriptor, borrowed for this call only;
+        // ManuallyDrop keeps it open.
+        let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+        let id = Identity::of(&file).map_err(|e| Error::DiskIdentity(i, e))?;
+        // The shape bounds the disks to the list's capacity.
+        let _ = disks.push(id);
+    }
     Ok(CprState {
         writer: heapless::String::try_from(crate::event_loop::VERSION).unwrap_or_default(),
         ram,
         stopped_at_ns,
         machine: machine.save().map_err(Error::Vm)?,
+        run,
+        disks,
     })
+}
+
+/// Reboot mode reopens the disks by name: each must be the image the state
+/// was saved with (a state of format 1 did not record them).
+fn check_disk_identities(cfg: &RunConfig, saved: &[Identity]) -> Result<(), Error> {
+    if saved.is_empty() {
+        return Ok(());
+    }
+    let now: Vec<Result<Identity, String>> = cfg
+        .disks
+        .iter()
+        .map(|d| {
+            std::fs::File::open(&d.path)
+                .and_then(|f| Identity::of(&f))
+                .map_err(|e| e.to_string())
+        })
+        .collect();
+    for (index, (disk, (saved_id, now_id))) in
+        cfg.disks.iter().zip(saved.iter().zip(now)).enumerate()
+    {
+        if now_id.as_ref() == Ok(saved_id) {
+            continue;
+        }
+        let swapped_with = now_id
+            .as_ref()
+            .ok()
+            .and_then(|n| saved.iter().position(|s| s == n));
+        return Err(Error::DiskChanged {
+            index,
+            path: disk.path.clone(),
+            saved: *saved_id,
+            now: now_id,
+            swapped_with,
+        });
+    }
+    Ok(())
 }
 
 /// The disk and tap descriptors, each in argv order.
@@ -438,6 +530,7 @@ pub fn transfer_out(
     mut out: transfer::Outgoing,
     max_pause: Duration,
     stop: RawFd,
+    run: RunState,
     pause: impl FnOnce() -> Result<u64, String>,
     resume: impl FnOnce(),
 ) -> Result<(), Error> {
@@ -448,7 +541,7 @@ pub fn transfer_out(
             return Err(Error::Handover(why));
         }
     };
-    let sent = snapshot(machine, in_place(machine), stopped_at_ns)
+    let sent = snapshot(machine, in_place(machine), stopped_at_ns, run)
         .and_then(|s| state::encode(&s).map_err(|e| Error::Handover(e.to_string())))
         .and_then(|bytes| {
             out.send_state(bytes, max_pause, stop)
@@ -526,25 +619,28 @@ pub fn resume_transfer(
         let start = Instant::now();
         let state = state::decode(&bytes).map_err(|e| Error::Handover(format!("state: {e}")))?;
         let restored = prepared.restore(&state.machine).map_err(Error::Vm)?;
-        Ok((restored, state.stopped_at_ns, start, max_pause))
+        Ok((restored, state.stopped_at_ns, state.run, start, max_pause))
     });
     // Without GO nothing runs: a failure, a signal or silence ends it here.
-    let go = loaded.and_then(|(restored, stopped_at_ns, start, max_pause)| {
+    let go = loaded.and_then(|(restored, stopped_at_ns, run, start, max_pause)| {
         t.link.restored(max_pause).map_err(Error::Transfer)?;
-        Ok((restored, stopped_at_ns, start))
+        Ok((restored, stopped_at_ns, run, start))
     });
-    let (restored, stopped_at_ns, start) = match go {
+    let (restored, stopped_at_ns, run, start) = match go {
         Ok(r) => r,
         Err(e) => {
             t.link.fail(&e.to_string());
             return Err(e);
         }
     };
-    let machine = restored.start(exit).map_err(Error::Vm)?;
+    let machine = restored
+        .start(exit, run == RunState::Paused)
+        .map_err(Error::Vm)?;
     let resumed = Resumed {
         machine,
         restore_us: start.elapsed().as_micros() as u64,
         pause_us: realtime_ns().saturating_sub(stopped_at_ns) / 1000,
+        run,
     };
     Ok((resumed, t.adopted.client.take()))
 }
@@ -613,6 +709,7 @@ pub fn save_to_file(
     path: &Path,
     ram_in_place: bool,
     stopped_at_ns: u64,
+    run: RunState,
 ) -> Result<Saved, Error> {
     let start = Instant::now();
     let location = if ram_in_place {
@@ -620,7 +717,7 @@ pub fn save_to_file(
     } else {
         RamLocation::InStateFile
     };
-    let state = snapshot(machine, location, stopped_at_ns)?;
+    let state = snapshot(machine, location, stopped_at_ns, run)?;
     let bytes = reboot::save(path, &state, &machine.ram).map_err(Error::File)?;
     Ok(Saved {
         bytes,
@@ -635,6 +732,8 @@ pub struct Resumed {
     pub restore_us: u64,
     /// Last vCPU stopped in the old process to the vCPUs running here.
     pub pause_us: u64,
+    /// Paused if the guest was paused when saved: its vCPUs wait for `resume`.
+    pub run: RunState,
 }
 
 /// Reboot mode, step 2, first half: the state in a file, read and checked.
@@ -662,6 +761,7 @@ pub fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error>
         }
         reboot::expect_end(path, &mut rest).map_err(Error::File)?;
     }
+    check_disk_identities(cfg, &state.disks)?;
     // `Prepared::restore` checks again, for every mode; here it runs before
     // RAM is mapped or loaded.
     HostCpu::open()
@@ -731,10 +831,13 @@ fn resume(
         .and_then(|p| p.restore(&state.machine))
         .map_err(Error::Vm)?;
     before_start();
-    let machine = restored.start(exit).map_err(Error::Vm)?;
+    let machine = restored
+        .start(exit, state.run == RunState::Paused)
+        .map_err(Error::Vm)?;
     Ok(Resumed {
         machine,
         restore_us: start.elapsed().as_micros() as u64,
         pause_us: realtime_ns().saturating_sub(state.stopped_at_ns) / 1000,
+        run: state.run,
     })
 }

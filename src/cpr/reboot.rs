@@ -148,7 +148,7 @@ pub fn load_state(path: &Path) -> Result<(CprState, BufReader<File>), Error> {
     let mut bytes = vec![0u8; HEADER_LEN];
     let got = read_up_to(&mut r, &mut bytes).map_err(|e| Error::Io("read", path.into(), e))?;
     bytes.truncate(got);
-    let len = state::payload_len(&bytes).map_err(bad)?;
+    let (_, len) = state::header(&bytes).map_err(bad)?;
     bytes.resize(HEADER_LEN + len, 0);
     let got = read_up_to(&mut r, &mut bytes[HEADER_LEN..])
         .map_err(|e| Error::Io("read", path.into(), e))?;

@@ -7,18 +7,24 @@
 //! (shape, devices, live queues, XSAVE sizes), and every value is checked again
 //! by the code that uses it.
 //!
-//! Versions are frozen once released: `CprStateV1` never changes. A new field
-//! means a `CprStateV2` with `From<CprStateV1>`, and this release then decodes
-//! both (SPEC.md, "State compatibility").
+//! Versions are frozen once released: `CprStateV1` and `CprStateV2` never
+//! change. A new field means a `CprStateV3` with `From<CprStateV2>`, and that
+//! release then decodes all three (SPEC.md, "State compatibility"). This one
+//! writes version 2 and reads 1 and 2.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::layout::MAX_DISKS;
+use crate::virtio::block::Identity;
 use crate::vm::MachineState;
 
 pub const MAGIC: [u8; 8] = *b"MOLTCPR\0";
-pub const VERSION: u32 = 1;
+/// The format this release writes.
+pub const VERSION: u32 = 2;
+/// The formats this release reads, oldest first.
+pub const READS: [u32; 2] = [1, 2];
 pub const HEADER_LEN: usize = 20;
 /// No real state comes near this: ~10 KiB per vCPU, ~1 KiB per device.
 pub const MAX_PAYLOAD: usize = 4 << 20;
@@ -45,7 +51,43 @@ pub struct CprStateV1 {
     pub machine: MachineState,
 }
 
-pub type CprState = CprStateV1;
+/// Whether the guest's vCPUs ran when it was saved: a paused guest comes
+/// back paused (SPEC.md, "The three CPR modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+/// Version 2: version 1 plus the run state and each disk image's identity, so
+/// that a restart refuses an image swapped, resized or replaced. Frozen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CprStateV2 {
+    pub writer: heapless::String<32>,
+    pub ram: RamLocation,
+    pub stopped_at_ns: u64,
+    pub machine: MachineState,
+    pub run: RunState,
+    /// One per disk, in argv order. Empty only in a state converted from
+    /// version 1, which did not record them.
+    pub disks: heapless::Vec<Identity, MAX_DISKS>,
+}
+
+impl From<CprStateV1> for CprStateV2 {
+    /// Version 1 did not record a run state: molt then always resumed the guest.
+    fn from(v1: CprStateV1) -> Self {
+        CprStateV2 {
+            writer: v1.writer,
+            ram: v1.ram,
+            stopped_at_ns: v1.stopped_at_ns,
+            machine: v1.machine,
+            run: RunState::Running,
+            disks: heapless::Vec::new(),
+        }
+    }
+}
+
+pub type CprState = CprStateV2;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Error {
@@ -75,7 +117,8 @@ impl fmt::Display for Error {
             Error::BadMagic => write!(f, "not a molt state (bad magic)"),
             Error::UnknownVersion(v) => write!(
                 f,
-                "state format version {v} is unknown to this molt (it reads version {VERSION})"
+                "state format version {v} is unknown to this molt (it reads versions {})",
+                formats()
             ),
             Error::TooLarge(n) => write!(f, "payload of {n} bytes exceeds {MAX_PAYLOAD}"),
             Error::Checksum { stored, actual } => write!(
@@ -109,8 +152,14 @@ pub fn encode(state: &CprState) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
-/// The payload length a header announces, after checking magic and version.
-pub fn payload_len(header: &[u8]) -> Result<usize, Error> {
+/// The formats this release reads, as `molt version` and the handshakes list them.
+pub fn formats() -> String {
+    READS.map(|v| v.to_string()).join(",")
+}
+
+/// The format version and payload length a header announces, after checking
+/// the magic and that this release reads that version.
+pub fn header(header: &[u8]) -> Result<(u32, usize), Error> {
     if header.len() < HEADER_LEN {
         return Err(Error::Truncated(HEADER_LEN - header.len()));
     }
@@ -120,19 +169,19 @@ pub fn payload_len(header: &[u8]) -> Result<usize, Error> {
     let word =
         |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     let version = word(8);
-    if version != VERSION {
+    if !READS.contains(&version) {
         return Err(Error::UnknownVersion(version));
     }
     let len = word(12) as usize;
     if len > MAX_PAYLOAD {
         return Err(Error::TooLarge(len));
     }
-    Ok(len)
+    Ok((version, len))
 }
 
 /// Decodes and validates a state; `bytes` is exactly header + payload.
 pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
-    let len = payload_len(bytes)?;
+    let (version, len) = header(bytes)?;
     let have = bytes.len() - HEADER_LEN;
     if have < len {
         return Err(Error::Truncated(len - have));
@@ -146,15 +195,19 @@ pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
     if stored != actual {
         return Err(Error::Checksum { stored, actual });
     }
-    let state = decode_payload(payload)?;
+    let state = decode_payload(version, payload)?;
     super::check::state(&state).map_err(Error::Invalid)?;
+    if version >= 2 {
+        super::check::disks(&state).map_err(Error::Invalid)?;
+    }
     Ok(state)
 }
 
 /// Decodes the payload part by part, so that a failure names the part and the
 /// byte it starts at. Postcard writes a struct as its fields one after the
-/// other, so this reads exactly what `postcard::from_bytes::<CprState>` would.
-fn decode_payload(payload: &[u8]) -> Result<CprState, Error> {
+/// other, so this reads exactly what `postcard::from_bytes` of that version's
+/// struct would; version 2 only appends fields to version 1.
+fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
     let mut p = Parts { payload, at: 0 };
     let writer = p.next("writer")?;
     let ram = p.next("ram")?;
@@ -167,15 +220,25 @@ fn decode_payload(payload: &[u8]) -> Result<CprState, Error> {
         allocator: p.next("machine.allocator")?,
         virtio: p.next("machine.virtio")?,
     };
-    if p.at < payload.len() {
-        return Err(Error::TrailingBytes(payload.len() - p.at));
-    }
-    Ok(CprState {
+    let v1 = CprStateV1 {
         writer,
         ram,
         stopped_at_ns,
         machine,
-    })
+    };
+    let state = if version == 1 {
+        v1.into()
+    } else {
+        CprStateV2 {
+            run: p.next("run")?,
+            disks: p.next("disks")?,
+            ..v1.into()
+        }
+    };
+    if p.at < payload.len() {
+        return Err(Error::TrailingBytes(payload.len() - p.at));
+    }
+    Ok(state)
 }
 
 /// The payload being decoded and how far it has been read.
@@ -228,6 +291,8 @@ pub(crate) mod tests {
                 allocator: Allocator::new(),
                 virtio: heapless::Vec::new(),
             },
+            run: RunState::Running,
+            disks: heapless::Vec::new(),
         }
     }
 
@@ -237,6 +302,71 @@ pub(crate) mod tests {
         let bytes = encode(&s).unwrap();
         assert_eq!(&bytes[..8], b"MOLTCPR\0");
         assert_eq!(decode(&bytes).unwrap(), s);
+    }
+
+    /// `sample` with one disk of `identities` identities, no transport (the
+    /// devices' checks are `check`'s tests).
+    fn with_disk(identities: usize) -> CprState {
+        let mut s = sample();
+        s.machine.shape.disks.push(false).unwrap();
+        s.machine.virtio = heapless::Vec::new();
+        for i in 0..identities {
+            let id = Identity {
+                size: 1 << 20,
+                dev: 0x803,
+                ino: 100 + i as u64,
+            };
+            s.disks.push(id).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn version_2_keeps_the_run_state_and_disk_identities() {
+        let mut s = sample();
+        s.run = RunState::Paused;
+        let bytes = encode(&s).unwrap();
+        assert_eq!(bytes[8], 2);
+        assert_eq!(decode(&bytes).unwrap().run, RunState::Paused);
+        // Identities must match the disks one for one (checked after the
+        // devices, so use a bare payload check here).
+        assert!(crate::cpr::check::disks(&with_disk(1)).is_ok());
+        for n in [0, 2] {
+            let e = crate::cpr::check::disks(&with_disk(n)).unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("{n} disk identities (disks) for 1 disks")),
+                "{e}"
+            );
+        }
+        assert_eq!(formats(), "1,2");
+    }
+
+    #[test]
+    fn version_1_decodes_as_running_without_disk_identities() {
+        let s = sample();
+        let v1 = CprStateV1 {
+            writer: s.writer.clone(),
+            ram: s.ram,
+            stopped_at_ns: s.stopped_at_ns,
+            machine: s.machine.clone(),
+        };
+        let payload = postcard::to_allocvec(&v1).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded, CprStateV2::from(v1));
+        assert_eq!(decoded.run, RunState::Running);
+        assert!(decoded.disks.is_empty());
+        // The same payload announced as version 2 lacks the new parts.
+        bytes[8] = 2;
+        assert!(matches!(
+            decode(&bytes),
+            Err(Error::Decode { part: "run", .. })
+        ));
     }
 
     #[test]
@@ -251,8 +381,8 @@ pub(crate) mod tests {
         magic[0] ^= 1;
         assert_eq!(decode(&magic), Err(Error::BadMagic));
         let mut version = bytes.clone();
-        version[8] = 2;
-        assert_eq!(decode(&version), Err(Error::UnknownVersion(2)));
+        version[8] = 3;
+        assert_eq!(decode(&version), Err(Error::UnknownVersion(3)));
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x10;
@@ -269,7 +399,7 @@ pub(crate) mod tests {
     fn a_payload_that_cannot_be_decoded_names_the_part_and_offset() {
         let bytes = encode(&sample()).unwrap();
         let payload = &bytes[HEADER_LEN..];
-        // The last byte is the (empty) virtio list's length.
+        // The last byte is the (empty) disk identity list's length.
         let short = &payload[..payload.len() - 1];
         let mut resealed = bytes[..HEADER_LEN].to_vec();
         resealed[12..16].copy_from_slice(&(short.len() as u32).to_le_bytes());
@@ -277,13 +407,13 @@ pub(crate) mod tests {
         resealed.extend_from_slice(short);
         let e = decode(&resealed).unwrap_err();
         assert!(
-            matches!(e, Error::Decode { part: "machine.virtio", at, len, .. }
+            matches!(e, Error::Decode { part: "disks", at, len, .. }
                 if at == short.len() && len == short.len()),
             "{e:?}"
         );
         let text = e.to_string();
         assert!(
-            text.starts_with("payload: cannot decode machine.virtio (from byte"),
+            text.starts_with("payload: cannot decode disks (from byte"),
             "{text}"
         );
         assert!(text.ends_with("truncated or not a molt state"), "{text}");

@@ -115,7 +115,7 @@ impl Msg {
         Msg::Hello {
             version: crate::event_loop::VERSION.into(),
             writes: state::VERSION,
-            reads: [state::VERSION].into_iter().collect(),
+            reads: state::READS.into_iter().collect(),
         }
     }
 }
@@ -346,7 +346,7 @@ fn check_formats(step: &'static str, peer: &Msg, peer_is_old: bool) -> Result<St
         return Err(unexpected(step, "HELLO", peer));
     };
     let (format, readable) = if peer_is_old {
-        (*writes, &[state::VERSION][..])
+        (*writes, &state::READS[..])
     } else {
         (state::VERSION, &reads[..])
     };
@@ -678,9 +678,12 @@ mod tests {
         let v = state::VERSION;
         assert!(check_formats("s", &hello(v, &[v]), true).is_ok());
         assert!(check_formats("s", &hello(v, &[v]), false).is_ok());
+        // A previous release writing format 1 can hand its guest over to this one.
+        assert!(check_formats("s", &hello(1, &[1]), true).is_ok());
         for e in [
             check_formats("s", &hello(v + 1, &[v]), true).unwrap_err(),
-            check_formats("s", &hello(v, &[v + 1]), false).unwrap_err(),
+            // ... but this one cannot hand its guest to a release reading only 1.
+            check_formats("s", &hello(1, &[1]), false).unwrap_err(),
         ] {
             assert!(e.to_string().contains("not among those"), "{e}");
         }

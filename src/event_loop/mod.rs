@@ -17,6 +17,7 @@ use crate::args::{Incoming, RunConfig, SerialConfig};
 use crate::bus::GuestExit;
 use crate::control::{self, Command};
 use crate::cpr;
+use crate::cpr::state::RunState;
 use crate::devices::serial::Output;
 use crate::files::{self, Access};
 use crate::terminal::RawMode;
@@ -164,8 +165,12 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         _ => None,
     };
     let mut greeting = None;
-    let (machine, last_pause_us) = match &cfg.incoming {
-        None => (Machine::boot(&cfg, console, sink).map_err(Error::Vm)?, 0),
+    let (machine, last_pause_us, run) = match &cfg.incoming {
+        None => (
+            Machine::boot(&cfg, console, sink).map_err(Error::Vm)?,
+            0,
+            RunState::Running,
+        ),
         Some(Incoming::Unix(_)) => {
             let t = xfer_in.take().expect("received above");
             let (r, client) = cpr::resume_transfer(t, &cfg, console, sink).map_err(Error::Cpr)?;
@@ -179,7 +184,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
                 r.pause_us
             );
             greeting = client.map(|c| (c, reply));
-            (r.machine, r.pause_us)
+            (r.machine, r.pause_us, r.run)
         }
         Some(Incoming::Fd(_)) => {
             let inc = exec_in.as_mut().expect("received above");
@@ -201,7 +206,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
                         r.pause_us
                     );
                     greeting = client.map(|c| (c, reply));
-                    (r.machine, r.pause_us)
+                    (r.machine, r.pause_us, r.run)
                 }
                 Err(e) if inc.failure().is_none() => {
                     log::error!("cannot resume after exec ({e}): rolling back");
@@ -223,7 +228,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
                 r.restore_us,
                 r.pause_us
             );
-            (r.machine, r.pause_us)
+            (r.machine, r.pause_us, r.run)
         }
     };
     if socket_file.is_none() {
@@ -236,7 +241,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         clients: Clients::new(),
         pending_input: Vec::new(),
         stdin_open: false,
-        paused: false,
+        paused: run == RunState::Paused,
         last_pause_us,
         ram_in_place: cfg.mem_file.is_some(),
         watching: Vec::new(),
@@ -249,7 +254,6 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
             .map_or(libc::STDIN_FILENO, |f| f.as_raw_fd()),
         control_path: cfg.control.clone(),
         disk_paths: cfg.disks.iter().map(|d| d.path.clone()).collect(),
-        paused_at_ns: 0,
         _console_in: console_in,
         signal_fd: signals.as_raw_fd(),
         pending: None,
@@ -365,8 +369,6 @@ struct Loop {
     /// Where console input comes from: stdin, or what a transfer handed over.
     console_in: RawFd,
     control_path: Option<PathBuf>,
-    /// CLOCK_REALTIME (ns) when the vCPUs last stopped: a CPR pause starts here.
-    paused_at_ns: u64,
     _console_in: Option<std::os::fd::OwnedFd>,
     /// The disks as named on argv (not the descriptors an update handed over).
     disk_paths: Vec<PathBuf>,
@@ -585,7 +587,6 @@ impl Loop {
                 match self.machine.vcpus.pause() {
                     Ok(()) => {
                         self.paused = true;
-                        self.paused_at_ns = cpr::now_ns();
                         log::info!("guest paused");
                         ("ok".into(), None)
                     }
@@ -613,6 +614,15 @@ impl Loop {
             Command::CprSave(path) => self.cpr_save(&path),
             Command::CprExec { binary, args } => self.cpr_exec(slot, binary, args),
             Command::CprTransfer { path, max_pause } => self.cpr_transfer(slot, path, max_pause),
+        }
+    }
+
+    /// What a save records, and what the guest is after the update.
+    fn run_state(&self) -> RunState {
+        if self.paused {
+            RunState::Paused
+        } else {
+            RunState::Running
         }
     }
 

@@ -26,9 +26,9 @@ impl Loop {
                 self.machine.vcpus.resume();
                 return (format!("error: cpr-save: cannot pause: {e}"), None);
             }
-            self.paused_at_ns = cpr::now_ns();
         }
-        match cpr::save_to_file(&self.machine, path, self.ram_in_place, self.paused_at_ns) {
+        let run = self.run_state();
+        match cpr::save_to_file(&self.machine, path, self.ram_in_place, cpr::now_ns(), run) {
             Ok(saved) => {
                 log::info!(
                     "saved to {} ({} bytes) in {} us",
@@ -222,8 +222,8 @@ impl Loop {
                 self.machine.vcpus.resume();
                 return (format!("error: cpr-exec: cannot pause: {e}"), None);
             }
-            self.paused_at_ns = cpr::now_ns();
         }
+        let stopped_at_ns = cpr::now_ns();
         // The terminal goes back to how the user had it; the new image sets it up.
         drop(self.raw.take());
         let listener = self.listener.as_ref().map(|l| l.as_raw_fd());
@@ -235,8 +235,9 @@ impl Loop {
             listener,
             client_fd,
             console_in,
-            self.paused_at_ns,
+            stopped_at_ns,
             &guardian,
+            self.run_state(),
         );
         guardian.release();
         if self.stdio_console {
@@ -261,17 +262,13 @@ impl Loop {
             return ("error: cpr-transfer: no client".into(), None);
         }
         let was_paused = self.paused;
-        let paused_at_ns = self.paused_at_ns;
+        let run = self.run_state();
         let vcpus = &self.machine.vcpus;
         let pause = || {
-            if was_paused {
-                Ok(paused_at_ns)
-            } else {
-                vcpus
-                    .pause()
-                    .map(|()| cpr::now_ns())
-                    .map_err(|e| format!("cannot pause: {e}"))
+            if !was_paused {
+                vcpus.pause().map_err(|e| format!("cannot pause: {e}"))?;
             }
+            Ok(cpr::now_ns())
         };
         let resume = || {
             if !was_paused {
@@ -279,7 +276,15 @@ impl Loop {
             }
         };
         let peer = out.peer_version.clone();
-        match cpr::transfer_out(&self.machine, out, max_pause, self.signal_fd, pause, resume) {
+        match cpr::transfer_out(
+            &self.machine,
+            out,
+            max_pause,
+            self.signal_fd,
+            run,
+            pause,
+            resume,
+        ) {
             Ok(()) => {
                 log::info!("guest handed over to molt {peer}");
                 (String::new(), Some(Outcome::Transferred))

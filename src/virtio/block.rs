@@ -125,6 +125,41 @@ struct Active {
     warned: bool,
 }
 
+/// Which image a disk is, as a saved state records it (`cpr::state`, version
+/// 2; frozen): a restart refuses an image that is not the one the guest wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    /// In bytes; the guest sees it rounded down to whole sectors.
+    pub size: u64,
+    /// The file's device and inode numbers.
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl Identity {
+    /// The identity of an open image. Seeks to find the size (block devices
+    /// report 0 in `st_size`); the device does its I/O at explicit offsets.
+    pub fn of(file: &File) -> io::Result<Identity> {
+        let size = { file }.seek(SeekFrom::End(0))?;
+        let meta = file.metadata()?;
+        Ok(Identity {
+            size,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} bytes, device {:#x} inode {}",
+            self.size, self.dev, self.ino
+        )
+    }
+}
+
 /// The read-only feature bit, as the machine's shape reports disks.
 pub const FEATURE_RO: u64 = 1 << VIRTIO_BLK_F_RO;
 
@@ -147,10 +182,8 @@ impl Block {
             .write(!cfg.read_only)
             .open(&path)
             .map_err(|e| Error::Open(path.clone(), e))?;
-        // Seeking works for block devices too, whose st_size is 0.
-        let size = (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|e| Error::Size(path.clone(), e))?;
+        let id = Identity::of(&file).map_err(|e| Error::Size(path.clone(), e))?;
+        let size = id.size;
         if size < SECTOR_SIZE {
             return Err(Error::TooSmall(path, size));
         }
@@ -161,14 +194,13 @@ impl Block {
                 size % SECTOR_SIZE
             );
         }
-        let meta = file.metadata().map_err(|e| Error::Size(path.clone(), e))?;
         Ok(Block {
             disk: Disk {
                 file,
                 path,
                 sectors: size / SECTOR_SIZE,
                 read_only: cfg.read_only,
-                serial: serial(meta.dev(), meta.ino()),
+                serial: serial(id.dev, id.ino),
             },
             acked_features: 0,
             active: None,

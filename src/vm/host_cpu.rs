@@ -854,7 +854,7 @@ mod tests {
     fn golden_state_against_fixed_hosts() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/state-v1.bin");
         let bytes = std::fs::read(&path).unwrap();
-        let len = crate::cpr::state::payload_len(&bytes).unwrap();
+        let (_, len) = crate::cpr::state::header(&bytes).unwrap();
         let state =
             crate::cpr::state::decode(&bytes[..crate::cpr::state::HEADER_LEN + len]).unwrap();
         let v = &state.machine.vcpus[0];

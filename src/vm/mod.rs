@@ -205,9 +205,10 @@ impl Prepared {
 }
 
 impl Restored {
-    /// Runs the vCPUs: the guest's pause ends here.
-    pub fn start(self, exit: ExitSink) -> Result<Machine, Error> {
-        self.parts.start(self.fds, exit)
+    /// Runs the vCPUs: the guest's pause ends here. With `paused`, the vCPU
+    /// threads start parked, as a guest the user had paused: `resume` runs them.
+    pub fn start(self, exit: ExitSink, paused: bool) -> Result<Machine, Error> {
+        self.parts.start(self.fds, exit, paused)
     }
 }
 
@@ -282,9 +283,9 @@ impl Parts {
             .map_err(Error::Vcpu)
     }
 
-    fn start(self, fds: Vec<VcpuFd>, exit: ExitSink) -> Result<Machine, Error> {
+    fn start(self, fds: Vec<VcpuFd>, exit: ExitSink, paused: bool) -> Result<Machine, Error> {
         let shape = self.shape(fds.len() as u8);
-        let vcpus = Vcpus::start(fds, self.bus.clone(), exit).map_err(Error::Vcpu)?;
+        let vcpus = Vcpus::start(fds, self.bus.clone(), exit, paused).map_err(Error::Vcpu)?;
         Ok(Machine {
             shape,
             vcpus,
@@ -314,7 +315,7 @@ impl Machine {
         let entry = boot::load(&parts.ram.memory, &spec).map_err(Error::Boot)?;
         let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;
         let fds = parts.create_vcpus(&supported, cfg.vcpus, Some(entry))?;
-        parts.start(fds, exit)
+        parts.start(fds, exit, false)
     }
 
     /// Everything that needs no saved state: RAM mapped, VM, memslots, devices,

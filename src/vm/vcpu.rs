@@ -190,16 +190,23 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
 
 impl Vcpus {
-    /// Starts one thread per vCPU; they run the guest at once.
-    pub fn start(fds: Vec<VcpuFd>, bus: Arc<Bus>, exit: ExitSink) -> Result<Self, Error> {
+    /// Starts one thread per vCPU; they run the guest at once, or with
+    /// `paused` park before their first KVM_RUN until `resume`.
+    pub fn start(
+        fds: Vec<VcpuFd>,
+        bus: Arc<Bus>,
+        exit: ExitSink,
+        paused: bool,
+    ) -> Result<Self, Error> {
         register_signal_handler(kick_signal(), kick_handler).map_err(Error::SignalHandler)?;
         let raw_fds = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
         let mut threads = Vec::with_capacity(fds.len());
+        let request = if paused { Request::Pause } else { Request::Run };
         for (index, fd) in fds.into_iter().enumerate() {
             let shared = Arc::new(Shared {
-                request: AtomicU8::new(Request::Run as u8),
+                request: AtomicU8::new(request as u8),
                 state: Mutex::new(Inner {
-                    request: Request::Run,
+                    request,
                     state: State::Running,
                     kick: None,
                     save_requested: None,
