@@ -1679,64 +1679,99 @@ fn another_user_cannot_read_ram_state_or_console() {
     assert_no_problems(&problems);
 }
 
-// Golden state, version 1.
+// Golden states, versions 1 and 2.
 //
-// tests/data/state-v1.bin was written once by molt 0.1.0 (`make_golden_state_v1`)
-// from the counting guest in tests/data/counting.elf: 1 vCPU, 16M, RAM in the
-// file. state-v1.serial is what the guest printed up to the save.
+// tests/data/state-v1.bin was written once by molt 0.1.0 when it wrote format 1
+// (its `make_golden_state_v1`, as `make_golden_state_v2` below) from the counting guest in tests/data/counting.elf: 1 vCPU, 16M, RAM in the
+// file, running. tests/data/state-v2.bin was written once by the release that
+// introduced format 2 (`make_golden_state_v2`) from the same guest and shape,
+// saved while paused. state-vN.serial is what the guest printed up to the save.
 //
-// THIS FILE MUST DECODE FOREVER (SPEC.md "State compatibility", STYLE.md
+// THESE FILES MUST DECODE FOREVER (SPEC.md "State compatibility", STYLE.md
 // "Versions are explicit and frozen"). If a change to molt breaks these tests,
-// the change broke compatibility: the format needs a new version (CprStateV2
-// with From<CprStateV1>), not a regenerated file.
+// the change broke compatibility: the format needs a new version (CprStateV3
+// with From<CprStateV2>), not a regenerated file.
 //
 // Decoding is host-independent. Resuming also needs this host's KVM to offer
-// every CPU feature the guest was started with (it was saved on an Intel Xeon:
-// its CPUID, XSAVE layout and MSRs): where it does not, the restore must refuse
-// the state naming what is missing, with the file untouched; the decoding must
-// never fail.
+// every CPU feature the guest was started with (version 1 was saved on an Intel
+// Xeon, version 2 on an AMD EPYC (family 0x1a): their CPUID, XSAVE layout and MSRs): where it
+// does not, the restore must refuse the state naming what is missing, with the
+// file untouched; the decoding must never fail.
 
 const GOLDEN_MEM: &str = "16M";
 
-/// The golden state's bytes. It is loaded from a private copy: the checkout's
-/// file is readable by other users, which molt refuses for a state.
+/// What each golden state holds beyond the common shape: its format line, CPU
+/// and run state as `molt state` prints them.
+struct Golden {
+    version: u32,
+    writer: &'static str,
+    cpu: &'static str,
+    run: &'static str,
+}
+
+const GOLDEN: [Golden; 2] = [
+    Golden {
+        version: 1,
+        writer: "0.1.0",
+        cpu: "GenuineIntel family 0x6 model 0xcf",
+        run: "running",
+    },
+    Golden {
+        version: 2,
+        writer: "0.1.0",
+        cpu: "AuthenticAMD family 0x1a model 0x2",
+        run: "paused (stays paused when resumed)",
+    },
+];
+
+/// The golden state's bytes (version 1 unless named). It is loaded from a
+/// private copy: the checkout's file is readable by other users, which molt
+/// refuses for a state.
 fn golden_state() -> Vec<u8> {
-    fs::read(data_dir().join("state-v1.bin")).expect("golden state")
+    golden_bytes(1)
+}
+
+fn golden_bytes(version: u32) -> Vec<u8> {
+    fs::read(data_dir().join(format!("state-v{version}.bin"))).expect("golden state")
 }
 
 #[test]
-fn golden_state_v1_decodes() {
-    let dir = TempDir::new("golden-decode");
-    let path = dir.join("state-v1.bin");
-    write_private(&path, &golden_state());
-    let size = fs::metadata(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .len();
-    let summary = state_summary(&path);
-    let expected = [
-        format!("state:    {}", path.display()),
-        "format:   version 1 (written by molt 0.1.0)".to_string(),
-        format!("size:     {size} bytes"),
-        "vcpus:    1".to_string(),
-        "memory:   16777216 bytes".to_string(),
-        "  region  guest 0x0..0x1000000 at file offset 0x0".to_string(),
-        "ram:      in this file".to_string(),
-        "cpu:      GenuineIntel family 0x6 model 0xcf".to_string(),
-    ];
-    for line in &expected {
+fn golden_states_decode() {
+    for golden in &GOLDEN {
+        let v = golden.version;
+        let dir = TempDir::new(&format!("golden-decode-v{v}"));
+        let path = dir.join(&format!("state-v{v}.bin"));
+        write_private(&path, &golden_bytes(v));
+        let size = fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .len();
+        let summary = state_summary(&path);
+        let expected = [
+            format!("state:    {}", path.display()),
+            format!("format:   version {v} (written by molt {})", golden.writer),
+            format!("run:      {}", golden.run),
+            format!("size:     {size} bytes"),
+            "vcpus:    1".to_string(),
+            "memory:   16777216 bytes".to_string(),
+            "  region  guest 0x0..0x1000000 at file offset 0x0".to_string(),
+            "ram:      in this file".to_string(),
+            format!("cpu:      {}", golden.cpu),
+        ];
+        for line in &expected {
+            assert!(
+                summary.lines().any(|l| l == line),
+                "`molt state` of golden version {v} lacks {line:?}:\n{summary}"
+            );
+        }
+        // Without /dev/kvm it says so instead of failing.
+        let verdict = host_cpu_verdict(&summary);
         assert!(
-            summary.lines().any(|l| l == line),
-            "`molt state` of the golden file lacks {line:?}:\n{summary}"
+            ["compatible (", "refused: ", "not checked ("]
+                .iter()
+                .any(|p| verdict.starts_with(p)),
+            "`molt state` host cpu line: {verdict:?}"
         );
     }
-    // Without /dev/kvm it says so instead of failing.
-    let verdict = host_cpu_verdict(&summary);
-    assert!(
-        ["compatible (", "refused: ", "not checked ("]
-            .iter()
-            .any(|p| verdict.starts_with(p)),
-        "`molt state` host cpu line: {verdict:?}"
-    );
 }
 
 /// What `molt state` says of this host's KVM against the state's vCPUs.
@@ -1748,35 +1783,43 @@ fn host_cpu_verdict(summary: &str) -> &str {
 }
 
 #[test]
-fn golden_state_v1_resumes() {
-    if !kvm_available("golden_state_v1_resumes") {
+fn golden_states_resume_where_the_host_can_run_them() {
+    if !kvm_available("golden_states_resume_where_the_host_can_run_them") {
         return;
     }
+    for golden in &GOLDEN {
+        golden_resumes(golden);
+    }
+}
+
+fn golden_resumes(golden: &Golden) {
+    let v = golden.version;
     let data = data_dir();
     let kernel = data.join("counting.elf");
     let mut g = Guest::new(
-        "golden",
+        &format!("golden-v{v}"),
         &[
             ("--kernel", kernel.to_str().expect("utf-8")),
             ("--mem", GOLDEN_MEM),
         ],
     );
     // The guest's console so far, as if this were the same serial file.
-    let printed = fs::read(data.join("state-v1.serial")).expect("golden serial");
+    let printed = fs::read(data.join(format!("state-v{v}.serial"))).expect("golden serial");
     write_private(&g.serial, &printed);
     let last_before = *Serial::parse(&printed)
         .counts()
         .last()
         .expect("golden counts");
-    let state = g.dir.join("state-v1.bin");
-    write_private(&state, &golden_state());
+    let state = g.dir.join(&format!("state-v{v}.bin"));
+    write_private(&state, &golden_bytes(v));
     // `molt state` compares the saved CPU needs with this host's KVM as the
-    // restore does: on a host that cannot run the guest (this AMD EPYC's KVM
+    // restore does: on a host that cannot run the guest (an AMD EPYC's KVM
     // lacks PKRU state and Intel-only features, and lays AVX-512 state out
     // elsewhere) the restore must refuse with the same reason, exit 1, and
     // leave the file and the console untouched.
     let verdict = host_cpu_verdict(&state_summary(&state)).to_string();
     if let Some(reason) = verdict.strip_prefix("refused: ") {
+        eprintln!("golden version {v} refused here, as it must be: {reason}");
         let expected = format!(
             "the guest saved in {} cannot run on this host (the file is left as it is): {reason}",
             state.display()
@@ -1797,30 +1840,38 @@ fn golden_state_v1_resumes() {
     }
     assert!(verdict.starts_with("compatible ("), "host cpu: {verdict:?}");
     let mut molt = g.resume(&state);
+    if golden.run.starts_with("paused") {
+        let status = g.ctl(&["status"]);
+        assert_eq!(field(&status, "state"), Some("paused"), "{status}");
+        assert_eq!(g.ctl(&["resume"]), "ok");
+    }
     check_resumed(&g, &mut molt, &state, last_before, 1);
     let status = g.ctl(&["status"]);
     assert_eq!(number(&status, "mem"), 16 << 20, "{status:?}");
     assert_eq!(
         fs::read(&state).ok(),
-        Some(golden_state()),
+        Some(golden_bytes(v)),
         "resuming changed the state file"
     );
 }
 
-/// Writes the golden files once. Never run it to "fix" a failing golden test: it
-/// refuses to overwrite, and a format change needs a new version.
-#[test]
-#[ignore = "writes tests/data/state-v1.* once"]
-fn make_golden_state_v1() {
+/// Writes golden files once, in the format this release writes. Never run it
+/// to "fix" a failing golden test: it refuses to overwrite, and a format change
+/// needs a new version.
+fn make_golden_state(version: u32, paused: bool) {
     let data = data_dir();
-    let state_out = data.join("state-v1.bin");
+    let state_out = data.join(format!("state-v{version}.bin"));
     assert!(
         !state_out.exists(),
         "{} exists and must never be regenerated",
         state_out.display()
     );
     fs::create_dir_all(&data).expect("mkdir tests/data");
-    let kernel = write_guest(&data, "counting.elf", &counting_guest());
+    // Every golden state runs the committed guest.
+    let kernel = data.join("counting.elf");
+    if !kernel.exists() {
+        write_guest(&data, "counting.elf", &counting_guest());
+    }
     let mut g = Guest::new(
         "mkgolden",
         &[
@@ -1828,9 +1879,21 @@ fn make_golden_state_v1() {
             ("--mem", GOLDEN_MEM),
         ],
     );
-    let state = g.boot_and_save(3);
+    let mut molt = g.boot();
+    g.more_counts(&mut molt, 3);
+    if paused {
+        assert_eq!(g.ctl(&["pause"]), "ok");
+    }
+    let state = g.dir.join("state");
+    g.save(&mut molt, &state);
     fs::copy(&state, &state_out).expect("copy state");
-    fs::copy(&g.serial, data.join("state-v1.serial")).expect("copy serial");
+    fs::copy(&g.serial, data.join(format!("state-v{version}.serial"))).expect("copy serial");
+}
+
+#[test]
+#[ignore = "writes tests/data/state-v2.* once"]
+fn make_golden_state_v2() {
+    make_golden_state(2, true);
 }
 
 /// A restart opens the disks by name, so `cpr-save` refuses a disk whose name
