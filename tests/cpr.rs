@@ -577,22 +577,21 @@ fn restart_refuses_disks_swapped_resized_or_replaced() {
         )],
     ));
     let saved_d2 = not_saved(1, &n2, &d2);
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&d2.0)
-        .and_then(|f| f.set_len(4 << 20))
-        .expect("grow d2");
+    let resize_d2 = |len: u64| {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&d2.0)
+            .and_then(|f| f.set_len(len))
+            .expect("resize d2")
+    };
+    resize_d2(4 << 20);
     problems.extend(g.refused(
         "disk resized",
         &state,
         &[],
         &[&format!("{saved_d2}: it was resized to 4194304 bytes")],
     ));
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&d2.0)
-        .and_then(|f| f.set_len(2 << 20))
-        .expect("shrink d2 back");
+    resize_d2(2 << 20);
     problems.extend(g.refused(
         "disk replaced by a copy",
         &state,
