@@ -10,9 +10,11 @@ use std::ffi::CString;
 use std::fmt;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -222,6 +224,83 @@ pub fn receive(fd: RawFd) -> Result<(ExecHeader, CprState), Error> {
     }
     let state = state::decode(&bytes[table_end..]).map_err(Error::State)?;
     Ok((header, state))
+}
+
+/// How long a new binary may take to answer `version`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of a probe's output that is read.
+const PROBE_OUTPUT: usize = 4096;
+
+/// Runs `binary version`: it must be a molt that reads this state format. A
+/// missing file, a binary that fails, hangs or exits at once, or an older
+/// format is refused here, while the guest is still running. Runs on a worker
+/// thread: `stop` (readable) abandons it. The probe runs in a process group of
+/// its own, and nothing of that group outlives this call.
+pub fn probe(binary: &Path, stop: RawFd) -> Result<(), super::Error> {
+    use std::os::unix::process::CommandExt;
+    let err = |why: String| super::Error::Probe(binary.into(), why);
+    let mut child = Command::new(binary)
+        .arg("version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| err(e.to_string()))?;
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: pidfd_open on our own child, which is not reaped yet; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    let waited = if pidfd < 0 {
+        Err(super::wait::Stop::Io(std::io::Error::last_os_error()))
+    } else {
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        super::wait::until(
+            pidfd.as_raw_fd(),
+            libc::POLLIN,
+            Instant::now() + PROBE_TIMEOUT,
+            &[stop],
+        )
+    };
+    // The group id stays reserved until the child is reaped below, so this
+    // reaches the probe and whatever it started, never an unrelated process.
+    // SAFETY: killpg has no memory effects.
+    unsafe { libc::killpg(pid, libc::SIGKILL) };
+    let status = child.wait().map_err(|e| err(e.to_string()))?;
+    match waited {
+        Ok(()) => {}
+        Err(super::wait::Stop::TimedOut) => {
+            return Err(err(format!(
+                "`version` did not answer within {}",
+                super::wait::human(PROBE_TIMEOUT)
+            )))
+        }
+        Err(super::wait::Stop::Interrupted) => {
+            return Err(err("interrupted by a signal or quit".into()))
+        }
+        Err(super::wait::Stop::Io(e)) => return Err(err(format!("waiting for `version`: {e}"))),
+    }
+    if !status.success() {
+        return Err(err(format!("`version` failed ({status})")));
+    }
+    let mut out = Vec::new();
+    if let Some(o) = child.stdout.take() {
+        use std::io::Read;
+        // Every writer is gone (the group was killed): this ends.
+        let _ = o.take(PROBE_OUTPUT as u64).read_to_end(&mut out);
+    }
+    let out = String::from_utf8_lossy(&out);
+    let formats = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("state-formats="))
+        .ok_or_else(|| err(format!("not a molt: `version` said {:?}", out.trim())))?;
+    if !formats.split(',').any(|v| v == state::VERSION.to_string()) {
+        return Err(err(format!(
+            "it reads state formats {formats}, this state is format {}",
+            state::VERSION
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -62,6 +62,82 @@ pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// The descriptors an update hands over, borrowed, by kind: the sending
+/// side's mirror of `Adopted`. `slots` is the one place that lists them.
+#[derive(Debug, Default, Clone)]
+pub struct Handover {
+    pub ram: Option<RawFd>,
+    pub disks: Vec<RawFd>,
+    pub taps: Vec<RawFd>,
+    pub listener: Option<RawFd>,
+    pub client: Option<RawFd>,
+    pub console_out: Option<RawFd>,
+    pub console_in: Option<RawFd>,
+    pub previous_exe: Option<RawFd>,
+    pub stale_kvm: Vec<RawFd>,
+    pub guardian: Option<RawFd>,
+}
+
+impl Handover {
+    /// What the machine's guest depends on, the control socket, the client
+    /// that asked and the console's input. What only an exec hands over (its
+    /// own image, the guardian, the KVM descriptors) is added by exec mode.
+    pub fn new(
+        machine: &crate::vm::Backends,
+        listener: Option<RawFd>,
+        client: RawFd,
+        console_in: Option<RawFd>,
+    ) -> Handover {
+        Handover {
+            ram: Some(machine.ram),
+            disks: machine.disks.clone(),
+            taps: machine.taps.clone(),
+            listener,
+            client: Some(client),
+            console_out: machine.console_out,
+            console_in,
+            ..Handover::default()
+        }
+    }
+
+    /// What a rollback hands on: everything it received, but the previous
+    /// image (which it execs) and the old VM (which it closed).
+    pub fn of(a: &Adopted) -> Handover {
+        let raw = |f: &Option<OwnedFd>| f.as_ref().map(AsRawFd::as_raw_fd);
+        Handover {
+            ram: a.ram.as_ref().map(AsRawFd::as_raw_fd),
+            disks: a.disks.iter().map(AsRawFd::as_raw_fd).collect(),
+            taps: a.taps.iter().map(AsRawFd::as_raw_fd).collect(),
+            listener: raw(&a.listener),
+            client: raw(&a.client),
+            console_out: a.console_out.as_ref().map(AsRawFd::as_raw_fd),
+            console_in: raw(&a.console_in),
+            guardian: raw(&a.guardian),
+            ..Handover::default()
+        }
+    }
+
+    /// The slot list that travels: each descriptor with its kind.
+    pub fn slots(&self) -> Vec<(FdKind, RawFd)> {
+        let one = |kind, fd: Option<RawFd>| fd.map(|fd| (kind, fd));
+        let mut s: Vec<(FdKind, RawFd)> = one(FdKind::GuestRam, self.ram).into_iter().collect();
+        s.extend(
+            (0u8..)
+                .zip(&self.disks)
+                .map(|(i, &fd)| (FdKind::Disk(i), fd)),
+        );
+        s.extend((0u8..).zip(&self.taps).map(|(i, &fd)| (FdKind::Tap(i), fd)));
+        s.extend(one(FdKind::ControlListener, self.listener));
+        s.extend(one(FdKind::Client, self.client));
+        s.extend(one(FdKind::ConsoleOut, self.console_out));
+        s.extend(one(FdKind::ConsoleIn, self.console_in));
+        s.extend(one(FdKind::PreviousExe, self.previous_exe));
+        s.extend(one(FdKind::Guardian, self.guardian));
+        s.extend(self.stale_kvm.iter().map(|&fd| (FdKind::StaleKvm, fd)));
+        s
+    }
+}
+
 /// Descriptors received from the old process, owned, sorted by kind.
 #[derive(Debug, Default)]
 pub struct Adopted {
@@ -77,24 +153,66 @@ pub struct Adopted {
     pub guardian: Option<OwnedFd>,
 }
 
-/// Takes ownership of `fds[i]` as `table.kinds[i]`, checking each kind appears
+/// Why a hand-over's descriptors were refused.
+#[derive(Debug)]
+pub enum Error {
+    Count {
+        slots: usize,
+        fds: usize,
+    },
+    Unusable(RawFd, io::Error),
+    Twice(FdKind),
+    Unexpected {
+        kind: FdKind,
+        disks: usize,
+        nets: usize,
+    },
+    NoRam,
+    Backends {
+        disks: usize,
+        taps: usize,
+        want_disks: usize,
+        want_nets: usize,
+    },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Count { slots, fds } => write!(f, "{slots} slots for {fds} descriptors"),
+            Error::Unusable(fd, e) => write!(f, "descriptor {fd} is not usable: {e}"),
+            Error::Twice(kind) => write!(f, "the handover names the {kind:?} twice"),
+            Error::Unexpected { kind, disks, nets } => write!(
+                f,
+                "unexpected {kind:?} (configured: {disks} disks, {nets} NICs)"
+            ),
+            Error::NoRam => write!(f, "the handover has no guest RAM"),
+            Error::Backends {
+                disks,
+                taps,
+                want_disks,
+                want_nets,
+            } => write!(
+                f,
+                "the handover has {disks} disks and {taps} taps, the command line \
+                 {want_disks} and {want_nets}"
+            ),
+        }
+    }
+}
+
+/// Takes ownership of `fds[i]` as `kinds[i]`, checking each kind appears
 /// once, disks and taps come in order and match the configured counts, and
 /// every descriptor is open. Sets CLOEXEC on all: they are this process's now.
-pub fn adopt(
-    kinds: &[FdKind],
-    fds: &[RawFd],
-    disks: usize,
-    nets: usize,
-) -> Result<Adopted, String> {
+pub fn adopt(kinds: &[FdKind], fds: &[RawFd], disks: usize, nets: usize) -> Result<Adopted, Error> {
     if kinds.len() != fds.len() {
-        return Err(format!(
-            "{} slots for {} descriptors",
-            kinds.len(),
-            fds.len()
-        ));
+        return Err(Error::Count {
+            slots: kinds.len(),
+            fds: fds.len(),
+        });
     }
     for &fd in fds {
-        set_cloexec(fd, true).map_err(|e| format!("descriptor {fd} is not usable: {e}"))?;
+        set_cloexec(fd, true).map_err(|e| Error::Unusable(fd, e))?;
     }
     let mut a = Adopted::default();
     for (&kind, &fd) in kinds.iter().zip(fds) {
@@ -102,7 +220,6 @@ pub fn adopt(
         // (inherited across exec or received by SCM_RIGHTS), is open (checked
         // above) and nothing else owns it; each slot is taken once (checked below).
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let dup = |what| Err(format!("the handover names the {what} twice"));
         match kind {
             FdKind::GuestRam if a.ram.is_none() => a.ram = Some(File::from(owned)),
             FdKind::Disk(i) if usize::from(i) == a.disks.len() && a.disks.len() < disks => {
@@ -121,22 +238,21 @@ pub fn adopt(
             FdKind::StaleKvm => a.stale_kvm.push(owned),
             FdKind::Guardian if a.guardian.is_none() => a.guardian = Some(owned),
             FdKind::Disk(_) | FdKind::Tap(_) => {
-                return Err(format!(
-                    "unexpected {kind:?} (configured: {disks} disks, {nets} NICs)"
-                ))
+                return Err(Error::Unexpected { kind, disks, nets })
             }
-            other => return dup(format!("{other:?}")),
+            other => return Err(Error::Twice(other)),
         }
     }
     if a.ram.is_none() {
-        return Err("the handover has no guest RAM".into());
+        return Err(Error::NoRam);
     }
     if a.disks.len() != disks || a.taps.len() != nets {
-        return Err(format!(
-            "the handover has {} disks and {} taps, the command line {disks} and {nets}",
-            a.disks.len(),
-            a.taps.len()
-        ));
+        return Err(Error::Backends {
+            disks: a.disks.len(),
+            taps: a.taps.len(),
+            want_disks: disks,
+            want_nets: nets,
+        });
     }
     Ok(a)
 }
@@ -164,18 +280,16 @@ mod tests {
         assert!(
             adopt(&[FdKind::GuestRam, FdKind::GuestRam], &[fd(), fd()], 0, 0)
                 .unwrap_err()
+                .to_string()
                 .contains("twice")
         );
         assert!(adopt(&[FdKind::GuestRam, FdKind::Tap(1)], &[fd(), fd()], 0, 2).is_err());
-        assert!(adopt(&[FdKind::Disk(0)], &[fd()], 1, 0)
-            .unwrap_err()
-            .contains("RAM"));
-        assert!(adopt(&[FdKind::GuestRam], &[fd()], 1, 0)
-            .unwrap_err()
-            .contains("disks"));
-        assert!(adopt(&[FdKind::GuestRam], &[9999], 0, 0)
-            .unwrap_err()
-            .contains("9999"));
+        let refused = |kinds: &[FdKind], fds: &[RawFd], disks| {
+            adopt(kinds, fds, disks, 0).unwrap_err().to_string()
+        };
+        assert!(refused(&[FdKind::Disk(0)], &[fd()], 1).contains("RAM"));
+        assert!(refused(&[FdKind::GuestRam], &[fd()], 1).contains("disks"));
+        assert!(refused(&[FdKind::GuestRam], &[9999], 0).contains("9999"));
     }
 
     #[test]

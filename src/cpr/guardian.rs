@@ -38,8 +38,9 @@ use std::process::{Command, ExitCode};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::arrive::{rollback, ExecIncoming};
+use super::exec;
 use super::fds::{self, set_cloexec, FdKind, MAX_FDS};
-use super::{exec, ExecIncoming};
 
 /// argv[1] of the guardian (not a user command).
 pub const ARG: &str = "__guardian";
@@ -225,10 +226,10 @@ pub fn main(args: &[String]) -> ExitCode {
         .map(|(header, state)| {
             let inc = ExecIncoming {
                 header,
-                state,
+                state: Box::new(state),
                 adopted: held.adopted,
             };
-            super::rollback(&inc, &why)
+            rollback(&inc, &why)
         });
     match resumed {
         Ok(e) | Err(e) => log::error!("guardian: the guest is lost: {e}"),
@@ -259,7 +260,7 @@ fn watch(line: &Line, pidfd: &OwnedFd, image: OwnedFd) -> Result<Option<Held>, S
     let disks = count(|k| matches!(k, FdKind::Disk(_)));
     let taps = count(|k| matches!(k, FdKind::Tap(_)));
     let raw: Vec<RawFd> = got.into_iter().map(IntoRawFd::into_raw_fd).collect();
-    let mut adopted = fds::adopt(&kinds, &raw, disks, taps)?;
+    let mut adopted = fds::adopt(&kinds, &raw, disks, taps).map_err(|e| e.to_string())?;
     adopted.previous_exe = Some(image);
     // Sleep until the line closes (the image that runs the guest sends `R`
     // and closes it; a death closes it too) or the process ends. The state

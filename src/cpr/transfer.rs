@@ -113,7 +113,7 @@ impl Msg {
 
     fn hello() -> Msg {
         Msg::Hello {
-            version: crate::event_loop::VERSION.into(),
+            version: super::VERSION.into(),
             writes: state::VERSION,
             reads: state::READS.into_iter().collect(),
         }
@@ -784,6 +784,6 @@ mod tests {
         let (kinds, n, version) = new_side.join().unwrap().unwrap();
         assert_eq!(kinds, [FdKind::GuestRam]);
         assert_eq!(n, 1);
-        assert_eq!(version, crate::event_loop::VERSION);
+        assert_eq!(version, crate::cpr::VERSION);
     }
 }

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{Loop, Next, TOKEN_CLIENT, TOKEN_LISTENER};
+use super::{Loop, Next, Token};
 use crate::control::{self, Client, Input, Line, IDLE_TIMEOUT, MAX_CLIENTS};
 
 /// One connected client and what the loop knows about it.
@@ -237,7 +237,11 @@ impl Clients {
             } else {
                 ControlOperation::Delete
             };
-            epoll.ctl(op, listener, EpollEvent::new(EventSet::IN, TOKEN_LISTENER))?;
+            epoll.ctl(
+                op,
+                listener,
+                EpollEvent::new(EventSet::IN, Token::Listener.encode()),
+            )?;
             self.accepting = want;
         }
         Ok(())
@@ -254,7 +258,7 @@ impl Clients {
             return;
         }
         let fd = s.client.stream.as_raw_fd();
-        let token = TOKEN_CLIENT + slot as u64;
+        let token = Token::Client(slot).encode();
         let result = match (s.watched, want) {
             (_, None) => epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default()),
             (None, Some(events)) => {
@@ -403,7 +407,9 @@ mod tests {
             let mut events = vec![EpollEvent::default(); 2 * MAX_CLIENTS];
             let n = self.epoll.wait(0, &mut events).unwrap();
             for ev in &events[..n] {
-                let slot = (ev.data() - TOKEN_CLIENT) as usize;
+                let Some(Token::Client(slot)) = Token::decode(ev.data()) else {
+                    panic!("not a client's event: {:#x}", ev.data());
+                };
                 self.clients.event(&self.epoll, slot, now);
             }
             let mut served = Vec::new();
@@ -439,7 +445,9 @@ mod tests {
         let listener_reported = |h: &Harness| {
             let mut events = vec![EpollEvent::default(); 2 * MAX_CLIENTS];
             let n = h.epoll.wait(0, &mut events).unwrap();
-            events[..n].iter().any(|e| e.data() == TOKEN_LISTENER)
+            events[..n]
+                .iter()
+                .any(|e| e.data() == Token::Listener.encode())
         };
         assert!(listener_reported(&h));
 

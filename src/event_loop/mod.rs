@@ -17,17 +17,20 @@ use crate::args::{Incoming, RunConfig, SerialConfig};
 use crate::bus::GuestExit;
 use crate::control::{self, Command};
 use crate::cpr;
+use crate::cpr::arrive::{Arrival, Received};
 use crate::cpr::state::RunState;
+use crate::cpr::update::Request;
 use crate::devices::serial::Output;
 use crate::files::{self, Access};
 use crate::terminal::RawMode;
 use crate::vm::{self, Machine};
 
 mod clients;
-mod pending;
+mod token;
 mod updates;
 
 use clients::Clients;
+use token::Token;
 
 /// How `molt run` ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -62,79 +65,38 @@ impl std::fmt::Display for Error {
     }
 }
 
-const TOKEN_EXIT: u64 = 0;
-const TOKEN_SIGNAL: u64 = 1;
-const TOKEN_STDIN: u64 = 2;
-const TOKEN_LISTENER: u64 = 3;
-/// A CPR command's worker finished (`pending`).
-const TOKEN_OP: u64 = 4;
-const TOKEN_CLIENT: u64 = 16;
-/// Virtio events: `TOKEN_VIRTIO | device << 16 | kind << 8 | index`.
-const TOKEN_VIRTIO: u64 = 1 << 32;
-const VIRTIO_QUEUE: u64 = 0;
-const VIRTIO_EXTRA_FD: u64 = 1;
 /// Retry interval for console input the guest's UART FIFO had no room for.
 const INPUT_RETRY_MS: i32 = 10;
 const TERMINATING_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
-/// The software version, as `status` reports it. Set at build time by
-/// `MOLT_BUILD_VERSION` (upgrade tests build two differing binaries), else the crate's.
-pub const VERSION: &str = match option_env!("MOLT_BUILD_VERSION") {
-    Some(v) => v,
-    None => env!("CARGO_PKG_VERSION"),
-};
-
-/// Boots the guest described by `cfg` and serves it until it ends.
+/// Boots the guest described by `cfg` (or takes it over: `--incoming`) and
+/// serves it until it ends.
 pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     // Blocked before any thread starts, so only the signalfd ever sees them.
     let signals = signal_fd()?;
-    // Reboot mode reads and checks the state before anything is opened.
-    let mut file_in = match &cfg.incoming {
-        Some(Incoming::File(path)) => Some(cpr::receive_file(&cfg, path).map_err(Error::Cpr)?),
-        _ => None,
+    // 1. An incoming guest is received and checked before anything is opened.
+    let mut arrival = match cpr::arrive::receive(&cfg, signals.as_raw_fd()).map_err(Error::Cpr)? {
+        Received::Nothing => None,
+        Received::Stopped => return Ok(Outcome::Signal(read_signal(&signals))),
+        Received::Guest(a) => Some(a),
     };
-    // An exec or a transfer hands over the control socket and the client that
-    // asked; a transfer also the console.
-    let mut exec_in = match cfg.incoming {
-        Some(Incoming::Fd(fd)) => Some(cpr::receive_exec(&cfg, fd).map_err(Error::Cpr)?),
-        _ => None,
-    };
-    let mut xfer_in = match &cfg.incoming {
-        Some(Incoming::Unix(path)) => {
-            match cpr::receive_transfer(&cfg, path, signals.as_raw_fd()).map_err(Error::Cpr)? {
-                Some(t) => Some(t),
-                None => return Ok(Outcome::Signal(read_signal(&signals))),
-            }
-        }
-        _ => None,
-    };
-    let (console_out, console_in) = match (exec_in.as_mut(), xfer_in.as_mut()) {
-        (Some(e), _) => e.take_console(),
-        (_, Some(t)) => t.take_console(),
-        _ => (None, None),
-    };
+    // 2. The console: handed over with the guest, or opened here.
+    let (console_out, console_in) = arrival.as_mut().map_or((None, None), Arrival::take_console);
     let console = match console_out {
         Some(f) => Output::Fd(f),
         None => open_console(&cfg.serial)?,
     };
-    let handed_listener = match (exec_in.as_mut(), xfer_in.as_mut()) {
-        (Some(e), _) => e.take_listener(),
-        (_, Some(t)) => t.take_listener(),
-        _ => None,
-    };
-    let mut listener = match handed_listener {
-        Some(fd) => {
-            let l = UnixListener::from(fd);
-            l.set_nonblocking(true)
-                .map_err(|e| Error::Setup("control socket", e))?;
-            Some(l)
-        }
-        None => cfg
-            .control
+    // 3. The control socket: bound here, unless it comes with the guest.
+    let bind = || {
+        cfg.control
             .as_deref()
             .map(control::bind)
             .transpose()
-            .map_err(Error::Control)?,
+            .map_err(Error::Control)
+    };
+    let mut listener = match &arrival {
+        Some(a) if a.hands_listener() => None,
+        _ => bind()?,
     };
     // Whatever happens from here on, the socket file goes with this process
     // (unless the guest went to another one, which serves the same path).
@@ -160,80 +122,32 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
             let _ = evt.write(1);
         })
     };
-    let raw = match cfg.serial {
-        SerialConfig::Stdio => RawMode::enter(),
-        _ => None,
-    };
-    let mut greeting = None;
-    let (machine, last_pause_us, run) = match &cfg.incoming {
-        None => (
-            Machine::boot(&cfg, console, sink).map_err(Error::Vm)?,
-            0,
-            RunState::Running,
-        ),
-        Some(Incoming::Unix(_)) => {
-            let t = xfer_in.take().expect("received above");
-            let (r, client) = cpr::resume_transfer(t, &cfg, console, sink).map_err(Error::Cpr)?;
-            log::info!(
-                "resumed after transfer: restore_us={} pause_us={}",
-                r.restore_us,
-                r.pause_us
-            );
-            let reply = format!(
-                "ok resumed mode=transfer pause_us={} version={VERSION}",
-                r.pause_us
-            );
-            greeting = client.map(|c| (c, reply));
-            (r.machine, r.pause_us, r.run)
+    // 4. The guest runs: booted, or resumed from what arrived.
+    let (machine, last_pause_us, run, greeting) = match arrival {
+        None => {
+            let machine = Machine::boot(&cfg, console, sink).map_err(Error::Vm)?;
+            (machine, 0, RunState::Running, None)
         }
-        Some(Incoming::Fd(_)) => {
-            let inc = exec_in.as_mut().expect("received above");
-            match cpr::resume_exec(inc, &cfg, console, sink) {
-                Ok((r, client)) => {
-                    let reply = match inc.failure() {
-                        None => format!(
-                            "ok resumed mode=exec pause_us={} version={VERSION}",
-                            r.pause_us
-                        ),
-                        Some(why) => format!(
-                            "error: cpr-exec: the new binary could not resume the guest ({why}); \
-                             it runs on the previous binary"
-                        ),
-                    };
-                    log::info!(
-                        "resumed after exec: restore_us={} pause_us={}",
-                        r.restore_us,
-                        r.pause_us
-                    );
-                    greeting = client.map(|c| (c, reply));
-                    (r.machine, r.pause_us, r.run)
-                }
-                Err(e) if inc.failure().is_none() => {
-                    log::error!("cannot resume after exec ({e}): rolling back");
-                    drop(raw);
-                    if let Some(l) = listener.take() {
-                        inc.give_back_listener(l.into());
-                    }
-                    return Err(Error::Cpr(cpr::rollback(inc, &e.to_string())));
-                }
-                Err(e) => return Err(Error::Cpr(e)),
+        Some(a) => {
+            let r = a.resume(&cfg, console, sink).map_err(Error::Cpr)?;
+            if let Some(fd) = r.listener {
+                let l = UnixListener::from(fd);
+                l.set_nonblocking(true)
+                    .map_err(|e| Error::Setup("control socket", e))?;
+                listener = Some(l);
+            } else if listener.is_none() {
+                listener = bind()?;
             }
-        }
-        Some(Incoming::File(path)) => {
-            let inc = file_in.take().expect("received above");
-            let r = cpr::resume_from_file(inc, &cfg, console, sink).map_err(Error::Cpr)?;
-            log::info!(
-                "resumed from {}: restore_us={} pause_us={}",
-                path.display(),
-                r.restore_us,
-                r.pause_us
-            );
-            (r.machine, r.pause_us, r.run)
+            (r.machine, r.pause_us, r.run, r.greeting)
         }
     };
     if socket_file.is_none() {
         socket_file = cfg.control.clone().map(RemoveOnDrop);
     }
+    let raw = match cfg.serial {
+        SerialConfig::Stdio => RawMode::enter(),
+        _ => None,
+    };
     let mut lp = Loop {
         epoll: Epoll::new().map_err(|e| Error::Setup("epoll_create", e))?,
         machine,
@@ -259,15 +173,16 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         pending: None,
     };
     lp.watch_devices()?;
-    lp.add(exit_evt.as_raw_fd(), TOKEN_EXIT)?;
-    lp.add(signals.as_raw_fd(), TOKEN_SIGNAL)?;
+    lp.add(exit_evt.as_raw_fd(), Token::Exit)?;
+    lp.add(signals.as_raw_fd(), Token::Signal)?;
     if let Some(l) = &lp.listener {
         lp.clients
             .watch_listener(&lp.epoll, l.as_raw_fd())
             .map_err(|e| Error::Setup("epoll_ctl", e))?;
     }
     // /dev/null and regular files cannot be polled (EPERM): then there is no input.
-    lp.stdin_open = cfg.serial == SerialConfig::Stdio && lp.add(lp.console_in, TOKEN_STDIN).is_ok();
+    lp.stdin_open =
+        cfg.serial == SerialConfig::Stdio && lp.add(lp.console_in, Token::Stdin).is_ok();
     if let Some((fd, reply)) = greeting {
         lp.adopt_client(UnixStream::from(fd), &reply);
     }
@@ -375,7 +290,7 @@ struct Loop {
     /// Polled (not read) by the pause of a transfer: a signal aborts it.
     signal_fd: RawFd,
     /// The CPR command under way, if any.
-    pending: Option<pending::Pending>,
+    pending: Option<updates::Pending>,
 }
 
 enum Next {
@@ -384,12 +299,12 @@ enum Next {
 }
 
 impl Loop {
-    fn add(&self, fd: RawFd, token: u64) -> Result<(), Error> {
+    fn add(&self, fd: RawFd, token: Token) -> Result<(), Error> {
         self.epoll
             .ctl(
                 ControlOperation::Add,
                 fd,
-                EpollEvent::new(EventSet::IN, token),
+                EpollEvent::new(EventSet::IN, token.encode()),
             )
             .map_err(|e| Error::Setup("epoll_ctl", e))
     }
@@ -422,30 +337,34 @@ impl Loop {
                 self.feed_console(&[]);
             }
             for ev in &events[..n] {
-                let next = match ev.data() {
-                    TOKEN_EXIT => {
+                let next = match Token::decode(ev.data()) {
+                    Some(Token::Exit) => {
                         let why = exit_reason.lock().unwrap_or_else(|p| p.into_inner());
                         Next::Stop(Outcome::Guest(why.clone().unwrap_or(GuestExit::PowerOff)))
                     }
-                    TOKEN_SIGNAL => Next::Stop(Outcome::Signal(read_signal(signals))),
-                    TOKEN_STDIN => {
+                    Some(Token::Signal) => Next::Stop(Outcome::Signal(read_signal(signals))),
+                    Some(Token::Stdin) => {
                         self.read_stdin();
                         Next::Continue
                     }
-                    TOKEN_LISTENER => {
+                    Some(Token::Listener) => {
                         self.accept();
                         Next::Continue
                     }
-                    TOKEN_OP => self.finish_pending(),
-                    t if t >= TOKEN_VIRTIO => {
-                        self.virtio_event(t - TOKEN_VIRTIO);
+                    Some(Token::Update) => self.finish_pending(),
+                    Some(Token::Queue { device, index }) => {
+                        self.virtio_event(device, |dev| dev.queue_notify(index));
                         Next::Continue
                     }
-                    t => {
-                        let slot = (t - TOKEN_CLIENT) as usize;
+                    Some(Token::DeviceFd { device, index }) => {
+                        self.virtio_event(device, |dev| dev.device_mut().extra_fd_ready(index));
+                        Next::Continue
+                    }
+                    Some(Token::Client(slot)) => {
                         self.clients.event(&self.epoll, slot, Instant::now());
                         Next::Continue
                     }
+                    None => Next::Continue,
                 };
                 if let Next::Stop(outcome) = next {
                     return Ok(outcome);
@@ -463,7 +382,13 @@ impl Loop {
         for (d, dev) in self.machine.virtio.iter().enumerate() {
             let dev = lock(dev);
             for (q, (evt, _)) in dev.notifiers().into_iter().enumerate() {
-                self.add(evt.as_raw_fd(), virtio_token(d, VIRTIO_QUEUE, q))?;
+                self.add(
+                    evt.as_raw_fd(),
+                    Token::Queue {
+                        device: d,
+                        index: q,
+                    },
+                )?;
             }
             let extra = dev.device().extra_fds();
             for (n, fd) in extra.iter().enumerate() {
@@ -471,7 +396,7 @@ impl Loop {
                     .ctl(
                         ControlOperation::Add,
                         *fd,
-                        EpollEvent::new(EventSet::empty(), virtio_token(d, VIRTIO_EXTRA_FD, n)),
+                        EpollEvent::new(EventSet::empty(), device_fd(d, n)),
                     )
                     .map_err(|e| Error::Setup("epoll_ctl", e))?;
             }
@@ -484,23 +409,11 @@ impl Loop {
         Ok(())
     }
 
-    fn virtio_event(&mut self, token: u64) {
-        let (d, kind, index) = (
-            (token >> 16) as usize,
-            (token >> 8) & 0xff,
-            (token & 0xff) as usize,
-        );
+    fn virtio_event(&mut self, d: usize, event: impl FnOnce(&mut crate::virtio::pci::VirtioPci)) {
         let Some(shared) = self.machine.virtio.get(d) else {
             return;
         };
-        {
-            let mut dev = lock(shared);
-            if kind == VIRTIO_QUEUE {
-                dev.queue_notify(index);
-            } else {
-                dev.device_mut().extra_fd_ready(index);
-            }
-        }
+        event(&mut lock(shared));
         self.sync_interest(d);
     }
 
@@ -517,7 +430,7 @@ impl Loop {
                 } else {
                     EventSet::empty()
                 };
-                let ev = EpollEvent::new(events, virtio_token(d, VIRTIO_EXTRA_FD, n));
+                let ev = EpollEvent::new(events, device_fd(d, n));
                 if self.epoll.ctl(ControlOperation::Modify, *fd, ev).is_ok() {
                     self.watching[d][n] = want;
                 }
@@ -571,7 +484,7 @@ impl Loop {
             let _ = self.epoll.ctl(
                 ControlOperation::Modify,
                 self.console_in,
-                EpollEvent::new(events, TOKEN_STDIN),
+                EpollEvent::new(events, Token::Stdin.encode()),
             );
         }
     }
@@ -606,14 +519,11 @@ impl Loop {
                 ("ok".into(), None)
             }
             Command::Quit => ("ok".into(), Some(Outcome::Quit)),
-            Command::CprSave(_) | Command::CprExec { .. } | Command::CprTransfer { .. }
-                if self.pending.is_some() =>
-            {
-                ("error: another update is under way".into(), None)
+            Command::CprSave(path) => self.update(slot, Request::Save(path)),
+            Command::CprExec { binary, args } => self.update(slot, Request::Exec { binary, args }),
+            Command::CprTransfer { path, max_pause } => {
+                self.update(slot, Request::Transfer { path, max_pause })
             }
-            Command::CprSave(path) => self.cpr_save(&path),
-            Command::CprExec { binary, args } => self.cpr_exec(slot, binary, args),
-            Command::CprTransfer { path, max_pause } => self.cpr_transfer(slot, path, max_pause),
         }
     }
 
@@ -628,10 +538,11 @@ impl Loop {
 
     fn status(&self) -> String {
         format!(
-            "ok state={} vcpus={} mem={} version={VERSION} pid={} last_pause_us={}",
+            "ok state={} vcpus={} mem={} version={} pid={} last_pause_us={}",
             if self.paused { "paused" } else { "running" },
             self.machine.vcpus.count(),
             self.machine.mem_size(),
+            cpr::VERSION,
             std::process::id(),
             self.last_pause_us,
         )
@@ -646,8 +557,8 @@ fn earliest(a: i32, b: i32) -> i32 {
     }
 }
 
-fn virtio_token(device: usize, kind: u64, index: usize) -> u64 {
-    TOKEN_VIRTIO | ((device as u64) << 16) | (kind << 8) | index as u64
+fn device_fd(device: usize, index: usize) -> u64 {
+    Token::DeviceFd { device, index }.encode()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,43 +1,16 @@
-//! A CPR command's slow, guest-running part - the exec probe and guardian, the
-//! transfer hand-shake up to READY - runs on a worker thread, so that the event loop
-//! keeps serving `status`, `quit`, the console and the devices meanwhile. The
-//! worker reports through an eventfd on the loop's epoll; the pause itself
-//! then runs on the loop's thread. Dropping a worker aborts and joins it: all
-//! of its waits poll the abort eventfd.
+//! An update's slow, guest-running part - the exec probe and guardian, the
+//! transfer hand-shake up to READY - runs on a worker thread, so that the event
+//! loop keeps serving `status`, `quit`, the console and the devices meanwhile.
+//! The worker reports through an eventfd the loop polls; the pause itself then
+//! runs on the loop's thread. Dropping a worker aborts and joins it: all of its
+//! waits poll the abort eventfd.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::PathBuf;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::cpr;
-
-/// What a finished worker hands back to the loop.
-pub(super) enum Prepared {
-    Exec {
-        binary: PathBuf,
-        argv: Vec<String>,
-        /// The probe passed and the guardian runs.
-        ready: Result<cpr::guardian::Guardian, cpr::Error>,
-    },
-    Transfer {
-        max_pause: Duration,
-        out: Result<cpr::transfer::Outgoing, cpr::transfer::Error>,
-    },
-}
-
-/// The one CPR operation under way, and the client that asked for it (held:
-/// not read from, its descriptor kept open, until the reply).
-pub(super) struct Pending {
-    pub slot: usize,
-    /// The command, for replies and the log.
-    pub what: &'static str,
-    pub worker: Worker<Prepared>,
-}
-
-pub(super) struct Worker<T> {
+pub struct Worker<T> {
     handle: Option<JoinHandle<T>>,
     done: EventFd,
     abort: EventFd,
@@ -96,7 +69,8 @@ impl<T> Drop for Worker<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
+    use crate::cpr;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn a_dropped_worker_is_aborted_and_joined() {

@@ -1,0 +1,485 @@
+//! The receiving side of an update: `molt run <same args> --incoming
+//! file:PATH | fd:N | unix:PATH`, one function per mode, each the numbered
+//! sequence of its steps. Step 1 of every mode is `receive`: the state (and,
+//! for exec and transfer, the descriptors) arrives and is checked before
+//! anything is opened or built. The event loop then opens what was not handed
+//! over (console, control socket) and calls `Arrival::resume`.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::fds::{self, Adopted, Handover};
+use super::state::{self, CprState, RamLocation, RunState};
+use super::{exec, guardian, reboot, transfer, Error, VERSION};
+use crate::args::{Incoming, RunConfig};
+use crate::devices::serial::Output;
+use crate::virtio::block::Identity;
+use crate::vm::host_cpu::HostCpu;
+use crate::vm::memory::GuestRam;
+use crate::vm::vcpu::ExitSink;
+use crate::vm::{self, Machine};
+
+/// What `--incoming` brought.
+pub enum Received {
+    /// No `--incoming`: boot.
+    Nothing,
+    /// A signal ended the wait for the old process (transfer).
+    Stopped,
+    Guest(Arrival),
+}
+
+/// A guest received and checked, not yet running here.
+pub enum Arrival {
+    File(FileIncoming),
+    /// Boxed: its header holds the whole descriptor table.
+    Exec(Box<ExecIncoming>),
+    Transfer(TransferIncoming),
+}
+
+/// The guest runs here.
+pub struct Arrived {
+    pub machine: Machine,
+    /// Last vCPU stopped in the old process to the vCPUs running here.
+    pub pause_us: u64,
+    /// Paused if the guest was paused when saved: its vCPUs wait for `resume`.
+    pub run: RunState,
+    /// The control socket, when it came with the guest.
+    pub listener: Option<OwnedFd>,
+    /// The client that asked for the update, and its reply.
+    pub greeting: Option<(OwnedFd, String)>,
+}
+
+/// Step 1 of every mode's restore side. `stop` (the signalfd) ends a
+/// transfer's wait for the old process.
+pub fn receive(cfg: &RunConfig, stop: RawFd) -> Result<Received, Error> {
+    let arrival = match &cfg.incoming {
+        None => return Ok(Received::Nothing),
+        Some(Incoming::File(path)) => Arrival::File(receive_file(cfg, path)?),
+        Some(Incoming::Fd(fd)) => Arrival::Exec(Box::new(receive_exec(cfg, *fd)?)),
+        Some(Incoming::Unix(path)) => match receive_transfer(cfg, path, stop)? {
+            Some(t) => Arrival::Transfer(t),
+            None => return Ok(Received::Stopped),
+        },
+    };
+    Ok(Received::Guest(arrival))
+}
+
+impl Arrival {
+    /// The console's output and input, when they came with the guest.
+    pub fn take_console(&mut self) -> (Option<File>, Option<OwnedFd>) {
+        let a = match self {
+            Arrival::File(_) => return (None, None),
+            Arrival::Exec(e) => &mut e.adopted,
+            Arrival::Transfer(t) => &mut t.adopted,
+        };
+        (a.console_out.take(), a.console_in.take())
+    }
+
+    /// Whether the control socket comes with the guest (exec and transfer
+    /// hand it over; the old process had bound it).
+    pub fn hands_listener(&self) -> bool {
+        !matches!(self, Arrival::File(_))
+    }
+
+    /// Rebuilds the machine around the state and runs it.
+    pub fn resume(
+        self,
+        cfg: &RunConfig,
+        console: Output,
+        exit: ExitSink,
+    ) -> Result<Arrived, Error> {
+        match self {
+            Arrival::File(inc) => resume_file(inc, cfg, console, exit),
+            Arrival::Exec(inc) => resume_exec(*inc, cfg, console, exit),
+            Arrival::Transfer(inc) => resume_transfer(inc, cfg, console, exit),
+        }
+    }
+}
+
+/// Reboot mode: the state in a file, read and checked.
+pub struct FileIncoming {
+    path: PathBuf,
+    /// Boxed, as below: a state is ~10 KiB per vCPU.
+    state: Box<CprState>,
+    /// The file after the state: the RAM section, or its end.
+    rest: std::io::BufReader<File>,
+    start: Instant,
+}
+
+/// Reboot mode, step 1: reads the state in `path` and checks it against argv,
+/// the disks named there and this host's KVM, before anything else is opened
+/// or created: a refused state leaves the file, the console and `--mem-file`
+/// as they were, and the error says why.
+fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
+    let start = Instant::now();
+    let (state, mut rest) = reboot::load_state(path).map_err(Error::File)?;
+    let diff = vm::Shape::argv_differences(cfg, &state.machine.shape);
+    if !diff.is_empty() {
+        return Err(Error::Vm(vm::Error::Mismatch(diff.join("; "))));
+    }
+    if let RamLocation::InPlace { .. } = state.ram {
+        if cfg.mem_file.is_none() {
+            return Err(Error::NeedsMemFile(path.into()));
+        }
+        reboot::expect_end(path, &mut rest).map_err(Error::File)?;
+    }
+    check_disk_identities(cfg, &state.disks)?;
+    // `Prepared::restore` checks again, for every mode; here it runs before
+    // RAM is mapped or loaded.
+    HostCpu::open()
+        .and_then(|host| host.check(state.machine.vcpus.iter().map(|v| &**v)))
+        .map_err(|e| Error::HostCpu(path.into(), e))?;
+    Ok(FileIncoming {
+        path: path.into(),
+        state: Box::new(state),
+        rest,
+        start,
+    })
+}
+
+/// Reboot mode, restore side.
+fn resume_file(
+    inc: FileIncoming,
+    cfg: &RunConfig,
+    console: Output,
+    exit: ExitSink,
+) -> Result<Arrived, Error> {
+    let FileIncoming {
+        path,
+        state,
+        mut rest,
+        start,
+    } = inc;
+    // 2. Guest RAM: the --mem-file as it is, or read back from the state file.
+    let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
+    if state.ram == RamLocation::InStateFile {
+        reboot::load_ram(&path, &mut rest, &ram).map_err(Error::File)?;
+    }
+    // 3. RAM kept in place must be the RAM that was saved.
+    check_ram(&state, &ram)?;
+    // 4. Rebuild the machine, restore it and run it (paused, if it was).
+    let machine = restore(cfg, &state, ram, console, exit, || {})?;
+    let arrived = arrived(machine, &state, None, None);
+    log::info!(
+        "resumed from {}: restore_us={} pause_us={}",
+        path.display(),
+        start.elapsed().as_micros(),
+        arrived.pause_us
+    );
+    Ok(arrived)
+}
+
+/// Exec mode: what the new image received.
+pub struct ExecIncoming {
+    pub(super) header: exec::ExecHeader,
+    pub(super) state: Box<CprState>,
+    pub(super) adopted: Adopted,
+}
+
+/// Exec mode, step 1: reads the exec message in `fd` and adopts the
+/// descriptors it names.
+fn receive_exec(cfg: &RunConfig, fd: RawFd) -> Result<ExecIncoming, Error> {
+    let (header, state) = exec::receive(fd).map_err(Error::Exec)?;
+    let adopted = fds::adopt(
+        &header.table.kinds,
+        &header.table.numbers,
+        cfg.disks.len(),
+        cfg.nets.len(),
+    )
+    .map_err(Error::Adopt)?;
+    Ok(ExecIncoming {
+        header,
+        state: Box::new(state),
+        adopted,
+    })
+}
+
+/// Exec mode, restore side. The adopted descriptors stay open until the
+/// guest runs, so a failure can still roll back with them.
+fn resume_exec(
+    mut inc: ExecIncoming,
+    cfg: &RunConfig,
+    console: Output,
+    exit: ExitSink,
+) -> Result<Arrived, Error> {
+    let start = Instant::now();
+    // 2. Map the handed-over RAM; reopen the disks through their descriptors.
+    // 3. RAM must be the RAM that was saved.
+    // 4. Rebuild the machine and restore it. Just before its vCPUs run, the
+    //    guardian (if any) leaves: a later death of this image must not make
+    //    it resume an older copy. Until then its line stays in `inc`, for a
+    //    rollback to hand on.
+    let resumed = adopted_config(cfg, &inc.adopted).and_then(|(cfg, ram)| {
+        check_ram(&inc.state, &ram)?;
+        let line = &mut inc.adopted.guardian;
+        restore(&cfg, &inc.state, ram, console, exit, || {
+            if let Some(line) = line.take() {
+                guardian::release(line);
+            }
+        })
+    });
+    let machine = match resumed {
+        Ok(m) => m,
+        // This image cannot resume the guest: exec the previous one, with the
+        // same state and descriptors, which resumes it and replies the error.
+        // (Returns only if that exec fails too.)
+        Err(e) if inc.header.failure.is_none() => {
+            log::error!("cannot resume after exec ({e}): rolling back");
+            return Err(rollback(&inc, &e.to_string()));
+        }
+        Err(e) => return Err(e),
+    };
+    // 5. The guest runs: KVM tears the old VM down off the main thread.
+    let stale = std::mem::take(&mut inc.adopted.stale_kvm);
+    if !stale.is_empty() {
+        let _ = std::thread::Builder::new()
+            .name("old-vm-release".into())
+            .spawn(move || drop(stale));
+    }
+    let reply = inc.header.failure.as_ref().map(|why| {
+        format!(
+            "error: cpr-exec: the new binary could not resume the guest ({why}); \
+             it runs on the previous binary"
+        )
+    });
+    let a = &mut inc.adopted;
+    let arrived = arrived(machine, &inc.state, a.listener.take(), a.client.take());
+    log::info!(
+        "resumed after exec: restore_us={} pause_us={}",
+        start.elapsed().as_micros(),
+        arrived.pause_us
+    );
+    Ok(match reply {
+        None => arrived.replying("exec"),
+        Some(reply) => Arrived {
+            greeting: arrived.greeting.map(|(c, _)| (c, reply)),
+            ..arrived
+        },
+    })
+}
+
+/// The new image could not resume (or, from the guardian, died): exec the
+/// previous one with the same state and descriptors, telling it why. Returns
+/// only if that exec fails too.
+pub(super) fn rollback(inc: &ExecIncoming, why: &str) -> Error {
+    let header = exec::ExecHeader {
+        failure: Some(why.to_string()),
+        ..inc.header.clone()
+    };
+    let target = match &inc.adopted.previous_exe {
+        Some(f) => exec::Target::Fd(f.as_raw_fd()),
+        None => exec::Target::Path(Path::new(&inc.header.previous_exe)),
+    };
+    Error::Exec(exec::exec(
+        target,
+        &inc.header.previous_argv,
+        &inc.state,
+        &Handover::of(&inc.adopted).slots(),
+        header,
+        None,
+    ))
+}
+
+/// Transfer mode, new side: what arrived with HELLO.
+pub struct TransferIncoming {
+    link: transfer::Incoming,
+    adopted: Adopted,
+}
+
+/// Transfer mode, step 1: waits on `path` for the old process (None if `stop`
+/// fired first), checks it (uid, HELLO) and adopts what it hands over.
+fn receive_transfer(
+    cfg: &RunConfig,
+    path: &Path,
+    stop: RawFd,
+) -> Result<Option<TransferIncoming>, Error> {
+    let Some(mut link) = transfer::accept(path, stop).map_err(Error::Transfer)? else {
+        return Ok(None);
+    };
+    log::info!("taking the guest over from molt {}", link.peer_version);
+    let kinds = std::mem::take(&mut link.kinds);
+    let fds: Vec<RawFd> = std::mem::take(&mut link.fds)
+        .into_iter()
+        .map(IntoRawFd::into_raw_fd)
+        .collect();
+    match fds::adopt(&kinds, &fds, cfg.disks.len(), cfg.nets.len()) {
+        Ok(adopted) => Ok(Some(TransferIncoming { link, adopted })),
+        Err(why) => {
+            link.fail(&why.to_string());
+            Err(Error::Adopt(why))
+        }
+    }
+}
+
+/// Transfer mode, restore side.
+fn resume_transfer(
+    mut t: TransferIncoming,
+    cfg: &RunConfig,
+    console: Output,
+    exit: ExitSink,
+) -> Result<Arrived, Error> {
+    // 2. Map RAM and build the VM and devices while the old process still
+    //    runs the guest.
+    let prepared = adopted_config(cfg, &t.adopted)
+        .and_then(|(cfg, ram)| vm::Machine::prepare(&cfg, ram, console).map_err(Error::Vm));
+    // 3. READY; the old process pauses the guest and sends STATE.
+    // 4. Decode, check and restore it (the vCPUs do not run yet).
+    let loaded = prepared.and_then(|prepared| {
+        let (bytes, max_pause) = t.link.ready().map_err(Error::Transfer)?;
+        let start = Instant::now();
+        let state = state::decode(&bytes).map_err(|e| Error::Handover(format!("state: {e}")))?;
+        let restored = prepared.restore(&state.machine).map_err(Error::Vm)?;
+        Ok((restored, state, start, max_pause))
+    });
+    // 5. RESTORED, then wait for GO: without it nothing runs, and a failure,
+    //    a signal or silence ends it here (FAIL tells the old process why).
+    let go = loaded.and_then(|(restored, state, start, max_pause)| {
+        t.link.restored(max_pause).map_err(Error::Transfer)?;
+        Ok((restored, state, start))
+    });
+    let (restored, state, start) = match go {
+        Ok(r) => r,
+        Err(e) => {
+            t.link.fail(&e.to_string());
+            return Err(e);
+        }
+    };
+    // 6. Run the vCPUs (paused, if the guest was): the pause ends.
+    let machine = restored
+        .start(exit, state.run == RunState::Paused)
+        .map_err(Error::Vm)?;
+    let a = &mut t.adopted;
+    let arrived = arrived(machine, &state, a.listener.take(), a.client.take());
+    log::info!(
+        "resumed after transfer: restore_us={} pause_us={}",
+        start.elapsed().as_micros(),
+        arrived.pause_us
+    );
+    Ok(arrived.replying("transfer"))
+}
+
+fn arrived(
+    machine: Machine,
+    state: &CprState,
+    listener: Option<OwnedFd>,
+    client: Option<OwnedFd>,
+) -> Arrived {
+    Arrived {
+        machine,
+        pause_us: super::now_ns().saturating_sub(state.stopped_at_ns) / 1000,
+        run: state.run,
+        listener,
+        greeting: client.map(|c| (c, String::new())),
+    }
+}
+
+impl Arrived {
+    /// The asking client's reply for a successful update in `mode`.
+    fn replying(self, mode: &str) -> Arrived {
+        let reply = format!(
+            "ok resumed mode={mode} pause_us={} version={VERSION}",
+            self.pause_us
+        );
+        Arrived {
+            greeting: self.greeting.map(|(c, _)| (c, reply)),
+            ..self
+        }
+    }
+}
+
+/// `cfg` rewritten to use handed-over descriptors instead of names: RAM and
+/// disks reopened through /proc/self/fd (a fresh open file description of the
+/// same file), taps adopted by duplicate (the original stays with `a`, for a
+/// rollback). Returns the config and the mapped RAM.
+fn adopted_config(cfg: &RunConfig, a: &Adopted) -> Result<(RunConfig, GuestRam), Error> {
+    let mut cfg = cfg.clone();
+    let ram = a
+        .ram
+        .as_ref()
+        .ok_or_else(|| Error::Handover("no RAM".into()))?;
+    let path = fds::proc_path(ram);
+    let ram = GuestRam::adopt(cfg.mem_size, &path).map_err(Error::Memory)?;
+    cfg.mem_file = Some(path);
+    for (d, f) in cfg.disks.iter_mut().zip(&a.disks) {
+        d.path = fds::proc_path(f);
+    }
+    for (n, t) in cfg.nets.iter_mut().zip(&a.taps) {
+        let dup = t
+            .try_clone()
+            .map_err(|e| Error::Handover(format!("dup tap: {e}")))?;
+        n.backend = crate::args::NetBackend::Fd(dup.into_raw_fd());
+    }
+    Ok((cfg, ram))
+}
+
+/// RAM kept in place must be the RAM that was saved.
+fn check_ram(state: &CprState, ram: &GuestRam) -> Result<(), Error> {
+    if let RamLocation::InPlace { sample_crc } = state.ram {
+        let now = ram.sample_crc();
+        if now != sample_crc {
+            return Err(Error::RamMismatch {
+                now,
+                saved: sample_crc,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reboot mode reopens the disks by name: each must be the image the state
+/// was saved with (a state of format 1 did not record them).
+fn check_disk_identities(cfg: &RunConfig, saved: &[Identity]) -> Result<(), Error> {
+    if saved.is_empty() {
+        return Ok(());
+    }
+    let now: Vec<Result<Identity, String>> = cfg
+        .disks
+        .iter()
+        .map(|d| {
+            File::open(&d.path)
+                .and_then(|f| Identity::of(&f))
+                .map_err(|e| e.to_string())
+        })
+        .collect();
+    for (index, (disk, (saved_id, now_id))) in
+        cfg.disks.iter().zip(saved.iter().zip(now)).enumerate()
+    {
+        if now_id.as_ref() == Ok(saved_id) {
+            continue;
+        }
+        let swapped_with = now_id
+            .as_ref()
+            .ok()
+            .and_then(|n| saved.iter().position(|s| s == n));
+        return Err(Error::DiskChanged {
+            index,
+            path: disk.path.clone(),
+            saved: *saved_id,
+            now: now_id,
+            swapped_with,
+        });
+    }
+    Ok(())
+}
+
+/// Rebuilds the machine around `ram`, loads `state` and runs it;
+/// `before_start` runs once nothing can fail any more but the vCPUs, just
+/// before they start.
+fn restore(
+    cfg: &RunConfig,
+    state: &CprState,
+    ram: GuestRam,
+    console: Output,
+    exit: ExitSink,
+    before_start: impl FnOnce(),
+) -> Result<Machine, Error> {
+    let restored = Machine::prepare(cfg, ram, console)
+        .and_then(|p| p.restore(&state.machine))
+        .map_err(Error::Vm)?;
+    before_start();
+    restored
+        .start(exit, state.run == RunState::Paused)
+        .map_err(Error::Vm)
+}

@@ -1,0 +1,437 @@
+//! The sending side of an update: what `cpr-save`, `cpr-exec` and
+//! `cpr-transfer` do, one function per mode, each the numbered sequence of its
+//! steps. The event loop hands a command in (`start`) and sends back the reply
+//! it gets. Exec and transfer first do their slow part on a worker thread while
+//! the guest runs (probing, hand-shaking); the loop keeps serving meanwhile and
+//! calls `Update::finish` once the worker is done, which does the rest - the
+//! pause - on the loop's thread.
+//!
+//! Whatever fails before the guest runs elsewhere, the guest resumes here (if
+//! the user had not paused it) and the reply says why.
+
+use std::fmt::Display;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::fds::Handover;
+use super::guardian::Guardian;
+use super::state::{self, CprState, RamLocation, RunState};
+use super::transfer::Outgoing;
+use super::worker::Worker;
+use super::{exec, now_ns, reboot, transfer, Error};
+use crate::terminal::RawMode;
+use crate::virtio::block::Identity;
+use crate::vm::Machine;
+
+/// A CPR command, as the control line gave it.
+pub enum Request {
+    Save(PathBuf),
+    Exec {
+        binary: Option<PathBuf>,
+        args: Vec<String>,
+    },
+    Transfer {
+        path: PathBuf,
+        max_pause: Option<Duration>,
+    },
+}
+
+/// What the event loop lends an update.
+pub struct Source<'a> {
+    pub machine: &'a Machine,
+    /// Paused if the user had paused the guest: it stays paused, and is not
+    /// resumed after a failure either.
+    pub run: RunState,
+    pub listener: Option<RawFd>,
+    /// The control connection that asked: whoever runs the guest at the end replies on it.
+    pub client: RawFd,
+    /// Console input to hand over (stdin), if the console is on stdio.
+    pub console_in: Option<RawFd>,
+    /// The terminal's raw mode: given back to the user across an exec.
+    pub terminal: &'a mut Option<RawMode>,
+    pub control_path: Option<&'a Path>,
+    /// The disks as named on argv.
+    pub disk_paths: &'a [PathBuf],
+    /// RAM lives in a --mem-file that outlives molt: a save leaves it there.
+    pub ram_in_place: bool,
+    /// This binary and its argv: exec's defaults.
+    pub exe: &'a Path,
+    pub argv: &'a [String],
+    /// The signalfd: a signal aborts a transfer's pause.
+    pub signals: RawFd,
+}
+
+impl Source<'_> {
+    fn handover(&self) -> Handover {
+        Handover::new(
+            &self.machine.backends(),
+            self.listener,
+            self.client,
+            self.console_in,
+        )
+    }
+
+    /// Stops the vCPUs unless the user had: the pause starts. Returns when it
+    /// started (CLOCK_REALTIME, shared with the next process).
+    fn pause(&self) -> Result<u64, String> {
+        if self.run == RunState::Running {
+            if let Err(e) = self.machine.vcpus.pause() {
+                // Whatever did stop runs again.
+                self.machine.vcpus.resume();
+                return Err(format!("cannot pause: {e}"));
+            }
+        }
+        Ok(now_ns())
+    }
+
+    /// The update failed: the guest runs on here, as it did before.
+    fn resume(&self) {
+        if self.run == RunState::Running {
+            self.machine.vcpus.resume();
+        }
+    }
+
+    /// Everything needed to resume the paused machine.
+    fn snapshot(&self, ram: RamLocation, stopped_at_ns: u64) -> Result<CprState, Error> {
+        let mut disks = heapless::Vec::new();
+        for (i, fd) in self.machine.backends().disks.into_iter().enumerate() {
+            // SAFETY: the disk's own open descriptor, borrowed for this call
+            // only; ManuallyDrop keeps it open.
+            let file = std::mem::ManuallyDrop::new(unsafe {
+                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            });
+            let id = Identity::of(&file).map_err(|e| Error::DiskIdentity(i, e))?;
+            // The shape bounds the disks to the list's capacity.
+            let _ = disks.push(id);
+        }
+        Ok(CprState {
+            writer: heapless::String::try_from(super::VERSION).unwrap_or_default(),
+            ram,
+            stopped_at_ns,
+            machine: self.machine.save().map_err(Error::Vm)?,
+            run: self.run,
+            disks,
+        })
+    }
+
+    fn in_place(&self) -> RamLocation {
+        RamLocation::InPlace {
+            sample_crc: self.machine.ram.sample_crc(),
+        }
+    }
+}
+
+/// How an update ended here.
+pub struct Done {
+    /// For the client that asked; empty when the next process replies.
+    pub reply: String,
+    pub ended: Option<Ended>,
+}
+
+/// The guest lives on elsewhere: this process must only exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Saved to a file (reboot mode): the control socket must be freed first.
+    Saved,
+    /// Another molt runs it.
+    Transferred,
+}
+
+impl Done {
+    /// The update failed; the guest runs on here.
+    fn failed(what: &str, why: impl Display) -> Done {
+        log::warn!("{what} failed, the guest runs on here: {why}");
+        Done {
+            reply: format!("error: {what}: {why}"),
+            ended: None,
+        }
+    }
+}
+
+/// The pause half of an update, made by its worker once the slow half is done.
+type Finish = Box<dyn for<'a> FnOnce(&mut Source<'a>) -> Done + Send>;
+
+/// An exec or a transfer whose worker runs while the guest does.
+pub struct Update {
+    what: &'static str,
+    worker: Worker<Finish>,
+}
+
+pub enum Started {
+    Done(Done),
+    Working(Update),
+}
+
+impl Update {
+    /// The command, for replies and the log.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// Readable once the worker is done: then call `finish`.
+    pub fn done_fd(&self) -> RawFd {
+        self.worker.done_fd()
+    }
+
+    /// The pause, on the caller's thread. (Dropping an unfinished update
+    /// abandons it: its worker stops at once.)
+    pub fn finish(self, src: &mut Source) -> Done {
+        (self.worker.join())(src)
+    }
+}
+
+/// Starts `request`: reboot mode is done at once, exec and transfer start a worker.
+pub fn start(request: Request, src: &mut Source) -> Started {
+    match request {
+        Request::Save(path) => Started::Done(save(src, &path)),
+        Request::Exec { binary, args } => exec(src, binary, args),
+        Request::Transfer { path, max_pause } => transfer(src, path, max_pause),
+    }
+}
+
+/// `work` (the slow half, given the abort descriptor) on a worker thread.
+fn working(what: &'static str, work: impl FnOnce(RawFd) -> Finish + Send + 'static) -> Started {
+    match Worker::spawn(what, work) {
+        Ok(worker) => Started::Working(Update { what, worker }),
+        Err(e) => Started::Done(Done::failed(what, format!("cannot start a worker: {e}"))),
+    }
+}
+
+/// Reboot mode, save side: `cpr-save PATH`.
+fn save(src: &mut Source, path: &Path) -> Done {
+    let what = "cpr-save";
+    // 1. A restart opens the disks by name: each name must still lead to the
+    //    image this process has open (not deleted, moved or replaced).
+    if let Err(e) = check_disks_named(src.machine, src.disk_paths) {
+        return Done::failed(what, e);
+    }
+    // 2. Pause.
+    let start = Instant::now();
+    let stopped_at_ns = match src.pause() {
+        Ok(t) => t,
+        Err(e) => return Done::failed(what, e),
+    };
+    // 3. Save the machine; write PATH.tmp, fsync, rename over PATH. RAM stays
+    //    in the --mem-file (flushed) or follows the state in the file.
+    let ram = if src.ram_in_place {
+        src.in_place()
+    } else {
+        RamLocation::InStateFile
+    };
+    let written = src
+        .snapshot(ram, stopped_at_ns)
+        .and_then(|state| reboot::save(path, &state, &src.machine.ram).map_err(Error::File));
+    let bytes = match written {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            src.resume();
+            return Done::failed(what, e);
+        }
+    };
+    // 4. Free what the next molt opens by name before it is told to start:
+    //    the taps here (one owner each), the control socket in the loop.
+    src.machine.release_backends();
+    let save_us = start.elapsed().as_micros();
+    log::info!(
+        "saved to {} ({bytes} bytes) in {save_us} us",
+        path.display()
+    );
+    Done {
+        reply: format!(
+            "ok saved path={} bytes={bytes} save_us={save_us}",
+            path.display()
+        ),
+        ended: Some(Ended::Saved),
+    }
+}
+
+/// Exec mode, save side: `cpr-exec [BINARY [ARG...]]`.
+fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started {
+    let what = "cpr-exec";
+    let binary = binary.unwrap_or_else(|| src.exe.to_path_buf());
+    let argv: Vec<String> = if args.is_empty() {
+        src.argv.to_vec()
+    } else {
+        src.argv.iter().take(1).cloned().chain(args).collect()
+    };
+    let mut handover = src.handover();
+    working(what, move |abort| {
+        // On the worker, the guest running:
+        // 1. BINARY must be a molt that reads the state format this one writes.
+        // 2. A guardian starts, holding duplicates of the guest's descriptors:
+        //    if the new image dies before it runs the guest, it resumes the
+        //    guest on this image.
+        let ready = exec::probe(&binary, abort)
+            .and_then(|()| Guardian::start(&binary, &handover.slots()).map_err(Error::Guardian));
+        Box::new(move |src: &mut Source| {
+            let guardian = match ready {
+                Ok(g) => g,
+                Err(e) => return Done::failed(what, e),
+            };
+            // 3. Pause.
+            let stopped_at_ns = match src.pause() {
+                Ok(t) => t,
+                Err(e) => {
+                    guardian.release();
+                    return Done::failed(what, e);
+                }
+            };
+            // 4. The terminal goes back to how the user had it; the new image
+            //    sets it up again.
+            drop(src.terminal.take());
+            // 5. Save into a sealed memfd and execve BINARY with it and the
+            //    descriptors, with this image's own (for a rollback), the
+            //    guardian's line and the KVM descriptors (closed by the new
+            //    image once the guest runs). Returns only if that failed.
+            let err = exec_out(src, &mut handover, &binary, &argv, stopped_at_ns, &guardian);
+            // 6. It failed: the guardian leaves and the guest runs on here.
+            guardian.release();
+            if src.console_in.is_some() {
+                *src.terminal = RawMode::enter();
+            }
+            src.resume();
+            Done::failed(what, err)
+        })
+    })
+}
+
+/// Exec mode, step 5. Returns only on failure.
+fn exec_out(
+    src: &Source,
+    handover: &mut Handover,
+    binary: &Path,
+    argv: &[String],
+    stopped_at_ns: u64,
+    guardian: &Guardian,
+) -> Error {
+    let state = match src.snapshot(src.in_place(), stopped_at_ns) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    // Our own image, by descriptor: a rollback must not depend on its path.
+    let me = match std::fs::File::open("/proc/self/exe") {
+        Ok(f) => f,
+        Err(e) => return Error::Handover(format!("cannot open /proc/self/exe: {e}")),
+    };
+    handover.previous_exe = Some(me.as_raw_fd());
+    handover.guardian = Some(guardian.fd());
+    handover.stale_kvm = src.machine.backends().kvm;
+    let header = exec::ExecHeader {
+        previous_exe: std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        previous_argv: std::env::args().collect(),
+        ..Default::default()
+    };
+    Error::Exec(exec::exec(
+        exec::Target::Path(binary),
+        argv,
+        &state,
+        &handover.slots(),
+        header,
+        Some(guardian),
+    ))
+}
+
+/// Transfer mode, save side: `cpr-transfer [--max-pause-ms N] PATH`.
+fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Started {
+    let what = "cpr-transfer";
+    if let Some(own) = src.control_path {
+        if same_file(own, &path) {
+            return Started::Done(Done::failed(
+                what,
+                format!(
+                    "{} is this molt's own control socket; name the socket of the new \
+                     molt's --incoming unix:",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    let max_pause = max_pause.unwrap_or(transfer::DEFAULT_MAX_PAUSE);
+    let handover = src.handover();
+    working(what, move |abort| {
+        // On the worker, the guest running:
+        // 1. PATH must be a socket of molt's uid that nobody else can replace;
+        //    connect, and the peer's uid must be molt's.
+        // 2. HELLO both ways: the peer must be a molt reading our state format.
+        // 3. FDS: the descriptors go; wait for READY (the new process maps RAM
+        //    and builds its VM).
+        let out = Outgoing::prepare(&path, &handover.slots(), abort);
+        Box::new(move |src: &mut Source| {
+            let mut out = match out {
+                Ok(out) => out,
+                Err(e) => return Done::failed(what, e),
+            };
+            // 4. Pause.
+            let stopped_at_ns = match src.pause() {
+                Ok(t) => t,
+                Err(e) => {
+                    out.fail(&e);
+                    return Done::failed(what, e);
+                }
+            };
+            // 5. Save, send STATE, and wait for RESTORED: the guest stays
+            //    paused at most `max_pause`, and a signal aborts.
+            let sent = src
+                .snapshot(src.in_place(), stopped_at_ns)
+                .and_then(|s| state::encode(&s).map_err(|e| Error::Handover(e.to_string())))
+                .and_then(|bytes| {
+                    out.send_state(bytes, max_pause, src.signals)
+                        .map_err(Error::Transfer)
+                });
+            if let Err(e) = sent {
+                out.fail(&e.to_string());
+                src.resume();
+                return Done::failed(what, e);
+            }
+            // 6. GO: the new process runs the guest and replies; this one exits.
+            let peer = out.peer_version.clone();
+            match out.go() {
+                Ok(()) => {
+                    log::info!("guest handed over to molt {peer}");
+                    Done {
+                        reply: String::new(),
+                        ended: Some(Ended::Transferred),
+                    }
+                }
+                Err(e) => {
+                    src.resume();
+                    Done::failed(what, e)
+                }
+            }
+        })
+    })
+}
+
+/// Reboot mode reopens the disks by name: each of `paths` (argv order) must
+/// still name the image this process has open, neither deleted nor replaced.
+fn check_disks_named(machine: &Machine, paths: &[PathBuf]) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    for (path, fd) in paths.iter().zip(machine.backends().disks) {
+        // SAFETY: stat is plain data, filled in by fstat on our open disk.
+        let mut open: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is the disk's open descriptor; `open` is valid for writes.
+        if unsafe { libc::fstat(fd, &mut open) } < 0 {
+            return Err(Error::DiskGone(path.clone(), "cannot be checked"));
+        }
+        let why = match std::fs::metadata(path) {
+            Ok(m) if m.dev() == open.st_dev && m.ino() == open.st_ino => continue,
+            Ok(_) => "now names another file than the image molt has open",
+            Err(_) if open.st_nlink == 0 => "was deleted while molt ran",
+            Err(_) => "was moved away while molt ran",
+        };
+        return Err(Error::DiskGone(path.clone(), why));
+    }
+    Ok(())
+}
+
+/// Whether two paths name the same file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
