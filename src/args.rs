@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use argh::FromArgs;
 
-use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS};
+use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS, MIN_MEM};
+
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+pub const DEFAULT_MEM: u64 = 256 << 20;
 
 #[derive(FromArgs, Debug)]
 /// molt: a tiny VMM built for live update.
@@ -112,11 +115,6 @@ pub struct CtlArgs {
     #[argh(positional, greedy)]
     pub words: Vec<String>,
 }
-
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
-pub const DEFAULT_MEM: u64 = 256 << 20;
-/// Below this a Linux guest cannot even decompress itself; tiny guests fit easily.
-pub const MIN_MEM: u64 = 16 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialConfig {

@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -116,8 +115,6 @@ fn truncate(s: &str, max: usize) -> &str {
 
 #[derive(Debug)]
 pub enum Error {
-    InUse(PathBuf),
-    Bind(PathBuf, std::io::Error),
     Connect(PathBuf, std::io::Error),
     Io(PathBuf, std::io::Error),
     NoReply(PathBuf),
@@ -128,12 +125,6 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::InUse(p) => write!(
-                f,
-                "control socket {} is in use by another process",
-                p.display()
-            ),
-            Error::Bind(p, e) => write!(f, "cannot create control socket {}: {e}", p.display()),
             Error::Connect(p, e) => write!(f, "cannot connect to {}: {e}", p.display()),
             Error::Io(p, e) => write!(f, "control socket {}: {e}", p.display()),
             Error::NoReply(p) => write!(f, "{} closed the connection without a reply", p.display()),
@@ -149,32 +140,10 @@ impl fmt::Display for Error {
     }
 }
 
-/// Creates the listening socket, mode 0600. A stale socket file nobody listens on
-/// is replaced; a live one is an error, so two VMMs never share a path.
-pub fn bind(path: &Path) -> Result<UnixListener, Error> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(Error::Bind(
-                path.into(),
-                std::io::Error::new(ErrorKind::AlreadyExists, "exists and is not a socket"),
-            ));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::InUse(path.into()));
-        }
-        std::fs::remove_file(path).map_err(|e| Error::Bind(path.into(), e))?;
-    }
-    // The umask makes the socket 0600 from birth: a chmod after bind leaves a window.
-    // SAFETY: umask has no preconditions; molt is single-threaded at this point.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(|e| Error::Bind(path.into(), e))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::Bind(path.into(), e))?;
-    Ok(listener)
+/// Creates the control socket, mode 0600. A stale socket file nobody listens
+/// on is replaced; a live one is an error, so two VMMs never share a path.
+pub fn bind(path: &Path) -> Result<UnixListener, crate::files::Error> {
+    crate::files::bind_socket("control socket", path)
 }
 
 /// One client connection: the bytes it sent that were not taken as lines yet, and

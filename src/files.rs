@@ -10,8 +10,9 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::io::{self, ErrorKind};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 /// The mode of every file molt creates.
@@ -29,12 +30,19 @@ pub enum Error {
     Owner(&'static str, PathBuf, u32, u32),
     /// A new file's name was taken; with why removing it failed, if it did.
     Exists(&'static str, PathBuf, Option<io::Error>),
+    /// A socket's path is another process's live socket.
+    InUse(&'static str, PathBuf),
+    Bind(&'static str, PathBuf, io::Error),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Open(what, p, e) => write!(f, "cannot open {what} {}: {e}", p.display()),
+            Error::InUse(what, p) => {
+                write!(f, "{what} {} is in use by another process", p.display())
+            }
+            Error::Bind(what, p, e) => write!(f, "cannot create {what} {}: {e}", p.display()),
             Error::Symlink(what, p) => write!(
                 f,
                 "{what} {} is a symbolic link; molt does not follow links for the files \
@@ -143,6 +151,36 @@ fn check(what: &'static str, path: &Path, file: &File) -> Result<(), Error> {
         return Err(Error::Shared(what, path.into(), mode));
     }
     Ok(())
+}
+
+/// Creates a listening socket (non-blocking), mode 0600. A stale socket file
+/// nobody listens on is replaced; a live one is an error, so two VMMs never
+/// share a path.
+pub fn bind_socket(what: &'static str, path: &Path) -> Result<UnixListener, Error> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::Bind(
+                what,
+                path.into(),
+                std::io::Error::new(ErrorKind::AlreadyExists, "exists and is not a socket"),
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::InUse(what, path.into()));
+        }
+        std::fs::remove_file(path).map_err(|e| Error::Bind(what, path.into(), e))?;
+    }
+    // The umask makes the socket 0600 from birth: a chmod after bind leaves a window.
+    // SAFETY: umask has no preconditions; molt has started no other thread yet.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| Error::Bind(what, path.into(), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::Bind(what, path.into(), e))?;
+    Ok(listener)
 }
 
 #[cfg(test)]

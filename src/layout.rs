@@ -72,3 +72,6 @@ pub const MAX_NICS: usize = 4;
 
 /// vCPU limit: argv accepts 1..=MAX_VCPUS.
 pub const MAX_VCPUS: usize = 32;
+
+/// Below this a Linux guest cannot even decompress itself; tiny guests fit easily.
+pub const MIN_MEM: u64 = 16 << 20;

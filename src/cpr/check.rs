@@ -14,8 +14,7 @@
 use std::fmt;
 
 use super::state::CprState;
-use crate::args::MIN_MEM;
-use crate::layout::MAX_VCPUS;
+use crate::layout::{MAX_VCPUS, MIN_MEM};
 use crate::pci::msix::MsixState;
 use crate::virtio::pci::TransportState;
 use crate::virtio::{self, QueueStateV1};

@@ -125,7 +125,7 @@ pub enum Error {
     /// PATH failed a safety check before anything was sent.
     Path(PathBuf, String),
     Connect(PathBuf, io::Error),
-    Listen(PathBuf, String),
+    Listen(crate::files::Error),
     /// The peer is not a molt of this uid that reads our state format.
     Peer(String),
     TimedOut(&'static str, Duration),
@@ -142,7 +142,7 @@ impl fmt::Display for Error {
         match self {
             Error::Path(p, why) => write!(f, "refusing {}: {why}", p.display()),
             Error::Connect(p, e) => write!(f, "cannot connect to {}: {e}", p.display()),
-            Error::Listen(p, e) => write!(f, "cannot listen on {}: {e}", p.display()),
+            Error::Listen(e) => e.fmt(f),
             Error::Peer(why) => write!(f, "peer refused: {why}"),
             Error::TimedOut(step, d) => write!(f, "timed out after {} {step}", human(*d)),
             Error::Interrupted(step) => write!(f, "interrupted by a signal or quit {step}"),
@@ -523,8 +523,7 @@ pub struct Incoming {
 /// or until `stop` (the signalfd) fires: then `None`. A connection that fails
 /// a check or a deadline is dropped and the wait goes on.
 pub fn accept(path: &Path, stop: RawFd) -> Result<Option<Incoming>, Error> {
-    let listener =
-        crate::control::bind(path).map_err(|e| Error::Listen(path.into(), e.to_string()))?;
+    let listener = crate::files::bind_socket("socket", path).map_err(Error::Listen)?;
     let result = accept_on(&listener, stop, path);
     let _ = std::fs::remove_file(path);
     result

@@ -46,8 +46,7 @@ pub enum Outcome {
 
 #[derive(Debug)]
 pub enum Error {
-    Console(files::Error),
-    Control(control::Error),
+    File(files::Error),
     Vm(vm::Error),
     Cpr(cpr::Error),
     Setup(&'static str, std::io::Error),
@@ -56,8 +55,7 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Error::Console(e) => e.fmt(f),
-            Error::Control(e) => e.fmt(f),
+            Error::File(e) => e.fmt(f),
             Error::Vm(e) => e.fmt(f),
             Error::Cpr(e) => e.fmt(f),
             Error::Setup(what, e) => write!(f, "{what}: {e}"),
@@ -92,7 +90,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
             .as_deref()
             .map(control::bind)
             .transpose()
-            .map_err(Error::Control)
+            .map_err(Error::File)
     };
     let mut listener = match &arrival {
         Some(a) if a.hands_listener() => None,
@@ -238,7 +236,7 @@ fn open_console(cfg: &SerialConfig) -> Result<Output, Error> {
         // Appended to, never truncated: a restarted molt continues the same log.
         SerialConfig::File(path) => files::open("--serial file", path, Access::Append)
             .map(Output::Fd)
-            .map_err(Error::Console),
+            .map_err(Error::File),
     }
 }
 
