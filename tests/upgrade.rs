@@ -916,10 +916,8 @@ fn transfer_to_a_new_process_stopped_while_it_waits() {
     // leaves the control socket (which it never bound) alone.
     let (mut waiting, path) = g.spawn_incoming(&a, &[]);
     // SAFETY: kill(2) on a child this test spawned and has not reaped.
-    assert_eq!(
-        unsafe { libc::kill(waiting.pid() as i32, libc::SIGTERM) },
-        0
-    );
+    let r = unsafe { libc::kill(waiting.pid() as i32, libc::SIGTERM) };
+    assert_eq!(r, 0);
     let exit = waiting.wait_exit(TIMEOUT);
     assert!(
         exit.is_some(),
@@ -983,10 +981,8 @@ fn transfer_to_a_new_process_killed_after_it_took_the_descriptors() {
 
     let mut ends = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array; the result is checked.
-    assert_eq!(
-        unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) },
-        0
-    );
+    let r = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(r, 0);
     // SAFETY: both descriptors were just created and are owned by nothing else.
     let (read_end, write_end) =
         unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
@@ -1010,10 +1006,8 @@ fn transfer_to_a_new_process_killed_after_it_took_the_descriptors() {
     // Fill the pipe: it is empty (molt has logged nothing while waiting).
     let mut pending: libc::c_int = 0;
     // SAFETY: FIONREAD stores the pipe's byte count into `pending`.
-    assert_eq!(
-        unsafe { libc::ioctl(read_end.as_raw_fd(), libc::FIONREAD, &mut pending) },
-        0
-    );
+    let r = unsafe { libc::ioctl(read_end.as_raw_fd(), libc::FIONREAD, &mut pending) };
+    assert_eq!(r, 0);
     assert_eq!(pending, 0, "the waiting molt wrote to stderr");
     // SAFETY: F_GETPIPE_SZ only reads the pipe's capacity.
     let capacity = unsafe { libc::fcntl(write_end.as_raw_fd(), libc::F_GETPIPE_SZ) };
@@ -1761,10 +1755,8 @@ fn sigterm_to_the_new_process_before_go_fails_the_transfer() {
     let _silent = UnixStream::connect(&path).expect("connect");
     thread::sleep(Duration::from_millis(200));
     // SAFETY: kill(2) on a child this test spawned and has not reaped.
-    assert_eq!(
-        unsafe { libc::kill(waiting.pid() as i32, libc::SIGTERM) },
-        0
-    );
+    let r = unsafe { libc::kill(waiting.pid() as i32, libc::SIGTERM) };
+    assert_eq!(r, 0);
     let exit = waiting.wait_exit(Duration::from_secs(5));
     assert!(
         exit.is_some_and(|s| !s.success()),

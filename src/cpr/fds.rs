@@ -295,17 +295,11 @@ mod tests {
     #[test]
     fn cloexec_toggles() {
         let f = File::open("/dev/null").unwrap();
+        // SAFETY: F_GETFD only reads the flags of an open descriptor.
+        let flags = || unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFD) };
         set_cloexec(f.as_raw_fd(), false).unwrap();
-        // SAFETY: reading flags of an open descriptor.
-        assert_eq!(
-            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFD) } & libc::FD_CLOEXEC,
-            0
-        );
+        assert_eq!(flags() & libc::FD_CLOEXEC, 0);
         set_cloexec(f.as_raw_fd(), true).unwrap();
-        // SAFETY: as above.
-        assert_ne!(
-            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFD) } & libc::FD_CLOEXEC,
-            0
-        );
+        assert_ne!(flags() & libc::FD_CLOEXEC, 0);
     }
 }
