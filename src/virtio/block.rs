@@ -104,6 +104,13 @@ impl std::error::Error for Error {
     }
 }
 
+/// Which image a disk opens, and whether the guest may write it (`--disk`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
 /// The image and what was learnt from it when it was opened; fixed for the
 /// device's lifetime.
 struct Disk {
@@ -175,7 +182,7 @@ impl Block {
     /// size is rounded down to whole sectors, with a warning: the guest cannot
     /// address a partial sector, and refusing would reject images that merely
     /// were not padded.
-    pub fn new(cfg: &crate::args::DiskConfig) -> Result<Block, Error> {
+    pub fn new(cfg: &DiskConfig) -> Result<Block, Error> {
         let path = cfg.path.clone();
         let file = OpenOptions::new()
             .read(true)

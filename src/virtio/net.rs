@@ -36,7 +36,6 @@ use super::{
     read_config_bytes, Budget, Interrupt, QueueStateV1, Served, VirtioDevice, TYPE_NET,
     VIRTIO_F_RING_EVENT_IDX,
 };
-use crate::args::{NetBackend, NetConfig};
 use crate::ratelimit::guest_log;
 
 const RX: usize = 0;
@@ -70,6 +69,22 @@ const FEATURES: u64 = VIRTIO_F_RING_EVENT_IDX
     | bit(VIRTIO_NET_F_HOST_TSO6)
     | GUEST_TSO
     | bit(VIRTIO_NET_F_MRG_RXBUF);
+
+/// Where a NIC's packets go (`--net tap=` or `fd=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// Create or attach the tap interface of this name.
+    Tap(String),
+    /// Adopt this already-open tap descriptor.
+    Fd(i32),
+}
+
+/// A NIC's backend and, if given, its MAC (`--net`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub backend: NetBackend,
+    pub mac: Option<[u8; 6]>,
+}
 
 #[derive(Debug)]
 pub enum Error {

@@ -20,10 +20,10 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use crate::pci::config::{ConfigSpace, Header};
-use crate::pci::lock;
 use crate::pci::msix::{self, MsiRouter, Msix, MsixState};
 use crate::pci::PciFunction;
 use crate::ratelimit::guest_log;
+use crate::sync::lock;
 
 /// BAR 0 layout.
 const COMMON_OFFSET: u64 = 0x0000;
