@@ -28,7 +28,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::{
-    read_config_bytes, Budget, Interrupt, QueueStateV1, Served, VirtioDevice, TYPE_BLOCK,
+    read_config_bytes, Budget, DeviceState, Interrupt, Served, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_RING_EVENT_IDX,
 };
 use crate::ratelimit::guest_log;
@@ -308,7 +308,7 @@ impl VirtioDevice for Block {
         self.disk.file.sync_data()
     }
 
-    fn queue_states(&self) -> Vec<QueueStateV1> {
+    fn state(&self) -> DeviceState {
         self.active.iter().map(|a| (&a.queue).into()).collect()
     }
 
@@ -1679,7 +1679,7 @@ mod tests {
         queue_reads(&mut d, 200, 512, |i| STORM_DATA + 512 * u64::from(i));
         assert_eq!(d.blk.queue_notify(0), Served::More);
         assert_eq!(d.used_idx(), 64);
-        let saved = d.blk.queue_states();
+        let saved = d.blk.state();
         assert_eq!(saved[0].next_avail, 64);
         let mut blk = Block::new(&DiskConfig {
             path: d.img.0.clone(),
@@ -1687,12 +1687,9 @@ mod tests {
         })
         .unwrap();
         blk.ack_features(!0);
-        let queue = saved[0].to_queue().unwrap();
-        blk.activate(
-            d.mem.clone(),
-            vec![queue],
-            Box::new(Counter(d.irqs.clone())),
-        );
+        let irq = Box::new(Counter(d.irqs.clone()));
+        blk.restore(d.mem.clone(), &saved, irq).unwrap();
+        assert_eq!(blk.state(), saved);
         d.blk = blk;
         assert_eq!(events(&mut d), [128, 192, 200]);
         assert_reads_done(&d, 200);

@@ -33,7 +33,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 use super::tap::{self, Tap, VNET_HDR_LEN};
 use super::{
-    read_config_bytes, Budget, Interrupt, QueueStateV1, Served, VirtioDevice, TYPE_NET,
+    read_config_bytes, Budget, DeviceState, Interrupt, Served, VirtioDevice, TYPE_NET,
     VIRTIO_F_RING_EVENT_IDX,
 };
 use crate::ratelimit::guest_log;
@@ -587,7 +587,7 @@ impl VirtioDevice for Net {
         self.tap.as_raw_fd()
     }
 
-    fn queue_states(&self) -> Vec<QueueStateV1> {
+    fn state(&self) -> DeviceState {
         self.active
             .iter()
             .flat_map(|a| [(&a.rx).into(), (&a.tx).into()])

@@ -190,7 +190,7 @@ impl Prepared {
             .map_err(Error::HostCpu)?;
         crate::sync::lock(&parts.bus.serial)
             .restore(&state.serial)
-            .map_err(Error::Mismatch)?;
+            .map_err(|e| Error::Mismatch(e.to_string()))?;
         for (i, (dev, saved)) in parts.virtio.iter().zip(&state.virtio).enumerate() {
             crate::sync::lock(dev)
                 .restore(saved)
