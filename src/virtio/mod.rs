@@ -6,6 +6,8 @@ pub mod block;
 pub mod net;
 pub mod pci;
 mod tap;
+#[cfg(test)]
+mod test_ring;
 
 use std::fmt;
 use std::os::fd::RawFd;
