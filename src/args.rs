@@ -6,6 +6,10 @@ use std::path::PathBuf;
 use argh::FromArgs;
 
 use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS, MIN_MEM};
+// `--disk` and `--net` parse straight into the devices' own configurations:
+// argv depends on the devices, never the other way round.
+pub use crate::virtio::block::DiskConfig;
+pub use crate::virtio::net::{NetBackend, NetConfig};
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 pub const DEFAULT_MEM: u64 = 256 << 20;
@@ -158,13 +162,6 @@ fn parse_incoming(s: &str) -> Result<Incoming, String> {
     }
 }
 
-/// A `--disk` argument.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    pub read_only: bool,
-}
-
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let (path, read_only) = match s.rsplit_once(',') {
         Some((p, "ro")) => (p, true),
@@ -179,22 +176,6 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         path: PathBuf::from(path),
         read_only,
     })
-}
-
-/// Where a NIC's packets go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NetBackend {
-    /// Create or attach the tap interface of this name.
-    Tap(String),
-    /// Adopt this already-open tap descriptor.
-    Fd(i32),
-}
-
-/// A `--net` argument.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
-    pub backend: NetBackend,
-    pub mac: Option<[u8; 6]>,
 }
 
 /// Longest interface name the kernel takes (IFNAMSIZ - 1).

@@ -3,10 +3,11 @@
 
 use std::sync::Mutex;
 
-use crate::boot::acpi::{decode_sleep_port_write, PowerRequest};
+use crate::devices::power::{decode_sleep_port_write, PowerRequest};
 use crate::devices::serial::Serial;
 use crate::layout::{ACPI_SLEEP_PORT, I8042_PORT, SERIAL_PORT, SERIAL_PORT_LEN};
 use crate::pci::PciBus;
+use crate::sync::lock;
 
 /// Why the guest stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,10 +80,6 @@ fn serial_offset(port: u16) -> Option<u8> {
     port.checked_sub(SERIAL_PORT)
         .filter(|&o| o < SERIAL_PORT_LEN)
         .map(|o| o as u8)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ mod kexec;
 mod layout;
 mod pci;
 mod ratelimit;
+mod sync;
 mod terminal;
 mod virtio;
 mod vm;

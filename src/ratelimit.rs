@@ -38,7 +38,7 @@ impl Limiter {
     /// At `now` (any monotonic clock): `Some(n)` lets a line through, `n` lines
     /// having been dropped since the last one let through; `None` drops it.
     pub fn admit(&self, now: Duration) -> Option<u64> {
-        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = crate::sync::lock(&self.0);
         if w.start.is_none_or(|s| now.saturating_sub(s) >= WINDOW) {
             w.start = Some(now);
             w.emitted = 0;

@@ -1,3 +1,4 @@
 //! Emulated devices. They never touch KVM or CPR directly.
 
+pub mod power;
 pub mod serial;

@@ -44,6 +44,33 @@ impl Write for Output {
     }
 }
 
+/// Why a saved UART could not be taken back.
+#[derive(Debug)]
+pub enum Error {
+    /// vm-superio refused the registers, or could not raise the pending interrupt.
+    Refused(vm_superio::serial::Error<std::io::Error>),
+    /// The interrupt line's eventfd could not be duplicated for the new UART.
+    CloneIrq(std::io::Error),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Refused(e) => write!(f, "UART state refused: {e}"),
+            Error::CloneIrq(e) => write!(f, "UART interrupt eventfd: cannot duplicate: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Refused(e) => Some(e),
+            Error::CloneIrq(e) => Some(e),
+        }
+    }
+}
+
 /// The UART's registers and receive FIFO, version 1 of its saved form.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SerialStateV1 {
@@ -68,11 +95,7 @@ impl Serial {
     }
 
     /// Rebuilds the UART from saved registers; a pending interrupt is raised again.
-    pub fn from_state(
-        s: &SerialStateV1,
-        irq: Option<EventFd>,
-        out: Output,
-    ) -> Result<Self, String> {
+    pub fn from_state(s: &SerialStateV1, irq: Option<EventFd>, out: Output) -> Result<Self, Error> {
         let state = SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -87,13 +110,13 @@ impl Serial {
         };
         vm_superio::Serial::from_state(&state, IrqLine(irq), NoEvents, out)
             .map(Serial)
-            .map_err(|e| format!("UART state refused: {e:?}"))
+            .map_err(Error::Refused)
     }
 
     /// Takes saved registers into this UART, keeping its interrupt line and output.
-    pub fn restore(&mut self, s: &SerialStateV1) -> Result<(), String> {
+    pub fn restore(&mut self, s: &SerialStateV1) -> Result<(), Error> {
         let irq = match &self.0.interrupt_evt().0 {
-            Some(e) => Some(e.try_clone().map_err(|e| e.to_string())?),
+            Some(e) => Some(e.try_clone().map_err(Error::CloneIrq)?),
             None => None,
         };
         let placeholder = vm_superio::Serial::new(IrqLine(None), Output::Sink);

@@ -22,6 +22,7 @@ use crate::cpr::state::RunState;
 use crate::cpr::update::Request;
 use crate::devices::serial::Output;
 use crate::files::{self, Access};
+use crate::sync::lock;
 use crate::terminal::RawMode;
 use crate::vm::{self, Machine};
 
@@ -115,7 +116,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
             exit_reason.clone(),
         );
         Arc::new(move |why: GuestExit| {
-            let mut slot = reason.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = lock(&reason);
             slot.get_or_insert(why);
             let _ = evt.write(1);
         })
@@ -337,7 +338,7 @@ impl Loop {
             for ev in &events[..n] {
                 let next = match Token::decode(ev.data()) {
                     Some(Token::Exit) => {
-                        let why = exit_reason.lock().unwrap_or_else(|p| p.into_inner());
+                        let why = lock(exit_reason);
                         Next::Stop(Outcome::Guest(why.clone().unwrap_or(GuestExit::PowerOff)))
                     }
                     Some(Token::Signal) => Next::Stop(Outcome::Signal(read_signal(signals))),
@@ -557,10 +558,6 @@ fn earliest(a: i32, b: i32) -> i32 {
 
 fn device_fd(device: usize, index: usize) -> u64 {
     Token::DeviceFd { device, index }.encode()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn read_signal(signals: &File) -> i32 {

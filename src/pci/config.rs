@@ -23,6 +23,27 @@ pub const COMMAND_MEMORY: u16 = 1 << 1;
 const COMMAND_WRITABLE: u16 = (1 << 1) | (1 << 2) | (1 << 10); // memory, bus master, INTx disable
 const STATUS_CAP_LIST: u16 = 1 << 4;
 
+/// Why saved config space bytes were refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// Not `CONFIG_SIZE` bytes.
+    Size(usize),
+    /// A byte the guest cannot write differs: the identity, a BAR's size or the
+    /// capability layout of another device.
+    OtherDevice,
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Size(n) => write!(f, "config space of {n} bytes"),
+            Error::OtherDevice => write!(f, "saved PCI config space belongs to another device"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
 /// Identity of a function.
 pub struct Header {
     pub vendor: u16,
@@ -158,9 +179,9 @@ impl ConfigSpace {
     /// Takes saved bytes back. The identity, BARs' sizes and the capability
     /// layout come from the device itself, so they must match; only what the
     /// guest could write may differ.
-    pub fn restore_bytes(&mut self, saved: &[u8]) -> Result<(), String> {
+    pub fn restore_bytes(&mut self, saved: &[u8]) -> Result<(), Error> {
         if saved.len() != CONFIG_SIZE {
-            return Err(format!("config space of {} bytes", saved.len()));
+            return Err(Error::Size(saved.len()));
         }
         let fixed_differs = (0..CONFIG_SIZE).any(|i| {
             let ro = !self.writable[i];
@@ -168,7 +189,7 @@ impl ConfigSpace {
             i != STATUS && i != STATUS + 1 && (saved[i] & ro) != (self.regs[i] & ro)
         });
         if fixed_differs {
-            return Err("saved PCI config space belongs to another device".into());
+            return Err(Error::OtherDevice);
         }
         self.regs.copy_from_slice(saved);
         Ok(())
@@ -242,8 +263,8 @@ mod tests {
         assert!(fresh.memory_enabled());
         let mut other = saved.clone();
         other[DEVICE_ID] ^= 1;
-        assert!(fresh.restore_bytes(&other).is_err());
-        assert!(fresh.restore_bytes(&saved[..100]).is_err());
+        assert_eq!(fresh.restore_bytes(&other), Err(Error::OtherDevice));
+        assert_eq!(fresh.restore_bytes(&saved[..100]), Err(Error::Size(100)));
     }
 
     #[test]

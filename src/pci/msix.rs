@@ -56,6 +56,33 @@ pub const MAX_VECTORS: usize = 8;
 // `Msix::live` keeps one bit per vector in a u32.
 const _: () = assert!(MAX_VECTORS <= 32);
 
+/// Why a saved MSI-X state does not fit a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// Not one table entry per vector.
+    Entries { saved: usize, device: usize },
+    /// Not one pending bit per vector.
+    Pending { saved: usize, device: usize },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Entries { saved, device } => {
+                write!(f, "MSI-X state has {saved} vectors, the device {device}")
+            }
+            Error::Pending { saved, device } => {
+                write!(
+                    f,
+                    "MSI-X state has {saved} pending bits, the device {device} vectors"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
 /// Version 1 of the saved MSI-X state: the table, pending bits and control bits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsixState {
@@ -259,13 +286,19 @@ impl Msix {
     /// Takes the saved table (same vector count, checked), routes every live
     /// vector into the fresh KVM routing table (one update) and re-raises
     /// pending ones that can fire: an interrupt in flight at save time is not lost.
-    pub fn restore(&mut self, s: &MsixState) -> Result<(), String> {
-        let n = self.entries.len();
-        if s.entries.len() != n || s.pending.len() != n {
-            return Err(format!(
-                "MSI-X state has {} vectors, the device {n}",
-                s.entries.len()
-            ));
+    pub fn restore(&mut self, s: &MsixState) -> Result<(), Error> {
+        let device = self.entries.len();
+        if s.entries.len() != device {
+            return Err(Error::Entries {
+                saved: s.entries.len(),
+                device,
+            });
+        }
+        if s.pending.len() != device {
+            return Err(Error::Pending {
+                saved: s.pending.len(),
+                device,
+            });
         }
         self.entries.copy_from_slice(&s.entries);
         self.pending.copy_from_slice(&s.pending);
@@ -431,6 +464,56 @@ mod tests {
         set_mask(&mut fresh, 1, false);
         assert_eq!(rec.calls()[1], [(25, msg(0xfee0_0000, 0x41))]);
         assert_eq!(fds[1].read().unwrap(), 1, "pending vector fires at unmask");
+    }
+
+    #[test]
+    fn state_round_trips_and_another_size_is_refused() {
+        let (mut m, _rec, _fds) = msix(3);
+        m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        program(&mut m, 0, 0xfee0_0000, 0x41);
+        program(&mut m, 2, 0xfee0_1000, 0x42);
+        // The function is masked: vector 2 fires into its pending bit.
+        m.trigger(2);
+        let saved = m.state();
+        assert_eq!(saved.pending[..], [false, false, true]);
+        assert!(saved.enabled && saved.function_masked);
+
+        let (mut fresh, rec, fds) = msix(3);
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.state(), saved);
+        assert!(rec.calls().is_empty(), "function masked: nothing can fire");
+        let mut d = [0u8; 8];
+        fresh.table_read(2 * 16, &mut d);
+        assert_eq!(u64::from_le_bytes(d), 0xfee0_1000);
+        fresh.pba_read(0, &mut d);
+        assert_eq!(d[0], 0b100);
+        // Unmasking the function routes the live vectors and delivers vector 2.
+        fresh.set_control(CONTROL_ENABLE);
+        let live = vec![(24, msg(0xfee0_0000, 0x41)), (26, msg(0xfee0_1000, 0x42))];
+        assert_eq!(rec.calls(), [live]);
+        assert_eq!(fds[2].read().unwrap(), 1);
+        assert!(fds[0].read().is_err());
+
+        let (mut small, _, _) = msix(2);
+        let e = small.restore(&saved).unwrap_err();
+        assert_eq!(
+            e,
+            Error::Entries {
+                saved: 3,
+                device: 2
+            }
+        );
+        assert_eq!(e.to_string(), "MSI-X state has 3 vectors, the device 2");
+        let mut short = saved.clone();
+        short.pending.pop();
+        assert_eq!(
+            fresh.restore(&short),
+            Err(Error::Pending {
+                saved: 2,
+                device: 3
+            })
+        );
+        assert_eq!(small.state(), msix(2).0.state(), "left as it was");
     }
 
     #[test]

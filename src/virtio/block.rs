@@ -28,7 +28,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::{
-    read_config_bytes, Budget, Interrupt, QueueStateV1, Served, VirtioDevice, TYPE_BLOCK,
+    read_config_bytes, Budget, DeviceState, Interrupt, Served, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_RING_EVENT_IDX,
 };
 use crate::ratelimit::guest_log;
@@ -104,6 +104,13 @@ impl std::error::Error for Error {
     }
 }
 
+/// Which image a disk opens, and whether the guest may write it (`--disk`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
 /// The image and what was learnt from it when it was opened; fixed for the
 /// device's lifetime.
 struct Disk {
@@ -175,7 +182,7 @@ impl Block {
     /// size is rounded down to whole sectors, with a warning: the guest cannot
     /// address a partial sector, and refusing would reject images that merely
     /// were not padded.
-    pub fn new(cfg: &crate::args::DiskConfig) -> Result<Block, Error> {
+    pub fn new(cfg: &DiskConfig) -> Result<Block, Error> {
         let path = cfg.path.clone();
         let file = OpenOptions::new()
             .read(true)
@@ -301,7 +308,7 @@ impl VirtioDevice for Block {
         self.disk.file.sync_data()
     }
 
-    fn queue_states(&self) -> Vec<QueueStateV1> {
+    fn state(&self) -> DeviceState {
         self.active.iter().map(|a| (&a.queue).into()).collect()
     }
 
@@ -737,22 +744,19 @@ fn gather(mem: &GuestMemoryMmap, bufs: &[Descriptor], mut dst: &mut [u8]) -> Res
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
 
     use virtio_bindings::bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
     use vm_memory::GuestAddress;
 
-    use crate::args::DiskConfig;
+    use crate::virtio::test_ring::{put_desc, put_table, Desc, Irqs, Ring};
 
     /// Guest RAM: two adjacent 2 MiB regions, nothing above.
     const REGION: u64 = 2 << 20;
     const MEM_END: u64 = 2 * REGION;
-    /// Ring layout for queues of up to 256 entries.
-    const DESC: u64 = 0;
-    const AVAIL: u64 = 0x1000;
-    const USED: u64 = 0x2000;
+    /// Where the rings start; a 256-entry queue's end before 0x2000.
+    const RINGS: u64 = 0;
     const INDIRECT: u64 = 0x10_0000;
     const HDR: u64 = 0x8000;
     const STATUS: u64 = 0x8100;
@@ -795,23 +799,14 @@ mod tests {
         }
     }
 
-    struct Counter(Arc<AtomicUsize>);
-
-    impl Interrupt for Counter {
-        fn queue(&self, index: usize) {
-            assert_eq!(index, 0);
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    /// The driver side: a split virtqueue written by hand into guest memory.
+    /// The driver side: requests on the shared test ring.
     struct Driver {
         mem: GuestMemoryMmap,
         blk: Block,
-        irqs: Arc<AtomicUsize>,
-        size: u16,
+        irqs: Irqs,
+        ring: Ring,
+        /// Where `chain` writes next.
         next_desc: u16,
-        avail_idx: u16,
         img: Image,
     }
 
@@ -821,16 +816,6 @@ mod tests {
             (GuestAddress(REGION), REGION as usize),
         ])
         .unwrap()
-    }
-
-    fn queue(size: u16) -> Queue {
-        let mut q = Queue::new(QUEUE_SIZE).unwrap();
-        q.set_size(size);
-        q.set_desc_table_address(Some(DESC as u32), Some(0));
-        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-        q.set_used_ring_address(Some(USED as u32), Some(0));
-        q.set_ready(true);
-        q
     }
 
     impl Driver {
@@ -847,66 +832,39 @@ mod tests {
             })
             .unwrap();
             let mem = memory();
-            let irqs = Arc::new(AtomicUsize::new(0));
+            let irqs = Irqs::default();
+            let ring = Ring::new(RINGS, size);
             blk.ack_features(features);
             blk.activate(
                 mem.clone(),
-                vec![queue(size)],
-                Box::new(Counter(irqs.clone())),
+                vec![ring.queue(QUEUE_SIZE)],
+                Box::new(irqs.clone()),
             );
             Driver {
                 mem,
                 blk,
                 irqs,
-                size,
+                ring,
                 next_desc: 0,
-                avail_idx: 0,
                 img,
             }
         }
 
-        fn write_desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-            let mut d = [0u8; 16];
-            d[..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..].copy_from_slice(&next.to_le_bytes());
-            self.mem
-                .write_slice(&d, GuestAddress(table + 16 * u64::from(i)))
-                .unwrap();
-        }
-
-        fn set_avail_idx(&self, idx: u16) {
-            self.mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();
-        }
-
-        /// Makes `head` available.
-        fn publish(&mut self, head: u16) {
-            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % self.size);
-            self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            self.set_avail_idx(self.avail_idx);
-        }
-
-        /// Writes `bufs` (addr, len, flags) as a linked chain in the next free
-        /// descriptors and returns its head, unpublished.
-        fn chain(&mut self, bufs: &[(u64, u32, u16)]) -> u16 {
+        /// Writes `bufs` as a linked chain in the next free descriptors and
+        /// returns its head, unpublished.
+        fn chain(&mut self, bufs: &[Desc]) -> u16 {
             let head = self.next_desc;
-            for (n, &(addr, len, flags)) in bufs.iter().enumerate() {
-                let i = self.next_desc;
-                self.next_desc = (self.next_desc + 1) % self.size;
-                let more = if n + 1 < bufs.len() {
-                    VRING_DESC_F_NEXT as u16
-                } else {
-                    0
-                };
-                self.write_desc(DESC, i, addr, len, flags | more, self.next_desc);
-            }
+            self.ring.write_chain(&self.mem, head, bufs);
+            self.next_desc = (head + bufs.len() as u16) % self.ring.size;
             head
         }
 
+        fn publish(&self, head: u16) {
+            self.ring.offer(&self.mem, head);
+        }
+
         fn used_idx(&self) -> u16 {
-            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+            self.ring.used_idx(&self.mem)
         }
 
         /// Publishes `head`, notifies, and returns the one used entry's length.
@@ -915,14 +873,13 @@ mod tests {
             self.publish(head);
             assert_eq!(self.blk.queue_notify(0), Served::All);
             assert_eq!(self.used_idx(), before.wrapping_add(1), "one used entry");
-            let elem = USED + 4 + 8 * u64::from(before % self.size);
-            let id: u32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
+            let (id, len) = self.ring.used(&self.mem, before);
             assert_eq!(id, u32::from(head));
-            self.mem.read_obj(GuestAddress(elem + 4)).unwrap()
+            len
         }
 
         /// Runs a chain given in full and returns (status byte, used length).
-        fn raw(&mut self, bufs: &[(u64, u32, u16)]) -> (u8, u32) {
+        fn raw(&mut self, bufs: &[Desc]) -> (u8, u32) {
             self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
             let head = self.chain(bufs);
             let len = self.run(head);
@@ -937,7 +894,7 @@ mod tests {
         }
 
         /// A well-formed request: header, `data`, one status byte.
-        fn request(&mut self, rtype: u32, sector: u64, data: &[(u64, u32, u16)]) -> (u8, u32) {
+        fn request(&mut self, rtype: u32, sector: u64, data: &[Desc]) -> (u8, u32) {
             self.header(rtype, sector);
             let mut bufs = vec![(HDR, 16, R)];
             bufs.extend_from_slice(data);
@@ -990,7 +947,7 @@ mod tests {
         let want: Vec<u8> = (1024..2560).map(pattern).collect();
         assert_eq!(d.guest(DATA, 512), want[..512]);
         assert_eq!(d.guest(DATA2, 1024), want[512..]);
-        assert_eq!(d.irqs.load(Ordering::SeqCst), 1);
+        assert_eq!(d.irqs.count(0), 1);
 
         for (i, sector) in [0, 5, 64, SECTORS - 2].into_iter().enumerate() {
             let data: Vec<u8> = (0..1024).map(|b| (b as u8) ^ (i as u8 + 1)).collect();
@@ -1008,7 +965,7 @@ mod tests {
             assert_eq!(r, (OK_S, 1025));
             assert_eq!(d.guest(DATA2, 1024), data);
         }
-        assert_eq!(d.irqs.load(Ordering::SeqCst), 9);
+        assert_eq!(d.irqs.count(0), 9);
         assert_eq!(d.img.bytes().len() as u64, SECTORS * 512);
     }
 
@@ -1274,14 +1231,18 @@ mod tests {
         let mut d = Driver::new();
         d.header(VIRTIO_BLK_T_IN, 0);
         // 0 -> 1 -> 2 -> 1 -> ...: never ends, so there is no status byte.
-        d.write_desc(DESC, 0, HDR, 16, VRING_DESC_F_NEXT as u16, 1);
-        d.write_desc(DESC, 1, DATA, 512, W | VRING_DESC_F_NEXT as u16, 2);
-        d.write_desc(DESC, 2, STATUS, 1, W | VRING_DESC_F_NEXT as u16, 1);
+        d.ring
+            .set_desc(&d.mem, 0, (HDR, 16, VRING_DESC_F_NEXT as u16), 1);
+        d.ring
+            .set_desc(&d.mem, 1, (DATA, 512, W | VRING_DESC_F_NEXT as u16), 2);
+        d.ring
+            .set_desc(&d.mem, 2, (STATUS, 1, W | VRING_DESC_F_NEXT as u16), 1);
         d.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         assert_eq!(d.run(0), 0);
         assert_eq!(d.guest(STATUS, 1), [0xff]);
         // A self-loop on the head.
-        d.write_desc(DESC, 0, HDR, 16, VRING_DESC_F_NEXT as u16, 0);
+        d.ring
+            .set_desc(&d.mem, 0, (HDR, 16, VRING_DESC_F_NEXT as u16), 0);
         assert_eq!(d.run(0), 0);
         d.next_desc = 3;
         d.assert_works();
@@ -1355,19 +1316,14 @@ mod tests {
 
     /// Writes an indirect table of `n` descriptors: header, data, status.
     fn indirect(d: &mut Driver, n: u16, data_len: u32) -> u16 {
-        for i in 0..n {
-            let (addr, len, flags) = match i {
+        let descs: Vec<Desc> = (0..n)
+            .map(|i| match i {
                 0 => (HDR, 16, R),
                 i if i == n - 1 => (STATUS, 1, W),
                 _ => (DATA, data_len, W),
-            };
-            let next = if i == n - 1 {
-                0
-            } else {
-                VRING_DESC_F_NEXT as u16
-            };
-            d.write_desc(INDIRECT, i, addr, len, flags | next, i + 1);
-        }
+            })
+            .collect();
+        put_table(&d.mem, INDIRECT, &descs);
         d.chain(&[(INDIRECT, 16 * u32::from(n), VRING_DESC_F_INDIRECT as u16)])
     }
 
@@ -1515,12 +1471,13 @@ mod tests {
     #[test]
     fn avail_index_far_ahead() {
         let mut d = Driver::new();
-        d.set_avail_idx(d.avail_idx.wrapping_add(1000));
+        let idx = d.ring.avail_idx(&d.mem);
+        d.ring.set_avail_idx(&d.mem, idx.wrapping_add(1000));
         assert_eq!(d.blk.queue_notify(0), Served::All);
         assert_eq!(d.used_idx(), 0);
-        assert_eq!(d.irqs.load(Ordering::SeqCst), 0);
+        assert_eq!(d.irqs.count(0), 0);
         // The driver repairs the index: the ring works again.
-        d.set_avail_idx(d.avail_idx);
+        d.ring.set_avail_idx(&d.mem, idx);
         d.assert_works();
     }
 
@@ -1534,7 +1491,8 @@ mod tests {
         assert_eq!(d.used_idx(), 0);
         // As a `next`: the chain has no end, so no status.
         d.header(VIRTIO_BLK_T_IN, 0);
-        d.write_desc(DESC, 0, HDR, 16, VRING_DESC_F_NEXT as u16, 16);
+        d.ring
+            .set_desc(&d.mem, 0, (HDR, 16, VRING_DESC_F_NEXT as u16), 16);
         d.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         let before = d.used_idx();
         d.publish(0);
@@ -1563,17 +1521,15 @@ mod tests {
     #[test]
     fn event_idx_suppresses_interrupts() {
         let mut d = Driver::with(false, 16, !0);
-        let used_event = AVAIL + 4 + 2 * 16;
         // The driver wants an interrupt only once the used index passes 2.
-        d.mem.write_obj(2u16, GuestAddress(used_event)).unwrap();
+        d.ring.set_used_event(&d.mem, 2);
         assert_eq!(d.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK_S, 1));
         assert_eq!(d.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK_S, 1));
-        assert_eq!(d.irqs.load(Ordering::SeqCst), 0);
+        assert_eq!(d.irqs.count(0), 0);
         assert_eq!(d.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK_S, 1));
-        assert_eq!(d.irqs.load(Ordering::SeqCst), 1);
+        assert_eq!(d.irqs.count(0), 1);
         // The device asks to be notified at the next available entry.
-        let avail_event: u16 = d.mem.read_obj(GuestAddress(USED + 4 + 8 * 16)).unwrap();
-        assert_eq!(avail_event, 3);
+        assert_eq!(d.ring.avail_event(&d.mem), 3);
     }
 
     /// Publishes `n` reads of `len` bytes, request i from sector `i * len / 512`
@@ -1589,10 +1545,11 @@ mod tests {
             d.fill(hdr, &h);
             d.fill(status, &[0xff]);
             let table = INDIRECT + 48 * u64::from(i);
-            let next = VRING_DESC_F_NEXT as u16;
-            d.write_desc(table, 0, hdr, 16, R | next, 1);
-            d.write_desc(table, 1, buf(i), len, W | next, 2);
-            d.write_desc(table, 2, status, 1, W, 0);
+            put_table(
+                &d.mem,
+                table,
+                &[(hdr, 16, R), (buf(i), len, W), (status, 1, W)],
+            );
             let head = d.chain(&[(table, 48, VRING_DESC_F_INDIRECT as u16)]);
             d.publish(head);
         }
@@ -1620,10 +1577,8 @@ mod tests {
     fn assert_reads_done(d: &Driver, n: u16) {
         assert_eq!(d.used_idx(), n);
         for i in 0..n {
-            let elem = USED + 4 + 8 * u64::from(i % d.size);
-            let id: u32 = d.mem.read_obj(GuestAddress(elem)).unwrap();
-            let len: u32 = d.mem.read_obj(GuestAddress(elem + 4)).unwrap();
-            assert_eq!((id, len), (u32::from(i % d.size), 513), "used entry {i}");
+            let id = u32::from(i % d.ring.size);
+            assert_eq!(d.ring.used(&d.mem, i), (id, 513), "used entry {i}");
             assert_eq!(d.guest(STORM_STATUS + u64::from(i), 1), [OK_S]);
             let sector = u64::from(i) % SECTORS;
             let want: Vec<u8> = (sector * 512..sector * 512 + 512).map(pattern).collect();
@@ -1640,8 +1595,7 @@ mod tests {
         assert_eq!(events(&mut d), [64, 128, 192, 200]);
         assert_reads_done(&d, 200);
         // Kicks armed again past the last request.
-        let avail_event: u16 = d.mem.read_obj(GuestAddress(USED + 4 + 8 * 256)).unwrap();
-        assert_eq!(avail_event, 200);
+        assert_eq!(d.ring.avail_event(&d.mem), 200);
         d.assert_works();
     }
 
@@ -1652,13 +1606,13 @@ mod tests {
         let mut d = Driver::with(false, 256, !VIRTIO_F_RING_EVENT_IDX);
         queue_reads(&mut d, 40, 64 << 10, |_| 0x18_0000);
         assert_eq!(events(&mut d), [32, 40]);
-        assert_eq!(d.irqs.load(Ordering::SeqCst), 2, "one interrupt per event");
+        assert_eq!(d.irqs.count(0), 2, "one interrupt per event");
         let whole: Vec<u8> = (0..SECTORS * 512).map(pattern).collect();
         assert_eq!(d.guest(0x18_0000, whole.len()), whole);
         // A request larger than the whole budget is still served, alone.
         queue_reads(&mut d, 2, 512, |i| STORM_DATA + 512 * u64::from(i));
         let next = VRING_DESC_F_NEXT as u16;
-        d.write_desc(INDIRECT, 1, REGION, 2 << 20, W | next, 2);
+        put_desc(&d.mem, INDIRECT, 1, (REGION, 2 << 20, W | next), 2);
         assert_eq!(events(&mut d), [41, 42]);
         assert_eq!(d.guest(STORM_STATUS, 2), [IOERR_S, OK_S]);
     }
@@ -1672,7 +1626,7 @@ mod tests {
         queue_reads(&mut d, 200, 512, |i| STORM_DATA + 512 * u64::from(i));
         assert_eq!(d.blk.queue_notify(0), Served::More);
         assert_eq!(d.used_idx(), 64);
-        let saved = d.blk.queue_states();
+        let saved = d.blk.state();
         assert_eq!(saved[0].next_avail, 64);
         let mut blk = Block::new(&DiskConfig {
             path: d.img.0.clone(),
@@ -1680,12 +1634,9 @@ mod tests {
         })
         .unwrap();
         blk.ack_features(!0);
-        let queue = saved[0].to_queue().unwrap();
-        blk.activate(
-            d.mem.clone(),
-            vec![queue],
-            Box::new(Counter(d.irqs.clone())),
-        );
+        let irq = Box::new(d.irqs.clone());
+        blk.restore(d.mem.clone(), &saved, irq).unwrap();
+        assert_eq!(blk.state(), saved);
         d.blk = blk;
         assert_eq!(events(&mut d), [128, 192, 200]);
         assert_reads_done(&d, 200);
@@ -1701,15 +1652,15 @@ mod tests {
         d.blk.ack_features(!VIRTIO_F_RING_EVENT_IDX);
         d.blk.activate(
             d.mem.clone(),
-            vec![queue(16)],
-            Box::new(Counter(d.irqs.clone())),
+            vec![d.ring.queue(QUEUE_SIZE)],
+            Box::new(d.irqs.clone()),
         );
-        (d.next_desc, d.avail_idx) = (0, 0);
+        d.next_desc = 0;
         d.assert_works();
         // Activating without a queue leaves the device inert rather than panicking.
         d.blk.reset();
         d.blk
-            .activate(d.mem.clone(), Vec::new(), Box::new(Counter(d.irqs.clone())));
+            .activate(d.mem.clone(), Vec::new(), Box::new(d.irqs.clone()));
         assert_eq!(d.blk.queue_notify(0), Served::All);
     }
 }

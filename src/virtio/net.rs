@@ -33,10 +33,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 use super::tap::{self, Tap, VNET_HDR_LEN};
 use super::{
-    read_config_bytes, Budget, Interrupt, QueueStateV1, Served, VirtioDevice, TYPE_NET,
+    read_config_bytes, Budget, DeviceState, Interrupt, Served, VirtioDevice, TYPE_NET,
     VIRTIO_F_RING_EVENT_IDX,
 };
-use crate::args::{NetBackend, NetConfig};
 use crate::ratelimit::guest_log;
 
 const RX: usize = 0;
@@ -70,6 +69,22 @@ const FEATURES: u64 = VIRTIO_F_RING_EVENT_IDX
     | bit(VIRTIO_NET_F_HOST_TSO6)
     | GUEST_TSO
     | bit(VIRTIO_NET_F_MRG_RXBUF);
+
+/// Where a NIC's packets go (`--net tap=` or `fd=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// Create or attach the tap interface of this name.
+    Tap(String),
+    /// Adopt this already-open tap descriptor.
+    Fd(i32),
+}
+
+/// A NIC's backend and, if given, its MAC (`--net`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub backend: NetBackend,
+    pub mac: Option<[u8; 6]>,
+}
 
 #[derive(Debug)]
 pub enum Error {
@@ -572,7 +587,7 @@ impl VirtioDevice for Net {
         self.tap.as_raw_fd()
     }
 
-    fn queue_states(&self) -> Vec<QueueStateV1> {
+    fn state(&self) -> DeviceState {
         self.active
             .iter()
             .flat_map(|a| [(&a.rx).into(), (&a.tx).into()])
@@ -619,131 +634,17 @@ mod tests {
     use std::fs::File;
     use std::io::{Read, Write};
     use std::os::fd::{FromRawFd, OwnedFd};
-    use std::sync::atomic::AtomicUsize;
-    use std::sync::Arc;
     use virtio_bindings::bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
+
+    use crate::virtio::test_ring::{put_table, Irqs, Ring};
 
     const MEM_SIZE: usize = 0x40_0000;
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;
     const WRITE: u16 = VRING_DESC_F_WRITE as u16;
     const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
     const MRG: u64 = bit(VIRTIO_NET_F_MRG_RXBUF);
-
-    /// A split virtqueue as the driver lays it out (2.7).
-    struct Ring {
-        desc: u64,
-        avail: u64,
-        used: u64,
-        size: u16,
-    }
-
-    impl Ring {
-        fn new(base: u64, size: u16) -> Ring {
-            let avail = base + 16 * u64::from(size);
-            let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
-            Ring {
-                desc: base,
-                avail,
-                used,
-                size,
-            }
-        }
-
-        fn queue(&self) -> Queue {
-            let mut q = Queue::new(256).unwrap();
-            q.set_size(self.size);
-            q.try_set_desc_table_address(GuestAddress(self.desc))
-                .unwrap();
-            q.try_set_avail_ring_address(GuestAddress(self.avail))
-                .unwrap();
-            q.try_set_used_ring_address(GuestAddress(self.used))
-                .unwrap();
-            q.set_ready(true);
-            q
-        }
-
-        fn set_desc(
-            &self,
-            mem: &GuestMemoryMmap,
-            i: u16,
-            addr: u64,
-            len: u32,
-            flags: u16,
-            next: u16,
-        ) {
-            put_desc(mem, self.desc, i, (addr, len, flags), next);
-        }
-
-        /// Writes a chain of `(addr, len, flags)` from descriptor `first` on and offers it.
-        fn chain(&self, mem: &GuestMemoryMmap, first: u16, descs: &[(u64, u32, u16)]) {
-            for (k, &(addr, len, flags)) in descs.iter().enumerate() {
-                let i = first + k as u16;
-                let more = if k + 1 < descs.len() { NEXT } else { 0 };
-                self.set_desc(mem, i, addr, len, flags | more, i + 1);
-            }
-            self.offer(mem, first);
-        }
-
-        fn avail_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-            mem.read_obj(GuestAddress(self.avail + 2)).unwrap()
-        }
-
-        fn set_avail_idx(&self, mem: &GuestMemoryMmap, idx: u16) {
-            mem.store(idx, GuestAddress(self.avail + 2), Ordering::Release)
-                .unwrap();
-        }
-
-        fn offer(&self, mem: &GuestMemoryMmap, head: u16) {
-            let idx = self.avail_idx(mem);
-            let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
-            mem.write_obj(head, GuestAddress(slot)).unwrap();
-            self.set_avail_idx(mem, idx.wrapping_add(1));
-        }
-
-        fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-            mem.read_obj(GuestAddress(self.used + 2)).unwrap()
-        }
-
-        /// Used element `i`: (id, len).
-        fn used(&self, mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
-            let at = GuestAddress(self.used + 4 + 8 * u64::from(i % self.size));
-            (
-                mem.read_obj(at).unwrap(),
-                mem.read_obj(at.unchecked_add(4)).unwrap(),
-            )
-        }
-
-        fn avail_event(&self, mem: &GuestMemoryMmap) -> u16 {
-            mem.read_obj(GuestAddress(self.used + 4 + 8 * u64::from(self.size)))
-                .unwrap()
-        }
-
-        fn set_used_event(&self, mem: &GuestMemoryMmap, v: u16) {
-            let at = self.avail + 4 + 2 * u64::from(self.size);
-            mem.write_obj(v, GuestAddress(at)).unwrap();
-        }
-    }
-
-    fn put_desc(mem: &GuestMemoryMmap, table: u64, i: u16, d: (u64, u32, u16), next: u16) {
-        let at = GuestAddress(table + 16 * u64::from(i));
-        mem.write_obj(d.0, at).unwrap();
-        mem.write_obj(d.1, at.unchecked_add(8)).unwrap();
-        mem.write_obj(d.2, at.unchecked_add(12)).unwrap();
-        mem.write_obj(next, at.unchecked_add(14)).unwrap();
-    }
-
-    #[derive(Default)]
-    struct Irqs([AtomicUsize; 2]);
-
-    struct SharedIrqs(Arc<Irqs>);
-
-    impl Interrupt for SharedIrqs {
-        fn queue(&self, index: usize) {
-            self.0 .0[index].fetch_add(1, Ordering::SeqCst);
-        }
-    }
 
     struct Rig {
         net: Net,
@@ -752,7 +653,7 @@ mod tests {
         tx: Ring,
         /// The far end of the stand-in tap: what the host network would see.
         peer: File,
-        irqs: Arc<Irqs>,
+        irqs: Irqs,
     }
 
     impl Rig {
@@ -773,12 +674,12 @@ mod tests {
             let mut net = Net::with_tap(Tap::stand_in(ours), [0x52, 0x54, 0, 1, 2, 3]);
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
             let (rx, tx) = (Ring::new(0x1000, rx_size), Ring::new(0x8000, tx_size));
-            let irqs = Arc::new(Irqs::default());
+            let irqs = Irqs::default();
             net.ack_features(features);
             net.activate(
                 mem.clone(),
-                vec![rx.queue(), tx.queue()],
-                Box::new(SharedIrqs(irqs.clone())),
+                vec![rx.queue(256), tx.queue(256)],
+                Box::new(irqs.clone()),
             );
             Rig {
                 net,
@@ -791,7 +692,7 @@ mod tests {
         }
 
         fn irq_count(&self, q: usize) -> usize {
-            self.irqs.0[q].load(Ordering::SeqCst)
+            self.irqs.count(q)
         }
 
         fn recv(&mut self) -> Option<Vec<u8>> {
@@ -811,20 +712,6 @@ mod tests {
 
         fn write(&self, addr: u64, data: &[u8]) {
             self.mem.write_slice(data, GuestAddress(addr)).unwrap();
-        }
-
-        /// Writes an indirect descriptor table (2.7.5.3) chaining `descs` in order.
-        fn write_indirect(&self, table: u64, descs: &[(u64, u32, u16)]) {
-            for (k, &(addr, len, flags)) in descs.iter().enumerate() {
-                let more = if k + 1 < descs.len() { NEXT } else { 0 };
-                put_desc(
-                    &self.mem,
-                    table,
-                    k as u16,
-                    (addr, len, flags | more),
-                    k as u16 + 1,
-                );
-            }
         }
     }
 
@@ -859,7 +746,7 @@ mod tests {
         // Header and payload in one buffer, through an indirect table.
         let q = packet(60, 9);
         r.write(0x20_5000, &q);
-        r.write_indirect(0x9000, &[(0x20_5000, q.len() as u32, 0)]);
+        put_table(&r.mem, 0x9000, &[(0x20_5000, q.len() as u32, 0)]);
         r.tx.chain(&r.mem, 3, &[(0x9000, 16, INDIRECT)]);
         assert_eq!(r.net.queue_notify(TX), Served::All);
         assert_eq!(r.recv().unwrap(), p);
@@ -1077,25 +964,60 @@ mod tests {
         assert_eq!(a.rx.next_avail(), 8, "the examined index is left as it was");
     }
 
-    #[test]
-    fn a_tx_flood_is_sent_one_budget_per_event() {
-        let mut r = Rig::with(EVENT_IDX, 256, 256);
+    /// Offers 200 small frames on the transmit ring; returns them.
+    fn offer_frames(r: &Rig) -> Vec<Vec<u8>> {
         let frames: Vec<_> = (0..200u16).map(|i| packet(50, i as u8)).collect();
         for (i, p) in (0u16..).zip(&frames) {
             let at = 0x20_0000 + u64::from(i) * 0x100;
             r.write(at, p);
             r.tx.chain(&r.mem, i, &[(at, p.len() as u32, 0)]);
         }
+        frames
+    }
+
+    /// Serves the transmit queue one event at a time until it reports nothing
+    /// left: the used index after each event, and every frame the tap took.
+    fn tx_events(r: &mut Rig) -> (Vec<u16>, Vec<Vec<u8>>) {
         let (mut after, mut sent) = (Vec::new(), Vec::new());
         loop {
             let served = r.net.queue_notify(TX);
             after.push(r.tx.used_idx(&r.mem));
             sent.extend(std::iter::from_fn(|| r.recv()));
             if served == Served::All {
-                break;
+                return (after, sent);
             }
             assert!(after.len() < 100, "never done");
         }
+    }
+
+    /// Receive buffer `i` of `post_buffers_and_frames`.
+    fn rx_buf(i: u16) -> u64 {
+        0x10_0000 + u64::from(i) * 0x800
+    }
+
+    /// Posts 256 receive buffers of 2 KiB and has the tap hold 200 frames.
+    fn post_buffers_and_frames(r: &mut Rig) {
+        for i in 0..256u16 {
+            r.rx.chain(&r.mem, i, &[(rx_buf(i), 2048, WRITE)]);
+        }
+        for i in 0..200 {
+            r.peer.write_all(&packet(100, i as u8)).unwrap();
+        }
+    }
+
+    /// The tap's 200 frames arrived in order, one per buffer.
+    fn assert_frames_received(r: &Rig) {
+        for i in 0..200u16 {
+            assert_eq!(r.rx.used(&r.mem, i), (u32::from(i), 112), "frame {i}");
+            assert_eq!(r.read(rx_buf(i) + 12, 100), frame(100, i as u8));
+        }
+    }
+
+    #[test]
+    fn a_tx_flood_is_sent_one_budget_per_event() {
+        let mut r = Rig::with(EVENT_IDX, 256, 256);
+        let frames = offer_frames(&r);
+        let (after, sent) = tx_events(&mut r);
         assert_eq!(after, [64, 128, 192, 200]);
         assert_eq!(sent, frames, "all sent, in order");
         assert_eq!(r.net.dropped, 0);
@@ -1105,13 +1027,7 @@ mod tests {
     #[test]
     fn an_rx_flood_is_received_one_budget_per_event() {
         let mut r = Rig::new(EVENT_IDX | MRG, 256);
-        let at = |i: u16| 0x10_0000 + u64::from(i) * 0x800;
-        for i in 0..256u16 {
-            r.rx.chain(&r.mem, i, &[(at(i), 2048, WRITE)]);
-        }
-        for i in 0..200 {
-            r.peer.write_all(&packet(100, i as u8)).unwrap();
-        }
+        post_buffers_and_frames(&mut r);
         let mut after = Vec::new();
         for _ in 0..5 {
             assert!(r.net.extra_fd_wanted(0), "the tap stays watched");
@@ -1119,10 +1035,44 @@ mod tests {
             after.push(r.rx.used_idx(&r.mem));
         }
         assert_eq!(after, [64, 128, 192, 200, 200]);
-        for i in 0..200u16 {
-            assert_eq!(r.rx.used(&r.mem, i), (u32::from(i), 112), "frame {i}");
-            assert_eq!(r.read(at(i) + 12, 100), frame(100, i as u8));
-        }
+        assert_frames_received(&r);
+    }
+
+    #[test]
+    fn a_save_mid_flood_loses_and_repeats_nothing() {
+        // One event's worth served each way, then the device is saved and a new
+        // one on the same tap is restored from it, as a live update does: the
+        // new device serves exactly the rest, none twice.
+        let features = EVENT_IDX | MRG;
+        let mut r = Rig::with(features, 256, 256);
+        let frames = offer_frames(&r);
+        post_buffers_and_frames(&mut r);
+        assert_eq!(r.net.queue_notify(TX), Served::More);
+        r.net.extra_fd_ready(0);
+        assert_eq!((r.rx.used_idx(&r.mem), r.tx.used_idx(&r.mem)), (64, 64));
+        let saved = r.net.state();
+        assert_eq!((saved[0].next_avail, saved[1].next_avail), (64, 64));
+
+        // SAFETY: dup takes no pointers; the new descriptor is owned here.
+        let tap = unsafe { OwnedFd::from_raw_fd(libc::dup(r.net.tap.as_raw_fd())) };
+        let mut net = Net::with_tap(Tap::stand_in(tap), r.net.mac);
+        net.ack_features(features);
+        let irq = Box::new(r.irqs.clone());
+        net.restore(r.mem.clone(), &saved, irq).unwrap();
+        assert_eq!(net.state(), saved);
+        r.net = net;
+
+        let (after, sent) = tx_events(&mut r);
+        assert_eq!(after, [128, 192, 200]);
+        assert_eq!(sent, frames, "all sent, in order, once");
+        let after: Vec<_> = (0..3)
+            .map(|_| {
+                r.net.extra_fd_ready(0);
+                r.rx.used_idx(&r.mem)
+            })
+            .collect();
+        assert_eq!(after, [128, 192, 200]);
+        assert_frames_received(&r);
     }
 
     #[test]
@@ -1193,15 +1143,15 @@ mod tests {
         assert_eq!(r.recv(), None);
         assert_eq!(r.tx.used_idx(&r.mem), 0);
         r.net.ack_features(EVENT_IDX);
-        let irq = Box::new(SharedIrqs(r.irqs.clone()));
+        let irq = Box::new(r.irqs.clone());
         r.net
-            .activate(r.mem.clone(), vec![r.rx.queue(), r.tx.queue()], irq);
+            .activate(r.mem.clone(), vec![r.rx.queue(256), r.tx.queue(256)], irq);
         assert_eq!(r.net.queue_notify(TX), Served::All);
         assert_eq!(r.recv().map(|f| f.len()), Some(20));
         // Wrong number of queues: stays inactive rather than guessing.
         r.net.reset();
-        let irq = Box::new(SharedIrqs(r.irqs.clone()));
-        r.net.activate(r.mem.clone(), vec![r.rx.queue()], irq);
+        let irq = Box::new(r.irqs.clone());
+        r.net.activate(r.mem.clone(), vec![r.rx.queue(256)], irq);
         assert!(!r.net.extra_fd_wanted(0));
     }
 
@@ -1212,8 +1162,8 @@ mod tests {
         r.write(0x20_0000, &good);
         let m = &r.mem;
         // A loop: 0 -> 1 -> 0.
-        r.tx.set_desc(m, 0, 0x20_0000, 56, NEXT, 1);
-        r.tx.set_desc(m, 1, 0x20_0000 + 56, 56, NEXT, 0);
+        r.tx.set_desc(m, 0, (0x20_0000, 56, NEXT), 1);
+        r.tx.set_desc(m, 1, (0x20_0000 + 56, 56, NEXT), 0);
         r.tx.offer(m, 0);
         // Outside guest memory; straddling its end; addr + len overflowing.
         r.tx.chain(m, 2, &[(MEM_SIZE as u64 + 0x1000, 100, 0)]);
@@ -1226,13 +1176,13 @@ mod tests {
         r.tx.chain(m, 8, &[(0x20_0000, 12, 0), (0x20_0100, 100, WRITE)]);
         // Longer than the queue (16), through an indirect table of 17.
         let long: Vec<_> = (0..17).map(|i| (0x20_0000 + i * 6, 6u32, 0u16)).collect();
-        r.write_indirect(0x9000, &long);
+        put_table(&r.mem, 0x9000, &long);
         r.tx.chain(m, 10, &[(0x9000, 17 * 16, INDIRECT)]);
         // Bigger than 64 KiB plus header.
         r.tx.chain(m, 11, &[(0x20_0000, MAX_FRAME as u32 + 1, 0)]);
         // A head index beyond the table, and a next index beyond it.
         r.tx.offer(m, 999);
-        r.tx.set_desc(m, 12, 0x20_0000, 112, NEXT, 999);
+        r.tx.set_desc(m, 12, (0x20_0000, 112, NEXT), 999);
         r.tx.offer(m, 12);
         assert_eq!(r.net.queue_notify(TX), Served::All);
         assert_eq!(r.recv(), None);
@@ -1264,8 +1214,8 @@ mod tests {
         r.rx.chain(m, 2, &[(MEM_SIZE as u64 - 8, 4096, WRITE)]); // beyond RAM
         r.rx.chain(m, 3, &[(u64::MAX - 10, 4096, WRITE)]); // overflowing
         r.rx.chain(m, 4, &[(0x10_0000, 0, WRITE)]); // empty
-        r.rx.set_desc(m, 5, 0x10_0000, 64, WRITE | NEXT, 6); // a loop
-        r.rx.set_desc(m, 6, 0x10_1000, 64, WRITE | NEXT, 5);
+        r.rx.set_desc(m, 5, (0x10_0000, 64, WRITE | NEXT), 6); // a loop
+        r.rx.set_desc(m, 6, (0x10_1000, 64, WRITE | NEXT), 5);
         r.rx.offer(m, 5);
         r.rx.chain(m, 7, &[(0x10_2000, 1000, WRITE)]); // fine, but too small alone
         r.rx.chain(m, 8, &[(0x10_3000, 8, WRITE)]); // too short, among good ones
@@ -1343,10 +1293,10 @@ mod tests {
                 let len = [0, 8, 12, 1536, 65_000, rand() as u32][rand() as usize % 6];
                 let flags = (rand() % 4) as u16 | if rand() % 8 == 0 { INDIRECT } else { 0 };
                 let next = (rand() % 20) as u16;
-                ring.set_desc(&r.mem, (rand() % 16) as u16, addr, len, flags, next);
+                ring.set_desc(&r.mem, (rand() % 16) as u16, (addr, len, flags), next);
                 if flags & INDIRECT != 0 {
                     let table = [0x9000, 0x20_0000, rand()][rand() as usize % 3];
-                    ring.set_desc(&r.mem, 0, table, (rand() % 40) as u32 * 16, 0, 0);
+                    ring.set_desc(&r.mem, 0, (table, (rand() % 40) as u32 * 16, 0), 0);
                 }
             }
             let active = r.net.active.as_ref().unwrap();
@@ -1386,9 +1336,9 @@ mod tests {
         }
         while r.recv().is_some() {}
         r.net.ack_features(EVENT_IDX);
-        let irq = Box::new(SharedIrqs(r.irqs.clone()));
+        let irq = Box::new(r.irqs.clone());
         r.net
-            .activate(r.mem.clone(), vec![r.rx.queue(), r.tx.queue()], irq);
+            .activate(r.mem.clone(), vec![r.rx.queue(256), r.tx.queue(256)], irq);
         r.write(0x20_0000, &packet(50, 1));
         r.tx.chain(&r.mem, 0, &[(0x20_0000, 62, 0)]);
         assert_eq!(r.net.queue_notify(TX), Served::All);

@@ -7,6 +7,7 @@
 //! it (the ioeventfd missed, e.g. after the guest moved the BAR) kicks the same
 //! eventfd, so there is one notification path.
 
+use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use heapless::Vec as BoundedVec;
@@ -16,14 +17,14 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ring_extents, Interrupt, QueueStateV1, Served, VirtioDevice, MAX_QUEUES, TYPE_BLOCK, TYPE_NET,
-    VIRTIO_F_VERSION_1,
+    restore_queues, ring_extents, DeviceState, Interrupt, QueueError, QueueSet, QueueStateV1,
+    Served, VirtioDevice, MAX_QUEUES, TYPE_BLOCK, TYPE_NET, VIRTIO_F_VERSION_1,
 };
-use crate::pci::config::{ConfigSpace, Header};
-use crate::pci::lock;
+use crate::pci::config::{self, ConfigSpace, Header};
 use crate::pci::msix::{self, MsiRouter, Msix, MsixState};
 use crate::pci::PciFunction;
 use crate::ratelimit::guest_log;
+use crate::sync::lock;
 
 /// BAR 0 layout.
 const COMMON_OFFSET: u64 = 0x0000;
@@ -97,8 +98,56 @@ pub fn vectors_needed(device: &dyn VirtioDevice) -> u32 {
     device.queue_max_sizes().len() as u32 + 1
 }
 
+/// Why a saved virtio-pci function does not fit this one.
+#[derive(Debug)]
+pub enum Error {
+    /// The queue registers, or the device's live queues.
+    Queues(QueueError),
+    /// Not one MSI-X vector number per queue.
+    QueueVectors {
+        saved: usize,
+        queues: usize,
+    },
+    /// The driver's features include some the device does not offer.
+    Features {
+        saved: u64,
+        offered: u64,
+    },
+    /// A queue or the configuration names a vector past the MSI-X table.
+    Vector {
+        vector: u16,
+        vectors: u16,
+    },
+    Config(config::Error),
+    Msix(msix::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Queues(e) => e.fmt(f),
+            Error::QueueVectors { saved, queues } => write!(
+                f,
+                "{saved} queue vectors saved, the device has {queues} queues"
+            ),
+            Error::Features { saved, offered } => write!(
+                f,
+                "state's features {saved:#x} exceed the device's {offered:#x}"
+            ),
+            Error::Vector { vector, vectors } => write!(
+                f,
+                "state names MSI-X vector {vector}, the device has {vectors}"
+            ),
+            Error::Config(e) => e.fmt(f),
+            Error::Msix(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
 /// Version 1 of a virtio-pci function's saved state: its PCI config space, the
-/// transport registers, MSI-X, and the device's live queues.
+/// transport registers, MSI-X, and the device's own state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransportState {
     pub config: BoundedVec<u8, 256>,
@@ -110,8 +159,9 @@ pub struct TransportState {
     /// The queue registers as the driver programmed them.
     pub queues: BoundedVec<QueueStateV1, MAX_QUEUES>,
     pub active: bool,
-    /// The device's own queues (indices advanced) while active.
-    pub device_queues: BoundedVec<QueueStateV1, MAX_QUEUES>,
+    /// The device's own state (`VirtioDevice::state`): its live queues,
+    /// indices advanced, while active.
+    pub device_queues: DeviceState,
     pub msix: MsixState,
     pub queue_vectors: BoundedVec<u16, MAX_QUEUES>,
     pub config_vector: u16,
@@ -272,7 +322,7 @@ impl VirtioPci {
             queue_select: self.queue_select,
             queues: self.queues.iter().map(QueueStateV1::from).collect(),
             active: self.active,
-            device_queues: self.device.queue_states().into_iter().collect(),
+            device_queues: self.device.state(),
             msix: irq.msix.state(),
             queue_vectors: irq.queue_vectors.iter().copied().collect(),
             config_vector: irq.config_vector,
@@ -281,65 +331,49 @@ impl VirtioPci {
     }
 
     /// Rebuilds the transport and device from `s`, checking every value against
-    /// what this device is; a running device is re-activated on its saved queues
-    /// and each queue's interrupt raised once (a spurious interrupt is harmless, a
-    /// lost one stalls the driver).
-    pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
+    /// what this device is; a running device restores its own live queues
+    /// (`VirtioDevice::restore`) and each queue's interrupt is raised once (a
+    /// spurious interrupt is harmless, a lost one stalls the driver). The
+    /// transport's own values are all checked before any is taken; after an
+    /// error from the config space, MSI-X or the device, the function is
+    /// part-restored and its machine is not run (`vm::Prepared::restore`).
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), Error> {
         let nq = self.queues.len();
-        let maxes = self.device.queue_max_sizes().to_vec();
         let offered = self.offered_features();
         let vectors = lock(&self.irq).msix.vectors();
-        let fit = |what: &str, qs: &[QueueStateV1]| {
-            if qs.len() != nq {
-                return Err(format!("{} {what}s saved, the device has {nq}", qs.len()));
-            }
-            match qs.iter().zip(&maxes).position(|(q, &m)| q.max_size != m) {
-                Some(i) => Err(format!(
-                    "{what} {i}: max_size {}, the device's is {}",
-                    qs[i].max_size, maxes[i]
-                )),
-                None => Ok(()),
-            }
-        };
-        fit("queue", &s.queues)?;
-        if s.active {
-            fit("live queue", &s.device_queues)?;
-        }
+        let queues = restore_queues(
+            QueueSet::Registers,
+            &s.queues,
+            self.device.queue_max_sizes(),
+        )
+        .map_err(Error::Queues)?;
         if s.queue_vectors.len() != nq {
-            return Err(format!(
-                "{} queue vectors saved, the device has {nq} queues",
-                s.queue_vectors.len()
-            ));
+            return Err(Error::QueueVectors {
+                saved: s.queue_vectors.len(),
+                queues: nq,
+            });
         }
         if s.driver_features & !offered != 0 {
-            return Err(format!(
-                "state's features {:#x} exceed the device's {offered:#x}",
-                s.driver_features
-            ));
+            return Err(Error::Features {
+                saved: s.driver_features,
+                offered,
+            });
         }
         let vector_ok = |v: u16| v < vectors || v == NO_VECTOR;
-        if !s.queue_vectors.iter().all(|&v| vector_ok(v)) || !vector_ok(s.config_vector) {
-            return Err("state names an MSI-X vector the device lacks".into());
-        }
-        let queues = s
-            .queues
+        if let Some(&vector) = s
+            .queue_vectors
             .iter()
-            .map(|q| q.to_queue())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("bad queue registers: {e:?}"))?;
-        let live = if s.active {
-            s.device_queues
-                .iter()
-                .map(|q| q.to_queue())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("bad live queue: {e:?}"))?
-        } else {
-            Vec::new()
-        };
-        self.config.restore_bytes(&s.config)?;
+            .chain([&s.config_vector])
+            .find(|&&v| !vector_ok(v))
+        {
+            return Err(Error::Vector { vector, vectors });
+        }
+        self.config
+            .restore_bytes(&s.config)
+            .map_err(Error::Config)?;
         {
             let mut irq = lock(&self.irq);
-            irq.msix.restore(&s.msix)?;
+            irq.msix.restore(&s.msix).map_err(Error::Msix)?;
             irq.queue_vectors.copy_from_slice(&s.queue_vectors);
             irq.config_vector = s.config_vector;
             irq.isr = s.isr;
@@ -354,8 +388,10 @@ impl VirtioPci {
             self.device.ack_features(s.driver_features);
         }
         if s.active {
-            let irq = PciInterrupt(self.irq.clone());
-            self.device.activate(self.mem.clone(), live, Box::new(irq));
+            let irq = Box::new(PciInterrupt(self.irq.clone()));
+            self.device
+                .restore(self.mem.clone(), &s.device_queues, irq)
+                .map_err(Error::Queues)?;
             self.active = true;
             let irq = PciInterrupt(self.irq.clone());
             for q in 0..nq {
@@ -663,7 +699,9 @@ mod tests {
         more: AtomicUsize,
     }
 
-    struct Dummy(Arc<Calls>, Option<Box<dyn Interrupt>>);
+    /// Counts its calls; keeps its live queues, and serving a queue consumes
+    /// one chain of it (without looking at guest memory).
+    struct Dummy(Arc<Calls>, Option<Box<dyn Interrupt>>, Vec<Queue>);
 
     impl VirtioDevice for Dummy {
         fn device_type(&self) -> u16 {
@@ -685,10 +723,15 @@ mod tests {
         fn activate(&mut self, _: GuestMemoryMmap, q: Vec<Queue>, irq: Box<dyn Interrupt>) {
             assert_eq!(q.len(), 2);
             self.1 = Some(irq);
+            self.2 = q;
             self.0.activated.fetch_add(1, Ordering::SeqCst);
         }
         fn queue_notify(&mut self, q: usize) -> Served {
             self.0.notified.fetch_add(1, Ordering::SeqCst);
+            if let Some(live) = self.2.get_mut(q) {
+                live.set_next_avail(live.next_avail().wrapping_add(1));
+                live.set_next_used(live.next_used().wrapping_add(1));
+            }
             if let Some(irq) = &self.1 {
                 irq.queue(q);
             }
@@ -704,10 +747,11 @@ mod tests {
         }
         fn reset(&mut self) {
             self.1 = None;
+            self.2.clear();
             self.0.resets.fetch_add(1, Ordering::SeqCst);
         }
-        fn queue_states(&self) -> Vec<QueueStateV1> {
-            Vec::new()
+        fn state(&self) -> DeviceState {
+            self.2.iter().map(QueueStateV1::from).collect()
         }
         fn backend_fd(&self) -> std::os::fd::RawFd {
             -1
@@ -731,7 +775,8 @@ mod tests {
             irqfds: irqfds.iter().map(|e| e.try_clone().unwrap()).collect(),
             router: Arc::new(NoRoutes),
         };
-        let dev = VirtioPci::new(Box::new(Dummy(calls.clone(), None)), mem, res).unwrap();
+        let dev =
+            VirtioPci::new(Box::new(Dummy(calls.clone(), None, Vec::new())), mem, res).unwrap();
         (dev, calls, irqfds)
     }
 
@@ -913,30 +958,123 @@ mod tests {
         assert_eq!(read(&mut d, DEVICE_OFFSET + 3, 1), 3);
     }
 
+    /// A running function: features, both queues, MSI-X on with vector 1 live
+    /// for queue 1 (queue 0 has none) and vector 2 for configuration changes,
+    /// memory decoding on.
+    fn running() -> (VirtioPci, Arc<Calls>, Vec<EventFd>) {
+        let (mut d, calls, irqfds) = device();
+        d.config_write(crate::pci::config::COMMAND, &[0x06, 0]);
+        negotiate(&mut d, VIRTIO_F_VERSION_1 | (1 << 9));
+        setup_queue(&mut d, 0);
+        write(&mut d, 0x1a, u64::from(NO_VECTOR), 2);
+        setup_queue(&mut d, 1);
+        write(&mut d, 0x10, 2, 2);
+        write(&mut d, 0x14, 1 | 2 | 4 | 8, 1);
+        d.config_write(d.msix_cap + 2, &0x8000u16.to_le_bytes());
+        for (off, v) in [(16u64, 0xfee0_0000u32), (20, 0), (24, 0x41), (28, 0)] {
+            write(&mut d, MSIX_TABLE_OFFSET + off, u64::from(v), 4);
+        }
+        (d, calls, irqfds)
+    }
+
+    #[test]
+    fn a_running_function_round_trips_into_a_fresh_one() {
+        let (mut d, _, irqfds) = running();
+        // The device consumed a chain on queue 1: its live queue is ahead of
+        // the registers, which keep what the driver wrote.
+        d.notify[1].write(1).unwrap();
+        d.queue_notify(1);
+        assert_eq!(irqfds[1].read().unwrap(), 1);
+        let saved = d.state();
+        assert!(saved.active);
+        assert_eq!(saved.device_queues[1].next_avail, 1);
+        assert_eq!(saved.queues[1].next_avail, 0);
+
+        let (mut fresh, calls, irqfds) = device();
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.state(), saved);
+        assert_eq!(calls.acked.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.activated.load(Ordering::SeqCst), 1);
+        // Each queue's interrupt is raised once: queue 1's vector fires, queue
+        // 0 has none.
+        assert_eq!(irqfds[1].read().unwrap(), 1);
+        assert!(irqfds[0].read().is_err());
+        assert_eq!(read(&mut fresh, 0x14, 1), 0x0f);
+        assert_eq!(read(&mut fresh, 0x16, 2), 1, "queue_select");
+        assert_eq!(read(&mut fresh, 0x1a, 2), 1);
+        assert_eq!(read(&mut fresh, 0x20, 4), 0x2000);
+        assert!(fresh.config().memory_enabled());
+        // It carries on from the saved indices.
+        fresh.notify[1].write(1).unwrap();
+        fresh.queue_notify(1);
+        assert_eq!(calls.notified.load(Ordering::SeqCst), 1);
+        assert_eq!(irqfds[1].read().unwrap(), 1);
+        assert_eq!(fresh.state().device_queues[1].next_avail, 2);
+    }
+
+    #[test]
+    fn a_function_saved_before_activation_stays_inactive() {
+        let (mut d, _, _) = device();
+        negotiate(&mut d, VIRTIO_F_VERSION_1);
+        setup_queue(&mut d, 0);
+        let saved = d.state();
+        assert!(!saved.active && saved.device_queues.is_empty());
+        let (mut fresh, calls, _) = device();
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.state(), saved);
+        assert_eq!(calls.activated.load(Ordering::SeqCst), 0);
+        fresh.queue_notify(0);
+        assert_eq!(calls.notified.load(Ordering::SeqCst), 0);
+    }
+
     #[test]
     fn a_restore_names_what_differs_from_the_device() {
         let (d, _, _) = device();
         let saved = d.state();
         let (mut d, _, _) = device();
+        let refused = |d: &mut VirtioPci, s: &TransportState| d.restore(s).unwrap_err().to_string();
         let mut s = saved.clone();
         s.queues[1].max_size = 32;
         assert_eq!(
-            d.restore(&s),
-            Err("queue 1: max_size 32, the device's is 16".to_string())
+            refused(&mut d, &s),
+            "queue 1: max_size 32, the device's is 16"
         );
         let mut s = saved.clone();
         s.queues.pop();
+        assert_eq!(refused(&mut d, &s), "1 queues saved, the device has 2");
+        let mut s = saved.clone();
+        s.driver_features = 1 << 10;
         assert_eq!(
-            d.restore(&s),
-            Err("1 queues saved, the device has 2".to_string())
+            refused(&mut d, &s),
+            "state's features 0x400 exceed the device's 0x100000200"
+        );
+        let mut s = saved.clone();
+        s.config_vector = 3;
+        assert_eq!(
+            refused(&mut d, &s),
+            "state names MSI-X vector 3, the device has 3"
+        );
+        let mut s = saved.clone();
+        s.msix.entries.pop();
+        assert_eq!(
+            refused(&mut d, &s),
+            "MSI-X state has 2 vectors, the device 3"
+        );
+        let mut s = saved.clone();
+        s.config[0] ^= 1;
+        assert_eq!(
+            refused(&mut d, &s),
+            "saved PCI config space belongs to another device"
         );
         let mut s = saved;
         s.active = true;
         s.device_queues = s.queues.clone();
         s.device_queues[0].max_size = 8;
         assert_eq!(
-            d.restore(&s),
-            Err("live queue 0: max_size 8, the device's is 16".to_string())
+            refused(&mut d, &s),
+            "live queue 0: max_size 8, the device's is 16"
         );
+        s.device_queues.pop();
+        assert_eq!(refused(&mut d, &s), "1 live queues saved, the device has 2");
     }
 }

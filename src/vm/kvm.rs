@@ -168,7 +168,7 @@ const IOAPIC_PINS: u32 = 24;
 
 impl MsiRouter for GsiRoutes {
     fn route(&self, routes: &[(u32, MsiMessage)]) {
-        let mut msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
+        let mut msi = crate::sync::lock(&self.msi);
         let mut changed = false;
         for &(gsi, msg) in routes {
             changed |= msi.insert(gsi, msg) != Some(msg);

@@ -203,11 +203,11 @@ impl Prepared {
         }
         host.check(state.vcpus.iter().map(|v| &**v))
             .map_err(Error::HostCpu)?;
-        crate::pci::lock(&parts.bus.serial)
+        crate::sync::lock(&parts.bus.serial)
             .restore(&state.serial)
-            .map_err(Error::Mismatch)?;
+            .map_err(|e| Error::Mismatch(e.to_string()))?;
         for (i, (dev, saved)) in parts.virtio.iter().zip(&state.virtio).enumerate() {
-            crate::pci::lock(dev)
+            crate::sync::lock(dev)
                 .restore(saved)
                 .map_err(|why| Error::Mismatch(format!("device {i}: {why}")))?;
         }
@@ -266,7 +266,7 @@ impl Parts {
         let mut disks = BoundedVec::new();
         let mut nets = BoundedVec::new();
         for d in &self.virtio {
-            let d = crate::pci::lock(d);
+            let d = crate::sync::lock(d);
             let dev = d.device();
             // Capacities match argv's limits, so the pushes cannot fail.
             if dev.device_type() == crate::virtio::TYPE_NET {
@@ -355,16 +355,16 @@ impl Machine {
     /// PIT, clock); then the vCPUs, each on its own thread.
     pub fn save(&self) -> Result<MachineState, Error> {
         for (i, d) in self.virtio.iter().enumerate() {
-            crate::pci::lock(d)
+            crate::sync::lock(d)
                 .quiesce()
                 .map_err(|e| Error::Quiesce(i, e))?;
         }
         let virtio = self
             .virtio
             .iter()
-            .map(|d| crate::pci::lock(d).state())
+            .map(|d| crate::sync::lock(d).state())
             .collect();
-        let serial = crate::pci::lock(&self.bus.serial).state();
+        let serial = crate::sync::lock(&self.bus.serial).state();
         let vm = kvm::save_vm(&self.vm).map_err(Error::Kvm)?;
         let spec = SaveSpec {
             msr_indices: host_cpu::msr_indices(&self.kvm).map_err(Error::HostCpu)?,
@@ -386,7 +386,7 @@ impl Machine {
         use std::os::fd::AsRawFd;
         let (mut disks, mut taps) = (Vec::new(), Vec::new());
         for d in &self.virtio {
-            let d = crate::pci::lock(d);
+            let d = crate::sync::lock(d);
             let dev = d.device();
             if dev.device_type() == crate::virtio::TYPE_NET {
                 taps.push(dev.backend_fd());
@@ -400,7 +400,7 @@ impl Machine {
             ram: self.ram.file().as_raw_fd(),
             disks,
             taps,
-            console_out: crate::pci::lock(&self.bus.serial).output_fd(),
+            console_out: crate::sync::lock(&self.bus.serial).output_fd(),
             kvm,
         }
     }
@@ -410,7 +410,7 @@ impl Machine {
     /// that will never run again: the process must exit without dropping it.
     pub fn release_backends(&self) {
         for d in &self.virtio {
-            let fd = crate::pci::lock(d).device().backend_fd();
+            let fd = crate::sync::lock(d).device().backend_fd();
             // SAFETY: the caller exits right after (std::process::exit, no Drop),
             // so nothing uses or closes this descriptor again.
             unsafe { libc::close(fd) };

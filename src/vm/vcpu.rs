@@ -21,6 +21,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use super::cpu::{self, Entry};
 use super::vcpu_state::{self as state, SaveSpec, VcpuState};
 use crate::bus::{Bus, GuestExit};
+use crate::sync::lock;
 
 #[derive(Debug)]
 pub enum Error {
@@ -329,10 +330,6 @@ impl Vcpus {
         }
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Forces the thread out of (or away from) KVM_RUN. Called with the state lock held.
