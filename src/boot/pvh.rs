@@ -7,9 +7,8 @@ use linux_loader::loader::elf::start_info::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{acpi, ram_map, BootSpec, Error, Initrd};
+use super::{acpi, ram_map, Entry, Error, Initrd};
 use crate::layout::{CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START};
-use crate::vm::cpu::Entry;
 
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 const MEMMAP_TYPE_RAM: u32 = 1;
@@ -17,11 +16,10 @@ const MEMMAP_TYPE_RAM: u32 = 1;
 pub(super) fn write_start_info(
     mem: &GuestMemoryMmap,
     entry: u64,
-    spec: &BootSpec,
     initrd: Option<Initrd>,
 ) -> Result<Entry, Error> {
     let write_err = |e| Error::Write("the PVH start info", e);
-    let map = ram_map(spec.ram);
+    let map = ram_map(mem);
     let mut addr = PVH_MEMMAP_START;
     for &(base, size) in &map {
         let e = hvm_memmap_table_entry {
