@@ -1,8 +1,10 @@
 //! The zero page (`struct boot_params`) for Linux's 64-bit boot protocol
 //! (`Documentation/arch/x86/boot.rst`, "64-bit Boot Protocol").
 
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::{acpi, ram_map, Entry, Error, Initrd};
 use crate::layout::{CMDLINE_START, ZERO_PAGE_START};
@@ -43,8 +45,8 @@ pub(super) fn write_zero_page(
         };
     }
     params.e820_entries = map.len() as u8;
-    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
-        .map_err(|e| Error::Write("the zero page", e))?;
+    let zero_page = BootParams::new(&params, GuestAddress(ZERO_PAGE_START));
+    LinuxBootConfigurator::write_bootparams(&zero_page, mem).map_err(Error::BootParams)?;
     Ok(Entry::Linux64 {
         rip: u64::from(hdr.code32_start) + STARTUP_64_OFFSET,
         zero_page: ZERO_PAGE_START,

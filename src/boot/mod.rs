@@ -36,6 +36,7 @@ pub enum Error {
     InitrdTooLarge(PathBuf, u64),
     Cmdline(&'static str),
     Write(&'static str, vm_memory::GuestMemoryError),
+    BootParams(linux_loader::configurator::Error),
 }
 
 impl fmt::Display for Error {
@@ -61,6 +62,11 @@ impl fmt::Display for Error {
             ),
             Error::Cmdline(why) => write!(f, "bad --cmdline: {why}"),
             Error::Write(what, e) => write!(f, "cannot write {what} into guest RAM: {e}"),
+            // The configurator's own message is generic; its source names the part.
+            Error::BootParams(e) => match std::error::Error::source(e) {
+                Some(why) => write!(f, "cannot write the boot parameters: {why}"),
+                None => write!(f, "cannot write the boot parameters: {e}"),
+            },
         }
     }
 }
