@@ -106,6 +106,9 @@ pub struct RunArgs {
     /// (take it over from a running molt), fd:N (set by cpr-exec)
     #[argh(option, from_str_fn(parse_incoming))]
     pub incoming: Option<Incoming>,
+    /// log lines shown: error, warn, info, debug or trace (default info)
+    #[argh(option, default = "log::Level::Info", from_str_fn(parse_log_level))]
+    pub log_level: log::Level,
 }
 
 #[derive(FromArgs, Debug)]
@@ -135,6 +138,19 @@ fn parse_serial(s: &str) -> Result<SerialConfig, String> {
             Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
             _ => Err(format!("expected stdio, file:PATH or none, got '{s}'")),
         },
+    }
+}
+
+fn parse_log_level(s: &str) -> Result<log::Level, String> {
+    match s {
+        "error" => Ok(log::Level::Error),
+        "warn" => Ok(log::Level::Warn),
+        "info" => Ok(log::Level::Info),
+        "debug" => Ok(log::Level::Debug),
+        "trace" => Ok(log::Level::Trace),
+        _ => Err(format!(
+            "expected error, warn, info, debug or trace, got '{s}'"
+        )),
     }
 }
 
@@ -443,6 +459,18 @@ mod tests {
         assert!(parse_net("tap=t,mac=01:00:00:00:00:00").is_err());
         assert!(parse_net("tap=t,mac=52:54:00:12:34").is_err());
         assert!(parse_net("tap=t,speed=10").is_err());
+    }
+
+    #[test]
+    fn log_levels() {
+        let r = parse(&["run", "--kernel", "k"]).unwrap();
+        assert_eq!(r.log_level, log::Level::Info);
+        assert_eq!(parse_log_level("debug"), Ok(log::Level::Debug));
+        assert!(parse_log_level("off").is_err());
+        assert!(parse_log_level("DEBUG").is_err());
+        assert!(parse(&["run", "--kernel", "k", "--log-level", "loud"])
+            .unwrap_err()
+            .contains("--log-level"));
     }
 
     #[test]

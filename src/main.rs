@@ -101,6 +101,7 @@ fn kexec(a: KexecArgs) -> ExitCode {
 }
 
 fn run(a: RunArgs) -> ExitCode {
+    log::set_max_level(a.log_level.to_level_filter());
     let cfg = match a.validate(args::host_memory()) {
         Ok(c) => c,
         Err(e) => {

@@ -171,6 +171,31 @@ fn serial_bad_value_is_a_usage_error() {
 }
 
 #[test]
+fn log_level_bad_value_is_a_usage_error() {
+    let (_dir, kernel) = with_kernel("loglevel");
+    let out = run_with(&kernel, &["--log-level", "loud"]);
+    assert_fails(&out, 2, &["--log-level", "loud"], "--log-level loud");
+}
+
+#[test]
+fn log_level_hides_less_severe_lines() {
+    if !kvm_available("log_level_hides_less_severe_lines") {
+        return;
+    }
+    let (_dir, kernel) = with_kernel("loglevelwarn");
+    for (args, shown) in [(&[][..], true), (&["--log-level", "warn"][..], false)] {
+        let out = run_with(&kernel, args);
+        let (_, stderr) = text(&out);
+        assert!(out.status.success(), "{args:?}: {stderr:?}");
+        assert_eq!(
+            stderr.contains("molt: info: guest powered off"),
+            shown,
+            "{args:?}: stderr {stderr:?}"
+        );
+    }
+}
+
+#[test]
 fn run_without_kernel_is_a_usage_error() {
     let out = molt(&["run", "--serial", "none"]);
     assert_fails(&out, 2, &["--kernel"], "run without --kernel");

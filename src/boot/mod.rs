@@ -11,11 +11,20 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::{elf::Elf, elf::PvhBootCapability, BzImage, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::layout::{ACPI_END, ACPI_START, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
-use crate::vm::cpu::Entry;
-use crate::vm::memory::RamRegion;
+use crate::layout::{
+    ACPI_END, ACPI_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START,
+};
+
+/// Where the boot vCPU starts, and which protocol it expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// 64-bit Linux boot protocol: long mode, RSI = zero page.
+    Linux64 { rip: u64, zero_page: u64 },
+    /// PVH: 32-bit protected mode, paging off, EBX = start info.
+    Pvh { rip: u64, start_info: u64 },
+}
 
 #[derive(Debug)]
 pub enum Error {
@@ -27,6 +36,7 @@ pub enum Error {
     InitrdTooLarge(PathBuf, u64),
     Cmdline(&'static str),
     Write(&'static str, vm_memory::GuestMemoryError),
+    BootParams(linux_loader::configurator::Error),
 }
 
 impl fmt::Display for Error {
@@ -52,6 +62,11 @@ impl fmt::Display for Error {
             ),
             Error::Cmdline(why) => write!(f, "bad --cmdline: {why}"),
             Error::Write(what, e) => write!(f, "cannot write {what} into guest RAM: {e}"),
+            // The configurator's own message is generic; its source names the part.
+            Error::BootParams(e) => match std::error::Error::source(e) {
+                Some(why) => write!(f, "cannot write the boot parameters: {why}"),
+                None => write!(f, "cannot write the boot parameters: {e}"),
+            },
         }
     }
 }
@@ -62,7 +77,6 @@ pub struct BootSpec<'a> {
     pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
     pub vcpus: u8,
-    pub ram: &'a [RamRegion],
 }
 
 /// The initrd's place in guest memory.
@@ -119,7 +133,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Entry, Error> {
             let loaded = BzImage::load(mem, None, &mut file, high).map_err(load_err)?;
             let hdr = loaded.setup_header.ok_or(Error::NotAKernel(path.into()))?;
             let initrd = load_initrd(mem, spec, u64::from(hdr.initrd_addr_max))?;
-            bzimage::write_zero_page(mem, hdr, spec, initrd)
+            bzimage::write_zero_page(mem, hdr, spec.cmdline, initrd)
         }
         KernelKind::Elf => {
             let loaded = Elf::load(mem, None, &mut file, high).map_err(load_err)?;
@@ -127,7 +141,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Entry, Error> {
                 return Err(Error::NoPvhEntry(path.into()));
             };
             let initrd = load_initrd(mem, spec, u64::from(u32::MAX))?;
-            pvh::write_start_info(mem, entry.0, spec, initrd)
+            pvh::write_start_info(mem, entry.0, initrd)
         }
     }
 }
@@ -159,7 +173,8 @@ fn load_initrd(
         .metadata()
         .map_err(|e| Error::OpenInitrd(path.into(), e))?
         .len();
-    let low_end = spec.ram[0].size.min(addr_max.saturating_add(1));
+    let low_ram = mem.iter().next().map_or(0, |r| r.len());
+    let low_end = low_ram.min(addr_max.saturating_add(1));
     let addr = low_end
         .checked_sub(size)
         .map(|a| a & !0xfff)
@@ -172,12 +187,11 @@ fn load_initrd(
 
 /// The E820-style RAM map both protocols hand over: low RAM below the EBDA, then
 /// everything from 1 MiB up, around the MMIO gap.
-fn ram_map(ram: &[RamRegion]) -> Vec<(u64, u64)> {
-    use crate::layout::EBDA_START;
+fn ram_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
     let mut map = vec![(0, EBDA_START)];
-    for r in ram {
-        let start = r.guest_addr.max(HIMEM_START);
-        let end = r.guest_addr + r.size;
+    for r in mem.iter() {
+        let start = r.start_addr().0.max(HIMEM_START);
+        let end = r.start_addr().0 + r.len();
         if end > start {
             map.push((start, end - start));
         }
@@ -188,14 +202,20 @@ fn ram_map(ram: &[RamRegion]) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::memory::ram_regions;
 
     #[test]
     fn ram_map_skips_bios_area_and_gap() {
-        let map = ram_map(&ram_regions(4 << 30));
+        // RAM below and above the MMIO gap; small, so the test maps little.
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 16 << 20),
+            (GuestAddress(1 << 32), 16 << 20),
+        ])
+        .unwrap();
+        let map = ram_map(&mem);
         assert_eq!(map[0], (0, 0x9fc00));
-        assert_eq!(map[1], (HIMEM_START, 0xc000_0000 - HIMEM_START));
-        assert_eq!(map[2], (1 << 32, (4 << 30) - 0xc000_0000));
+        assert_eq!(map[1], (HIMEM_START, (16 << 20) - HIMEM_START));
+        assert_eq!(map[2], (1 << 32, 16 << 20));
+        assert_eq!(map.len(), 3);
     }
 
     #[test]

@@ -8,16 +8,8 @@
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::boot::Entry;
 use crate::layout::{BOOT_GDT_START, BOOT_IDT_START, PDE_START, PDPTE_START, PML4_START};
-
-/// Where the CPU starts, and which protocol it expects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Entry {
-    /// 64-bit Linux boot protocol: long mode, RSI = zero page.
-    Linux64 { rip: u64, zero_page: u64 },
-    /// PVH: 32-bit protected mode, paging off, EBX = start info.
-    Pvh { rip: u64, start_info: u64 },
-}
 
 // CPUID bits (Intel SDM vol. 2A, CPUID).
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;

@@ -13,6 +13,7 @@ use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap, MmapRegion,
 };
+use vmm_sys_util::seek_hole::SeekHole;
 
 use crate::files::{self, Access};
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
@@ -196,31 +197,18 @@ impl GuestRam {
     /// Byte ranges `(offset, len)` of the backing file that hold data, split at
     /// region boundaries; holes (never-touched memfd pages) are skipped.
     pub fn populated(&self) -> std::io::Result<Vec<(u64, u64)>> {
-        use std::os::fd::AsRawFd;
-        let fd = self.file().as_raw_fd();
-        let seek = |off: u64, whence| {
-            // SAFETY: lseek on a descriptor we own; no memory is touched.
-            let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                // ENXIO: no data at or after `off`.
-                return if e.raw_os_error() == Some(libc::ENXIO) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                };
-            }
-            Ok(Some(r as u64))
-        };
+        // A duplicate: seeking needs `&mut File`. It shares the file offset, which
+        // nothing relies on: RAM is read and written through its mapping.
+        let mut file = self.file().try_clone()?;
         let mut out = Vec::new();
         for r in &self.regions {
             let end = r.file_offset + r.size;
             let mut pos = r.file_offset;
             while pos < end {
-                let Some(data) = seek(pos, libc::SEEK_DATA)?.filter(|&d| d < end) else {
+                let Some(data) = file.seek_data(pos)?.filter(|&d| d < end) else {
                     break;
                 };
-                let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+                let hole = file.seek_hole(data)?.unwrap_or(end).min(end);
                 out.push((data, hole - data));
                 pos = hole;
             }

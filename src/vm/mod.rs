@@ -22,13 +22,12 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::args::RunConfig;
-use crate::boot::{self, BootSpec};
+use crate::boot::{self, BootSpec, Entry};
 use crate::bus::Bus;
 use crate::devices::serial::{Output, Serial, SerialStateV1};
 use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
 use crate::pci::Allocator;
 use crate::virtio::pci::TransportState;
-use cpu::Entry;
 use devices::SharedVirtio;
 use host_cpu::HostCpu;
 use kvm::{GsiRoutes, VmState};
@@ -325,7 +324,6 @@ impl Machine {
             initrd: cfg.initrd.as_deref(),
             cmdline: &cfg.cmdline,
             vcpus: cfg.vcpus,
-            ram: &parts.ram.regions,
         };
         let entry = boot::load(&parts.ram.memory, &spec).map_err(Error::Boot)?;
         let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;

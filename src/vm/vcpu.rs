@@ -18,8 +18,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use super::cpu::{self, Entry};
+use super::cpu;
 use super::vcpu_state::{self as state, SaveSpec, VcpuState};
+use crate::boot::Entry;
 use crate::bus::{Bus, GuestExit};
 use crate::sync::lock;
 
