@@ -31,7 +31,7 @@ pub const MAX_PAYLOAD: usize = 4 << 20;
 
 /// Where guest RAM is while the state is not running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RamLocation {
+pub enum RamLocationV1 {
     /// In the `--mem-file`, which outlives the process. `sample_crc` covers a
     /// fixed sample of its pages, so a restore against the wrong (or an empty)
     /// file is refused instead of running the guest on someone else's memory.
@@ -39,6 +39,9 @@ pub enum RamLocation {
     /// Appended to the state file after the payload (reboot mode without a file).
     InStateFile,
 }
+
+/// The version this release saves and restores.
+pub type RamLocation = RamLocationV1;
 
 /// Version 1 of the saved state. Frozen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,10 +57,13 @@ pub struct CprStateV1 {
 /// Whether the guest's vCPUs ran when it was saved: a paused guest comes
 /// back paused (SPEC.md, "The three CPR modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RunState {
+pub enum RunStateV2 {
     Running,
     Paused,
 }
+
+/// The version this release saves and restores.
+pub type RunState = RunStateV2;
 
 /// Version 2: version 1 plus the run state and each disk image's identity, so
 /// that a restart refuses an image swapped, resized or replaced. Frozen.

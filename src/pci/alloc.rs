@@ -8,11 +8,14 @@ use crate::layout::{MAX_MSI_GSIS, MAX_PCI_SLOTS, MSI_GSI_START, PCI_MMIO_SIZE, P
 /// the same command line always get the same resources, so a restored machine
 /// matches the saved one without recording an allocation log.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Allocator {
+pub struct AllocatorV1 {
     next_slot: u8,
     next_mmio: u64,
     next_gsi: u32,
 }
+
+/// The version this release saves and restores.
+pub type Allocator = AllocatorV1;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum AllocError {

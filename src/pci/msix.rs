@@ -31,12 +31,15 @@ pub trait MsiRouter: Send + Sync {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
+pub struct MsixEntryV1 {
     pub addr_lo: u32,
     pub addr_hi: u32,
     pub data: u32,
     pub control: u32,
 }
+
+/// The version this release saves and restores.
+pub type Entry = MsixEntryV1;
 
 impl Entry {
     fn masked(&self) -> bool {
@@ -85,12 +88,15 @@ impl std::error::Error for Error {}
 
 /// Version 1 of the saved MSI-X state: the table, pending bits and control bits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MsixState {
+pub struct MsixStateV1 {
     pub entries: BoundedVec<Entry, MAX_VECTORS>,
     pub pending: BoundedVec<bool, MAX_VECTORS>,
     pub enabled: bool,
     pub function_masked: bool,
 }
+
+/// The version this release saves and restores.
+pub type MsixState = MsixStateV1;
 
 /// One function's MSI-X state. Each vector owns a GSI and an irqfd on it.
 ///

@@ -135,13 +135,16 @@ struct Active {
 /// Which image a disk is, as a saved state records it (`cpr::state`, version
 /// 2; frozen): a restart refuses an image that is not the one the guest wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Identity {
+pub struct DiskIdentityV2 {
     /// In bytes; the guest sees it rounded down to whole sectors.
     pub size: u64,
     /// The file's device and inode numbers.
     pub dev: u64,
     pub ino: u64,
 }
+
+/// The version this release saves and restores.
+pub type Identity = DiskIdentityV2;
 
 impl Identity {
     /// The identity of an open image. Seeks to find the size (block devices

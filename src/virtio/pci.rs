@@ -149,7 +149,7 @@ impl std::error::Error for Error {}
 /// Version 1 of a virtio-pci function's saved state: its PCI config space, the
 /// transport registers, MSI-X, and the device's own state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TransportState {
+pub struct TransportStateV1 {
     pub config: BoundedVec<u8, 256>,
     pub status: u8,
     pub device_feature_select: u32,
@@ -167,6 +167,9 @@ pub struct TransportState {
     pub config_vector: u16,
     pub isr: u8,
 }
+
+/// The version this release saves and restores.
+pub type TransportState = TransportStateV1;
 
 pub struct VirtioPci {
     config: ConfigSpace,

@@ -190,13 +190,16 @@ impl MsiRouter for GsiRoutes {
 
 /// The VM-wide interrupt controllers and clocks, saved for CPR.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct VmState {
+pub struct VmStateV1 {
     pub pic_master: Pod<kvm_irqchip>,
     pub pic_slave: Pod<kvm_irqchip>,
     pub ioapic: Pod<kvm_irqchip>,
     pub pit: Pod<kvm_pit_state2>,
     pub clock: Pod<kvm_clock_data>,
 }
+
+/// The version this release saves and restores.
+pub type VmState = VmStateV1;
 
 fn get_irqchip(vm: &VmFd, chip: u32) -> Result<Pod<kvm_irqchip>, Error> {
     let mut c = kvm_irqchip {

@@ -67,7 +67,7 @@ impl fmt::Display for Error {
 
 /// What the machine is made of; a state only restores into the same shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shape {
+pub struct ShapeV1 {
     pub vcpus: u8,
     pub mem_size: u64,
     /// Read-only flag of each disk, in argv order.
@@ -75,6 +75,9 @@ pub struct Shape {
     /// MAC of each NIC, in argv order.
     pub nets: BoundedVec<[u8; 6], MAX_NICS>,
 }
+
+/// The version this release saves and restores.
+pub type Shape = ShapeV1;
 
 impl Shape {
     /// Human-readable differences from the `saved` shape, empty if none.
@@ -131,7 +134,7 @@ pub fn mac_str(m: &[u8; 6]) -> String {
 
 /// Version 1 of the machine's saved state: devices, VM and vCPUs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MachineState {
+pub struct MachineStateV1 {
     pub shape: Shape,
     /// Boxed: a vCPU's state is ~25 KiB, too much to keep 32 of on the stack.
     pub vcpus: BoundedVec<Box<VcpuState>, MAX_VCPUS>,
@@ -142,6 +145,9 @@ pub struct MachineState {
     pub allocator: Allocator,
     pub virtio: BoundedVec<TransportState, MAX_DEVICES>,
 }
+
+/// The version this release saves and restores.
+pub type MachineState = MachineStateV1;
 
 /// What a machine's guest depends on, borrowed: what an update hands over.
 pub struct Backends {

@@ -55,7 +55,7 @@ impl fmt::Display for Error {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CpuidEntry {
+pub struct CpuidEntryV1 {
     pub function: u32,
     pub index: u32,
     pub flags: u32,
@@ -64,6 +64,9 @@ pub struct CpuidEntry {
     pub ecx: u32,
     pub edx: u32,
 }
+
+/// The version this release saves and restores.
+pub type CpuidEntry = CpuidEntryV1;
 
 impl From<&kvm_cpuid_entry2> for CpuidEntry {
     fn from(e: &kvm_cpuid_entry2) -> Self {
@@ -95,14 +98,17 @@ impl From<&CpuidEntry> for kvm_cpuid_entry2 {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MsrEntry {
+pub struct MsrEntryV1 {
     pub index: u32,
     pub data: u64,
 }
 
+/// The version this release saves and restores.
+pub type MsrEntry = MsrEntryV1;
+
 /// Version 1 of a vCPU's saved state. Frozen: a change makes a new version.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct VcpuState {
+pub struct VcpuStateV1 {
     /// The CPUID the guest booted with, kept so it never changes under it (a
     /// new host kernel may offer a different list).
     pub cpuid: BoundedVec<CpuidEntry, MAX_CPUID_ENTRIES>,
@@ -116,6 +122,9 @@ pub struct VcpuState {
     pub msrs: BoundedVec<MsrEntry, MAX_MSRS>,
     pub events: Pod<kvm_vcpu_events>,
 }
+
+/// The version this release saves and restores.
+pub type VcpuState = VcpuStateV1;
 
 impl VcpuState {
     /// Bytes of the standard-format XSAVE area the guest's CPUID describes: the
