@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the L3 guest initramfs: static busybox, /init (rootfs/guest/init), the
 # virtio modules with their dependencies, from the lab kernel package, the
-# labio helper (rootfs/tools/labio.c) for the device scenarios, and the
+# labio helper (rootfs/tools/labio.c) for the device scenarios, labxcr
+# (rootfs/tools/labxcr.c) for the xsave scenario, and the
 # live-update workload (rootfs/guest/workload with labcpr.c and labtcp.c).
 # Usage: rootfs/build-guest.sh OUT.cpio.gz
 set -euo pipefail
@@ -25,6 +26,8 @@ gcc -static -O2 -o "$root/usr/bin/labcpr" "$ROOTFS_DIR/tools/labcpr.c"
 gcc -static -O2 -o "$root/usr/bin/labtcp" "$ROOTFS_DIR/tools/labtcp.c"
 # The blackout benchmark's sender (scripts/bench-blackout.sh).
 gcc -static -O2 -o "$root/usr/bin/labudp" "$ROOTFS_DIR/tools/labudp.c"
+# XCR0, the XSAVE CPUID leaf and an SSE context-switch check (the xsave scenario).
+gcc -static -O2 -o "$root/usr/bin/labxcr" "$ROOTFS_DIR/tools/labxcr.c"
 install -m 755 "$ROOTFS_DIR/guest/workload" "$root/usr/bin/workload"
 ir_pack "$root" "$out"
 echo "guest initramfs: $out ($(du -h "$out" | cut -f1))"

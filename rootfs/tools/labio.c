@@ -5,10 +5,13 @@
  *
  *   labio send HOST PORT SRC [SECS]   connect (retrying for SECS, default 60),
  *       send SRC, shut down the write side and wait for the peer to close.
- *       SRC is a file, or `zero:BYTES` for a generated stream (benchmarks).
+ *       SRC is a file, or `zero:BYTES` for a generated stream (benchmarks),
+ *       or `seq:DURATION` for the checkable stream (below) for DURATION seconds.
  *   labio recv PORT DST [SECS]        listen on PORT, accept one connection
  *       within SECS (default 60), write what arrives to DST (`-` discards) until
- *       EOF, then close. Both print `bytes=N us=T mbps=R`; T runs from the
+ *       EOF, then close. DST `seq` checks that the stream is the one `seq:`
+ *       sends and adds `bad=N` (bytes that differ) to the report.
+ *       Both print `bytes=N us=T mbps=R`; T runs from the
  *       connection being established to the last byte (send: the peer's close,
  *       which it sends only after reading everything). Both give up, with
  *       `stalled` on stderr and status 1, when the connection makes no progress
@@ -40,6 +43,39 @@
 #include <unistd.h>
 
 #define BUF (1 << 20)
+
+/* The checkable stream: 64-bit little-endian words, word i = i * SEQ_K. Every
+ * word differs from every other, so a lost, repeated, reordered or changed
+ * byte anywhere shows; checking costs one compare per word. */
+#define SEQ_K 0x9e3779b97f4a7c15ULL
+
+/* Fills BUF (BUF bytes, a multiple of 8) with the words from index *I on. */
+static void seq_fill(char *buf, unsigned long long *i) {
+    unsigned long long w = *i * SEQ_K;
+    for (size_t off = 0; off < BUF; off += 8, w += SEQ_K) memcpy(buf + off, &w, 8);
+    *i += BUF / 8;
+}
+
+/* Checks N received bytes that continue the stream at byte offset *AT;
+ * returns how many differ. */
+static long long seq_check(const unsigned char *p, size_t n, unsigned long long *at) {
+    long long bad = 0;
+    unsigned long long off = *at;
+    size_t k = 0;
+    /* Byte by byte up to a word boundary of the stream, then whole words. */
+    for (; k < n && (off & 7); k++, off++)
+        bad += p[k] != (unsigned char)(((off >> 3) * SEQ_K) >> (8 * (off & 7)));
+    for (unsigned long long w = (off >> 3) * SEQ_K; k + 8 <= n; k += 8, off += 8, w += SEQ_K) {
+        unsigned long long got;
+        memcpy(&got, p + k, 8);
+        if (got != w)
+            for (int b = 0; b < 8; b++) bad += (unsigned char)(got >> (8 * b)) != (unsigned char)(w >> (8 * b));
+    }
+    for (; k < n; k++, off++)
+        bad += p[k] != (unsigned char)(((off >> 3) * SEQ_K) >> (8 * (off & 7)));
+    *at = off;
+    return bad;
+}
 
 static long long now_us(void) {
     struct timespec ts;
@@ -74,10 +110,13 @@ static void report(long long bytes, long long us) {
 }
 
 static int cmd_send(const char *host, int port, const char *src, int secs) {
-    long long total = -1, sent = 0;
+    long long total = -1, sent = 0, seq_us = -1;
+    unsigned long long seq_i = 0;
     int in = -1;
     if (!strncmp(src, "zero:", 5)) {
         total = atoll(src + 5);
+    } else if (!strncmp(src, "seq:", 4)) {
+        seq_us = atoll(src + 4) * 1000000LL;
     } else if ((in = open(src, O_RDONLY)) < 0) {
         return die(src);
     }
@@ -103,7 +142,11 @@ static int cmd_send(const char *host, int port, const char *src, int secs) {
     if (total >= 0) memset(buf, 0x5a, sizeof buf);
     for (;;) {
         ssize_t n;
-        if (in >= 0) {
+        if (seq_us >= 0) {
+            if (now_us() - t0 >= seq_us) break;
+            seq_fill(buf, &seq_i);
+            n = BUF;
+        } else if (in >= 0) {
             n = read(in, buf, sizeof buf);
             if (n < 0) return die("read");
         } else {
@@ -129,8 +172,10 @@ static int cmd_send(const char *host, int port, const char *src, int secs) {
 }
 
 static int cmd_recv(int port, const char *dst, int secs) {
-    int out = -1;
-    if (strcmp(dst, "-") && (out = open(dst, O_WRONLY | O_CREAT | O_TRUNC, 0644)) < 0) return die(dst);
+    int out = -1, seq = !strcmp(dst, "seq");
+    unsigned long long seq_at = 0;
+    long long bad = 0;
+    if (strcmp(dst, "-") && !seq && (out = open(dst, O_WRONLY | O_CREAT | O_TRUNC, 0644)) < 0) return die(dst);
     int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     if (l < 0) return die("socket");
     setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -149,6 +194,7 @@ static int cmd_recv(int port, const char *dst, int secs) {
         if (n < 0) { if (errno == EINTR) continue; return io_fail("recv", got); }
         if (n == 0) break;
         got += n;
+        if (seq) bad += seq_check((unsigned char *)buf, n, &seq_at);
         for (ssize_t off = 0; out >= 0 && off < n;) {
             ssize_t w = write(out, buf + off, n - off);
             if (w < 0) return die("write");
@@ -158,6 +204,11 @@ static int cmd_recv(int port, const char *dst, int secs) {
     long long us = now_us() - t0;
     if (out >= 0 && close(out)) return die("close");
     close(s);
+    if (seq) {
+        if (us < 1) us = 1;
+        printf("bytes=%lld us=%lld mbps=%.2f bad=%lld\n", got, us, got / (double)us, bad);
+        return bad != 0;
+    }
     report(got, us);
     return 0;
 }
@@ -223,7 +274,7 @@ int main(int argc, char **argv) {
         return cmd_seq(argv[2], c[3] == 'w', atoll(argv[3]), argc == 5 ? atoll(argv[4]) : 1024);
     if (!strcmp(c, "randread") && (argc == 4 || argc == 5))
         return cmd_randread(argv[2], atoi(argv[3]), argc == 5 ? atoll(argv[4]) : 4);
-    fprintf(stderr, "usage: labio send HOST PORT FILE|zero:BYTES [SECS] | recv PORT FILE|- [SECS]\n"
+    fprintf(stderr, "usage: labio send HOST PORT FILE|zero:BYTES|seq:SECS [SECS] | recv PORT FILE|-|seq [SECS]\n"
                     "       | seqwrite DEV MIB [KIB] | seqread DEV MIB [KIB] | randread DEV SECS [KIB]\n");
     return 2;
 }

@@ -76,6 +76,29 @@ pub fn patch_cpuid(cpuid: &mut CpuId, index: u32, count: u32) {
     }
 }
 
+const LEAF1_ECX_XSAVE: u32 = 1 << 26;
+/// XCR0 bit 0: x87 state, which XCR0 must always enable (SDM vol. 1, 13.3).
+const XCR0_X87: u64 = 1;
+
+/// The XCR0 a vCPU starts with: every XSAVE component its CPUID offers (leaf
+/// 0xD subleaf 0, EDX:EAX), which is what a Linux guest enables; None when
+/// the CPUID offers no XSAVE. Architecturally XCR0 resets to x87 only, and on
+/// hardware that intercepts XSETBV the guest's own write replaces whatever
+/// is set here. Where XSETBV is not intercepted (the lab's L2, QEMU TCG's SVM)
+/// the guest's write goes to the CPU directly, KVM never sees it and loads
+/// its own XCR0 on every VM entry: with the reset value the guest would run
+/// with x87 only (SSE and AVX lost at every context switch) and KVM's
+/// CPUID(0xD,0).EBX would not match the guest's XSAVE layout.
+pub fn initial_xcr0(cpuid: &CpuId) -> Option<u64> {
+    let entries = cpuid.as_slice();
+    let leaf1 = entries.iter().find(|e| e.function == 0x1)?;
+    if leaf1.ecx & LEAF1_ECX_XSAVE == 0 {
+        return None;
+    }
+    let leaf_d = entries.iter().find(|e| e.function == 0xd && e.index == 0)?;
+    Some((u64::from(leaf_d.edx) << 32 | u64::from(leaf_d.eax)) | XCR0_X87)
+}
+
 // MSR numbers (Intel SDM vol. 4).
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
@@ -285,6 +308,40 @@ mod tests {
         assert_ne!(s[0].ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_eq!((s[1].ebx, s[1].edx), (1, 3));
         assert_eq!((s[2].eax, s[2].ebx, s[2].ecx >> 8), (2, 4, LEVEL_TYPE_CORE));
+    }
+
+    #[test]
+    fn xcr0_enables_what_leaf_0xd_offers() {
+        let entry = |function, index, eax, ecx, edx| kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        let leaf1 = |ecx| entry(1, 0, 0, ecx, 0);
+        // x87, SSE, AVX (the lab's EPYC-v3): 0x7, whatever other leaves say.
+        let lab = CpuId::from_entries(&[
+            leaf1(LEAF1_ECX_XSAVE),
+            entry(0xd, 1, 0x1, 0, 0),
+            entry(0xd, 0, 0x7, 0x340, 0),
+        ])
+        .unwrap();
+        assert_eq!(initial_xcr0(&lab), Some(0x7));
+        // AVX-512 and PKRU (an EPYC Genoa host), and high bits from EDX.
+        let wide =
+            CpuId::from_entries(&[leaf1(LEAF1_ECX_XSAVE), entry(0xd, 0, 0x2e7, 0, 0x1)]).unwrap();
+        assert_eq!(initial_xcr0(&wide), Some(0x1_0000_02e7));
+        // x87 is always on, even if the leaf forgot it.
+        let bare =
+            CpuId::from_entries(&[leaf1(LEAF1_ECX_XSAVE), entry(0xd, 0, 0x6, 0, 0)]).unwrap();
+        assert_eq!(initial_xcr0(&bare), Some(0x7));
+        // No XSAVE, or no leaf 0xD: XCR0 is left alone.
+        let no_xsave = CpuId::from_entries(&[leaf1(0), entry(0xd, 0, 0x7, 0, 0)]).unwrap();
+        assert_eq!(initial_xcr0(&no_xsave), None);
+        let no_leaf = CpuId::from_entries(&[leaf1(LEAF1_ECX_XSAVE)]).unwrap();
+        assert_eq!(initial_xcr0(&no_leaf), None);
     }
 
     #[test]

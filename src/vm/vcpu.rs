@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_xcrs, CpuId};
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
@@ -30,6 +30,7 @@ pub enum Error {
     SetCpuid(u8, kvm_ioctls::Error),
     SetMsrs(u8, kvm_ioctls::Error),
     SetFpu(u8, kvm_ioctls::Error),
+    SetXcrs(u8, u64, kvm_ioctls::Error),
     GetLapic(u8, kvm_ioctls::Error),
     SetLapic(u8, kvm_ioctls::Error),
     SetRegs(kvm_ioctls::Error),
@@ -51,6 +52,9 @@ impl fmt::Display for Error {
             Error::SetCpuid(i, e) => write!(f, "KVM_SET_CPUID2 on vCPU {i} failed: {e}"),
             Error::SetMsrs(i, e) => write!(f, "KVM_SET_MSRS on vCPU {i} failed: {e}"),
             Error::SetFpu(i, e) => write!(f, "KVM_SET_FPU on vCPU {i} failed: {e}"),
+            Error::SetXcrs(i, xcr0, e) => {
+                write!(f, "KVM_SET_XCRS (XCR0 {xcr0:#x}) on vCPU {i} failed: {e}")
+            }
             Error::GetLapic(i, e) => write!(f, "KVM_GET_LAPIC on vCPU {i} failed: {e}"),
             Error::SetLapic(i, e) => write!(f, "KVM_SET_LAPIC on vCPU {i} failed: {e}"),
             Error::SetRegs(e) => write!(f, "KVM_SET_REGS failed: {e}"),
@@ -74,7 +78,7 @@ pub fn restore(fd: &VcpuFd, index: u8, saved: &VcpuState, xsave_words: usize) ->
 }
 
 /// Creates vCPU `index` of `count` with CPUID (`supported`, KVM_GET_SUPPORTED_CPUID,
-/// given this vCPU's topology), MSRs, FPU and LAPIC set; the boot vCPU also gets
+/// given this vCPU's topology), XCR0, MSRs, FPU and LAPIC set; the boot vCPU also gets
 /// `entry`'s registers (None: a restore will set them), the others wait for
 /// INIT/SIPI.
 pub fn create(
@@ -92,6 +96,11 @@ pub fn create(
     cpu::patch_cpuid(&mut cpuid, u32::from(index), u32::from(count));
     fd.set_cpuid2(&cpuid)
         .map_err(|e| Error::SetCpuid(index, e))?;
+    // After the CPUID: KVM accepts only the components that offers. A restore
+    // sets the saved XCR0 over this. INIT (how the other vCPUs start) keeps it.
+    if let Some(xcr0) = cpu::initial_xcr0(&cpuid) {
+        set_xcr0(&fd, xcr0).map_err(|e| Error::SetXcrs(index, xcr0, e))?;
+    }
     fd.set_msrs(&cpu::boot_msrs())
         .map_err(|e| Error::SetMsrs(index, e))?;
     fd.set_fpu(&cpu::boot_fpu())
@@ -105,6 +114,16 @@ pub fn create(
         fd.set_sregs(&sregs).map_err(Error::SetSregs)?;
     }
     Ok(fd)
+}
+
+fn set_xcr0(fd: &VcpuFd, xcr0: u64) -> Result<(), kvm_ioctls::Error> {
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    xcrs.xcrs[0].xcr = 0;
+    xcrs.xcrs[0].value = xcr0;
+    fd.set_xcrs(&xcrs)
 }
 
 /// LINT0 delivers the PIC's ExtINT, LINT1 delivers NMI, as firmware sets them up.

@@ -1,0 +1,94 @@
+# net-duplex: TCP both ways at once over virtio-net for DUPLEX_SECS seconds
+# (default 120): L2 -> guest and guest -> L2 streams run at the same time,
+# each the checkable stream of `labio send ... seq:SECS` (every byte's value
+# depends on its offset), checked byte by byte by the receiver. Checks: the
+# guest did not reset (molt still runs, no second GUEST-INIT, no triple fault
+# logged), each stream lasted the whole time, every byte sent arrived, none
+# differs, the kernel log is clean. Throughput both ways is reported
+# (informational under TCG: MB/s = 10^6 bytes/s on the receiver's clock).
+# VMM=qemu runs the same guest and load under QEMU 7.2 -cpu host instead
+# (image built with MOLT_LAB_WITH_QEMU=1), as a reference.
+# lab-append: loglevel=7
+. /lab/lib/common.sh
+. /lab/lib/devices.sh
+
+DUPLEX_SECS=${DUPLEX_SECS:-120}
+VMM=${VMM:-molt}
+LOG=/run/guest.log
+# Stall limit for each transfer: longer than any hiccup TCG has shown.
+STALL_S=60
+
+t_start=$(now_ms)
+if tap_up; then check tap yes yes; else check tap no yes; fi
+result vmm "$VMM"
+case $VMM in
+molt)
+    if [ -x /lab/bin/molt ]; then
+        molt_boot "$LOG" --cpus 1 --mem 512M --net "tap=$TAP,mac=$GUEST_MAC"
+    else
+        fail molt "binary missing"
+        false
+    fi
+    ;;
+qemu)
+    . /lab/lib/qemu.sh
+    vmm_start "$LOG" qemu-system-x86_64 $(qemu_args 1 512M) -append "$DEVICE_CMDLINE" \
+        -netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no" \
+        -device "virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile="
+    guest_ready "$LOG"
+    ;;
+*) fail vmm "unknown VMM=$VMM"; false ;;
+esac
+booted=$?
+
+if [ $booted = 0 ]; then
+    guest_net_up guest_ip_rc
+    check ping_host_to_guest "$(ping -c 3 -W 5 "$GUEST_IP" 2>&1 | received)" 3
+    # Both receivers first (the senders retry until they are up), then both
+    # senders; the guest's pair runs in the background so its console stays free.
+    guest_cmd "rm -f /run/h2g.out /run/g2h.out; (labio recv 5001 seq $STALL_S > /run/h2g.out 2>&1 &); (labio send $HOST_IP 5002 seq:$DUPLEX_SECS $STALL_S > /run/g2h.out 2>&1 &)" 30 >/dev/null
+    labio recv 5002 seq "$STALL_S" > /tmp/g2h.out 2>&1 &
+    recv_pid=$!
+    t0=$(now_ms)
+    labio send "$GUEST_IP" 5001 "seq:$DUPLEX_SECS" "$STALL_S" > /tmp/h2g.out 2>&1
+    wait "$recv_pid"
+    echo "LAB-INFO duplex ran $(( $(now_ms) - t0 )) ms on L2's clock"
+    guest_cmd 'i=0; while { [ ! -s /run/h2g.out ] || [ ! -s /run/g2h.out ]; } && [ $i -lt 900 ]; do usleep 100000; i=$((i+1)); done; sed "s/^/H2G /" /run/h2g.out; sed "s/^/G2H /" /run/g2h.out' \
+        $((STALL_S * 2 + 60)) >/dev/null
+    h2g_send=$(cat /tmp/h2g.out); h2g_recv=$(gval H2G)
+    g2h_send=$(gval G2H); g2h_recv=$(cat /tmp/g2h.out)
+    echo "LAB-INFO L2->guest: L2 send: $h2g_send; guest recv: $h2g_recv"
+    echo "LAB-INFO guest->L2: guest send: $g2h_send; L2 recv: $g2h_recv"
+    for dir in h2g g2h; do
+        eval "s=\"\$${dir}_send\" r=\"\$${dir}_recv\""
+        sb=$(field bytes "$s"); rb=$(field bytes "$r")
+        result "${dir}_bytes" "$rb"
+        check "${dir}_all_arrived" "$([ -n "$sb" ] && [ "$sb" = "$rb" ] && [ "$rb" -gt 0 ] && echo yes || echo no)" yes
+        check "${dir}_bad_bytes" "$(field bad "$r")" 0
+        # The sender stops after DUPLEX_SECS of sending; it measured until the
+        # receiver had everything.
+        check "${dir}_full_duration" "$([ "$(field us "$s")" -ge $((DUPLEX_SECS * 1000000)) ] 2>/dev/null && echo yes || echo no)" yes
+        us=$(field us "$r")
+        result "${dir}_secs" "$(( ${us:-0} / 1000000 ))"
+        result "${dir}_mbps" "$(field mbps "$r")"
+    done
+    guest_cmd "cat /proc/uptime | sed 's/^/UPTIME /'" 30 >/dev/null
+    echo "LAB-INFO guest uptime: $(gval UPTIME)"
+    check guest_boots "$(count "$LOG" '^GUEST-INIT')" 1
+    check vmm_alive "$(alive "$VMM_PID" && echo yes || echo no)" yes
+    check triple_faults "$(count "$LOG.err" 'triple fault')" 0
+    guest_dmesg_clean dmesg_errors
+    if [ "$VMM" = molt ]; then
+        guest_poweroff molt_exit
+    else
+        echo poweroff >&3
+        wait_log "$LOG" 'reboot: Power down' 60 "$VMM_PID"
+        kill "$VMM_PID" 2>/dev/null
+        wait_exit "$VMM_PID" 10
+    fi
+else
+    kill -9 "$VMM_PID" 2>/dev/null
+fi
+dump_vmm guest
+result lab_ms $(( $(now_ms) - t_start ))
+lab_end
