@@ -26,6 +26,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use super::{
     read_config_bytes, Budget, DeviceState, Interrupt, Served, VirtioDevice, TYPE_BLOCK,
@@ -639,7 +640,7 @@ impl Disk {
             if !zero {
                 // Discard is a hint (the device MAY deallocate): a filesystem that
                 // cannot punch holes simply keeps the data.
-                let _ = self.fallocate(PUNCH, offset, len);
+                let _ = self.fallocate(FallocateMode::PunchHole, offset, len);
             } else if let Err(e) = self.zero(offset, len, unmap) {
                 guest_log!(
                     Warn,
@@ -655,8 +656,13 @@ impl Disk {
     /// Zeroes a range: punching a hole when the driver allows unmapping, else
     /// ZERO_RANGE, else by writing zeroes.
     fn zero(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        if (unmap && self.fallocate(PUNCH, offset, len).is_ok())
-            || self.fallocate(ZERO_RANGE, offset, len).is_ok()
+        if (unmap
+            && self
+                .fallocate(FallocateMode::PunchHole, offset, len)
+                .is_ok())
+            || self
+                .fallocate(FallocateMode::ZeroRange, offset, len)
+                .is_ok()
         {
             return Ok(());
         }
@@ -671,21 +677,11 @@ impl Disk {
         Ok(())
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let off = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let len = libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: fallocate takes no pointers; a bad range only makes it fail.
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+    /// KEEP_SIZE, so that a range at the end never changes the image's size.
+    fn fallocate(&self, mode: FallocateMode, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(&self.file, mode, true, offset, len).map_err(io::Error::from)
     }
 }
-
-/// KEEP_SIZE so that a range at the end never changes the image's size.
-const PUNCH: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
 /// The guest memory behind `bufs` from byte `skip` on, as at most IOV_MAX slices
 /// (a buffer crossing from one RAM region into the next takes two).
