@@ -117,7 +117,7 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     let (state, mut rest) = reboot::load_state(path).map_err(Error::File)?;
     let diff = vm::Shape::argv_differences(cfg, &state.machine.shape);
     if !diff.is_empty() {
-        return Err(Error::Vm(vm::Error::Mismatch(diff.join("; "))));
+        return Err(Error::Vm(vm::Error::Shape(diff)));
     }
     if let RamLocation::InPlace { .. } = state.ram {
         if cfg.mem_file.is_none() {
@@ -329,7 +329,7 @@ fn resume_transfer(
     let loaded = prepared.and_then(|prepared| {
         let (bytes, max_pause) = t.link.ready().map_err(Error::Transfer)?;
         let start = Instant::now();
-        let state = state::decode(&bytes).map_err(|e| Error::Handover(format!("state: {e}")))?;
+        let state = state::decode(&bytes).map_err(Error::StateDecode)?;
         let restored = prepared.restore(&state.machine).map_err(Error::Vm)?;
         Ok((restored, state, start, max_pause))
     });
@@ -395,10 +395,7 @@ impl Arrived {
 /// rollback). Returns the config and the mapped RAM.
 fn adopted_config(cfg: &RunConfig, a: &Adopted) -> Result<(RunConfig, GuestRam), Error> {
     let mut cfg = cfg.clone();
-    let ram = a
-        .ram
-        .as_ref()
-        .ok_or_else(|| Error::Handover("no RAM".into()))?;
+    let ram = a.ram.as_ref().ok_or(Error::NoRam)?;
     let path = fds::proc_path(ram);
     let ram = GuestRam::adopt(cfg.mem_size, &path).map_err(Error::Memory)?;
     cfg.mem_file = Some(path);
@@ -406,9 +403,7 @@ fn adopted_config(cfg: &RunConfig, a: &Adopted) -> Result<(RunConfig, GuestRam),
         d.path = fds::proc_path(f);
     }
     for (n, t) in cfg.nets.iter_mut().zip(&a.taps) {
-        let dup = t
-            .try_clone()
-            .map_err(|e| Error::Handover(format!("dup tap: {e}")))?;
+        let dup = t.try_clone().map_err(Error::DupTap)?;
         n.backend = crate::args::NetBackend::Fd(dup.into_raw_fd());
     }
     Ok((cfg, ram))

@@ -45,10 +45,25 @@ pub enum Error {
     Argv,
     Exec(String, std::io::Error),
     Read(RawFd, std::io::Error),
-    Message(String),
+    /// The fd table would not encode.
+    HeaderEncode(postcard::Error),
+    /// `--incoming fd:N` names no sealed memfd.
+    NotSealed(RawFd),
+    /// The memfd is larger than any exec message (its length).
+    TooLarge(u64),
+    BadMagic,
+    /// The fd table's length points past the end of the message.
+    TablePastEnd,
+    /// The fd table would not decode.
+    HeaderDecode(postcard::Error),
+    /// The fd table has bytes left over, or not one number per kind.
+    InconsistentTable,
     State(state::Error),
     Guardian(guardian::Error),
 }
+
+/// How every refusal of the memfd's message begins.
+const BAD: &str = "bad exec message";
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -59,7 +74,13 @@ impl fmt::Display for Error {
             Error::Argv => write!(f, "an argument contains a NUL byte"),
             Error::Exec(bin, e) => write!(f, "exec {bin} failed: {e}"),
             Error::Read(fd, e) => write!(f, "cannot read the state from fd {fd}: {e}"),
-            Error::Message(why) => write!(f, "bad exec message: {why}"),
+            Error::HeaderEncode(e) => write!(f, "{BAD}: {e}"),
+            Error::NotSealed(fd) => write!(f, "{BAD}: fd {fd} is not a sealed molt state memfd"),
+            Error::TooLarge(len) => write!(f, "{BAD}: {len} bytes is too large"),
+            Error::BadMagic => write!(f, "{BAD}: bad magic"),
+            Error::TablePastEnd => write!(f, "{BAD}: fd table runs past the end"),
+            Error::HeaderDecode(e) => write!(f, "{BAD}: header: {e}"),
+            Error::InconsistentTable => write!(f, "{BAD}: inconsistent fd table"),
             Error::State(e) => write!(f, "exec state: {e}"),
             Error::Guardian(e) => e.fmt(f),
         }
@@ -68,7 +89,7 @@ impl fmt::Display for Error {
 
 fn message_memfd(state: &CprState, header: &ExecHeader) -> Result<File, Error> {
     let state_bytes = state::encode(state).map_err(Error::Encode)?;
-    let table_bytes = postcard::to_allocvec(header).map_err(|e| Error::Message(e.to_string()))?;
+    let table_bytes = postcard::to_allocvec(header).map_err(Error::HeaderEncode)?;
     let name = c"molt-cpr";
     // SAFETY: a valid NUL-terminated name and flags; the result is checked.
     let fd =
@@ -196,31 +217,29 @@ pub fn receive(fd: RawFd) -> Result<(ExecHeader, CprState), Error> {
     // open, sealed memfd before any other use, and owned (closed) here.
     let check = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
     if check < 0 || check & libc::F_SEAL_WRITE == 0 {
-        return Err(Error::Message(format!(
-            "fd {fd} is not a sealed molt state memfd"
-        )));
+        return Err(Error::NotSealed(fd));
     }
     // SAFETY: as above; fd is open (F_GET_SEALS succeeded) and ours from here on.
     let f = unsafe { File::from_raw_fd(fd) };
     let len = f.metadata().map_err(|e| Error::Read(fd, e))?.len();
     if len > MAX_MESSAGE {
-        return Err(Error::Message(format!("{len} bytes is too large")));
+        return Err(Error::TooLarge(len));
     }
     // The old image wrote it through the same open file: its offset is at the end.
     let mut bytes = vec![0u8; len as usize];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut bytes, 0).map_err(|e| Error::Read(fd, e))?;
     if bytes.len() < 12 || bytes[..8] != MAGIC {
-        return Err(Error::Message("bad magic".into()));
+        return Err(Error::BadMagic);
     }
     let tlen = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
     let table_end = 12usize
         .checked_add(tlen)
         .filter(|&e| e <= bytes.len())
-        .ok_or_else(|| Error::Message("fd table runs past the end".into()))?;
-    let (header, rest): (ExecHeader, _) = postcard::take_from_bytes(&bytes[12..table_end])
-        .map_err(|e| Error::Message(format!("header: {e}")))?;
+        .ok_or(Error::TablePastEnd)?;
+    let (header, rest): (ExecHeader, _) =
+        postcard::take_from_bytes(&bytes[12..table_end]).map_err(Error::HeaderDecode)?;
     if !rest.is_empty() || header.table.kinds.len() != header.table.numbers.len() {
-        return Err(Error::Message("inconsistent fd table".into()));
+        return Err(Error::InconsistentTable);
     }
     let state = state::decode(&bytes[table_end..]).map_err(Error::State)?;
     Ok((header, state))
@@ -329,7 +348,7 @@ mod tests {
     fn receive_refuses_what_is_not_a_sealed_message() {
         use std::os::fd::IntoRawFd;
         let f = File::open("/dev/null").unwrap().into_raw_fd();
-        assert!(matches!(receive(f), Err(Error::Message(_))));
+        assert!(matches!(receive(f), Err(Error::NotSealed(n)) if n == f));
         // SAFETY: closing the descriptor opened above (receive did not take it).
         unsafe { libc::close(f) };
     }

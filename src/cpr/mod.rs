@@ -45,7 +45,17 @@ pub enum Error {
     Exec(exec::Error),
     Guardian(guardian::Error),
     Probe(PathBuf, String),
-    Handover(String),
+    /// The vCPUs would not stop.
+    Pause(vm::vcpu::Error),
+    /// The state a transfer sent would not decode.
+    StateDecode(state::Error),
+    /// The state would not encode for a transfer.
+    StateEncode(state::Error),
+    /// The handed-over descriptors hold no guest RAM.
+    NoRam,
+    DupTap(std::io::Error),
+    /// This image, kept open for a rollback.
+    OwnExe(std::io::Error),
     Adopt(fds::Error),
     Transfer(transfer::Error),
     RamMismatch {
@@ -82,7 +92,12 @@ impl fmt::Display for Error {
             Error::Exec(e) => e.fmt(f),
             Error::Guardian(e) => e.fmt(f),
             Error::Probe(p, why) => write!(f, "{} cannot take the guest: {why}", p.display()),
-            Error::Handover(why) => write!(f, "handover: {why}"),
+            Error::Pause(e) => write!(f, "cannot pause: {e}"),
+            Error::StateDecode(e) => write!(f, "handover: state: {e}"),
+            Error::StateEncode(e) => write!(f, "handover: {e}"),
+            Error::NoRam => write!(f, "handover: no RAM"),
+            Error::DupTap(e) => write!(f, "handover: dup tap: {e}"),
+            Error::OwnExe(e) => write!(f, "handover: cannot open /proc/self/exe: {e}"),
             Error::Adopt(e) => write!(f, "handover: {e}"),
             Error::Transfer(e) => e.fmt(f),
             Error::DiskGone(p, why) => write!(

@@ -34,7 +34,48 @@ pub enum Error {
     Access(files::Error),
     Io(&'static str, PathBuf, std::io::Error),
     State(PathBuf, state::Error),
-    Ram(PathBuf, String),
+    Ram(PathBuf, RamError),
+}
+
+/// Why the RAM section of a state file is refused, or could not be loaded.
+#[derive(Debug)]
+pub enum RamError {
+    /// The file ends inside the section.
+    Truncated,
+    Read(std::io::Error),
+    BadMagic,
+    /// A record that does not lie within one region of guest RAM.
+    OutsideRam {
+        off: u64,
+        len: u64,
+    },
+    Crc {
+        actual: u32,
+        stored: u32,
+    },
+    /// Bytes after the section's CRC.
+    Trailing,
+    /// A checked record could not be copied into guest RAM.
+    Write(vm_memory::GuestMemoryError),
+}
+
+impl fmt::Display for RamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RamError::Truncated => write!(f, "truncated"),
+            RamError::Read(e) => write!(f, "read failed: {e}"),
+            RamError::BadMagic => write!(f, "missing (bad magic)"),
+            RamError::OutsideRam { off, len } => {
+                write!(f, "record at {off:#x}+{len:#x} is outside guest RAM")
+            }
+            RamError::Crc { actual, stored } => write!(
+                f,
+                "CRC32 {actual:#010x} does not match the stored {stored:#010x}"
+            ),
+            RamError::Trailing => write!(f, "unexpected bytes after the RAM section"),
+            RamError::Write(e) => e.fmt(f),
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -175,7 +216,7 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 pub fn load_ram(path: &Path, r: &mut impl Read, ram: &GuestRam) -> Result<(), Error> {
     read_ram(path, r, ram.size(), |off, buf| {
         let addr = ram.guest_addr(off).expect("checked by read_ram");
-        ram.memory.write_slice(buf, addr).map_err(|e| e.to_string())
+        ram.memory.write_slice(buf, addr).map_err(RamError::Write)
     })
 }
 
@@ -199,21 +240,21 @@ fn read_ram(
     path: &Path,
     r: &mut impl Read,
     size: u64,
-    mut sink: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    mut sink: impl FnMut(u64, &[u8]) -> Result<(), RamError>,
 ) -> Result<(), Error> {
     let regions = crate::vm::memory::ram_regions(size);
-    let bad = |why: String| Error::Ram(path.into(), why);
+    let bad = |why| Error::Ram(path.into(), why);
     let io = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            bad("truncated".into())
+            bad(RamError::Truncated)
         } else {
-            bad(format!("read failed: {e}"))
+            bad(RamError::Read(e))
         }
     };
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).map_err(io)?;
     if magic != RAM_MAGIC {
-        return Err(bad("missing (bad magic)".into()));
+        return Err(bad(RamError::BadMagic));
     }
     let mut crc = crc32fast::Hasher::new();
     let mut buf = Vec::new();
@@ -233,9 +274,7 @@ fn read_ram(
                 .iter()
                 .any(|g| off >= g.file_offset && off + len <= g.file_offset + g.size);
         if !in_one_region {
-            return Err(bad(format!(
-                "record at {off:#x}+{len:#x} is outside guest RAM"
-            )));
+            return Err(bad(RamError::OutsideRam { off, len }));
         }
         buf.resize(len as usize, 0);
         r.read_exact(&mut buf).map_err(io)?;
@@ -244,16 +283,13 @@ fn read_ram(
     }
     let mut stored = [0u8; 4];
     r.read_exact(&mut stored).map_err(io)?;
-    let actual = crc.finalize();
-    if u32::from_le_bytes(stored) != actual {
-        return Err(bad(format!(
-            "CRC32 {actual:#010x} does not match the stored {:#010x}",
-            u32::from_le_bytes(stored)
-        )));
+    let (actual, stored) = (crc.finalize(), u32::from_le_bytes(stored));
+    if stored != actual {
+        return Err(bad(RamError::Crc { actual, stored }));
     }
     let mut rest = [0u8; 1];
     if r.read(&mut rest).map_err(io)? != 0 {
-        return Err(bad("unexpected bytes after the RAM section".into()));
+        return Err(bad(RamError::Trailing));
     }
     Ok(())
 }

@@ -74,12 +74,12 @@ impl Source<'_> {
 
     /// Stops the vCPUs unless the user had: the pause starts. Returns when it
     /// started (CLOCK_REALTIME, shared with the next process).
-    fn pause(&self) -> Result<u64, String> {
+    fn pause(&self) -> Result<u64, Error> {
         if self.run == RunState::Running {
             if let Err(e) = self.machine.vcpus.pause() {
                 // Whatever did stop runs again.
                 self.machine.vcpus.resume();
-                return Err(format!("cannot pause: {e}"));
+                return Err(Error::Pause(e));
             }
         }
         Ok(now_ns())
@@ -312,7 +312,7 @@ fn exec_out(
     // Our own image, by descriptor: a rollback must not depend on its path.
     let me = match std::fs::File::open("/proc/self/exe") {
         Ok(f) => f,
-        Err(e) => return Error::Handover(format!("cannot open /proc/self/exe: {e}")),
+        Err(e) => return Error::OwnExe(e),
     };
     handover.previous_exe = Some(me.as_raw_fd());
     handover.guardian = Some(guardian.fd());
@@ -368,7 +368,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
             let stopped_at_ns = match src.pause() {
                 Ok(t) => t,
                 Err(e) => {
-                    out.fail(&e);
+                    out.fail(&e.to_string());
                     return Done::failed(what, e);
                 }
             };
@@ -376,7 +376,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
             //    paused at most `max_pause`, and a signal aborts.
             let sent = src
                 .snapshot(src.in_place(), stopped_at_ns)
-                .and_then(|s| state::encode(&s).map_err(|e| Error::Handover(e.to_string())))
+                .and_then(|s| state::encode(&s).map_err(Error::StateEncode))
                 .and_then(|bytes| {
                     out.send_state(bytes, max_pause, src.signals)
                         .map_err(Error::Transfer)

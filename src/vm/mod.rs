@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::args::RunConfig;
 use crate::boot::{self, BootSpec, Entry};
 use crate::bus::Bus;
-use crate::devices::serial::{Output, Serial, SerialStateV1};
+use crate::devices::serial::{self, Output, Serial, SerialStateV1};
 use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
 use crate::pci::Allocator;
 use crate::virtio::pci::TransportState;
@@ -46,9 +46,22 @@ pub enum Error {
     Vcpu(vcpu::Error),
     Devices(devices::Error),
     HostCpu(host_cpu::Error),
-    Mismatch(String),
+    /// The saved machine's shape differs from this one's: each difference,
+    /// human-readable (`Shape::differences`).
+    Shape(Vec<String>),
+    /// The devices sit at other PCI addresses than the saved ones.
+    Placement,
+    /// The UART refuses the saved state.
+    Serial(serial::Error),
+    /// Virtio device `usize` refuses its saved state.
+    Device(usize, crate::virtio::pci::Error),
+    /// A machine built without vCPUs: nothing to ask what this host offers.
+    NoVcpus,
     Quiesce(usize, std::io::Error),
 }
+
+/// How every refusal of a saved state that does not fit begins.
+const MISMATCH: &str = "state does not fit this machine";
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -59,7 +72,11 @@ impl fmt::Display for Error {
             Error::Vcpu(e) => e.fmt(f),
             Error::Devices(e) => e.fmt(f),
             Error::HostCpu(e) => e.fmt(f),
-            Error::Mismatch(why) => write!(f, "state does not fit this machine: {why}"),
+            Error::Shape(d) => write!(f, "{MISMATCH}: {}", d.join("; ")),
+            Error::Placement => write!(f, "{MISMATCH}: devices are placed differently"),
+            Error::Serial(e) => write!(f, "{MISMATCH}: {e}"),
+            Error::Device(i, e) => write!(f, "{MISMATCH}: device {i}: {e}"),
+            Error::NoVcpus => write!(f, "{MISMATCH}: a machine without vCPUs"),
             Error::Quiesce(i, e) => write!(f, "device {i} cannot flush before saving: {e}"),
         }
     }
@@ -201,20 +218,20 @@ impl Prepared {
         let Prepared { parts, fds, host } = self;
         let diff = parts.shape(fds.len() as u8).differences(&state.shape);
         if !diff.is_empty() {
-            return Err(Error::Mismatch(diff.join("; ")));
+            return Err(Error::Shape(diff));
         }
         if parts.allocator != state.allocator {
-            return Err(Error::Mismatch("devices are placed differently".into()));
+            return Err(Error::Placement);
         }
         host.check(state.vcpus.iter().map(|v| &**v))
             .map_err(Error::HostCpu)?;
         crate::sync::lock(&parts.bus.serial)
             .restore(&state.serial)
-            .map_err(|e| Error::Mismatch(e.to_string()))?;
+            .map_err(Error::Serial)?;
         for (i, (dev, saved)) in parts.virtio.iter().zip(&state.virtio).enumerate() {
             crate::sync::lock(dev)
                 .restore(saved)
-                .map_err(|why| Error::Mismatch(format!("device {i}: {why}")))?;
+                .map_err(|e| Error::Device(i, e))?;
         }
         kvm::restore_vm(&parts.vm, &state.vm).map_err(Error::Kvm)?;
         for (i, (fd, saved)) in fds.iter().zip(&state.vcpus).enumerate() {
@@ -344,9 +361,7 @@ impl Machine {
         let parts = Parts::build(cfg, ram, console)?;
         let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;
         let fds = parts.create_vcpus(&supported, cfg.vcpus, None)?;
-        let probe = fds
-            .first()
-            .ok_or_else(|| Error::Mismatch("a machine without vCPUs".into()))?;
+        let probe = fds.first().ok_or(Error::NoVcpus)?;
         let host = HostCpu::query(&parts.kvm, &supported, probe).map_err(Error::HostCpu)?;
         Ok(Prepared { parts, fds, host })
     }
