@@ -54,6 +54,8 @@ gcc -static -O2 -o "$root/lab/bin/labcpr" "$ROOTFS_DIR/tools/labcpr.c"
 gcc -static -O2 -o "$root/lab/bin/labtcp" "$ROOTFS_DIR/tools/labtcp.c"
 # Blackout benchmark: the UDP receiver (scripts/bench-blackout.sh).
 gcc -static -O2 -o "$root/lab/bin/labudp" "$ROOTFS_DIR/tools/labudp.c"
+# One idle VM held for L2's lifetime: guests' VMs then patch no kernel code.
+gcc -static -O2 -o "$root/lab/bin/labkvmhold" "$ROOTFS_DIR/tools/labkvmhold.c"
 install -m 755 "$REPO_DIR/scripts/molt-upgrade.sh" "$root/lab/bin/molt-upgrade"
 
 cp "$MOLT_LAB_VMLINUZ" "$root/lab/vmlinuz"

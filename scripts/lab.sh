@@ -19,6 +19,9 @@
 #   MOLT_BIN            molt binary (default: the static release build, which is
 #                       rebuilt first with `cargo build --release`)
 #   MOLT_LAB_CACHE      kernel download cache (default ~/.cache/molt-lab)
+#   MOLT_LAB_LOCKUP_S   stop the lab once an L2 CPU has been stuck in kernel
+#                       mode this long (default 45; scripts/lab-watch.sh)
+#   MOLT_LAB_SILENT_S   ... or once L2's heartbeat has stopped this long (90)
 # Packages: qemu-system-x86 busybox-static cpio kmod gcc libc6-dev binutils
 #           (util-linux's flock and coreutils' timeout are in every Debian)
 set -euo pipefail
@@ -95,7 +98,11 @@ else
 fi
 flock -u 9
 
-append="console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet molt.scenario=$scenario"
+# no_timer_check: L2's boot-time check that the timer interrupt arrives
+# through the IO-APIC fails when L1 starves QEMU ("timer doesn't work through
+# Interrupt-remapped IO-APIC", a panic seen with both host cores busy); Linux
+# skips it on KVM guests for the same reason.
+append="console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet no_timer_check molt.scenario=$scenario"
 [[ $keep == 1 ]] && append+=" molt.keep=1"
 # A scenario that needs L2 kernel arguments (e.g. memmap= for persistent
 # memory) names them in a `# lab-append: ARGS` line.
@@ -111,23 +118,42 @@ qemu=(qemu-system-x86_64 -accel tcg -machine q35 -cpu EPYC-v3 -smp "$smp" -m 3G
       -kernel "$MOLT_LAB_VMLINUZ" -initrd "$host_img" -append "$append")
 
 log=$work/$scenario.log
+pidfile=$work/$scenario.qemu.pid
+# L2's heartbeat: its second serial port (COM2), a line every 5 s. Naming
+# one serial port names both: the first stays -nographic's console.
+heartbeat=$work/$scenario.heartbeat
+rm -f "$pidfile" "$heartbeat"
+qemu+=(-pidfile "$pidfile" -serial mon:stdio -serial "file:$heartbeat")
 # TCG prints one line per EPYC feature it cannot emulate, per vCPU: noise.
 quiet_tcg() { grep --line-buffered -v "TCG doesn't support requested feature"; }
+# L2 itself locking up ends the run at once, with the reason (lab-watch.sh).
+watch_l2() {
+    "$repo/scripts/lab-watch.sh" "$pidfile" "${MOLT_LAB_LOCKUP_S:-45}" "$heartbeat" "${MOLT_LAB_SILENT_S:-90}"
+}
 start=$(date +%s%N)
 if [[ $keep == 1 ]]; then
     "${qemu[@]}" 2>&1 | tee "$log" || true
 else
     # No stdin: under CI there is none, and a terminal would be left in raw mode
     # if QEMU is killed by the timeout.
-    timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1 | quiet_tcg | tee "$log" || true
+    timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1 | quiet_tcg | watch_l2 | tee "$log" || true
 fi
 elapsed_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+rm -f "$pidfile" "$heartbeat"
 
 echo "lab: $scenario finished in ${elapsed_ms} ms (smp=$smp), log $log"
 if grep -q 'LAB-END status=pass' "$log"; then
     echo "lab: $scenario PASS"
     exit 0
 fi
-grep -q 'LAB-END' "$log" || echo "lab: no LAB-END seen (timeout ${timeout_s}s or crash)"
+# Say why when it is the lab host (L2) that failed rather than the scenario.
+if grep -q '^LAB-L2-HUNG' "$log"; then
+    echo "lab: the lab host (L2) hung, QEMU stopped: $(grep -m1 '^LAB-L2-HUNG' "$log" | cut -d' ' -f2-)"
+    grep -q 'soft lockup' "$log" && echo "lab: L2's stacks of its stuck CPUs are in $log (after 'soft lockup')"
+elif grep -q 'Kernel panic - not syncing' "$log"; then
+    echo "lab: the lab host (L2) kernel panicked: $(grep -m1 'Kernel panic - not syncing' "$log" | tr -d '\r' | sed 's/.*not syncing: //')"
+elif ! grep -q 'LAB-END' "$log"; then
+    echo "lab: no LAB-END seen (timeout ${timeout_s}s or crash)"
+fi
 echo "lab: $scenario FAIL"
 exit 1
