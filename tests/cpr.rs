@@ -550,7 +550,19 @@ fn restart_refuses_disks_swapped_resized_or_replaced() {
     let id = |f: &RemoveFile| {
         use std::os::unix::fs::MetadataExt;
         let m = fs::metadata(&f.0).expect("stat image");
-        format!("{} bytes, device {:#x} inode {}", m.len(), m.dev(), m.ino())
+        // As molt reads it: 0 where the filesystem keeps no birth time.
+        let born = m
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        format!(
+            "{} bytes, inode {}, born {}.{:09}",
+            m.len(),
+            m.ino(),
+            born.as_secs(),
+            born.subsec_nanos()
+        )
     };
     let not_saved = |i: usize, path: &str, saved: &RemoveFile| {
         format!(

@@ -7,13 +7,31 @@
 # differs, the kernel log is clean. Throughput both ways is reported
 # (informational under TCG: MB/s = 10^6 bytes/s on the receiver's clock).
 # VMM=qemu runs the same guest and load under QEMU 7.2 -cpu host instead
-# (image built with MOLT_LAB_WITH_QEMU=1), as a reference.
+# (image built with MOLT_LAB_WITH_QEMU=1), as a reference. TRACE=1 keeps L2's
+# last KVM events (exits, injected exceptions, page faults) in a ring and
+# prints them if the guest triple-faults (issue 9 item 3, not yet explained).
 # lab-append: loglevel=7
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
 
 DUPLEX_SECS=${DUPLEX_SECS:-120}
 VMM=${VMM:-molt}
+TRACE=${TRACE:-0}
+TRACE_EVENTS="kvm_exit kvm_entry kvm_inj_exception kvm_page_fault kvm_inj_virq kvm_msr kvm_cr"
+tracing=/sys/kernel/tracing
+
+# trace_events 0|1: L2's KVM events on or off (a ring: the newest are kept).
+trace_events() {
+    for _e in $TRACE_EVENTS; do
+        echo "$1" > $tracing/events/kvm/$_e/enable 2>/dev/null
+    done
+}
+if [ "$TRACE" = 1 ]; then
+    [ -d $tracing/events ] || mount -t tracefs tracefs $tracing 2>/dev/null
+    echo 16384 > $tracing/buffer_size_kb
+    echo > $tracing/trace
+    trace_events 1
+fi
 LOG=/run/guest.log
 # Stall limit for each transfer: longer than any hiccup TCG has shown.
 STALL_S=60
@@ -77,6 +95,15 @@ if [ $booted = 0 ]; then
     check guest_boots "$(count "$LOG" '^GUEST-INIT')" 1
     check vmm_alive "$(alive "$VMM_PID" && echo yes || echo no)" yes
     check triple_faults "$(count "$LOG.err" 'triple fault')" 0
+    if [ "$TRACE" = 1 ]; then
+        trace_events 0
+        if [ "$(count "$LOG.err" 'triple fault')" != 0 ]; then
+            echo "LAB-DIAG L2's last KVM events before the triple fault:"
+            grep -v '^#' $tracing/trace | grep -v 'kvm_entry' | tail -n 120 | sed 's/^/LAB-DIAG trace /'
+            echo "LAB-DIAG injected exceptions in the ring:"
+            grep 'kvm_inj_exception' $tracing/trace | tail -n 20 | sed 's/^/LAB-DIAG trace /'
+        fi
+    fi
     guest_dmesg_clean dmesg_errors
     if [ "$VMM" = molt ]; then
         guest_poweroff molt_exit

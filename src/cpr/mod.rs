@@ -127,7 +127,7 @@ impl fmt::Display for Error {
                             "it is the image saved as disk {j}: disks swapped on argv?"
                         )
                     }
-                    (Ok(n), None) if n.dev == saved.dev && n.ino == saved.ino => {
+                    (Ok(n), None) if n.same_file(saved) => {
                         write!(f, "it was resized to {} bytes", n.size)
                     }
                     (Ok(n), None) => write!(f, "it is another file ({n}): replaced?"),

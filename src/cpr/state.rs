@@ -319,8 +319,8 @@ pub(crate) mod tests {
         for i in 0..identities {
             let id = Identity {
                 size: 1 << 20,
-                dev: 0x803,
                 ino: 100 + i as u64,
+                born_ns: 1_700_000_000_000_000_000,
             };
             s.disks.push(id).unwrap();
         }

@@ -135,13 +135,19 @@ struct Active {
 
 /// Which image a disk is, as a saved state records it (`cpr::state`, version
 /// 2; frozen): a restart refuses an image that is not the one the guest wrote.
+/// Device numbers are not part of it: those of dynamically numbered block
+/// devices (pmem, NVMe, ...) change across a reboot, and with them the `st_dev`
+/// of every file on them (seen: 259:1 before a kexec, 259:0 after).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskIdentityV2 {
     /// In bytes; the guest sees it rounded down to whole sectors.
     pub size: u64,
-    /// The file's device and inode numbers.
-    pub dev: u64,
+    /// A regular file's inode number and birth time (ns since the epoch; 0
+    /// where the filesystem keeps none): a copy has others. Both are 0 for a
+    /// block device, whose node and numbers a reboot may change: only its
+    /// size identifies it.
     pub ino: u64,
+    pub born_ns: u64,
 }
 
 /// The version this release saves and restores.
@@ -151,22 +157,46 @@ impl Identity {
     /// The identity of an open image. Seeks to find the size (block devices
     /// report 0 in `st_size`); the device does its I/O at explicit offsets.
     pub fn of(file: &File) -> io::Result<Identity> {
+        use std::os::unix::fs::FileTypeExt;
         let size = { file }.seek(SeekFrom::End(0))?;
         let meta = file.metadata()?;
+        if meta.file_type().is_block_device() {
+            return Ok(Identity {
+                size,
+                ino: 0,
+                born_ns: 0,
+            });
+        }
+        let born_ns = meta
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
         Ok(Identity {
             size,
-            dev: meta.dev(),
             ino: meta.ino(),
+            born_ns,
         })
+    }
+
+    /// The same file, whatever its size now.
+    pub fn same_file(&self, other: &Identity) -> bool {
+        self.ino == other.ino && self.born_ns == other.born_ns
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ino == 0 {
+            return write!(f, "{} bytes, a block device", self.size);
+        }
         write!(
             f,
-            "{} bytes, device {:#x} inode {}",
-            self.size, self.dev, self.ino
+            "{} bytes, inode {}, born {}.{:09}",
+            self.size,
+            self.ino,
+            self.born_ns / 1_000_000_000,
+            self.born_ns % 1_000_000_000
         )
     }
 }
@@ -193,6 +223,7 @@ impl Block {
             .write(!cfg.read_only)
             .open(&path)
             .map_err(|e| Error::Open(path.clone(), e))?;
+        let meta = file.metadata().map_err(|e| Error::Size(path.clone(), e))?;
         let id = Identity::of(&file).map_err(|e| Error::Size(path.clone(), e))?;
         let size = id.size;
         if size < SECTOR_SIZE {
@@ -211,7 +242,7 @@ impl Block {
                 path,
                 sectors: size / SECTOR_SIZE,
                 read_only: cfg.read_only,
-                serial: serial(id.dev, id.ino),
+                serial: serial(meta.dev(), meta.ino()),
             },
             acked_features: 0,
             active: None,
