@@ -14,8 +14,15 @@ use std::sync::Mutex;
 /// parallel labs would only slow each other past their guests' timeouts.
 static LAB: Mutex<()> = Mutex::new(());
 
-/// `scripts/lab.sh`'s exit status when the lab host itself failed.
-const L2_FAILED: i32 = 3;
+/// `scripts/lab.sh`'s exit status when QEMU TCG's emulation failed: the lab
+/// host (L2) panicked or hung, or a guest shut down inside QEMU's delivery of an
+/// injected interrupt (README, "The nested lab").
+const EMULATION_FAILED: i32 = 3;
+
+/// How many more times a scenario runs after such a failure. Under the
+/// 2-minute duplex TCP load the emulation failed in about one run in three
+/// (README), so one more run would still fail CI one time in ten.
+const EMULATION_RETRIES: usize = 2;
 
 /// Runs `scenario` in the lab and returns its results; None if skipped.
 fn run_scenario(scenario: &str) -> Option<HashMap<String, String>> {
@@ -44,14 +51,16 @@ fn run_scenario(scenario: &str) -> Option<HashMap<String, String>> {
             .expect("scripts/lab.sh runs")
     };
     let mut status = run();
-    // Exit 3: the lab host's own kernel (L2) panicked or hung - QEMU TCG's
-    // emulation of it failed, which no scenario controls (README, "The nested
-    // lab"). The scenario runs once more; its first log is kept.
-    if status.code() == Some(L2_FAILED) {
-        let kept = log_path.with_extension("l2-failed.log");
+    // Exit 3: QEMU TCG's emulation failed, which no scenario controls. The
+    // scenario runs again; each failed run's log is kept.
+    for retry in 1..=EMULATION_RETRIES {
+        if status.code() != Some(EMULATION_FAILED) {
+            break;
+        }
+        let kept = log_path.with_extension(format!("emulation-failed-{retry}.log"));
         let _ = std::fs::rename(&log_path, &kept);
         eprintln!(
-            "LAB-RETRY {scenario}: the lab host (L2) itself failed (log {}); running it once more",
+            "LAB-RETRY {scenario}: QEMU TCG's emulation failed (log {}); running it again ({retry} of {EMULATION_RETRIES})",
             kept.display()
         );
         status = run();
@@ -485,13 +494,11 @@ fn guest_xcr0_matches_what_its_kernel_enabled_on_every_vcpu() {
     expect(&r, "molt_exit", "0");
 }
 
-/// Issue 9 item 3, still open: this run ends in a guest triple fault (no
-/// guest message; SVM reports the reset vector) often enough to fail CI - it
-/// did once in the first fresh-clone CI run of 2026-12-02, after 5.4 GB and
-/// 4.2 GB had crossed - and its cause is not found. Run it by hand with
-/// `cargo test --release --test lab -- --ignored tcp_both_ways`.
+/// Under this load QEMU TCG's emulation fails now and then: the L3 guest shuts
+/// down while QEMU delivers an interrupt that L2's KVM injected (the scenario
+/// classifies the shutdown from L2's record of it), or L2 itself hangs or
+/// panics; `run_scenario` then runs it again. Any other triple fault fails.
 #[test]
-#[ignore = "issue 9.3: an unexplained guest triple fault under load; run with --ignored"]
 fn tcp_both_ways_at_once_for_two_minutes_arrives_intact_without_a_guest_reset() {
     let Some(r) = run_scenario("net-duplex") else {
         return;
