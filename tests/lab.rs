@@ -494,6 +494,32 @@ fn guest_xcr0_matches_what_its_kernel_enabled_on_every_vcpu() {
     expect(&r, "molt_exit", "0");
 }
 
+/// Issue 11's kernel requirement, checked on the lab host's own kernel: a VFIO
+/// container's DMA mappings pass to a new process and across an execve with
+/// VFIO_DMA_UNMAP_FLAG_VADDR / VFIO_DMA_MAP_FLAG_VADDR, the pinned pages'
+/// locked_vm moving with them (vfio_change_dma_owner: Linux 6.3, 6.1.16), and
+/// QEMU's edu device DMAs through the buffer after each hand-over.
+#[test]
+fn lab_host_kernel_hands_vfio_dma_mappings_to_a_new_process_and_across_exec() {
+    let Some(r) = run_scenario("vfio-kernel") else {
+        return;
+    };
+    expect(&r, "edu_driver", "vfio-pci");
+    expect(&r, "labvfio_rc", "0");
+    expect(&r, "update_vaddr", "1");
+    expect(&r, "lck_map_kb", "2048");
+    expect(&r, "dma_old", "ok");
+    // A kernel without vfio_change_dma_owner leaves the account with the
+    // first mm: 0 for the new process and after the exec, 2048 for the old.
+    expect(&r, "lck_new_kb", "2048");
+    expect(&r, "lck_old_kb", "0");
+    expect(&r, "dma_new", "ok");
+    expect(&r, "lck_exec_kb", "2048");
+    expect(&r, "dma_exec", "ok");
+    expect(&r, "lck_unmap_kb", "0");
+    expect(&r, "kernel_warnings", "0");
+}
+
 /// Under this load QEMU TCG's emulation fails now and then: the L3 guest shuts
 /// down while QEMU delivers an interrupt that L2's KVM injected (the scenario
 /// classifies the shutdown from L2's record of it), or L2 itself hangs or
