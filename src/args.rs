@@ -533,6 +533,57 @@ mod tests {
     }
 
     #[test]
+    fn vfio_devices_are_checked() {
+        let v = |a: &[&str]| parse(a).map(|r| r.validate(1 << 40).map(|c| c.vfio));
+        let two = v(&[
+            "run",
+            "--kernel",
+            "k",
+            "--vfio",
+            "0000:00:04.0",
+            "--vfio",
+            "01:00.1",
+        ]);
+        let two: Vec<String> = two.unwrap().unwrap().iter().map(Bdf::to_string).collect();
+        assert_eq!(two, ["0000:00:04.0", "0000:01:00.1"]);
+        let bad = v(&["run", "--kernel", "k", "--vfio", "00:04"]).unwrap_err();
+        assert!(
+            bad.contains("--vfio") && bad.contains("not a PCI address"),
+            "{bad}"
+        );
+        let refused = |a: &[&str]| v(a).unwrap().unwrap_err().0;
+        let twice = refused(&[
+            "run",
+            "--kernel",
+            "k",
+            "--vfio",
+            "00:04.0",
+            "--vfio",
+            "0000:00:04.0",
+        ]);
+        assert_eq!(twice, "--vfio 0000:00:04.0 given twice");
+        let mut five = vec!["run", "--kernel", "k"];
+        let addrs = ["00:01.0", "00:02.0", "00:03.0", "00:04.0", "00:05.0"];
+        for a in &addrs {
+            five.extend(["--vfio", a]);
+        }
+        assert!(refused(&five).contains("at most 4"));
+        let incoming = refused(&[
+            "run",
+            "--kernel",
+            "k",
+            "--vfio",
+            "00:04.0",
+            "--incoming",
+            "fd:5",
+        ]);
+        assert!(
+            incoming.contains("live update with VFIO is not supported yet"),
+            "{incoming}"
+        );
+    }
+
+    #[test]
     fn unknown_option_is_rejected() {
         assert!(parse(&["run", "--kernel", "k", "--frob"]).is_err());
     }
