@@ -88,7 +88,7 @@ edu_checks() {
 # 3. The guest gets edu: BAR 0 mapped into it, MSI through KVM.
 if molt_boot "$LOG" --mem 256M --control "$SOCK" --vfio "$EDU"; then
     grep 'VFIO device' "$LOG.err" | sed 's/^/LAB-INFO molt: /'
-    check bar0_mapped "$(grep -c "BAR 0, 0x100000 bytes at .*: 0x100000 bytes mapped" "$LOG.err")" 1
+    check bar0_mapped "$(grep -c "BAR 0, 0x100000 bytes at .*: 0x100000 bytes mapped into the guest" "$LOG.err")" 1
     gcheck labedu_module 60 "modprobe labedu && dmesg | grep labedu | sed 's/^/KMSG /'"
     gout KMSG | sed 's/^/LAB-INFO guest: /'
     edu_checks 1 1

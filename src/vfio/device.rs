@@ -103,7 +103,8 @@ impl VfioPci {
             let slot = res.first_slot + (i * SLOTS_PER_BAR) as u32;
             let bar = Bar::new(i, info.clone(), handles.device.fd(), &holes, slot)?;
             log::info!(
-                "VFIO device {}: BAR {i}, {:#x} bytes at {:#x}: {:#x} bytes mapped, the rest trapped",
+                "VFIO device {}: BAR {i}, {:#x} bytes at {:#x}: {:#x} bytes mapped into \
+                 the guest, the rest trapped",
                 handles.bdf,
                 info.size(),
                 res.bars[i],
@@ -292,10 +293,15 @@ impl VfioPci {
     }
 
     /// The device offset of `len` bytes at `offset` of `bar`, if inside it.
-    fn region_at(&self, bar: usize, offset: u64, len: usize) -> Option<u64> {
-        let b = self.bars.get(bar)?.as_ref()?;
-        let end = offset.checked_add(len as u64)?;
-        (end <= b.info.size()).then(|| b.info.region.offset + offset)
+    fn region_at(&self, bar: usize, offset: u64, len: usize) -> std::io::Result<u64> {
+        let b = self.bars.get(bar).and_then(Option::as_ref);
+        b.filter(|b| {
+            offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= b.info.size())
+        })
+        .map(|b| b.info.region.offset + offset)
+        .ok_or_else(|| std::io::Error::other("outside the BAR"))
     }
 }
 
@@ -409,7 +415,6 @@ impl PciFunction for VfioPci {
             None => {
                 let r = self
                     .region_at(bar, offset, data.len())
-                    .ok_or_else(|| std::io::Error::other("outside the BAR"))
                     .and_then(|at| self.handles.device.read_at(data, at));
                 if let Err(e) = r {
                     guest_log!(
@@ -437,7 +442,6 @@ impl PciFunction for VfioPci {
             None => {
                 let r = self
                     .region_at(bar, offset, data.len())
-                    .ok_or_else(|| std::io::Error::other("outside the BAR"))
                     .and_then(|at| self.handles.device.write_at(data, at));
                 if let Err(e) = r {
                     guest_log!(
