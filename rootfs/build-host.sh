@@ -27,8 +27,9 @@ ir_skeleton "$root"
 install -m 755 "$ROOTFS_DIR/host/init" "$root/init"
 # kvm_amd pulls kvm and irqbypass; vfio_pci pulls vfio, vfio_iommu_type1,
 # vfio_virqfd and vfio-pci-core; nd_* pull libnvdimm. loop: the disk scenario
-# checks a guest's image by mounting it in L2.
-ir_modules "$root" kvm_amd tun loop vfio vfio_pci vfio_iommu_type1 nd_pmem nd_e820
+# checks a guest's image by mounting it in L2. uio_pci_generic: the vfio-edu
+# scenario binds edu to another driver than vfio-pci, which molt must refuse.
+ir_modules "$root" kvm_amd tun loop vfio vfio_pci vfio_iommu_type1 nd_pmem nd_e820 uio_pci_generic
 
 mkdir -p "$root/lab/bin" "$root/lab/scenarios" "$root/lab/lib"
 if [[ -f $molt ]]; then

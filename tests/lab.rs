@@ -130,6 +130,48 @@ fn two_vcpu_guest_boots_eight_times_in_a_row() {
     }
 }
 
+/// Issue 11: QEMU's edu device, behind L1's emulated IOMMU, passed through by
+/// `--vfio` to the L3 guest, whose driver and test program check its ID,
+/// liveness and factorial registers and DMA both ways with an MSI per DMA,
+/// twice. Before that molt refuses a bad address and edu bound to no driver
+/// or to another driver, naming why; with edu attached every live update is
+/// refused and the guest runs on.
+#[test]
+fn vfio_passes_edu_through_and_refuses_devices_it_cannot_use() {
+    let Some(r) = run_scenario("vfio-edu") else {
+        return;
+    };
+    for (name, value) in [
+        ("edu_found", "yes"),
+        ("bad_bdf_rc", "2"),
+        ("bad_bdf_says_why", "yes"),
+        ("unbound_rc", "1"),
+        ("unbound_says_why", "yes"),
+        ("edu_on_uio", "uio_pci_generic"),
+        ("other_driver_rc", "1"),
+        ("other_driver_says_why", "yes"),
+        ("edu_on_vfio", "vfio-pci"),
+        ("bar0_mapped", "1"),
+        ("labedu_module", "0"),
+        ("cpr_exec_refused", "yes"),
+        ("cpr_save_refused", "yes"),
+        ("cpr_transfer_refused", "yes"),
+        ("state_file_written", "no"),
+        ("status_running", "yes"),
+        ("molt_exit", "0"),
+    ] {
+        expect(&r, name, value);
+    }
+    for run in ["1", "2"] {
+        expect(&r, &format!("labedu_{run}_rc"), "0");
+        for check in [
+            "id", "live", "fact", "fact_irq", "dma_to", "dma_from", "irqs",
+        ] {
+            expect(&r, &format!("edu_{check}_{run}"), "PASS");
+        }
+    }
+}
+
 /// Runs scripts/lab-watch.sh (LOCKUP_S 45, SILENT_S `silent_s`) over console
 /// text written in two parts, `pause` apart, with a `sleep` standing in for
 /// QEMU and `beat` in L2's heartbeat file; returns its output and whether the

@@ -27,8 +27,9 @@ use crate::bus::Bus;
 use crate::devices::serial::{self, Output, Serial, SerialStateV1};
 use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
 use crate::pci::Allocator;
+use crate::vfio::{self, Bdf, Handles, Iommu, Sysfs};
 use crate::virtio::pci::TransportState;
-use devices::SharedVirtio;
+use devices::{SharedVfio, SharedVirtio};
 use host_cpu::HostCpu;
 use kvm::{GsiRoutes, VmState};
 use memory::GuestRam;
@@ -58,6 +59,7 @@ pub enum Error {
     /// A machine built without vCPUs: nothing to ask what this host offers.
     NoVcpus,
     Quiesce(usize, std::io::Error),
+    Vfio(vfio::Error),
 }
 
 /// How every refusal of a saved state that does not fit begins.
@@ -78,6 +80,7 @@ impl fmt::Display for Error {
             Error::Device(i, e) => write!(f, "{MISMATCH}: device {i}: {e}"),
             Error::NoVcpus => write!(f, "{MISMATCH}: a machine without vCPUs"),
             Error::Quiesce(i, e) => write!(f, "device {i} cannot flush before saving: {e}"),
+            Error::Vfio(e) => e.fmt(f),
         }
     }
 }
@@ -186,6 +189,8 @@ pub struct Machine {
     pub vcpus: Vcpus,
     pub bus: Arc<Bus>,
     pub virtio: Vec<SharedVirtio>,
+    pub vfio: Vec<SharedVfio>,
+    _iommu: Option<Iommu>,
     pub ram: GuestRam,
     pub shape: Shape,
     allocator: Allocator,
@@ -257,21 +262,35 @@ struct Parts {
     routes: Arc<GsiRoutes>,
     bus: Arc<Bus>,
     virtio: Vec<SharedVirtio>,
+    vfio: Vec<SharedVfio>,
+    iommu: Option<Iommu>,
     allocator: Allocator,
 }
 
 impl Parts {
     fn build(cfg: &RunConfig, ram: GuestRam, console: Output) -> Result<Self, Error> {
+        // Passed-through devices first: one that cannot be used is refused
+        // before KVM is touched.
+        let Handles { iommu, devices } =
+            Handles::open(&cfg.vfio, &Sysfs::host()).map_err(Error::Vfio)?;
+        if let (Some(iommu), Some(d)) = (&iommu, devices.first()) {
+            iommu.map_ram(&ram.host_regions()).map_err(|e| {
+                Error::Vfio(vfio::Error {
+                    bdf: d.bdf,
+                    why: vfio::Why::Ioctl(e),
+                })
+            })?;
+        }
         let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
         let vm = Arc::new(vm);
         let serial_irq = kvm::irq_eventfd(&vm, SERIAL_IRQ).map_err(Error::Kvm)?;
         let routes = Arc::new(GsiRoutes::new(vm.clone()));
-        let (pci, virtio, allocator) =
-            devices::build(cfg, &vm, &ram.memory, &routes).map_err(Error::Devices)?;
+        let built =
+            devices::build(cfg, &vm, &ram.memory, &routes, devices).map_err(Error::Devices)?;
         let serial = Serial::new(Some(serial_irq), console);
         let bus = Arc::new(Bus {
             serial: Mutex::new(serial),
-            pci,
+            pci: built.bus,
         });
         Ok(Parts {
             ram,
@@ -279,8 +298,10 @@ impl Parts {
             vm,
             routes,
             bus,
-            virtio,
-            allocator,
+            virtio: built.virtio,
+            vfio: built.vfio,
+            iommu,
+            allocator: built.allocator,
         })
     }
 
@@ -328,6 +349,8 @@ impl Parts {
             vcpus,
             bus: self.bus,
             virtio: self.virtio,
+            vfio: self.vfio,
+            _iommu: self.iommu,
             ram: self.ram,
             allocator: self.allocator,
             _routes: self.routes,
@@ -438,5 +461,13 @@ impl Machine {
 
     pub fn mem_size(&self) -> u64 {
         self.shape.mem_size
+    }
+
+    /// The passed-through devices, in argv order.
+    pub fn vfio_devices(&self) -> Vec<Bdf> {
+        self.vfio
+            .iter()
+            .map(|d| crate::sync::lock(d).bdf())
+            .collect()
     }
 }
