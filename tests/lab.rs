@@ -20,8 +20,8 @@ static LAB: Mutex<()> = Mutex::new(());
 const EMULATION_FAILED: i32 = 3;
 
 /// How many more times a scenario runs after such a failure. Under the
-/// 2-minute duplex TCP load the emulation failed in about one run in three
-/// (README): four more runs leave about one CI run in 250 failing for it.
+/// duplex TCP load the emulation failed in 4 of the 11 runs made so far
+/// (README): four more runs leave about one CI run in 160 failing for it.
 const EMULATION_RETRIES: usize = 4;
 
 /// Runs `scenario` in the lab and returns its results; None if skipped.
