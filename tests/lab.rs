@@ -562,6 +562,20 @@ fn lab_host_kernel_hands_vfio_dma_mappings_to_a_new_process_and_across_exec() {
     expect(&r, "kernel_warnings", "0");
 }
 
+/// The lab's classification of guest shutdowns keeps to QEMU's failures: a
+/// guest that triple-faults of its own doing (`reboot=t`) is recorded, ends
+/// molt with status 0, and is not called the emulation's (which would retry).
+#[test]
+fn a_guest_s_own_triple_fault_is_not_taken_for_the_emulation_s() {
+    let Some(r) = run_scenario("triple-fault") else {
+        return;
+    };
+    expect(&r, "molt_exit", "0");
+    expect(&r, "triple_fault_logged", "1");
+    expect(&r, "shutdown_recorded", "1");
+    expect(&r, "called_emulation", "0");
+}
+
 /// Under this load QEMU TCG's emulation fails now and then: the L3 guest shuts
 /// down while QEMU delivers an interrupt that L2's KVM injected (the scenario
 /// classifies the shutdown from L2's record of it), or L2 itself hangs or

@@ -136,3 +136,30 @@ wait_count() {
         sleep 0.1
     done
 }
+
+# L2's trace ring of KVM entries and exits, stopped at the first guest
+# shutdown (set up by L2's init).
+shutdowns=/sys/kernel/tracing/instances/shutdowns
+
+# shutdown_causes: the guest shutdown the ring stopped at, and
+# LAB-EMULATION-FAULT if SVM reported it on the very instruction at which KVM
+# had just entered the guest (the entry's RIP), while delivering an event
+# (EXITINTINFO, the exit's intr_info, valid: bit 31). A guest cannot fail there
+# by itself: the event was an interrupt KVM injected at that entry, or a fault
+# on that first instruction (an instruction fetch, on kernel text it had just
+# run), and delivering it needed the guest's IDT, stack and page tables, all of
+# which had just worked. Seen only under QEMU TCG's nested SVM (README, "The
+# nested lab"): lab.sh exits 3 and tests/lab.rs runs the scenario again.
+shutdown_causes() {
+    awk '/kvm_entry:/ { for (i = 1; i < NF; i++) if ($i == "rip") entry[$1] = $(i + 1) }
+         /kvm_exit:.*reason shutdown/ {
+             for (i = 1; i < NF; i++) { if ($i == "rip") rip = $(i + 1); if ($i == "intr_info") info = $(i + 1) }
+             print rip, (entry[$1] == "" ? "none" : entry[$1]), info, $0
+         }' $shutdowns/trace 2>/dev/null | while read -r _rip _entry _info _line; do
+        echo "LAB-INFO guest shutdown (KVM entered it at $_entry): $_line"
+        _v=$(( (0x${_info#0x} >> 31) & 1 ))
+        if [ "$_v" = 1 ] && [ "$_rip" = "$_entry" ]; then
+            echo "LAB-EMULATION-FAULT a guest shut down on the instruction KVM had just entered it at ($_rip), delivering event $_info"
+        fi
+    done
+}
