@@ -144,7 +144,10 @@ mod tests {
     fn a_suspend_leaves_the_guest_running_and_is_latched() {
         let b = bus();
         // S3 | SLP_EN, through PM1a control and through the legacy port.
-        assert_eq!(b.pio_write(ACPI_PM1_CNT_PORT, &0x2c00u16.to_le_bytes()), None);
+        assert_eq!(
+            b.pio_write(ACPI_PM1_CNT_PORT, &0x2c00u16.to_le_bytes()),
+            None
+        );
         assert!(lock(&b.power).take_sleep_request());
         assert_eq!(b.pio_write(ACPI_SLEEP_PORT, &[0x2c]), None);
         assert!(lock(&b.power).take_sleep_request());

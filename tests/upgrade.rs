@@ -721,7 +721,9 @@ fn exec_into_a_binary_that_dies(tag: &str, body: &str, words: &[&str]) {
     let fake = script(
         &dir,
         "fake-molt",
-        &format!("[ \"$1\" = version ] && {{ echo 'molt x state-formats=1,2,3'; exit 0; }}\n{body}"),
+        &format!(
+            "[ \"$1\" = version ] && {{ echo 'molt x state-formats=1,2,3'; exit 0; }}\n{body}"
+        ),
     );
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();

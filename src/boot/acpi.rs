@@ -139,7 +139,10 @@ fn dsdt() -> Sdt {
     // Linux takes a sleep type from the first element and writes it as SLP_TYP,
     // with SLP_EN, to PM1a control. It offers S3 (`mem` in /sys/power/state)
     // because `\_S3_` exists.
-    for (name, typ) in [("_S3_", layout::ACPI_S3_TYPE), ("_S5_", layout::ACPI_S5_TYPE)] {
+    for (name, typ) in [
+        ("_S3_", layout::ACPI_S3_TYPE),
+        ("_S5_", layout::ACPI_S5_TYPE),
+    ] {
         Name::new(
             name.into(),
             &Package::new(vec![&typ, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
@@ -366,7 +369,8 @@ impl fmt::Display for WakeError {
 /// the 32-bit one. The guest may have written anything here: every field is
 /// checked. Whether the vector lies in guest RAM is the caller's to check.
 pub fn waking(facs: &[u8; FACS_LEN]) -> Result<Waking, WakeError> {
-    let u32_at = |at: usize| u32::from_le_bytes([facs[at], facs[at + 1], facs[at + 2], facs[at + 3]]);
+    let u32_at =
+        |at: usize| u32::from_le_bytes([facs[at], facs[at + 1], facs[at + 2], facs[at + 3]]);
     let length = u32_at(4);
     let signature = [facs[0], facs[1], facs[2], facs[3]];
     if &signature != b"FACS" || (length as usize) < FACS_LEN {
@@ -380,7 +384,11 @@ pub fn waking(facs: &[u8; FACS_LEN]) -> Result<Waking, WakeError> {
     };
     if x != 0 {
         // The OSPM flags came with version 2; molt's FACS offers 64-bit wake.
-        let ospm = if version >= 2 { u32_at(FACS_OSPM_FLAGS) } else { 0 };
+        let ospm = if version >= 2 {
+            u32_at(FACS_OSPM_FLAGS)
+        } else {
+            0
+        };
         if ospm & OSPM_64BIT_WAKE != 0 {
             return Ok(Waking::Long { rip: x });
         }
@@ -493,7 +501,11 @@ mod tests {
         assert_eq!(fadt.len(), 276);
         assert_eq!((fadt[8], fadt[131]), (6, 5), "FADT version 6.5");
         let flags = u32_at(&fadt, 112);
-        assert_eq!(flags & (1 << 20), 0, "not HW_REDUCED_ACPI: Linux 6.1 would ignore the FACS");
+        assert_eq!(
+            flags & (1 << 20),
+            0,
+            "not HW_REDUCED_ACPI: Linux 6.1 would ignore the FACS"
+        );
         assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
         let boot_arch = u16_at(&fadt, 109);
         assert_eq!(boot_arch & (1 << 3), 0, "MSI must stay usable");
@@ -518,7 +530,11 @@ mod tests {
         // The FACS through X_FIRMWARE_CTRL only; the hardware-reduced sleep
         // registers are unused.
         assert_eq!(u32_at(&fadt, 36), 0, "32-bit FIRMWARE_CTRL unused");
-        assert_eq!(u64_at(&fadt, 132), layout::ACPI_FACS_START, "X_FIRMWARE_CTRL");
+        assert_eq!(
+            u64_at(&fadt, 132),
+            layout::ACPI_FACS_START,
+            "X_FIRMWARE_CTRL"
+        );
         assert_eq!(u32_at(&fadt, 40), 0, "32-bit DSDT pointer unused");
         assert_eq!(&fadt[244..268], &[0; 24], "sleep control and status");
         assert_eq!(&dsdt(&blob)[..4], b"DSDT");
@@ -566,9 +582,18 @@ mod tests {
         assert_eq!(w.to_string(), "real mode at 1234:0005 (0x12345)");
         // Linux's trampoline sits below 1 MiB, page aligned.
         let w = waking(&facs_with(0x9a000, 0, 0)).unwrap();
-        assert_eq!(w, Waking::RealMode { segment: 0x9a00, offset: 0 });
+        assert_eq!(
+            w,
+            Waking::RealMode {
+                segment: 0x9a00,
+                offset: 0
+            }
+        );
         // The highest address real mode reaches.
-        assert_eq!(waking(&facs_with(0xfffff, 0, 0)).unwrap().address(), 0xfffff);
+        assert_eq!(
+            waking(&facs_with(0xfffff, 0, 0)).unwrap().address(),
+            0xfffff
+        );
         // The 64BIT_WAKE_F flag concerns the 64-bit vector only.
         let w = waking(&facs_with(0x9a000, 0, 1)).unwrap();
         assert_eq!(w.address(), 0x9a000);
@@ -619,10 +644,16 @@ mod tests {
         assert!(e.to_string().contains("is damaged"), "{e}");
         let mut short = facs_with(0x9a000, 0, 0);
         short[4..8].copy_from_slice(&32u32.to_le_bytes());
-        assert!(matches!(waking(&short), Err(WakeError::Damaged { length: 32, .. })));
+        assert!(matches!(
+            waking(&short),
+            Err(WakeError::Damaged { length: 32, .. })
+        ));
         // Nothing but zeros: the FACS of a guest booted by an earlier release
         // may be anything.
-        assert!(matches!(waking(&[0; FACS_LEN]), Err(WakeError::Damaged { .. })));
+        assert!(matches!(
+            waking(&[0; FACS_LEN]),
+            Err(WakeError::Damaged { .. })
+        ));
     }
 
     #[test]
@@ -667,7 +698,10 @@ mod tests {
         let blob = build(1);
         let dsdt = dsdt(&blob);
         assert_eq!(dsdt[8], DSDT_REVISION);
-        for (name, typ) in [(b"_S3_", layout::ACPI_S3_TYPE), (b"_S5_", layout::ACPI_S5_TYPE)] {
+        for (name, typ) in [
+            (b"_S3_", layout::ACPI_S3_TYPE),
+            (b"_S5_", layout::ACPI_S5_TYPE),
+        ] {
             let at = dsdt
                 .windows(4)
                 .position(|w| w == name)

@@ -273,10 +273,17 @@ mod tests {
         assert_eq!(p.write(ACPI_PM1_CNT_PORT, &control(5, true)), PowerOff);
         assert_eq!(p.write(ACPI_PM1_CNT_PORT, &control(3, true)), Suspend);
         for typ in [0, 1, 2, 4, 6, 7] {
-            assert_eq!(p.write(ACPI_PM1_CNT_PORT, &control(typ, true)), None, "{typ}");
+            assert_eq!(
+                p.write(ACPI_PM1_CNT_PORT, &control(typ, true)),
+                None,
+                "{typ}"
+            );
         }
         // The high byte alone carries SLP_TYP and SLP_EN.
-        assert_eq!(p.write(ACPI_PM1_CNT_PORT + 1, &[control(3, true)[1]]), Suspend);
+        assert_eq!(
+            p.write(ACPI_PM1_CNT_PORT + 1, &[control(3, true)[1]]),
+            Suspend
+        );
         // A dword at the event block reaches no control bit.
         assert_eq!(p.write(ACPI_PM1_EVT_PORT, &[0xff; 4]), None);
         // SLP_EN is write-only; SLP_TYP reads back; SCI_EN is always set.

@@ -496,7 +496,10 @@ mod tests {
             offset: 5,
         };
         let s = wake_sregs(w, after_init());
-        assert_eq!((s.cs.selector, s.cs.base, s.cs.limit), (0x9a00, 0x9a000, 0xffff));
+        assert_eq!(
+            (s.cs.selector, s.cs.base, s.cs.limit),
+            (0x9a00, 0x9a000, 0xffff)
+        );
         assert_eq!(s.cr0 & X86_CR0_PE, 0, "real mode");
         assert_eq!(s.ds, after_init().ds, "data segments as INIT left them");
         let r = wake_regs(w);
@@ -507,7 +510,10 @@ mod tests {
     fn protected_wake_is_flat_32_bit_without_paging() {
         let w = Waking::Protected { eip: 0x20_0000 };
         let s = wake_sregs(w, after_init());
-        assert_eq!((s.cs.base, s.cs.limit, s.cs.db, s.cs.l), (0, 0xffff_ffff, 1, 0));
+        assert_eq!(
+            (s.cs.base, s.cs.limit, s.cs.db, s.cs.l),
+            (0, 0xffff_ffff, 1, 0)
+        );
         assert_eq!((s.ss.base, s.ss.limit, s.ss.type_), (0, 0xffff_ffff, 3));
         assert_eq!(s.cr0, X86_CR0_PE | X86_CR0_ET);
         assert_eq!((s.cr4, s.efer), (0, 0));
@@ -523,7 +529,11 @@ mod tests {
         let rip = 0x1_2345_6789;
         write_wake_page_tables(&m, rip).unwrap();
         let read = |a: u64| -> u64 { m.read_obj(GuestAddress(a)).unwrap() };
-        let nonzero = |table: u64| (0..512).filter(|i| read(table + 8 * i) != 0).collect::<Vec<_>>();
+        let nonzero = |table: u64| {
+            (0..512)
+                .filter(|i| read(table + 8 * i) != 0)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(nonzero(WAKE_PML4_START), [0]);
         assert_eq!(nonzero(WAKE_PDPT_START), [4], "the fifth GiB");
         assert_eq!(nonzero(WAKE_PD_START), [(0x2345_6789 >> 21) as u64]);

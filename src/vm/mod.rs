@@ -29,8 +29,8 @@ use crate::bus::Bus;
 use crate::devices::power::{Power, PowerStateV1};
 use crate::devices::serial::{self, Output, Serial, SerialStateV1};
 use crate::layout::{ACPI_FACS_START, MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
-use crate::sync::lock;
 use crate::pci::Allocator;
+use crate::sync::lock;
 use crate::virtio::pci::TransportState;
 use devices::SharedVirtio;
 use host_cpu::HostCpu;
@@ -282,9 +282,7 @@ impl Prepared {
             .map_err(Error::Serial)?;
         lock(&parts.bus.power).restore(&state.power);
         for (i, (dev, saved)) in parts.virtio.iter().zip(&state.virtio).enumerate() {
-            lock(dev)
-                .restore(saved)
-                .map_err(|e| Error::Device(i, e))?;
+            lock(dev).restore(saved).map_err(|e| Error::Device(i, e))?;
         }
         kvm::restore_vm(&parts.vm, &state.vm).map_err(Error::Kvm)?;
         for (i, (fd, saved)) in fds.iter().zip(&state.vcpus).enumerate() {
@@ -431,15 +429,9 @@ impl Machine {
     /// PIT, clock); then the vCPUs, each on its own thread.
     pub fn save(&self) -> Result<MachineState, Error> {
         for (i, d) in self.virtio.iter().enumerate() {
-            lock(d)
-                .quiesce()
-                .map_err(|e| Error::Quiesce(i, e))?;
+            lock(d).quiesce().map_err(|e| Error::Quiesce(i, e))?;
         }
-        let virtio = self
-            .virtio
-            .iter()
-            .map(|d| lock(d).state())
-            .collect();
+        let virtio = self.virtio.iter().map(|d| lock(d).state()).collect();
         let serial = lock(&self.bus.serial).state();
         let power = lock(&self.bus.power).state();
         let vm = kvm::save_vm(&self.vm).map_err(Error::Kvm)?;
@@ -536,7 +528,11 @@ impl Machine {
             .read_slice(&mut facs, GuestAddress(ACPI_FACS_START))
             .map_err(Error::ReadFacs)?;
         let waking = acpi::waking(&facs).map_err(Error::Wake)?;
-        if !self.ram.memory.address_in_range(GuestAddress(waking.address())) {
+        if !self
+            .ram
+            .memory
+            .address_in_range(GuestAddress(waking.address()))
+        {
             return Err(Error::WakeOutsideRam(waking));
         }
         if let Waking::Long { rip } = waking {
