@@ -232,20 +232,15 @@ fn fadt(dsdt: u64, facs: u64) -> impl Aml {
     fadt.reset_value = layout::ACPI_RESET_VALUE;
     // The PM1a blocks, in both the 32-bit and the GAS fields: ACPICA warns
     // when they disagree. No PM1b, PM2, PM timer or GPE blocks (all optional).
-    fadt.pm1a_evt_blk = u32::from(layout::ACPI_PM1_EVT_PORT).into();
-    fadt.pm1_evt_len = layout::ACPI_PM1_EVT_LEN;
-    fadt.x_pm1a_evt_blk = port(
-        8 * layout::ACPI_PM1_EVT_LEN,
-        AccessSize::WordAccess,
-        layout::ACPI_PM1_EVT_PORT,
-    );
-    fadt.pm1a_cnt_blk = u32::from(layout::ACPI_PM1_CNT_PORT).into();
-    fadt.pm1_cnt_len = layout::ACPI_PM1_CNT_LEN;
-    fadt.x_pm1a_cnt_blk = port(
-        8 * layout::ACPI_PM1_CNT_LEN,
-        AccessSize::WordAccess,
-        layout::ACPI_PM1_CNT_PORT,
-    );
+    // Their registers are 16 bits wide.
+    let block = |at: u16, len: u8| {
+        let gas = port(8 * len, AccessSize::WordAccess, at);
+        (u32::from(at).into(), len, gas)
+    };
+    (fadt.pm1a_evt_blk, fadt.pm1_evt_len, fadt.x_pm1a_evt_blk) =
+        block(layout::ACPI_PM1_EVT_PORT, layout::ACPI_PM1_EVT_LEN);
+    (fadt.pm1a_cnt_blk, fadt.pm1_cnt_len, fadt.x_pm1a_cnt_blk) =
+        block(layout::ACPI_PM1_CNT_PORT, layout::ACPI_PM1_CNT_LEN);
     fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"MOLTVMM ").into();
     fadt.finalize()
 }
