@@ -2,8 +2,10 @@
 # Build the L3 guest initramfs: static busybox, /init (rootfs/guest/init), the
 # virtio modules with their dependencies, from the lab kernel package, the
 # labio helper (rootfs/tools/labio.c) for the device scenarios, labxcr
-# (rootfs/tools/labxcr.c) for the xsave scenario, and the
-# live-update workload (rootfs/guest/workload with labcpr.c and labtcp.c).
+# (rootfs/tools/labxcr.c) for the xsave scenario, the live-update workload
+# (rootfs/guest/workload with labcpr.c and labtcp.c), and for the VFIO
+# scenarios the edu driver module (rootfs/tools/labedu/, built against the lab
+# kernel's headers: scripts/lab-kernel-headers.sh) with its test (labedu.c).
 # Usage: rootfs/build-guest.sh OUT.cpio.gz
 set -euo pipefail
 [[ $# -eq 1 ]] || { echo "usage: $0 OUT.cpio.gz" >&2; exit 2; }
@@ -29,5 +31,16 @@ gcc -static -O2 -o "$root/usr/bin/labudp" "$ROOTFS_DIR/tools/labudp.c"
 # XCR0, the XSAVE CPUID leaf and an SSE context-switch check (the xsave scenario).
 gcc -static -O2 -o "$root/usr/bin/labxcr" "$ROOTFS_DIR/tools/labxcr.c"
 install -m 755 "$ROOTFS_DIR/guest/workload" "$root/usr/bin/workload"
+# edu behind molt's --vfio: the module binds it and handles its MSI, labedu
+# runs the checks (the vfio-edu scenario).
+eval "$("$REPO_DIR/scripts/lab-kernel-headers.sh")"
+kmod=$(mktemp -d)
+cp "$ROOTFS_DIR"/tools/labedu/labedu.c "$ROOTFS_DIR"/tools/labedu/Kbuild "$kmod/"
+make -s -C "$MOLT_LAB_KBUILD" O="$MOLT_LAB_KOUT" M="$kmod" modules 2>&1 | grep -v 'Skipping BTF' >&2 || true
+[[ -f $kmod/labedu.ko ]] || { echo "labedu.ko did not build" >&2; rm -rf "$kmod"; exit 1; }
+install -D -m 644 "$kmod/labedu.ko" "$root/lib/modules/$MOLT_LAB_KVER/extra/labedu.ko"
+rm -rf "$kmod"
+depmod -b "$root" "$MOLT_LAB_KVER"
+gcc -static -O2 -o "$root/usr/bin/labedu" "$ROOTFS_DIR/tools/labedu.c"
 ir_pack "$root" "$out"
 echo "guest initramfs: $out ($(du -h "$out" | cut -f1))"

@@ -2,7 +2,7 @@
 # Build the L2 lab host initramfs: static busybox, /init (rootfs/host/init),
 # kvm_amd / tun / loop / vfio / nvdimm modules, and under /lab/: molt, the guest
 # kernel and initramfs, the scenarios, the labtime, labio, labcpr and labtcp
-# helpers and molt-upgrade.
+# helpers, labvfio and molt-upgrade.
 # Usage: rootfs/build-host.sh OUT.cpio.gz
 # Environment:
 #   MOLT_BIN            molt binary (default: the static release build)
@@ -27,8 +27,9 @@ ir_skeleton "$root"
 install -m 755 "$ROOTFS_DIR/host/init" "$root/init"
 # kvm_amd pulls kvm and irqbypass; vfio_pci pulls vfio, vfio_iommu_type1,
 # vfio_virqfd and vfio-pci-core; nd_* pull libnvdimm. loop: the disk scenario
-# checks a guest's image by mounting it in L2.
-ir_modules "$root" kvm_amd tun loop vfio vfio_pci vfio_iommu_type1 nd_pmem nd_e820
+# checks a guest's image by mounting it in L2. uio_pci_generic: the vfio-edu
+# scenario binds edu to another driver than vfio-pci, which molt must refuse.
+ir_modules "$root" kvm_amd tun loop vfio vfio_pci vfio_iommu_type1 nd_pmem nd_e820 uio_pci_generic
 
 mkdir -p "$root/lab/bin" "$root/lab/scenarios" "$root/lab/lib"
 if [[ -f $molt ]]; then
@@ -56,6 +57,8 @@ gcc -static -O2 -o "$root/lab/bin/labtcp" "$ROOTFS_DIR/tools/labtcp.c"
 gcc -static -O2 -o "$root/lab/bin/labudp" "$ROOTFS_DIR/tools/labudp.c"
 # One idle VM held for L2's lifetime: guests' VMs then patch no kernel code.
 gcc -static -O2 -o "$root/lab/bin/labkvmhold" "$ROOTFS_DIR/tools/labkvmhold.c"
+# VFIO: can a new process, or an exec, take over DMA mappings (vfio-kernel).
+gcc -static -O2 -o "$root/lab/bin/labvfio" "$ROOTFS_DIR/tools/labvfio.c"
 install -m 755 "$REPO_DIR/scripts/molt-upgrade.sh" "$root/lab/bin/molt-upgrade"
 
 cp "$MOLT_LAB_VMLINUZ" "$root/lab/vmlinuz"

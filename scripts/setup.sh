@@ -7,11 +7,12 @@
 #   busybox-static   userland of both initramfs images
 #   cpio kmod        packing images; depmod/modprobe for module dependencies
 #   gcc libc6-dev    the static labtime helper (rootfs/tools/labtime.c)
+#   make             the guest's edu test module (rootfs/tools/labedu/)
 #   binutils file    readelf/file: checking that molt is statically linked
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-system-x86 busybox-static cpio kmod gcc libc6-dev binutils file)
+packages=(qemu-system-x86 busybox-static cpio kmod gcc libc6-dev make binutils file)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -22,5 +23,7 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Kernel for both lab levels (cached under ~/.cache/molt-lab).
+# Kernel for both lab levels, and its headers for the guest's test module
+# (cached under ~/.cache/molt-lab).
 scripts/lab-kernel.sh >/dev/null
+scripts/lab-kernel-headers.sh >/dev/null

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use argh::FromArgs;
 
-use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS, MIN_MEM};
+use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS, MAX_VFIO_DEVICES, MIN_MEM};
 // `--disk` and `--net` parse straight into the devices' own configurations:
 // argv depends on the devices, never the other way round.
+pub use crate::vfio::Bdf;
 pub use crate::virtio::block::DiskConfig;
 pub use crate::virtio::net::{NetBackend, NetConfig};
 
@@ -102,6 +103,10 @@ pub struct RunArgs {
     /// virtio-net NIC: tap=NAME[,mac=MAC] or fd=N[,mac=MAC]; repeatable
     #[argh(option, from_str_fn(parse_net))]
     pub net: Vec<NetConfig>,
+    /// pass a host PCI device bound to vfio-pci through to the guest:
+    /// DOMAIN:BUS:DEVICE.FUNCTION (e.g. 0000:00:04.0); repeatable
+    #[argh(option)]
+    pub vfio: Vec<Bdf>,
     /// resume a guest instead of booting: file:PATH (reboot mode), unix:PATH
     /// (take it over from a running molt), fd:N (set by cpr-exec)
     #[argh(option, from_str_fn(parse_incoming))]
@@ -285,6 +290,7 @@ pub struct RunConfig {
     pub control: Option<PathBuf>,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    pub vfio: Vec<Bdf>,
     pub incoming: Option<Incoming>,
 }
 
@@ -335,6 +341,23 @@ impl RunArgs {
                 )));
             }
         }
+        if self.vfio.len() > MAX_VFIO_DEVICES {
+            return Err(UsageError(format!(
+                "--vfio given {} times: at most {MAX_VFIO_DEVICES} devices",
+                self.vfio.len()
+            )));
+        }
+        for (i, d) in self.vfio.iter().enumerate() {
+            if self.vfio[..i].contains(d) {
+                return Err(UsageError(format!("--vfio {d} given twice")));
+            }
+        }
+        if let (Some(d), Some(_)) = (self.vfio.first(), &self.incoming) {
+            return Err(UsageError(format!(
+                "--vfio with --incoming: VFIO device {d}: {}",
+                crate::vfio::NO_LIVE_UPDATE
+            )));
+        }
         if self.mem > host_mem {
             return Err(UsageError(format!(
                 "--mem {}: more than this host's memory ({host_mem} bytes)",
@@ -352,6 +375,7 @@ impl RunArgs {
             control: self.control,
             disks: self.disk,
             nets: self.net,
+            vfio: self.vfio,
             incoming: self.incoming,
         })
     }
@@ -505,6 +529,57 @@ mod tests {
                 .unwrap()
                 .validate(1 << 40)
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn vfio_devices_are_checked() {
+        let v = |a: &[&str]| parse(a).map(|r| r.validate(1 << 40).map(|c| c.vfio));
+        let two = v(&[
+            "run",
+            "--kernel",
+            "k",
+            "--vfio",
+            "0000:00:04.0",
+            "--vfio",
+            "01:00.1",
+        ]);
+        let two: Vec<String> = two.unwrap().unwrap().iter().map(Bdf::to_string).collect();
+        assert_eq!(two, ["0000:00:04.0", "0000:01:00.1"]);
+        let bad = v(&["run", "--kernel", "k", "--vfio", "00:04"]).unwrap_err();
+        assert!(
+            bad.contains("--vfio") && bad.contains("not a PCI address"),
+            "{bad}"
+        );
+        let refused = |a: &[&str]| v(a).unwrap().unwrap_err().0;
+        let twice = refused(&[
+            "run",
+            "--kernel",
+            "k",
+            "--vfio",
+            "00:04.0",
+            "--vfio",
+            "0000:00:04.0",
+        ]);
+        assert_eq!(twice, "--vfio 0000:00:04.0 given twice");
+        let mut five = vec!["run", "--kernel", "k"];
+        let addrs = ["00:01.0", "00:02.0", "00:03.0", "00:04.0", "00:05.0"];
+        for a in &addrs {
+            five.extend(["--vfio", a]);
+        }
+        assert!(refused(&five).contains("at most 4"));
+        let incoming = refused(&[
+            "run",
+            "--kernel",
+            "k",
+            "--vfio",
+            "00:04.0",
+            "--incoming",
+            "fd:5",
+        ]);
+        assert!(
+            incoming.contains("live update with VFIO is not supported yet"),
+            "{incoming}"
         );
     }
 

@@ -87,6 +87,11 @@ pub const I8042_PORT: u16 = 0x64;
 /// Device limits: argv refuses more.
 pub const MAX_DISKS: usize = 8;
 pub const MAX_NICS: usize = 4;
+pub const MAX_VFIO_DEVICES: usize = 4;
+
+/// KVM memslots: guest RAM uses 0 and 1 (below and above the MMIO gap);
+/// passed-through devices' BARs use `vfio::device::MEMSLOTS` each from here.
+pub const VFIO_MEMSLOT_START: u32 = 8;
 
 /// vCPU limit: argv accepts 1..=MAX_VCPUS.
 pub const MAX_VCPUS: usize = 32;

@@ -19,6 +19,7 @@ mod pci;
 mod ratelimit;
 mod sync;
 mod terminal;
+mod vfio;
 mod virtio;
 mod vm;
 

@@ -196,6 +196,54 @@ fn log_level_hides_less_severe_lines() {
 }
 
 #[test]
+fn vfio_bad_address_is_a_usage_error() {
+    let (_dir, kernel) = with_kernel("vfioaddr");
+    let out = run_with(&kernel, &["--vfio", "00:04"]);
+    assert_fails(
+        &out,
+        2,
+        &["--vfio", "not a PCI address", "0000:00:04.0"],
+        "--vfio 00:04",
+    );
+}
+
+/// A device that cannot be passed through is refused at start, naming it and
+/// the reason, before /dev/kvm is opened: here one that does not exist, and
+/// one of this host's own PCI devices bound to its driver (if it has one).
+#[test]
+fn vfio_device_that_cannot_be_opened_is_refused_naming_why() {
+    let (_dir, kernel) = with_kernel("vfionodev");
+    let out = run_with(&kernel, &["--vfio", "0000:ff:1f.7"]);
+    assert_fails(
+        &out,
+        1,
+        &["VFIO device 0000:ff:1f.7: no such PCI device"],
+        "absent device",
+    );
+    let bound = fs::read_dir("/sys/bus/pci/devices")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find_map(|e| {
+            let driver = fs::read_link(e.path().join("driver")).ok()?;
+            let driver = driver.file_name()?.to_string_lossy().into_owned();
+            (driver != "vfio-pci").then(|| (e.file_name().to_string_lossy().into_owned(), driver))
+        });
+    let Some((bdf, driver)) = bound else {
+        eprintln!("no PCI device bound to a driver on this host: the second case is not run");
+        return;
+    };
+    let out = run_with(&kernel, &["--vfio", &bdf]);
+    let why = format!("VFIO device {bdf}: is bound to {driver}, not vfio-pci");
+    assert_fails(
+        &out,
+        1,
+        &[&why, "/sys/bus/pci/drivers/vfio-pci/new_id"],
+        "bound device",
+    );
+}
+
+#[test]
 fn run_without_kernel_is_a_usage_error() {
     let out = molt(&["run", "--serial", "none"]);
     assert_fails(&out, 2, &["--kernel"], "run without --kernel");

@@ -14,8 +14,15 @@ use std::sync::Mutex;
 /// parallel labs would only slow each other past their guests' timeouts.
 static LAB: Mutex<()> = Mutex::new(());
 
-/// `scripts/lab.sh`'s exit status when the lab host itself failed.
-const L2_FAILED: i32 = 3;
+/// `scripts/lab.sh`'s exit status when QEMU TCG's emulation failed: the lab
+/// host (L2) panicked or hung, or a guest shut down inside QEMU's delivery of an
+/// injected interrupt (README, "The nested lab").
+const EMULATION_FAILED: i32 = 3;
+
+/// How many more times a scenario runs after such a failure. Under the
+/// 2-minute duplex TCP load the emulation failed in about one run in three
+/// (README): four more runs leave about one CI run in 250 failing for it.
+const EMULATION_RETRIES: usize = 4;
 
 /// Runs `scenario` in the lab and returns its results; None if skipped.
 fn run_scenario(scenario: &str) -> Option<HashMap<String, String>> {
@@ -44,14 +51,16 @@ fn run_scenario(scenario: &str) -> Option<HashMap<String, String>> {
             .expect("scripts/lab.sh runs")
     };
     let mut status = run();
-    // Exit 3: the lab host's own kernel (L2) panicked or hung - QEMU TCG's
-    // emulation of it failed, which no scenario controls (README, "The nested
-    // lab"). The scenario runs once more; its first log is kept.
-    if status.code() == Some(L2_FAILED) {
-        let kept = log_path.with_extension("l2-failed.log");
+    // Exit 3: QEMU TCG's emulation failed, which no scenario controls. The
+    // scenario runs again; each failed run's log is kept.
+    for retry in 1..=EMULATION_RETRIES {
+        if status.code() != Some(EMULATION_FAILED) {
+            break;
+        }
+        let kept = log_path.with_extension(format!("emulation-failed-{retry}.log"));
         let _ = std::fs::rename(&log_path, &kept);
         eprintln!(
-            "LAB-RETRY {scenario}: the lab host (L2) itself failed (log {}); running it once more",
+            "LAB-RETRY {scenario}: QEMU TCG's emulation failed (log {}); running it again ({retry} of {EMULATION_RETRIES})",
             kept.display()
         );
         status = run();
@@ -118,6 +127,48 @@ fn two_vcpu_guest_boots_eight_times_in_a_row() {
         ("soft_lockups", "0"),
     ] {
         expect(&r, name, value);
+    }
+}
+
+/// Issue 11: QEMU's edu device, behind L1's emulated IOMMU, passed through by
+/// `--vfio` to the L3 guest, whose driver and test program check its ID,
+/// liveness and factorial registers and DMA both ways with an MSI per DMA,
+/// twice. Before that molt refuses a bad address and edu bound to no driver
+/// or to another driver, naming why; with edu attached every live update is
+/// refused and the guest runs on.
+#[test]
+fn vfio_passes_edu_through_and_refuses_devices_it_cannot_use() {
+    let Some(r) = run_scenario("vfio-edu") else {
+        return;
+    };
+    for (name, value) in [
+        ("edu_found", "yes"),
+        ("bad_bdf_rc", "2"),
+        ("bad_bdf_says_why", "yes"),
+        ("unbound_rc", "1"),
+        ("unbound_says_why", "yes"),
+        ("edu_on_uio", "uio_pci_generic"),
+        ("other_driver_rc", "1"),
+        ("other_driver_says_why", "yes"),
+        ("edu_on_vfio", "vfio-pci"),
+        ("bar0_mapped", "1"),
+        ("labedu_module", "0"),
+        ("cpr_exec_refused", "yes"),
+        ("cpr_save_refused", "yes"),
+        ("cpr_transfer_refused", "yes"),
+        ("state_file_written", "no"),
+        ("status_running", "yes"),
+        ("molt_exit", "0"),
+    ] {
+        expect(&r, name, value);
+    }
+    for run in ["1", "2"] {
+        expect(&r, &format!("labedu_{run}_rc"), "0");
+        for check in [
+            "id", "live", "fact", "fact_irq", "dma_to", "dma_from", "irqs",
+        ] {
+            expect(&r, &format!("edu_{check}_{run}"), "PASS");
+        }
     }
 }
 
@@ -530,13 +581,37 @@ fn guest_xcr0_matches_what_its_kernel_enabled_on_every_vcpu() {
     expect(&r, "molt_exit", "0");
 }
 
-/// Issue 9 item 3, still open: this run ends in a guest triple fault (no
-/// guest message; SVM reports the reset vector) often enough to fail CI - it
-/// did once in the first fresh-clone CI run of 2026-12-02, after 5.4 GB and
-/// 4.2 GB had crossed - and its cause is not found. Run it by hand with
-/// `cargo test --release --test lab -- --ignored tcp_both_ways`.
+/// Issue 11's kernel requirement, checked on the lab host's own kernel: a VFIO
+/// container's DMA mappings pass to a new process and across an execve with
+/// VFIO_DMA_UNMAP_FLAG_VADDR / VFIO_DMA_MAP_FLAG_VADDR, the pinned pages'
+/// locked_vm moving with them (vfio_change_dma_owner: Linux 6.3, 6.1.16), and
+/// QEMU's edu device DMAs through the buffer after each hand-over.
 #[test]
-#[ignore = "issue 9.3: an unexplained guest triple fault under load; run with --ignored"]
+fn lab_host_kernel_hands_vfio_dma_mappings_to_a_new_process_and_across_exec() {
+    let Some(r) = run_scenario("vfio-kernel") else {
+        return;
+    };
+    expect(&r, "edu_driver", "vfio-pci");
+    expect(&r, "labvfio_rc", "0");
+    expect(&r, "update_vaddr", "1");
+    expect(&r, "lck_map_kb", "2048");
+    expect(&r, "dma_old", "ok");
+    // A kernel without vfio_change_dma_owner leaves the account with the
+    // first mm: 0 for the new process and after the exec, 2048 for the old.
+    expect(&r, "lck_new_kb", "2048");
+    expect(&r, "lck_old_kb", "0");
+    expect(&r, "dma_new", "ok");
+    expect(&r, "lck_exec_kb", "2048");
+    expect(&r, "dma_exec", "ok");
+    expect(&r, "lck_unmap_kb", "0");
+    expect(&r, "kernel_warnings", "0");
+}
+
+/// Under this load QEMU TCG's emulation fails now and then: the L3 guest shuts
+/// down while QEMU delivers an interrupt that L2's KVM injected (the scenario
+/// classifies the shutdown from L2's record of it), or L2 itself hangs or
+/// panics; `run_scenario` then runs it again. Any other triple fault fails.
+#[test]
 fn tcp_both_ways_at_once_for_two_minutes_arrives_intact_without_a_guest_reset() {
     let Some(r) = run_scenario("net-duplex") else {
         return;

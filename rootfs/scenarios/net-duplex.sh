@@ -9,7 +9,8 @@
 # VMM=qemu runs the same guest and load under QEMU 7.2 -cpu host instead
 # (image built with MOLT_LAB_WITH_QEMU=1), as a reference. TRACE=1 keeps L2's
 # last KVM events (exits, injected exceptions, page faults) in a ring and
-# prints them if the guest triple-faults (issue 9 item 3, not yet explained).
+# prints them if the guest triple-faults (L2's init classifies every guest
+# shutdown in any scenario: rootfs/host/init).
 # lab-append: loglevel=7
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
@@ -30,6 +31,10 @@ if [ "$TRACE" = 1 ]; then
     [ -d $tracing/events ] || mount -t tracefs tracefs $tracing 2>/dev/null
     echo 16384 > $tracing/buffer_size_kb
     echo > $tracing/trace
+    # The ring stops at the shutdown exit itself (SVM_EXIT_SHUTDOWN, 0x7f), so
+    # the guest's reboot that follows cannot overwrite what led to it.
+    echo 'traceoff if exit_reason == 127' > $tracing/events/kvm/kvm_exit/trigger \
+        || echo "LAB-INFO trace: the shutdown trigger was refused"
     trace_events 1
 fi
 LOG=/run/guest.log

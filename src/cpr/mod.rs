@@ -76,6 +76,8 @@ pub enum Error {
         swapped_with: Option<usize>,
     },
     HostCpu(PathBuf, vm::host_cpu::Error),
+    /// The machine has a passed-through device.
+    Vfio(crate::vfio::Bdf),
 }
 
 impl fmt::Display for Error {
@@ -138,6 +140,9 @@ impl fmt::Display for Error {
                 "guest RAM is not the RAM that was saved (page sample CRC {now:#010x}, \
                  saved {saved:#010x}): wrong --mem-file?"
             ),
+            Error::Vfio(bdf) => {
+                write!(f, "VFIO device {bdf}: {}", crate::vfio::NO_LIVE_UPDATE)
+            }
             Error::HostCpu(p, e) => write!(
                 f,
                 "the guest saved in {} cannot run on this host (the file is left as it is): {e}",

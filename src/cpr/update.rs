@@ -181,8 +181,24 @@ impl Update {
     }
 }
 
+impl Request {
+    /// The command, for replies and the log.
+    fn what(&self) -> &'static str {
+        match self {
+            Request::Save(_) => "cpr-save",
+            Request::Exec { .. } => "cpr-exec",
+            Request::Transfer { .. } => "cpr-transfer",
+        }
+    }
+}
+
 /// Starts `request`: reboot mode is done at once, exec and transfer start a worker.
+/// A machine with a passed-through device is refused every mode before
+/// anything is paused or handed over: carrying one is not implemented yet.
 pub fn start(request: Request, src: &mut Source) -> Started {
+    if let Some(&bdf) = src.machine.vfio_devices().first() {
+        return Started::Done(Done::failed(request.what(), Error::Vfio(bdf)));
+    }
     match request {
         Request::Save(path) => Started::Done(save(src, &path)),
         Request::Exec { binary, args } => exec(src, binary, args),

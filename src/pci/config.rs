@@ -20,7 +20,13 @@ pub const CONFIG_SIZE: usize = 256;
 pub const NUM_BARS: usize = 6;
 
 pub const COMMAND_MEMORY: u16 = 1 << 1;
-const COMMAND_WRITABLE: u16 = (1 << 1) | (1 << 2) | (1 << 10); // memory, bus master, INTx disable
+pub const COMMAND_MASTER: u16 = 1 << 2;
+pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+const COMMAND_WRITABLE: u16 = COMMAND_MEMORY | COMMAND_MASTER | COMMAND_INTX_DISABLE;
+/// Memory BAR flags (6.2.5.1), read-only: a 64-bit BAR also takes the next
+/// BAR register for the upper half of its address.
+pub const BAR_MEM64: u32 = 1 << 2;
+pub const BAR_PREFETCH: u32 = 1 << 3;
 const STATUS_CAP_LIST: u16 = 1 << 4;
 
 /// Why saved config space bytes were refused.
@@ -93,18 +99,39 @@ impl ConfigSpace {
     /// Declares BAR `index` as 32-bit, non-prefetchable memory of `size` (a power
     /// of two, at least 16 bytes) at `addr`.
     pub fn set_bar(&mut self, index: usize, addr: u32, size: u32) {
-        debug_assert!(size.is_power_of_two() && size >= 16 && addr.is_multiple_of(size));
-        self.bar_sizes[index] = u64::from(size);
+        self.set_memory_bar(index, u64::from(addr), u64::from(size), 0);
+    }
+
+    /// Declares BAR `index` as memory of `size` (a power of two, 16 bytes to
+    /// 2 GiB) at `addr`, with `flags` (`BAR_MEM64`: BAR `index + 1` holds the
+    /// upper half of the address; `BAR_PREFETCH`).
+    pub fn set_memory_bar(&mut self, index: usize, addr: u64, size: u64, flags: u32) {
+        debug_assert!(size.is_power_of_two() && (16..=1 << 31).contains(&size));
+        debug_assert!(addr.is_multiple_of(size) && flags & !(BAR_MEM64 | BAR_PREFETCH) == 0);
+        self.bar_sizes[index] = size;
         let off = BAR0 + 4 * index;
-        self.put(off, &addr.to_le_bytes());
-        // Address bits are writable; the low flag bits (memory, 32-bit) are not.
-        self.writable[off..off + 4].copy_from_slice(&(!(size - 1)).to_le_bytes());
+        self.put(off, &(addr as u32 | flags).to_le_bytes());
+        // Address bits are writable; the low flag bits are not.
+        let mask = !(size as u32 - 1) & !0xf;
+        self.writable[off..off + 4].copy_from_slice(&mask.to_le_bytes());
+        if flags & BAR_MEM64 != 0 {
+            self.put(off + 4, &((addr >> 32) as u32).to_le_bytes());
+            self.writable[off + 4..off + 8].fill(0xff);
+        }
     }
 
     /// BAR `index`'s current base and size, if it is implemented.
     pub fn bar(&self, index: usize) -> Option<(u64, u64)> {
         let size = *self.bar_sizes.get(index)?;
-        (size != 0).then(|| (u64::from(self.read_u32(BAR0 + 4 * index) & !0xf), size))
+        if size == 0 {
+            return None;
+        }
+        let lo = self.read_u32(BAR0 + 4 * index);
+        let hi = match lo & BAR_MEM64 {
+            0 => 0,
+            _ => self.read_u32(BAR0 + 4 * index + 4),
+        };
+        Some((u64::from(hi) << 32 | u64::from(lo & !0xf), size))
     }
 
     /// Appends a capability; `body` starts after the id and next bytes.
@@ -199,6 +226,11 @@ impl ConfigSpace {
     pub fn set_bytes(&mut self, offset: usize, bytes: &[u8]) {
         self.put(offset, bytes);
     }
+
+    /// Which bits of the bytes at `offset` the guest may write from now on.
+    pub fn set_writable(&mut self, offset: usize, mask: &[u8]) {
+        self.writable[offset..offset + mask.len()].copy_from_slice(mask);
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +268,23 @@ mod tests {
         c.write(BAR0 + 4, &u32::MAX.to_le_bytes());
         assert_eq!(c.read_u32(BAR0 + 4), 0);
         assert_eq!(c.bar(1), None);
+    }
+
+    #[test]
+    fn bar_64bit_prefetchable_sizing() {
+        let mut c = space();
+        c.set_memory_bar(2, 0xc010_0000, 0x10_0000, BAR_MEM64 | BAR_PREFETCH);
+        assert_eq!(c.read_u32(BAR0 + 8), 0xc010_000c);
+        assert_eq!(c.bar(2), Some((0xc010_0000, 0x10_0000)));
+        // Linux sizes both halves: all ones, read back, restore.
+        c.write(BAR0 + 8, &u32::MAX.to_le_bytes());
+        c.write(BAR0 + 12, &u32::MAX.to_le_bytes());
+        assert_eq!(c.read_u32(BAR0 + 8), 0xfff0_000c, "size mask, flags kept");
+        assert_eq!(c.read_u32(BAR0 + 12), u32::MAX);
+        c.write(BAR0 + 8, &0x0020_0000u32.to_le_bytes());
+        c.write(BAR0 + 12, &1u32.to_le_bytes());
+        assert_eq!(c.bar(2), Some((0x1_0020_0000, 0x10_0000)));
+        assert_eq!(c.bar(3), None, "the upper half is no BAR of its own");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod alloc;
 pub mod config;
+pub mod msi;
 pub mod msix;
 
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,14 @@ use crate::sync::lock;
 
 /// A PCI function as the bus sees it.
 pub trait PciFunction: Send {
+    /// The function's config space as emulated: its BARs and command register
+    /// decide which MMIO it decodes.
     fn config(&self) -> &ConfigSpace;
+    /// A guest read of config space; a passed-through function reads some
+    /// bytes from its device.
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config().read(offset, data);
+    }
     fn config_write(&mut self, offset: usize, data: &[u8]);
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
@@ -39,6 +47,17 @@ impl PciFunction for HostBridge {
 }
 
 pub type SharedFunction = Arc<Mutex<dyn PciFunction>>;
+
+/// Puts host memory at guest-physical addresses: KVM memslots, implemented
+/// in `vm/`. The BARs of a passed-through function that molt may mmap.
+pub trait MemoryMapper: Send + Sync {
+    /// Makes memslot `slot` map the `len` bytes at `host` at guest address
+    /// `gpa`; `len` 0 empties the slot.
+    ///
+    /// # Safety
+    /// The host memory must stay mapped until the slot is emptied.
+    unsafe fn set_slot(&self, slot: u32, gpa: u64, host: *mut u8, len: u64) -> std::io::Result<()>;
+}
 
 pub struct PciBus {
     /// The CONFIG_ADDRESS register.
@@ -92,7 +111,7 @@ impl PciBus {
                 data.copy_from_slice(&lock(&self.address).to_le_bytes());
             }
             p if (PCI_CONFIG_DATA..PCI_CONFIG_DATA + 4).contains(&p) => match self.selected(p) {
-                Some((f, off)) => lock(&f).config().read(off, data),
+                Some((f, off)) => lock(&f).config_read(off, data),
                 None => data.fill(0xff),
             },
             _ => return false,

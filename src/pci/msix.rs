@@ -1,13 +1,10 @@
 //! MSI-X (PCI Local Bus 3.0, 6.8.2): the vector table and pending-bit array a
-//! device exposes in a BAR, and delivery of its vectors through KVM irqfds.
-
-use std::sync::Arc;
+//! device exposes in a BAR; its vectors are delivered as MSI's are (`Vectors`).
 
 use heapless::Vec as BoundedVec;
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::ratelimit::guest_log;
+use super::msi::{MsiMessage, Vectors};
 
 /// Bytes per table entry: address low, address high, data, vector control.
 pub const ENTRY_SIZE: u64 = 16;
@@ -16,19 +13,6 @@ pub const CAP_ID: u8 = 0x11;
 const CONTROL_ENABLE: u16 = 1 << 15;
 const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
 const VECTOR_MASKED: u32 = 1;
-
-/// An MSI message as the guest programmed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MsiMessage {
-    pub addr: u64,
-    pub data: u32,
-}
-
-/// Points GSIs at MSI messages in the interrupt controller (KVM routing).
-pub trait MsiRouter: Send + Sync {
-    /// Installs `routes` (GSI, message) together, in one controller update.
-    fn route(&self, routes: &[(u32, MsiMessage)]);
-}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsixEntryV1 {
@@ -54,10 +38,12 @@ impl Entry {
     }
 }
 
-/// Most vectors a function has: queues plus one for configuration changes.
+/// Most vectors a function has (the saved state's capacity): a virtio
+/// device's queues plus one for configuration changes; a passed-through
+/// function offers the guest at most this many.
 pub const MAX_VECTORS: usize = 8;
 // `Msix::live` keeps one bit per vector in a u32.
-const _: () = assert!(MAX_VECTORS <= 32);
+const _: () = assert!(MAX_VECTORS <= super::msi::MAX_VECTORS);
 
 /// Why a saved MSI-X state does not fit a function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,30 +84,20 @@ pub struct MsixStateV1 {
 /// The version this release saves and restores.
 pub type MsixState = MsixStateV1;
 
-/// One function's MSI-X state. Each vector owns a GSI and an irqfd on it.
-///
-/// A vector's route is (re)programmed only when the vector becomes live (MSI-X
-/// enabled, function and vector unmasked) with a message other than the one its
-/// GSI already routes to, as QEMU does. A write to the message of a live vector
-/// takes effect at its next unmask: the spec leaves such writes undefined
-/// (6.8.2.9) and Linux masks around them, while applying each one would let the
-/// guest issue a KVM_SET_GSI_ROUTING, which rebuilds the whole table, per write.
+/// One function's MSI-X state. A vector is live when MSI-X is enabled and
+/// neither the function nor the vector is masked; it is routed as it becomes
+/// live (`Vectors`).
 pub struct Msix {
     entries: Vec<Entry>,
     pending: Vec<bool>,
     enabled: bool,
     function_masked: bool,
-    gsis: Vec<u32>,
-    irqfds: Vec<EventFd>,
-    router: Arc<dyn MsiRouter>,
-    /// The message each vector's GSI routes to, as last given to the router.
-    routed: Vec<Option<MsiMessage>>,
+    vectors: Vectors,
 }
 
 impl Msix {
-    /// `gsis[i]` and `irqfds[i]` (already bound together) serve vector i.
-    pub fn new(gsis: Vec<u32>, irqfds: Vec<EventFd>, router: Arc<dyn MsiRouter>) -> Self {
-        let n = gsis.len();
+    pub fn new(vectors: Vectors) -> Self {
+        let n = vectors.len();
         debug_assert!(n <= MAX_VECTORS, "{n} MSI-X vectors");
         Msix {
             entries: vec![
@@ -134,10 +110,7 @@ impl Msix {
             pending: vec![false; n],
             enabled: false,
             function_masked: false,
-            gsis,
-            irqfds,
-            router,
-            routed: vec![None; n],
+            vectors,
         }
     }
 
@@ -227,13 +200,18 @@ impl Msix {
         }
         if self.function_masked || self.entries[v].masked() {
             self.pending[v] = true;
-        } else if let Err(e) = self.irqfds[v].write(1) {
-            guest_log!(Warn, "MSI-X vector {v}: irqfd write failed: {e}");
+        } else {
+            self.vectors.fire(v);
         }
     }
 
+    /// Whether the guest enabled MSI-X.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Bit v set: vector v can fire (enabled, function and vector unmasked).
-    fn live(&self) -> u32 {
+    pub fn live(&self) -> u32 {
         if !self.enabled || self.function_masked {
             return 0;
         }
@@ -246,17 +224,8 @@ impl Msix {
     /// whose GSI does not route to their message yet.
     fn route_new(&mut self, before: u32) {
         let newly = self.live() & !before;
-        let mut routes = Vec::new();
-        for v in (0..self.entries.len()).filter(|v| newly & 1 << v != 0) {
-            let msg = self.entries[v].message();
-            if self.routed[v] != Some(msg) {
-                self.routed[v] = Some(msg);
-                routes.push((self.gsis[v], msg));
-            }
-        }
-        if !routes.is_empty() {
-            self.router.route(&routes);
-        }
+        let entries = &self.entries;
+        self.vectors.route(newly, |v| entries[v].message());
     }
 
     fn deliver_pending(&mut self) {
@@ -266,7 +235,7 @@ impl Msix {
         for v in 0..self.entries.len() {
             if self.pending[v] && !self.entries[v].masked() {
                 self.pending[v] = false;
-                let _ = self.irqfds[v].write(1);
+                self.vectors.fire(v);
             }
         }
     }
@@ -332,38 +301,17 @@ impl Msix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    /// Every router call, with the routes it installed.
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<Vec<(u32, MsiMessage)>>>);
-    impl MsiRouter for Recorder {
-        fn route(&self, routes: &[(u32, MsiMessage)]) {
-            self.0.lock().unwrap().push(routes.to_vec());
-        }
-    }
-    impl Recorder {
-        fn calls(&self) -> Vec<Vec<(u32, MsiMessage)>> {
-            self.0.lock().unwrap().clone()
-        }
-    }
-
-    fn msg(addr: u64, data: u32) -> MsiMessage {
-        MsiMessage { addr, data }
-    }
+    use crate::pci::msi::tests::{msg, vectors, Recorder};
+    use std::sync::Arc;
+    use vmm_sys_util::eventfd::EventFd;
 
     fn set_mask(m: &mut Msix, v: u64, masked: bool) {
         m.table_write(v * 16 + 12, &u32::from(masked).to_le_bytes());
     }
 
     fn msix(n: usize) -> (Msix, Arc<Recorder>, Vec<EventFd>) {
-        let rec = Arc::new(Recorder::default());
-        let fds: Vec<EventFd> = (0..n)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
-            .collect();
-        let clones = fds.iter().map(|f| f.try_clone().unwrap()).collect();
-        let m = Msix::new((24..24 + n as u32).collect(), clones, rec.clone());
-        (m, rec, fds)
+        let (v, rec, fds) = vectors(n);
+        (Msix::new(v), rec, fds)
     }
 
     fn program(m: &mut Msix, v: u64, addr: u32, data: u32) {

@@ -21,7 +21,8 @@ use super::{
     Served, VirtioDevice, MAX_QUEUES, TYPE_BLOCK, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::pci::config::{self, ConfigSpace, Header};
-use crate::pci::msix::{self, MsiRouter, Msix, MsixState};
+use crate::pci::msi::{MsiRouter, Vectors};
+use crate::pci::msix::{self, Msix, MsixState};
 use crate::pci::PciFunction;
 use crate::ratelimit::guest_log;
 use crate::sync::lock;
@@ -229,7 +230,7 @@ impl VirtioPci {
         ] {
             config.add_capability(CAP_VENDOR, &body, &[]);
         }
-        let msix = Msix::new(res.gsis, res.irqfds, res.router);
+        let msix = Msix::new(Vectors::new(res.gsis, res.irqfds, res.router));
         let msix_cap = config.add_capability(
             msix::CAP_ID,
             &msix.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32),
@@ -763,7 +764,7 @@ mod tests {
 
     struct NoRoutes;
     impl MsiRouter for NoRoutes {
-        fn route(&self, _: &[(u32, msix::MsiMessage)]) {}
+        fn route(&self, _: &[(u32, crate::pci::msi::MsiMessage)]) {}
     }
 
     fn device() -> (VirtioPci, Arc<Calls>, Vec<EventFd>) {

@@ -1,6 +1,9 @@
 //! Building the machine's devices: the PCI bus with one virtio-pci function per
 //! `--disk` and `--net`, each with its BAR, MSI vectors (irqfds on fixed GSIs)
-//! and queue notifiers (ioeventfds), all from the deterministic allocator.
+//! and queue notifiers (ioeventfds), then one passed-through function per
+//! `--vfio` with its BARs, MSI and MSI-X vectors and memslots, all from the
+//! deterministic allocator. Passed-through functions come last, so a machine
+//! without them is placed as before they existed.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -8,9 +11,13 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
-use super::kvm::{self, GsiRoutes};
+use super::kvm::{self, DeviceMemory, GsiRoutes};
 use crate::args::RunConfig;
+use crate::layout::VFIO_MEMSLOT_START;
+use crate::pci::config::NUM_BARS;
 use crate::pci::{AllocError, Allocator, PciBus, SharedFunction};
+use crate::vfio::device::{Resources as VfioResources, MEMSLOTS};
+use crate::vfio::{self, DeviceHandles, VfioPci};
 use crate::virtio::pci::{vectors_needed, Resources, VirtioPci, BAR_SIZE};
 use crate::virtio::{block::Block, net::Net, VirtioDevice};
 
@@ -21,6 +28,7 @@ pub enum Error {
     Alloc(AllocError),
     Kvm(kvm::Error),
     Transport(std::io::Error),
+    Vfio(vfio::Error),
 }
 
 impl fmt::Display for Error {
@@ -31,19 +39,31 @@ impl fmt::Display for Error {
             Error::Alloc(e) => write!(f, "cannot place a PCI device: {e}"),
             Error::Kvm(e) => e.fmt(f),
             Error::Transport(e) => write!(f, "virtio-pci setup failed: {e}"),
+            Error::Vfio(e) => e.fmt(f),
         }
     }
 }
 
 pub type SharedVirtio = Arc<Mutex<VirtioPci>>;
+pub type SharedVfio = Arc<Mutex<VfioPci>>;
 
-/// Creates every configured device, disks first, then NICs, in argv order.
+/// The machine's devices, as `build` made them.
+pub struct Built {
+    pub bus: PciBus,
+    pub virtio: Vec<SharedVirtio>,
+    pub vfio: Vec<SharedVfio>,
+    pub allocator: Allocator,
+}
+
+/// Creates every configured device: disks, then NICs, then the opened
+/// passed-through devices `vfio`, each in argv order.
 pub fn build(
     cfg: &RunConfig,
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     routes: &Arc<GsiRoutes>,
-) -> Result<(PciBus, Vec<SharedVirtio>, Allocator), Error> {
+    vfio: Vec<DeviceHandles>,
+) -> Result<Built, Error> {
     let mut bus = PciBus::new();
     let mut alloc = Allocator::new();
     let mut virtio = Vec::new();
@@ -79,5 +99,38 @@ pub fn build(
         bus.add(slot, shared.clone() as SharedFunction);
         virtio.push(shared);
     }
-    Ok((bus, virtio, alloc))
+    let mapper = Arc::new(DeviceMemory(vm.clone()));
+    let mut passed = Vec::new();
+    for (i, h) in (0..).zip(vfio) {
+        let slot = alloc.slot().map_err(Error::Alloc)?;
+        let mut bars = [0; NUM_BARS];
+        for (addr, bar) in bars.iter_mut().zip(&h.layout.bars) {
+            if let Some(bar) = bar {
+                *addr = alloc.mmio(bar.size()).map_err(Error::Alloc)?;
+            }
+        }
+        let vectors = h.layout.msi_vectors() + h.layout.msix_vectors();
+        let gsis = alloc.gsis(vectors as u32).map_err(Error::Alloc)?;
+        for (&gsi, evt) in gsis.iter().zip(&h.irqfds) {
+            kvm::bind_irqfd(vm, evt, gsi).map_err(Error::Kvm)?;
+        }
+        let bdf = h.bdf;
+        let res = VfioResources {
+            bars,
+            gsis,
+            router: routes.clone(),
+            mapper: mapper.clone(),
+            first_slot: VFIO_MEMSLOT_START + i * MEMSLOTS,
+        };
+        let function = VfioPci::new(h, res).map_err(|why| Error::Vfio(vfio::Error { bdf, why }))?;
+        let shared = Arc::new(Mutex::new(function));
+        bus.add(slot, shared.clone() as SharedFunction);
+        passed.push(shared);
+    }
+    Ok(Built {
+        bus,
+        virtio,
+        vfio: passed,
+        allocator: alloc,
+    })
 }

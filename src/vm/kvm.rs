@@ -12,7 +12,6 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use serde::{Deserialize, Serialize};
@@ -20,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use super::memory::GuestRam;
 use super::pod::Pod;
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
-use crate::pci::msix::{MsiMessage, MsiRouter};
+use crate::pci::msi::{MsiMessage, MsiRouter};
+use crate::pci::MemoryMapper;
 use crate::ratelimit::guest_log;
 
 #[derive(Debug)]
@@ -73,17 +73,12 @@ pub fn create_vm(ram: &GuestRam) -> Result<(Kvm, VmFd), Error> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(Error::CreatePit2)?;
-    for (slot, region) in ram.memory.iter().enumerate() {
-        let slot = slot as u32;
-        let host = ram
-            .memory
-            .get_host_address(GuestAddress(region.start_addr().0))
-            .expect("a mapped region has a host address");
+    for (slot, (gpa, size, host)) in (0..).zip(ram.host_regions()) {
         let mem_region = kvm_userspace_memory_region {
             slot,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
             flags: 0,
         };
         // SAFETY: the mapping behind `host` is owned by `ram`, which the machine keeps
@@ -97,9 +92,33 @@ pub fn create_vm(ram: &GuestRam) -> Result<(Kvm, VmFd), Error> {
 /// Creates an eventfd that raises `gsi` on the in-kernel irqchip when written.
 pub fn irq_eventfd(vm: &VmFd, gsi: u32) -> Result<EventFd, Error> {
     let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd)?;
-    vm.register_irqfd(&evt, gsi)
-        .map_err(|e| Error::RegisterIrqfd(gsi, e))?;
+    bind_irqfd(vm, &evt, gsi)?;
     Ok(evt)
+}
+
+/// Makes a write to `evt` raise `gsi` (KVM_IRQFD).
+pub fn bind_irqfd(vm: &VmFd, evt: &EventFd, gsi: u32) -> Result<(), Error> {
+    vm.register_irqfd(evt, gsi)
+        .map_err(|e| Error::RegisterIrqfd(gsi, e))
+}
+
+/// Device memory in guest-physical space: the memslots of passed-through BARs.
+pub struct DeviceMemory(pub Arc<VmFd>);
+
+impl MemoryMapper for DeviceMemory {
+    unsafe fn set_slot(&self, slot: u32, gpa: u64, host: *mut u8, len: u64) -> std::io::Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the caller keeps `host..host + len` mapped until it empties
+        // the slot (`MemoryMapper::set_slot`'s contract).
+        unsafe { self.0.set_user_memory_region(region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
 }
 
 /// Registers `evt` to be signalled, in the kernel, on any guest write to `addr`.

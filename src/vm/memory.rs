@@ -165,6 +165,20 @@ impl GuestRam {
         self.regions.iter().map(|r| r.size).sum()
     }
 
+    /// Each mapped region: (guest address, size, host address).
+    pub fn host_regions(&self) -> Vec<(u64, u64, u64)> {
+        self.memory
+            .iter()
+            .map(|region| {
+                let host = self
+                    .memory
+                    .get_host_address(region.start_addr())
+                    .expect("a mapped region has a host address");
+                (region.start_addr().0, region.len(), host as u64)
+            })
+            .collect()
+    }
+
     /// The guest address of byte `offset` of the backing file.
     pub fn guest_addr(&self, offset: u64) -> Option<GuestAddress> {
         self.regions

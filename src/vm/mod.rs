@@ -31,8 +31,9 @@ use crate::devices::serial::{self, Output, Serial, SerialStateV1};
 use crate::layout::{ACPI_FACS_START, MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
 use crate::pci::Allocator;
 use crate::sync::lock;
+use crate::vfio::{self, Bdf, Handles, Iommu, Sysfs};
 use crate::virtio::pci::TransportState;
-use devices::SharedVirtio;
+use devices::{SharedVfio, SharedVirtio};
 use host_cpu::HostCpu;
 use kvm::{GsiRoutes, VmState};
 use memory::GuestRam;
@@ -72,6 +73,7 @@ pub enum Error {
     /// The waking vector is not in guest RAM.
     WakeOutsideRam(Waking),
     WakeTables(vm_memory::GuestMemoryError),
+    Vfio(vfio::Error),
 }
 
 /// How every refusal of a saved state that does not fit begins.
@@ -100,6 +102,7 @@ impl fmt::Display for Error {
                 write!(f, "the FACS waking vector ({w}) is outside guest RAM")
             }
             Error::WakeTables(e) => write!(f, "cannot write the wake page tables: {e}"),
+            Error::Vfio(e) => e.fmt(f),
         }
     }
 }
@@ -235,6 +238,8 @@ pub struct Machine {
     pub vcpus: Vcpus,
     pub bus: Arc<Bus>,
     pub virtio: Vec<SharedVirtio>,
+    pub vfio: Vec<SharedVfio>,
+    _iommu: Option<Iommu>,
     pub ram: GuestRam,
     pub shape: Shape,
     /// The guest suspended itself to RAM (ACPI S3): its vCPUs stay stopped
@@ -308,24 +313,38 @@ struct Parts {
     routes: Arc<GsiRoutes>,
     bus: Arc<Bus>,
     virtio: Vec<SharedVirtio>,
+    vfio: Vec<SharedVfio>,
+    iommu: Option<Iommu>,
     allocator: Allocator,
 }
 
 impl Parts {
     fn build(cfg: &RunConfig, ram: GuestRam, console: Output) -> Result<Self, Error> {
+        // Passed-through devices first: one that cannot be used is refused
+        // before KVM is touched.
+        let Handles { iommu, devices } =
+            Handles::open(&cfg.vfio, &Sysfs::host()).map_err(Error::Vfio)?;
+        if let (Some(iommu), Some(d)) = (&iommu, devices.first()) {
+            iommu.map_ram(&ram.host_regions()).map_err(|e| {
+                Error::Vfio(vfio::Error {
+                    bdf: d.bdf,
+                    why: vfio::Why::Ioctl(e),
+                })
+            })?;
+        }
         let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
         let vm = Arc::new(vm);
         let serial_irq = kvm::irq_eventfd(&vm, SERIAL_IRQ).map_err(Error::Kvm)?;
         let routes = Arc::new(GsiRoutes::new(vm.clone()));
-        let (pci, virtio, allocator) =
-            devices::build(cfg, &vm, &ram.memory, &routes).map_err(Error::Devices)?;
+        let built =
+            devices::build(cfg, &vm, &ram.memory, &routes, devices).map_err(Error::Devices)?;
         let serial = Serial::new(Some(serial_irq), console);
         let sleep_evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(Error::SleepEvent)?;
         let bus = Arc::new(Bus {
             serial: Mutex::new(serial),
             power: Mutex::new(Power::new(sleep_evt)),
-            pci,
+            pci: built.bus,
         });
         Ok(Parts {
             ram,
@@ -333,8 +352,10 @@ impl Parts {
             vm,
             routes,
             bus,
-            virtio,
-            allocator,
+            virtio: built.virtio,
+            vfio: built.vfio,
+            iommu,
+            allocator: built.allocator,
         })
     }
 
@@ -383,6 +404,8 @@ impl Parts {
             suspended: false,
             bus: self.bus,
             virtio: self.virtio,
+            vfio: self.vfio,
+            _iommu: self.iommu,
             ram: self.ram,
             allocator: self.allocator,
             _routes: self.routes,
@@ -543,5 +566,10 @@ impl Machine {
         self.suspended = false;
         self.vcpus.resume();
         Ok(waking)
+    }
+
+    /// The passed-through devices, in argv order.
+    pub fn vfio_devices(&self) -> Vec<Bdf> {
+        self.vfio.iter().map(|d| lock(d).bdf()).collect()
     }
 }
