@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use crate::devices::power::{decode_sleep_port_write, PowerRequest};
+use crate::devices::power::{self, decode_sleep_port_write, Power, PowerRequest};
 use crate::devices::serial::Serial;
 use crate::layout::{ACPI_SLEEP_PORT, I8042_PORT, SERIAL_PORT, SERIAL_PORT_LEN};
 use crate::pci::PciBus;
@@ -22,12 +22,17 @@ const I8042_RESET_CMD: u8 = 0xfe;
 
 pub struct Bus {
     pub serial: Mutex<Serial>,
+    pub power: Mutex<Power>,
     pub pci: PciBus,
 }
 
 impl Bus {
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         if self.pci.pio_read(port, data) {
+            return;
+        }
+        if power::claims(port) {
+            lock(&self.power).read(port, data);
             return;
         }
         match port {
@@ -47,6 +52,10 @@ impl Bus {
         if self.pci.pio_write(port, data) {
             return None;
         }
+        if power::claims(port) {
+            let request = lock(&self.power).write(port, data);
+            return exit(request);
+        }
         let [value] = *data else {
             return None;
         };
@@ -55,11 +64,13 @@ impl Bus {
             return None;
         }
         match port {
-            ACPI_SLEEP_PORT => match decode_sleep_port_write(value) {
-                PowerRequest::PowerOff => Some(GuestExit::PowerOff),
-                PowerRequest::Reset => Some(GuestExit::Reset),
-                PowerRequest::None => None,
-            },
+            ACPI_SLEEP_PORT => {
+                let request = decode_sleep_port_write(value);
+                if request == PowerRequest::Suspend {
+                    lock(&self.power).request_sleep();
+                }
+                exit(request)
+            }
             I8042_PORT if value == I8042_RESET_CMD => Some(GuestExit::Reset),
             _ => None,
         }
@@ -76,6 +87,16 @@ impl Bus {
     }
 }
 
+/// How a power request ends the guest, if it does: a suspend does not (the
+/// event loop stops the vCPUs, `Power` has signalled it).
+fn exit(request: PowerRequest) -> Option<GuestExit> {
+    match request {
+        PowerRequest::PowerOff => Some(GuestExit::PowerOff),
+        PowerRequest::Reset => Some(GuestExit::Reset),
+        PowerRequest::Suspend | PowerRequest::None => None,
+    }
+}
+
 fn serial_offset(port: u16) -> Option<u8> {
     port.checked_sub(SERIAL_PORT)
         .filter(|&o| o < SERIAL_PORT_LEN)
@@ -86,10 +107,13 @@ fn serial_offset(port: u16) -> Option<u8> {
 mod tests {
     use super::*;
     use crate::devices::serial::Output;
+    use crate::layout::ACPI_PM1_CNT_PORT;
 
     fn bus() -> Bus {
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
         Bus {
             serial: Mutex::new(Serial::new(None, Output::Sink)),
+            power: Mutex::new(Power::new(evt)),
             pci: PciBus::new(),
         }
     }
@@ -109,6 +133,28 @@ mod tests {
         assert_eq!(b.pio_write(ACPI_SLEEP_PORT, &[0x00]), None);
         // A wide access to a byte port is ignored, not misread.
         assert_eq!(b.pio_write(ACPI_SLEEP_PORT, &[0x34, 0]), None);
+        // PM1a control, 16 bits: S5 | SLP_EN powers off.
+        assert_eq!(
+            b.pio_write(ACPI_PM1_CNT_PORT, &0x3400u16.to_le_bytes()),
+            Some(GuestExit::PowerOff)
+        );
+    }
+
+    #[test]
+    fn a_suspend_leaves_the_guest_running_and_is_latched() {
+        let b = bus();
+        // S3 | SLP_EN, through PM1a control and through the legacy port.
+        assert_eq!(
+            b.pio_write(ACPI_PM1_CNT_PORT, &0x2c00u16.to_le_bytes()),
+            None
+        );
+        assert!(lock(&b.power).take_sleep_request());
+        assert_eq!(b.pio_write(ACPI_SLEEP_PORT, &[0x2c]), None);
+        assert!(lock(&b.power).take_sleep_request());
+        // The PM1 registers answer reads; SCI_EN is set.
+        let mut d = [0u8; 2];
+        b.pio_read(ACPI_PM1_CNT_PORT, &mut d);
+        assert_eq!(u16::from_le_bytes(d) & 1, 1);
     }
 
     #[test]

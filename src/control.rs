@@ -24,6 +24,8 @@ pub enum Command {
     Status,
     Pause,
     Resume,
+    /// Wake a guest suspended to RAM (ACPI S3).
+    Wakeup,
     Quit,
     /// Reboot mode: save to this path and exit.
     CprSave(PathBuf),
@@ -41,7 +43,7 @@ pub enum Command {
     },
 }
 
-const COMMANDS: &str = "status, pause, resume, quit, cpr-save, cpr-exec, cpr-transfer";
+const COMMANDS: &str = "status, pause, resume, wakeup, quit, cpr-save, cpr-exec, cpr-transfer";
 
 /// Parses one line (without its newline) into a command, or the error reply text.
 pub fn parse(line: &str) -> Result<Command, String> {
@@ -80,6 +82,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
         "status" => Command::Status,
         "pause" => Command::Pause,
         "resume" => Command::Resume,
+        "wakeup" => Command::Wakeup,
         "quit" => Command::Quit,
         _ => {
             return Err(format!(
@@ -315,6 +318,8 @@ mod tests {
         assert_eq!(parse("status"), Ok(Command::Status));
         assert_eq!(parse("  pause "), Ok(Command::Pause));
         assert_eq!(parse("resume"), Ok(Command::Resume));
+        assert_eq!(parse("wakeup"), Ok(Command::Wakeup));
+        assert_eq!(parse("wakeup now"), Err("wakeup takes no arguments".into()));
         assert_eq!(parse("quit"), Ok(Command::Quit));
         assert_eq!(
             parse("cpr-save /run/my state"),

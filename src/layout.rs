@@ -55,14 +55,32 @@ pub const MAX_MSI_GSIS: u32 = 1024;
 pub const SERIAL_PORT: u16 = 0x3f8;
 pub const SERIAL_PORT_LEN: u16 = 8;
 pub const SERIAL_IRQ: u32 = 4;
-/// ACPI hardware-reduced sleep control and reset register (one byte port).
+/// The FADT reset register (one byte port). Guests booted by releases before
+/// ACPI S3 support, whose FADT was hardware-reduced, also use it as their sleep
+/// control and status register.
 pub const ACPI_SLEEP_PORT: u16 = 0x600;
 /// Value written to `ACPI_SLEEP_PORT` to reset (FADT reset value).
 pub const ACPI_RESET_VALUE: u8 = 1;
-/// Sleep type the DSDT `_S5_` object announces.
+/// ACPI fixed-hardware PM1a event block: status, then enable, 16 bits each.
+pub const ACPI_PM1_EVT_PORT: u16 = 0x604;
+pub const ACPI_PM1_EVT_LEN: u8 = 4;
+/// ACPI fixed-hardware PM1a control register (16 bits): SCI_EN, SLP_TYP, SLP_EN.
+pub const ACPI_PM1_CNT_PORT: u16 = 0x608;
+pub const ACPI_PM1_CNT_LEN: u8 = 2;
+/// Sleep types the DSDT's `\_S3_` (suspend to RAM) and `\_S5_` (soft off)
+/// objects announce: the SLP_TYP values the guest writes to enter them.
+pub const ACPI_S3_TYPE: u8 = 3;
 pub const ACPI_S5_TYPE: u8 = 5;
-/// SCI interrupt announced in the FADT (unused: hardware-reduced ACPI).
+/// SCI interrupt announced in the FADT (molt raises no ACPI event).
 pub const ACPI_SCI_IRQ: u16 = 9;
+/// The FACS (64 bytes, 64-byte aligned), where the guest leaves its waking
+/// vector: the first table after the RSDP.
+pub const ACPI_FACS_START: u64 = ACPI_START + 0x40;
+/// Page tables for entering a 64-bit waking vector (PML4, PDPT, PD), at the
+/// top of the ACPI area, which the memory map keeps from the guest's RAM.
+pub const WAKE_PML4_START: u64 = ACPI_END - 0x3000;
+pub const WAKE_PDPT_START: u64 = ACPI_END - 0x2000;
+pub const WAKE_PD_START: u64 = ACPI_END - 0x1000;
 /// i8042 command port; 0xfe written here is the legacy keyboard-controller reset.
 pub const I8042_PORT: u16 = 0x64;
 

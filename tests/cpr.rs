@@ -22,10 +22,11 @@
 
 mod common;
 
-use common::guest::{self, counting_guest, write_guest, COUNT_STEP};
+use common::guest::{self, counting_guest, suspend_guest, write_guest, Wake, COUNT_STEP};
 use common::{
     assert_one_continuous_run, bytes_read, ctl, field, kvm_available, molt, wait_for_control,
-    wait_for_counts, wait_until, write_private, Molt, Serial, TempDir, TIMEOUT,
+    wait_for_counts, wait_suspended, wait_until, wake_and_power_off, write_private, Molt, Serial,
+    TempDir, TIMEOUT,
 };
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -529,6 +530,54 @@ fn save_while_paused_then_resume() {
     check_resumed(&g, &mut molt, &state, last_before, 1);
 }
 
+/// What `molt state` says of a guest saved while suspended to RAM.
+const RUN_SUSPENDED: &str = "suspended to RAM, ACPI S3 (stays suspended until `wakeup`)";
+
+/// A guest that suspended itself to RAM (ACPI S3) is saved and restored
+/// suspended (SPEC.md: the run state survives every mode): `molt state` and
+/// `status` say so, and nothing runs until `wakeup`, which then enters its
+/// waking vector. Saved twice - a restored suspended machine saves just as
+/// well - with two vCPUs, RAM in the state file and in place on /dev/shm.
+#[test]
+fn a_suspended_guest_stays_suspended_through_reboot_mode() {
+    if !kvm_available("a_suspended_guest_stays_suspended_through_reboot_mode") {
+        return;
+    }
+    for in_shm in [false, true] {
+        let mut g = if in_shm {
+            Guest::in_shm("s3", &[])
+        } else {
+            Guest::new("s3", &[])
+        };
+        let kernel = write_guest(g.dir.path(), "suspend.elf", &suspend_guest(Wake::RealMode));
+        g.base = g.args(&[
+            ("--kernel", kernel.to_str().expect("utf-8")),
+            ("--cpus", "2"),
+        ]);
+        let mut molt = g.boot();
+        for cycle in 0..2 {
+            wait_suspended(&mut molt, &g.sock, || g.read_serial());
+            let state = g.dir.join(&format!("state{cycle}"));
+            let reply = g.save(&mut molt, &state);
+            check_saved(&reply, &state);
+            let summary = state_summary(&state);
+            assert!(
+                summary
+                    .lines()
+                    .any(|l| l == format!("run:      {RUN_SUSPENDED}")),
+                "molt state:\n{summary}"
+            );
+            molt = g.resume(&state);
+            let status = g.ctl(&["status"]);
+            assert_eq!(field(&status, "state"), Some("suspended"), "{status}");
+            assert_eq!(field(&status, "vcpus"), Some("2"), "{status}");
+            assert!(number(&status, "last_pause_us") > 0, "{status}");
+        }
+        wait_suspended(&mut molt, &g.sock, || g.read_serial());
+        wake_and_power_off(&mut molt, &g.sock, Wake::RealMode, || g.read_serial());
+    }
+}
+
 /// A restart opens the disks by name: each must be the image that was saved,
 /// neither swapped with another on argv, resized, nor a copy. Each refusal
 /// leaves the state usable.
@@ -706,7 +755,7 @@ fn header_and_payload_damage(good: &[u8]) -> Vec<Damage> {
         b[VERSION_AT..VERSION_AT + 4].copy_from_slice(&v.to_le_bytes());
         b
     };
-    vec![
+    let mut damage = vec![
         cut("empty file", 0),
         cut("truncated inside the magic", 5),
         cut("truncated inside the header", HEADER_LEN - 1),
@@ -726,31 +775,36 @@ fn header_and_payload_damage(good: &[u8]) -> Vec<Damage> {
             words: &["magic"],
         },
         Damage {
-            what: "version 3".into(),
-            bytes: relabel(3),
-            words: &["version 3 is unknown to this molt (it reads versions 1,2)"],
+            what: "version 4".into(),
+            bytes: relabel(4),
+            words: &["version 4 is unknown to this molt (it reads versions 1,2,3)"],
         },
-        // Format 2 appends parts to format 1: a version 1 payload is short for
-        // version 2, and a version 2 payload too long for version 1.
-        if good[VERSION_AT] == 1 {
-            Damage {
-                what: "version 1 payload labelled version 2".into(),
-                bytes: relabel(2),
-                words: &["cannot decode run (from byte"],
-            }
-        } else {
-            Damage {
-                what: "version 2 payload labelled version 1".into(),
-                bytes: relabel(1),
-                words: &["unexpected bytes after the payload"],
-            }
-        },
-        Damage {
-            what: "trailing garbage".into(),
-            bytes: [good, b"garbage\n"].concat(),
-            words: TRAILING,
-        },
-    ]
+    ];
+    // Each format appends parts to the one before: a version 1 payload is
+    // short for versions 2 and 3, and a version 3 payload too long for 1 and 2.
+    let relabelled = |from: u8, to: u32, words| Damage {
+        what: format!("version {from} payload labelled version {to}"),
+        bytes: relabel(to),
+        words,
+    };
+    if good[VERSION_AT] == 1 {
+        damage.push(relabelled(1, 2, &["cannot decode run (from byte"]));
+        damage.push(relabelled(
+            1,
+            3,
+            &["cannot decode machine.power (from byte"],
+        ));
+    } else {
+        for to in [1, 2] {
+            damage.push(relabelled(good[VERSION_AT], to, TRAILING));
+        }
+    }
+    damage.extend([Damage {
+        what: "trailing garbage".into(),
+        bytes: [good, b"garbage\n"].concat(),
+        words: TRAILING,
+    }]);
+    damage
 }
 
 /// Damaged copies of `good` aimed at its RAM section.
@@ -1690,48 +1744,62 @@ fn another_user_cannot_read_ram_state_or_console() {
     assert_no_problems(&problems);
 }
 
-// Golden states, versions 1 and 2.
+// Golden states, versions 1, 2 and 3.
 //
 // tests/data/state-v1.bin was written once by molt 0.1.0 when it wrote format 1
-// (its `make_golden_state_v1`, as `make_golden_state_v2` below) from the counting guest in tests/data/counting.elf: 1 vCPU, 16M, RAM in the
+// (its `make_golden_state_v1`) from the counting guest in tests/data/counting.elf: 1 vCPU, 16M, RAM in the
 // file, running. tests/data/state-v2.bin was written once by the release that
 // introduced format 2 (`make_golden_state_v2`) from the same guest and shape,
-// saved while paused. state-vN.serial is what the guest printed up to the save.
+// saved while paused. tests/data/state-v3.bin was written once by the release
+// that introduced format 3 (`make_golden_state_v3` below) from the suspend
+// guest in tests/data/suspend.elf (`suspend_guest(Wake::RealMode)`), same
+// shape, saved while suspended to RAM. state-vN.serial is what the guest
+// printed up to the save.
 //
 // THESE FILES MUST DECODE FOREVER (SPEC.md "State compatibility", STYLE.md
 // "Versions are explicit and frozen"). If a change to molt breaks these tests,
-// the change broke compatibility: the format needs a new version (CprStateV3
-// with From<CprStateV2>), not a regenerated file.
+// the change broke compatibility: the format needs a new version (CprStateV4
+// with From<CprStateV3>), not a regenerated file.
 //
 // Decoding is host-independent. Resuming also needs this host's KVM to offer
 // every CPU feature the guest was started with (version 1 was saved on an Intel
-// Xeon, version 2 on an AMD EPYC (family 0x1a): their CPUID, XSAVE layout and MSRs): where it
+// Xeon, versions 2 and 3 on AMD EPYCs: their CPUID, XSAVE layout and MSRs): where it
 // does not, the restore must refuse the state naming what is missing, with the
 // file untouched; the decoding must never fail.
 
 const GOLDEN_MEM: &str = "16M";
 
 /// What each golden state holds beyond the common shape: its format line, CPU
-/// and run state as `molt state` prints them.
+/// and run state as `molt state` prints them, and its guest (in tests/data).
 struct Golden {
     version: u32,
     writer: &'static str,
     cpu: &'static str,
     run: &'static str,
+    guest: &'static str,
 }
 
-const GOLDEN: [Golden; 2] = [
+const GOLDEN: [Golden; 3] = [
     Golden {
         version: 1,
         writer: "0.1.0",
         cpu: "GenuineIntel family 0x6 model 0xcf",
         run: "running",
+        guest: "counting.elf",
     },
     Golden {
         version: 2,
         writer: "0.1.0",
         cpu: "AuthenticAMD family 0x1a model 0x2",
         run: "paused (stays paused when resumed)",
+        guest: "counting.elf",
+    },
+    Golden {
+        version: 3,
+        writer: "0.1.0",
+        cpu: "AuthenticAMD family 0x1a model 0x2",
+        run: RUN_SUSPENDED,
+        guest: "suspend.elf",
     },
 ];
 
@@ -1806,7 +1874,7 @@ fn golden_states_resume_where_the_host_can_run_them() {
 fn golden_resumes(golden: &Golden) {
     let v = golden.version;
     let data = data_dir();
-    let kernel = data.join("counting.elf");
+    let kernel = data.join(golden.guest);
     let mut g = Guest::new(
         &format!("golden-v{v}"),
         &[
@@ -1817,10 +1885,6 @@ fn golden_resumes(golden: &Golden) {
     // The guest's console so far, as if this were the same serial file.
     let printed = fs::read(data.join(format!("state-v{v}.serial"))).expect("golden serial");
     write_private(&g.serial, &printed);
-    let last_before = *Serial::parse(&printed)
-        .counts()
-        .last()
-        .expect("golden counts");
     let state = g.dir.join(&format!("state-v{v}.bin"));
     write_private(&state, &golden_bytes(v));
     // `molt state` compares the saved CPU needs with this host's KVM as the
@@ -1851,6 +1915,20 @@ fn golden_resumes(golden: &Golden) {
     }
     assert!(verdict.starts_with("compatible ("), "host cpu: {verdict:?}");
     let mut molt = g.resume(&state);
+    if golden.run == RUN_SUSPENDED {
+        wait_suspended(&mut molt, &g.sock, || g.read_serial());
+        wake_and_power_off(&mut molt, &g.sock, Wake::RealMode, || g.read_serial());
+        assert_eq!(
+            fs::read(&state).ok(),
+            Some(golden_bytes(v)),
+            "resuming changed the state file"
+        );
+        return;
+    }
+    let last_before = *Serial::parse(&printed)
+        .counts()
+        .last()
+        .expect("golden counts");
     if golden.run.starts_with("paused") {
         let status = g.ctl(&["status"]);
         assert_eq!(field(&status, "state"), Some("paused"), "{status}");
@@ -1866,10 +1944,11 @@ fn golden_resumes(golden: &Golden) {
     );
 }
 
-/// Writes golden files once, in the format this release writes. Never run it
-/// to "fix" a failing golden test: it refuses to overwrite, and a format change
-/// needs a new version.
-fn make_golden_state(version: u32, paused: bool) {
+/// Writes golden files once, in the format this release writes, from the
+/// suspend guest left suspended to RAM. Never run it to "fix" a failing
+/// golden test: it refuses to overwrite, and a format change needs a new
+/// version.
+fn make_golden_state(version: u32) {
     let data = data_dir();
     let state_out = data.join(format!("state-v{version}.bin"));
     assert!(
@@ -1878,10 +1957,10 @@ fn make_golden_state(version: u32, paused: bool) {
         state_out.display()
     );
     fs::create_dir_all(&data).expect("mkdir tests/data");
-    // Every golden state runs the committed guest.
-    let kernel = data.join("counting.elf");
+    // The golden state runs a committed guest.
+    let kernel = data.join("suspend.elf");
     if !kernel.exists() {
-        write_guest(&data, "counting.elf", &counting_guest());
+        write_guest(&data, "suspend.elf", &suspend_guest(Wake::RealMode));
     }
     let mut g = Guest::new(
         "mkgolden",
@@ -1891,10 +1970,7 @@ fn make_golden_state(version: u32, paused: bool) {
         ],
     );
     let mut molt = g.boot();
-    g.more_counts(&mut molt, 3);
-    if paused {
-        assert_eq!(g.ctl(&["pause"]), "ok");
-    }
+    wait_suspended(&mut molt, &g.sock, || g.read_serial());
     let state = g.dir.join("state");
     g.save(&mut molt, &state);
     fs::copy(&state, &state_out).expect("copy state");
@@ -1902,9 +1978,9 @@ fn make_golden_state(version: u32, paused: bool) {
 }
 
 #[test]
-#[ignore = "writes tests/data/state-v2.* once"]
-fn make_golden_state_v2() {
-    make_golden_state(2, true);
+#[ignore = "writes tests/data/state-v3.* once"]
+fn make_golden_state_v3() {
+    make_golden_state(3);
 }
 
 /// A restart opens the disks by name, so `cpr-save` refuses a disk whose name

@@ -1,17 +1,20 @@
 //! Runs the real `molt` binary on this machine's `/dev/kvm` with the tiny guests of
 //! `common::guest`: boot and serial output (file and stdio), power-off and reset
 //! exits, and the control pipe (SPEC.md "The control pipe"): status, pause/resume,
-//! quit, error replies and `--cpus`; and that a guest keeping its disk's queue full
-//! cannot take the event loop away from `status` and SIGTERM.
+//! quit, error replies and `--cpus`; that a guest keeping its disk's queue full
+//! cannot take the event loop away from `status` and SIGTERM; and ACPI S3: a
+//! guest that suspends itself is reported suspended with its vCPUs stopped, and
+//! `wakeup` enters the waking vector it left in the FACS, in the mode it asked
+//! for, or is refused with the reason.
 //!
 //! Without `/dev/kvm` every test fails with the reason, unless MOLT_ALLOW_NO_KVM=1.
 
 mod common;
 
-use common::guest::{self, counting_guest, exit_guest, write_guest, ExitKind};
+use common::guest::{self, counting_guest, exit_guest, suspend_guest, write_guest, ExitKind, Wake};
 use common::{
-    assert_one_continuous_run, ctl, field, kvm_available, wait_for_control, wait_for_counts, Molt,
-    Serial, TempDir, TIMEOUT,
+    assert_one_continuous_run, ctl, field, kvm_available, wait_for_control, wait_for_counts,
+    wait_suspended, wake_and_power_off, Molt, Serial, TempDir, TIMEOUT,
 };
 use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -41,8 +44,13 @@ impl Counting {
     /// Starts molt on the counting guest, serial output to `dir/serial.out`, with
     /// `--control dir/ctl.sock` if `control` (and then waits for the socket).
     fn start(tag: &str, control: bool, extra: &[&str]) -> Counting {
+        Counting::start_image(tag, &counting_guest(), control, extra)
+    }
+
+    /// `start` with another guest image.
+    fn start_image(tag: &str, image: &[u8], control: bool, extra: &[&str]) -> Counting {
         let dir = TempDir::new(tag);
-        let kernel = write_guest(dir.path(), "counting.elf", &counting_guest());
+        let kernel = write_guest(dir.path(), "guest.elf", image);
         let serial = dir.join("serial.out");
         let sock = dir.join("ctl.sock");
         let serial_arg = format!("file:{}", serial.display());
@@ -753,4 +761,111 @@ fn status_and_sigterm_stay_prompt_under_a_disk_storm() {
         exited.is_some() && stop < Duration::from_secs(1),
         "molt took {stop:?} to stop on SIGTERM under the storm (exited: {exited:?})"
     );
+}
+
+/// The suspend guest (`wake` says how it asks to be woken) under molt with a
+/// control socket, suspended.
+fn suspended(tag: &str, wake: Wake, extra: &[&str]) -> Counting {
+    let mut c = Counting::start_image(tag, &suspend_guest(wake), true, extra);
+    let serial = c.serial.clone();
+    let status = wait_suspended(&mut c.molt, &c.sock, || Serial::read(&serial));
+    let vcpus = extra
+        .windows(2)
+        .find(|w| w[0] == "--cpus")
+        .map_or("1", |w| w[1]);
+    assert_eq!(field(&status, "vcpus"), Some(vcpus), "{status}");
+    c
+}
+
+#[test]
+fn an_s3_guest_is_suspended_until_wakeup_enters_its_real_mode_vector() {
+    if !kvm_available("an_s3_guest_is_suspended_until_wakeup_enters_its_real_mode_vector") {
+        return;
+    }
+    // Two vCPUs: the second one must be INIT'd too, and stay waiting for SIPI.
+    let mut c = suspended("s3-real", Wake::RealMode, &["--cpus", "2"]);
+    // `resume` does not run a suspended guest; `pause` has nothing to stop.
+    let reply = c.ctl(&["resume"]);
+    assert!(
+        reply.starts_with("error: ") && reply.contains("wakeup"),
+        "resume of a suspended guest: {reply:?}"
+    );
+    assert_eq!(c.ctl(&["pause"]), "ok");
+    let status = c.status();
+    assert_eq!(field(&status, "state"), Some("suspended"), "{status}");
+    let serial = c.serial.clone();
+    wake_and_power_off(&mut c.molt, &c.sock, Wake::RealMode, || {
+        Serial::read(&serial)
+    });
+    let log = c.molt.stderr();
+    assert!(
+        log.contains("guest suspended to RAM (ACPI S3)")
+            && log.contains("guest woken from ACPI S3: real mode at 0800:0003 (0x8003)"),
+        "molt's log:\n{log}"
+    );
+}
+
+#[test]
+fn wakeup_enters_32_bit_and_64_bit_vectors_in_their_modes() {
+    if !kvm_available("wakeup_enters_32_bit_and_64_bit_vectors_in_their_modes") {
+        return;
+    }
+    for wake in [Wake::Protected, Wake::Long] {
+        let mut c = suspended("s3-x", wake, &[]);
+        let serial = c.serial.clone();
+        wake_and_power_off(&mut c.molt, &c.sock, wake, || Serial::read(&serial));
+    }
+}
+
+#[test]
+fn wakeup_refuses_vectors_it_cannot_enter_and_the_guest_stays_suspended() {
+    if !kvm_available("wakeup_refuses_vectors_it_cannot_enter_and_the_guest_stays_suspended") {
+        return;
+    }
+    for (wake, words) in [
+        (Wake::Vector(0), "left no waking vector"),
+        (Wake::Vector(0x10_0000), "not below 1 MiB"),
+        (Wake::XVector(1 << 32), "not below 4 GiB"),
+        // In the MMIO gap.
+        (Wake::XVector(0xd000_0000), "outside guest RAM"),
+        // Beyond the 64 MiB of RAM.
+        (Wake::XVector(0x800_0000), "outside guest RAM"),
+    ] {
+        let mut c = suspended("s3-bad", wake, &[]);
+        let reply = c.ctl(&["wakeup"]);
+        assert!(
+            reply.starts_with("error: wakeup: ")
+                && reply.contains(words)
+                && reply.ends_with("the guest stays suspended"),
+            "{wake:?}: wakeup replied {reply:?}"
+        );
+        let status = c.status();
+        assert_eq!(
+            field(&status, "state"),
+            Some("suspended"),
+            "{wake:?}: {status}"
+        );
+        c.molt.assert_running("after a refused wakeup");
+        assert_ok("quit", &c.ctl(&["quit"]));
+        let exit = c.molt.wait_exit(TIMEOUT);
+        assert!(
+            exit.is_some_and(|s| s.success()),
+            "{wake:?}: quit: {exit:?}"
+        );
+    }
+    // A guest that is not suspended cannot be woken.
+    let mut c = Counting::start("s3-awake", true, &[]);
+    c.wait_counts(2);
+    assert_eq!(
+        c.ctl(&["wakeup"]),
+        "error: the guest is not suspended (state=running)"
+    );
+    assert_ok("pause", &c.ctl(&["pause"]));
+    assert_eq!(
+        c.ctl(&["wakeup"]),
+        "error: the guest is not suspended (state=paused)"
+    );
+    assert_ok("resume", &c.ctl(&["resume"]));
+    let counted = Serial::read(&c.serial).counts().len();
+    c.wait_counts(counted + 2);
 }

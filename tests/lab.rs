@@ -513,6 +513,51 @@ fn twenty_live_updates_alternate_exec_and_transfer_between_two_versions_without_
     expect(&r, "disk_records_match", "yes");
 }
 
+/// ACPI S3 with a Debian kernel, a virtio disk and NIC on 2 vCPUs: the guest
+/// offers `mem`, suspends, molt reports it suspended with the console still,
+/// `wakeup` enters Linux's real-mode wakeup trampoline at the FACS vector, and
+/// the disk and network work after it. Then again with a reboot-mode update
+/// (cpr-save, restart with --incoming) while suspended.
+#[test]
+fn s3_suspend_and_wakeup_with_disk_and_network_also_across_a_reboot_mode_update() {
+    let Some(r) = run_scenario("s3") else {
+        return;
+    };
+    expect(&r, "tap", "yes");
+    expect(&r, "guest_cpus", "2");
+    expect(&r, "offers_mem", "1");
+    expect(&r, "offers_deep", "1");
+    for step in ["deep_rc", "guest_ip_rc", "mkfs_rc", "write0_rc"] {
+        expect(&r, step, "0");
+    }
+    for n in ["1", "2"] {
+        expect(&r, &format!("suspended{n}"), "suspended");
+        expect(&r, &format!("suspended{n}_console_still"), "yes");
+        expect(&r, &format!("suspended{n}_no_done"), "yes");
+        expect(&r, &format!("wake{n}_reply"), "ok");
+        expect(&r, &format!("wake{n}_rc"), "0");
+        expect(&r, &format!("wake{n}_state"), "running");
+        // What was written before each suspend reads back; new data writes.
+        expect(&r, &format!("read{n}_rc"), "0");
+        expect(&r, &format!("write{n}_rc"), "0");
+        expect(&r, &format!("ping{n}_guest_to_host"), "3");
+        expect(&r, &format!("ping{n}_host_to_guest"), "3");
+    }
+    // The update in between: saved while suspended, still suspended after.
+    expect(&r, "save_reply", "ok");
+    expect(&r, "old_molt_exit", "0");
+    expect(&r, "restarted_state", "suspended");
+    expect(&r, "restarted_console_still", "yes");
+    // Both wakes went through the firmware path: Linux's resume code ran.
+    expect(&r, "guest_suspends", "2");
+    expect(&r, "low_level_resumes", "2");
+    expect(&r, "acpi_complaints", "0");
+    expect(&r, "dmesg_errors", "0");
+    expect(&r, "umount_rc", "0");
+    expect(&r, "molt_exit", "0");
+    expect(&r, "image_files", "3");
+}
+
 #[test]
 fn guest_xcr0_matches_what_its_kernel_enabled_on_every_vcpu() {
     let Some(r) = run_scenario("xsave") else {

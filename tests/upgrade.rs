@@ -25,10 +25,11 @@
 
 mod common;
 
-use common::guest::{counting_guest, write_guest};
+use common::guest::{counting_guest, suspend_guest, write_guest, Wake};
 use common::{
     assert_one_continuous_run, ctl, ctl_timeout, field, kvm_available, run_with_timeout,
-    wait_for_control, wait_until, Molt, Serial, TempDir, MOLT, TIMEOUT,
+    wait_for_control, wait_suspended, wait_until, wake_and_power_off, Molt, Serial, TempDir, MOLT,
+    TIMEOUT,
 };
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -209,6 +210,8 @@ struct Guest {
     spawned: usize,
     /// The user paused the guest: an update must leave it paused.
     paused: bool,
+    /// The guest suspended itself to RAM: an update must leave it suspended.
+    suspended: bool,
     dir: TempDir,
 }
 
@@ -218,23 +221,56 @@ impl Guest {
     fn start(dir: TempDir, bin: &Path, extra: &[&str]) -> Guest {
         let serial = dir.join("serial.out");
         let arg = format!("file:{}", serial.display());
-        Guest::start_with(dir, bin, &arg, Console::File(serial), extra)
+        let mut g = Guest::launch(
+            dir,
+            bin,
+            &arg,
+            Console::File(serial),
+            extra,
+            &counting_guest(),
+        );
+        g.wait_more(MORE_LINES);
+        g
     }
 
     /// Like `start`, with the console on molt's stdout, a pipe.
     fn start_on_pipe(dir: TempDir, bin: &Path, extra: &[&str]) -> Guest {
         let buffer = Arc::new(Mutex::new(Vec::new()));
-        Guest::start_with(dir, bin, "stdio", Console::Pipe(buffer), extra)
+        let mut g = Guest::launch(
+            dir,
+            bin,
+            "stdio",
+            Console::Pipe(buffer),
+            extra,
+            &counting_guest(),
+        );
+        g.wait_more(MORE_LINES);
+        g
     }
 
-    fn start_with(
+    /// Boots the suspend guest (woken in real mode), its console in a file,
+    /// and waits until it is suspended.
+    fn start_suspended(dir: TempDir, bin: &Path, extra: &[&str]) -> Guest {
+        let serial = dir.join("serial.out");
+        let arg = format!("file:{}", serial.display());
+        let image = suspend_guest(Wake::RealMode);
+        let mut g = Guest::launch(dir, bin, &arg, Console::File(serial), extra, &image);
+        let console = &g.console;
+        wait_suspended(&mut g.molt, &g.sock, || read_console(console));
+        g.suspended = true;
+        g
+    }
+
+    /// Starts `bin` on the guest `image` and waits for the control socket.
+    fn launch(
         dir: TempDir,
         bin: &Path,
         serial: &str,
         console: Console,
         extra: &[&str],
+        image: &[u8],
     ) -> Guest {
-        let kernel = write_guest(dir.path(), "counting.elf", &counting_guest());
+        let kernel = write_guest(dir.path(), "guest.elf", image);
         let sock = dir.join("ctl.sock");
         let mut args: Vec<String> = vec![
             "--kernel".into(),
@@ -265,24 +301,20 @@ impl Guest {
             });
         }
         wait_for_control(&mut molt, &sock);
-        let mut g = Guest {
+        Guest {
             molt,
             console,
             sock,
             args,
             spawned: 1,
             paused: false,
+            suspended: false,
             dir,
-        };
-        g.wait_more(MORE_LINES);
-        g
+        }
     }
 
     fn serial(&self) -> Serial {
-        match &self.console {
-            Console::File(path) => Serial::read(path),
-            Console::Pipe(buffer) => Serial::parse(&buffer.lock().unwrap()),
-        }
+        read_console(&self.console)
     }
 
     /// Waits for `more` count lines beyond those written so far, then checks the
@@ -400,7 +432,13 @@ impl Guest {
             Some(version),
             "status {status:?}"
         );
-        let want = if self.paused { "paused" } else { "running" };
+        let want = if self.suspended {
+            "suspended"
+        } else if self.paused {
+            "paused"
+        } else {
+            "running"
+        };
         assert_eq!(field(&status, "state"), Some(want), "status {status:?}");
         let last = pause.to_string();
         assert_eq!(
@@ -408,14 +446,15 @@ impl Guest {
             Some(last.as_str()),
             "status must report the update's pause; {status:?}"
         );
-        if self.paused {
-            let before = self.serial().counts().len();
+        if self.paused || self.suspended {
+            let before = self.serial().lines;
             thread::sleep(Duration::from_millis(500));
-            self.molt.assert_running("while paused after an update");
-            let after = self.serial().counts().len();
+            self.molt
+                .assert_running("while paused or suspended after an update");
             assert_eq!(
-                after, before,
-                "a guest paused before the update ran after it"
+                self.serial().lines,
+                before,
+                "a guest {want} before the update ran after it"
             );
         } else {
             self.wait_more(MORE_LINES);
@@ -438,6 +477,14 @@ impl Guest {
             "status {status:?}"
         );
         self.wait_more(MORE_LINES);
+    }
+}
+
+/// What the guest printed so far on `console`.
+fn read_console(console: &Console) -> Serial {
+    match console {
+        Console::File(path) => Serial::read(path),
+        Console::Pipe(buffer) => Serial::parse(&buffer.lock().unwrap()),
     }
 }
 
@@ -517,6 +564,29 @@ fn a_paused_guest_stays_paused_through_exec_and_transfer() {
     let status = g.status();
     assert_eq!(field(&status, "state"), Some("running"), "{status}");
     g.wait_more(MORE_LINES);
+}
+
+/// A guest that suspended itself to RAM (ACPI S3) stays suspended through an
+/// exec, a transfer and another exec (SPEC.md: the run state survives every
+/// mode); `wakeup` then enters its waking vector in the last process.
+#[test]
+fn a_suspended_guest_stays_suspended_through_exec_and_transfer() {
+    if !kvm_available("a_suspended_guest_stays_suspended_through_exec_and_transfer") {
+        return;
+    }
+    let dir = TempDir::new("s3-update");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    let mut g = Guest::start_suspended(dir, &a, &["--cpus", "2"]);
+    g.exec(None, &version);
+    g.transfer(&a, &version);
+    g.exec(None, &version);
+    let reply = ctl(&g.sock, &["resume"]);
+    assert!(reply.starts_with("error: "), "resume: {reply}");
+    let console = &g.console;
+    wake_and_power_off(&mut g.molt, &g.sock, Wake::RealMode, || {
+        read_console(console)
+    });
 }
 
 #[test]
@@ -621,7 +691,7 @@ fn exec_that_fails_after_the_probe_resumes_the_guest() {
     let vanishing = script(
         &dir,
         "vanishing",
-        "echo 'molt 9.9.9 state-formats=1,2'\nrm -f \"$0\"",
+        "echo 'molt 9.9.9 state-formats=1,2,3'\nrm -f \"$0\"",
     );
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();
@@ -721,7 +791,9 @@ fn exec_into_a_binary_that_dies(tag: &str, body: &str, words: &[&str]) {
     let fake = script(
         &dir,
         "fake-molt",
-        &format!("[ \"$1\" = version ] && {{ echo 'molt x state-formats=1,2'; exit 0; }}\n{body}"),
+        &format!(
+            "[ \"$1\" = version ] && {{ echo 'molt x state-formats=1,2,3'; exit 0; }}\n{body}"
+        ),
     );
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();
@@ -1106,7 +1178,7 @@ mod fake {
 
     pub const MAGIC: [u8; 8] = *b"MOLTXFR2";
     /// The state format molt writes today.
-    const FORMAT: u32 = 2;
+    const FORMAT: u32 = 3;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
     pub enum FdKind {
@@ -1563,7 +1635,7 @@ fn transfer_to_a_peer_that_is_not_a_molt_moves_no_descriptor() {
         (fake::Step::GarbageHello, &["not a molt"][..]),
         (
             fake::Step::WrongFormat,
-            &["state format 2", "not among"][..],
+            &["state format 3", "not among"][..],
         ),
     ] {
         let (reply, report) = transfer_to_fake(&g, step, &[]);

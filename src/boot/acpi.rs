@@ -1,17 +1,26 @@
-//! ACPI tables for SMP bring-up, power-off and reset.
+//! ACPI tables for SMP bring-up, power-off, reset and suspend to RAM, and the
+//! firmware's side of waking from it.
 //!
 //! Builds one blob for guest-physical `layout::ACPI_START`: the RSDP (ACPI 6.5
-//! section 5.2.5) first, then the DSDT with the `\_S5_` sleep type (7.4.2) and
-//! COM1, a hardware-reduced FADT (5.2.9) whose reset and sleep registers are the
-//! one-byte port `layout::ACPI_SLEEP_PORT`, the MADT (5.2.12) that is the only
-//! way Debian's cloud kernel (no MP-table support) finds secondary CPUs, and the
-//! XSDT (5.2.8) listing FADT and MADT. As in Firecracker and Cloud Hypervisor the
-//! platform is hardware-reduced: no PM1/GPE blocks, no SCI, no FACS, so the VMM
-//! emulates one port instead of the fixed-hardware register set.
+//! section 5.2.5) first, then the FACS (5.2.10) at `layout::ACPI_FACS_START`,
+//! the DSDT with the `\_S3_` and `\_S5_` sleep types (7.4.2) and COM1, the
+//! FADT (5.2.9), the MADT (5.2.12) that is the only way Debian's cloud kernel
+//! (no MP-table support) finds secondary CPUs, and the XSDT (5.2.8) listing
+//! FADT and MADT.
+//!
+//! The FADT describes fixed hardware: PM1a event and control registers
+//! (`devices::power`) and the FACS, where the guest leaves its waking vector
+//! for S3. It used to be hardware-reduced, as in Firecracker and Cloud
+//! Hypervisor, but Linux before 6.10 ignores the FACS of a hardware-reduced
+//! machine (ACPICA `acpi_tb_initialize_facs`), so it would never say where to
+//! resume. There is still no SCI source, GPE block or PM timer. `waking`
+//! decodes the FACS as firmware does on the way out of S3.
+use std::fmt;
 
 use acpi_tables::aml::{
     self, Device, EISAName, Interrupt, Name, Package, ResourceTemplate, Scope, IO,
 };
+use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
@@ -40,8 +49,26 @@ const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_PCIE_ASPM_CONTROLS: u16 = 1 << 4;
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 
+/// FACS layout (ACPI 6.5 table 5.14): its length, and the offsets and flags
+/// the waking firmware reads.
+pub const FACS_LEN: usize = 64;
+const FACS_ALIGN: usize = 64;
+/// FACS version 2 has the X_Firmware_Waking_Vector and OSPM flags.
+const FACS_VERSION: u8 = 2;
+const FACS_WAKING_VECTOR: usize = 12;
+const FACS_X_WAKING_VECTOR: usize = 24;
+const FACS_VERSION_AT: usize = 32;
+const FACS_OSPM_FLAGS: usize = 36;
+/// FACS flag: the firmware can enter a waking vector in 64-bit mode.
+const FACS_64BIT_WAKE_SUPPORTED: u32 = 1 << 1;
+/// OSPM flag: the X_Firmware_Waking_Vector wants 64-bit mode.
+const OSPM_64BIT_WAKE: u32 = 1 << 0;
+
 /// MADT flag: the machine also has dual 8259 PICs (KVM's in-kernel ones).
 const MADT_PCAT_COMPAT: u32 = 1;
+/// MPS INTI flags of the SCI's interrupt source override: active high, level
+/// triggered, as QEMU declares it (molt never raises it).
+const SCI_INTI_FLAGS: u16 = 0x1 | 0x3 << 2;
 /// MADT header size: the standard header plus local APIC address and flags.
 const MADT_HEADER_LEN: u32 = 44;
 /// SDT header size: a DSDT is this header followed by AML.
@@ -70,8 +97,10 @@ pub fn build(vcpus: u8) -> Vec<u8> {
     // Pointees go in before the tables that point at them, so every address is
     // known when it is written; the RSDP slot at offset 0 is filled in last.
     let mut blob = vec![0; Rsdp::len()];
+    let facs = append_aligned(&mut blob, &facs(), FACS_ALIGN);
+    debug_assert_eq!(facs, layout::ACPI_FACS_START);
     let dsdt = append(&mut blob, &dsdt());
-    let fadt = append(&mut blob, &fadt(dsdt));
+    let fadt = append(&mut blob, &fadt(dsdt, facs));
     let madt = append(&mut blob, &madt(vcpus));
     let mut xsdt = XSDT::new(OEM_ID, *b"MOLTXSDT", OEM_REVISION);
     xsdt.add_entry(fadt);
@@ -86,28 +115,40 @@ pub fn build(vcpus: u8) -> Vec<u8> {
 
 /// Appends `table` at the next aligned offset and returns its guest-physical address.
 fn append(blob: &mut Vec<u8>, table: &dyn Aml) -> u64 {
-    blob.resize(blob.len().next_multiple_of(TABLE_ALIGN), 0);
+    append_aligned(blob, table, TABLE_ALIGN)
+}
+
+fn append_aligned(blob: &mut Vec<u8>, table: &dyn Aml, align: usize) -> u64 {
+    blob.resize(blob.len().next_multiple_of(align), 0);
     let addr = layout::ACPI_START + blob.len() as u64;
     table.to_aml_bytes(blob);
     addr
+}
+
+fn facs() -> FACS {
+    let mut facs = FACS::new();
+    facs.version = FACS_VERSION;
+    facs.flags = FACS_64BIT_WAKE_SUPPORTED.into();
+    facs
 }
 
 fn dsdt() -> Sdt {
     // The aml builders borrow their children, so each statement builds and
     // serializes one top-level object while its temporaries are alive.
     let mut body = Vec::new();
-    // Linux takes the S5 sleep type from the first element, writes
-    // (SLP_TYP << 2) | SLP_EN to the sleep control register and expects to stop.
-    Name::new(
-        "_S5_".into(),
-        &Package::new(vec![
-            &layout::ACPI_S5_TYPE,
-            &aml::ZERO,
-            &aml::ZERO,
-            &aml::ZERO,
-        ]),
-    )
-    .to_aml_bytes(&mut body);
+    // Linux takes a sleep type from the first element and writes it as SLP_TYP,
+    // with SLP_EN, to PM1a control. It offers S3 (`mem` in /sys/power/state)
+    // because `\_S3_` exists.
+    for (name, typ) in [
+        ("_S3_", layout::ACPI_S3_TYPE),
+        ("_S5_", layout::ACPI_S5_TYPE),
+    ] {
+        Name::new(
+            name.into(),
+            &Package::new(vec![&typ, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
+        )
+        .to_aml_bytes(&mut body);
+    }
     // Declaring COM1 lets the 8250 PNP driver bind it with the right IRQ, as on
     // QEMU and Cloud Hypervisor, instead of relying on the legacy port probe.
     Scope::new(
@@ -169,35 +210,37 @@ fn dsdt() -> Sdt {
     dsdt
 }
 
-fn fadt(dsdt: u64) -> impl Aml {
-    let port = GAS::new(
-        AddressSpace::SystemIo,
-        8,
-        0,
-        AccessSize::ByteAccess,
-        u64::from(layout::ACPI_SLEEP_PORT),
-    );
+fn fadt(dsdt: u64, facs: u64) -> impl Aml {
+    let port = |bits: u8, access: AccessSize, port: u16| {
+        GAS::new(AddressSpace::SystemIo, bits, 0, access, u64::from(port))
+    };
     // FADTBuilder::new makes an ACPI 6.5 FADT (revision 6.5, 276 bytes), which
     // ACPICA in Linux 6.1 parses in full. PWR_BUTTON and SLP_BUTTON say there
     // are no fixed-feature buttons; WBINVD is required of every post-1.0 system.
     let mut fadt = FADTBuilder::new(OEM_ID, *b"MOLTFACP", OEM_REVISION)
         .dsdt_64(dsdt)
+        .firmware_ctrl_64(facs)
         .flag(Flags::Wbinvd)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton)
-        .flag(Flags::ResetRegSup)
-        .flag(Flags::HwReducedAcpi);
-    // Ignored by a hardware-reduced OSPM, but harmless and what the layout names.
+        .flag(Flags::ResetRegSup);
+    // SMI_CMD stays 0: always in ACPI mode. Nothing ever raises the SCI.
     fadt.sci_int = layout::ACPI_SCI_IRQ.into();
     fadt.iapc_boot_arch =
         (IAPC_VGA_NOT_PRESENT | IAPC_PCIE_ASPM_CONTROLS | IAPC_CMOS_RTC_NOT_PRESENT).into();
-    fadt.reset_reg = port;
+    fadt.reset_reg = port(8, AccessSize::ByteAccess, layout::ACPI_SLEEP_PORT);
     fadt.reset_value = layout::ACPI_RESET_VALUE;
-    // Linux only offers ACPI power-off on a hardware-reduced machine when both
-    // sleep registers exist; it writes WAK_STS (0x80) to the status register
-    // before the sleep command, so sharing one port is fine (decoded as None).
-    fadt.sleep_control_reg = port;
-    fadt.sleep_status_reg = port;
+    // The PM1a blocks, in both the 32-bit and the GAS fields: ACPICA warns
+    // when they disagree. No PM1b, PM2, PM timer or GPE blocks (all optional).
+    // Their registers are 16 bits wide.
+    let block = |at: u16, len: u8| {
+        let gas = port(8 * len, AccessSize::WordAccess, at);
+        (u32::from(at).into(), len, gas)
+    };
+    (fadt.pm1a_evt_blk, fadt.pm1_evt_len, fadt.x_pm1a_evt_blk) =
+        block(layout::ACPI_PM1_EVT_PORT, layout::ACPI_PM1_EVT_LEN);
+    (fadt.pm1a_cnt_blk, fadt.pm1_cnt_len, fadt.x_pm1a_cnt_blk) =
+        block(layout::ACPI_PM1_CNT_PORT, layout::ACPI_PM1_CNT_LEN);
     fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"MOLTVMM ").into();
     fadt.finalize()
 }
@@ -222,12 +265,139 @@ fn madt(vcpus: u8) -> Sdt {
         ProcessorLocalApic::new(id, id, EnabledStatus::Enabled).to_aml_bytes(&mut entries);
     }
     IoApic::new(0, IOAPIC_ADDR, 0).to_aml_bytes(&mut entries);
-    // No interrupt source override: KVM's default routing wires ISA IRQ n to
-    // IOAPIC pin n (the PIT included), which is what Linux assumes without one.
+    // KVM's default routing wires ISA IRQ n to IOAPIC pin n (the PIT
+    // included), which is what Linux assumes without an override. The SCI
+    // gets one (5.2.12.5), as on QEMU: without it Linux would program its pin
+    // active-low, which is not how molt would drive it.
+    let sci = u32::from(layout::ACPI_SCI_IRQ);
+    entries.extend_from_slice(&[2, 10, 0, sci as u8]);
+    entries.extend_from_slice(&sci.to_le_bytes());
+    entries.extend_from_slice(&SCI_INTI_FLAGS.to_le_bytes());
     // Local APIC NMI (5.2.12.7): LINT1 of all processors (UID 0xff) carries NMI.
     entries.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
     madt.append_slice(&entries);
     madt
+}
+
+/// How firmware enters the guest's waking vector on the way out of S3 (ACPI
+/// 6.5 section 5.2.10: the FACS Firmware_Waking_Vector and
+/// X_Firmware_Waking_Vector fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waking {
+    /// The 32-bit vector, below 1 MiB: real mode at CS:IP = vector >> 4 :
+    /// vector & 0xf. Linux's x86 wakeup trampoline starts this way.
+    RealMode { segment: u16, offset: u16 },
+    /// The 64-bit vector, 64BIT_WAKE_F clear: 32-bit protected mode, flat
+    /// segments, paging off.
+    Protected { eip: u32 },
+    /// The 64-bit vector, 64BIT_WAKE_F set: 64-bit mode, flat segments, the
+    /// vector's page identity-mapped.
+    Long { rip: u64 },
+}
+
+impl Waking {
+    /// The guest-physical address entered.
+    pub fn address(self) -> u64 {
+        match self {
+            Waking::RealMode { segment, offset } => (u64::from(segment) << 4) + u64::from(offset),
+            Waking::Protected { eip } => u64::from(eip),
+            Waking::Long { rip } => rip,
+        }
+    }
+}
+
+impl fmt::Display for Waking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Waking::RealMode { segment, offset } => write!(
+                f,
+                "real mode at {segment:04x}:{offset:04x} ({:#x})",
+                self.address()
+            ),
+            Waking::Protected { eip } => write!(f, "32-bit protected mode at {eip:#x}"),
+            Waking::Long { rip } => write!(f, "64-bit mode at {rip:#x}"),
+        }
+    }
+}
+
+/// Why the FACS holds no usable waking vector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WakeError {
+    /// The guest overwrote the FACS header (or, booted by an earlier release,
+    /// has no FACS there).
+    Damaged { signature: [u8; 4], length: u32 },
+    /// Both vectors are zero: the guest did not say where to resume.
+    NoVector,
+    /// A real-mode vector must lie below 1 MiB.
+    RealModeAbove1MiB(u32),
+    /// A 32-bit protected-mode vector must lie below 4 GiB.
+    ProtectedAbove4GiB(u64),
+}
+
+impl fmt::Display for WakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WakeError::Damaged { signature, length } => write!(
+                f,
+                "the FACS at {:#x} is damaged (signature {:?}, length {length})",
+                layout::ACPI_FACS_START,
+                String::from_utf8_lossy(signature)
+            ),
+            WakeError::NoVector => write!(
+                f,
+                "the guest left no waking vector in its FACS (both are zero)"
+            ),
+            WakeError::RealModeAbove1MiB(v) => write!(
+                f,
+                "the FACS waking vector {v:#x} is not below 1 MiB, so real mode cannot reach it"
+            ),
+            WakeError::ProtectedAbove4GiB(v) => write!(
+                f,
+                "the FACS 64-bit waking vector {v:#x} asks for 32-bit mode but is not below 4 GiB"
+            ),
+        }
+    }
+}
+
+/// Decodes the FACS as firmware does when the machine wakes: the 64-bit
+/// vector if the FACS has one (version 1 and up) and it is non-zero, else
+/// the 32-bit one. The guest may have written anything here: every field is
+/// checked. Whether the vector lies in guest RAM is the caller's to check.
+pub fn waking(facs: &[u8; FACS_LEN]) -> Result<Waking, WakeError> {
+    let u32_at =
+        |at: usize| u32::from_le_bytes([facs[at], facs[at + 1], facs[at + 2], facs[at + 3]]);
+    let length = u32_at(4);
+    let signature = [facs[0], facs[1], facs[2], facs[3]];
+    if &signature != b"FACS" || (length as usize) < FACS_LEN {
+        return Err(WakeError::Damaged { signature, length });
+    }
+    let version = facs[FACS_VERSION_AT];
+    let x = if version >= 1 {
+        u64::from(u32_at(FACS_X_WAKING_VECTOR)) | u64::from(u32_at(FACS_X_WAKING_VECTOR + 4)) << 32
+    } else {
+        0
+    };
+    if x != 0 {
+        // The OSPM flags came with version 2; molt's FACS offers 64-bit wake.
+        let ospm = if version >= 2 {
+            u32_at(FACS_OSPM_FLAGS)
+        } else {
+            0
+        };
+        if ospm & OSPM_64BIT_WAKE != 0 {
+            return Ok(Waking::Long { rip: x });
+        }
+        let eip = u32::try_from(x).map_err(|_| WakeError::ProtectedAbove4GiB(x))?;
+        return Ok(Waking::Protected { eip });
+    }
+    match u32_at(FACS_WAKING_VECTOR) {
+        0 => Err(WakeError::NoVector),
+        v if v >= 1 << 20 => Err(WakeError::RealModeAbove1MiB(v)),
+        v => Ok(Waking::RealMode {
+            segment: (v >> 4) as u16,
+            offset: (v & 0xf) as u16,
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -320,26 +490,165 @@ mod tests {
     }
 
     #[test]
-    fn fadt_is_hardware_reduced_with_reset_and_sleep_registers() {
+    fn fadt_has_pm1_blocks_the_facs_and_the_reset_register() {
         let blob = build(1);
         let fadt = find(&blob, b"FACP");
         assert_eq!(fadt.len(), 276);
         assert_eq!((fadt[8], fadt[131]), (6, 5), "FADT version 6.5");
         let flags = u32_at(&fadt, 112);
-        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_eq!(
+            flags & (1 << 20),
+            0,
+            "not HW_REDUCED_ACPI: Linux 6.1 would ignore the FACS"
+        );
         assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
         let boot_arch = u16_at(&fadt, 109);
         assert_eq!(boot_arch & (1 << 3), 0, "MSI must stay usable");
         assert_ne!(boot_arch & (1 << 2), 0, "no VGA");
-        let port = u64::from(layout::ACPI_SLEEP_PORT);
-        // Reset register, sleep control, sleep status: SystemIO, 8 bits, byte access.
-        for off in [116, 244, 256] {
-            assert_eq!(&fadt[off..off + 4], &[1, 8, 0, 1], "GAS at {off}");
-            assert_eq!(u64_at(&fadt, off + 4), port, "GAS at {off}");
-        }
+        // Reset register: SystemIO, 8 bits, byte access.
+        assert_eq!(&fadt[116..120], &[1, 8, 0, 1]);
+        assert_eq!(u64_at(&fadt, 120), u64::from(layout::ACPI_SLEEP_PORT));
         assert_eq!(fadt[128], layout::ACPI_RESET_VALUE);
+        // PM1a event (4 bytes) and control (2 bytes), 32-bit and GAS fields alike.
+        assert_eq!(u32_at(&fadt, 56), u32::from(layout::ACPI_PM1_EVT_PORT));
+        assert_eq!(u32_at(&fadt, 64), u32::from(layout::ACPI_PM1_CNT_PORT));
+        assert_eq!((fadt[88], fadt[89]), (4, 2), "PM1_EVT_LEN, PM1_CNT_LEN");
+        assert_eq!(&fadt[148..152], &[1, 32, 0, 2], "X_PM1a_EVT_BLK");
+        assert_eq!(u64_at(&fadt, 152), u64::from(layout::ACPI_PM1_EVT_PORT));
+        assert_eq!(&fadt[172..176], &[1, 16, 0, 2], "X_PM1a_CNT_BLK");
+        assert_eq!(u64_at(&fadt, 176), u64::from(layout::ACPI_PM1_CNT_PORT));
+        // No SMI_CMD (always in ACPI mode), PM1b, PM timer or GPE block.
+        assert_eq!(u32_at(&fadt, 48), 0, "SMI_CMD");
+        for off in [60, 68, 76, 80, 84] {
+            assert_eq!(u32_at(&fadt, off), 0, "block at {off}");
+        }
+        // The FACS through X_FIRMWARE_CTRL only; the hardware-reduced sleep
+        // registers are unused.
+        assert_eq!(u32_at(&fadt, 36), 0, "32-bit FIRMWARE_CTRL unused");
+        assert_eq!(
+            u64_at(&fadt, 132),
+            layout::ACPI_FACS_START,
+            "X_FIRMWARE_CTRL"
+        );
         assert_eq!(u32_at(&fadt, 40), 0, "32-bit DSDT pointer unused");
+        assert_eq!(&fadt[244..268], &[0; 24], "sleep control and status");
         assert_eq!(&dsdt(&blob)[..4], b"DSDT");
+    }
+
+    #[test]
+    fn facs_is_aligned_empty_and_offers_64_bit_wake() {
+        let blob = build(2);
+        let at = (layout::ACPI_FACS_START - layout::ACPI_START) as usize;
+        assert_eq!(layout::ACPI_FACS_START % 64, 0);
+        let facs: [u8; FACS_LEN] = blob[at..at + FACS_LEN].try_into().unwrap();
+        assert_eq!(&facs[..4], b"FACS");
+        assert_eq!(u32_at(&facs, 4), 64);
+        assert_eq!(facs[32], 2, "version");
+        assert_eq!(u32_at(&facs, 20), 1 << 1, "64BIT_WAKE_SUPPORTED_F");
+        assert_eq!(u32_at(&facs, 16), 0, "global lock free");
+        // Nothing follows the RSDP before it.
+        assert!(Rsdp::len() <= at);
+        // No vector until the guest writes one.
+        assert_eq!(waking(&facs), Err(WakeError::NoVector));
+    }
+
+    /// molt's FACS with the guest's fields written.
+    fn facs_with(vector: u32, x_vector: u64, ospm: u32) -> [u8; FACS_LEN] {
+        let blob = build(1);
+        let at = (layout::ACPI_FACS_START - layout::ACPI_START) as usize;
+        let mut facs: [u8; FACS_LEN] = blob[at..at + FACS_LEN].try_into().unwrap();
+        facs[12..16].copy_from_slice(&vector.to_le_bytes());
+        facs[24..32].copy_from_slice(&x_vector.to_le_bytes());
+        facs[36..40].copy_from_slice(&ospm.to_le_bytes());
+        facs
+    }
+
+    #[test]
+    fn real_mode_vector_is_segment_and_offset() {
+        let w = waking(&facs_with(0x12345, 0, 0)).unwrap();
+        assert_eq!(
+            w,
+            Waking::RealMode {
+                segment: 0x1234,
+                offset: 5
+            }
+        );
+        assert_eq!(w.address(), 0x12345);
+        assert_eq!(w.to_string(), "real mode at 1234:0005 (0x12345)");
+        // Linux's trampoline sits below 1 MiB, page aligned.
+        let w = waking(&facs_with(0x9a000, 0, 0)).unwrap();
+        assert_eq!(
+            w,
+            Waking::RealMode {
+                segment: 0x9a00,
+                offset: 0
+            }
+        );
+        // The highest address real mode reaches.
+        assert_eq!(
+            waking(&facs_with(0xfffff, 0, 0)).unwrap().address(),
+            0xfffff
+        );
+        // The 64BIT_WAKE_F flag concerns the 64-bit vector only.
+        let w = waking(&facs_with(0x9a000, 0, 1)).unwrap();
+        assert_eq!(w.address(), 0x9a000);
+    }
+
+    #[test]
+    fn the_64_bit_vector_wins_and_its_flag_picks_the_mode() {
+        let w = waking(&facs_with(0x9a000, 0x20_0000, 0)).unwrap();
+        assert_eq!(w, Waking::Protected { eip: 0x20_0000 });
+        assert_eq!(w.to_string(), "32-bit protected mode at 0x200000");
+        let w = waking(&facs_with(0x9a000, 0x1_2345_6000, 1)).unwrap();
+        assert_eq!(w, Waking::Long { rip: 0x1_2345_6000 });
+        assert_eq!(w.to_string(), "64-bit mode at 0x123456000");
+        // Version 0 has no 64-bit vector; version 1 has no OSPM flags.
+        let mut v0 = facs_with(0x9a000, 0x20_0000, 1);
+        v0[32] = 0;
+        assert_eq!(waking(&v0).unwrap().address(), 0x9a000);
+        let mut v1 = facs_with(0, 0x20_0000, 1);
+        v1[32] = 1;
+        assert_eq!(waking(&v1), Ok(Waking::Protected { eip: 0x20_0000 }));
+    }
+
+    #[test]
+    fn garbage_in_the_facs_is_refused() {
+        assert_eq!(waking(&facs_with(0, 0, 0)), Err(WakeError::NoVector));
+        assert_eq!(
+            waking(&facs_with(0x10_0000, 0, 0)),
+            Err(WakeError::RealModeAbove1MiB(0x10_0000))
+        );
+        assert_eq!(
+            waking(&facs_with(u32::MAX, 0, 0)),
+            Err(WakeError::RealModeAbove1MiB(u32::MAX))
+        );
+        assert_eq!(
+            waking(&facs_with(0, 1 << 32, 0)),
+            Err(WakeError::ProtectedAbove4GiB(1 << 32))
+        );
+        let mut sig = facs_with(0x9a000, 0, 0);
+        sig[0] = b'X';
+        let e = waking(&sig).unwrap_err();
+        assert_eq!(
+            e,
+            WakeError::Damaged {
+                signature: *b"XACS",
+                length: 64
+            }
+        );
+        assert!(e.to_string().contains("is damaged"), "{e}");
+        let mut short = facs_with(0x9a000, 0, 0);
+        short[4..8].copy_from_slice(&32u32.to_le_bytes());
+        assert!(matches!(
+            waking(&short),
+            Err(WakeError::Damaged { length: 32, .. })
+        ));
+        // Nothing but zeros: the FACS of a guest booted by an earlier release
+        // may be anything.
+        assert!(matches!(
+            waking(&[0; FACS_LEN]),
+            Err(WakeError::Damaged { .. })
+        ));
     }
 
     #[test]
@@ -373,29 +682,39 @@ mod tests {
             assert_eq!(ioapics[0][2], 0, "IOAPIC id");
             assert_eq!(u32_at(&ioapics[0], 4) as u64, layout::IOAPIC_START);
             assert_eq!(u32_at(&ioapics[0], 8), 0, "GSI base");
-            assert!(isos.is_empty(), "IRQ n is GSI n: no overrides");
+            // Only the SCI is overridden: IRQ 9 on GSI 9, active high, level.
+            assert_eq!(isos, [vec![2, 10, 0, 9, 9, 0, 0, 0, 0x0d, 0]]);
             assert_eq!(nmis, [vec![4, 6, 0xff, 0, 0, 1]]);
         }
     }
 
     #[test]
-    fn dsdt_announces_s5_sleep_type() {
+    fn dsdt_announces_s3_and_s5_sleep_types() {
         let blob = build(1);
         let dsdt = dsdt(&blob);
         assert_eq!(dsdt[8], DSDT_REVISION);
-        let at = dsdt
-            .windows(4)
-            .position(|w| w == b"_S5_")
-            .expect("_S5_ missing");
-        // PackageOp, PkgLength, NumElements 4, BytePrefix ACPI_S5_TYPE.
-        assert_eq!(dsdt[at + 4], 0x12);
-        assert_eq!(&dsdt[at + 6..at + 9], &[4, 0x0a, layout::ACPI_S5_TYPE]);
+        for (name, typ) in [
+            (b"_S3_", layout::ACPI_S3_TYPE),
+            (b"_S5_", layout::ACPI_S5_TYPE),
+        ] {
+            let at = dsdt
+                .windows(4)
+                .position(|w| w == name)
+                .unwrap_or_else(|| panic!("{} missing", String::from_utf8_lossy(name)));
+            // PackageOp, PkgLength, NumElements 4, BytePrefix SLP_TYP, then zeros.
+            assert_eq!(dsdt[at + 4], 0x12);
+            assert_eq!(&dsdt[at + 6..at + 9], &[4, 0x0a, typ]);
+            assert_eq!(&dsdt[at + 9..at + 12], &[0, 0, 0]);
+        }
+        assert_ne!(layout::ACPI_S3_TYPE, layout::ACPI_S5_TYPE);
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
     }
 
     #[test]
     fn blob_fits_below_acpi_end_with_max_vcpus() {
         let blob = build(layout::MAX_VCPUS as u8);
-        assert!(layout::ACPI_START + blob.len() as u64 <= layout::ACPI_END);
+        // The wake page tables sit above the tables.
+        assert!(layout::ACPI_START + blob.len() as u64 <= layout::WAKE_PML4_START);
+        const { assert!(layout::WAKE_PD_START + 0x1000 <= layout::ACPI_END) };
     }
 }

@@ -346,10 +346,8 @@ fn resume_transfer(
             return Err(e);
         }
     };
-    // 6. Run the vCPUs (paused, if the guest was): the pause ends.
-    let machine = restored
-        .start(exit, state.run == RunState::Paused)
-        .map_err(Error::Vm)?;
+    // 6. Run the vCPUs (unless the guest was paused or suspended): the pause ends.
+    let machine = run_vcpus(restored, exit, state.run)?;
     let a = &mut t.adopted;
     let arrived = arrived(machine, &state, a.listener.take(), a.client.take());
     log::info!(
@@ -474,7 +472,17 @@ fn restore(
         .and_then(|p| p.restore(&state.machine))
         .map_err(Error::Vm)?;
     before_start();
-    restored
-        .start(exit, state.run == RunState::Paused)
-        .map_err(Error::Vm)
+    run_vcpus(restored, exit, state.run)
+}
+
+/// Runs the vCPUs of a restored machine, or leaves them parked if the guest
+/// was paused or suspended.
+fn run_vcpus(restored: vm::Restored, exit: ExitSink, run: RunState) -> Result<Machine, Error> {
+    let mut machine = restored
+        .start(exit, run != RunState::Running)
+        .map_err(Error::Vm)?;
+    if run == RunState::Suspended {
+        machine.suspend().map_err(Error::Vm)?;
+    }
+    Ok(machine)
 }

@@ -36,6 +36,7 @@ pub fn summary(path: &Path) -> Result<String, reboot::Error> {
     let run = match s.run {
         RunState::Running => "running",
         RunState::Paused => "paused (stays paused when resumed)",
+        RunState::Suspended => "suspended to RAM, ACPI S3 (stays suspended until `wakeup`)",
     };
     let _ = writeln!(out, "run:      {run}");
     let _ = writeln!(out, "size:     {size} bytes");

@@ -7,10 +7,10 @@
 //! (shape, devices, live queues, XSAVE sizes), and every value is checked again
 //! by the code that uses it.
 //!
-//! Versions are frozen once released: `CprStateV1` and `CprStateV2` never
-//! change. A new field means a `CprStateV3` with `From<CprStateV2>`, and that
-//! release then decodes all three (SPEC.md, "State compatibility"). This one
-//! writes version 2 and reads 1 and 2.
+//! Versions are frozen once released: `CprStateV1`, `CprStateV2` and
+//! `CprStateV3` never change. A new field or value means a `CprStateV4` with
+//! `From<CprStateV3>`, and that release then decodes all four (SPEC.md, "State
+//! compatibility"). This one writes version 3 and reads 1, 2 and 3.
 
 use std::fmt;
 
@@ -18,13 +18,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::MAX_DISKS;
 use crate::virtio::block::Identity;
-use crate::vm::MachineState;
+use crate::vm::{MachineStateV1, MachineStateV2};
 
 pub const MAGIC: [u8; 8] = *b"MOLTCPR\0";
 /// The format this release writes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The formats this release reads, oldest first.
-pub const READS: [u32; 2] = [1, 2];
+pub const READS: [u32; 3] = [1, 2, 3];
 pub const HEADER_LEN: usize = 20;
 /// No real state comes near this: ~10 KiB per vCPU, ~1 KiB per device.
 pub const MAX_PAYLOAD: usize = 4 << 20;
@@ -51,19 +51,16 @@ pub struct CprStateV1 {
     pub ram: RamLocation,
     /// CLOCK_REALTIME when the last vCPU stopped, for the pause measurement.
     pub stopped_at_ns: u64,
-    pub machine: MachineState,
+    pub machine: MachineStateV1,
 }
 
 /// Whether the guest's vCPUs ran when it was saved: a paused guest comes
-/// back paused (SPEC.md, "The three CPR modes").
+/// back paused (SPEC.md, "The three CPR modes"). Frozen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RunStateV2 {
     Running,
     Paused,
 }
-
-/// The version this release saves and restores.
-pub type RunState = RunStateV2;
 
 /// Version 2: version 1 plus the run state and each disk image's identity, so
 /// that a restart refuses an image swapped, resized or replaced. Frozen.
@@ -72,10 +69,54 @@ pub struct CprStateV2 {
     pub writer: heapless::String<32>,
     pub ram: RamLocation,
     pub stopped_at_ns: u64,
-    pub machine: MachineState,
-    pub run: RunState,
+    pub machine: MachineStateV1,
+    pub run: RunStateV2,
     /// One per disk, in argv order. Empty only in a state converted from
     /// version 1, which did not record them.
+    pub disks: heapless::Vec<Identity, MAX_DISKS>,
+}
+
+/// Version 3's run state adds a guest that suspended itself to RAM (ACPI
+/// S3): it comes back suspended, until `wakeup`. Frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunStateV3 {
+    Running,
+    Paused,
+    Suspended,
+}
+
+/// The version this release saves and restores.
+pub type RunState = RunStateV3;
+
+impl RunStateV3 {
+    /// As `status` reports it (`state=...`).
+    pub fn name(self) -> &'static str {
+        match self {
+            RunStateV3::Running => "running",
+            RunStateV3::Paused => "paused",
+            RunStateV3::Suspended => "suspended",
+        }
+    }
+}
+
+impl From<RunStateV2> for RunStateV3 {
+    fn from(v2: RunStateV2) -> Self {
+        match v2 {
+            RunStateV2::Running => RunStateV3::Running,
+            RunStateV2::Paused => RunStateV3::Paused,
+        }
+    }
+}
+
+/// Version 3: the machine with its ACPI power registers (`MachineStateV2`),
+/// and the suspended run state. Frozen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CprStateV3 {
+    pub writer: heapless::String<32>,
+    pub ram: RamLocation,
+    pub stopped_at_ns: u64,
+    pub machine: MachineStateV2,
+    pub run: RunStateV3,
     pub disks: heapless::Vec<Identity, MAX_DISKS>,
 }
 
@@ -87,13 +128,26 @@ impl From<CprStateV1> for CprStateV2 {
             ram: v1.ram,
             stopped_at_ns: v1.stopped_at_ns,
             machine: v1.machine,
-            run: RunState::Running,
+            run: RunStateV2::Running,
             disks: heapless::Vec::new(),
         }
     }
 }
 
-pub type CprState = CprStateV2;
+impl From<CprStateV2> for CprStateV3 {
+    fn from(v2: CprStateV2) -> Self {
+        CprStateV3 {
+            writer: v2.writer,
+            ram: v2.ram,
+            stopped_at_ns: v2.stopped_at_ns,
+            machine: v2.machine.into(),
+            run: v2.run.into(),
+            disks: v2.disks,
+        }
+    }
+}
+
+pub type CprState = CprStateV3;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Error {
@@ -212,13 +266,14 @@ pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
 /// Decodes the payload part by part, so that a failure names the part and the
 /// byte it starts at. Postcard writes a struct as its fields one after the
 /// other, so this reads exactly what `postcard::from_bytes` of that version's
-/// struct would; version 2 only appends fields to version 1.
+/// struct would: version 2 appends fields to version 1; version 3 appends the
+/// machine's power registers to its machine, and writes run states 2 did not.
 fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
     let mut p = Parts { payload, at: 0 };
     let writer = p.next("writer")?;
     let ram = p.next("ram")?;
     let stopped_at_ns = p.next("stopped_at_ns")?;
-    let machine = MachineState {
+    let machine = MachineStateV1 {
         shape: p.next("machine.shape")?,
         vcpus: p.next("machine.vcpus")?,
         vm: p.next("machine.vm")?,
@@ -232,14 +287,25 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
         stopped_at_ns,
         machine,
     };
-    let state = if version == 1 {
-        v1.into()
-    } else {
-        CprStateV2 {
+    let state = match version {
+        1 => CprStateV2::from(v1).into(),
+        2 => CprStateV2 {
             run: p.next("run")?,
             disks: p.next("disks")?,
             ..v1.into()
         }
+        .into(),
+        _ => CprStateV3 {
+            machine: MachineStateV2 {
+                power: p.next("machine.power")?,
+                ..v1.machine.into()
+            },
+            run: p.next("run")?,
+            disks: p.next("disks")?,
+            writer: v1.writer,
+            ram: v1.ram,
+            stopped_at_ns: v1.stopped_at_ns,
+        },
     };
     if p.at < payload.len() {
         return Err(Error::TrailingBytes(payload.len() - p.at));
@@ -270,6 +336,7 @@ impl<'a> Parts<'a> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::devices::power::PowerState;
     use crate::pci::Allocator;
     use crate::vm::{MachineState, Shape};
 
@@ -296,10 +363,34 @@ pub(crate) mod tests {
                 serial: Default::default(),
                 allocator: Allocator::new(),
                 virtio: heapless::Vec::new(),
+                power: PowerState::default(),
             },
             run: RunState::Running,
             disks: heapless::Vec::new(),
         }
+    }
+
+    /// `sample`'s machine as version 1 of the format held it.
+    fn machine_v1(s: &CprState) -> MachineStateV1 {
+        let m = s.machine.clone();
+        MachineStateV1 {
+            shape: m.shape,
+            vcpus: m.vcpus,
+            vm: m.vm,
+            serial: m.serial,
+            allocator: m.allocator,
+            virtio: m.virtio,
+        }
+    }
+
+    /// A file of format `version` holding `payload`.
+    fn file(version: u32, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&version.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
     }
 
     #[test]
@@ -328,12 +419,37 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn version_2_keeps_the_run_state_and_disk_identities() {
+    fn version_3_keeps_a_suspended_guest_and_its_power_registers() {
         let mut s = sample();
-        s.run = RunState::Paused;
+        s.run = RunState::Suspended;
+        s.machine.power = PowerState {
+            status: 0x8000,
+            enable: 0x0120,
+            control: 3 << 10,
+            sleep_pending: true,
+        };
         let bytes = encode(&s).unwrap();
-        assert_eq!(bytes[8], 2);
-        assert_eq!(decode(&bytes).unwrap().run, RunState::Paused);
+        assert_eq!(bytes[8], 3);
+        assert_eq!(decode(&bytes).unwrap(), s);
+        for run in [RunState::Running, RunState::Paused] {
+            s.run = run;
+            assert_eq!(decode(&encode(&s).unwrap()).unwrap().run, run);
+        }
+        assert_eq!(formats(), "1,2,3");
+        // A run state no version has is refused, naming the part.
+        let payload = postcard::to_allocvec(&sample()).unwrap();
+        let mut bad = payload.clone();
+        let run_at = payload.len() - 2; // run, then the empty disk list
+        assert_eq!(bad[run_at], 0);
+        bad[run_at] = 3;
+        assert!(matches!(
+            decode(&file(3, &bad)),
+            Err(Error::Decode { part: "run", .. })
+        ));
+    }
+
+    #[test]
+    fn disk_identities_match_the_disks() {
         // Identities must match the disks one for one (checked after the
         // devices, so use a bare payload check here).
         assert!(crate::cpr::check::disks(&with_disk(1)).is_ok());
@@ -345,7 +461,25 @@ pub(crate) mod tests {
                 "{e}"
             );
         }
-        assert_eq!(formats(), "1,2");
+    }
+
+    #[test]
+    fn version_2_decodes_with_power_on_registers() {
+        let s = sample();
+        let v2 = CprStateV2 {
+            writer: s.writer.clone(),
+            ram: s.ram,
+            stopped_at_ns: s.stopped_at_ns,
+            machine: machine_v1(&s),
+            run: RunStateV2::Paused,
+            disks: heapless::Vec::new(),
+        };
+        let payload = postcard::to_allocvec(&v2).unwrap();
+        let decoded = decode(&file(2, &payload)).unwrap();
+        assert_eq!(decoded, CprStateV3::from(v2));
+        assert_eq!(decoded.run, RunState::Paused);
+        assert_eq!(decoded.machine.power, PowerState::default());
+        assert_eq!(decoded.machine.vcpus, s.machine.vcpus);
     }
 
     #[test]
@@ -355,23 +489,28 @@ pub(crate) mod tests {
             writer: s.writer.clone(),
             ram: s.ram,
             stopped_at_ns: s.stopped_at_ns,
-            machine: s.machine.clone(),
+            machine: machine_v1(&s),
         };
         let payload = postcard::to_allocvec(&v1).unwrap();
-        let mut bytes = MAGIC.to_vec();
-        bytes.extend_from_slice(&1u32.to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        bytes.extend_from_slice(&payload);
+        let mut bytes = file(1, &payload);
         let decoded = decode(&bytes).unwrap();
-        assert_eq!(decoded, CprStateV2::from(v1));
+        assert_eq!(decoded, CprStateV3::from(CprStateV2::from(v1)));
         assert_eq!(decoded.run, RunState::Running);
         assert!(decoded.disks.is_empty());
-        // The same payload announced as version 2 lacks the new parts.
+        assert_eq!(decoded.machine.power, PowerState::default());
+        // The same payload announced as version 2 or 3 lacks the new parts.
         bytes[8] = 2;
         assert!(matches!(
             decode(&bytes),
             Err(Error::Decode { part: "run", .. })
+        ));
+        bytes[8] = 3;
+        assert!(matches!(
+            decode(&bytes),
+            Err(Error::Decode {
+                part: "machine.power",
+                ..
+            })
         ));
     }
 
@@ -387,8 +526,8 @@ pub(crate) mod tests {
         magic[0] ^= 1;
         assert_eq!(decode(&magic), Err(Error::BadMagic));
         let mut version = bytes.clone();
-        version[8] = 3;
-        assert_eq!(decode(&version), Err(Error::UnknownVersion(3)));
+        version[8] = 4;
+        assert_eq!(decode(&version), Err(Error::UnknownVersion(4)));
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x10;

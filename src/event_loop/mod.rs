@@ -173,6 +173,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     };
     lp.watch_devices()?;
     lp.add(exit_evt.as_raw_fd(), Token::Exit)?;
+    lp.add(lp.machine.sleep_fd(), Token::Sleep)?;
     lp.add(signals.as_raw_fd(), Token::Signal)?;
     if let Some(l) = &lp.listener {
         lp.clients
@@ -351,6 +352,10 @@ impl Loop {
                         Next::Continue
                     }
                     Some(Token::Update) => self.finish_pending(),
+                    Some(Token::Sleep) => {
+                        self.guest_sleeps();
+                        Next::Continue
+                    }
                     Some(Token::Queue { device, index }) => {
                         self.virtio_event(device, |dev| dev.queue_notify(index));
                         Next::Continue
@@ -493,7 +498,8 @@ impl Loop {
         match cmd {
             Command::Status => (self.status(), None),
             Command::Pause => {
-                if self.paused {
+                // A suspended guest's vCPUs are stopped already.
+                if self.paused || self.machine.is_suspended() {
                     return ("ok".into(), None);
                 }
                 match self.machine.vcpus.pause() {
@@ -510,6 +516,10 @@ impl Loop {
                 }
             }
             Command::Resume => {
+                if self.machine.is_suspended() {
+                    let why = "the guest is suspended (ACPI S3): `wakeup` wakes it";
+                    return (format!("error: {why}"), None);
+                }
                 self.machine.vcpus.resume();
                 if self.paused {
                     log::info!("guest resumed");
@@ -517,6 +527,7 @@ impl Loop {
                 self.paused = false;
                 ("ok".into(), None)
             }
+            Command::Wakeup => (self.wakeup(), None),
             Command::Quit => ("ok".into(), Some(Outcome::Quit)),
             Command::CprSave(path) => self.update(slot, Request::Save(path)),
             Command::CprExec { binary, args } => self.update(slot, Request::Exec { binary, args }),
@@ -528,17 +539,61 @@ impl Loop {
 
     /// What a save records, and what the guest is after the update.
     fn run_state(&self) -> RunState {
-        if self.paused {
+        if self.machine.is_suspended() {
+            RunState::Suspended
+        } else if self.paused {
             RunState::Paused
         } else {
             RunState::Running
         }
     }
 
+    /// The guest wrote its S3 sleep type: its vCPUs stop until `wakeup`.
+    fn guest_sleeps(&mut self) {
+        if !self.machine.take_sleep_request() || self.machine.is_suspended() {
+            return;
+        }
+        match self.machine.suspend() {
+            Ok(()) => {
+                // A suspended guest is not also paused: `wakeup` runs it.
+                self.paused = false;
+                log::info!("guest suspended to RAM (ACPI S3); `wakeup` wakes it");
+            }
+            Err(e) => {
+                // Whatever did stop runs again, unless the user had paused it.
+                if !self.paused {
+                    self.machine.vcpus.resume();
+                }
+                log::error!("the guest asked to suspend (ACPI S3), its vCPUs did not stop: {e}");
+            }
+        }
+    }
+
+    /// `wakeup`: the guest resumes at its waking vector, or stays suspended
+    /// and the reply says why.
+    fn wakeup(&mut self) -> String {
+        if !self.machine.is_suspended() {
+            return format!(
+                "error: the guest is not suspended (state={})",
+                self.run_state().name()
+            );
+        }
+        match self.machine.wakeup() {
+            Ok(waking) => {
+                log::info!("guest woken from ACPI S3: {waking}");
+                "ok".into()
+            }
+            Err(e) => {
+                log::warn!("wakeup failed, the guest stays suspended: {e}");
+                format!("error: wakeup: {e}; the guest stays suspended")
+            }
+        }
+    }
+
     fn status(&self) -> String {
         format!(
             "ok state={} vcpus={} mem={} version={} pid={} last_pause_us={}",
-            if self.paused { "paused" } else { "running" },
+            self.run_state().name(),
             self.machine.vcpus.count(),
             self.machine.mem_size(),
             cpr::VERSION,

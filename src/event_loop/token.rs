@@ -14,6 +14,8 @@ pub(super) enum Token {
     Listener,
     /// An update's worker finished.
     Update,
+    /// The guest asked to suspend to RAM (the power device's eventfd).
+    Sleep,
     /// Control client `slot`.
     Client(usize),
     /// Virtio device `device`'s queue notifier `index`.
@@ -39,6 +41,7 @@ impl Token {
             Token::Stdin => 2,
             Token::Listener => 3,
             Token::Update => 4,
+            Token::Sleep => 5,
             Token::Client(slot) => CLIENT + slot as u64,
             Token::Queue { device, index } => virtio(device, KIND_QUEUE, index),
             Token::DeviceFd { device, index } => virtio(device, KIND_FD, index),
@@ -53,6 +56,7 @@ impl Token {
             2 => Token::Stdin,
             3 => Token::Listener,
             4 => Token::Update,
+            5 => Token::Sleep,
             d if d >= VIRTIO => {
                 let (device, kind, index) = (
                     ((d >> 16) & 0xffff) as usize,
@@ -83,6 +87,7 @@ mod tests {
             Token::Stdin,
             Token::Listener,
             Token::Update,
+            Token::Sleep,
             Token::Client(0),
             Token::Client(63),
             Token::Queue {
@@ -101,7 +106,7 @@ mod tests {
         for t in tokens {
             assert_eq!(Token::decode(t.encode()), Some(t), "{t:?}");
         }
-        assert_eq!(Token::decode(5), None);
+        assert_eq!(Token::decode(6), None);
         assert_eq!(Token::decode(VIRTIO | 2 << 8), None);
     }
 }

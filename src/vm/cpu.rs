@@ -1,15 +1,21 @@
 //! Per-vCPU architectural setup: CPUID topology, boot MSRs, and the register state
-//! each boot protocol expects at its entry point.
+//! each boot protocol expects at its entry point, and each way out of ACPI S3
+//! at the guest's waking vector.
 //!
 //! References: Intel SDM vol. 3A 9.1 (processor state after reset), Linux
-//! `Documentation/arch/x86/boot.rst` (64-bit boot protocol), and the Xen PVH ABI
-//! (`xenbits.xen.org/docs/unstable/misc/pvh.html`).
+//! `Documentation/arch/x86/boot.rst` (64-bit boot protocol), the Xen PVH ABI
+//! (`xenbits.xen.org/docs/unstable/misc/pvh.html`), and ACPI 6.5 section 5.2.10
+//! (FACS waking vectors).
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::boot::acpi::Waking;
 use crate::boot::Entry;
-use crate::layout::{BOOT_GDT_START, BOOT_IDT_START, PDE_START, PDPTE_START, PML4_START};
+use crate::layout::{
+    BOOT_GDT_START, BOOT_IDT_START, PDE_START, PDPTE_START, PML4_START, WAKE_PDPT_START,
+    WAKE_PD_START, WAKE_PML4_START,
+};
 
 // CPUID bits (Intel SDM vol. 2A, CPUID).
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
@@ -208,34 +214,33 @@ const X86_CR4_PAE: u64 = 0x20;
 const EFER_LME: u64 = 0x100;
 const EFER_LMA: u64 = 0x400;
 
-/// Writes the boot GDT, IDT and (for 64-bit entry) identity page tables, and returns
-/// `sregs` with segments and control registers for `entry`.
-pub fn boot_sregs(
-    mem: &GuestMemoryMmap,
-    entry: Entry,
-    mut sregs: kvm_sregs,
-) -> Result<kvm_sregs, vm_memory::GuestMemoryError> {
-    let long = matches!(entry, Entry::Linux64 { .. });
+/// CS after a reset or INIT: F000, based at FFFF0000 (Intel SDM vol. 3A 9.1.4).
+pub const RESET_CS_SELECTOR: u16 = 0xf000;
+
+/// Page-table entry bits: present and writable; a 2 MiB page.
+const PRESENT_RW: u64 = 0x3;
+const HUGE: u64 = 0x80;
+
+/// The boot GDT: null, flat code (64-bit with `long`), flat data, busy TSS.
+fn boot_gdt(long: bool) -> [u64; 4] {
     let code = if long {
         gdt_entry(0xa09b, 0, 0xfffff)
     } else {
         gdt_entry(0xc09b, 0, 0xfffff)
     };
-    let gdt = [
+    [
         0,
         code,
         gdt_entry(0xc093, 0, 0xfffff), // data
         gdt_entry(0x008b, 0, 0xfffff), // TSS, busy: VMX entry wants a valid TR
-    ];
-    for (i, e) in gdt.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(BOOT_GDT_START + 8 * i as u64))?;
-    }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))?;
+    ]
+}
 
-    sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
-    sregs.idt.base = BOOT_IDT_START;
-    sregs.idt.limit = 7;
+/// `sregs` with the boot GDT's flat segments loaded and the control registers
+/// for 32-bit protected mode, paging off, or with `long` for 64-bit mode
+/// (CR3 is the caller's).
+fn flat_sregs(mut sregs: kvm_sregs, long: bool) -> kvm_sregs {
+    let gdt = boot_gdt(long);
     let data = segment(gdt[2], 2);
     sregs.cs = segment(gdt[1], 1);
     sregs.ds = data;
@@ -244,10 +249,7 @@ pub fn boot_sregs(
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = segment(gdt[3], 3);
-
     if long {
-        write_identity_map(mem)?;
-        sregs.cr3 = PML4_START;
         sregs.cr4 |= X86_CR4_PAE;
         sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
         sregs.efer |= EFER_LME | EFER_LMA;
@@ -256,14 +258,38 @@ pub fn boot_sregs(
         sregs.cr4 = 0;
         sregs.efer = 0;
     }
+    sregs
+}
+
+/// Writes the boot GDT, IDT and (for 64-bit entry) identity page tables, and returns
+/// `sregs` with segments and control registers for `entry`.
+pub fn boot_sregs(
+    mem: &GuestMemoryMmap,
+    entry: Entry,
+    sregs: kvm_sregs,
+) -> Result<kvm_sregs, vm_memory::GuestMemoryError> {
+    let long = matches!(entry, Entry::Linux64 { .. });
+    let gdt = boot_gdt(long);
+    for (i, e) in gdt.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(BOOT_GDT_START + 8 * i as u64))?;
+    }
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))?;
+
+    let mut sregs = flat_sregs(sregs, long);
+    sregs.gdt.base = BOOT_GDT_START;
+    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    sregs.idt.base = BOOT_IDT_START;
+    sregs.idt.limit = 7;
+    if long {
+        write_identity_map(mem)?;
+        sregs.cr3 = PML4_START;
+    }
     Ok(sregs)
 }
 
 /// Identity-maps the first 4 GiB with 2 MiB pages: the kernel builds its own tables
 /// early, but until then it touches its image, the zero page, cmdline and initrd.
 fn write_identity_map(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
-    const PRESENT_RW: u64 = 0x3;
-    const HUGE: u64 = 0x80;
     mem.write_obj(PDPTE_START | PRESENT_RW, GuestAddress(PML4_START))?;
     for gib in 0..4u64 {
         let pd = PDE_START + gib * 0x1000;
@@ -274,6 +300,63 @@ fn write_identity_map(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemor
         }
     }
     Ok(())
+}
+
+/// General registers at a waking vector: its offset, interrupts off.
+pub fn wake_regs(waking: Waking) -> kvm_regs {
+    let rip = match waking {
+        Waking::RealMode { offset, .. } => u64::from(offset),
+        Waking::Protected { eip } => u64::from(eip),
+        Waking::Long { rip } => rip,
+    };
+    kvm_regs {
+        rip,
+        rflags: 0x2,
+        ..Default::default()
+    }
+}
+
+/// `sregs` of a vCPU just after INIT (real mode, CS at the reset vector),
+/// changed to enter `waking`. Selectors of the protected and 64-bit modes are
+/// flat and otherwise unused: there is no GDT in memory (ACPI 6.5 5.2.10).
+pub fn wake_sregs(waking: Waking, mut sregs: kvm_sregs) -> kvm_sregs {
+    match waking {
+        Waking::RealMode { segment, .. } => {
+            sregs.cs.selector = segment;
+            sregs.cs.base = u64::from(segment) << 4;
+            sregs
+        }
+        Waking::Protected { .. } => flat_sregs(sregs, false),
+        Waking::Long { .. } => {
+            let mut sregs = flat_sregs(sregs, true);
+            sregs.cr3 = WAKE_PML4_START;
+            sregs
+        }
+    }
+}
+
+/// The page tables a 64-bit waking vector at `rip` starts with: the 2 MiB
+/// page holding it, identity-mapped, and nothing else.
+pub fn write_wake_page_tables(
+    mem: &GuestMemoryMmap,
+    rip: u64,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    for table in [WAKE_PML4_START, WAKE_PDPT_START, WAKE_PD_START] {
+        mem.write_slice(&[0; 0x1000], GuestAddress(table))?;
+    }
+    let entry = |shift: u32| 8 * ((rip >> shift) & 0x1ff);
+    mem.write_obj(
+        WAKE_PDPT_START | PRESENT_RW,
+        GuestAddress(WAKE_PML4_START + entry(39)),
+    )?;
+    mem.write_obj(
+        WAKE_PD_START | PRESENT_RW,
+        GuestAddress(WAKE_PDPT_START + entry(30)),
+    )?;
+    mem.write_obj(
+        (rip & !0x1f_ffff) | PRESENT_RW | HUGE,
+        GuestAddress(WAKE_PD_START + entry(21)),
+    )
 }
 
 #[cfg(test)]
@@ -385,5 +468,87 @@ mod tests {
             start_info: 0x6000,
         });
         assert_eq!((r.rip, r.rbx, r.rflags), (0x100000, 0x6000, 2));
+    }
+
+    /// Real mode as INIT leaves it (Intel SDM vol. 3A table 9-1).
+    fn after_init() -> kvm_sregs {
+        let real = |selector: u16, base: u64, type_: u8| kvm_segment {
+            selector,
+            base,
+            limit: 0xffff,
+            type_,
+            present: 1,
+            s: 1,
+            ..Default::default()
+        };
+        kvm_sregs {
+            cs: real(RESET_CS_SELECTOR, 0xffff_0000, 0xb),
+            ds: real(0, 0, 3),
+            cr0: X86_CR0_ET,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn real_mode_wake_is_cs_ip_from_the_vector() {
+        let w = Waking::RealMode {
+            segment: 0x9a00,
+            offset: 5,
+        };
+        let s = wake_sregs(w, after_init());
+        assert_eq!(
+            (s.cs.selector, s.cs.base, s.cs.limit),
+            (0x9a00, 0x9a000, 0xffff)
+        );
+        assert_eq!(s.cr0 & X86_CR0_PE, 0, "real mode");
+        assert_eq!(s.ds, after_init().ds, "data segments as INIT left them");
+        let r = wake_regs(w);
+        assert_eq!((r.rip, r.rflags), (5, 2));
+    }
+
+    #[test]
+    fn protected_wake_is_flat_32_bit_without_paging() {
+        let w = Waking::Protected { eip: 0x20_0000 };
+        let s = wake_sregs(w, after_init());
+        assert_eq!(
+            (s.cs.base, s.cs.limit, s.cs.db, s.cs.l),
+            (0, 0xffff_ffff, 1, 0)
+        );
+        assert_eq!((s.ss.base, s.ss.limit, s.ss.type_), (0, 0xffff_ffff, 3));
+        assert_eq!(s.cr0, X86_CR0_PE | X86_CR0_ET);
+        assert_eq!((s.cr4, s.efer), (0, 0));
+        assert_eq!(wake_regs(w).rip, 0x20_0000);
+    }
+
+    #[test]
+    fn long_wake_maps_the_vectors_2_mib_page_only() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        // What the guest left in the area is wiped.
+        m.write_slice(&[0xff; 0x3000], GuestAddress(WAKE_PML4_START))
+            .unwrap();
+        let rip = 0x1_2345_6789;
+        write_wake_page_tables(&m, rip).unwrap();
+        let read = |a: u64| -> u64 { m.read_obj(GuestAddress(a)).unwrap() };
+        let nonzero = |table: u64| {
+            (0..512)
+                .filter(|i| read(table + 8 * i) != 0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(nonzero(WAKE_PML4_START), [0]);
+        assert_eq!(nonzero(WAKE_PDPT_START), [4], "the fifth GiB");
+        assert_eq!(nonzero(WAKE_PD_START), [(0x2345_6789 >> 21) as u64]);
+        assert_eq!(read(WAKE_PML4_START), WAKE_PDPT_START | 3);
+        assert_eq!(read(WAKE_PDPT_START + 32), WAKE_PD_START | 3);
+        assert_eq!(
+            read(WAKE_PD_START + 8 * (0x2345_6789 >> 21)),
+            (rip & !0x1f_ffff) | 0x83
+        );
+        let s = wake_sregs(Waking::Long { rip }, after_init());
+        assert_eq!((s.cs.l, s.cs.db), (1, 0));
+        assert_eq!(s.cr3, WAKE_PML4_START);
+        assert_eq!(s.cr0, X86_CR0_PE | X86_CR0_PG | X86_CR0_ET);
+        assert_eq!(s.cr4, X86_CR4_PAE);
+        assert_eq!(s.efer, EFER_LME | EFER_LMA);
+        assert_eq!(wake_regs(Waking::Long { rip }).rip, rip);
     }
 }

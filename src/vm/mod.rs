@@ -20,13 +20,17 @@ use heapless::Vec as BoundedVec;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::args::RunConfig;
+use crate::boot::acpi::{self, Waking, FACS_LEN};
 use crate::boot::{self, BootSpec, Entry};
 use crate::bus::Bus;
+use crate::devices::power::{Power, PowerStateV1};
 use crate::devices::serial::{self, Output, Serial, SerialStateV1};
-use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
+use crate::layout::{ACPI_FACS_START, MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
 use crate::pci::Allocator;
+use crate::sync::lock;
 use crate::vfio::{self, Bdf, Handles, Iommu, Sysfs};
 use crate::virtio::pci::TransportState;
 use devices::{SharedVfio, SharedVirtio};
@@ -59,6 +63,16 @@ pub enum Error {
     /// A machine built without vCPUs: nothing to ask what this host offers.
     NoVcpus,
     Quiesce(usize, std::io::Error),
+    /// The eventfd a suspend request is signalled on.
+    SleepEvent(std::io::Error),
+    /// `wakeup` of a guest that is not suspended.
+    NotSuspended,
+    ReadFacs(vm_memory::GuestMemoryError),
+    /// The FACS holds no usable waking vector.
+    Wake(acpi::WakeError),
+    /// The waking vector is not in guest RAM.
+    WakeOutsideRam(Waking),
+    WakeTables(vm_memory::GuestMemoryError),
     Vfio(vfio::Error),
 }
 
@@ -80,6 +94,14 @@ impl fmt::Display for Error {
             Error::Device(i, e) => write!(f, "{MISMATCH}: device {i}: {e}"),
             Error::NoVcpus => write!(f, "{MISMATCH}: a machine without vCPUs"),
             Error::Quiesce(i, e) => write!(f, "device {i} cannot flush before saving: {e}"),
+            Error::SleepEvent(e) => write!(f, "cannot create the ACPI sleep eventfd: {e}"),
+            Error::NotSuspended => write!(f, "the guest is not suspended"),
+            Error::ReadFacs(e) => write!(f, "cannot read the FACS at {ACPI_FACS_START:#x}: {e}"),
+            Error::Wake(e) => e.fmt(f),
+            Error::WakeOutsideRam(w) => {
+                write!(f, "the FACS waking vector ({w}) is outside guest RAM")
+            }
+            Error::WakeTables(e) => write!(f, "cannot write the wake page tables: {e}"),
             Error::Vfio(e) => e.fmt(f),
         }
     }
@@ -152,7 +174,7 @@ pub fn mac_str(m: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// Version 1 of the machine's saved state: devices, VM and vCPUs.
+/// Version 1 of the machine's saved state: devices, VM and vCPUs. Frozen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MachineStateV1 {
     pub shape: Shape,
@@ -166,8 +188,35 @@ pub struct MachineStateV1 {
     pub virtio: BoundedVec<TransportState, MAX_DEVICES>,
 }
 
+/// Version 2: version 1 plus the ACPI power registers. Frozen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineStateV2 {
+    pub shape: Shape,
+    pub vcpus: BoundedVec<Box<VcpuState>, MAX_VCPUS>,
+    pub vm: VmState,
+    pub serial: SerialStateV1,
+    pub allocator: Allocator,
+    pub virtio: BoundedVec<TransportState, MAX_DEVICES>,
+    pub power: PowerStateV1,
+}
+
+impl From<MachineStateV1> for MachineStateV2 {
+    /// Machines of version 1 had no PM1 registers: theirs start at power-on values.
+    fn from(v1: MachineStateV1) -> Self {
+        MachineStateV2 {
+            shape: v1.shape,
+            vcpus: v1.vcpus,
+            vm: v1.vm,
+            serial: v1.serial,
+            allocator: v1.allocator,
+            virtio: v1.virtio,
+            power: PowerStateV1::default(),
+        }
+    }
+}
+
 /// The version this release saves and restores.
-pub type MachineState = MachineStateV1;
+pub type MachineState = MachineStateV2;
 
 /// What a machine's guest depends on, borrowed: what an update hands over.
 pub struct Backends {
@@ -193,6 +242,9 @@ pub struct Machine {
     _iommu: Option<Iommu>,
     pub ram: GuestRam,
     pub shape: Shape,
+    /// The guest suspended itself to RAM (ACPI S3): its vCPUs stay stopped
+    /// until `wakeup`.
+    suspended: bool,
     allocator: Allocator,
     _routes: Arc<GsiRoutes>,
     vm: Arc<VmFd>,
@@ -230,13 +282,12 @@ impl Prepared {
         }
         host.check(state.vcpus.iter().map(|v| &**v))
             .map_err(Error::HostCpu)?;
-        crate::sync::lock(&parts.bus.serial)
+        lock(&parts.bus.serial)
             .restore(&state.serial)
             .map_err(Error::Serial)?;
+        lock(&parts.bus.power).restore(&state.power);
         for (i, (dev, saved)) in parts.virtio.iter().zip(&state.virtio).enumerate() {
-            crate::sync::lock(dev)
-                .restore(saved)
-                .map_err(|e| Error::Device(i, e))?;
+            lock(dev).restore(saved).map_err(|e| Error::Device(i, e))?;
         }
         kvm::restore_vm(&parts.vm, &state.vm).map_err(Error::Kvm)?;
         for (i, (fd, saved)) in fds.iter().zip(&state.vcpus).enumerate() {
@@ -288,8 +339,11 @@ impl Parts {
         let built =
             devices::build(cfg, &vm, &ram.memory, &routes, devices).map_err(Error::Devices)?;
         let serial = Serial::new(Some(serial_irq), console);
+        let sleep_evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(Error::SleepEvent)?;
         let bus = Arc::new(Bus {
             serial: Mutex::new(serial),
+            power: Mutex::new(Power::new(sleep_evt)),
             pci: built.bus,
         });
         Ok(Parts {
@@ -309,7 +363,7 @@ impl Parts {
         let mut disks = BoundedVec::new();
         let mut nets = BoundedVec::new();
         for d in &self.virtio {
-            let d = crate::sync::lock(d);
+            let d = lock(d);
             let dev = d.device();
             // Capacities match argv's limits, so the pushes cannot fail.
             if dev.device_type() == crate::virtio::TYPE_NET {
@@ -347,6 +401,7 @@ impl Parts {
         Ok(Machine {
             shape,
             vcpus,
+            suspended: false,
             bus: self.bus,
             virtio: self.virtio,
             vfio: self.vfio,
@@ -397,16 +452,11 @@ impl Machine {
     /// PIT, clock); then the vCPUs, each on its own thread.
     pub fn save(&self) -> Result<MachineState, Error> {
         for (i, d) in self.virtio.iter().enumerate() {
-            crate::sync::lock(d)
-                .quiesce()
-                .map_err(|e| Error::Quiesce(i, e))?;
+            lock(d).quiesce().map_err(|e| Error::Quiesce(i, e))?;
         }
-        let virtio = self
-            .virtio
-            .iter()
-            .map(|d| crate::sync::lock(d).state())
-            .collect();
-        let serial = crate::sync::lock(&self.bus.serial).state();
+        let virtio = self.virtio.iter().map(|d| lock(d).state()).collect();
+        let serial = lock(&self.bus.serial).state();
+        let power = lock(&self.bus.power).state();
         let vm = kvm::save_vm(&self.vm).map_err(Error::Kvm)?;
         let spec = SaveSpec {
             msr_indices: host_cpu::msr_indices(&self.kvm).map_err(Error::HostCpu)?,
@@ -420,6 +470,7 @@ impl Machine {
             serial,
             allocator: self.allocator.clone(),
             virtio,
+            power,
         })
     }
 
@@ -428,7 +479,7 @@ impl Machine {
         use std::os::fd::AsRawFd;
         let (mut disks, mut taps) = (Vec::new(), Vec::new());
         for d in &self.virtio {
-            let d = crate::sync::lock(d);
+            let d = lock(d);
             let dev = d.device();
             if dev.device_type() == crate::virtio::TYPE_NET {
                 taps.push(dev.backend_fd());
@@ -442,7 +493,7 @@ impl Machine {
             ram: self.ram.file().as_raw_fd(),
             disks,
             taps,
-            console_out: crate::sync::lock(&self.bus.serial).output_fd(),
+            console_out: lock(&self.bus.serial).output_fd(),
             kvm,
         }
     }
@@ -452,7 +503,7 @@ impl Machine {
     /// that will never run again: the process must exit without dropping it.
     pub fn release_backends(&self) {
         for d in &self.virtio {
-            let fd = crate::sync::lock(d).device().backend_fd();
+            let fd = lock(d).device().backend_fd();
             // SAFETY: the caller exits right after (std::process::exit, no Drop),
             // so nothing uses or closes this descriptor again.
             unsafe { libc::close(fd) };
@@ -463,11 +514,62 @@ impl Machine {
         self.shape.mem_size
     }
 
+    /// Whether the guest is suspended to RAM (ACPI S3).
+    pub fn is_suspended(&self) -> bool {
+        self.suspended
+    }
+
+    /// The descriptor that becomes readable when the guest asks to suspend.
+    pub fn sleep_fd(&self) -> std::os::fd::RawFd {
+        lock(&self.bus.power).sleep_fd()
+    }
+
+    /// Whether the guest asked to suspend since the last call.
+    pub fn take_sleep_request(&self) -> bool {
+        lock(&self.bus.power).take_sleep_request()
+    }
+
+    /// The guest entered S3: its vCPUs stop until `wakeup`.
+    pub fn suspend(&mut self) -> Result<(), Error> {
+        self.vcpus.pause().map_err(Error::Vcpu)?;
+        self.suspended = true;
+        Ok(())
+    }
+
+    /// Wakes a suspended guest as firmware would: at the waking vector it left
+    /// in the FACS, with an INIT to every vCPU first; the boot vCPU enters the
+    /// vector, the others wait for SIPI. Devices keep their state (the guest's
+    /// drivers reset or resume them). Refused, the guest staying suspended,
+    /// when the FACS holds no vector in guest RAM. Returns where it entered.
+    pub fn wakeup(&mut self) -> Result<Waking, Error> {
+        if !self.suspended {
+            return Err(Error::NotSuspended);
+        }
+        let mut facs = [0u8; FACS_LEN];
+        self.ram
+            .memory
+            .read_slice(&mut facs, GuestAddress(ACPI_FACS_START))
+            .map_err(Error::ReadFacs)?;
+        let waking = acpi::waking(&facs).map_err(Error::Wake)?;
+        if !self
+            .ram
+            .memory
+            .address_in_range(GuestAddress(waking.address()))
+        {
+            return Err(Error::WakeOutsideRam(waking));
+        }
+        if let Waking::Long { rip } = waking {
+            cpu::write_wake_page_tables(&self.ram.memory, rip).map_err(Error::WakeTables)?;
+        }
+        self.vcpus.wake(waking).map_err(Error::Vcpu)?;
+        lock(&self.bus.power).woke();
+        self.suspended = false;
+        self.vcpus.resume();
+        Ok(waking)
+    }
+
     /// The passed-through devices, in argv order.
     pub fn vfio_devices(&self) -> Vec<Bdf> {
-        self.vfio
-            .iter()
-            .map(|d| crate::sync::lock(d).bdf())
-            .collect()
+        self.vfio.iter().map(|d| lock(d).bdf()).collect()
     }
 }

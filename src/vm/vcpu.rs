@@ -12,14 +12,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_xcrs, CpuId};
-use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{kvm_mp_state, kvm_vcpu_events, kvm_xcrs, CpuId};
+use kvm_bindings::{
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN, KVM_VCPUEVENT_VALID_SMM,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::cpu;
 use super::vcpu_state::{self as state, SaveSpec, VcpuState};
+use crate::boot::acpi::Waking;
 use crate::boot::Entry;
 use crate::bus::{Bus, GuestExit};
 use crate::sync::lock;
@@ -43,6 +47,10 @@ pub enum Error {
     NotPaused,
     Save(state::Error),
     Restore(u8, state::Error),
+    /// vCPU `u8`: a call of its INIT (`&str` names it) failed.
+    Init(u8, &'static str, kvm_ioctls::Error),
+    /// vCPU `u8` kept its state across INIT: this KVM did not reset it.
+    InitIgnored(u8),
 }
 
 impl fmt::Display for Error {
@@ -67,6 +75,11 @@ impl fmt::Display for Error {
             Error::NotPaused => write!(f, "vCPU state can only be saved while paused"),
             Error::Save(e) => e.fmt(f),
             Error::Restore(i, e) => write!(f, "restoring vCPU {i}: {e}"),
+            Error::Init(i, call, e) => write!(f, "INIT of vCPU {i}: {call} failed: {e}"),
+            Error::InitIgnored(i) => write!(
+                f,
+                "INIT of vCPU {i}: KVM did not reset it (a latched INIT is not processed)"
+            ),
         }
     }
 }
@@ -161,14 +174,28 @@ enum State {
     Exited,
 }
 
+/// Work the controller gives a paused vCPU's thread: KVM's per-vCPU ioctls
+/// run where the vCPU is loaded.
+enum Job {
+    Save(Arc<SaveSpec>),
+    /// INIT, then (for the boot vCPU) enter the waking vector.
+    Wake(Option<Waking>),
+}
+
+/// What a job produced.
+enum Output {
+    Saved(Box<VcpuState>),
+    Woken,
+}
+
 /// Everything the controller and a vCPU thread agree on, under one lock.
 struct Inner {
     request: Request,
     state: State,
     kick: Option<KickTarget>,
-    /// Set by the controller while paused: the thread saves its state into `saved`.
-    save_requested: Option<Arc<SaveSpec>>,
-    saved: Option<Result<VcpuState, Error>>,
+    /// Set by the controller while paused; the thread puts the result in `done`.
+    job: Option<Job>,
+    done: Option<Result<Output, Error>>,
 }
 
 struct Shared {
@@ -230,8 +257,8 @@ impl Vcpus {
                     request,
                     state: State::Running,
                     kick: None,
-                    save_requested: None,
-                    saved: None,
+                    job: None,
+                    done: None,
                 }),
                 changed: Condvar::new(),
             });
@@ -278,24 +305,43 @@ impl Vcpus {
         waited
     }
 
-    /// Saves every vCPU's state; all must be paused. Each thread saves its own
-    /// (KVM's per-vCPU ioctls run where the vCPU is loaded).
+    /// Saves every vCPU's state; all must be paused.
     pub fn save(&self, spec: SaveSpec) -> Result<Vec<VcpuState>, Error> {
         let spec = Arc::new(spec);
+        self.run_jobs(|_| Job::Save(spec.clone()))?
+            .into_iter()
+            .map(|out| match out {
+                Output::Saved(state) => Ok(*state),
+                Output::Woken => unreachable!("a save job saves"),
+            })
+            .collect()
+    }
+
+    /// Wakes a paused machine from ACPI S3 as firmware does: an INIT to every
+    /// vCPU, then the boot vCPU (0) enters `waking`; the others wait for SIPI,
+    /// as after a reset. The vCPUs stay paused: `resume` runs them.
+    pub fn wake(&self, waking: Waking) -> Result<(), Error> {
+        self.run_jobs(|index| Job::Wake((index == 0).then_some(waking)))
+            .map(drop)
+    }
+
+    /// Has each paused thread do `job(index)` on its vCPU, one after the
+    /// other, within one bound for all.
+    fn run_jobs(&self, job: impl Fn(usize) -> Job) -> Result<Vec<Output>, Error> {
         let deadline = Instant::now() + STOP_TIMEOUT;
         let mut out = Vec::with_capacity(self.threads.len());
-        for (shared, _) in &self.threads {
+        for (index, (shared, _)) in self.threads.iter().enumerate() {
             let mut guard = lock(&shared.state);
             if guard.state != State::Paused {
                 return Err(Error::NotPaused);
             }
-            guard.saved = None;
-            guard.save_requested = Some(spec.clone());
+            guard.done = None;
+            guard.job = Some(job(index));
             shared.changed.notify_all();
-            while guard.saved.is_none() {
+            while guard.done.is_none() {
                 let now = Instant::now();
                 if now >= deadline {
-                    guard.save_requested = None;
+                    guard.job = None;
                     return Err(Error::StopTimeout(1));
                 }
                 guard = shared
@@ -304,7 +350,7 @@ impl Vcpus {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-            out.push(guard.saved.take().expect("checked above")?);
+            out.push(guard.done.take().expect("checked above")?);
         }
         Ok(out)
     }
@@ -393,7 +439,7 @@ fn run_thread(index: usize, mut fd: VcpuFd, shared: &Shared, bus: &Bus, exit: &E
 fn run_loop(index: usize, fd: &mut VcpuFd, shared: &Shared, bus: &Bus) -> Option<GuestExit> {
     loop {
         if shared.request.load(Ordering::SeqCst) != Request::Run as u8
-            && !wait_while_paused(shared, fd)
+            && !wait_while_paused(index, shared, fd)
         {
             return None;
         }
@@ -433,8 +479,52 @@ fn run_loop(index: usize, fd: &mut VcpuFd, shared: &Shared, bus: &Bus) -> Option
     }
 }
 
+fn run_job(index: usize, fd: &VcpuFd, job: Job) -> Result<Output, Error> {
+    match job {
+        Job::Save(spec) => state::save(fd, &spec)
+            .map(|s| Output::Saved(Box::new(s)))
+            .map_err(Error::Save),
+        Job::Wake(waking) => wake(fd, index as u8, waking).map(|()| Output::Woken),
+    }
+}
+
+/// INIT, as the chipset's reset of the sleeping processors: KVM resets the
+/// vCPU (registers, LAPIC, pending events) when it accepts a latched INIT,
+/// which KVM_GET_MP_STATE makes it do (kvm_apic_accept_events). Then the boot
+/// vCPU enters `waking` and the others wait for SIPI. The MP state is set
+/// either way: it must not depend on which vCPU the guest flagged as the BSP.
+fn wake(fd: &VcpuFd, index: u8, waking: Option<Waking>) -> Result<(), Error> {
+    let init = |call, e| Error::Init(index, call, e);
+    // Everything else zero: no pending exception, interrupt or NMI survives.
+    let mut events = kvm_vcpu_events {
+        flags: KVM_VCPUEVENT_VALID_SMM,
+        ..Default::default()
+    };
+    events.smi.latched_init = 1;
+    fd.set_vcpu_events(&events)
+        .map_err(|e| init("KVM_SET_VCPU_EVENTS", e))?;
+    fd.get_mp_state().map_err(|e| init("KVM_GET_MP_STATE", e))?;
+    let sregs = fd.get_sregs().map_err(|e| init("KVM_GET_SREGS", e))?;
+    // INIT puts every processor at the reset vector, F000:FFF0.
+    if sregs.cs.selector != cpu::RESET_CS_SELECTOR {
+        return Err(Error::InitIgnored(index));
+    }
+    let mp_state = match waking {
+        Some(w) => {
+            fd.set_sregs(&cpu::wake_sregs(w, sregs))
+                .map_err(|e| init("KVM_SET_SREGS", e))?;
+            fd.set_regs(&cpu::wake_regs(w))
+                .map_err(|e| init("KVM_SET_REGS", e))?;
+            KVM_MP_STATE_RUNNABLE
+        }
+        None => KVM_MP_STATE_INIT_RECEIVED,
+    };
+    fd.set_mp_state(kvm_mp_state { mp_state })
+        .map_err(|e| init("KVM_SET_MP_STATE", e))
+}
+
 /// Parks the thread while paused. Returns false when it must exit.
-fn wait_while_paused(shared: &Shared, fd: &mut VcpuFd) -> bool {
+fn wait_while_paused(index: usize, shared: &Shared, fd: &mut VcpuFd) -> bool {
     let mut guard = lock(&shared.state);
     loop {
         match guard.request {
@@ -454,8 +544,8 @@ fn wait_while_paused(shared: &Shared, fd: &mut VcpuFd) -> bool {
                     guard.state = State::Paused;
                     shared.changed.notify_all();
                 }
-                if let Some(spec) = guard.save_requested.take() {
-                    guard.saved = Some(state::save(fd, &spec).map_err(Error::Save));
+                if let Some(job) = guard.job.take() {
+                    guard.done = Some(run_job(index, fd, job));
                     shared.changed.notify_all();
                 }
                 guard = shared

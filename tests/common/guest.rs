@@ -19,6 +19,7 @@
 //! | 0x100000   | code, entry point                                |
 //! | 0x100200   | strings (NUL-terminated)                         |
 //! | 0x100400   | `COUNTER_ADDR`: the counting guest's u32 counter |
+//! | 0x100600   | the suspend guest's wake code                    |
 //! | 0x100800   | the PVH ELF note (also covered by the PT_NOTE)   |
 //! | ..0x101000 | stack, growing down from `STACK_TOP`             |
 
@@ -52,6 +53,11 @@ pub const COUNT_STEP: u32 = 1 << COUNT_SHIFT;
 pub const START_LINE: &str = "molt-guest: start";
 /// The line the exit guest prints before powering off or resetting.
 pub const HELLO_LINE: &str = "molt-guest: hello";
+/// The line the suspend guest prints before it asks for S3.
+pub const SUSPEND_LINE: &str = "molt-guest: suspending";
+/// The line the suspend guest prints if its sleep command returns with WAK_STS
+/// set: it woke where it slept instead of at its waking vector.
+pub const IN_PLACE_LINE: &str = "molt-guest: woke in place";
 
 /// Port of the 16550 transmit holding register (COM1).
 const UART_THR: u32 = 0x3f8;
@@ -63,10 +69,28 @@ const PCI_CONFIG_DATA: u32 = 0xcfc;
 /// Offset of the virtio notification region in molt's virtio-pci BAR 0 (queue 0's
 /// doorbell is its first word).
 const NOTIFY_OFFSET: u32 = 0x3000;
-/// molt's ACPI sleep/reset port.
+/// molt's ACPI reset port, once also its (hardware-reduced) sleep port.
 const ACPI_SLEEP_PORT: u32 = 0x600;
-/// SLP_TYP=5 (S5) | SLP_EN, written to the sleep port: power off.
+/// SLP_TYP=5 (S5) | SLP_EN, written to the old sleep port: power off.
 const ACPI_POWER_OFF: u8 = 0x34;
+/// molt's PM1a status register (WAK_STS is bit 15) and control register.
+const PM1_STATUS_PORT: u32 = 0x604;
+const PM1_CONTROL_PORT: u32 = 0x608;
+/// SLP_TYP << 10 | SLP_EN, written to PM1a control: S3 (suspend), S5 (off).
+const PM1_S3: u16 = 3 << 10 | 1 << 13;
+const PM1_S5: u16 = 5 << 10 | 1 << 13;
+/// molt's FACS (its `layout::ACPI_FACS_START`) and the fields the guest
+/// writes: Firmware_Waking_Vector, X_Firmware_Waking_Vector, OSPM flags
+/// (ACPI 6.5 table 5.14).
+const FACS_ADDR: u32 = 0xe0040;
+const FACS_WAKING_VECTOR: u32 = FACS_ADDR + 12;
+const FACS_X_WAKING_VECTOR: u32 = FACS_ADDR + 24;
+const FACS_OSPM_FLAGS: u32 = FACS_ADDR + 36;
+/// Where the suspend guest's wake code lies in its segment.
+const WAKE_CODE_ADDR: u32 = LOAD_ADDR + 0x600;
+/// Where a real-mode wake code is copied (real mode reaches only the first
+/// MiB): at an offset within its paragraph, so CS:IP is 0800:0003.
+pub const REAL_MODE_VECTOR: u32 = 0x8003;
 /// Written to the sleep port: reset (the FADT reset value).
 const ACPI_RESET: u8 = 0x01;
 /// Bounded LSR polls before a byte is written anyway: a VMM that never reports the
@@ -76,6 +100,8 @@ const LSR_POLLS: u32 = 1000;
 const MSG_START_ADDR: u32 = LOAD_ADDR + 0x200;
 const MSG_HELLO_ADDR: u32 = LOAD_ADDR + 0x220;
 const MSG_COUNT_ADDR: u32 = LOAD_ADDR + 0x240;
+const MSG_SUSPEND_ADDR: u32 = LOAD_ADDR + 0x260;
+const MSG_IN_PLACE_ADDR: u32 = LOAD_ADDR + 0x280;
 const NOTE_ADDR: u32 = LOAD_ADDR + 0x800;
 /// Code must end before the first string.
 const CODE_LIMIT: u32 = MSG_START_ADDR - LOAD_ADDR;
@@ -143,7 +169,7 @@ pub fn counting_guest() -> Vec<u8> {
     a.rel32(&[0xe9], "main_loop"); // jmp main_loop
 
     emit_serial_routines(&mut a);
-    build_elf(a.finish())
+    build_elf(a.finish(), &[])
 }
 
 /// A guest that prints `molt-guest: hello`, then powers off or resets the VM through
@@ -161,7 +187,144 @@ pub fn exit_guest(kind: ExitKind) -> Vec<u8> {
     a.rel8(0xeb, "spin"); // jmp $
 
     emit_serial_routines(&mut a);
-    build_elf(a.finish())
+    build_elf(a.finish(), &[])
+}
+
+/// Where the suspend guest asks to be woken: the FACS field it fills in, and
+/// how its wake code checks it runs in the mode that field asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Firmware_Waking_Vector = `REAL_MODE_VECTOR`, the wake code copied there.
+    RealMode,
+    /// X_Firmware_Waking_Vector = the wake code, 64BIT_WAKE_F clear.
+    Protected,
+    /// X_Firmware_Waking_Vector = the wake code, 64BIT_WAKE_F set.
+    Long,
+    /// Firmware_Waking_Vector = this raw value and no wake code: what molt must
+    /// refuse (0: no vector at all).
+    Vector(u32),
+    /// X_Firmware_Waking_Vector = this raw value (64BIT_WAKE_F clear), no wake code.
+    XVector(u64),
+}
+
+impl Wake {
+    /// The line the wake code prints.
+    pub fn woken_line(self) -> &'static str {
+        match self {
+            Wake::RealMode => "molt-guest: woken in real mode",
+            Wake::Protected => "molt-guest: woken in 32-bit mode",
+            Wake::Long => "molt-guest: woken in 64-bit mode",
+            Wake::Vector(_) | Wake::XVector(_) => "",
+        }
+    }
+}
+
+/// A guest that suspends to RAM the way Linux does: it prints
+/// `molt-guest: start`, writes its waking vector into the FACS as `wake`
+/// says, prints `molt-guest: suspending`, writes S3 | SLP_EN to PM1a control,
+/// and polls WAK_STS as ACPICA does. If the sleep command returns (WAK_STS
+/// set) it prints `IN_PLACE_LINE` and spins. Woken at its vector, the wake
+/// code prints `wake.woken_line()` and powers off (S5 through PM1a control).
+///
+/// Each wake code first proves its mode with an instruction another mode
+/// decodes differently, and spins (prints nothing) if the mode is wrong: `mov
+/// ax, imm16` (`66 b8` in 32-bit code, `b8` in 16-bit code) takes two more
+/// bytes in the other width, swallowing a `jmp +2` over a `jmp $`; in 32-bit
+/// code `40` is `inc eax`, in 64-bit code a REX prefix; and 64-bit code's
+/// `mov rax, imm64` is `dec eax; mov eax, imm32` and then a `jmp $` in 32-bit
+/// code.
+pub fn suspend_guest(wake: Wake) -> Vec<u8> {
+    let mut a = entry(MSG_START_ADDR);
+    let store = |a: &mut Asm, addr: u32, v: u32| {
+        a.emit_u32(&[0xc7, 0x05], addr); // mov dword [addr], imm32
+        a.emit(&v.to_le_bytes());
+    };
+    let code = wake_code(wake);
+    match wake {
+        Wake::RealMode => {
+            a.emit_u32(&[0xbe], WAKE_CODE_ADDR); // mov esi, wake code
+            a.emit_u32(&[0xbf], REAL_MODE_VECTOR); // mov edi, vector
+            a.emit_u32(&[0xb9], code.len() as u32); // mov ecx, its length
+            a.emit(&[0xfc]); // cld
+            a.emit(&[0xf3, 0xa4]); // rep movsb
+            store(&mut a, FACS_WAKING_VECTOR, REAL_MODE_VECTOR);
+        }
+        Wake::Protected | Wake::Long => {
+            store(&mut a, FACS_X_WAKING_VECTOR, WAKE_CODE_ADDR);
+            store(&mut a, FACS_X_WAKING_VECTOR + 4, 0);
+            store(&mut a, FACS_OSPM_FLAGS, u32::from(wake == Wake::Long));
+        }
+        Wake::Vector(v) => store(&mut a, FACS_WAKING_VECTOR, v),
+        Wake::XVector(v) => {
+            store(&mut a, FACS_X_WAKING_VECTOR, v as u32);
+            store(&mut a, FACS_X_WAKING_VECTOR + 4, (v >> 32) as u32);
+        }
+    }
+    a.emit_u32(&[0xbb], MSG_SUSPEND_ADDR); // mov ebx, MSG_SUSPEND
+    a.rel32(&[0xe8], "puts"); // call puts
+    a.emit_u32(&[0xba], PM1_CONTROL_PORT); // mov edx, PM1a control
+    a.emit(&[0x66, 0xb8]); // mov ax, S3 | SLP_EN ...
+    a.emit(&PM1_S3.to_le_bytes()); // ... (its imm16)
+    a.emit(&[0x66, 0xef]); // out dx, ax
+    a.emit_u32(&[0xba], PM1_STATUS_PORT); // mov edx, PM1a status
+    a.label("poll");
+    a.emit(&[0x66, 0xed]); // in ax, dx
+    a.emit(&[0xf6, 0xc4, 0x80]); // test ah, 0x80 (WAK_STS)
+    a.rel8(0x74, "poll"); // jz poll
+    a.emit_u32(&[0xbb], MSG_IN_PLACE_ADDR); // mov ebx, MSG_IN_PLACE
+    a.rel32(&[0xe8], "puts"); // call puts
+    a.label("spin");
+    a.rel8(0xeb, "spin"); // jmp $
+
+    emit_serial_routines(&mut a);
+    build_elf(a.finish(), &code)
+}
+
+/// The wake code for `wake` (position-independent: it only does port I/O).
+fn wake_code(wake: Wake) -> Vec<u8> {
+    let line = format!("{}\n", wake.woken_line());
+    let mut c = Vec::new();
+    let sixteen = wake == Wake::RealMode;
+    match wake {
+        Wake::RealMode => c.extend([0xb8, 0x34, 0x12]), // mov ax, 0x1234 (16-bit)
+        Wake::Protected => {
+            c.extend([0x31, 0xc0]); // xor eax, eax
+            c.extend([0x40, 0x90]); // inc eax; nop (REX nop in 64-bit code)
+            c.extend([0x85, 0xc0, 0x74, 0xfe]); // test eax, eax; jz $
+            c.extend([0x66, 0xb8, 0x34, 0x12]); // mov ax, 0x1234 (32-bit)
+        }
+        Wake::Long => {
+            c.extend([0x48, 0xb8, 0, 0, 0, 0, 0xeb, 0xfe, 0xeb, 0xfe]); // mov rax, imm64
+        }
+        Wake::Vector(_) | Wake::XVector(_) => return Vec::new(),
+    }
+    c.extend([0xeb, 0x02, 0xeb, 0xfe]); // jmp +2; jmp $ (the wrong width lands here)
+                                        // mov dx/edx, port: `ba` and an immediate of the code's width.
+    let port = |c: &mut Vec<u8>, p: u32| {
+        c.push(0xba);
+        if sixteen {
+            c.extend((p as u16).to_le_bytes());
+        } else {
+            c.extend(p.to_le_bytes());
+        }
+    };
+    port(&mut c, UART_THR);
+    for b in line.bytes() {
+        c.extend([0xb0, b, 0xee]); // mov al, byte; out dx, al
+    }
+    port(&mut c, PM1_CONTROL_PORT);
+    // mov ax, S5 | SLP_EN; out dx, ax (the operand-size prefix outside 16-bit code).
+    if !sixteen {
+        c.push(0x66);
+    }
+    c.push(0xb8);
+    c.extend(PM1_S5.to_le_bytes());
+    if !sixteen {
+        c.push(0x66);
+    }
+    c.push(0xef);
+    c.extend([0xeb, 0xfe]); // jmp $
+    c
 }
 
 /// Bytes of each read the storm guest queues: `MAX_REQUEST_BYTES`, the most molt
@@ -272,7 +435,7 @@ pub fn storm_guest() -> Vec<u8> {
     a.rel8(0xeb, "round"); // jmp round
 
     emit_serial_routines(&mut a);
-    build_elf(a.finish())
+    build_elf(a.finish(), &[])
 }
 
 /// The common start of every guest: interrupts off, the stack set up, the string
@@ -326,13 +489,19 @@ fn emit_serial_routines(a: &mut Asm) {
     a.emit(&[0xc3]); // ret
 }
 
-/// Lays out the loaded segment (code, strings, counter, note) and wraps it in an ELF64
-/// executable with one PT_LOAD and one PT_NOTE program header.
-fn build_elf(code: Vec<u8>) -> Vec<u8> {
+/// Lays out the loaded segment (code, strings, counter, wake code, note) and
+/// wraps it in an ELF64 executable with one PT_LOAD and one PT_NOTE program
+/// header.
+fn build_elf(code: Vec<u8>, wake_code: &[u8]) -> Vec<u8> {
     assert!(
         code.len() <= CODE_LIMIT as usize,
         "guest code is {} bytes, more than the {CODE_LIMIT} reserved for it",
         code.len()
+    );
+    assert!(
+        WAKE_CODE_ADDR as usize + wake_code.len() <= NOTE_ADDR as usize,
+        "wake code of {} bytes overlaps the note",
+        wake_code.len()
     );
     let mut segment = vec![0u8; SEGMENT_SIZE as usize];
     let mut put = |addr: u32, bytes: &[u8]| {
@@ -343,7 +512,10 @@ fn build_elf(code: Vec<u8>) -> Vec<u8> {
     put(MSG_START_ADDR, format!("{START_LINE}\n\0").as_bytes());
     put(MSG_HELLO_ADDR, format!("{HELLO_LINE}\n\0").as_bytes());
     put(MSG_COUNT_ADDR, b"count=\0");
+    put(MSG_SUSPEND_ADDR, format!("{SUSPEND_LINE}\n\0").as_bytes());
+    put(MSG_IN_PLACE_ADDR, format!("{IN_PLACE_LINE}\n\0").as_bytes());
     put(COUNTER_ADDR, &0u32.to_le_bytes());
+    put(WAKE_CODE_ADDR, wake_code);
     put(NOTE_ADDR, &pvh_note(LOAD_ADDR));
 
     let mut elf = Vec::with_capacity(SEGMENT_FILE_OFFSET + segment.len());
@@ -549,6 +721,10 @@ mod tests {
             ("power-off", exit_guest(ExitKind::PowerOff)),
             ("reset", exit_guest(ExitKind::Reset)),
             ("storm", storm_guest()),
+            ("suspend-real", suspend_guest(Wake::RealMode)),
+            ("suspend-32", suspend_guest(Wake::Protected)),
+            ("suspend-64", suspend_guest(Wake::Long)),
+            ("suspend-none", suspend_guest(Wake::Vector(0))),
         ]
     }
 
@@ -647,6 +823,33 @@ mod tests {
             &off[diffs[0] - 6..diffs[0]],
             &[0xba, 0x00, 0x06, 0x00, 0x00, 0xb0]
         );
+    }
+
+    #[test]
+    fn suspend_guests_carry_their_wake_code_and_messages() {
+        for wake in [Wake::RealMode, Wake::Protected, Wake::Long] {
+            let elf = suspend_guest(wake);
+            let seg = &elf[SEGMENT_FILE_OFFSET..];
+            let at = |addr: u32| (addr - LOAD_ADDR) as usize;
+            let code = wake_code(wake);
+            assert_eq!(
+                &seg[at(WAKE_CODE_ADDR)..][..code.len()],
+                &code[..],
+                "{wake:?}"
+            );
+            // The line it prints is in it, one `mov al, byte; out dx, al` per byte.
+            let printed: Vec<u8> = code
+                .windows(3)
+                .filter(|w| w[0] == 0xb0 && w[2] == 0xee)
+                .map(|w| w[1])
+                .collect();
+            assert_eq!(printed, format!("{}\n", wake.woken_line()).as_bytes());
+            assert_eq!(
+                &seg[at(MSG_SUSPEND_ADDR)..][..23],
+                b"molt-guest: suspending\n"
+            );
+        }
+        assert!(wake_code(Wake::Vector(0x8000)).is_empty());
     }
 
     #[test]

@@ -421,3 +421,77 @@ pub fn wait_for_counts(molt: &mut Molt, path: &Path, n: usize) -> Serial {
         )
     })
 }
+
+/// Waits until the suspend guest (`guest::suspend_guest`) molt runs behind
+/// `sock` is suspended: it printed its suspend line and `status` says
+/// `state=suspended`. Its console stays as it was then, without the line a
+/// guest woken in place would print. Returns that status.
+pub fn wait_suspended(molt: &mut Molt, sock: &Path, serial: impl Fn() -> Serial) -> String {
+    let status = wait_until(TIMEOUT, || {
+        molt.assert_running("while the guest suspends");
+        let printed = serial().lines.iter().any(|l| l == guest::SUSPEND_LINE);
+        let status = ctl(sock, &["status"]);
+        (printed && field(&status, "state") == Some("suspended")).then_some(status)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not suspended after {TIMEOUT:?}: status {:?}, console {:?}; stderr:\n{}",
+            ctl(sock, &["status"]),
+            serial().lines,
+            molt.stderr()
+        )
+    });
+    let before = serial().lines;
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        serial().lines,
+        before,
+        "the console changed while suspended"
+    );
+    assert!(
+        !before.iter().any(|l| l == guest::IN_PLACE_LINE),
+        "the guest's sleep command returned: {before:?}"
+    );
+    status
+}
+
+/// `wakeup` of a suspended suspend guest: `ok`, then its wake code prints
+/// `wake.woken_line()` (it runs in the mode it asked for) and powers off,
+/// which ends molt with status 0.
+pub fn wake_and_power_off(
+    molt: &mut Molt,
+    sock: &Path,
+    wake: guest::Wake,
+    serial: impl Fn() -> Serial,
+) {
+    let reply = ctl(sock, &["wakeup"]);
+    assert_eq!(reply, "ok", "wakeup; stderr:\n{}", molt.stderr());
+    let exit = molt.wait_exit(TIMEOUT).unwrap_or_else(|| {
+        panic!(
+            "molt still runs {TIMEOUT:?} after wakeup: console {:?}; stderr:\n{}",
+            serial().lines,
+            molt.stderr()
+        )
+    });
+    let lines = serial().lines;
+    assert!(
+        exit.success(),
+        "molt exited with {exit} after wakeup; console {lines:?}; stderr:\n{}",
+        molt.stderr()
+    );
+    assert_eq!(
+        lines.iter().filter(|l| *l == wake.woken_line()).count(),
+        1,
+        "{wake:?}: console {lines:?}; stderr:\n{}",
+        molt.stderr()
+    );
+    assert_eq!(
+        lines.iter().filter(|l| *l == guest::START_LINE).count(),
+        1,
+        "{lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l == guest::IN_PLACE_LINE),
+        "the guest's sleep command returned: {lines:?}"
+    );
+}
