@@ -166,7 +166,7 @@ elif ! grep -q 'LAB-END' "$log"; then
 fi
 echo "lab: $scenario FAIL"
 # 3: QEMU TCG's emulation failed - the lab host's own kernel (L2), or a guest
-# inside QEMU's delivery of an interrupt (the scenario says so) - not the
-# scenario; tests/lab.rs runs such a scenario once more, and says so.
+# on the instruction KVM had just entered it at (L2's init says so) - not the
+# scenario; tests/lab.rs runs such a scenario again, and says so.
 [[ $emulation_failed == 1 ]] && exit 3
 exit 1
