@@ -20,8 +20,8 @@ static LAB: Mutex<()> = Mutex::new(());
 const EMULATION_FAILED: i32 = 3;
 
 /// How many more times a scenario runs after such a failure. Under the
-/// duplex TCP load the emulation failed in 5 of the 12 runs made so far
-/// (README): six more runs leave about one CI run in 400 failing for it.
+/// duplex TCP load the emulation failed in 7 of the 14 runs made so far
+/// (README): six more runs leave about one CI run in 130 failing for it.
 const EMULATION_RETRIES: usize = 6;
 
 /// Runs `scenario` in the lab and returns its results; None if skipped.
