@@ -407,6 +407,23 @@ fn expect_restart_kept_everything(r: &HashMap<String, String>) {
     expect(r, "tcp_continued", "yes");
 }
 
+/// The README's first command, where KVM cannot run Linux (scripts/demo.sh):
+/// a working guest live-updated by exec into a second build (same PID), by
+/// transfer to a new process (new PID, the old one exits 0), and by save and
+/// restart, with everything that the restart scenarios check kept.
+#[test]
+fn demo_live_updates_a_working_guest_three_ways() {
+    let Some(r) = run_scenario("demo") else {
+        return;
+    };
+    expect(&r, "exec_reply", "ok resumed mode=exec");
+    expect(&r, "transfer_reply", "ok resumed mode=transfer");
+    expect(&r, "transfer_old_exit", "0");
+    // The scenario itself checks the PIDs against `status` (exec_same_pid,
+    // transfer_new_pid): a failed check fails the run.
+    expect_restart_kept_everything(&r);
+}
+
 #[test]
 fn reboot_mode_restart_keeps_guest_ram_in_tmpfs_file_and_tcp_connection() {
     let Some(r) = run_scenario("cpr-restart") else {

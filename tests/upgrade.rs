@@ -2006,3 +2006,107 @@ fn exec_and_transfer_carry_a_deleted_disk() {
     g.transfer(&a, &version);
     g.exec(None, &version);
 }
+
+/// What of one molt process a leak across updates would grow: what it holds
+/// (descriptors, threads, children such as exec's guardian) and its RSS.
+#[derive(Debug, PartialEq)]
+struct Holdings {
+    fds: usize,
+    threads: usize,
+    children: usize,
+    rss_kib: u64,
+}
+
+fn holdings(pid: u32) -> Holdings {
+    let count = |dir: String| {
+        fs::read_dir(&dir)
+            .map(|d| d.count())
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+    };
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    Holdings {
+        fds: count(format!("/proc/{pid}/fd")),
+        threads: count(format!("/proc/{pid}/task")),
+        children: children(pid).len(),
+        rss_kib,
+    }
+}
+
+/// "p50" and the like of sorted `v`: the nearest-rank percentile.
+fn percentile(v: &[u64], p: usize) -> u64 {
+    v[(v.len() * p).div_ceil(100).max(1) - 1]
+}
+
+/// Issue 13's soak: `MOLT_SOAK_UPDATES` (default 1000) updates alternating exec
+/// and transfer, 2 vCPUs, the guest counting throughout as one run. After them
+/// the process running the guest holds what the one after the warm-up held
+/// (same mode, so the same kind of process): the same descriptors, threads and
+/// children, and an RSS within 1 MiB. Prints the pause distribution of each
+/// mode over the updates after the warm-up. Long, and timed, so not in `cargo test`: `scripts/soak.sh` runs it.
+#[test]
+#[ignore = "soak: minutes of updates; run by scripts/soak.sh"]
+fn soak_alternating_exec_and_transfer() {
+    if !kvm_available("soak_alternating_exec_and_transfer") {
+        return;
+    }
+    let updates: usize = std::env::var("MOLT_SOAK_UPDATES")
+        .map(|v| v.parse().expect("MOLT_SOAK_UPDATES: a number"))
+        .unwrap_or(1000);
+    const WARM_UP: usize = 10;
+    let dir = TempDir::new("soak");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    let mut g = Guest::start(dir, &a, &["--cpus", "2"]);
+    // Update i: exec when even, transfer when odd; its pause goes to pauses[i % 2].
+    let update = |g: &mut Guest, i: usize| {
+        if i.is_multiple_of(2) {
+            g.exec(None, &version)
+        } else {
+            g.transfer(&a, &version)
+        }
+    };
+    for i in 0..WARM_UP {
+        update(&mut g, i);
+    }
+    let before = holdings(g.molt.pid());
+    let mut pauses: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    let started = Instant::now();
+    for i in WARM_UP..WARM_UP + updates {
+        pauses[i % 2].push(update(&mut g, i));
+    }
+    let after = holdings(g.molt.pid());
+    let s = g.serial();
+    assert_eq!(s.start_lines(), 1, "the guest restarted: {:?}", s.lines);
+    eprintln!(
+        "soak: {updates} updates in {:.1} s; holdings after the warm-up {before:?}, after the soak {after:?}",
+        started.elapsed().as_secs_f64()
+    );
+    eprintln!("| mode | updates | min | median | p99 | max |\n|---|---|---|---|---|---|");
+    for (mode, p) in ["exec", "transfer"].iter().zip(&mut pauses) {
+        p.sort_unstable();
+        eprintln!(
+            "| {mode} | {} | {} | {} | {} | {} |",
+            p.len(),
+            p[0],
+            percentile(p, 50),
+            percentile(p, 99),
+            p[p.len() - 1]
+        );
+    }
+    assert_eq!(
+        (after.fds, after.threads, after.children),
+        (before.fds, before.threads, before.children),
+        "descriptors, threads and children after {updates} updates"
+    );
+    assert!(
+        after.rss_kib <= before.rss_kib + 1024,
+        "RSS grew from {} KiB to {} KiB over {updates} updates",
+        before.rss_kib,
+        after.rss_kib
+    );
+}

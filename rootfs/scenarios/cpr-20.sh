@@ -40,7 +40,6 @@ EXEC_RUN=3
 TOTAL=$((UPDATES + EXEC_RUN))
 # A console that lost its reader must fail a check, not kill this script.
 trap '' PIPE
-XFER=/run/molt-incoming.sock
 IMG=/tmp/disk.img
 NEXT=/lab/bin/molt-next
 
@@ -49,28 +48,6 @@ if [ ! -x /lab/bin/molt ] || [ ! -x $NEXT ]; then
     lab_end
     exit 0
 fi
-
-# version BIN: the VERSION of `molt version` ("molt VERSION state-formats=N").
-version() { "$1" version 2>&1 | awk '{ print $2 }'; }
-
-# start_incoming BIN ERRLOG: start BIN with the scenario's run arguments
-# (/run/argv) plus --incoming unix:$XFER; it waits there to be handed the guest.
-# Sets NEW_PID; returns 1 if its socket did not appear within 60 s.
-start_incoming() {
-    _bin=$1 _err=$2
-    set --
-    while IFS= read -r a; do set -- "$@" "$a"; done < /run/argv
-    rm -f $XFER
-    # The console comes with the handover: this process's own stdio is unused.
-    "$_bin" run "$@" --incoming "unix:$XFER" < /dev/null > "$_err.out" 2> "$_err" &
-    NEW_PID=$!
-    _i=0
-    while [ ! -S $XFER ]; do
-        _i=$((_i + 1))
-        if [ $_i -gt 1200 ] || ! alive "$NEW_PID"; then return 1; fi
-        sleep 0.05
-    done
-}
 
 # stats FILE: "min median max" of the numbers in FILE.
 stats() {

@@ -1,5 +1,5 @@
 # Helpers for the live-update (CPR) scenarios: cpr-restart, cpr-ramcopy,
-# cpr-kexec, bench-reboot. Sourced after common.sh and devices.sh.
+# cpr-kexec, cpr-20, demo, bench-reboot. Sourced after common.sh and devices.sh.
 #
 # The guest runs rootfs/guest/workload: a counter on the console (GUEST-COUNT
 # n every COUNT_MS), numbered records appended to a file on its virtio disk,
@@ -37,6 +37,32 @@ run_args() {
     printf '%s\n' --kernel /lab/vmlinuz --initrd /lab/guest.cpio.gz \
         --cmdline "$DEVICE_CMDLINE" --serial stdio --cpus 2 --mem 256M "$@" \
         --control "$SOCK"
+}
+
+# Where a new process waits to be handed the guest (cpr-transfer).
+XFER=/run/molt-incoming.sock
+
+# version BIN: the VERSION of `molt version` ("molt VERSION state-formats=N").
+version() { "$1" version 2>&1 | awk '{ print $2 }'; }
+
+# start_incoming BIN ERRLOG: start BIN with the scenario's run arguments
+# (/run/argv, from run_args) plus --incoming unix:$XFER; it waits there to be
+# handed the guest.
+# Sets NEW_PID; returns 1 if its socket did not appear within 60 s.
+start_incoming() {
+    _bin=$1 _err=$2
+    set --
+    while IFS= read -r a; do set -- "$@" "$a"; done < /run/argv
+    rm -f $XFER
+    # The console comes with the handover: this process's own stdio is unused.
+    "$_bin" run "$@" --incoming "unix:$XFER" < /dev/null > "$_err.out" 2> "$_err" &
+    NEW_PID=$!
+    _i=0
+    while [ ! -S $XFER ]; do
+        _i=$((_i + 1))
+        if [ $_i -gt 1200 ] || ! alive "$NEW_PID"; then return 1; fi
+        sleep 0.05
+    done
 }
 
 # tcp_server_start: the L2 end of the guest's TCP connection.
