@@ -11,12 +11,17 @@
 # rows with each other, not with numbers from elsewhere.
 # Usage: scripts/bench-blackout.sh [SIZES]   SIZES: comma-separated guest RAM
 #        sizes (default 256M; L2 has 3 GiB, so 1G is the largest that fits)
-# Environment: RUNS (5), MOLT_LAB_TIMEOUT (1500, per size), MOLT_BIN (as for lab.sh)
+# Also writes the chart CHARTS/blackout.svg (default scripts/charts: the one the
+# README shows) with scripts/svg-chart.sh.
+# Environment: RUNS (5), MOLT_LAB_TIMEOUT (1500, per size), MOLT_BIN (as for lab.sh),
+#              CHARTS
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 sizes=${1:-256M}
 log=$repo/target/lab/bench-blackout.log
 tables=()
+points=$(mktemp)
+trap 'rm -f "$points"' EXIT
 # One L2 boot per size: after QEMU's runs, the next size's molt guest once
 # hung the whole L2 (no console output for 9 minutes; cause unknown), and a
 # fresh L2 also keeps the sizes from influencing each other.
@@ -29,6 +34,7 @@ for size in ${sizes//,/ }; do
     # A size that failed adds no table; the others are still printed.
     t=$(grep '^LAB-TABLE ' "$log" | tr -d '\r' | sed 's/^LAB-TABLE //' || true)
     [[ -n $t ]] && tables+=("$t")
+    grep '^LAB-POINT ' "$log" | tr -d '\r' | sed 's/^LAB-POINT //' >> "$points" || true
 done
 # The per-size tables side by side: the first keeps its flow column, the
 # others add their cells.
@@ -41,7 +47,13 @@ for t in "${tables[@]:1}"; do
 done
 cat /tmp/bench-blackout.$$
 rm -f /tmp/bench-blackout.$$
+charts=${CHARTS:-$repo/scripts/charts}
+mkdir -p "$charts"
+"$repo/scripts/svg-chart.sh" "$charts/blackout.svg" \
+    "Guest-visible blackout of a local update (nested lab, TCG)" "guest RAM" \
+    "blackout (ms)" bars < "$points"
 echo
+echo "Chart: $charts/blackout.svg"
 echo "Guest: 1 vCPU, RAM in a /dev/shm file, UDP datagram every 1 ms (rootfs/tools/labudp.c);" \
     "L2: QEMU TCG, EPYC-v3, smp=${MOLT_LAB_SMP:-2}; logs ${log%.log}-SIZE.log"
 exit "${status:-0}"

@@ -283,6 +283,22 @@ for flow in $FLOWS; do
     done
     echo "LAB-TABLE $row"
 done
+# The chart's points (scripts/svg-chart.sh): flow, size, blackout min, median
+# and max in ms, tab-separated.
+short() {
+    case $1 in
+    exec) echo "molt cpr-exec" ;; transfer) echo "molt cpr-transfer" ;;
+    reboot) echo "molt reboot mode" ;; qemu) echo "QEMU 7.2 restart" ;;
+    esac
+}
+for SIZE in $SIZES; do
+    for flow in $FLOWS; do
+        [ -s /run/bb.$SIZE.$flow ] || continue
+        set -- $(sort -n /run/bb.$SIZE.$flow | awk '{ v[NR] = $1 } END { print v[1], v[int((NR + 1) / 2)], v[NR] }')
+        printf 'LAB-POINT %s\t0\t%s\t%s\t%s\t%s\n' "$(short $flow)" "$SIZE" \
+            "$(($1 / 1000))" "$(($2 / 1000))" "$(($3 / 1000))"
+    done
+done
 for SIZE in $SIZES; do
     for flow in exec transfer reboot; do
         [ -s /run/bb.$SIZE.$flow.pause ] || continue
