@@ -17,6 +17,12 @@ pub const DEFAULT_MEM: u64 = 256 << 20;
 
 #[derive(FromArgs, Debug)]
 /// molt: a tiny VMM built for live update.
+#[argh(
+    example = "Boot a guest with a control socket:\n$ molt run --kernel bzImage --mem 1G --control /run/molt.sock",
+    example = "Exec mode: replace molt's binary in place, same PID:\n$ molt ctl /run/molt.sock cpr-exec /usr/local/bin/molt-new",
+    example = "Transfer mode: hand the guest to a new process started beside it:\n$ molt-new run <the same arguments> --incoming unix:/run/molt.in &\n$ molt ctl /run/molt.sock cpr-transfer /run/molt.in",
+    example = "Reboot mode: save, (kexec or reboot the host,) then start again:\n$ molt ctl /run/molt.sock cpr-save /run/molt.state\n$ molt run <the same arguments> --incoming file:/run/molt.state"
+)]
 pub struct Molt {
     #[argh(subcommand)]
     pub command: Command,
@@ -71,7 +77,14 @@ pub struct StateArgs {
 
 #[derive(FromArgs, Debug)]
 /// Boot a guest.
-#[argh(subcommand, name = "run")]
+#[argh(
+    subcommand,
+    name = "run",
+    example = "A guest with a disk, a NIC on a tap and a control socket:\n$ molt run --kernel bzImage --initrd initrd.img --cpus 2 --mem 1G --disk root.img --net tap=tap0 --control /run/molt.sock",
+    example = "Exec mode keeps these arguments: nothing to give again.\n$ molt ctl /run/molt.sock cpr-exec",
+    example = "Transfer mode: the new process takes the same arguments plus --incoming:\n$ molt run <the same arguments> --incoming unix:/run/molt.in",
+    example = "Reboot mode, RAM kept in a tmpfs file across the restart:\n$ molt run <args> --mem-file /dev/shm/guest.ram --control /run/molt.sock\n$ molt ctl /run/molt.sock cpr-save /run/molt.state\n$ molt run <args> --mem-file /dev/shm/guest.ram --control /run/molt.sock --incoming file:/run/molt.state"
+)]
 pub struct RunArgs {
     /// kernel image: a bzImage, or an ELF vmlinux with a PVH entry
     #[argh(option)]

@@ -76,6 +76,30 @@ fn the_binary_is_statically_linked() {
     assert_static(Path::new(MOLT));
 }
 
+/// `molt --help` and `molt run --help` show how each CPR mode is started.
+#[test]
+fn help_shows_an_example_of_each_live_update_mode() {
+    for args in [&["--help"][..], &["run", "--help"]] {
+        let out = molt(args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "molt {args:?}: {}", out.status);
+        let examples = text.split("Examples:").nth(1).unwrap_or_else(|| {
+            panic!("molt {args:?} shows no examples:\n{text}");
+        });
+        for shown in [
+            "cpr-exec",
+            "--incoming unix:",
+            "cpr-save",
+            "--incoming file:",
+        ] {
+            assert!(
+                examples.contains(shown),
+                "molt {args:?}: no example with {shown}:\n{text}"
+            );
+        }
+    }
+}
+
 #[test]
 fn missing_kernel_file_is_a_failure_naming_the_path() {
     if !kvm_available("missing_kernel_file_is_a_failure_naming_the_path") {
