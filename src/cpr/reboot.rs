@@ -17,6 +17,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vm_memory::Bytes;
 
@@ -28,6 +29,51 @@ const RAM_MAGIC: [u8; 8] = *b"MOLTRAM\0";
 const END: u64 = u64::MAX;
 /// RAM is copied in pieces of at most this much.
 const CHUNK: u64 = 8 << 20;
+
+/// A RAM copy's progress, said once a second: copying gigabytes through the
+/// state file takes long enough for an operator to wonder.
+struct Progress {
+    /// "saving guest RAM", "restoring guest RAM".
+    what: &'static str,
+    done: u64,
+    total: u64,
+    next: Instant,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn new(what: &'static str, total: u64, now: Instant) -> Progress {
+        Progress {
+            what,
+            done: 0,
+            total,
+            next: now + Self::EVERY,
+        }
+    }
+
+    /// Counts `n` more bytes copied by `now`; the line to log, once a second.
+    fn add(&mut self, n: u64, now: Instant) -> Option<String> {
+        self.done += n;
+        if now < self.next {
+            return None;
+        }
+        self.next = now + Self::EVERY;
+        Some(format!(
+            "{}: {} of {} MiB ({}%)",
+            self.what,
+            self.done >> 20,
+            self.total >> 20,
+            self.done * 100 / self.total.max(1)
+        ))
+    }
+
+    fn tick(&mut self, n: u64) {
+        if let Some(line) = self.add(n, Instant::now()) {
+            log::info!("{line}");
+        }
+    }
+}
 
 #[derive(Debug)]
 pub enum Error {
@@ -156,7 +202,10 @@ fn write_ram(w: &mut impl Write, ram: &GuestRam) -> std::io::Result<()> {
     let mut crc = crc32fast::Hasher::new();
     w.write_all(&RAM_MAGIC)?;
     let mut buf = Vec::new();
-    for (start, len) in ram.populated()? {
+    let populated = ram.populated()?;
+    let total = populated.iter().map(|&(_, len)| len).sum();
+    let mut progress = Progress::new("saving guest RAM", total, Instant::now());
+    for (start, len) in populated {
         let mut off = start;
         while off < start + len {
             let n = CHUNK.min(start + len - off);
@@ -172,6 +221,7 @@ fn write_ram(w: &mut impl Write, ram: &GuestRam) -> std::io::Result<()> {
             crc.update(&buf);
             w.write_all(&head)?;
             w.write_all(&buf)?;
+            progress.tick(n);
             off += n;
         }
     }
@@ -213,10 +263,15 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Reads the RAM section that follows the state into `ram`, checking every
 /// record's bounds and the section's CRC.
+/// Says its progress once a second, against the file's size.
 pub fn load_ram(path: &Path, r: &mut impl Read, ram: &GuestRam) -> Result<(), Error> {
+    let total = std::fs::metadata(path).map_or(ram.size(), |m| m.len());
+    let mut progress = Progress::new("restoring guest RAM", total, Instant::now());
     read_ram(path, r, ram.size(), |off, buf| {
         let addr = ram.guest_addr(off).expect("checked by read_ram");
-        ram.memory.write_slice(buf, addr).map_err(RamError::Write)
+        ram.memory.write_slice(buf, addr).map_err(RamError::Write)?;
+        progress.tick(buf.len() as u64);
+        Ok(())
     })
 }
 
@@ -292,4 +347,32 @@ fn read_ram(
         return Err(bad(RamError::Trailing));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_said_once_a_second_with_the_share_done() {
+        let t0 = Instant::now();
+        let mut p = Progress::new("saving guest RAM", 4 << 20, t0);
+        assert_eq!(p.add(1 << 20, t0 + Duration::from_millis(500)), None);
+        assert_eq!(
+            p.add(1 << 20, t0 + Duration::from_millis(1100)).as_deref(),
+            Some("saving guest RAM: 2 of 4 MiB (50%)")
+        );
+        // The next line is due a second after the last one, not after t0.
+        assert_eq!(p.add(1 << 20, t0 + Duration::from_millis(2000)), None);
+        assert_eq!(
+            p.add(1 << 20, t0 + Duration::from_millis(2100)).as_deref(),
+            Some("saving guest RAM: 4 of 4 MiB (100%)")
+        );
+        // A total of 0 (an empty file) divides by nothing.
+        let mut empty = Progress::new("restoring guest RAM", 0, t0);
+        assert_eq!(
+            empty.add(0, t0 + Progress::EVERY).as_deref(),
+            Some("restoring guest RAM: 0 of 0 MiB (0%)")
+        );
+    }
 }
