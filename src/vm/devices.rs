@@ -52,7 +52,21 @@ pub struct Built {
     pub bus: PciBus,
     pub virtio: Vec<SharedVirtio>,
     pub vfio: Vec<SharedVfio>,
+    /// The PCI slot of each passed-through device, as `vfio_slot` predicts.
+    pub vfio_slots: Vec<u8>,
     pub allocator: Allocator,
+}
+
+/// The PCI slot `build` gives passed-through device `i` of a machine with
+/// `virtio` virtio functions: the allocator hands slots out in order, virtio
+/// functions first. A restart checks argv against the saved slots with it
+/// before anything is built.
+pub fn vfio_slot(virtio: usize, i: usize) -> Result<u8, AllocError> {
+    let mut alloc = Allocator::new();
+    for _ in 0..virtio + i {
+        alloc.slot()?;
+    }
+    alloc.slot()
 }
 
 /// Creates every configured device: disks, then NICs, then the opened
@@ -101,8 +115,10 @@ pub fn build(
     }
     let mapper = Arc::new(DeviceMemory(vm.clone()));
     let mut passed = Vec::new();
+    let mut vfio_slots = Vec::new();
     for (i, h) in (0..).zip(vfio) {
         let slot = alloc.slot().map_err(Error::Alloc)?;
+        vfio_slots.push(slot);
         let mut bars = [0; NUM_BARS];
         for (addr, bar) in bars.iter_mut().zip(&h.layout.bars) {
             if let Some(bar) = bar {
@@ -131,6 +147,23 @@ pub fn build(
         bus,
         virtio,
         vfio: passed,
+        vfio_slots,
         allocator: alloc,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::MAX_PCI_SLOTS;
+
+    #[test]
+    fn passed_through_devices_follow_the_virtio_functions() {
+        assert_eq!(vfio_slot(0, 0), Ok(1));
+        assert_eq!(vfio_slot(2, 0), Ok(3));
+        assert_eq!(vfio_slot(2, 1), Ok(4));
+        let last = MAX_PCI_SLOTS - 2;
+        assert_eq!(vfio_slot(last, 0), Ok((MAX_PCI_SLOTS - 1) as u8));
+        assert_eq!(vfio_slot(last, 1), Err(AllocError::Slots));
+    }
 }
