@@ -1635,7 +1635,7 @@ fn transfer_to_a_peer_that_is_not_a_molt_moves_no_descriptor() {
         (fake::Step::GarbageHello, &["not a molt"][..]),
         (
             fake::Step::WrongFormat,
-            &["state format 3", "not among"][..],
+            &["state format 4", "not among"][..],
         ),
     ] {
         let (reply, report) = transfer_to_fake(&g, step, &[]);
