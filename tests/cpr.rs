@@ -703,9 +703,11 @@ fn shape_mismatch_is_refused_and_the_state_kept() {
     refused(
         "--vfio with a state saved without it",
         &[("--vfio", "0000:00:1f.7")],
-        &["the --vfio devices are not those the guest was saved with (pass the same \
+        &[
+            "the --vfio devices are not those the guest was saved with (pass the same \
            devices in the same order; the file is left as it is): --vfio 0000:00:1f.7 \
-           at PCI slot 2: the guest was not saved with it"],
+           at PCI slot 2: the guest was not saved with it",
+        ],
     );
     // Every difference is listed, not just the first one found.
     let both = [("--cpus", "2"), ("--mem", "32M")];
