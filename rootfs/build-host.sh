@@ -18,7 +18,9 @@ out=$(realpath -m "$1")
 . "$(dirname "$0")/lib.sh"
 lab_kernel_env
 
-molt=${MOLT_BIN:-$REPO_DIR/target/x86_64-unknown-linux-gnu/release/molt}
+repo=$REPO_DIR
+. "$REPO_DIR/scripts/target.sh"
+molt=${MOLT_BIN:-$MOLT_RELEASE_BIN}
 
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT

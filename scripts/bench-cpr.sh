@@ -40,8 +40,9 @@ copy_size=${COPY_SIZE-256M}
 if [[ -n ${MOLT_BIN:-} ]]; then
     molt=$MOLT_BIN
 else
+    . "$repo/scripts/target.sh"
     (cd "$repo" && cargo build --release --quiet)
-    molt=$repo/target/x86_64-unknown-linux-gnu/release/molt
+    molt=$MOLT_RELEASE_BIN
 fi
 work=$(mktemp -d /tmp/molt-bench-cpr.XXXXXX)
 state_dir=${STATE_DIR:-$work}

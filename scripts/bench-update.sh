@@ -54,8 +54,9 @@ touched=${TOUCHED-1G}
 breakdown_runs=${BREAKDOWN_RUNS:-5}
 modes=${MODES:-"exec transfer"}
 if [[ -z ${MOLT_BIN:-} ]]; then
+    . "$repo/scripts/target.sh"
     (cd "$repo" && cargo build --release --quiet)
-    MOLT_BIN=$repo/target/x86_64-unknown-linux-gnu/release/molt
+    MOLT_BIN=$MOLT_RELEASE_BIN
 fi
 work=$(mktemp -d /tmp/molt-bench-update.XXXXXX)
 molt=$work/molt

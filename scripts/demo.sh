@@ -9,6 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+repo=$PWD
+. scripts/target.sh
 cargo build --release
 
 if [[ -e /dev/kvm && ( -d /sys/module/kvm_intel || -d /sys/module/kvm_amd ) && ! -d /sys/module/kvm_pvm ]]; then
@@ -18,7 +20,7 @@ if [[ -e /dev/kvm && ( -d /sys/module/kvm_intel || -d /sys/module/kvm_amd ) && !
     rootfs/build-guest.sh "$work/guest.cpio.gz" >/dev/null
     [[ -f $work/disk.img ]] || truncate -s 64M "$work/disk.img"
     echo "demo: booting directly on this host's KVM; type 'poweroff' to end"
-    exec target/x86_64-unknown-linux-gnu/release/molt run \
+    exec "$MOLT_RELEASE_BIN" run \
         --kernel "$MOLT_LAB_VMLINUZ" --initrd "$work/guest.cpio.gz" \
         --cmdline "console=ttyS0 panic=-1 quiet" --cpus 2 --mem 512M \
         --disk "$work/disk.img" --control "$work/molt.sock"

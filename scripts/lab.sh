@@ -55,15 +55,16 @@ eval "$("$repo/scripts/lab-kernel.sh")"
 # molt: an explicit MOLT_BIN is used as given; otherwise the release build is
 # brought up to date (a no-op under `cargo test --release`, which built it), so
 # the lab never tests a stale binary. A failed build still lets `smoke` run.
+. "$repo/scripts/target.sh"
 if [[ -z ${MOLT_BIN:-} ]]; then
-    export MOLT_BIN=$repo/target/x86_64-unknown-linux-gnu/release/molt
+    export MOLT_BIN=$MOLT_RELEASE_BIN
     (cd "$repo" && cargo build --release --quiet) || echo "lab: warning: molt did not build" >&2
 fi
 # The second version, only for the scenarios that need it; its own target
 # directory keeps both builds incremental (cargo tracks the variable).
 unset MOLT_NEXT_BIN
 if [[ $with_next == 1 ]]; then
-    export MOLT_NEXT_BIN=$repo/target/lab-next/x86_64-unknown-linux-gnu/release/molt
+    export MOLT_NEXT_BIN=$repo/target/lab-next/$MOLT_TARGET/release/molt
     (cd "$repo" && MOLT_BUILD_VERSION=lab-next cargo build --release --quiet --target-dir target/lab-next) ||
         echo "lab: warning: molt-next did not build" >&2
 fi

@@ -23,6 +23,13 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# molt's release build targets musl (.cargo/config.toml); where rustup cannot
+# add the target, scripts/target.sh falls back to static glibc and says so.
+if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+    rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 ||
+        echo "setup: rustup could not add the musl target; molt will be static glibc" >&2
+fi
+
 # Kernel for both lab levels, and its headers for the guest's test module
 # (cached under ~/.cache/molt-lab).
 scripts/lab-kernel.sh >/dev/null

@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+# The release build is musl where rustup has the target, else static glibc:
+# every test below runs that build (CARGO_BUILD_TARGET, from scripts/target.sh).
+repo=$PWD
+. scripts/target.sh
+echo "test: molt is built for $MOLT_TARGET"
 cargo fmt --check
 cargo clippy --release --all-targets -- -D warnings
 # --release: the lab boots the static release binary that this run builds.

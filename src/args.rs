@@ -461,6 +461,41 @@ mod tests {
         assert!(v(&["run", "--kernel", "k", "--mem", "0"]).contains("--mem"));
         assert!(v(&["run", "--kernel", "k", "--mem", "2G"]).contains("host"));
         assert!(v(&["run", "--kernel", "k", "--mem", "20000001"]).contains("4 KiB"));
+        let tap = format!("tap={}", "t".repeat(MAX_IFNAME + 1));
+        assert!(parse(&["run", "--kernel", "k", "--net", &tap]).is_err());
+    }
+
+    /// Each repeatable option is bounded (README, "Resource bounds"): one past
+    /// the limit is refused, naming the option and the limit; the limit is not.
+    #[test]
+    fn repeatable_options_are_bounded() {
+        let v = |a: &[String]| {
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            parse(&a).unwrap().validate(1 << 40).map(|_| ())
+        };
+        let with = |option: &str, n: usize, value: &dyn Fn(usize) -> String| {
+            let mut a: Vec<String> = ["run", "--kernel", "k"].map(String::from).to_vec();
+            for i in 0..n {
+                a.extend([option.to_string(), value(i)]);
+            }
+            a
+        };
+        let disk = |i: usize| format!("d{i}.img");
+        let net = |i: usize| format!("tap=t{i}");
+        let vfio = |i: usize| format!("0000:00:{:02x}.0", i + 4);
+        for (option, max, value) in [
+            ("--disk", MAX_DISKS, &disk as &dyn Fn(usize) -> String),
+            ("--net", MAX_NICS, &net),
+            ("--vfio", MAX_VFIO_DEVICES, &vfio),
+        ] {
+            assert!(v(&with(option, max, value)).is_ok(), "{option} x {max}");
+            let err = v(&with(option, max + 1, value)).unwrap_err().0;
+            assert!(
+                err.contains(option) && err.contains(&format!("at most {max}")),
+                "{option} x {}: {err}",
+                max + 1
+            );
+        }
     }
 
     #[test]

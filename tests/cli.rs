@@ -14,7 +14,9 @@
 mod common;
 
 use common::guest::{exit_guest, write_guest, ExitKind};
-use common::{kvm_available, molt, run_with_timeout, write_private, TempDir, MOLT, TIMEOUT};
+use common::{
+    assert_static, kvm_available, molt, run_with_timeout, write_private, TempDir, MOLT, TIMEOUT,
+};
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -64,6 +66,14 @@ fn run_with(kernel: &Path, args: &[&str]) -> Output {
     ];
     argv.extend_from_slice(args);
     molt(&argv)
+}
+
+/// molt ships as one file dropped into initramfs images: the build under test
+/// (musl, or glibc with crt-static where the musl target is missing) must need
+/// no loader and no shared library.
+#[test]
+fn the_binary_is_statically_linked() {
+    assert_static(Path::new(MOLT));
 }
 
 #[test]

@@ -10,6 +10,9 @@
 //! exec by path). "A" is the binary under test; "B" is the same sources built with
 //! `MOLT_BUILD_VERSION=NEXT_VERSION` into `target/upgrade-next` (once per test run,
 //! about a minute the first time), so replies and `status` tell the two apart.
+//! B is always the static glibc build (`NEXT_TARGET`): where A is the musl build
+//! (scripts/test.sh's, wherever rustup has the target), every upgrade and
+//! downgrade here also goes from musl to glibc and back.
 //!
 //! Transfer failures are injected at each protocol step (src/cpr/transfer.rs):
 //! with the real new process where there is a hook - killed while it waits, and
@@ -27,9 +30,9 @@ mod common;
 
 use common::guest::{counting_guest, suspend_guest, write_guest, Wake};
 use common::{
-    assert_one_continuous_run, ctl, ctl_timeout, field, kvm_available, run_with_timeout,
-    wait_for_control, wait_suspended, wait_until, wake_and_power_off, Molt, Serial, TempDir, MOLT,
-    TIMEOUT,
+    assert_one_continuous_run, assert_static, ctl, ctl_timeout, field, kvm_available,
+    run_with_timeout, wait_for_control, wait_suspended, wait_until, wake_and_power_off, Molt,
+    Serial, TempDir, MOLT, TIMEOUT,
 };
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -48,6 +51,8 @@ const MEM_ARG: &str = "64M";
 const UPDATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// The version binary B reports.
 const NEXT_VERSION: &str = "0.1.0-upgrade-next";
+/// Binary B's target: glibc, linked statically (.cargo/config.toml).
+const NEXT_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Building B from scratch (fat LTO) takes about a minute on this machine.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 /// Count lines to see after an update before calling the guest alive.
@@ -83,7 +88,14 @@ fn next_build() -> &'static Path {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(root)
-            .args(["build", "--release", "--bin", "molt"])
+            .args([
+                "build",
+                "--release",
+                "--bin",
+                "molt",
+                "--target",
+                NEXT_TARGET,
+            ])
             .args(["--message-format", "json-render-diagnostics"])
             .arg("--target-dir")
             .arg(root.join("target/upgrade-next"))
@@ -95,8 +107,7 @@ fn next_build() -> &'static Path {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        // The artifact line of the binary names its path (the target triple in it
-        // comes from .cargo/config.toml, so it is read rather than assumed).
+        // The artifact line of the binary names its path.
         let stdout = String::from_utf8_lossy(&out.stdout);
         let exe = stdout
             .lines()
@@ -105,6 +116,12 @@ fn next_build() -> &'static Path {
             .find(|p| p.ends_with("/molt"))
             .unwrap_or_else(|| panic!("no molt executable in cargo's output:\n{stdout}"));
         let exe = PathBuf::from(exe);
+        assert!(
+            exe.ends_with(format!("{NEXT_TARGET}/release/molt")),
+            "binary B {} is not the {NEXT_TARGET} build",
+            exe.display()
+        );
+        assert_static(&exe);
         assert_eq!(version_of(&exe), NEXT_VERSION, "binary B's version");
         exe
     })

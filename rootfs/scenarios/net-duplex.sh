@@ -38,6 +38,7 @@ if [ "$TRACE" = 1 ]; then
     trace_events 1
 fi
 LOG=/run/guest.log
+SOCK=/run/molt.sock
 # Stall limit for each transfer: longer than any hiccup TCG has shown.
 STALL_S=60
 
@@ -47,7 +48,7 @@ result vmm "$VMM"
 case $VMM in
 molt)
     if [ -x /lab/bin/molt ]; then
-        molt_boot "$LOG" --cpus 1 --mem 512M --net "tap=$TAP,mac=$GUEST_MAC"
+        molt_boot "$LOG" --cpus 1 --mem 512M --net "tap=$TAP,mac=$GUEST_MAC" --control "$SOCK"
     else
         fail molt "binary missing"
         false
@@ -69,7 +70,14 @@ if [ $booted = 0 ]; then
     check ping_host_to_guest "$(ping -c 3 -W 5 "$GUEST_IP" 2>&1 | received)" 3
     # Both receivers first (the senders retry until they are up), then both
     # senders; the guest's pair runs in the background so its console stays free.
-    guest_cmd "rm -f /run/h2g.out /run/g2h.out; (labio recv 5001 seq $STALL_S > /run/h2g.out 2>&1 &); (labio send $HOST_IP 5002 seq:$DUPLEX_SECS $STALL_S > /run/g2h.out 2>&1 &)" 30 >/dev/null
+    started=$(guest_cmd "rm -f /run/h2g.out /run/g2h.out; (labio recv 5001 seq $STALL_S > /run/h2g.out 2>&1 &); (labio send $HOST_IP 5002 seq:$DUPLEX_SECS $STALL_S > /run/g2h.out 2>&1 &)" 30)
+    if [ "$started" != 0 ]; then
+        # A guest that stopped answering: say why now, and end it, so that
+        # every step below fails at once instead of waiting out its timeout.
+        fail guest_started_streams "the guest's command loop answered '$started'"
+        stuck_diag "$SOCK"
+        kill -9 "$VMM_PID" 2>/dev/null
+    fi
     labio recv 5002 seq "$STALL_S" > /tmp/g2h.out 2>&1 &
     recv_pid=$!
     t0=$(now_ms)
@@ -82,6 +90,10 @@ if [ $booted = 0 ]; then
     g2h_send=$(gval G2H); g2h_recv=$(cat /tmp/g2h.out)
     echo "LAB-INFO L2->guest: L2 send: $h2g_send; guest recv: $h2g_recv"
     echo "LAB-INFO guest->L2: guest send: $g2h_send; L2 recv: $g2h_recv"
+    case "$h2g_recv $g2h_recv" in
+    *bytes=*bytes=*) ;;
+    *) stuck_diag "$SOCK" ;;
+    esac
     for dir in h2g g2h; do
         eval "s=\"\$${dir}_send\" r=\"\$${dir}_recv\""
         sb=$(field bytes "$s"); rb=$(field bytes "$r")

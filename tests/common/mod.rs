@@ -495,3 +495,38 @@ pub fn wake_and_power_off(
         "the guest's sleep command returned: {lines:?}"
     );
 }
+
+/// Panics unless the ELF executable at `path` is statically linked: an x86-64
+/// ELF with no program interpreter (PT_INTERP) and, if it has a dynamic section
+/// at all (static-pie), no shared library in it (DT_NEEDED).
+pub fn assert_static(path: &Path) {
+    let elf = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let u16_at = |at: usize| u16::from_le_bytes([elf[at], elf[at + 1]]);
+    let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().unwrap());
+    assert!(
+        elf.len() > 64 && elf.starts_with(b"\x7fELF\x02\x01") && u16_at(18) == 62,
+        "{} is not a little-endian x86-64 ELF",
+        path.display()
+    );
+    let (phoff, phentsize, phnum) = (u64_at(32) as usize, u16_at(54) as usize, u16_at(56));
+    for i in 0..phnum as usize {
+        let ph = phoff + i * phentsize;
+        let p_type = u32::from_le_bytes(elf[ph..ph + 4].try_into().unwrap());
+        const PT_DYNAMIC: u32 = 2;
+        const PT_INTERP: u32 = 3;
+        assert_ne!(
+            p_type,
+            PT_INTERP,
+            "{} has a program interpreter: it is dynamically linked",
+            path.display()
+        );
+        if p_type == PT_DYNAMIC {
+            let (offset, size) = (u64_at(ph + 8) as usize, u64_at(ph + 32) as usize);
+            const DT_NEEDED: u64 = 1;
+            let needed = elf[offset..offset + size]
+                .chunks_exact(16)
+                .any(|entry| u64::from_le_bytes(entry[..8].try_into().unwrap()) == DT_NEEDED);
+            assert!(!needed, "{} needs shared libraries", path.display());
+        }
+    }
+}

@@ -86,6 +86,29 @@ proc_diag() {
     ls -l /proc/"$1"/fd 2>/dev/null | sed 's/^/LAB-DIAG fd /'
 }
 
+# stuck_diag [SOCK]: for a guest that stopped answering, what tells a stuck
+# guest from a stuck VMM: where molt's threads are and which of them burn CPU
+# (over 2 s), whether its control loop still answers on SOCK, and L2's newest
+# KVM entries and exits for the guest (the ring of shutdowns, below): a guest
+# spinning in one place enters at the same few RIPs; one that is never entered
+# again shows the same last event twice.
+stuck_diag() {
+    alive "$VMM_PID" || { echo "LAB-DIAG the VMM has exited"; return 0; }
+    proc_diag "$VMM_PID"
+    _cpu() { for _t in /proc/"$VMM_PID"/task/*; do
+        echo "${_t##*/} $(cut -d' ' -f14,15 "$_t/stat" 2>/dev/null)"; done; }
+    _before=$(_cpu); _last=$(tail -n 1 $shutdowns/trace 2>/dev/null)
+    sleep 2
+    echo "$_before" | while read -r _tid _u _s; do
+        _now=$(cut -d' ' -f14,15 /proc/"$VMM_PID"/task/"$_tid"/stat 2>/dev/null)
+        echo "LAB-DIAG task $_tid ticks in 2 s (user sys): $(( ${_now% *} - _u )) $(( ${_now#* } - _s ))"
+    done
+    [ -n "${1:-}" ] && echo "LAB-DIAG molt status: $(timeout 5 molt ctl "$1" status 2>&1 | tr '\n' ' ')"
+    [ "$(tail -n 1 $shutdowns/trace 2>/dev/null)" = "$_last" ] &&
+        echo "LAB-DIAG no KVM entry or exit of the guest in 2 s"
+    grep -v '^#' $shutdowns/trace 2>/dev/null | tail -n 40 | sed 's/^ *//; s/^/LAB-DIAG kvm /'
+}
+
 # dump TAG FILE [N]: the last N lines of FILE, tick lines left out, so a failed
 # run's console log shows what the guest and molt said.
 dump() {
