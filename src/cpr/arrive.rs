@@ -465,18 +465,16 @@ fn check_disk_identities(cfg: &RunConfig, saved: &[Identity]) -> Result<(), Erro
 /// anything is opened; a device sysfs does not know is refused when opened.
 fn check_vfio(cfg: &RunConfig, saved: &[vfio::Identity], sysfs: &Sysfs) -> Result<(), Error> {
     let virtio = cfg.disks.len() + cfg.nets.len();
-    let now = cfg
+    let now: Vec<vfio::Named> = cfg
         .vfio
         .iter()
         .enumerate()
-        .map(|(i, &bdf)| {
-            Ok(vfio::Named {
-                bdf,
-                slot: vm::devices::vfio_slot(virtio, i).map_err(Error::VfioSlot)?,
-                ids: sysfs.ids(&bdf),
-            })
+        .map(|(i, &bdf)| vfio::Named {
+            bdf,
+            slot: vm::devices::vfio_slot(virtio, i),
+            ids: sysfs.ids(&bdf),
         })
-        .collect::<Result<Vec<_>, Error>>()?;
+        .collect();
     let diff = vfio::differences(saved, &now);
     if diff.is_empty() {
         Ok(())

@@ -84,8 +84,6 @@ pub enum Error {
     /// A restart's `--vfio` devices are not those the state was saved with:
     /// each difference (`vfio::differences`).
     VfioChanged(Vec<String>),
-    /// The slot a restart's `--vfio` device would get.
-    VfioSlot(crate::pci::AllocError),
 }
 
 impl fmt::Display for Error {
@@ -162,7 +160,6 @@ impl fmt::Display for Error {
                  devices in the same order; the file is left as it is): {}",
                 d.join("; ")
             ),
-            Error::VfioSlot(e) => write!(f, "--vfio: {e}"),
             Error::HostCpu(p, e) => write!(
                 f,
                 "the guest saved in {} cannot run on this host (the file is left as it is): {e}",

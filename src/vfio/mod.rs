@@ -39,7 +39,7 @@ pub const HOW_TO_SUSPEND: &str = "reboot mode with VFIO needs the guest suspende
      /sys/power/state`, then cpr-save once `status` says state=suspended";
 
 /// A PCI address as sysfs names it: domain:bus:device.function (0000:00:04.0).
-/// Saved in the state (`cpr::state::VfioDeviceV1`, frozen): its serde layout
+/// Saved in the state (in `IdentityV1`, frozen): its serde layout
 /// must not change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bdf {
