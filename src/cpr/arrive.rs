@@ -15,6 +15,7 @@ use super::state::{self, CprState, RamLocation, RunState};
 use super::{exec, guardian, reboot, transfer, Error, VERSION};
 use crate::args::{Incoming, RunConfig};
 use crate::devices::serial::Output;
+use crate::vfio::{self, Sysfs};
 use crate::virtio::block::Identity;
 use crate::vm::host_cpu::HostCpu;
 use crate::vm::memory::GuestRam;
@@ -126,6 +127,7 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
         reboot::expect_end(path, &mut rest).map_err(Error::File)?;
     }
     check_disk_identities(cfg, &state.disks)?;
+    check_vfio(cfg, &state.vfio, &Sysfs::host())?;
     // `Prepared::restore` checks again, for every mode; here it runs before
     // RAM is mapped or loaded.
     HostCpu::open()
@@ -457,6 +459,30 @@ fn check_disk_identities(cfg: &RunConfig, saved: &[Identity]) -> Result<(), Erro
     Ok(())
 }
 
+/// Reboot mode opens the passed-through devices by name: argv must name the
+/// devices the state was saved with, at the same PCI slots, and sysfs must
+/// show the same devices there (vendor and device ID). Checked before
+/// anything is opened; a device sysfs does not know is refused when opened.
+fn check_vfio(cfg: &RunConfig, saved: &[vfio::Identity], sysfs: &Sysfs) -> Result<(), Error> {
+    let virtio = cfg.disks.len() + cfg.nets.len();
+    let now: Vec<vfio::Named> = cfg
+        .vfio
+        .iter()
+        .enumerate()
+        .map(|(i, &bdf)| vfio::Named {
+            bdf,
+            slot: vm::devices::vfio_slot(virtio, i),
+            ids: sysfs.ids(&bdf),
+        })
+        .collect();
+    let diff = vfio::differences(saved, &now);
+    if diff.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::VfioChanged(diff))
+    }
+}
+
 /// Rebuilds the machine around `ram`, loads `state` and runs it;
 /// `before_start` runs once nothing can fail any more but the vCPUs, just
 /// before they start.
@@ -485,4 +511,82 @@ fn run_vcpus(restored: vm::Restored, exit: ExitSink, run: RunState) -> Result<Ma
         machine.suspend().map_err(Error::Vm)?;
     }
     Ok(machine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::{Command, Molt};
+    use argh::FromArgs;
+
+    fn config(args: &[&str]) -> RunConfig {
+        let mut argv = vec!["run", "--kernel", "k", "--incoming", "file:/s"];
+        argv.extend_from_slice(args);
+        match Molt::from_args(&["molt"], &argv).unwrap().command {
+            Command::Run(r) => r.validate(1 << 40).unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_restart_checks_its_vfio_devices_against_the_state() {
+        // A fake sysfs where 0000:00:04.0 is edu and 0000:00:05.0 something else.
+        let root = std::env::temp_dir().join(format!("molt-arrive-vfio-{}", std::process::id()));
+        for (bdf, device) in [("0000:00:04.0", "0x11e8"), ("0000:00:05.0", "0x10d3")] {
+            let dir = root.join("sys/bus/pci/devices").join(bdf);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("vendor"), "0x1234\n").unwrap();
+            std::fs::write(dir.join("device"), format!("{device}\n")).unwrap();
+        }
+        let sysfs = Sysfs::at(&root);
+        let edu = vfio::Identity {
+            bdf: "0000:00:04.0".parse().unwrap(),
+            slot: 2,
+            vendor: 0x1234,
+            device: 0x11e8,
+        };
+        let check = |args: &[&str], saved: &[vfio::Identity]| {
+            check_vfio(&config(args), saved, &sysfs).map_err(|e| e.to_string())
+        };
+        // Slot 2: after one disk.
+        assert_eq!(check(&["--disk", "d", "--vfio", "00:04.0"], &[edu]), Ok(()));
+        assert_eq!(check(&[], &[]), Ok(()));
+        let e = check(&["--vfio", "00:04.0"], &[edu]).unwrap_err();
+        assert!(
+            e.starts_with("the --vfio devices are not those the guest was saved with"),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("now at PCI slot 1 (--vfio order or the number of disks and NICs changed)"),
+            "{e}"
+        );
+        let e = check(&["--disk", "d"], &[edu]).unwrap_err();
+        assert!(e.contains("not on argv (--vfio 0000:00:04.0)"), "{e}");
+        let e = check(&["--disk", "d", "--vfio", "00:05.0"], &[edu]).unwrap_err();
+        assert!(e.contains("not on argv"), "{e}");
+        assert!(
+            e.contains("--vfio 0000:00:05.0 at PCI slot 2: the guest was not saved with it"),
+            "{e}"
+        );
+        // Another device now at the saved address.
+        let moved = vfio::Identity {
+            device: 0x10d3,
+            ..edu
+        };
+        let e = check(&["--disk", "d", "--vfio", "00:04.0"], &[moved]).unwrap_err();
+        assert!(
+            e.contains("now 1234:11e8 at that address: another device"),
+            "{e}"
+        );
+        // A device sysfs does not know is left to the open, which names why.
+        let gone = vfio::Identity {
+            bdf: "0000:00:1f.0".parse().unwrap(),
+            ..edu
+        };
+        assert_eq!(
+            check(&["--disk", "d", "--vfio", "00:1f.0"], &[gone]),
+            Ok(())
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

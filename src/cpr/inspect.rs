@@ -71,6 +71,9 @@ pub fn summary(path: &Path) -> Result<String, reboot::Error> {
     for (i, mac) in m.shape.nets.iter().enumerate() {
         let _ = writeln!(out, "nic {i}:    virtio-net, mac {}", mac_str(mac));
     }
+    for (i, d) in s.vfio.iter().enumerate() {
+        let _ = writeln!(out, "vfio {i}:   {d} (opened again by name at restart)");
+    }
     for (i, d) in m.virtio.iter().enumerate() {
         let _ = writeln!(
             out,

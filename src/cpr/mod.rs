@@ -76,8 +76,14 @@ pub enum Error {
         swapped_with: Option<usize>,
     },
     HostCpu(PathBuf, vm::host_cpu::Error),
-    /// The machine has a passed-through device.
+    /// The machine has a passed-through device (exec and transfer).
     Vfio(crate::vfio::Bdf),
+    /// `cpr-save` with a passed-through device while the guest is not
+    /// suspended to RAM.
+    VfioNotSuspended(crate::vfio::Bdf),
+    /// A restart's `--vfio` devices are not those the state was saved with:
+    /// each difference (`vfio::differences`).
+    VfioChanged(Vec<String>),
 }
 
 impl fmt::Display for Error {
@@ -143,6 +149,17 @@ impl fmt::Display for Error {
             Error::Vfio(bdf) => {
                 write!(f, "VFIO device {bdf}: {}", crate::vfio::NO_LIVE_UPDATE)
             }
+            Error::VfioNotSuspended(bdf) => write!(
+                f,
+                "VFIO device {bdf}: the guest is not suspended: {}",
+                crate::vfio::HOW_TO_SUSPEND
+            ),
+            Error::VfioChanged(d) => write!(
+                f,
+                "the --vfio devices are not those the guest was saved with (pass the same \
+                 devices in the same order; the file is left as it is): {}",
+                d.join("; ")
+            ),
             Error::HostCpu(p, e) => write!(
                 f,
                 "the guest saved in {} cannot run on this host (the file is left as it is): {e}",

@@ -7,24 +7,25 @@
 //! (shape, devices, live queues, XSAVE sizes), and every value is checked again
 //! by the code that uses it.
 //!
-//! Versions are frozen once released: `CprStateV1`, `CprStateV2` and
-//! `CprStateV3` never change. A new field or value means a `CprStateV4` with
-//! `From<CprStateV3>`, and that release then decodes all four (SPEC.md, "State
-//! compatibility"). This one writes version 3 and reads 1, 2 and 3.
+//! Versions are frozen once released: `CprStateV1` to `CprStateV4` never
+//! change. A new field or value means a `CprStateV5` with `From<CprStateV4>`,
+//! and that release then decodes all five (SPEC.md, "State compatibility").
+//! This one writes version 4 and reads 1, 2, 3 and 4.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::MAX_DISKS;
+use crate::layout::{MAX_DISKS, MAX_VFIO_DEVICES};
+use crate::vfio::IdentityV1 as VfioIdentityV1;
 use crate::virtio::block::Identity;
 use crate::vm::{MachineStateV1, MachineStateV2};
 
 pub const MAGIC: [u8; 8] = *b"MOLTCPR\0";
 /// The format this release writes.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The formats this release reads, oldest first.
-pub const READS: [u32; 3] = [1, 2, 3];
+pub const READS: [u32; 4] = [1, 2, 3, 4];
 pub const HEADER_LEN: usize = 20;
 /// No real state comes near this: ~10 KiB per vCPU, ~1 KiB per device.
 pub const MAX_PAYLOAD: usize = 4 << 20;
@@ -147,7 +148,39 @@ impl From<CprStateV2> for CprStateV3 {
     }
 }
 
-pub type CprState = CprStateV3;
+/// Version 4: version 3 plus the passed-through devices (`--vfio`), which
+/// reboot mode carries while the guest is suspended to RAM: a restart opens
+/// them by name again and must find the same devices at the same PCI slots.
+/// Frozen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CprStateV4 {
+    pub writer: heapless::String<32>,
+    pub ram: RamLocation,
+    pub stopped_at_ns: u64,
+    pub machine: MachineStateV2,
+    pub run: RunStateV3,
+    pub disks: heapless::Vec<Identity, MAX_DISKS>,
+    /// One per `--vfio`, in argv order.
+    pub vfio: heapless::Vec<VfioIdentityV1, MAX_VFIO_DEVICES>,
+}
+
+impl From<CprStateV3> for CprStateV4 {
+    /// Machines saved before version 4 had no passed-through device: molt
+    /// refused every update with one.
+    fn from(v3: CprStateV3) -> Self {
+        CprStateV4 {
+            writer: v3.writer,
+            ram: v3.ram,
+            stopped_at_ns: v3.stopped_at_ns,
+            machine: v3.machine,
+            run: v3.run,
+            disks: v3.disks,
+            vfio: heapless::Vec::new(),
+        }
+    }
+}
+
+pub type CprState = CprStateV4;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Error {
@@ -267,7 +300,8 @@ pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
 /// byte it starts at. Postcard writes a struct as its fields one after the
 /// other, so this reads exactly what `postcard::from_bytes` of that version's
 /// struct would: version 2 appends fields to version 1; version 3 appends the
-/// machine's power registers to its machine, and writes run states 2 did not.
+/// machine's power registers to its machine, and writes run states 2 did not;
+/// version 4 appends the passed-through devices to version 3.
 fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
     let mut p = Parts { payload, at: 0 };
     let writer = p.next("writer")?;
@@ -287,7 +321,7 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
         stopped_at_ns,
         machine,
     };
-    let state = match version {
+    let v3 = match version {
         1 => CprStateV2::from(v1).into(),
         2 => CprStateV2 {
             run: p.next("run")?,
@@ -305,6 +339,13 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
             writer: v1.writer,
             ram: v1.ram,
             stopped_at_ns: v1.stopped_at_ns,
+        },
+    };
+    let state = match version {
+        1..=3 => v3.into(),
+        _ => CprStateV4 {
+            vfio: p.next("vfio")?,
+            ..v3.into()
         },
     };
     if p.at < payload.len() {
@@ -367,6 +408,7 @@ pub(crate) mod tests {
             },
             run: RunState::Running,
             disks: heapless::Vec::new(),
+            vfio: heapless::Vec::new(),
         }
     }
 
@@ -419,7 +461,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn version_3_keeps_a_suspended_guest_and_its_power_registers() {
+    fn a_suspended_guest_and_its_power_registers_round_trip() {
         let mut s = sample();
         s.run = RunState::Suspended;
         s.machine.power = PowerState {
@@ -429,22 +471,67 @@ pub(crate) mod tests {
             sleep_pending: true,
         };
         let bytes = encode(&s).unwrap();
-        assert_eq!(bytes[8], 3);
+        assert_eq!(bytes[8], 4);
         assert_eq!(decode(&bytes).unwrap(), s);
         for run in [RunState::Running, RunState::Paused] {
             s.run = run;
             assert_eq!(decode(&encode(&s).unwrap()).unwrap().run, run);
         }
-        assert_eq!(formats(), "1,2,3");
+        assert_eq!(formats(), "1,2,3,4");
         // A run state no version has is refused, naming the part.
         let payload = postcard::to_allocvec(&sample()).unwrap();
         let mut bad = payload.clone();
-        let run_at = payload.len() - 2; // run, then the empty disk list
+        let run_at = payload.len() - 3; // run, then the empty disk and VFIO lists
         assert_eq!(bad[run_at], 0);
         bad[run_at] = 3;
         assert!(matches!(
-            decode(&file(3, &bad)),
+            decode(&file(4, &bad)),
             Err(Error::Decode { part: "run", .. })
+        ));
+    }
+
+    #[test]
+    fn version_4_keeps_the_passed_through_devices_and_version_3_has_none() {
+        let mut s = sample();
+        s.run = RunState::Suspended;
+        let edu = crate::vfio::Identity {
+            bdf: "0000:00:04.0".parse().unwrap(),
+            slot: 3,
+            vendor: 0x1234,
+            device: 0x11e8,
+        };
+        s.vfio.push(edu).unwrap();
+        let bytes = encode(&s).unwrap();
+        assert_eq!(bytes[8], 4);
+        // The list comes last: its length, then each device's fields (domain
+        // as a varint, bus, device, function, slot, vendor and device IDs).
+        let tail = [1, 0, 0, 4, 0, 3, 0xb4, 0x24, 0xe8, 0x23];
+        assert!(bytes.ends_with(&tail), "{:x?}", &bytes[bytes.len() - 12..]);
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.vfio.as_slice(), [edu]);
+        assert_eq!(decoded, s);
+        // A version 3 payload (no list) decodes with none.
+        let v3 = CprStateV3 {
+            writer: s.writer.clone(),
+            ram: s.ram,
+            stopped_at_ns: s.stopped_at_ns,
+            machine: s.machine.clone(),
+            run: s.run,
+            disks: s.disks.clone(),
+        };
+        let decoded = decode(&file(3, &postcard::to_allocvec(&v3).unwrap())).unwrap();
+        assert!(decoded.vfio.is_empty());
+        assert_eq!(decoded, CprStateV4::from(v3));
+        // More devices than --vfio allows cannot decode.
+        let mut payload = postcard::to_allocvec(&sample()).unwrap();
+        let n = payload.len() - 1;
+        payload[n] = (crate::layout::MAX_VFIO_DEVICES + 1) as u8;
+        for _ in 0..=crate::layout::MAX_VFIO_DEVICES {
+            payload.extend_from_slice(&tail[1..]);
+        }
+        assert!(matches!(
+            decode(&file(4, &payload)),
+            Err(Error::Decode { part: "vfio", .. })
         ));
     }
 
@@ -476,7 +563,7 @@ pub(crate) mod tests {
         };
         let payload = postcard::to_allocvec(&v2).unwrap();
         let decoded = decode(&file(2, &payload)).unwrap();
-        assert_eq!(decoded, CprStateV3::from(v2));
+        assert_eq!(decoded, CprStateV4::from(CprStateV3::from(v2)));
         assert_eq!(decoded.run, RunState::Paused);
         assert_eq!(decoded.machine.power, PowerState::default());
         assert_eq!(decoded.machine.vcpus, s.machine.vcpus);
@@ -494,7 +581,10 @@ pub(crate) mod tests {
         let payload = postcard::to_allocvec(&v1).unwrap();
         let mut bytes = file(1, &payload);
         let decoded = decode(&bytes).unwrap();
-        assert_eq!(decoded, CprStateV3::from(CprStateV2::from(v1)));
+        assert_eq!(
+            decoded,
+            CprStateV4::from(CprStateV3::from(CprStateV2::from(v1)))
+        );
         assert_eq!(decoded.run, RunState::Running);
         assert!(decoded.disks.is_empty());
         assert_eq!(decoded.machine.power, PowerState::default());
@@ -504,14 +594,16 @@ pub(crate) mod tests {
             decode(&bytes),
             Err(Error::Decode { part: "run", .. })
         ));
-        bytes[8] = 3;
-        assert!(matches!(
-            decode(&bytes),
-            Err(Error::Decode {
-                part: "machine.power",
-                ..
-            })
-        ));
+        for version in [3, 4] {
+            bytes[8] = version;
+            assert!(matches!(
+                decode(&bytes),
+                Err(Error::Decode {
+                    part: "machine.power",
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]
@@ -526,8 +618,8 @@ pub(crate) mod tests {
         magic[0] ^= 1;
         assert_eq!(decode(&magic), Err(Error::BadMagic));
         let mut version = bytes.clone();
-        version[8] = 4;
-        assert_eq!(decode(&version), Err(Error::UnknownVersion(4)));
+        version[8] = 5;
+        assert_eq!(decode(&version), Err(Error::UnknownVersion(5)));
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x10;
@@ -544,7 +636,7 @@ pub(crate) mod tests {
     fn a_payload_that_cannot_be_decoded_names_the_part_and_offset() {
         let bytes = encode(&sample()).unwrap();
         let payload = &bytes[HEADER_LEN..];
-        // The last byte is the (empty) disk identity list's length.
+        // The last byte is the (empty) VFIO device list's length.
         let short = &payload[..payload.len() - 1];
         let mut resealed = bytes[..HEADER_LEN].to_vec();
         resealed[12..16].copy_from_slice(&(short.len() as u32).to_le_bytes());
@@ -552,13 +644,13 @@ pub(crate) mod tests {
         resealed.extend_from_slice(short);
         let e = decode(&resealed).unwrap_err();
         assert!(
-            matches!(e, Error::Decode { part: "disks", at, len, .. }
+            matches!(e, Error::Decode { part: "vfio", at, len, .. }
                 if at == short.len() && len == short.len()),
             "{e:?}"
         );
         let text = e.to_string();
         assert!(
-            text.starts_with("payload: cannot decode disks (from byte"),
+            text.starts_with("payload: cannot decode vfio (from byte"),
             "{text}"
         );
         assert!(text.ends_with("truncated or not a molt state"), "{text}");

@@ -21,6 +21,7 @@ use super::transfer::Outgoing;
 use super::worker::Worker;
 use super::{exec, now_ns, reboot, transfer, Error};
 use crate::terminal::RawMode;
+use crate::vfio::Bdf;
 use crate::virtio::block::Identity;
 use crate::vm::Machine;
 
@@ -105,6 +106,11 @@ impl Source<'_> {
             // The shape bounds the disks to the list's capacity.
             let _ = disks.push(id);
         }
+        let mut vfio = heapless::Vec::new();
+        for d in self.machine.vfio_devices() {
+            // argv bounds the devices to the list's capacity.
+            let _ = vfio.push(d);
+        }
         Ok(CprState {
             writer: heapless::String::try_from(super::VERSION).unwrap_or_default(),
             ram,
@@ -112,6 +118,7 @@ impl Source<'_> {
             machine: self.machine.save().map_err(Error::Vm)?,
             run: self.run,
             disks,
+            vfio,
         })
     }
 
@@ -193,16 +200,30 @@ impl Request {
 }
 
 /// Starts `request`: reboot mode is done at once, exec and transfer start a worker.
-/// A machine with a passed-through device is refused every mode before
-/// anything is paused or handed over: carrying one is not implemented yet.
+/// A machine with a passed-through device is refused before anything is
+/// paused or handed over, unless `vfio_refusal` lets the mode carry it.
 pub fn start(request: Request, src: &mut Source) -> Started {
-    if let Some(&bdf) = src.machine.vfio_devices().first() {
-        return Started::Done(Done::failed(request.what(), Error::Vfio(bdf)));
+    let vfio: Vec<Bdf> = src.machine.vfio_devices().iter().map(|d| d.bdf).collect();
+    if let Some(e) = vfio_refusal(&request, &vfio, src.run) {
+        return Started::Done(Done::failed(request.what(), e));
     }
     match request {
         Request::Save(path) => Started::Done(save(src, &path)),
         Request::Exec { binary, args } => exec(src, binary, args),
         Request::Transfer { path, max_pause } => transfer(src, path, max_pause),
+    }
+}
+
+/// Why `request` cannot carry the passed-through devices `vfio` of a guest in
+/// `run` state, if it cannot. Reboot mode can while the guest is suspended to
+/// RAM (ACPI S3), as in QEMU: its drivers re-initialise the devices when it
+/// wakes, so the next molt opens them afresh. Exec and transfer cannot yet.
+fn vfio_refusal(request: &Request, vfio: &[Bdf], run: RunState) -> Option<Error> {
+    let &bdf = vfio.first()?;
+    match request {
+        Request::Save(_) if run == RunState::Suspended => None,
+        Request::Save(_) => Some(Error::VfioNotSuspended(bdf)),
+        Request::Exec { .. } | Request::Transfer { .. } => Some(Error::Vfio(bdf)),
     }
 }
 
@@ -449,5 +470,56 @@ fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reboot_mode_carries_vfio_only_for_a_suspended_guest() {
+        let edu: Bdf = "0000:00:04.0".parse().unwrap();
+        let save = Request::Save("/run/state".into());
+        let exec = Request::Exec {
+            binary: None,
+            args: Vec::new(),
+        };
+        let transfer = Request::Transfer {
+            path: "/run/x".into(),
+            max_pause: None,
+        };
+        // Without a device nothing is refused here.
+        for r in [&save, &exec, &transfer] {
+            assert!(vfio_refusal(r, &[], RunState::Running).is_none());
+        }
+        assert!(vfio_refusal(&save, &[edu], RunState::Suspended).is_none());
+        // A running or paused guest: the reply says how to suspend it.
+        for run in [RunState::Running, RunState::Paused] {
+            let e = vfio_refusal(&save, &[edu], run)
+                .expect("refused")
+                .to_string();
+            assert!(
+                e.starts_with("VFIO device 0000:00:04.0: the guest is not suspended: "),
+                "{e}"
+            );
+            for words in [
+                "suspended to RAM (ACPI S3)",
+                "echo mem > /sys/power/state",
+                "state=suspended",
+            ] {
+                assert!(e.contains(words), "{words:?} missing: {e}");
+            }
+        }
+        // Exec and transfer are refused whatever the run state.
+        for r in [&exec, &transfer] {
+            for run in [RunState::Running, RunState::Suspended] {
+                let e = vfio_refusal(r, &[edu], run).expect("refused").to_string();
+                assert!(
+                    e.starts_with("VFIO device 0000:00:04.0: exec and transfer with VFIO"),
+                    "{e}"
+                );
+            }
+        }
     }
 }

@@ -168,6 +168,15 @@ impl VfioPci {
         self.handles.bdf
     }
 
+    /// The device's vendor and device ID.
+    pub fn ids(&self) -> (u16, u16) {
+        let c = &self.handles.layout.config;
+        (
+            u16::from_le_bytes([c[0], c[1]]),
+            u16::from_le_bytes([c[2], c[3]]),
+        )
+    }
+
     fn config_offset(&self) -> u64 {
         self.handles.layout.config_offset
     }

@@ -53,6 +53,11 @@ impl Sysfs {
         group.and_then(|g| g.parse().ok()).ok_or(Why::NoIommu)
     }
 
+    /// The vendor and device ID of `bdf`, if sysfs has it.
+    pub fn ids(&self, bdf: &Bdf) -> Option<(u16, u16)> {
+        ids(&self.device_dir(&bdf.to_string()))
+    }
+
     /// The devices of IOMMU `group` bound to drivers that make it unusable, with
     /// their drivers: why the kernel says the group is not viable.
     pub fn group_blockers(&self, group: u32) -> Vec<(String, String)> {

@@ -28,11 +28,20 @@ pub use device::VfioPci;
 pub use handles::{DeviceHandles, Handles, Iommu};
 pub use host::Sysfs;
 
-/// Why a machine with a passed-through device refuses every CPR mode for now.
-pub const NO_LIVE_UPDATE: &str = "live update with VFIO is not supported yet";
+/// Why a machine with a passed-through device refuses exec and transfer for
+/// now (reboot mode carries it while the guest is suspended to RAM).
+pub const NO_LIVE_UPDATE: &str = "exec and transfer with VFIO are not supported yet \
+     (reboot mode is: suspend the guest, then cpr-save)";
+
+/// How a guest suspends to RAM, for the refusal of a `cpr-save` while it runs.
+pub const HOW_TO_SUSPEND: &str = "reboot mode with VFIO needs the guest suspended to RAM \
+     (ACPI S3) first: in a Linux guest `echo deep > /sys/power/mem_sleep; echo mem > \
+     /sys/power/state`, then cpr-save once `status` says state=suspended";
 
 /// A PCI address as sysfs names it: domain:bus:device.function (0000:00:04.0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Saved in the state (in `IdentityV1`, frozen): its serde layout
+/// must not change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bdf {
     pub domain: u16,
     pub bus: u8,
@@ -81,6 +90,72 @@ impl std::str::FromStr for Bdf {
             _ => Err(bad()),
         }
     }
+}
+
+/// A passed-through device as a saved state records it: its host address,
+/// what it is (vendor and device ID) and the PCI slot the guest found it at.
+/// Reboot mode opens the device by name again and must find the same device
+/// at the same slot (`differences`). Frozen: a change is a new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IdentityV1 {
+    pub bdf: Bdf,
+    /// The device number on molt's PCI bus.
+    pub slot: u8,
+    pub vendor: u16,
+    pub device: u16,
+}
+
+/// The version this release saves and restores.
+pub type Identity = IdentityV1;
+
+impl fmt::Display for IdentityV1 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({:04x}:{:04x}) at PCI slot {}",
+            self.bdf, self.vendor, self.device, self.slot
+        )
+    }
+}
+
+/// A device argv names for a restart: where it will sit, and its IDs if
+/// sysfs tells them (a device sysfs does not know is refused when opened).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Named {
+    pub bdf: Bdf,
+    pub slot: u8,
+    pub ids: Option<(u16, u16)>,
+}
+
+/// How the devices argv names differ from those a state was `saved` with,
+/// one line per difference (empty if none): a device missing, added, at
+/// another slot, or another device (other IDs) at the same address.
+pub fn differences(saved: &[Identity], now: &[Named]) -> Vec<String> {
+    let mut d = Vec::new();
+    for s in saved {
+        match now.iter().find(|n| n.bdf == s.bdf) {
+            None => d.push(format!("saved {s}, not on argv (--vfio {})", s.bdf)),
+            Some(n) if n.slot != s.slot => d.push(format!(
+                "saved {s}, now at PCI slot {} (--vfio order or the number of disks and \
+                 NICs changed)",
+                n.slot
+            )),
+            Some(Named {
+                ids: Some((vendor, device)),
+                ..
+            }) if (*vendor, *device) != (s.vendor, s.device) => d.push(format!(
+                "saved {s}, now {vendor:04x}:{device:04x} at that address: another device"
+            )),
+            Some(_) => {}
+        }
+    }
+    for n in now.iter().filter(|n| !saved.iter().any(|s| s.bdf == n.bdf)) {
+        d.push(format!(
+            "--vfio {} at PCI slot {}: the guest was not saved with it",
+            n.bdf, n.slot
+        ));
+    }
+    d
 }
 
 /// Why a device cannot be passed through, or stopped working.
@@ -279,6 +354,75 @@ mod tests {
             let e = bad.parse::<Bdf>().unwrap_err();
             assert!(e.contains("not a PCI address"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_restart_must_name_the_saved_devices_at_their_slots() {
+        let b = |s: &str| s.parse::<Bdf>().unwrap();
+        let saved = [
+            Identity {
+                bdf: b("0000:00:04.0"),
+                slot: 3,
+                vendor: 0x1234,
+                device: 0x11e8,
+            },
+            Identity {
+                bdf: b("0000:00:05.0"),
+                slot: 4,
+                vendor: 0x8086,
+                device: 0x10d3,
+            },
+        ];
+        let named = |s: &str, slot, ids| Named {
+            bdf: b(s),
+            slot,
+            ids,
+        };
+        let same = [
+            named("00:04.0", 3, Some((0x1234, 0x11e8))),
+            named("00:05.0", 4, None),
+        ];
+        assert!(differences(&saved, &same).is_empty());
+        assert!(differences(&[], &[]).is_empty());
+        // Swapped on argv: both at the other's slot.
+        let swapped = [same[1], same[0]].map(|n| Named {
+            slot: 7 - n.slot,
+            ..n
+        });
+        let d = differences(&saved, &swapped);
+        assert_eq!(
+            d,
+            [
+                "saved 0000:00:04.0 (1234:11e8) at PCI slot 3, now at PCI slot 4 (--vfio \
+                 order or the number of disks and NICs changed)",
+                "saved 0000:00:05.0 (8086:10d3) at PCI slot 4, now at PCI slot 3 (--vfio \
+                 order or the number of disks and NICs changed)"
+            ]
+        );
+        // One missing, one added, another device at a saved address.
+        let d = differences(
+            &saved,
+            &[
+                named("00:04.0", 3, Some((0x1af4, 0x1041))),
+                named("00:06.0", 4, None),
+            ],
+        );
+        assert_eq!(
+            d,
+            [
+                "saved 0000:00:04.0 (1234:11e8) at PCI slot 3, now 1af4:1041 at that \
+                 address: another device",
+                "saved 0000:00:05.0 (8086:10d3) at PCI slot 4, not on argv (--vfio \
+                 0000:00:05.0)",
+                "--vfio 0000:00:06.0 at PCI slot 4: the guest was not saved with it"
+            ]
+        );
+        // A state without devices (or of a format before 4) and --vfio.
+        assert_eq!(
+            differences(&[], &same[..1]),
+            ["--vfio 0000:00:04.0 at PCI slot 3: the guest was not saved with it"]
+        );
+        assert_eq!(differences(&saved[..1], &[]).len(), 1);
     }
 
     #[test]

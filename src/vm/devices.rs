@@ -52,7 +52,17 @@ pub struct Built {
     pub bus: PciBus,
     pub virtio: Vec<SharedVirtio>,
     pub vfio: Vec<SharedVfio>,
+    /// The PCI slot of each passed-through device, as `vfio_slot` predicts.
+    pub vfio_slots: Vec<u8>,
     pub allocator: Allocator,
+}
+
+/// The PCI slot `build` gives passed-through device `i` of a machine with
+/// `virtio` virtio functions: the allocator hands slots out in order from 1,
+/// virtio functions first (argv's limits keep them all on the bus). A restart
+/// checks argv against the saved slots with it before anything is built.
+pub fn vfio_slot(virtio: usize, i: usize) -> u8 {
+    (1 + virtio + i) as u8
 }
 
 /// Creates every configured device: disks, then NICs, then the opened
@@ -101,8 +111,10 @@ pub fn build(
     }
     let mapper = Arc::new(DeviceMemory(vm.clone()));
     let mut passed = Vec::new();
+    let mut vfio_slots = Vec::new();
     for (i, h) in (0..).zip(vfio) {
         let slot = alloc.slot().map_err(Error::Alloc)?;
+        vfio_slots.push(slot);
         let mut bars = [0; NUM_BARS];
         for (addr, bar) in bars.iter_mut().zip(&h.layout.bars) {
             if let Some(bar) = bar {
@@ -131,6 +143,27 @@ pub fn build(
         bus,
         virtio,
         vfio: passed,
+        vfio_slots,
         allocator: alloc,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VFIO_DEVICES};
+
+    #[test]
+    fn passed_through_devices_follow_the_virtio_functions() {
+        // As the allocator hands them out, for every machine argv allows.
+        for virtio in 0..=MAX_DISKS + MAX_NICS {
+            let mut alloc = Allocator::new();
+            for _ in 0..virtio {
+                alloc.slot().unwrap();
+            }
+            for i in 0..MAX_VFIO_DEVICES {
+                assert_eq!(Ok(vfio_slot(virtio, i)), alloc.slot(), "{virtio} {i}");
+            }
+        }
+    }
 }

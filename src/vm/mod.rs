@@ -31,7 +31,7 @@ use crate::devices::serial::{self, Output, Serial, SerialStateV1};
 use crate::layout::{ACPI_FACS_START, MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
 use crate::pci::Allocator;
 use crate::sync::lock;
-use crate::vfio::{self, Bdf, Handles, Iommu, Sysfs};
+use crate::vfio::{self, Handles, Iommu, Sysfs};
 use crate::virtio::pci::TransportState;
 use devices::{SharedVfio, SharedVirtio};
 use host_cpu::HostCpu;
@@ -239,6 +239,7 @@ pub struct Machine {
     pub bus: Arc<Bus>,
     pub virtio: Vec<SharedVirtio>,
     pub vfio: Vec<SharedVfio>,
+    vfio_slots: Vec<u8>,
     _iommu: Option<Iommu>,
     pub ram: GuestRam,
     pub shape: Shape,
@@ -314,6 +315,7 @@ struct Parts {
     bus: Arc<Bus>,
     virtio: Vec<SharedVirtio>,
     vfio: Vec<SharedVfio>,
+    vfio_slots: Vec<u8>,
     iommu: Option<Iommu>,
     allocator: Allocator,
 }
@@ -354,6 +356,7 @@ impl Parts {
             bus,
             virtio: built.virtio,
             vfio: built.vfio,
+            vfio_slots: built.vfio_slots,
             iommu,
             allocator: built.allocator,
         })
@@ -405,6 +408,7 @@ impl Parts {
             bus: self.bus,
             virtio: self.virtio,
             vfio: self.vfio,
+            vfio_slots: self.vfio_slots,
             _iommu: self.iommu,
             ram: self.ram,
             allocator: self.allocator,
@@ -568,8 +572,21 @@ impl Machine {
         Ok(waking)
     }
 
-    /// The passed-through devices, in argv order.
-    pub fn vfio_devices(&self) -> Vec<Bdf> {
-        self.vfio.iter().map(|d| lock(d).bdf()).collect()
+    /// The passed-through devices, in argv order, as a state records them.
+    pub fn vfio_devices(&self) -> Vec<vfio::Identity> {
+        self.vfio
+            .iter()
+            .zip(&self.vfio_slots)
+            .map(|(d, &slot)| {
+                let d = lock(d);
+                let (vendor, device) = d.ids();
+                vfio::Identity {
+                    bdf: d.bdf(),
+                    slot,
+                    vendor,
+                    device,
+                }
+            })
+            .collect()
     }
 }

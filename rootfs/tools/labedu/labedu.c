@@ -13,6 +13,13 @@
  *   poll                  readable once irqs differs from what this open
  *                         file last read
  *
+ * Suspend to RAM (ACPI S3): the PCI core saves the config space at suspend
+ * and writes it back at resume (BAR, command, MSI address and data). Across
+ * a reboot-mode update molt re-opens edu on the host, whose VFIO disables
+ * bus mastering and MSI when the old molt lets go, so resume also sets bus
+ * mastering again, acknowledges whatever edu raised meanwhile and checks the
+ * ID register answers; it logs "labedu: resumed" for the lab to see.
+ *
  * Why a module: the guest kernel (Debian cloud) has no VFIO no-IOMMU mode and
  * uio_pci_generic only does INTx, while the point is edu's MSI.
  */
@@ -29,6 +36,8 @@
 #include <linux/uaccess.h>
 
 #define EDU_BAR_SIZE	(1UL << 20)
+#define EDU_ID		0x00
+#define EDU_ID_VALUE	0x010000ed
 #define EDU_IRQ_STATUS	0x24
 #define EDU_IRQ_ACK	0x64
 #define BUF_SIZE	4096
@@ -186,6 +195,40 @@ static void labedu_remove(struct pci_dev *pdev)
 	edu = NULL;
 }
 
+static int labedu_suspend(struct device *dev)
+{
+	struct labedu *e = dev_get_drvdata(dev);
+
+	dev_info(dev, "labedu: suspending after %llu MSIs\n",
+		 (unsigned long long)atomic64_read(&e->irqs));
+	return 0;
+}
+
+static int labedu_resume(struct device *dev)
+{
+	struct labedu *e = dev_get_drvdata(dev);
+	struct pci_dev *pdev = to_pci_dev(dev);
+	u32 id, status;
+	u16 cmd;
+
+	pci_set_master(pdev);
+	status = ioread32(e->bar + EDU_IRQ_STATUS);
+	if (status)
+		iowrite32(status, e->bar + EDU_IRQ_ACK);
+	id = ioread32(e->bar + EDU_ID);
+	pci_read_config_word(pdev, PCI_COMMAND, &cmd);
+	if (id != EDU_ID_VALUE) {
+		dev_err(dev, "labedu: resume: ID register reads %#x, not %#x\n",
+			id, EDU_ID_VALUE);
+		return -EIO;
+	}
+	dev_info(dev, "labedu: resumed: id %#x, command %#06x, interrupt status was %#x\n",
+		 id, cmd, status);
+	return 0;
+}
+
+static DEFINE_SIMPLE_DEV_PM_OPS(labedu_pm, labedu_suspend, labedu_resume);
+
 static const struct pci_device_id labedu_ids[] = {
 	{ PCI_DEVICE(0x1234, 0x11e8) },
 	{ }
@@ -197,6 +240,7 @@ static struct pci_driver labedu_driver = {
 	.id_table = labedu_ids,
 	.probe = labedu_probe,
 	.remove = labedu_remove,
+	.driver.pm = pm_sleep_ptr(&labedu_pm),
 };
 module_pci_driver(labedu_driver);
 
