@@ -15,3 +15,5 @@ cargo fmt --check
 cargo clippy --release --all-targets -- -D warnings
 # --release: the lab boots the static release binary that this run builds.
 cargo test --release
+# Each fuzz target, briefly, from its kept inputs (src/fuzz.rs): a crash fails.
+scripts/fuzz.sh 20

@@ -13,6 +13,8 @@ mod creds;
 mod devices;
 mod event_loop;
 mod files;
+#[cfg(any(test, feature = "fuzz"))]
+mod fuzz;
 mod kexec;
 mod layout;
 mod pci;
@@ -36,6 +38,19 @@ fn main() -> ExitCode {
     let words: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
     if words.first() == Some(&cpr::guardian::ARG) {
         return cpr::guardian::main(&argv[2..]);
+    }
+    #[cfg(feature = "fuzz")]
+    if let ["__fuzz", target] = words[..] {
+        // AFL++'s persistent mode: many inputs per process (scripts/fuzz.sh).
+        if let Err(e) = fuzz::run(target, b"") {
+            eprintln!("molt: {e}");
+            return ExitCode::from(2);
+        }
+        let target = target.to_string();
+        afl::fuzz!(|data: &[u8]| {
+            let _ = fuzz::run(&target, data);
+        });
+        return ExitCode::SUCCESS;
     }
     let molt = match <Molt as argh::FromArgs>::from_args(&["molt"], &words) {
         Ok(m) => m,

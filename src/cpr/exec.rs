@@ -228,6 +228,11 @@ pub fn receive(fd: RawFd) -> Result<(ExecHeader, CprState), Error> {
     // The old image wrote it through the same open file: its offset is at the end.
     let mut bytes = vec![0u8; len as usize];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut bytes, 0).map_err(|e| Error::Read(fd, e))?;
+    parse(&bytes)
+}
+
+/// The exec message's parts: magic, the header with the descriptor table, the state.
+pub fn parse(bytes: &[u8]) -> Result<(ExecHeader, CprState), Error> {
     if bytes.len() < 12 || bytes[..8] != MAGIC {
         return Err(Error::BadMagic);
     }

@@ -236,13 +236,18 @@ pub fn encode(state: &CprState) -> Result<Vec<u8>, Error> {
     if payload.len() > MAX_PAYLOAD {
         return Err(Error::TooLarge(payload.len()));
     }
+    Ok(seal(VERSION, &payload))
+}
+
+/// `payload` behind a header of format `version` with its length and CRC.
+pub fn seal(version: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-    Ok(out)
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
 }
 
 /// The formats this release reads, as `molt version` and the handshakes list them.
@@ -426,15 +431,6 @@ pub(crate) mod tests {
     }
 
     /// A file of format `version` holding `payload`.
-    fn file(version: u32, payload: &[u8]) -> Vec<u8> {
-        let mut bytes = MAGIC.to_vec();
-        bytes.extend_from_slice(&version.to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        bytes.extend_from_slice(payload);
-        bytes
-    }
-
     #[test]
     fn round_trip() {
         let s = sample();
@@ -485,7 +481,7 @@ pub(crate) mod tests {
         assert_eq!(bad[run_at], 0);
         bad[run_at] = 3;
         assert!(matches!(
-            decode(&file(4, &bad)),
+            decode(&seal(4, &bad)),
             Err(Error::Decode { part: "run", .. })
         ));
     }
@@ -519,7 +515,7 @@ pub(crate) mod tests {
             run: s.run,
             disks: s.disks.clone(),
         };
-        let decoded = decode(&file(3, &postcard::to_allocvec(&v3).unwrap())).unwrap();
+        let decoded = decode(&seal(3, &postcard::to_allocvec(&v3).unwrap())).unwrap();
         assert!(decoded.vfio.is_empty());
         assert_eq!(decoded, CprStateV4::from(v3));
         // More devices than --vfio allows cannot decode.
@@ -530,7 +526,7 @@ pub(crate) mod tests {
             payload.extend_from_slice(&tail[1..]);
         }
         assert!(matches!(
-            decode(&file(4, &payload)),
+            decode(&seal(4, &payload)),
             Err(Error::Decode { part: "vfio", .. })
         ));
     }
@@ -562,7 +558,7 @@ pub(crate) mod tests {
             disks: heapless::Vec::new(),
         };
         let payload = postcard::to_allocvec(&v2).unwrap();
-        let decoded = decode(&file(2, &payload)).unwrap();
+        let decoded = decode(&seal(2, &payload)).unwrap();
         assert_eq!(decoded, CprStateV4::from(CprStateV3::from(v2)));
         assert_eq!(decoded.run, RunState::Paused);
         assert_eq!(decoded.machine.power, PowerState::default());
@@ -579,7 +575,7 @@ pub(crate) mod tests {
             machine: machine_v1(&s),
         };
         let payload = postcard::to_allocvec(&v1).unwrap();
-        let mut bytes = file(1, &payload);
+        let mut bytes = seal(1, &payload);
         let decoded = decode(&bytes).unwrap();
         assert_eq!(
             decoded,

@@ -71,7 +71,7 @@ const MAX_STATE: usize = state::HEADER_LEN + state::MAX_PAYLOAD + 64;
 const MAX_FORMATS: usize = 8;
 
 #[derive(Debug, Serialize, Deserialize)]
-enum Msg {
+pub(crate) enum Msg {
     Hello {
         version: String,
         /// The state format this side sends.
@@ -90,6 +90,11 @@ enum Msg {
     Restored,
     Go,
     Fail(String),
+}
+
+/// A message's body as the other side sent it.
+pub(crate) fn decode(body: &[u8]) -> Result<Msg, String> {
+    postcard::from_bytes(body).map_err(|e| e.to_string())
 }
 
 impl Msg {
@@ -286,7 +291,7 @@ impl Link {
         }
         let mut body = vec![0u8; len];
         self.read_exact(&mut body, step, d)?;
-        match postcard::from_bytes(&body).map_err(|e| Error::Protocol(step, e.to_string()))? {
+        match decode(&body).map_err(|e| Error::Protocol(step, e))? {
             Msg::Fail(why) => Err(Error::Refused(why)),
             m => Ok(m),
         }
