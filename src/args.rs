@@ -352,7 +352,7 @@ impl RunArgs {
                 return Err(UsageError(format!("--vfio {d} given twice")));
             }
         }
-        if let (Some(d), Some(_)) = (self.vfio.first(), &self.incoming) {
+        if let (Some(d), Some(Incoming::File(_))) = (self.vfio.first(), &self.incoming) {
             return Err(UsageError(format!(
                 "--vfio with --incoming: VFIO device {d}: {}",
                 crate::vfio::NO_LIVE_UPDATE
@@ -575,12 +575,25 @@ mod tests {
             "--vfio",
             "00:04.0",
             "--incoming",
-            "fd:5",
+            "file:/tmp/state",
         ]);
         assert!(
-            incoming.contains("live update with VFIO is not supported yet"),
+            incoming.contains("reboot mode with VFIO is not supported yet"),
             "{incoming}"
         );
+        // Exec and transfer carry the device.
+        for incoming in ["fd:5", "unix:/tmp/in.sock"] {
+            let cfg = v(&[
+                "run",
+                "--kernel",
+                "k",
+                "--vfio",
+                "00:04.0",
+                "--incoming",
+                incoming,
+            ]);
+            assert_eq!(cfg.unwrap().unwrap().len(), 1, "{incoming}");
+        }
     }
 
     #[test]

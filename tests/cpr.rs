@@ -775,13 +775,13 @@ fn header_and_payload_damage(good: &[u8]) -> Vec<Damage> {
             words: &["magic"],
         },
         Damage {
-            what: "version 4".into(),
-            bytes: relabel(4),
-            words: &["version 4 is unknown to this molt (it reads versions 1,2,3)"],
+            what: "version 5".into(),
+            bytes: relabel(5),
+            words: &["version 5 is unknown to this molt (it reads versions 1,2,3,4)"],
         },
     ];
     // Each format appends parts to the one before: a version 1 payload is
-    // short for versions 2 and 3, and a version 3 payload too long for 1 and 2.
+    // short for versions 2 to 4, and a later one too long for those before it.
     let relabelled = |from: u8, to: u32, words| Damage {
         what: format!("version {from} payload labelled version {to}"),
         bytes: relabel(to),
@@ -789,13 +789,15 @@ fn header_and_payload_damage(good: &[u8]) -> Vec<Damage> {
     };
     if good[VERSION_AT] == 1 {
         damage.push(relabelled(1, 2, &["cannot decode run (from byte"]));
-        damage.push(relabelled(
-            1,
-            3,
-            &["cannot decode machine.power (from byte"],
-        ));
+        for to in [3, 4] {
+            damage.push(relabelled(
+                1,
+                to,
+                &["cannot decode machine.power (from byte"],
+            ));
+        }
     } else {
-        for to in [1, 2] {
+        for to in 1..u32::from(good[VERSION_AT]) {
             damage.push(relabelled(good[VERSION_AT], to, TRAILING));
         }
     }
@@ -1758,12 +1760,12 @@ fn another_user_cannot_read_ram_state_or_console() {
 //
 // THESE FILES MUST DECODE FOREVER (SPEC.md "State compatibility", STYLE.md
 // "Versions are explicit and frozen"). If a change to molt breaks these tests,
-// the change broke compatibility: the format needs a new version (CprStateV4
-// with From<CprStateV3>), not a regenerated file.
+// the change broke compatibility: the format needs a new version (CprStateV5
+// with From<CprStateV4>), not a regenerated file.
 //
 // Decoding is host-independent. Resuming also needs this host's KVM to offer
 // every CPU feature the guest was started with (version 1 was saved on an Intel
-// Xeon, versions 2 and 3 on AMD EPYCs: their CPUID, XSAVE layout and MSRs): where it
+// Xeon, versions 2 to 4 on AMD EPYCs: their CPUID, XSAVE layout and MSRs): where it
 // does not, the restore must refuse the state naming what is missing, with the
 // file untouched; the decoding must never fail.
 
@@ -1779,7 +1781,7 @@ struct Golden {
     guest: &'static str,
 }
 
-const GOLDEN: [Golden; 3] = [
+const GOLDEN: [Golden; 4] = [
     Golden {
         version: 1,
         writer: "0.1.0",
@@ -1796,6 +1798,13 @@ const GOLDEN: [Golden; 3] = [
     },
     Golden {
         version: 3,
+        writer: "0.1.0",
+        cpu: "AuthenticAMD family 0x1a model 0x2",
+        run: RUN_SUSPENDED,
+        guest: "suspend.elf",
+    },
+    Golden {
+        version: 4,
         writer: "0.1.0",
         cpu: "AuthenticAMD family 0x1a model 0x2",
         run: RUN_SUSPENDED,
@@ -1981,6 +1990,12 @@ fn make_golden_state(version: u32) {
 #[ignore = "writes tests/data/state-v3.* once"]
 fn make_golden_state_v3() {
     make_golden_state(3);
+}
+
+#[test]
+#[ignore = "writes tests/data/state-v4.* once"]
+fn make_golden_state_v4() {
+    make_golden_state(4);
 }
 
 /// A restart opens the disks by name, so `cpr-save` refuses a disk whose name

@@ -691,7 +691,7 @@ fn exec_that_fails_after_the_probe_resumes_the_guest() {
     let vanishing = script(
         &dir,
         "vanishing",
-        "echo 'molt 9.9.9 state-formats=1,2,3'\nrm -f \"$0\"",
+        "echo 'molt 9.9.9 state-formats=1,2,3,4'\nrm -f \"$0\"",
     );
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();
@@ -792,7 +792,7 @@ fn exec_into_a_binary_that_dies(tag: &str, body: &str, words: &[&str]) {
         &dir,
         "fake-molt",
         &format!(
-            "[ \"$1\" = version ] && {{ echo 'molt x state-formats=1,2,3'; exit 0; }}\n{body}"
+            "[ \"$1\" = version ] && {{ echo 'molt x state-formats=1,2,3,4'; exit 0; }}\n{body}"
         ),
     );
     let mut g = Guest::start(dir, &a, &[]);
@@ -1178,7 +1178,7 @@ mod fake {
 
     pub const MAGIC: [u8; 8] = *b"MOLTXFR2";
     /// The state format molt writes today.
-    const FORMAT: u32 = 3;
+    const FORMAT: u32 = 4;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
     pub enum FdKind {
@@ -1635,7 +1635,7 @@ fn transfer_to_a_peer_that_is_not_a_molt_moves_no_descriptor() {
         (fake::Step::GarbageHello, &["not a molt"][..]),
         (
             fake::Step::WrongFormat,
-            &["state format 3", "not among"][..],
+            &["state format 4", "not among"][..],
         ),
     ] {
         let (reply, report) = transfer_to_fake(&g, step, &[]);

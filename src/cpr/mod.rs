@@ -19,6 +19,7 @@
 pub mod arrive;
 pub mod check;
 pub mod exec;
+pub mod fault;
 pub mod fds;
 pub mod guardian;
 pub mod inspect;
@@ -54,6 +55,7 @@ pub enum Error {
     /// The handed-over descriptors hold no guest RAM.
     NoRam,
     DupTap(std::io::Error),
+    DupVfio(std::io::Error),
     /// This image, kept open for a rollback.
     OwnExe(std::io::Error),
     Adopt(fds::Error),
@@ -99,6 +101,7 @@ impl fmt::Display for Error {
             Error::StateEncode(e) => write!(f, "handover: {e}"),
             Error::NoRam => write!(f, "handover: no RAM"),
             Error::DupTap(e) => write!(f, "handover: dup tap: {e}"),
+            Error::DupVfio(e) => write!(f, "handover: dup VFIO descriptor: {e}"),
             Error::OwnExe(e) => write!(f, "handover: cannot open /proc/self/exe: {e}"),
             Error::Adopt(e) => write!(f, "handover: {e}"),
             Error::Transfer(e) => e.fmt(f),

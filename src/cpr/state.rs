@@ -7,10 +7,10 @@
 //! (shape, devices, live queues, XSAVE sizes), and every value is checked again
 //! by the code that uses it.
 //!
-//! Versions are frozen once released: `CprStateV1`, `CprStateV2` and
-//! `CprStateV3` never change. A new field or value means a `CprStateV4` with
-//! `From<CprStateV3>`, and that release then decodes all four (SPEC.md, "State
-//! compatibility"). This one writes version 3 and reads 1, 2 and 3.
+//! Versions are frozen once released: `CprStateV1` to `CprStateV4` never
+//! change. A new field or value means a `CprStateV5` with `From<CprStateV4>`,
+//! and that release then decodes all five (SPEC.md, "State compatibility").
+//! This one writes version 4 and reads 1 to 4.
 
 use std::fmt;
 
@@ -18,13 +18,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::MAX_DISKS;
 use crate::virtio::block::Identity;
-use crate::vm::{MachineStateV1, MachineStateV2};
+use crate::vm::{MachineStateV1, MachineStateV2, MachineStateV3};
 
 pub const MAGIC: [u8; 8] = *b"MOLTCPR\0";
 /// The format this release writes.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The formats this release reads, oldest first.
-pub const READS: [u32; 3] = [1, 2, 3];
+pub const READS: [u32; 4] = [1, 2, 3, 4];
 pub const HEADER_LEN: usize = 20;
 /// No real state comes near this: ~10 KiB per vCPU, ~1 KiB per device.
 pub const MAX_PAYLOAD: usize = 4 << 20;
@@ -147,7 +147,32 @@ impl From<CprStateV2> for CprStateV3 {
     }
 }
 
-pub type CprState = CprStateV3;
+/// Version 4: the machine with its passed-through functions' states
+/// (`MachineStateV3`). Frozen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CprStateV4 {
+    pub writer: heapless::String<32>,
+    pub ram: RamLocation,
+    pub stopped_at_ns: u64,
+    pub machine: MachineStateV3,
+    pub run: RunStateV3,
+    pub disks: heapless::Vec<Identity, MAX_DISKS>,
+}
+
+impl From<CprStateV3> for CprStateV4 {
+    fn from(v3: CprStateV3) -> Self {
+        CprStateV4 {
+            writer: v3.writer,
+            ram: v3.ram,
+            stopped_at_ns: v3.stopped_at_ns,
+            machine: v3.machine.into(),
+            run: v3.run,
+            disks: v3.disks,
+        }
+    }
+}
+
+pub type CprState = CprStateV4;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Error {
@@ -267,7 +292,8 @@ pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
 /// byte it starts at. Postcard writes a struct as its fields one after the
 /// other, so this reads exactly what `postcard::from_bytes` of that version's
 /// struct would: version 2 appends fields to version 1; version 3 appends the
-/// machine's power registers to its machine, and writes run states 2 did not.
+/// machine's power registers to its machine, and writes run states 2 did not;
+/// version 4 appends the passed-through functions to the machine.
 fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
     let mut p = Parts { payload, at: 0 };
     let writer = p.next("writer")?;
@@ -287,18 +313,31 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
         stopped_at_ns,
         machine,
     };
-    let state = match version {
-        1 => CprStateV2::from(v1).into(),
-        2 => CprStateV2 {
+    let state: CprState = match version {
+        1 => CprStateV3::from(CprStateV2::from(v1)).into(),
+        2 => CprStateV3::from(CprStateV2 {
             run: p.next("run")?,
             disks: p.next("disks")?,
             ..v1.into()
-        }
+        })
         .into(),
-        _ => CprStateV3 {
+        3 => CprStateV3 {
             machine: MachineStateV2 {
                 power: p.next("machine.power")?,
                 ..v1.machine.into()
+            },
+            run: p.next("run")?,
+            disks: p.next("disks")?,
+            writer: v1.writer,
+            ram: v1.ram,
+            stopped_at_ns: v1.stopped_at_ns,
+        }
+        .into(),
+        _ => CprStateV4 {
+            machine: MachineStateV3 {
+                power: p.next("machine.power")?,
+                vfio: p.next("machine.vfio")?,
+                ..MachineStateV2::from(v1.machine).into()
             },
             run: p.next("run")?,
             disks: p.next("disks")?,
@@ -364,6 +403,7 @@ pub(crate) mod tests {
                 allocator: Allocator::new(),
                 virtio: heapless::Vec::new(),
                 power: PowerState::default(),
+                vfio: heapless::Vec::new(),
             },
             run: RunState::Running,
             disks: heapless::Vec::new(),
@@ -429,13 +469,13 @@ pub(crate) mod tests {
             sleep_pending: true,
         };
         let bytes = encode(&s).unwrap();
-        assert_eq!(bytes[8], 3);
+        assert_eq!(bytes[8], 4);
         assert_eq!(decode(&bytes).unwrap(), s);
         for run in [RunState::Running, RunState::Paused] {
             s.run = run;
             assert_eq!(decode(&encode(&s).unwrap()).unwrap().run, run);
         }
-        assert_eq!(formats(), "1,2,3");
+        assert_eq!(formats(), "1,2,3,4");
         // A run state no version has is refused, naming the part.
         let payload = postcard::to_allocvec(&sample()).unwrap();
         let mut bad = payload.clone();
@@ -443,9 +483,82 @@ pub(crate) mod tests {
         assert_eq!(bad[run_at], 0);
         bad[run_at] = 3;
         assert!(matches!(
-            decode(&file(3, &bad)),
+            decode(&file(4, &bad)),
             Err(Error::Decode { part: "run", .. })
         ));
+    }
+
+    /// A passed-through function's state as an edu device with MSI on and
+    /// one vector armed would have it.
+    fn vfio_state() -> crate::vfio::device::VfioState {
+        let mut config = heapless::Vec::new();
+        config.resize(256, 0).unwrap();
+        config[0..4].copy_from_slice(&[0x34, 0x12, 0xe8, 0x11]);
+        config[0x42] = 0x81;
+        crate::vfio::device::VfioState {
+            config,
+            msix: None,
+            msi_armed: Some((1, 1)),
+            msix_armed: None,
+        }
+    }
+
+    #[test]
+    fn version_4_carries_passed_through_functions() {
+        let mut s = sample();
+        s.machine.vfio.push(vfio_state()).unwrap();
+        let mut msix = vfio_state();
+        msix.msix = Some(crate::pci::msix::MsixState {
+            enabled: true,
+            ..Default::default()
+        });
+        msix.msix_armed = Some((8, 0b1010));
+        s.machine.vfio.push(msix).unwrap();
+        let bytes = encode(&s).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), s);
+        // More functions than a machine can have do not decode: the count
+        // comes before the run state and the disk list (a byte each here).
+        let mut payload = postcard::to_allocvec(&sample()).unwrap();
+        let count_at = payload.len() - 3;
+        assert_eq!(payload[count_at], 0);
+        payload[count_at] = 5;
+        assert!(matches!(
+            decode(&file(4, &payload)),
+            Err(Error::Decode {
+                part: "machine.vfio",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn version_3_decodes_without_passed_through_functions() {
+        let s = sample();
+        let m = s.machine.clone();
+        let v3 = CprStateV3 {
+            writer: s.writer.clone(),
+            ram: s.ram,
+            stopped_at_ns: s.stopped_at_ns,
+            machine: MachineStateV2 {
+                shape: m.shape,
+                vcpus: m.vcpus,
+                vm: m.vm,
+                serial: m.serial,
+                allocator: m.allocator,
+                virtio: m.virtio,
+                power: m.power,
+            },
+            run: RunStateV3::Suspended,
+            disks: heapless::Vec::new(),
+        };
+        let payload = postcard::to_allocvec(&v3).unwrap();
+        let decoded = decode(&file(3, &payload)).unwrap();
+        assert_eq!(decoded, CprStateV4::from(v3));
+        assert!(decoded.machine.vfio.is_empty());
+        assert_eq!(decoded.run, RunState::Suspended);
+        // A version 4 payload announced as version 3 has bytes left over.
+        let v4 = postcard::to_allocvec(&sample()).unwrap();
+        assert!(decode(&file(3, &v4)).is_err());
     }
 
     #[test]
@@ -476,7 +589,7 @@ pub(crate) mod tests {
         };
         let payload = postcard::to_allocvec(&v2).unwrap();
         let decoded = decode(&file(2, &payload)).unwrap();
-        assert_eq!(decoded, CprStateV3::from(v2));
+        assert_eq!(decoded, CprStateV4::from(CprStateV3::from(v2)));
         assert_eq!(decoded.run, RunState::Paused);
         assert_eq!(decoded.machine.power, PowerState::default());
         assert_eq!(decoded.machine.vcpus, s.machine.vcpus);
@@ -494,7 +607,10 @@ pub(crate) mod tests {
         let payload = postcard::to_allocvec(&v1).unwrap();
         let mut bytes = file(1, &payload);
         let decoded = decode(&bytes).unwrap();
-        assert_eq!(decoded, CprStateV3::from(CprStateV2::from(v1)));
+        assert_eq!(
+            decoded,
+            CprStateV4::from(CprStateV3::from(CprStateV2::from(v1)))
+        );
         assert_eq!(decoded.run, RunState::Running);
         assert!(decoded.disks.is_empty());
         assert_eq!(decoded.machine.power, PowerState::default());
@@ -526,8 +642,8 @@ pub(crate) mod tests {
         magic[0] ^= 1;
         assert_eq!(decode(&magic), Err(Error::BadMagic));
         let mut version = bytes.clone();
-        version[8] = 4;
-        assert_eq!(decode(&version), Err(Error::UnknownVersion(4)));
+        version[8] = 5;
+        assert_eq!(decode(&version), Err(Error::UnknownVersion(5)));
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x10;

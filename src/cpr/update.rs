@@ -69,7 +69,32 @@ impl Source<'_> {
             self.listener,
             self.client,
             self.console_in,
+            self.machine.vfio_handover(),
         )
+    }
+
+    /// In the pause, before the snapshot: the passed-through devices'
+    /// interrupts and DMA addresses are let go for the next process (see
+    /// `Machine::vfio_release`).
+    fn release_vfio(&self) -> Result<(), Error> {
+        if self.machine.vfio.is_empty() {
+            return Ok(());
+        }
+        let us = self.machine.vfio_release().map_err(Error::Vm)?;
+        log::info!("VFIO released: unmap_vaddr_us={us}");
+        Ok(())
+    }
+
+    /// The update failed after `release_vfio`: the devices' DMA and
+    /// interrupts are this process's again, before the guest resumes here.
+    fn reclaim_vfio(&self) {
+        if self.machine.vfio.is_empty() {
+            return;
+        }
+        match self.machine.vfio_reclaim() {
+            Ok(()) => log::info!("VFIO taken back: the guest resumes here"),
+            Err(e) => log::error!("VFIO: cannot take the devices back: {e}"),
+        }
     }
 
     /// Stops the vCPUs unless the user had: the pause starts. Returns when it
@@ -193,11 +218,15 @@ impl Request {
 }
 
 /// Starts `request`: reboot mode is done at once, exec and transfer start a worker.
-/// A machine with a passed-through device is refused every mode before
-/// anything is paused or handed over: carrying one is not implemented yet.
+/// A machine with a passed-through device is refused reboot mode, and exec
+/// and transfer when this host cannot hand its DMA mappings over, before
+/// anything is paused or handed over.
 pub fn start(request: Request, src: &mut Source) -> Started {
-    if let Some(&bdf) = src.machine.vfio_devices().first() {
+    if let (Request::Save(_), Some(&bdf)) = (&request, src.machine.vfio_devices().first()) {
         return Started::Done(Done::failed(request.what(), Error::Vfio(bdf)));
+    }
+    if let Some(why) = src.machine.vfio_update_refusal() {
+        return Started::Done(Done::failed(request.what(), Error::Vm(why)));
     }
     match request {
         Request::Save(path) => Started::Done(save(src, &path)),
@@ -293,19 +322,27 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
                     return Done::failed(what, e);
                 }
             };
-            // 4. The terminal goes back to how the user had it; the new image
-            //    sets it up again.
+            // 4. Passed-through devices: interrupts and DMA addresses let go
+            //    (the devices run on). The terminal goes back to how the user
+            //    had it; the new image sets it up again.
+            if let Err(e) = src.release_vfio() {
+                guardian.release();
+                src.resume();
+                return Done::failed(what, e);
+            }
             drop(src.terminal.take());
             // 5. Save into a sealed memfd and execve BINARY with it and the
             //    descriptors, with this image's own (for a rollback), the
             //    guardian's line and the KVM descriptors (closed by the new
             //    image once the guest runs). Returns only if that failed.
             let err = exec_out(src, &mut handover, &binary, &argv, stopped_at_ns, &guardian);
-            // 6. It failed: the guardian leaves and the guest runs on here.
+            // 6. It failed: the guardian leaves and the guest runs on here,
+            //    with its passed-through devices.
             guardian.release();
             if src.console_in.is_some() {
                 *src.terminal = RawMode::enter();
             }
+            src.reclaim_vfio();
             src.resume();
             Done::failed(what, err)
         })
@@ -388,8 +425,15 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                     return Done::failed(what, e);
                 }
             };
-            // 5. Save, send STATE, and wait for RESTORED: the guest stays
-            //    paused at most `max_pause`, and a signal aborts.
+            // 5. Passed-through devices: interrupts and DMA addresses let go.
+            //    Save, send STATE, and wait for RESTORED: the guest stays
+            //    paused at most `max_pause`, and a signal aborts. A failure
+            //    takes the devices back and resumes the guest here.
+            if let Err(e) = src.release_vfio() {
+                out.fail(&e.to_string());
+                src.resume();
+                return Done::failed(what, e);
+            }
             let sent = src
                 .snapshot(src.in_place(), stopped_at_ns)
                 .and_then(|s| state::encode(&s).map_err(Error::StateEncode))
@@ -399,6 +443,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 });
             if let Err(e) = sent {
                 out.fail(&e.to_string());
+                src.reclaim_vfio();
                 src.resume();
                 return Done::failed(what, e);
             }
@@ -413,6 +458,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                     }
                 }
                 Err(e) => {
+                    src.reclaim_vfio();
                     src.resume();
                     Done::failed(what, e)
                 }

@@ -25,11 +25,13 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use device::VfioPci;
-pub use handles::{DeviceHandles, Handles, Iommu};
+pub use handles::{DeviceHandles, HandedOver, Handles, Iommu, RawHandles};
 pub use host::Sysfs;
 
-/// Why a machine with a passed-through device refuses every CPR mode for now.
-pub const NO_LIVE_UPDATE: &str = "live update with VFIO is not supported yet";
+/// Why a machine with a passed-through device refuses reboot mode for now
+/// (exec and transfer carry the running device).
+pub const NO_LIVE_UPDATE: &str =
+    "reboot mode with VFIO is not supported yet (cpr-exec and cpr-transfer carry the device)";
 
 /// A PCI address as sysfs names it: domain:bus:device.function (0000:00:04.0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +122,10 @@ pub enum Why {
         want: usize,
     },
     Mmap(usize, std::io::Error),
+    /// What a live update handed over does not fit the device.
+    Handover(String),
+    /// The saved state of the device does not fit it.
+    State(String),
 }
 
 #[cfg(test)]
@@ -227,6 +233,8 @@ impl fmt::Display for Why {
                 "{have} interrupt eventfds handed over, the device has {want} vectors"
             ),
             Why::Mmap(i, e) => write!(f, "cannot mmap BAR {i}: {e}"),
+            Why::Handover(why) => write!(f, "handover: {why}"),
+            Why::State(why) => write!(f, "saved state: {why}"),
         }
     }
 }
