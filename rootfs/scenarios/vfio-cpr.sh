@@ -13,10 +13,11 @@
 # 3. Failures, edu attached and the loop running: the new process of a
 #    transfer killed while it waits, once it holds the descriptors, once it
 #    has the state, once it has taken the DMA mappings (MOLT_TEST_KILL_AT,
-#    src/cpr/fault.rs); an exec whose execve fails; an exec into an image that
-#    dies, and into a molt killed once it has taken the DMA mappings (both
-#    rolled back by the guardian). Each time the old process (or the
-#    guardian's rollback) keeps the guest, `status` says running.
+#    src/cpr/fault.rs: molt-next has the hook); an exec whose execve fails;
+#    an exec into an image that dies, and into a molt killed once it has
+#    taken the DMA mappings (both rolled back by the guardian). Each time the
+#    old process (or the guardian's rollback) keeps the guest, `status` says
+#    running.
 # 4. The loop stops and reports: every iteration right, one MSI per DMA. The
 #    kept factorial and pattern read back unchanged (`labedu kept`), and a
 #    full labedu run passes again.
@@ -27,6 +28,7 @@
 #    of ten more of a guest without VFIO, min/median/max, and the VFIO steps
 #    molt logs (old side: unmap_vaddr_us; new side: map_vaddr_us,
 #    irq_attach_us).
+# lab-needs: molt-next
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
 
@@ -91,10 +93,11 @@ version=$(molt version | awk '{ print $2 }')
 # start_incoming BIN ERRLOG: BIN run with /run/argv plus --incoming unix:$XFER,
 # waiting there for the guest. Sets NEW_PID; returns 1 without a socket in 60 s.
 start_incoming() {
+    _bin=$1 _err=$2
     set --
     while IFS= read -r a; do set -- "$@" "$a"; done < /run/argv
     rm -f $XFER
-    "$1" run "$@" --incoming "unix:$XFER" < /dev/null > /dev/null 2> "$2" &
+    "$_bin" run "$@" --incoming "unix:$XFER" < /dev/null > /dev/null 2> "$_err" &
     NEW_PID=$!
     _i=0
     while [ ! -S $XFER ]; do
@@ -129,6 +132,7 @@ update() {
     else
         if ! start_incoming /lab/bin/molt "$_err"; then
             fail "${SET}_step${_step}_incoming" "no incoming socket"
+            dump "step$_step-stderr" "$_err" 20
             return 1
         fi
         _reply=$(molt ctl "$SOCK" cpr-transfer $XFER 2>&1)
@@ -252,7 +256,11 @@ fails() {
     if runs_on "fail_${1}_runs_on"; then check "fail_${1}_edu_runs_on" yes yes; else check "fail_${1}_edu_runs_on" no yes; fi
     VMM_PID_NOW=$(field pid "$_st")
 }
-killer() { printf '#!/bin/sh\nMOLT_TEST_KILL_AT=%s exec /lab/bin/molt "$@"\n' "$1" > /run/molt-kill-$1; chmod +x /run/molt-kill-$1; }
+# killer STEP: /run/molt-kill-STEP, molt-next (which has the hook) dying at STEP.
+killer() {
+    printf '#!/bin/sh\nMOLT_TEST_KILL_AT=%s exec /lab/bin/molt-next "$@"\n' "$1" > /run/molt-kill-$1
+    chmod +x /run/molt-kill-$1
+}
 if [ "$LAB_FAILED" = 0 ]; then
     # Transfer: the new process killed while it waits for the old one.
     start_incoming /lab/bin/molt /run/molt-fail-wait.err
@@ -327,6 +335,7 @@ if boot_guest; then
     guest_poweroff novfio_molt_exit
 else
     kill -9 "$VMM_PID" 2>/dev/null
+    dump_vmm guest-novfio
 fi
 result lab_ms $(( $(now_ms) - t_start ))
 lab_end
