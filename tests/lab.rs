@@ -202,6 +202,7 @@ fn vfio_edu_keeps_running_through_exec_and_transfer_updates_and_their_failures()
         ("kept_fact", "PASS"),
         ("kept_buf", "PASS"),
         ("labedu_2_rc", "0"),
+        ("vaddr_taken_back", "2"),
         ("molt_gone", "yes"),
         ("exit_releases_group", "yes"),
         ("novfio_replies_ok", "10"),

@@ -242,6 +242,8 @@ wait_count "$LOG" '^EDU-DMA [0-9]' 2 60 || fail loop_running "no EDU-DMA from th
 t_updates=$(now_ms)
 [ "$LAB_FAILED" = 0 ] && ten_updates
 result edu_updates_ms $(( $(now_ms) - t_updates ))
+# The VFIO steps of these ten updates (the failures below log more).
+vfio_steps
 snapshot /run/probes.updates
 check updates_open_close_reset "$(delta /run/probes.boot /run/probes.updates)" none
 
@@ -315,7 +317,9 @@ check labedu_2_rc "$rc" 0
 gout EDU2 | sed 's/^/LAB-INFO labedu run 2: /'
 guest_cmd "grep labedu /proc/interrupts | sed 's/^/IRQ /'" 30 > /dev/null
 result guest_edu_interrupts "$(gval IRQ | tr -s ' ')"
-vfio_steps
+# A mapping a dead new process had taken was taken back: by the old process
+# (transfer, killed at vaddr) and by the guardian's rollback (exec).
+check vaddr_taken_back "$(cat "$LOG.err" /run/molt-*.err | grep -c 'had another process.s address')" 2
 
 # The guest may now run in a guardian's process (not this shell's child).
 echo poweroff >&3

@@ -218,6 +218,9 @@ fn resume_exec(
     //    guardian (if any) leaves: a later death of this image must not make
     //    it resume an older copy. Until then its line stays in `inc`, for a
     //    rollback to hand on.
+    // No other process can run the guest: mappings a failed image took are
+    // taken back (a rollback).
+    inc.adopted.vfio.take_back = true;
     let resumed = adopted_config(cfg, &inc.adopted).and_then(|(cfg, ram, vfio)| {
         check_ram(&inc.state, &ram)?;
         let line = &mut inc.adopted.guardian;

@@ -86,7 +86,7 @@ impl Iommu {
             if let Err(e) = self.container.invalidate_vaddr(gpa, size) {
                 // Best effort: what cannot be taken back stays invalid and
                 // the error says why the update failed.
-                let _ = self.take_vaddr(&regions[..i]);
+                let _ = self.take_vaddr(&regions[..i], true);
                 return Err(e);
             }
         }
@@ -94,16 +94,22 @@ impl Iommu {
     }
 
     /// Gives every RAM mapping this process's addresses (`regions`), after
-    /// another process (or image) released them. A mapping another one took
-    /// meanwhile (a new process that died after taking it) is released and
-    /// taken again: after a failed update the old process takes its
-    /// mappings back whatever step the new one reached.
-    pub fn take_vaddr(&self, regions: &RamRegions) -> Result<(), ioctl::Error> {
+    /// another process (or image) released them. With `take_back`, a mapping
+    /// another one took meanwhile (a new process that took it, then failed)
+    /// is released and taken again: after a failed update the old process
+    /// (or the guardian's rollback) takes its mappings back whatever step
+    /// the new one reached. A transfer's new process never takes them back:
+    /// the old one may run the guest again.
+    pub fn take_vaddr(&self, regions: &RamRegions, take_back: bool) -> Result<(), ioctl::Error> {
         for &(gpa, size, host) in regions {
             match self.container.map_vaddr(gpa, size, host) {
-                Err(e) if e.errno() == Some(libc::EINVAL) => {
+                Err(e) if take_back && e.errno() == Some(libc::EINVAL) => {
                     self.container.invalidate_vaddr(gpa, size)?;
                     self.container.map_vaddr(gpa, size, host)?;
+                    log::info!(
+                        "VFIO: the DMA mapping at IOVA {gpa:#x} had another process's \
+                         address (a new process that took it, then failed): taken back"
+                    );
                 }
                 r => r?,
             }
@@ -126,6 +132,10 @@ impl Iommu {
 /// its interrupt eventfds (irqfds, parked).
 #[derive(Debug, Default)]
 pub struct HandedOver {
+    /// Whether the DMA mappings may be taken back from a process that took
+    /// them and failed (`Iommu::take_vaddr`): exec and its rollbacks, where
+    /// no other process can be running the guest; not a transfer.
+    pub take_back: bool,
     pub container: Option<OwnedFd>,
     pub groups: Vec<(u32, OwnedFd)>,
     pub devices: Vec<OwnedFd>,
@@ -369,6 +379,7 @@ impl Handles {
     /// released addresses until `Iommu::take_vaddr`.
     pub fn adopt(bdfs: &[Bdf], fds: HandedOver, sysfs: &Sysfs) -> Result<Handles, Error> {
         let HandedOver {
+            take_back: _,
             container,
             groups,
             devices,

@@ -354,7 +354,7 @@ impl Prepared {
             let t = std::time::Instant::now();
             if let Some(iommu) = &parts.iommu {
                 iommu
-                    .take_vaddr(&parts.ram.host_regions())
+                    .take_vaddr(&parts.ram.host_regions(), parts.vfio_take_back)
                     .map_err(|e| parts.vfio_error(vfio::Why::Ioctl(e)))?;
             }
             crate::cpr::fault::point("vaddr");
@@ -417,6 +417,9 @@ struct Parts {
     /// The passed-through devices were handed over by a live update: DMA
     /// mappings and irqfds are taken over at restore.
     vfio_adopted: bool,
+    /// ... and mappings a failed process took may be taken back from it
+    /// (`HandedOver::take_back`).
+    vfio_take_back: bool,
     allocator: Allocator,
 }
 
@@ -432,6 +435,7 @@ impl Parts {
         // Passed-through devices first: one that cannot be used is refused
         // before KVM is touched.
         let adopted = vfio.is_some();
+        let take_back = vfio.as_ref().is_some_and(|v| v.take_back);
         let handles = match vfio {
             Some(fds) => Handles::adopt(&cfg.vfio, fds, &Sysfs::host()),
             None => Handles::open(&cfg.vfio, &Sysfs::host()),
@@ -472,6 +476,7 @@ impl Parts {
             vfio: built.vfio,
             iommu,
             vfio_adopted: adopted,
+            vfio_take_back: take_back,
             allocator: built.allocator,
         })
     }
@@ -768,7 +773,7 @@ impl Machine {
             return Ok(());
         };
         let taken = iommu
-            .take_vaddr(&self.ram.host_regions())
+            .take_vaddr(&self.ram.host_regions(), true)
             .map_err(|e| self.vfio_ioctl_error(e));
         let attached = devices::attach_vfio(&self.vm, &self.vfio, true).map_err(Error::Kvm);
         taken.and(attached)
