@@ -149,6 +149,7 @@ impl HandedOver {
     pub fn try_clone(&self) -> std::io::Result<HandedOver> {
         let all = |v: &[OwnedFd]| v.iter().map(OwnedFd::try_clone).collect();
         Ok(HandedOver {
+            take_back: self.take_back,
             container: self
                 .container
                 .as_ref()
