@@ -437,3 +437,74 @@ impl Handles {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vfio::host::tests::FakeSysfs;
+
+    fn null() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    #[test]
+    fn an_adoption_that_does_not_fit_is_refused_naming_why() {
+        let fake = FakeSysfs::new("adopt");
+        fake.device("0000:00:04.0", Some("vfio-pci"), Some(7));
+        let bdfs = ["0000:00:04.0".parse().unwrap()];
+        let refused = |fds: HandedOver| {
+            Handles::adopt(&bdfs, fds, &fake.sysfs())
+                .err()
+                .expect("refused")
+                .to_string()
+        };
+        let e = refused(HandedOver::default());
+        assert_eq!(
+            e,
+            "VFIO device 0000:00:04.0: handover: no container for 1 devices"
+        );
+        let e = refused(HandedOver {
+            container: Some(null()),
+            ..HandedOver::default()
+        });
+        assert!(
+            e.ends_with("handover: 0 device descriptors for 1 devices"),
+            "{e}"
+        );
+        // Not a VFIO container: the extension cannot even be asked for.
+        let e = refused(HandedOver {
+            container: Some(null()),
+            groups: vec![(7, null())],
+            devices: vec![null()],
+            irqfds: vec![Vec::new()],
+            parked: vec![Vec::new()],
+            take_back: false,
+        });
+        assert!(e.contains("VFIO_CHECK_EXTENSION(10) failed"), "{e}");
+        // No devices, nothing to adopt.
+        let none = Handles::adopt(&[], HandedOver::default(), &fake.sysfs()).unwrap();
+        assert!(none.iommu.is_none() && none.devices.is_empty());
+    }
+
+    #[test]
+    fn duplicates_keep_the_originals_and_their_order() {
+        let h = HandedOver {
+            take_back: true,
+            container: Some(null()),
+            groups: vec![(3, null()), (9, null())],
+            devices: vec![null()],
+            irqfds: vec![vec![null(), null()]],
+            parked: vec![vec![null(), null()]],
+        };
+        let d = h.try_clone().unwrap();
+        assert!(d.take_back);
+        let (a, b) = (h.raw(), d.raw());
+        assert_eq!(b.groups.iter().map(|g| g.0).collect::<Vec<_>>(), [3, 9]);
+        assert_eq!(b.eventfds(), 4);
+        assert_ne!(
+            a.container, b.container,
+            "a duplicate is another descriptor"
+        );
+        assert_eq!(a.irqfds[0].len(), b.irqfds[0].len());
+    }
+}
