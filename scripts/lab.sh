@@ -14,8 +14,9 @@
 #                       the scenario's own (its `# lab-append: ARGS` line)
 #   MOLT_LAB_WITH_QEMU  1: put QEMU into the L2 image too (for bench-boot)
 #   (a scenario with a `# lab-needs: molt-next` line also gets /lab/bin/molt-next:
-#   the same source built with MOLT_BUILD_VERSION=lab-next into target/lab-next,
-#   a second version to update to)
+#   the same source built with MOLT_BUILD_VERSION=lab-next and the test-hooks
+#   feature (src/cpr/fault.rs) into target/lab-next, a second version to update
+#   to)
 #   MOLT_BIN            molt binary (default: the static release build, which is
 #                       rebuilt first with `cargo build --release`)
 #   MOLT_LAB_CACHE      kernel download cache (default ~/.cache/molt-lab)
@@ -65,7 +66,7 @@ fi
 unset MOLT_NEXT_BIN
 if [[ $with_next == 1 ]]; then
     export MOLT_NEXT_BIN=$repo/target/lab-next/$MOLT_TARGET/release/molt
-    (cd "$repo" && MOLT_BUILD_VERSION=lab-next cargo build --release --quiet --target-dir target/lab-next) ||
+    (cd "$repo" && MOLT_BUILD_VERSION=lab-next cargo build --release --quiet --features test-hooks --target-dir target/lab-next) ||
         echo "lab: warning: molt-next did not build" >&2
 fi
 

@@ -365,19 +365,6 @@ impl RunArgs {
                 return Err(UsageError(format!("--vfio {d} given twice")));
             }
         }
-        // Reboot mode opens the devices afresh (the guest was suspended);
-        // exec and transfer would have to carry them open.
-        let mode = match &self.incoming {
-            Some(Incoming::Fd(_)) => Some("fd: (exec)"),
-            Some(Incoming::Unix(_)) => Some("unix: (transfer)"),
-            Some(Incoming::File(_)) | None => None,
-        };
-        if let (Some(d), Some(mode)) = (self.vfio.first(), mode) {
-            return Err(UsageError(format!(
-                "--vfio with --incoming {mode}: VFIO device {d}: {}",
-                crate::vfio::NO_LIVE_UPDATE
-            )));
-        }
         if self.mem > host_mem {
             return Err(UsageError(format!(
                 "--mem {}: more than this host's memory ({host_mem} bytes)",
@@ -623,29 +610,19 @@ mod tests {
             five.extend(["--vfio", a]);
         }
         assert!(refused(&five).contains("at most 4"));
-        // Reboot mode's restart takes them; exec and transfer do not yet.
-        let incoming = |how: &str| {
-            v(&[
+        // Every CPR mode takes them: reboot mode's restart opens them afresh,
+        // exec and transfer carry them open.
+        for incoming in ["file:/run/state", "fd:5", "unix:/tmp/in.sock"] {
+            let cfg = v(&[
                 "run",
                 "--kernel",
                 "k",
                 "--vfio",
                 "00:04.0",
                 "--incoming",
-                how,
-            ])
-            .unwrap()
-        };
-        let restart = incoming("file:/run/state").unwrap();
-        assert_eq!(restart[0].to_string(), "0000:00:04.0");
-        for (how, mode) in [("fd:5", "fd: (exec)"), ("unix:/run/x", "unix: (transfer)")] {
-            let e = incoming(how).unwrap_err().0;
-            let start = format!("--vfio with --incoming {mode}: VFIO device 0000:00:04.0: ");
-            assert!(
-                e.starts_with(&start)
-                    && e.contains("exec and transfer with VFIO are not supported yet"),
-                "{how}: {e}"
-            );
+                incoming,
+            ]);
+            assert_eq!(cfg.unwrap().unwrap()[0].to_string(), "0000:00:04.0", "{incoming}");
         }
     }
 

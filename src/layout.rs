@@ -88,6 +88,10 @@ pub const I8042_PORT: u16 = 0x64;
 pub const MAX_DISKS: usize = 8;
 pub const MAX_NICS: usize = 4;
 pub const MAX_VFIO_DEVICES: usize = 4;
+/// Most interrupt eventfds (two per vector) of all passed-through devices
+/// that an exec or transfer hands over: with the other descriptors, one
+/// SCM_RIGHTS message's 253 must hold them all.
+pub const MAX_VFIO_EVENTFDS: usize = 128;
 
 /// KVM memslots: guest RAM uses 0 and 1 (below and above the MMIO gap);
 /// passed-through devices' BARs use `vfio::device::MEMSLOTS` each from here.

@@ -1769,10 +1769,10 @@ fn another_user_cannot_read_ram_state_or_console() {
 // guest in tests/data/suspend.elf (`suspend_guest(Wake::RealMode)`), same
 // shape, saved while suspended to RAM. tests/data/state-v4.bin was written
 // once by the release that introduced format 4 (`make_golden_state_v4`), the
-// same way: format 4 adds the passed-through devices, and this direct
-// /dev/kvm machine has none (the list's encoding is `state.rs`'s unit test;
-// the lab's vfio-reboot scenario restores one with edu). state-vN.serial is
-// what the guest printed up to the save.
+// same way: format 4 adds the passed-through functions' states and
+// identities, and this direct /dev/kvm machine has none (their encoding is in
+// `state.rs`'s unit tests; the lab's vfio-cpr and vfio-reboot scenarios carry
+// edu). state-vN.serial is what the guest printed up to the save.
 //
 // THESE FILES MUST DECODE FOREVER (SPEC.md "State compatibility", STYLE.md
 // "Versions are explicit and frozen"). If a change to molt breaks these tests,

@@ -15,7 +15,7 @@ use super::state::{self, CprState, RamLocation, RunState};
 use super::{exec, guardian, reboot, transfer, Error, VERSION};
 use crate::args::{Incoming, RunConfig};
 use crate::devices::serial::Output;
-use crate::vfio::{self, Sysfs};
+use crate::vfio::{self, HandedOver, Sysfs};
 use crate::virtio::block::Identity;
 use crate::vm::host_cpu::HostCpu;
 use crate::vm::memory::GuestRam;
@@ -36,7 +36,8 @@ pub enum Arrival {
     File(FileIncoming),
     /// Boxed: its header holds the whole descriptor table.
     Exec(Box<ExecIncoming>),
-    Transfer(TransferIncoming),
+    /// Boxed: it holds every handed-over descriptor.
+    Transfer(Box<TransferIncoming>),
 }
 
 /// The guest runs here.
@@ -60,7 +61,7 @@ pub fn receive(cfg: &RunConfig, stop: RawFd) -> Result<Received, Error> {
         Some(Incoming::File(path)) => Arrival::File(receive_file(cfg, path)?),
         Some(Incoming::Fd(fd)) => Arrival::Exec(Box::new(receive_exec(cfg, *fd)?)),
         Some(Incoming::Unix(path)) => match receive_transfer(cfg, path, stop)? {
-            Some(t) => Arrival::Transfer(t),
+            Some(t) => Arrival::Transfer(Box::new(t)),
             None => return Ok(Received::Stopped),
         },
     };
@@ -94,7 +95,7 @@ impl Arrival {
         match self {
             Arrival::File(inc) => resume_file(inc, cfg, console, exit),
             Arrival::Exec(inc) => resume_exec(*inc, cfg, console, exit),
-            Arrival::Transfer(inc) => resume_transfer(inc, cfg, console, exit),
+            Arrival::Transfer(inc) => resume_transfer(*inc, cfg, console, exit),
         }
     }
 }
@@ -162,7 +163,7 @@ fn resume_file(
     // 3. RAM kept in place must be the RAM that was saved.
     check_ram(&state, &ram)?;
     // 4. Rebuild the machine, restore it and run it (paused, if it was).
-    let machine = restore(cfg, &state, ram, console, exit, || {})?;
+    let machine = restore(cfg, &state, ram, None, console, exit, || {})?;
     let arrived = arrived(machine, &state, None, None);
     log::info!(
         "resumed from {}: restore_us={} pause_us={}",
@@ -171,6 +172,15 @@ fn resume_file(
         arrived.pause_us
     );
     Ok(arrived)
+}
+
+/// The devices `cfg` configures, whose descriptors a hand-over brings.
+fn counts(cfg: &RunConfig) -> fds::Counts {
+    fds::Counts {
+        disks: cfg.disks.len(),
+        nets: cfg.nets.len(),
+        vfio: cfg.vfio.len(),
+    }
 }
 
 /// Exec mode: what the new image received.
@@ -184,13 +194,9 @@ pub struct ExecIncoming {
 /// descriptors it names.
 fn receive_exec(cfg: &RunConfig, fd: RawFd) -> Result<ExecIncoming, Error> {
     let (header, state) = exec::receive(fd).map_err(Error::Exec)?;
-    let adopted = fds::adopt(
-        &header.table.kinds,
-        &header.table.numbers,
-        cfg.disks.len(),
-        cfg.nets.len(),
-    )
-    .map_err(Error::Adopt)?;
+    let adopted = fds::adopt(&header.table.kinds, &header.table.numbers, counts(cfg))
+        .map_err(Error::Adopt)?;
+    super::fault::point("adopted");
     Ok(ExecIncoming {
         header,
         state: Box::new(state),
@@ -213,10 +219,13 @@ fn resume_exec(
     //    guardian (if any) leaves: a later death of this image must not make
     //    it resume an older copy. Until then its line stays in `inc`, for a
     //    rollback to hand on.
-    let resumed = adopted_config(cfg, &inc.adopted).and_then(|(cfg, ram)| {
+    // No other process can run the guest: mappings a failed image took are
+    // taken back (a rollback).
+    inc.adopted.vfio.take_back = true;
+    let resumed = adopted_config(cfg, &inc.adopted).and_then(|(cfg, ram, vfio)| {
         check_ram(&inc.state, &ram)?;
         let line = &mut inc.adopted.guardian;
-        restore(&cfg, &inc.state, ram, console, exit, || {
+        restore(&cfg, &inc.state, ram, vfio, console, exit, || {
             if let Some(line) = line.take() {
                 guardian::release(line);
             }
@@ -306,8 +315,11 @@ fn receive_transfer(
         .into_iter()
         .map(IntoRawFd::into_raw_fd)
         .collect();
-    match fds::adopt(&kinds, &fds, cfg.disks.len(), cfg.nets.len()) {
-        Ok(adopted) => Ok(Some(TransferIncoming { link, adopted })),
+    match fds::adopt(&kinds, &fds, counts(cfg)) {
+        Ok(adopted) => {
+            super::fault::point("adopted");
+            Ok(Some(TransferIncoming { link, adopted }))
+        }
         Err(why) => {
             link.fail(&why.to_string());
             Err(Error::Adopt(why))
@@ -324,15 +336,18 @@ fn resume_transfer(
 ) -> Result<Arrived, Error> {
     // 2. Map RAM and build the VM and devices while the old process still
     //    runs the guest.
-    let prepared = adopted_config(cfg, &t.adopted)
-        .and_then(|(cfg, ram)| vm::Machine::prepare(&cfg, ram, console).map_err(Error::Vm));
+    let prepared = adopted_config(cfg, &t.adopted).and_then(|(cfg, ram, vfio)| {
+        vm::Machine::prepare(&cfg, ram, console, vfio).map_err(Error::Vm)
+    });
     // 3. READY; the old process pauses the guest and sends STATE.
     // 4. Decode, check and restore it (the vCPUs do not run yet).
     let loaded = prepared.and_then(|prepared| {
         let (bytes, max_pause) = t.link.ready().map_err(Error::Transfer)?;
+        super::fault::point("state");
         let start = Instant::now();
         let state = state::decode(&bytes).map_err(Error::StateDecode)?;
         let restored = prepared.restore(&state.machine).map_err(Error::Vm)?;
+        log_vfio(&restored);
         Ok((restored, state, start, max_pause))
     });
     // 5. RESTORED, then wait for GO: without it nothing runs, and a failure,
@@ -391,9 +406,13 @@ impl Arrived {
 
 /// `cfg` rewritten to use handed-over descriptors instead of names: RAM and
 /// disks reopened through /proc/self/fd (a fresh open file description of the
-/// same file), taps adopted by duplicate (the original stays with `a`, for a
-/// rollback). Returns the config and the mapped RAM.
-fn adopted_config(cfg: &RunConfig, a: &Adopted) -> Result<(RunConfig, GuestRam), Error> {
+/// same file), taps and VFIO descriptors adopted by duplicate (the originals
+/// stay with `a`, for a rollback). Returns the config, the mapped RAM and the
+/// VFIO descriptors (None without passed-through devices).
+fn adopted_config(
+    cfg: &RunConfig,
+    a: &Adopted,
+) -> Result<(RunConfig, GuestRam, Option<HandedOver>), Error> {
     let mut cfg = cfg.clone();
     let ram = a.ram.as_ref().ok_or(Error::NoRam)?;
     let path = fds::proc_path(ram);
@@ -406,7 +425,11 @@ fn adopted_config(cfg: &RunConfig, a: &Adopted) -> Result<(RunConfig, GuestRam),
         let dup = t.try_clone().map_err(Error::DupTap)?;
         n.backend = crate::args::NetBackend::Fd(dup.into_raw_fd());
     }
-    Ok((cfg, ram))
+    let vfio = match a.vfio.container {
+        Some(_) => Some(a.vfio.try_clone().map_err(Error::DupVfio)?),
+        None => None,
+    };
+    Ok((cfg, ram, vfio))
 }
 
 /// RAM kept in place must be the RAM that was saved.
@@ -486,19 +509,33 @@ fn check_vfio(cfg: &RunConfig, saved: &[vfio::Identity], sysfs: &Sysfs) -> Resul
 /// Rebuilds the machine around `ram`, loads `state` and runs it;
 /// `before_start` runs once nothing can fail any more but the vCPUs, just
 /// before they start.
+#[allow(clippy::too_many_arguments)]
 fn restore(
     cfg: &RunConfig,
     state: &CprState,
     ram: GuestRam,
+    vfio: Option<HandedOver>,
     console: Output,
     exit: ExitSink,
     before_start: impl FnOnce(),
 ) -> Result<Machine, Error> {
-    let restored = Machine::prepare(cfg, ram, console)
+    let restored = Machine::prepare(cfg, ram, console, vfio)
         .and_then(|p| p.restore(&state.machine))
         .map_err(Error::Vm)?;
+    log_vfio(&restored);
     before_start();
     run_vcpus(restored, exit, state.run)
+}
+
+/// The VFIO part of the pause on this side, for the log (and `bench`).
+fn log_vfio(restored: &vm::Restored) {
+    if let Some(t) = restored.vfio_times {
+        log::info!(
+            "VFIO taken over: map_vaddr_us={} irq_attach_us={}",
+            t.map_vaddr_us,
+            t.irq_attach_us
+        );
+    }
 }
 
 /// Runs the vCPUs of a restored machine, or leaves them parked if the guest

@@ -10,7 +10,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use heapless::Vec as BoundedVec;
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{MAX_DISKS, MAX_NICS};
+use crate::layout::{MAX_DISKS, MAX_NICS, MAX_VFIO_DEVICES, MAX_VFIO_EVENTFDS};
+use crate::vfio::{HandedOver, RawHandles};
 
 /// What a slot holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,9 +32,30 @@ pub enum FdKind {
     StaleKvm,
     /// Exec: the line to the guardian (`guardian.rs`), told once the guest runs.
     Guardian,
+    /// The passed-through devices' VFIO container.
+    VfioContainer,
+    /// A VFIO group, by its number.
+    VfioGroup(u32),
+    /// Passed-through device i (argv order).
+    VfioDevice(u8),
+    /// An interrupt eventfd of device i: its vectors' irqfds, then the
+    /// eventfds VFIO signals masked vectors on, each in vector order.
+    VfioIrqfd(u8),
+    VfioParked(u8),
 }
 
-pub const MAX_FDS: usize = 8 + MAX_DISKS + MAX_NICS + 1 + crate::layout::MAX_VCPUS;
+pub const MAX_FDS: usize = 8
+    + MAX_DISKS
+    + MAX_NICS
+    + 1
+    + crate::layout::MAX_VCPUS
+    + 1
+    + 2 * MAX_VFIO_DEVICES
+    + MAX_VFIO_EVENTFDS;
+
+/// SCM_RIGHTS carries at most this many descriptors in one message
+/// (SCM_MAX_FD): a transfer's FDS is one.
+const _: () = assert!(MAX_FDS <= 253);
 
 /// The descriptor table that travels with a `CprState`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +98,7 @@ pub struct Handover {
     pub previous_exe: Option<RawFd>,
     pub stale_kvm: Vec<RawFd>,
     pub guardian: Option<RawFd>,
+    pub vfio: RawHandles,
 }
 
 impl Handover {
@@ -87,8 +110,10 @@ impl Handover {
         listener: Option<RawFd>,
         client: RawFd,
         console_in: Option<RawFd>,
+        vfio: RawHandles,
     ) -> Handover {
         Handover {
+            vfio,
             ram: Some(machine.ram),
             disks: machine.disks.clone(),
             taps: machine.taps.clone(),
@@ -113,6 +138,7 @@ impl Handover {
             console_out: a.console_out.as_ref().map(AsRawFd::as_raw_fd),
             console_in: raw(&a.console_in),
             guardian: raw(&a.guardian),
+            vfio: a.vfio.raw(),
             ..Handover::default()
         }
     }
@@ -134,6 +160,16 @@ impl Handover {
         s.extend(one(FdKind::PreviousExe, self.previous_exe));
         s.extend(one(FdKind::Guardian, self.guardian));
         s.extend(self.stale_kvm.iter().map(|&fd| (FdKind::StaleKvm, fd)));
+        let v = &self.vfio;
+        s.extend(one(FdKind::VfioContainer, v.container));
+        s.extend(v.groups.iter().map(|&(id, fd)| (FdKind::VfioGroup(id), fd)));
+        for (i, ((&dev, irqfds), parked)) in
+            (0u8..).zip(v.devices.iter().zip(&v.irqfds).zip(&v.parked))
+        {
+            s.push((FdKind::VfioDevice(i), dev));
+            s.extend(irqfds.iter().map(|&fd| (FdKind::VfioIrqfd(i), fd)));
+            s.extend(parked.iter().map(|&fd| (FdKind::VfioParked(i), fd)));
+        }
         s
     }
 }
@@ -151,6 +187,7 @@ pub struct Adopted {
     pub previous_exe: Option<OwnedFd>,
     pub stale_kvm: Vec<OwnedFd>,
     pub guardian: Option<OwnedFd>,
+    pub vfio: HandedOver,
 }
 
 /// Why a hand-over's descriptors were refused.
@@ -173,6 +210,12 @@ pub enum Error {
         taps: usize,
         want_disks: usize,
         want_nets: usize,
+    },
+    /// The VFIO descriptors do not match the `--vfio` devices.
+    Vfio {
+        devices: usize,
+        container: bool,
+        want: usize,
     },
 }
 
@@ -197,14 +240,38 @@ impl std::fmt::Display for Error {
                 "the handover has {disks} disks and {taps} taps, the command line \
                  {want_disks} and {want_nets}"
             ),
+            Error::Vfio {
+                devices,
+                container,
+                want,
+            } => write!(
+                f,
+                "the handover has {devices} VFIO devices ({}), the command line {want}",
+                if *container {
+                    "with a container"
+                } else {
+                    "without a container"
+                }
+            ),
         }
     }
 }
 
+/// How many of each device the command line configures: a hand-over must
+/// bring exactly their descriptors.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    pub disks: usize,
+    pub nets: usize,
+    pub vfio: usize,
+}
+
 /// Takes ownership of `fds[i]` as `kinds[i]`, checking each kind appears
-/// once, disks and taps come in order and match the configured counts, and
-/// every descriptor is open. Sets CLOEXEC on all: they are this process's now.
-pub fn adopt(kinds: &[FdKind], fds: &[RawFd], disks: usize, nets: usize) -> Result<Adopted, Error> {
+/// once, disks, taps and VFIO devices come in order and match the configured
+/// counts (a device's eventfds after it), and every descriptor is open. Sets
+/// CLOEXEC on all: they are this process's now.
+pub fn adopt(kinds: &[FdKind], fds: &[RawFd], want: Counts) -> Result<Adopted, Error> {
+    let Counts { disks, nets, vfio } = want;
     if kinds.len() != fds.len() {
         return Err(Error::Count {
             slots: kinds.len(),
@@ -237,9 +304,32 @@ pub fn adopt(kinds: &[FdKind], fds: &[RawFd], disks: usize, nets: usize) -> Resu
             FdKind::PreviousExe if a.previous_exe.is_none() => a.previous_exe = Some(owned),
             FdKind::StaleKvm => a.stale_kvm.push(owned),
             FdKind::Guardian if a.guardian.is_none() => a.guardian = Some(owned),
-            FdKind::Disk(_) | FdKind::Tap(_) => {
-                return Err(Error::Unexpected { kind, disks, nets })
+            FdKind::VfioContainer if a.vfio.container.is_none() => a.vfio.container = Some(owned),
+            FdKind::VfioGroup(id)
+                if a.vfio.groups.len() < MAX_VFIO_DEVICES
+                    && a.vfio.groups.iter().all(|(g, _)| *g != id) =>
+            {
+                a.vfio.groups.push((id, owned))
             }
+            FdKind::VfioDevice(i)
+                if usize::from(i) == a.vfio.devices.len() && usize::from(i) < vfio =>
+            {
+                a.vfio.devices.push(owned);
+                a.vfio.irqfds.push(Vec::new());
+                a.vfio.parked.push(Vec::new());
+            }
+            // A device's eventfds follow it, before the next device.
+            FdKind::VfioIrqfd(i) if usize::from(i) + 1 == a.vfio.devices.len() => {
+                a.vfio.irqfds[usize::from(i)].push(owned)
+            }
+            FdKind::VfioParked(i) if usize::from(i) + 1 == a.vfio.devices.len() => {
+                a.vfio.parked[usize::from(i)].push(owned)
+            }
+            FdKind::Disk(_)
+            | FdKind::Tap(_)
+            | FdKind::VfioDevice(_)
+            | FdKind::VfioIrqfd(_)
+            | FdKind::VfioParked(_) => return Err(Error::Unexpected { kind, disks, nets }),
             other => return Err(Error::Twice(other)),
         }
     }
@@ -252,6 +342,13 @@ pub fn adopt(kinds: &[FdKind], fds: &[RawFd], disks: usize, nets: usize) -> Resu
             taps: a.taps.len(),
             want_disks: disks,
             want_nets: nets,
+        });
+    }
+    if a.vfio.devices.len() != vfio || a.vfio.container.is_some() != (vfio > 0) {
+        return Err(Error::Vfio {
+            devices: a.vfio.devices.len(),
+            container: a.vfio.container.is_some(),
+            want: vfio,
         });
     }
     Ok(a)
@@ -274,22 +371,94 @@ mod tests {
     #[test]
     fn adopt_checks_slots() {
         let kinds = [FdKind::GuestRam, FdKind::Disk(0), FdKind::Client];
-        let a = adopt(&kinds, &[fd(), fd(), fd()], 1, 0).unwrap();
+        let counts = |disks, nets| Counts {
+            disks,
+            nets,
+            vfio: 0,
+        };
+        let a = adopt(&kinds, &[fd(), fd(), fd()], counts(1, 0)).unwrap();
         assert!(a.ram.is_some() && a.client.is_some());
         assert_eq!(a.disks.len(), 1);
-        assert!(
-            adopt(&[FdKind::GuestRam, FdKind::GuestRam], &[fd(), fd()], 0, 0)
-                .unwrap_err()
-                .to_string()
-                .contains("twice")
-        );
-        assert!(adopt(&[FdKind::GuestRam, FdKind::Tap(1)], &[fd(), fd()], 0, 2).is_err());
+        assert!(adopt(
+            &[FdKind::GuestRam, FdKind::GuestRam],
+            &[fd(), fd()],
+            counts(0, 0)
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("twice"));
+        assert!(adopt(
+            &[FdKind::GuestRam, FdKind::Tap(1)],
+            &[fd(), fd()],
+            counts(0, 2)
+        )
+        .is_err());
         let refused = |kinds: &[FdKind], fds: &[RawFd], disks| {
-            adopt(kinds, fds, disks, 0).unwrap_err().to_string()
+            adopt(kinds, fds, counts(disks, 0)).unwrap_err().to_string()
         };
         assert!(refused(&[FdKind::Disk(0)], &[fd()], 1).contains("RAM"));
         assert!(refused(&[FdKind::GuestRam], &[fd()], 1).contains("disks"));
         assert!(refused(&[FdKind::GuestRam], &[9999], 0).contains("9999"));
+    }
+
+    #[test]
+    fn vfio_descriptors_come_in_order_each_device_with_its_eventfds() {
+        let want = |vfio| Counts {
+            disks: 0,
+            nets: 0,
+            vfio,
+        };
+        let handover = Handover {
+            ram: Some(fd()),
+            vfio: RawHandles {
+                container: Some(fd()),
+                groups: vec![(7, fd())],
+                devices: vec![fd(), fd()],
+                irqfds: vec![vec![fd()], vec![fd(), fd()]],
+                parked: vec![vec![fd()], vec![fd(), fd()]],
+            },
+            ..Handover::default()
+        };
+        let slots = handover.slots();
+        let kinds: Vec<FdKind> = slots.iter().map(|s| s.0).collect();
+        assert_eq!(
+            kinds[1..5],
+            [
+                FdKind::VfioContainer,
+                FdKind::VfioGroup(7),
+                FdKind::VfioDevice(0),
+                FdKind::VfioIrqfd(0)
+            ]
+        );
+        let raw: Vec<RawFd> = slots.iter().map(|s| s.1).collect();
+        let a = adopt(&kinds, &raw, want(2)).unwrap();
+        assert_eq!(a.vfio.groups.len(), 1);
+        assert_eq!(a.vfio.devices.len(), 2);
+        assert_eq!(
+            a.vfio.irqfds.iter().map(Vec::len).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!(a.vfio.parked[1].len(), 2);
+        // A rollback hands on exactly what came.
+        let again: Vec<FdKind> = Handover::of(&a).slots().iter().map(|s| s.0).collect();
+        assert_eq!(again, kinds);
+        assert_eq!(a.vfio.raw().eventfds(), 6);
+        // Refused: another device count, no container, an eventfd before its
+        // device, a device out of order.
+        let refused = |kinds: &[FdKind], vfio| {
+            let fds: Vec<RawFd> = kinds.iter().map(|_| fd()).collect();
+            adopt(kinds, &fds, want(vfio)).unwrap_err().to_string()
+        };
+        let dev = |i| FdKind::VfioDevice(i);
+        let (ram, box_) = (FdKind::GuestRam, FdKind::VfioContainer);
+        assert!(refused(&[ram, box_, dev(0)], 2).contains("1 VFIO devices"));
+        assert!(refused(&[ram, dev(0)], 1).contains("without a container"));
+        assert!(refused(&[ram, box_], 0).contains("with a container"));
+        assert!(refused(&[ram, box_, FdKind::VfioIrqfd(0), dev(0)], 1).contains("unexpected"));
+        assert!(refused(&[ram, box_, dev(1)], 2).contains("unexpected"));
+        assert!(refused(&[ram, box_, dev(0), dev(1)], 1).contains("unexpected"));
+        let twice = [ram, FdKind::VfioGroup(3), FdKind::VfioGroup(3)];
+        assert!(refused(&twice, 0).contains("twice"));
     }
 
     #[test]

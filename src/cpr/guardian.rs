@@ -48,8 +48,9 @@ pub const ARG: &str = "__guardian";
 const MSG_FDS: u8 = b'F';
 const MSG_STATE: u8 = b'S';
 const MSG_RESUMED: u8 = b'R';
-/// Room for the largest message: a tag and the postcard-encoded kinds.
-const MAX_MESSAGE: usize = 1 + 2 * MAX_FDS + 8;
+/// Room for the largest message: a tag and the postcard-encoded kinds (two
+/// bytes each, but a VFIO group's number takes up to six).
+const MAX_MESSAGE: usize = 1 + 2 * MAX_FDS + 4 * crate::layout::MAX_VFIO_DEVICES + 8;
 
 #[derive(Debug)]
 pub enum Error {
@@ -259,8 +260,14 @@ fn watch(line: &Line, pidfd: &OwnedFd, image: OwnedFd) -> Result<Option<Held>, S
     let count = |f: fn(&FdKind) -> bool| kinds.iter().filter(|k| f(k)).count();
     let disks = count(|k| matches!(k, FdKind::Disk(_)));
     let taps = count(|k| matches!(k, FdKind::Tap(_)));
+    let vfio = count(|k| matches!(k, FdKind::VfioDevice(_)));
     let raw: Vec<RawFd> = got.into_iter().map(IntoRawFd::into_raw_fd).collect();
-    let mut adopted = fds::adopt(&kinds, &raw, disks, taps).map_err(|e| e.to_string())?;
+    let want = fds::Counts {
+        disks,
+        nets: taps,
+        vfio,
+    };
+    let mut adopted = fds::adopt(&kinds, &raw, want).map_err(|e| e.to_string())?;
     adopted.previous_exe = Some(image);
     // Sleep until the line closes (the image that runs the guest sends `R`
     // and closes it; a death closes it too) or the process ends. The state

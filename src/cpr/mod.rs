@@ -19,6 +19,7 @@
 pub mod arrive;
 pub mod check;
 pub mod exec;
+pub mod fault;
 pub mod fds;
 pub mod guardian;
 pub mod inspect;
@@ -54,6 +55,7 @@ pub enum Error {
     /// The handed-over descriptors hold no guest RAM.
     NoRam,
     DupTap(std::io::Error),
+    DupVfio(std::io::Error),
     /// This image, kept open for a rollback.
     OwnExe(std::io::Error),
     Adopt(fds::Error),
@@ -76,8 +78,6 @@ pub enum Error {
         swapped_with: Option<usize>,
     },
     HostCpu(PathBuf, vm::host_cpu::Error),
-    /// The machine has a passed-through device (exec and transfer).
-    Vfio(crate::vfio::Bdf),
     /// `cpr-save` with a passed-through device while the guest is not
     /// suspended to RAM.
     VfioNotSuspended(crate::vfio::Bdf),
@@ -105,6 +105,7 @@ impl fmt::Display for Error {
             Error::StateEncode(e) => write!(f, "handover: {e}"),
             Error::NoRam => write!(f, "handover: no RAM"),
             Error::DupTap(e) => write!(f, "handover: dup tap: {e}"),
+            Error::DupVfio(e) => write!(f, "handover: dup VFIO descriptor: {e}"),
             Error::OwnExe(e) => write!(f, "handover: cannot open /proc/self/exe: {e}"),
             Error::Adopt(e) => write!(f, "handover: {e}"),
             Error::Transfer(e) => e.fmt(f),
@@ -146,9 +147,6 @@ impl fmt::Display for Error {
                 "guest RAM is not the RAM that was saved (page sample CRC {now:#010x}, \
                  saved {saved:#010x}): wrong --mem-file?"
             ),
-            Error::Vfio(bdf) => {
-                write!(f, "VFIO device {bdf}: {}", crate::vfio::NO_LIVE_UPDATE)
-            }
             Error::VfioNotSuspended(bdf) => write!(
                 f,
                 "VFIO device {bdf}: the guest is not suspended: {}",

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::layout::{MAX_DISKS, MAX_VFIO_DEVICES};
 use crate::vfio::IdentityV1 as VfioIdentityV1;
 use crate::virtio::block::Identity;
-use crate::vm::{MachineStateV1, MachineStateV2};
+use crate::vm::{MachineStateV1, MachineStateV2, MachineStateV3};
 
 pub const MAGIC: [u8; 8] = *b"MOLTCPR\0";
 /// The format this release writes.
@@ -148,7 +148,9 @@ impl From<CprStateV2> for CprStateV3 {
     }
 }
 
-/// Version 4: version 3 plus the passed-through devices (`--vfio`), which
+/// Version 4: the machine with its passed-through functions' states
+/// (`MachineStateV3`: what exec and transfer hand to a new process that adopts
+/// the running devices), and the passed-through devices' identities, which
 /// reboot mode carries while the guest is suspended to RAM: a restart opens
 /// them by name again and must find the same devices at the same PCI slots.
 /// Frozen.
@@ -157,7 +159,7 @@ pub struct CprStateV4 {
     pub writer: heapless::String<32>,
     pub ram: RamLocation,
     pub stopped_at_ns: u64,
-    pub machine: MachineStateV2,
+    pub machine: MachineStateV3,
     pub run: RunStateV3,
     pub disks: heapless::Vec<Identity, MAX_DISKS>,
     /// One per `--vfio`, in argv order.
@@ -172,7 +174,7 @@ impl From<CprStateV3> for CprStateV4 {
             writer: v3.writer,
             ram: v3.ram,
             stopped_at_ns: v3.stopped_at_ns,
-            machine: v3.machine,
+            machine: v3.machine.into(),
             run: v3.run,
             disks: v3.disks,
             vfio: heapless::Vec::new(),
@@ -306,7 +308,8 @@ pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
 /// other, so this reads exactly what `postcard::from_bytes` of that version's
 /// struct would: version 2 appends fields to version 1; version 3 appends the
 /// machine's power registers to its machine, and writes run states 2 did not;
-/// version 4 appends the passed-through devices to version 3.
+/// version 4 appends the passed-through functions to the machine and the
+/// passed-through devices' identities to the whole.
 fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
     let mut p = Parts { payload, at: 0 };
     let writer = p.next("writer")?;
@@ -326,15 +329,15 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
         stopped_at_ns,
         machine,
     };
-    let v3 = match version {
-        1 => CprStateV2::from(v1).into(),
-        2 => CprStateV2 {
+    let state: CprState = match version {
+        1 => CprStateV3::from(CprStateV2::from(v1)).into(),
+        2 => CprStateV3::from(CprStateV2 {
             run: p.next("run")?,
             disks: p.next("disks")?,
             ..v1.into()
-        }
+        })
         .into(),
-        _ => CprStateV3 {
+        3 => CprStateV3 {
             machine: MachineStateV2 {
                 power: p.next("machine.power")?,
                 ..v1.machine.into()
@@ -344,13 +347,20 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
             writer: v1.writer,
             ram: v1.ram,
             stopped_at_ns: v1.stopped_at_ns,
-        },
-    };
-    let state = match version {
-        1..=3 => v3.into(),
+        }
+        .into(),
         _ => CprStateV4 {
+            machine: MachineStateV3 {
+                power: p.next("machine.power")?,
+                vfio: p.next("machine.vfio")?,
+                ..MachineStateV2::from(v1.machine).into()
+            },
+            run: p.next("run")?,
+            disks: p.next("disks")?,
+            writer: v1.writer,
+            ram: v1.ram,
+            stopped_at_ns: v1.stopped_at_ns,
             vfio: p.next("vfio")?,
-            ..v3.into()
         },
     };
     if p.at < payload.len() {
@@ -410,6 +420,7 @@ pub(crate) mod tests {
                 allocator: Allocator::new(),
                 virtio: heapless::Vec::new(),
                 power: PowerState::default(),
+                vfio: heapless::Vec::new(),
             },
             run: RunState::Running,
             disks: heapless::Vec::new(),
@@ -486,8 +497,83 @@ pub(crate) mod tests {
         ));
     }
 
+    /// A passed-through function's state as an edu device with MSI on and
+    /// one vector armed would have it.
+    fn vfio_state() -> crate::vfio::device::VfioState {
+        let mut config = heapless::Vec::new();
+        config.resize(256, 0).unwrap();
+        config[0..4].copy_from_slice(&[0x34, 0x12, 0xe8, 0x11]);
+        config[0x42] = 0x81;
+        crate::vfio::device::VfioState {
+            config,
+            msix: None,
+            msi_armed: Some((1, 1)),
+            msix_armed: None,
+        }
+    }
+
     #[test]
-    fn version_4_keeps_the_passed_through_devices_and_version_3_has_none() {
+    fn version_4_carries_passed_through_functions() {
+        let mut s = sample();
+        s.machine.vfio.push(vfio_state()).unwrap();
+        let mut msix = vfio_state();
+        msix.msix = Some(crate::pci::msix::MsixState {
+            enabled: true,
+            ..Default::default()
+        });
+        msix.msix_armed = Some((8, 0b1010));
+        s.machine.vfio.push(msix).unwrap();
+        let bytes = encode(&s).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), s);
+        // More functions than a machine can have do not decode: the count
+        // comes before the run state, the disk list and the device identities
+        // (a byte each here).
+        let mut payload = postcard::to_allocvec(&sample()).unwrap();
+        let count_at = payload.len() - 4;
+        assert_eq!(payload[count_at], 0);
+        payload[count_at] = 5;
+        assert!(matches!(
+            decode(&seal(4, &payload)),
+            Err(Error::Decode {
+                part: "machine.vfio",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn version_3_decodes_without_passed_through_functions() {
+        let s = sample();
+        let m = s.machine.clone();
+        let v3 = CprStateV3 {
+            writer: s.writer.clone(),
+            ram: s.ram,
+            stopped_at_ns: s.stopped_at_ns,
+            machine: MachineStateV2 {
+                shape: m.shape,
+                vcpus: m.vcpus,
+                vm: m.vm,
+                serial: m.serial,
+                allocator: m.allocator,
+                virtio: m.virtio,
+                power: m.power,
+            },
+            run: RunStateV3::Suspended,
+            disks: heapless::Vec::new(),
+        };
+        let payload = postcard::to_allocvec(&v3).unwrap();
+        let decoded = decode(&seal(3, &payload)).unwrap();
+        assert_eq!(decoded, CprStateV4::from(v3));
+        assert!(decoded.machine.vfio.is_empty());
+        assert!(decoded.vfio.is_empty());
+        assert_eq!(decoded.run, RunState::Suspended);
+        // A version 4 payload announced as version 3 has bytes left over.
+        let v4 = postcard::to_allocvec(&sample()).unwrap();
+        assert!(decode(&seal(3, &v4)).is_err());
+    }
+
+    #[test]
+    fn version_4_keeps_the_passed_through_devices_identities() {
         let mut s = sample();
         s.run = RunState::Suspended;
         let edu = crate::vfio::Identity {
@@ -506,18 +592,6 @@ pub(crate) mod tests {
         let decoded = decode(&bytes).unwrap();
         assert_eq!(decoded.vfio.as_slice(), [edu]);
         assert_eq!(decoded, s);
-        // A version 3 payload (no list) decodes with none.
-        let v3 = CprStateV3 {
-            writer: s.writer.clone(),
-            ram: s.ram,
-            stopped_at_ns: s.stopped_at_ns,
-            machine: s.machine.clone(),
-            run: s.run,
-            disks: s.disks.clone(),
-        };
-        let decoded = decode(&seal(3, &postcard::to_allocvec(&v3).unwrap())).unwrap();
-        assert!(decoded.vfio.is_empty());
-        assert_eq!(decoded, CprStateV4::from(v3));
         // More devices than --vfio allows cannot decode.
         let mut payload = postcard::to_allocvec(&sample()).unwrap();
         let n = payload.len() - 1;

@@ -80,7 +80,7 @@ pub(crate) enum Msg {
         reads: heapless::Vec<u32, MAX_FORMATS>,
     },
     Fds {
-        kinds: heapless::Vec<FdKind, MAX_FDS>,
+        kinds: Box<heapless::Vec<FdKind, MAX_FDS>>,
     },
     Ready,
     State {
@@ -465,7 +465,7 @@ impl Outgoing {
         let hello = link.recv(step, true, MAX_SMALL, Deadline::after(HANDSHAKE_TIMEOUT))?;
         let peer_version = check_formats(step, &hello, false)?;
         let msg = Msg::Fds {
-            kinds: fds.iter().map(|f| f.0).collect(),
+            kinds: Box::new(fds.iter().map(|f| f.0).collect()),
         };
         let frame = frame(&msg, false).map_err(|e| Error::Protocol("sending FDS", e))?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.1).collect();
@@ -779,7 +779,7 @@ mod tests {
         assert!(check_formats("s", &hello, false).is_ok());
         let memfd = std::fs::File::open("/dev/null").unwrap();
         let msg = Msg::Fds {
-            kinds: [FdKind::GuestRam].into_iter().collect(),
+            kinds: Box::new([FdKind::GuestRam].into_iter().collect()),
         };
         let f = frame(&msg, false).unwrap();
         link.s

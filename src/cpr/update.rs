@@ -70,7 +70,32 @@ impl Source<'_> {
             self.listener,
             self.client,
             self.console_in,
+            self.machine.vfio_handover(),
         )
+    }
+
+    /// In the pause, before the snapshot: the passed-through devices'
+    /// interrupts and DMA addresses are let go for the next process (see
+    /// `Machine::vfio_release`).
+    fn release_vfio(&self) -> Result<(), Error> {
+        if self.machine.vfio.is_empty() {
+            return Ok(());
+        }
+        let us = self.machine.vfio_release().map_err(Error::Vm)?;
+        log::info!("VFIO released: unmap_vaddr_us={us}");
+        Ok(())
+    }
+
+    /// The update failed after `release_vfio`: the devices' DMA and
+    /// interrupts are this process's again, before the guest resumes here.
+    fn reclaim_vfio(&self) {
+        if self.machine.vfio.is_empty() {
+            return;
+        }
+        match self.machine.vfio_reclaim() {
+            Ok(()) => log::info!("VFIO taken back: the guest resumes here"),
+            Err(e) => log::error!("VFIO: cannot take the devices back: {e}"),
+        }
     }
 
     /// Stops the vCPUs unless the user had: the pause starts. Returns when it
@@ -200,12 +225,21 @@ impl Request {
 }
 
 /// Starts `request`: reboot mode is done at once, exec and transfer start a worker.
-/// A machine with a passed-through device is refused before anything is
-/// paused or handed over, unless `vfio_refusal` lets the mode carry it.
+/// A machine with a passed-through device is refused reboot mode unless the
+/// guest is suspended to RAM, and exec and transfer when this host cannot
+/// hand its DMA mappings over, before anything is paused or handed over.
 pub fn start(request: Request, src: &mut Source) -> Started {
     let vfio: Vec<Bdf> = src.machine.vfio_devices().iter().map(|d| d.bdf).collect();
     if let Some(e) = vfio_refusal(&request, &vfio, src.run) {
         return Started::Done(Done::failed(request.what(), e));
+    }
+    if let (Request::Exec { .. } | Request::Transfer { .. }, Some(why)) =
+        (&request, src.machine.vfio_update_refusal())
+    {
+        return Started::Done(Done::failed(request.what(), Error::Vm(why)));
+    }
+    if let Some(why) = src.machine.vfio_update_refusal() {
+        return Started::Done(Done::failed(request.what(), Error::Vm(why)));
     }
     match request {
         Request::Save(path) => Started::Done(save(src, &path)),
@@ -217,13 +251,14 @@ pub fn start(request: Request, src: &mut Source) -> Started {
 /// Why `request` cannot carry the passed-through devices `vfio` of a guest in
 /// `run` state, if it cannot. Reboot mode can while the guest is suspended to
 /// RAM (ACPI S3), as in QEMU: its drivers re-initialise the devices when it
-/// wakes, so the next molt opens them afresh. Exec and transfer cannot yet.
+/// wakes, so the next molt opens them afresh. Exec and transfer hand the
+/// running devices over (`Machine::vfio_update_refusal` says when the host
+/// cannot).
 fn vfio_refusal(request: &Request, vfio: &[Bdf], run: RunState) -> Option<Error> {
     let &bdf = vfio.first()?;
     match request {
-        Request::Save(_) if run == RunState::Suspended => None,
-        Request::Save(_) => Some(Error::VfioNotSuspended(bdf)),
-        Request::Exec { .. } | Request::Transfer { .. } => Some(Error::Vfio(bdf)),
+        Request::Save(_) if run != RunState::Suspended => Some(Error::VfioNotSuspended(bdf)),
+        _ => None,
     }
 }
 
@@ -314,19 +349,27 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
                     return Done::failed(what, e);
                 }
             };
-            // 4. The terminal goes back to how the user had it; the new image
-            //    sets it up again.
+            // 4. Passed-through devices: interrupts and DMA addresses let go
+            //    (the devices run on). The terminal goes back to how the user
+            //    had it; the new image sets it up again.
+            if let Err(e) = src.release_vfio() {
+                guardian.release();
+                src.resume();
+                return Done::failed(what, e);
+            }
             drop(src.terminal.take());
             // 5. Save into a sealed memfd and execve BINARY with it and the
             //    descriptors, with this image's own (for a rollback), the
             //    guardian's line and the KVM descriptors (closed by the new
             //    image once the guest runs). Returns only if that failed.
             let err = exec_out(src, &mut handover, &binary, &argv, stopped_at_ns, &guardian);
-            // 6. It failed: the guardian leaves and the guest runs on here.
+            // 6. It failed: the guardian leaves and the guest runs on here,
+            //    with its passed-through devices.
             guardian.release();
             if src.console_in.is_some() {
                 *src.terminal = RawMode::enter();
             }
+            src.reclaim_vfio();
             src.resume();
             Done::failed(what, err)
         })
@@ -409,8 +452,15 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                     return Done::failed(what, e);
                 }
             };
-            // 5. Save, send STATE, and wait for RESTORED: the guest stays
-            //    paused at most `max_pause`, and a signal aborts.
+            // 5. Passed-through devices: interrupts and DMA addresses let go.
+            //    Save, send STATE, and wait for RESTORED: the guest stays
+            //    paused at most `max_pause`, and a signal aborts. A failure
+            //    takes the devices back and resumes the guest here.
+            if let Err(e) = src.release_vfio() {
+                out.fail(&e.to_string());
+                src.resume();
+                return Done::failed(what, e);
+            }
             let sent = src
                 .snapshot(src.in_place(), stopped_at_ns)
                 .and_then(|s| state::encode(&s).map_err(Error::StateEncode))
@@ -420,6 +470,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 });
             if let Err(e) = sent {
                 out.fail(&e.to_string());
+                src.reclaim_vfio();
                 src.resume();
                 return Done::failed(what, e);
             }
@@ -434,6 +485,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                     }
                 }
                 Err(e) => {
+                    src.reclaim_vfio();
                     src.resume();
                     Done::failed(what, e)
                 }
@@ -511,14 +563,11 @@ mod tests {
                 assert!(e.contains(words), "{words:?} missing: {e}");
             }
         }
-        // Exec and transfer are refused whatever the run state.
+        // Exec and transfer hand the devices over in any run state (the
+        // host's ability to is Machine::vfio_update_refusal's to say).
         for r in [&exec, &transfer] {
-            for run in [RunState::Running, RunState::Suspended] {
-                let e = vfio_refusal(r, &[edu], run).expect("refused").to_string();
-                assert!(
-                    e.starts_with("VFIO device 0000:00:04.0: exec and transfer with VFIO"),
-                    "{e}"
-                );
+            for run in [RunState::Running, RunState::Paused, RunState::Suspended] {
+                assert!(vfio_refusal(r, &[edu], run).is_none());
             }
         }
     }

@@ -12,8 +12,11 @@
 //! to the BAR, the MSI-X table and PBA to the vectors offered.
 
 use std::ops::Range;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use heapless::Vec as BoundedVec;
+use serde::{Deserialize, Serialize};
 use vfio_bindings::bindings::vfio::{VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX};
 
 use super::bars::{Bar, SLOTS_PER_BAR};
@@ -26,7 +29,7 @@ use crate::pci::config::{
     CONFIG_SIZE, NUM_BARS,
 };
 use crate::pci::msi::{Msi, MsiRouter, Vectors};
-use crate::pci::msix::Msix;
+use crate::pci::msix::{Msix, MsixState};
 use crate::pci::{MemoryMapper, PciFunction};
 use crate::ratelimit::guest_log;
 
@@ -49,7 +52,26 @@ pub struct Resources {
     pub mapper: Arc<dyn MemoryMapper>,
     /// The first of the `MEMSLOTS` memslots it may use.
     pub first_slot: u32,
+    /// Handed over by a live update: the device runs on as the guest left
+    /// it, and nothing is written to it until its state is restored.
+    pub adopted: bool,
 }
+
+/// Version 1 of a passed-through function's saved state: the registers molt
+/// virtualizes (the rest is the device's own, which keeps running) and what
+/// VFIO was told about its interrupts. Frozen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfioStateV1 {
+    /// The virtualized config space, all 256 bytes (MSI's registers in it).
+    pub config: BoundedVec<u8, CONFIG_SIZE>,
+    pub msix: Option<MsixState>,
+    /// (vectors enabled, live mask) VFIO has for MSI and for MSI-X.
+    pub msi_armed: Option<(u8, u32)>,
+    pub msix_armed: Option<(u8, u32)>,
+}
+
+/// The version this release saves and restores.
+pub type VfioState = VfioStateV1;
 
 pub struct VfioPci {
     handles: DeviceHandles,
@@ -60,6 +82,8 @@ pub struct VfioPci {
     msi: Option<(Msi, Lines)>,
     msix: Option<(MsixInfo, Msix, Lines)>,
     mapper: Arc<dyn MemoryMapper>,
+    /// The GSI of each vector, MSI's then MSI-X's (as the irqfds).
+    gsis: Vec<u32>,
 }
 
 impl VfioPci {
@@ -113,6 +137,7 @@ impl VfioPci {
             bars[i] = Some(bar);
         }
         let n_msi = l.msi_vectors();
+        let gsis = res.gsis.clone();
         let vectors = |range: Range<usize>| -> Result<Vectors, Why> {
             let fds = handles.irqfds[range.clone()]
                 .iter()
@@ -159,9 +184,72 @@ impl VfioPci {
             msi,
             msix,
             mapper: res.mapper,
+            gsis,
         };
-        d.write_command();
+        if !res.adopted {
+            d.write_command();
+        }
         Ok(d)
+    }
+
+    /// Each vector's irqfd with its GSI: KVM binds them (at boot; after a
+    /// live update, once the machine is restored).
+    pub fn irqfds(&self) -> impl Iterator<Item = (&vmm_sys_util::eventfd::EventFd, u32)> {
+        self.handles.irqfds.iter().zip(self.gsis.iter().copied())
+    }
+
+    /// The device's descriptor and its eventfds (irqfds, parked), to hand over.
+    pub fn fds(&self) -> (RawFd, Vec<RawFd>, Vec<RawFd>) {
+        self.handles.fds()
+    }
+
+    /// The virtualized registers and interrupt programming, for a live update.
+    pub fn state(&self) -> VfioState {
+        let armed = |l: &Lines| l.armed().map(|(n, live)| (n as u8, live));
+        VfioState {
+            config: self.config.bytes().iter().copied().collect(),
+            msix: self.msix.as_ref().map(|(_, m, _)| m.state()),
+            msi_armed: self.msi.as_ref().and_then(|(_, l)| armed(l)),
+            msix_armed: self.msix.as_ref().and_then(|(_, _, l)| armed(l)),
+        }
+    }
+
+    /// Takes a saved state (`state`) on a handed-over device that kept
+    /// running: the virtualized registers, the MSI routes and MSI-X table,
+    /// what VFIO has for each vector (nothing is sent to VFIO that it
+    /// already has), the BARs' memslots if the guest had decoding on.
+    /// Interrupts that arrived for masked vectors become pending. The saved
+    /// bytes must be this device's (identity, capabilities).
+    pub fn restore(&mut self, s: &VfioState) -> Result<(), Why> {
+        let bad = |what: String| Why::State(what);
+        if s.msix.is_some() != self.msix.is_some() {
+            return Err(bad(format!(
+                "MSI-X saved {}, the device has {}",
+                if s.msix.is_some() { "on" } else { "off" },
+                if self.msix.is_some() { "it" } else { "none" }
+            )));
+        }
+        if s.msi_armed.is_some() && self.msi.is_none() {
+            return Err(bad("MSI armed on a device without MSI".into()));
+        }
+        self.config
+            .restore_bytes(&s.config)
+            .map_err(|e| bad(format!("config space: {e}")))?;
+        let armed = |a: Option<(u8, u32)>| a.map(|(n, live)| (usize::from(n), live));
+        if let Some((_, lines)) = &mut self.msi {
+            lines.restore_armed(armed(s.msi_armed)).map_err(bad)?;
+        }
+        if let (Some((_, msix, lines)), Some(saved)) = (&mut self.msix, &s.msix) {
+            lines.restore_armed(armed(s.msix_armed)).map_err(bad)?;
+            msix.restore(saved)
+                .map_err(|e| bad(format!("MSI-X: {e}")))?;
+        }
+        self.sync_msi();
+        self.sync_msix();
+        self.write_command();
+        let decoding = self.config.memory_enabled();
+        self.place_bars(decoding);
+        Ok(())
     }
 
     pub fn bdf(&self) -> Bdf {
@@ -584,6 +672,18 @@ mod tests {
 
     fn rig(tag: &str, config: Vec<u8>, regions: &[RegionInfo], bars: [u64; NUM_BARS]) -> Rig {
         let fake = Fake::new(tag, &config);
+        on(fake, config, regions, bars, false)
+    }
+
+    /// A function on the device `fake` (config space `config`), opened at
+    /// boot or `adopted` from a live update.
+    fn on(
+        fake: Fake,
+        config: Vec<u8>,
+        regions: &[RegionInfo],
+        bars: [u64; NUM_BARS],
+        adopted: bool,
+    ) -> Rig {
         let layout = Layout::parse(config, 0, regions).unwrap();
         let n = layout.msi_vectors() + layout.msix_vectors();
         let fds = || -> Vec<EventFd> {
@@ -611,6 +711,7 @@ mod tests {
             router: routes.clone(),
             mapper: slots.clone(),
             first_slot: 8,
+            adopted,
         };
         let dev = VfioPci::new(handles, res).unwrap();
         Rig {
@@ -626,6 +727,11 @@ mod tests {
     const EDU_BAR: u64 = 0xc010_0000;
 
     fn edu(tag: &str) -> Rig {
+        let (c, regions, bars) = edu_parts();
+        rig(tag, c, &regions, bars)
+    }
+
+    fn edu_parts() -> (Vec<u8>, Vec<RegionInfo>, [u64; NUM_BARS]) {
         let mut c = edu_config();
         c[HEADER_TYPE] = 0x80; // multi-function on the host
         c[COMMAND] = 0x07; // as a previous user left it
@@ -633,7 +739,7 @@ mod tests {
         regions[0] = region(0, 1 << 20, true);
         let mut bars = [0; NUM_BARS];
         bars[0] = EDU_BAR;
-        rig(tag, c, &regions, bars)
+        (c, regions, bars)
     }
 
     fn read(d: &mut VfioPci, offset: usize, len: usize) -> u32 {
@@ -768,6 +874,58 @@ mod tests {
         parked[0].write(1).unwrap();
         read(&mut dev, 0x42, 2);
         assert_eq!(irqfds[0].read().unwrap(), 1);
+    }
+
+    #[test]
+    fn an_adopted_function_takes_the_saved_state_without_touching_the_device() {
+        let Rig {
+            dev: mut old, fake, ..
+        } = edu("adopt");
+        let decoding = COMMAND_MEMORY | COMMAND_MASTER;
+        write(&mut old, COMMAND, u32::from(decoding), 2);
+        write(&mut old, 0x44, 0xfee0_1000, 4);
+        write(&mut old, 0x4c, 0x4051, 2);
+        write(&mut old, 0x42, 1, 2);
+        let saved = old.state();
+        assert_eq!(saved.config.len(), CONFIG_SIZE);
+        assert!(saved.msix.is_none());
+        let hw = fake.u16_at(COMMAND as u64);
+        assert_eq!(hw, decoding | COMMAND_INTX_DISABLE);
+        // The old process lets go of the function (its memslots go); the
+        // device and its eventfds stay, handed over.
+        drop(old);
+        let (c, regions, bars) = edu_parts();
+        let mut c = c;
+        c[COMMAND..COMMAND + 2].copy_from_slice(&hw.to_le_bytes());
+        let Rig {
+            mut dev,
+            fake,
+            routes,
+            slots,
+            irqfds,
+            ..
+        } = on(fake, c, &regions, bars, true);
+        assert_eq!(fake.u16_at(COMMAND as u64), hw, "adopting writes nothing");
+        assert!(slots.take().is_empty(), "nothing mapped before the state");
+        dev.restore(&saved).unwrap();
+        assert_eq!(read(&mut dev, COMMAND, 2), u32::from(decoding));
+        assert_eq!(read(&mut dev, 0x44, 4), 0xfee0_1000);
+        assert_eq!(read(&mut dev, 0x42, 2), 0x81);
+        assert_eq!(routes.calls(), [vec![(30, msg(0xfee0_1000, 0x4051))]]);
+        assert_eq!(fake.u16_at(COMMAND as u64), hw, "the device is untouched");
+        let calls: Vec<_> = slots.take().iter().map(|c| (c.0, c.1, c.2)).collect();
+        assert_eq!(calls, [(8, EDU_BAR, 1 << 20)], "the BAR is mapped again");
+        assert!(irqfds[0].read().is_err(), "no interrupt made up");
+        assert_eq!(dev.state(), saved);
+        // Another device's state is refused.
+        let mut other = saved.clone();
+        other.config[2] ^= 1;
+        let e = dev.restore(&other).unwrap_err().to_string();
+        assert!(e.starts_with("saved state: config space"), "{e}");
+        let mut msix = saved;
+        msix.msix = Some(MsixState::default());
+        let e = dev.restore(&msix).unwrap_err().to_string();
+        assert!(e.contains("MSI-X saved on"), "{e}");
     }
 
     #[test]

@@ -11,8 +11,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_info, vfio_group_status, vfio_iommu_type1_dma_map, vfio_region_info, VFIO_BASE,
-    VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_IRQ_SET_ACTION_TRIGGER,
+    vfio_device_info, vfio_group_status, vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap,
+    vfio_region_info, VFIO_BASE, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_VADDR,
+    VFIO_DMA_MAP_FLAG_WRITE, VFIO_DMA_UNMAP_FLAG_VADDR, VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_REGION_INFO_CAP_SPARSE_MMAP,
     VFIO_REGION_INFO_FLAG_CAPS, VFIO_TYPE,
 };
@@ -33,6 +34,7 @@ ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, TYPE, VFIO_BASE + 8);
 ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, TYPE, VFIO_BASE + 10);
 ioctl_io_nr!(VFIO_DEVICE_RESET, TYPE, VFIO_BASE + 11);
 ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, TYPE, VFIO_BASE + 13);
+ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, TYPE, VFIO_BASE + 14);
 
 #[derive(Debug)]
 pub enum Error {
@@ -46,7 +48,23 @@ pub enum Error {
     GetRegionInfo(u32, io::Error),
     SetIrqs(u32, io::Error),
     Reset(io::Error),
-    MapDma { iova: u64, size: u64, e: io::Error },
+    MapDma {
+        iova: u64,
+        size: u64,
+        e: io::Error,
+    },
+    /// VFIO_DMA_MAP_FLAG_VADDR: a mapping's new virtual address.
+    MapVaddr {
+        iova: u64,
+        size: u64,
+        e: io::Error,
+    },
+    /// VFIO_DMA_UNMAP_FLAG_VADDR: a mapping's virtual address invalidated.
+    UnmapVaddr {
+        iova: u64,
+        size: u64,
+        e: io::Error,
+    },
 }
 
 impl Error {
@@ -63,7 +81,9 @@ impl Error {
             | Error::GetRegionInfo(_, e)
             | Error::SetIrqs(_, e)
             | Error::Reset(e)
-            | Error::MapDma { e, .. } => e.raw_os_error(),
+            | Error::MapDma { e, .. }
+            | Error::MapVaddr { e, .. }
+            | Error::UnmapVaddr { e, .. } => e.raw_os_error(),
         }
     }
 }
@@ -87,6 +107,14 @@ impl fmt::Display for Error {
                 f,
                 "VFIO_IOMMU_MAP_DMA of {size:#x} bytes at IOVA {iova:#x} failed: {e}"
             ),
+            Error::MapVaddr { iova, size, e } => write!(
+                f,
+                "VFIO_IOMMU_MAP_DMA(FLAG_VADDR) of {size:#x} bytes at IOVA {iova:#x} failed: {e}"
+            ),
+            Error::UnmapVaddr { iova, size, e } => write!(
+                f,
+                "VFIO_IOMMU_UNMAP_DMA(FLAG_VADDR) of {size:#x} bytes at IOVA {iova:#x} failed: {e}"
+            ),
         }
     }
 }
@@ -107,6 +135,11 @@ pub struct Container(File);
 impl Container {
     pub fn new(fd: OwnedFd) -> Self {
         Container(File::from(fd))
+    }
+
+    /// The descriptor, to hand over.
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
     }
 
     pub fn api_version(&self) -> Result<i32, Error> {
@@ -152,6 +185,47 @@ impl Container {
             .map(drop)
             .map_err(|e| Error::MapDma { iova, size, e })
     }
+
+    /// Gives the mapping at `iova` (exactly as mapped) this process's virtual
+    /// address `vaddr` for its pages: the pages stay pinned and the device's
+    /// DMA goes on; the mapping's pinned-page account moves to this process.
+    /// Only a mapping whose address was invalidated (`invalidate_vaddr`)
+    /// takes one (EINVAL otherwise).
+    pub fn map_vaddr(&self, iova: u64, size: u64, vaddr: u64) -> Result<(), Error> {
+        let map = vfio_iommu_type1_dma_map {
+            argsz: std::mem::size_of::<vfio_iommu_type1_dma_map>() as u32,
+            flags: VFIO_DMA_MAP_FLAG_VADDR,
+            vaddr,
+            iova,
+            size,
+        };
+        // SAFETY: the kernel reads `map`, which lives through the call; the
+        // caller keeps the memory at `vaddr` mapped while the mapping has it.
+        let r = unsafe { ioctl_with_ref(&self.0, VFIO_IOMMU_MAP_DMA(), &map) };
+        check(r)
+            .map(drop)
+            .map_err(|e| Error::MapVaddr { iova, size, e })
+    }
+
+    /// Invalidates the virtual address of the mapping at `iova`, keeping the
+    /// mapping and its pinned pages: the device's DMA goes on, and another
+    /// process (or this one after execve) gives it a new address with
+    /// `map_vaddr`. EINVAL if it is already invalid.
+    pub fn invalidate_vaddr(&self, iova: u64, size: u64) -> Result<(), Error> {
+        let mut unmap = vfio_iommu_type1_dma_unmap {
+            argsz: std::mem::size_of::<vfio_iommu_type1_dma_unmap>() as u32,
+            flags: VFIO_DMA_UNMAP_FLAG_VADDR,
+            iova,
+            size,
+            ..Default::default()
+        };
+        // SAFETY: the kernel reads `unmap` and writes its size back; it lives
+        // through the call and is the size argsz says.
+        let r = unsafe { ioctl_with_mut_ref(&self.0, VFIO_IOMMU_UNMAP_DMA(), &mut unmap) };
+        check(r)
+            .map(drop)
+            .map_err(|e| Error::UnmapVaddr { iova, size, e })
+    }
 }
 
 /// `/dev/vfio/N`: an IOMMU group, the unit of isolation.
@@ -161,6 +235,11 @@ pub struct Group(File);
 impl Group {
     pub fn new(fd: OwnedFd) -> Self {
         Group(File::from(fd))
+    }
+
+    /// The descriptor, to hand over.
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
     }
 
     /// VFIO_GROUP_FLAGS_* of the group.
@@ -366,6 +445,7 @@ mod tests {
         assert_eq!(VFIO_GROUP_GET_DEVICE_FD(), 0x3b6a);
         assert_eq!(VFIO_DEVICE_SET_IRQS(), 0x3b6e);
         assert_eq!(VFIO_IOMMU_MAP_DMA(), 0x3b71);
+        assert_eq!(VFIO_IOMMU_UNMAP_DMA(), 0x3b72);
     }
 
     fn cap(id: u16, next: u32, body: &[u8]) -> Vec<u8> {

@@ -79,6 +79,29 @@ impl Lines {
         Ok(())
     }
 
+    /// What VFIO was last told: (vectors enabled, live mask), or None for
+    /// disabled. A live update carries it: VFIO keeps signalling the same
+    /// eventfds, handed over, so the next process must know what it set.
+    pub fn armed(&self) -> Option<(usize, u32)> {
+        self.armed
+    }
+
+    /// Takes what VFIO was told (`armed`) from a saved state: at most the
+    /// vectors there are, live ones among them.
+    pub fn restore_armed(&mut self, armed: Option<(usize, u32)>) -> Result<(), String> {
+        if let Some((n, live)) = armed {
+            let beyond = if n >= 32 { 0 } else { u32::MAX << n };
+            if n > self.vectors || live & beyond != 0 {
+                return Err(format!(
+                    "{n} vectors armed (live {live:#x}) of interrupt index {}, which has {}",
+                    self.index, self.vectors
+                ));
+            }
+        }
+        self.armed = armed;
+        Ok(())
+    }
+
     /// Vectors whose parked eventfd was signalled (and is now drained).
     pub fn collect(&self, parked: &[EventFd]) -> u32 {
         (0..self.vectors)
@@ -155,6 +178,23 @@ mod tests {
         assert_eq!(c.len(), 3);
         assert_eq!(c[1], (1, 0, vec![]));
         assert_eq!(c[2].2.len(), 4, "at most the vectors there are");
+    }
+
+    #[test]
+    fn armed_state_is_restored_within_the_vectors() {
+        let (irqfds, parked) = (fds(2), fds(2));
+        let mut lines = Lines::new(1, 0, 2);
+        assert!(lines.restore_armed(Some((3, 1))).is_err(), "3 of 2 vectors");
+        assert!(
+            lines.restore_armed(Some((1, 0b10))).is_err(),
+            "vector 1 of 1"
+        );
+        lines.restore_armed(Some((2, 0b01))).unwrap();
+        assert_eq!(lines.armed(), Some((2, 0b01)));
+        // What VFIO already has is not sent again.
+        let calls = Calls::default();
+        lines.sync(&calls, &irqfds, &parked, true, 2, 0b01).unwrap();
+        assert!(calls.0.borrow().is_empty());
     }
 
     #[test]

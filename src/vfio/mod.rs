@@ -25,13 +25,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use device::VfioPci;
-pub use handles::{DeviceHandles, Handles, Iommu};
+pub use handles::{DeviceHandles, HandedOver, Handles, Iommu, RawHandles};
 pub use host::Sysfs;
-
-/// Why a machine with a passed-through device refuses exec and transfer for
-/// now (reboot mode carries it while the guest is suspended to RAM).
-pub const NO_LIVE_UPDATE: &str = "exec and transfer with VFIO are not supported yet \
-     (reboot mode is: suspend the guest, then cpr-save)";
 
 /// How a guest suspends to RAM, for the refusal of a `cpr-save` while it runs.
 pub const HOW_TO_SUSPEND: &str = "reboot mode with VFIO needs the guest suspended to RAM \
@@ -195,6 +190,10 @@ pub enum Why {
         want: usize,
     },
     Mmap(usize, std::io::Error),
+    /// What a live update handed over does not fit the device.
+    Handover(String),
+    /// The saved state of the device does not fit it.
+    State(String),
 }
 
 #[cfg(test)]
@@ -302,6 +301,8 @@ impl fmt::Display for Why {
                 "{have} interrupt eventfds handed over, the device has {want} vectors"
             ),
             Why::Mmap(i, e) => write!(f, "cannot mmap BAR {i}: {e}"),
+            Why::Handover(why) => write!(f, "handover: {why}"),
+            Why::State(why) => write!(f, "saved state: {why}"),
         }
     }
 }

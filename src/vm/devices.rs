@@ -65,14 +65,16 @@ pub fn vfio_slot(virtio: usize, i: usize) -> u8 {
     (1 + virtio + i) as u8
 }
 
-/// Creates every configured device: disks, then NICs, then the opened
-/// passed-through devices `vfio`, each in argv order.
+/// Creates every configured device: disks, then NICs, then the
+/// passed-through devices `vfio` (opened, or `adopted` from a live update),
+/// each in argv order. Their irqfds are bound by the caller (`attach_vfio`).
 pub fn build(
     cfg: &RunConfig,
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     routes: &Arc<GsiRoutes>,
     vfio: Vec<DeviceHandles>,
+    adopted: bool,
 ) -> Result<Built, Error> {
     let mut bus = PciBus::new();
     let mut alloc = Allocator::new();
@@ -123,9 +125,6 @@ pub fn build(
         }
         let vectors = h.layout.msi_vectors() + h.layout.msix_vectors();
         let gsis = alloc.gsis(vectors as u32).map_err(Error::Alloc)?;
-        for (&gsi, evt) in gsis.iter().zip(&h.irqfds) {
-            kvm::bind_irqfd(vm, evt, gsi).map_err(Error::Kvm)?;
-        }
         let bdf = h.bdf;
         let res = VfioResources {
             bars,
@@ -133,6 +132,7 @@ pub fn build(
             router: routes.clone(),
             mapper: mapper.clone(),
             first_slot: VFIO_MEMSLOT_START + i * MEMSLOTS,
+            adopted,
         };
         let function = VfioPci::new(h, res).map_err(|why| Error::Vfio(vfio::Error { bdf, why }))?;
         let shared = Arc::new(Mutex::new(function));
@@ -146,6 +146,30 @@ pub fn build(
         vfio_slots,
         allocator: alloc,
     })
+}
+
+/// Binds (or, `on` false, unbinds) every passed-through vector's irqfd to
+/// its GSI: VFIO's interrupts reach the guest without molt while bound, and
+/// wait in the eventfd while not. All or nothing.
+pub fn attach_vfio(vm: &VmFd, vfio: &[SharedVfio], on: bool) -> Result<(), kvm::Error> {
+    let devices: Vec<_> = vfio.iter().map(|d| crate::sync::lock(d)).collect();
+    let all: Vec<_> = devices.iter().flat_map(|d| d.irqfds()).collect();
+    let switch = |(evt, gsi): &(&vmm_sys_util::eventfd::EventFd, u32), on: bool| {
+        if on {
+            kvm::bind_irqfd(vm, evt, *gsi)
+        } else {
+            kvm::unbind_irqfd(vm, evt, *gsi)
+        }
+    };
+    for (i, v) in all.iter().enumerate() {
+        if let Err(e) = switch(v, on) {
+            for done in &all[..i] {
+                let _ = switch(done, !on);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

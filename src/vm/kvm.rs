@@ -34,6 +34,7 @@ pub enum Error {
     SetMemoryRegion(u32, kvm_ioctls::Error),
     EventFd(std::io::Error),
     RegisterIrqfd(u32, kvm_ioctls::Error),
+    UnregisterIrqfd(u32, kvm_ioctls::Error),
     RegisterIoeventfd(u64, kvm_ioctls::Error),
     State(&'static str, kvm_ioctls::Error),
 }
@@ -52,6 +53,9 @@ impl fmt::Display for Error {
             }
             Error::EventFd(e) => write!(f, "eventfd failed: {e}"),
             Error::RegisterIrqfd(gsi, e) => write!(f, "KVM_IRQFD for GSI {gsi} failed: {e}"),
+            Error::UnregisterIrqfd(gsi, e) => {
+                write!(f, "KVM_IRQFD deassign for GSI {gsi} failed: {e}")
+            }
             Error::RegisterIoeventfd(a, e) => write!(f, "KVM_IOEVENTFD at {a:#x} failed: {e}"),
             Error::State(what, e) => write!(f, "KVM_{what} failed: {e}"),
         }
@@ -100,6 +104,13 @@ pub fn irq_eventfd(vm: &VmFd, gsi: u32) -> Result<EventFd, Error> {
 pub fn bind_irqfd(vm: &VmFd, evt: &EventFd, gsi: u32) -> Result<(), Error> {
     vm.register_irqfd(evt, gsi)
         .map_err(|e| Error::RegisterIrqfd(gsi, e))
+}
+
+/// Stops writes to `evt` raising `gsi` (KVM_IRQFD with DEASSIGN); what
+/// arrives on `evt` afterwards stays there for whoever binds it next.
+pub fn unbind_irqfd(vm: &VmFd, evt: &EventFd, gsi: u32) -> Result<(), Error> {
+    vm.unregister_irqfd(evt, gsi)
+        .map_err(|e| Error::UnregisterIrqfd(gsi, e))
 }
 
 /// Device memory in guest-physical space: the memslots of passed-through BARs.

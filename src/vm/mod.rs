@@ -28,10 +28,14 @@ use crate::boot::{self, BootSpec, Entry};
 use crate::bus::Bus;
 use crate::devices::power::{Power, PowerStateV1};
 use crate::devices::serial::{self, Output, Serial, SerialStateV1};
-use crate::layout::{ACPI_FACS_START, MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
+use crate::layout::{
+    ACPI_FACS_START, MAX_DISKS, MAX_NICS, MAX_VCPUS, MAX_VFIO_DEVICES, MAX_VFIO_EVENTFDS,
+    SERIAL_IRQ,
+};
 use crate::pci::Allocator;
 use crate::sync::lock;
-use crate::vfio::{self, Handles, Iommu, Sysfs};
+use crate::vfio::device::VfioStateV1;
+use crate::vfio::{self, HandedOver, Handles, Iommu, RawHandles, Sysfs};
 use crate::virtio::pci::TransportState;
 use devices::{SharedVfio, SharedVirtio};
 use host_cpu::HostCpu;
@@ -74,6 +78,13 @@ pub enum Error {
     WakeOutsideRam(Waking),
     WakeTables(vm_memory::GuestMemoryError),
     Vfio(vfio::Error),
+    /// A live update with passed-through devices cannot be made: why.
+    VfioUpdate(String),
+    /// The saved state has another number of passed-through devices.
+    VfioCount {
+        saved: usize,
+        now: usize,
+    },
 }
 
 /// How every refusal of a saved state that does not fit begins.
@@ -103,6 +114,11 @@ impl fmt::Display for Error {
             }
             Error::WakeTables(e) => write!(f, "cannot write the wake page tables: {e}"),
             Error::Vfio(e) => e.fmt(f),
+            Error::VfioUpdate(why) => write!(f, "VFIO: {why}"),
+            Error::VfioCount { saved, now } => write!(
+                f,
+                "{MISMATCH}: passed-through devices: saved {saved}, now {now}"
+            ),
         }
     }
 }
@@ -215,8 +231,48 @@ impl From<MachineStateV1> for MachineStateV2 {
     }
 }
 
+/// Version 3: version 2 plus each passed-through function's state, argv
+/// order (carried by exec and transfer, whose new process adopts the
+/// running device). Frozen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineStateV3 {
+    pub shape: Shape,
+    pub vcpus: BoundedVec<Box<VcpuState>, MAX_VCPUS>,
+    pub vm: VmState,
+    pub serial: SerialStateV1,
+    pub allocator: Allocator,
+    pub virtio: BoundedVec<TransportState, MAX_DEVICES>,
+    pub power: PowerStateV1,
+    pub vfio: BoundedVec<VfioStateV1, MAX_VFIO_DEVICES>,
+}
+
+impl From<MachineStateV2> for MachineStateV3 {
+    /// Machines of version 2 could not carry a passed-through device.
+    fn from(v2: MachineStateV2) -> Self {
+        MachineStateV3 {
+            shape: v2.shape,
+            vcpus: v2.vcpus,
+            vm: v2.vm,
+            serial: v2.serial,
+            allocator: v2.allocator,
+            virtio: v2.virtio,
+            power: v2.power,
+            vfio: BoundedVec::new(),
+        }
+    }
+}
+
 /// The version this release saves and restores.
-pub type MachineState = MachineStateV2;
+pub type MachineState = MachineStateV3;
+
+/// What the VFIO part of a live update's pause took, in µs, for the log.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct VfioTimes {
+    /// New side: the DMA mappings given this process's addresses.
+    pub map_vaddr_us: u64,
+    /// New side: the interrupt eventfds bound as this VM's irqfds.
+    pub irq_attach_us: u64,
+}
 
 /// What a machine's guest depends on, borrowed: what an update hands over.
 pub struct Backends {
@@ -240,7 +296,7 @@ pub struct Machine {
     pub virtio: Vec<SharedVirtio>,
     pub vfio: Vec<SharedVfio>,
     vfio_slots: Vec<u8>,
-    _iommu: Option<Iommu>,
+    iommu: Option<Iommu>,
     pub ram: GuestRam,
     pub shape: Shape,
     /// The guest suspended itself to RAM (ACPI S3): its vCPUs stay stopped
@@ -264,6 +320,8 @@ pub struct Prepared {
 pub struct Restored {
     parts: Parts,
     fds: Vec<VcpuFd>,
+    /// With adopted passed-through devices: what their part took.
+    pub vfio_times: Option<VfioTimes>,
 }
 
 impl Prepared {
@@ -281,8 +339,41 @@ impl Prepared {
         if parts.allocator != state.allocator {
             return Err(Error::Placement);
         }
+        if parts.vfio.len() != state.vfio.len() {
+            return Err(Error::VfioCount {
+                saved: state.vfio.len(),
+                now: parts.vfio.len(),
+            });
+        }
         host.check(state.vcpus.iter().map(|v| &**v))
             .map_err(Error::HostCpu)?;
+        // Adopted passed-through devices: the DMA mappings take this
+        // process's addresses (the old one released them in its pause), then
+        // the virtualized registers and interrupt routes come back.
+        let mut times = None;
+        if parts.vfio_adopted {
+            let t = std::time::Instant::now();
+            if let Some(iommu) = &parts.iommu {
+                iommu
+                    .take_vaddr(&parts.ram.host_regions(), parts.vfio_take_back)
+                    .map_err(|e| parts.vfio_error(vfio::Why::Ioctl(e)))?;
+            }
+            crate::cpr::fault::point("vaddr");
+            times = Some(VfioTimes {
+                map_vaddr_us: t.elapsed().as_micros() as u64,
+                ..VfioTimes::default()
+            });
+        }
+        // Devices opened afresh (reboot mode: the guest was suspended to RAM)
+        // start as opened: the guest's PCI core writes their registers back
+        // when it wakes, and molt arms their interrupts as it does.
+        let adopted_vfio = if parts.vfio_adopted { &parts.vfio[..] } else { &[] };
+        for (dev, saved) in adopted_vfio.iter().zip(&state.vfio) {
+            let mut dev = lock(dev);
+            let bdf = dev.bdf();
+            dev.restore(saved)
+                .map_err(|why| Error::Vfio(vfio::Error { bdf, why }))?;
+        }
         lock(&parts.bus.serial)
             .restore(&state.serial)
             .map_err(Error::Serial)?;
@@ -294,7 +385,19 @@ impl Prepared {
         for (i, (fd, saved)) in fds.iter().zip(&state.vcpus).enumerate() {
             vcpu::restore(fd, i as u8, saved, host.xsave_words()).map_err(Error::Vcpu)?;
         }
-        Ok(Restored { parts, fds })
+        // Interrupts that arrived while no VM listened wait in the eventfds:
+        // binding them as this VM's irqfds delivers them, into the restored
+        // interrupt controllers.
+        if let Some(t) = &mut times {
+            let start = std::time::Instant::now();
+            devices::attach_vfio(&parts.vm, &parts.vfio, true).map_err(Error::Kvm)?;
+            t.irq_attach_us = start.elapsed().as_micros() as u64;
+        }
+        Ok(Restored {
+            parts,
+            fds,
+            vfio_times: times,
+        })
     }
 }
 
@@ -317,16 +420,34 @@ struct Parts {
     vfio: Vec<SharedVfio>,
     vfio_slots: Vec<u8>,
     iommu: Option<Iommu>,
+    /// The passed-through devices were handed over by a live update: DMA
+    /// mappings and irqfds are taken over at restore.
+    vfio_adopted: bool,
+    /// ... and mappings a failed process took may be taken back from it
+    /// (`HandedOver::take_back`).
+    vfio_take_back: bool,
     allocator: Allocator,
 }
 
 impl Parts {
-    fn build(cfg: &RunConfig, ram: GuestRam, console: Output) -> Result<Self, Error> {
+    /// `vfio`: the passed-through devices' descriptors a live update handed
+    /// over, or None to open `cfg.vfio` by name.
+    fn build(
+        cfg: &RunConfig,
+        ram: GuestRam,
+        console: Output,
+        vfio: Option<HandedOver>,
+    ) -> Result<Self, Error> {
         // Passed-through devices first: one that cannot be used is refused
         // before KVM is touched.
-        let Handles { iommu, devices } =
-            Handles::open(&cfg.vfio, &Sysfs::host()).map_err(Error::Vfio)?;
-        if let (Some(iommu), Some(d)) = (&iommu, devices.first()) {
+        let adopted = vfio.is_some();
+        let take_back = vfio.as_ref().is_some_and(|v| v.take_back);
+        let handles = match vfio {
+            Some(fds) => Handles::adopt(&cfg.vfio, fds, &Sysfs::host()),
+            None => Handles::open(&cfg.vfio, &Sysfs::host()),
+        };
+        let Handles { iommu, devices } = handles.map_err(Error::Vfio)?;
+        if let (Some(iommu), Some(d), false) = (&iommu, devices.first(), adopted) {
             iommu.map_ram(&ram.host_regions()).map_err(|e| {
                 Error::Vfio(vfio::Error {
                     bdf: d.bdf,
@@ -338,8 +459,11 @@ impl Parts {
         let vm = Arc::new(vm);
         let serial_irq = kvm::irq_eventfd(&vm, SERIAL_IRQ).map_err(Error::Kvm)?;
         let routes = Arc::new(GsiRoutes::new(vm.clone()));
-        let built =
-            devices::build(cfg, &vm, &ram.memory, &routes, devices).map_err(Error::Devices)?;
+        let built = devices::build(cfg, &vm, &ram.memory, &routes, devices, adopted)
+            .map_err(Error::Devices)?;
+        if !adopted {
+            devices::attach_vfio(&vm, &built.vfio, true).map_err(Error::Kvm)?;
+        }
         let serial = Serial::new(Some(serial_irq), console);
         let sleep_evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(Error::SleepEvent)?;
@@ -358,8 +482,19 @@ impl Parts {
             vfio: built.vfio,
             vfio_slots: built.vfio_slots,
             iommu,
+            vfio_adopted: adopted,
+            vfio_take_back: take_back,
             allocator: built.allocator,
         })
+    }
+
+    /// A failure of the passed-through devices, named by the first one.
+    fn vfio_error(&self, why: vfio::Why) -> Error {
+        let bdf = self.vfio.first().map(|d| lock(d).bdf());
+        match bdf {
+            Some(bdf) => Error::Vfio(vfio::Error { bdf, why }),
+            None => Error::VfioUpdate(why.to_string()),
+        }
     }
 
     fn shape(&self, vcpus: u8) -> Shape {
@@ -409,7 +544,7 @@ impl Parts {
             virtio: self.virtio,
             vfio: self.vfio,
             vfio_slots: self.vfio_slots,
-            _iommu: self.iommu,
+            iommu: self.iommu,
             ram: self.ram,
             allocator: self.allocator,
             _routes: self.routes,
@@ -423,7 +558,7 @@ impl Machine {
     /// Builds the machine for `cfg`, loads the guest and starts its vCPUs.
     pub fn boot(cfg: &RunConfig, console: Output, exit: ExitSink) -> Result<Self, Error> {
         let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
-        let parts = Parts::build(cfg, ram, console)?;
+        let parts = Parts::build(cfg, ram, console, None)?;
         let spec = BootSpec {
             kernel: &cfg.kernel,
             initrd: cfg.initrd.as_deref(),
@@ -439,8 +574,15 @@ impl Machine {
     /// Everything that needs no saved state: RAM mapped, VM, memslots, devices,
     /// vCPUs, and what this host's KVM offers them (asked of vCPU 0). A
     /// transfer does this while the old process still runs the guest.
-    pub fn prepare(cfg: &RunConfig, ram: GuestRam, console: Output) -> Result<Prepared, Error> {
-        let parts = Parts::build(cfg, ram, console)?;
+    /// `vfio`: the passed-through devices' descriptors an exec or transfer
+    /// handed over (None: opened by name).
+    pub fn prepare(
+        cfg: &RunConfig,
+        ram: GuestRam,
+        console: Output,
+        vfio: Option<HandedOver>,
+    ) -> Result<Prepared, Error> {
+        let parts = Parts::build(cfg, ram, console, vfio)?;
         let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;
         let fds = parts.create_vcpus(&supported, cfg.vcpus, None)?;
         let probe = fds.first().ok_or(Error::NoVcpus)?;
@@ -475,6 +617,7 @@ impl Machine {
             allocator: self.allocator.clone(),
             virtio,
             power,
+            vfio: self.vfio.iter().map(|d| lock(d).state()).collect(),
         })
     }
 
@@ -588,5 +731,82 @@ impl Machine {
                 }
             })
             .collect()
+    }
+
+    /// Why the passed-through devices cannot go through an exec or transfer
+    /// update, if they cannot: the host kernel cannot move the DMA mappings,
+    /// or there are more interrupt eventfds than one hand-over carries.
+    pub fn vfio_update_refusal(&self) -> Option<Error> {
+        let iommu = self.iommu.as_ref()?;
+        if let Some(why) = iommu.no_update() {
+            return Some(Error::VfioUpdate(why.into()));
+        }
+        let eventfds = self.vfio_handover().eventfds();
+        (eventfds > MAX_VFIO_EVENTFDS).then(|| {
+            Error::VfioUpdate(format!(
+                "the devices have {eventfds} interrupt eventfds (two per vector); an \
+                 update hands over at most {MAX_VFIO_EVENTFDS}"
+            ))
+        })
+    }
+
+    /// The passed-through devices' descriptors, for the next process.
+    pub fn vfio_handover(&self) -> RawHandles {
+        let mut h = RawHandles::default();
+        if let Some(iommu) = &self.iommu {
+            let (container, groups) = iommu.fds();
+            h.container = Some(container);
+            h.groups = groups;
+        }
+        for d in &self.vfio {
+            let (device, irqfds, parked) = lock(d).fds();
+            h.devices.push(device);
+            h.irqfds.push(irqfds);
+            h.parked.push(parked);
+        }
+        h
+    }
+
+    /// In an update's pause, before the machine is saved: the passed-through
+    /// devices' interrupts stop reaching this VM (they wait in their
+    /// eventfds for the next one), and this process's addresses of the DMA
+    /// mappings are invalidated. The devices run on. Returns the µs it took.
+    /// A failure leaves everything as it was.
+    pub fn vfio_release(&self) -> Result<u64, Error> {
+        let Some(iommu) = &self.iommu else {
+            return Ok(0);
+        };
+        let start = std::time::Instant::now();
+        devices::attach_vfio(&self.vm, &self.vfio, false).map_err(Error::Kvm)?;
+        if let Err(e) = iommu.release_vaddr(&self.ram.host_regions()) {
+            let _ = devices::attach_vfio(&self.vm, &self.vfio, true);
+            return Err(self.vfio_ioctl_error(e));
+        }
+        Ok(start.elapsed().as_micros() as u64)
+    }
+
+    /// The update failed after `vfio_release`: the DMA mappings take this
+    /// process's addresses back (from whichever process had them) and the
+    /// interrupts reach this VM again, so the guest resumes here with its
+    /// devices working.
+    pub fn vfio_reclaim(&self) -> Result<(), Error> {
+        let Some(iommu) = &self.iommu else {
+            return Ok(());
+        };
+        let taken = iommu
+            .take_vaddr(&self.ram.host_regions(), true)
+            .map_err(|e| self.vfio_ioctl_error(e));
+        let attached = devices::attach_vfio(&self.vm, &self.vfio, true).map_err(Error::Kvm);
+        taken.and(attached)
+    }
+
+    fn vfio_ioctl_error(&self, e: vfio::ioctl::Error) -> Error {
+        match self.vfio.first() {
+            Some(d) => Error::Vfio(vfio::Error {
+                bdf: lock(d).bdf(),
+                why: vfio::Why::Ioctl(e),
+            }),
+            None => Error::VfioUpdate(e.to_string()),
+        }
     }
 }
