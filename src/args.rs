@@ -622,7 +622,11 @@ mod tests {
                 "--incoming",
                 incoming,
             ]);
-            assert_eq!(cfg.unwrap().unwrap()[0].to_string(), "0000:00:04.0", "{incoming}");
+            assert_eq!(
+                cfg.unwrap().unwrap()[0].to_string(),
+                "0000:00:04.0",
+                "{incoming}"
+            );
         }
     }
 

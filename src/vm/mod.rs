@@ -367,7 +367,11 @@ impl Prepared {
         // Devices opened afresh (reboot mode: the guest was suspended to RAM)
         // start as opened: the guest's PCI core writes their registers back
         // when it wakes, and molt arms their interrupts as it does.
-        let adopted_vfio = if parts.vfio_adopted { &parts.vfio[..] } else { &[] };
+        let adopted_vfio = if parts.vfio_adopted {
+            &parts.vfio[..]
+        } else {
+            &[]
+        };
         for (dev, saved) in adopted_vfio.iter().zip(&state.vfio) {
             let mut dev = lock(dev);
             let bdf = dev.bdf();
