@@ -130,6 +130,19 @@ fn two_vcpu_guest_boots_eight_times_in_a_row() {
     }
 }
 
+/// labedu's runs 1 to `runs` in the guest (rootfs/scenarios/lib/edu.sh's
+/// edu_checks): each exited 0 and passed every check.
+fn expect_edu_runs(r: &HashMap<String, String>, runs: usize) {
+    for run in 1..=runs {
+        expect(r, &format!("labedu_{run}_rc"), "0");
+        for check in [
+            "id", "live", "fact", "fact_irq", "dma_to", "dma_from", "irqs",
+        ] {
+            expect(r, &format!("edu_{check}_{run}"), "PASS");
+        }
+    }
+}
+
 /// Issue 11: QEMU's edu device, behind L1's emulated IOMMU, passed through by
 /// `--vfio` to the L3 guest, whose driver and test program check its ID,
 /// liveness and factorial registers and DMA both ways with an MSI per DMA,
@@ -157,14 +170,7 @@ fn vfio_passes_edu_through_and_refuses_devices_it_cannot_use() {
     ] {
         expect(&r, name, value);
     }
-    for run in ["1", "2"] {
-        expect(&r, &format!("labedu_{run}_rc"), "0");
-        for check in [
-            "id", "live", "fact", "fact_irq", "dma_to", "dma_from", "irqs",
-        ] {
-            expect(&r, &format!("edu_{check}_{run}"), "PASS");
-        }
-    }
+    expect_edu_runs(&r, 2);
 }
 
 /// Issue 11, reboot mode with VFIO, as in QEMU: the L3 guest uses edu, molt
@@ -206,14 +212,7 @@ fn vfio_reboot_mode_carries_edu_through_a_suspended_guest() {
     ] {
         expect(&r, name, value);
     }
-    for run in ["1", "2"] {
-        expect(&r, &format!("labedu_{run}_rc"), "0");
-        for check in [
-            "id", "live", "fact", "fact_irq", "dma_to", "dma_from", "irqs",
-        ] {
-            expect(&r, &format!("edu_{check}_{run}"), "PASS");
-        }
-    }
+    expect_edu_runs(&r, 2);
 }
 
 /// Issue 11, items 2, 4 and 5: edu passed through to the guest keeps running

@@ -31,10 +31,11 @@
 # lab-needs: molt-next
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
+. /lab/lib/cpr.sh
+. /lab/lib/edu.sh
 
 SOCK=/run/molt.sock
 LOG=/run/guest.log
-XFER=/run/molt-incoming.sock
 UPDATES=10
 STOP=/tmp/edu.stop
 RESULT=/tmp/edu.loop
@@ -47,20 +48,8 @@ if [ ! -x /lab/bin/molt ]; then
 fi
 t_start=$(now_ms)
 
-EDU=
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ] && EDU=${d##*/}
-done
-if [ -z "$EDU" ]; then
-    fail edu_found "no 1234:11e8 device on L2's bus"
-    lab_end
-    exit 0
-fi
-DEV=/sys/bus/pci/devices/$EDU
-modprobe vfio_pci && modprobe vfio_iommu_type1 || fail vfio_modules "modprobe failed"
-[ -e "$DEV/driver" ] && echo "$EDU" > "$DEV/driver/unbind"
-echo "1234 11e8" > /sys/bus/pci/drivers/vfio-pci/new_id
-check edu_on_vfio "$(basename "$(readlink "$DEV/driver")")" vfio-pci
+edu_find
+edu_to_vfio
 
 # ---- kprobes on VFIO's open, release, enable, disable and reset paths ----
 T=/sys/kernel/tracing
@@ -89,23 +78,6 @@ delta() {
 }
 
 version=$(molt version | awk '{ print $2 }')
-
-# start_incoming BIN ERRLOG: BIN run with /run/argv plus --incoming unix:$XFER,
-# waiting there for the guest. Sets NEW_PID; returns 1 without a socket in 60 s.
-start_incoming() {
-    _bin=$1 _err=$2
-    set --
-    while IFS= read -r a; do set -- "$@" "$a"; done < /run/argv
-    rm -f $XFER
-    "$_bin" run "$@" --incoming "unix:$XFER" < /dev/null > /dev/null 2> "$_err" &
-    NEW_PID=$!
-    _i=0
-    while [ ! -S $XFER ]; do
-        _i=$((_i + 1))
-        if [ $_i -gt 1200 ] || ! alive "$NEW_PID"; then return 1; fi
-        sleep 0.05
-    done
-}
 
 # boot_guest ARGS...: molt with the lab guest, 256 MiB, the control socket.
 boot_guest() {

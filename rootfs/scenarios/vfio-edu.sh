@@ -8,10 +8,10 @@
 # in between (live updates with edu: the vfio-cpr and vfio-reboot scenarios).
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
+. /lab/lib/edu.sh
 
 SOCK=/run/molt.sock
 LOG=/run/guest.log
-CHECKS="id live fact fact_irq dma_to dma_from irqs"
 
 if [ ! -x /lab/bin/molt ]; then
     fail molt "binary missing"
@@ -20,21 +20,7 @@ if [ ! -x /lab/bin/molt ]; then
 fi
 t_start=$(now_ms)
 
-# edu's address on L2's PCI bus (1234:11e8).
-EDU=
-for d in /sys/bus/pci/devices/*; do
-    if [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ]; then
-        EDU=${d##*/}
-    fi
-done
-if [ -z "$EDU" ]; then
-    fail edu_found "no 1234:11e8 device on L2's bus"
-    lab_end
-    exit 0
-fi
-check edu_found yes yes
-result edu_bdf "$EDU"
-DEV=/sys/bus/pci/devices/$EDU
+edu_find
 drv() {
     if [ -e "$DEV/driver" ]; then basename "$(readlink "$DEV/driver")"; else echo none; fi
 }
@@ -74,16 +60,6 @@ echo "1234 11e8" > /sys/bus/pci/drivers/vfio-pci/new_id
 check edu_on_vfio "$(drv)" vfio-pci
 group=$(basename "$(readlink "$DEV/iommu_group")")
 check vfio_group_node "$([ -c "/dev/vfio/$group" ] && echo yes || echo no)" yes
-
-# edu_checks N SEED: run labedu in the guest (run N), its lines tagged EDU<N>.
-edu_checks() {
-    rc=$(guest_cmd "labedu $2 > /tmp/edu.out 2>&1; r=\$?; sed 's/^/EDU$1 /' /tmp/edu.out; exit \$r" 120)
-    check "labedu_${1}_rc" "$rc" 0
-    for c in $CHECKS; do
-        check "edu_${c}_$1" "$(gout "EDU$1" | grep "^EDU-CHECK $c " | cut -d' ' -f3)" PASS
-    done
-    gout "EDU$1" | sed "s/^/LAB-INFO labedu run $1: /"
-}
 
 # 3. The guest gets edu: BAR 0 mapped into it, MSI through KVM.
 if molt_boot "$LOG" --mem 256M --control "$SOCK" --vfio "$EDU"; then

@@ -16,11 +16,11 @@
 #      it (dmesg "labedu: resumed"); every labedu check passes again.
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
+. /lab/lib/edu.sh
 
 SOCK=/run/molt.sock
 STATE=/run/state
 RAM=/dev/shm/ram
-CHECKS="id live fact fact_irq dma_to dma_from irqs"
 
 if [ ! -x /lab/bin/molt ]; then
     fail molt "binary missing"
@@ -32,34 +32,8 @@ t_start=$(now_ms)
 # status_field KEY: a field of molt's status reply (empty if it does not answer).
 status_field() { field "$1" "$(molt ctl "$SOCK" status 2>/dev/null)"; }
 
-# edu_checks N SEED: run labedu in the guest (run N), its lines tagged EDU<N>.
-edu_checks() {
-    rc=$(guest_cmd "labedu $2 > /tmp/edu.out 2>&1; r=\$?; sed 's/^/EDU$1 /' /tmp/edu.out; exit \$r" 120)
-    check "labedu_${1}_rc" "$rc" 0
-    for c in $CHECKS; do
-        check "edu_${c}_$1" "$(gout "EDU$1" | grep "^EDU-CHECK $c " | cut -d' ' -f3)" PASS
-    done
-    gout "EDU$1" | sed "s/^/LAB-INFO labedu run $1: /"
-}
-
-# edu to vfio-pci (LAB.md).
-EDU=
-for d in /sys/bus/pci/devices/*; do
-    if [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ]; then
-        EDU=${d##*/}
-    fi
-done
-if [ -z "$EDU" ]; then
-    fail edu_found "no 1234:11e8 device on L2's bus"
-    lab_end
-    exit 0
-fi
-result edu_bdf "$EDU"
-DEV=/sys/bus/pci/devices/$EDU
-modprobe vfio_pci && modprobe vfio_iommu_type1 || fail vfio_modules "modprobe failed"
-[ -e "$DEV/driver" ] && echo "$EDU" > "$DEV/driver/unbind"
-echo "1234 11e8" > /sys/bus/pci/drivers/vfio-pci/new_id
-check edu_on_vfio "$(basename "$(readlink "$DEV/driver")")" vfio-pci
+edu_find
+edu_to_vfio
 
 set -- --kernel /lab/vmlinuz --initrd /lab/guest.cpio.gz --cmdline "$DEVICE_CMDLINE" \
     --serial stdio --mem 256M --mem-file "$RAM" --control "$SOCK"
