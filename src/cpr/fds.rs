@@ -31,9 +31,13 @@ pub enum FdKind {
     StaleKvm,
     /// Exec: the line to the guardian (`guardian.rs`), told once the guest runs.
     Guardian,
+    /// A control connection watching events (`events`): the new process sends
+    /// them on. At most `MAX_WATCHERS`.
+    Watcher,
 }
 
-pub const MAX_FDS: usize = 8 + MAX_DISKS + MAX_NICS + 1 + crate::layout::MAX_VCPUS;
+pub const MAX_FDS: usize =
+    8 + MAX_DISKS + MAX_NICS + 1 + crate::layout::MAX_VCPUS + crate::control::MAX_WATCHERS;
 
 /// The descriptor table that travels with a `CprState`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,16 +80,19 @@ pub struct Handover {
     pub previous_exe: Option<RawFd>,
     pub stale_kvm: Vec<RawFd>,
     pub guardian: Option<RawFd>,
+    pub watchers: Vec<RawFd>,
 }
 
 impl Handover {
     /// What the machine's guest depends on, the control socket, the client
-    /// that asked and the console's input. What only an exec hands over (its
-    /// own image, the guardian, the KVM descriptors) is added by exec mode.
+    /// that asked, the event watchers and the console's input. What only an
+    /// exec hands over (its own image, the guardian, the KVM descriptors) is
+    /// added by exec mode.
     pub fn new(
         machine: &crate::vm::Backends,
         listener: Option<RawFd>,
         client: RawFd,
+        watchers: &[RawFd],
         console_in: Option<RawFd>,
     ) -> Handover {
         Handover {
@@ -96,6 +103,11 @@ impl Handover {
             client: Some(client),
             console_out: machine.console_out,
             console_in,
+            watchers: watchers
+                .iter()
+                .take(crate::control::MAX_WATCHERS)
+                .copied()
+                .collect(),
             ..Handover::default()
         }
     }
@@ -113,6 +125,7 @@ impl Handover {
             console_out: a.console_out.as_ref().map(AsRawFd::as_raw_fd),
             console_in: raw(&a.console_in),
             guardian: raw(&a.guardian),
+            watchers: a.watchers.iter().map(AsRawFd::as_raw_fd).collect(),
             ..Handover::default()
         }
     }
@@ -134,6 +147,7 @@ impl Handover {
         s.extend(one(FdKind::PreviousExe, self.previous_exe));
         s.extend(one(FdKind::Guardian, self.guardian));
         s.extend(self.stale_kvm.iter().map(|&fd| (FdKind::StaleKvm, fd)));
+        s.extend(self.watchers.iter().map(|&fd| (FdKind::Watcher, fd)));
         s
     }
 }
@@ -151,6 +165,7 @@ pub struct Adopted {
     pub previous_exe: Option<OwnedFd>,
     pub stale_kvm: Vec<OwnedFd>,
     pub guardian: Option<OwnedFd>,
+    pub watchers: Vec<OwnedFd>,
 }
 
 /// Why a hand-over's descriptors were refused.
@@ -168,6 +183,7 @@ pub enum Error {
         nets: usize,
     },
     NoRam,
+    Watchers,
     Backends {
         disks: usize,
         taps: usize,
@@ -187,6 +203,11 @@ impl std::fmt::Display for Error {
                 "unexpected {kind:?} (configured: {disks} disks, {nets} NICs)"
             ),
             Error::NoRam => write!(f, "the handover has no guest RAM"),
+            Error::Watchers => write!(
+                f,
+                "the handover has more than {} event watchers",
+                crate::control::MAX_WATCHERS
+            ),
             Error::Backends {
                 disks,
                 taps,
@@ -237,6 +258,10 @@ pub fn adopt(kinds: &[FdKind], fds: &[RawFd], disks: usize, nets: usize) -> Resu
             FdKind::PreviousExe if a.previous_exe.is_none() => a.previous_exe = Some(owned),
             FdKind::StaleKvm => a.stale_kvm.push(owned),
             FdKind::Guardian if a.guardian.is_none() => a.guardian = Some(owned),
+            FdKind::Watcher if a.watchers.len() < crate::control::MAX_WATCHERS => {
+                a.watchers.push(owned)
+            }
+            FdKind::Watcher => return Err(Error::Watchers),
             FdKind::Disk(_) | FdKind::Tap(_) => {
                 return Err(Error::Unexpected { kind, disks, nets })
             }
@@ -290,6 +315,25 @@ mod tests {
         assert!(refused(&[FdKind::Disk(0)], &[fd()], 1).contains("RAM"));
         assert!(refused(&[FdKind::GuestRam], &[fd()], 1).contains("disks"));
         assert!(refused(&[FdKind::GuestRam], &[9999], 0).contains("9999"));
+    }
+
+    #[test]
+    fn watchers_are_handed_over_up_to_the_bound() {
+        use crate::control::MAX_WATCHERS;
+        let mut kinds = vec![FdKind::GuestRam];
+        kinds.extend([FdKind::Watcher; MAX_WATCHERS]);
+        let fds: Vec<RawFd> = kinds.iter().map(|_| fd()).collect();
+        let a = adopt(&kinds, &fds, 0, 0).unwrap();
+        assert_eq!(a.watchers.len(), MAX_WATCHERS);
+        let back = Handover::of(&a).slots();
+        let watchers = back.iter().filter(|(k, _)| *k == FdKind::Watcher);
+        assert_eq!(watchers.count(), MAX_WATCHERS, "a rollback hands them on");
+
+        kinds.push(FdKind::Watcher);
+        let fds: Vec<RawFd> = kinds.iter().map(|_| fd()).collect();
+        let e = adopt(&kinds, &fds, 0, 0).unwrap_err().to_string();
+        assert!(e.contains(&format!("more than {MAX_WATCHERS} event watchers")), "{e}");
+        assert!(kinds.len() <= MAX_FDS);
     }
 
     #[test]

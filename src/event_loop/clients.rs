@@ -13,6 +13,9 @@
 //!   not read from, so what it floods stays in its own socket buffer.
 //! - Replies never block: what the socket cannot take waits (with the client's
 //!   further commands) until it reads; one that never does is closed as idle.
+//! - After `events` a client is a watcher: at most `MAX_WATCHERS`, never idle,
+//!   its input read and dropped. Event lines queue for it without blocking; one
+//!   that falls `MAX_WATCHER_BACKLOG` bytes behind is closed.
 //!
 //! `Clients` is the bookkeeping, driven with an explicit clock so that it is tested
 //! without KVM; `Loop` glues it to the listener and to `Loop::execute`.
@@ -25,7 +28,9 @@ use std::time::Instant;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{Loop, Next, Token};
-use crate::control::{self, Client, Input, Line, IDLE_TIMEOUT, MAX_CLIENTS};
+use crate::control::{
+    self, Client, Input, Line, IDLE_TIMEOUT, MAX_CLIENTS, MAX_WATCHERS, MAX_WATCHER_BACKLOG,
+};
 
 /// One connected client and what the loop knows about it.
 struct Slot {
@@ -40,12 +45,14 @@ struct Slot {
     /// What epoll watches this client for; `None` while not registered at all
     /// (an empty interest would still report hang-ups, over and over).
     watched: Option<EventSet>,
+    /// Sent `events`: it gets event lines and is served no more commands.
+    watcher: bool,
 }
 
 impl Slot {
     /// Has a command to serve this turn.
     fn ready(&self) -> bool {
-        !self.held && !self.client.output_pending() && self.client.has_line()
+        !self.held && !self.watcher && !self.client.output_pending() && self.client.has_line()
     }
 
     /// Replies waiting go out even while held; input is read only when there
@@ -62,7 +69,7 @@ impl Slot {
 
     /// When the idle timeout closes it, unless something happens first.
     fn deadline(&self) -> Option<Instant> {
-        (!self.held).then_some(self.active_at + IDLE_TIMEOUT)
+        (!self.held && !self.watcher).then_some(self.active_at + IDLE_TIMEOUT)
     }
 
     /// Nothing more will come from it, nor go to it.
@@ -112,6 +119,7 @@ impl Clients {
             eof: false,
             held: false,
             watched: None,
+            watcher: false,
         });
         self.watch(epoll, slot);
         self.slots[slot].as_ref().map(|_| slot)
@@ -133,10 +141,82 @@ impl Clients {
             match s.client.fill() {
                 Input::Bytes => s.active_at = now,
                 Input::Nothing => {}
+                // A watcher's peer is gone: nobody reads its events any more.
+                Input::Closed if s.watcher => return self.close(epoll, slot),
                 Input::Closed => s.eof = true,
+            }
+            if s.watcher {
+                s.client.clear_input();
             }
         }
         self.watch(epoll, slot);
+    }
+
+    /// Makes `slot` a watcher (`events`), unless `MAX_WATCHERS` are already.
+    pub(super) fn add_watcher(&mut self, epoll: &Epoll, slot: usize) -> Result<(), String> {
+        if self.watchers().count() >= MAX_WATCHERS {
+            return Err(format!(
+                "too many event watchers (at most {MAX_WATCHERS} at once)"
+            ));
+        }
+        if let Some(Some(s)) = self.slots.get_mut(slot) {
+            s.watcher = true;
+            s.client.clear_input();
+        }
+        self.watch(epoll, slot);
+        Ok(())
+    }
+
+    /// The slots of the watchers still listening.
+    fn watchers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.watcher && !s.eof))
+            .map(|(i, _)| i)
+    }
+
+    /// Queues one event line for every watcher; one more than
+    /// `MAX_WATCHER_BACKLOG` bytes behind, or whose connection broke, is closed.
+    pub(super) fn broadcast(&mut self, epoll: &Epoll, line: &str, now: Instant) {
+        let watchers: Vec<usize> = self.watchers().collect();
+        for slot in watchers {
+            let Some(Some(s)) = self.slots.get_mut(slot) else {
+                continue;
+            };
+            match s.client.reply(line) {
+                Ok(n) if s.client.output_len() <= MAX_WATCHER_BACKLOG => {
+                    if n > 0 {
+                        s.active_at = now;
+                    }
+                    self.watch(epoll, slot);
+                }
+                Ok(_) => {
+                    log::warn!(
+                        "control client {slot}: event watcher more than \
+                         {MAX_WATCHER_BACKLOG} bytes behind; closing it"
+                    );
+                    self.close(epoll, slot);
+                }
+                Err(_) => self.close(epoll, slot),
+            }
+        }
+    }
+
+    /// The watchers' descriptors (at most `MAX_WATCHERS`), for an update to
+    /// hand over; `hold` each that goes.
+    pub(super) fn watcher_fds(&self) -> Vec<(usize, RawFd)> {
+        self.watchers()
+            .filter_map(|slot| self.fd(slot).map(|fd| (slot, fd)))
+            .collect()
+    }
+
+    /// One write of what waits for each watcher, without blocking: before
+    /// this process hands them over or ends.
+    pub(super) fn flush_watchers(&mut self) {
+        for s in self.slots.iter_mut().flatten().filter(|s| s.watcher) {
+            let _ = s.client.flush();
+        }
     }
 
     /// The slots with a command to serve this turn, in this turn's order.
@@ -291,6 +371,10 @@ impl Clients {
                 let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
             s.eof = true;
+            if s.watcher {
+                // Dropped: no more events are queued for it here.
+                s.client.clear_output();
+            }
             return;
         }
         if let Some(s) = self.slots[slot].take() {
@@ -331,6 +415,14 @@ impl Loop {
     pub(super) fn adopt_client(&mut self, stream: UnixStream, greeting: &str) {
         self.clients
             .adopt(&self.epoll, stream, greeting, Instant::now());
+    }
+
+    /// Serves an event watcher handed over by a CPR mode.
+    pub(super) fn adopt_watcher(&mut self, stream: UnixStream) {
+        if let Some(slot) = self.clients.adopt(&self.epoll, stream, "", Instant::now()) {
+            // The old process admitted at most as many as one may have.
+            let _ = self.clients.add_watcher(&self.epoll, slot);
+        }
     }
 
     pub(super) fn watch_listener(&mut self) {
