@@ -523,6 +523,116 @@ mod tests {
     }
 
     #[test]
+    fn events_parses_and_its_lines_have_a_fixed_shape() {
+        assert_eq!(parse("events"), Ok(Command::Events));
+        assert_eq!(parse("events x"), Err("events takes no arguments".into()));
+        assert!(parse("frob").unwrap_err().contains("events"));
+        let line = event_line("update-failed", "running", "mode=exec reason=a\nb c");
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words[0], "event");
+        let t: u128 = field(&line, "t_ms").unwrap().parse().unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        assert!(t <= now.as_millis() && t + 10_000 > now.as_millis());
+        assert_eq!(
+            &words[2..],
+            [
+                "update-failed",
+                "state=running",
+                "mode=exec",
+                "reason=a",
+                "b",
+                "c"
+            ]
+        );
+        assert!(!line.contains('\n'), "one line: {line:?}");
+        assert!(event_line("paused", "paused", "").ends_with(" paused state=paused"));
+        assert_eq!(field(&line, "mode"), Some("exec"));
+        assert_eq!(field(&line, "pause_us"), None);
+    }
+
+    fn wait_words(line: &str) -> Result<(&'static str, Option<Duration>), String> {
+        let words: Vec<String> = line.split_whitespace().map(String::from).collect();
+        parse_wait(&words)
+    }
+
+    #[test]
+    fn wait_takes_a_known_state_and_a_timeout() {
+        assert_eq!(wait_words("paused"), Ok(("paused", None)));
+        assert_eq!(
+            wait_words("running --timeout 2.5"),
+            Ok(("running", Some(Duration::from_millis(2500))))
+        );
+        assert_eq!(
+            wait_words("--timeout 1 off"),
+            Ok(("off", Some(Duration::from_secs(1))))
+        );
+        let e = wait_words("frozen").unwrap_err();
+        assert!(e.contains("unknown state 'frozen'"), "{e}");
+        for s in WAIT_STATES {
+            assert!(e.contains(s), "{e} should name {s}");
+            assert!(wait_words(s).is_ok());
+        }
+        assert!(wait_words("").unwrap_err().contains("usage"));
+        assert!(wait_words("paused --timeout")
+            .unwrap_err()
+            .contains("seconds"));
+        for bad in ["0", "-1", "x", "inf", "NaN", "1e12"] {
+            let e = wait_words(&format!("paused --timeout {bad}")).unwrap_err();
+            assert!(e.contains("--timeout takes seconds"), "{bad}: {e}");
+        }
+        assert!(wait_words("paused running")
+            .unwrap_err()
+            .contains("unexpected"));
+    }
+
+    #[test]
+    fn watch_hands_over_each_line_until_told_to_stop() {
+        let dir = std::env::temp_dir().join(format!("molt-watch-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        let path = dir.join("s");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut asked = [0u8; 7];
+            s.read_exact(&mut asked).unwrap();
+            assert_eq!(&asked, b"events\n");
+            s.write_all(b"ok events state=running\nevent t_ms=1 pa")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            s.write_all(b"used state=paused\n").unwrap();
+            // Then silence, with the connection open, until the client goes.
+            let _ = s.read(&mut [0u8; 1]);
+        });
+        let mut seen = Vec::new();
+        let end = watch(&path, None, |l| {
+            seen.push(l.to_string());
+            !l.contains("state=paused")
+        });
+        assert_eq!(end.unwrap(), Watched::Stopped);
+        assert_eq!(seen[1], "event t_ms=1 paused state=paused");
+        server.join().unwrap();
+
+        let listener = {
+            std::fs::remove_file(&path).unwrap();
+            UnixListener::bind(&path).unwrap()
+        };
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"ok events state=running\n").unwrap();
+            let _ = s.read(&mut [0u8; 64]);
+            let _ = s.read(&mut [0u8; 1]);
+        });
+        let start = Instant::now();
+        let deadline = Some(start + Duration::from_millis(200));
+        let end = watch(&path, deadline, |_| true).unwrap();
+        assert_eq!(end, Watched::TimedOut);
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn bad_commands_say_why() {
         assert!(parse("").unwrap_err().contains("empty"));
         assert!(parse("   ").unwrap_err().contains("empty"));

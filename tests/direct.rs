@@ -16,9 +16,8 @@ mod common;
 
 use common::guest::{self, counting_guest, exit_guest, suspend_guest, write_guest, ExitKind, Wake};
 use common::{
-    assert_one_continuous_run, ctl, field, kvm_available, molt, wait_for_control,
-    wait_for_counts, wait_suspended, wake_and_power_off, Molt, Serial, TempDir, Watcher,
-    TIMEOUT,
+    assert_one_continuous_run, ctl, field, kvm_available, molt, wait_for_control, wait_for_counts,
+    wait_suspended, wake_and_power_off, Molt, Serial, TempDir, Watcher, TIMEOUT,
 };
 use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -950,7 +949,10 @@ fn wait_returns_on_the_state_or_times_out_naming_it() {
         err.contains("timed out") && err.contains("state=running") && err.contains("state=paused"),
         "{err}"
     );
-    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
 
     // An unknown state is a usage error naming the known ones.
     let out = molt(&["ctl", &sock, "wait", "frozen"]);

@@ -616,7 +616,10 @@ fn watchers_see_updates_finish_across_exec_and_transfer() {
         let started = w.expect("update-started");
         assert_eq!(field(&started, "mode"), Some("transfer"), "{started}");
         let failed = w.expect("update-failed");
-        assert!(failed.contains("reason=") && failed.contains("nobody.sock"), "{failed}");
+        assert!(
+            failed.contains("reason=") && failed.contains("nobody.sock"),
+            "{failed}"
+        );
         assert_eq!(field(&failed, "state"), Some("running"), "{failed}");
     }
 
@@ -631,7 +634,10 @@ fn watchers_see_updates_finish_across_exec_and_transfer() {
     for w in [&before_exec, &before_transfer] {
         w.expect("update-started");
         let failed = w.expect("update-failed");
-        assert!(failed.contains("mode=exec reason=the new binary could not resume"), "{failed}");
+        assert!(
+            failed.contains("mode=exec reason=the new binary could not resume"),
+            "{failed}"
+        );
     }
 
     // Still connected to the process that runs the guest now.

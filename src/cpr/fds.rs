@@ -332,7 +332,10 @@ mod tests {
         kinds.push(FdKind::Watcher);
         let fds: Vec<RawFd> = kinds.iter().map(|_| fd()).collect();
         let e = adopt(&kinds, &fds, 0, 0).unwrap_err().to_string();
-        assert!(e.contains(&format!("more than {MAX_WATCHERS} event watchers")), "{e}");
+        assert!(
+            e.contains(&format!("more than {MAX_WATCHERS} event watchers")),
+            "{e}"
+        );
         assert!(kinds.len() <= MAX_FDS);
     }
 

@@ -697,6 +697,106 @@ mod tests {
     }
 
     #[test]
+    fn watchers_get_events_are_never_idle_and_are_bounded_in_number() {
+        let mut h = Harness::new();
+        let t0 = Instant::now();
+        let (w, mut w_peer) = h.connect(t0);
+        let (plain, _plain_peer) = h.connect(t0);
+        h.clients.add_watcher(&h.epoll, w).unwrap();
+        // Input after `events` is read and dropped, never served.
+        send(&mut w_peer, b"status\n");
+        assert!(h.turn(t0).is_empty());
+        h.clients.broadcast(&h.epoll, "event one", t0);
+        let mut got = [0u8; 10];
+        w_peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"event one\n", "only watchers get events");
+        let late = t0 + 3 * IDLE_TIMEOUT;
+        h.turn(late);
+        assert!(h.open(w), "a watcher is not closed as idle");
+        assert!(!h.open(plain), "a plain client is");
+        assert_eq!(h.clients.timeout_ms(late), -1, "a watcher has no deadline");
+
+        let mut peers = Vec::new();
+        for _ in 1..MAX_WATCHERS {
+            let (slot, peer) = h.connect(late);
+            h.clients.add_watcher(&h.epoll, slot).unwrap();
+            peers.push(peer);
+        }
+        let (one_more, _peer) = h.connect(late);
+        let e = h.clients.add_watcher(&h.epoll, one_more).unwrap_err();
+        assert!(e.contains(&MAX_WATCHERS.to_string()), "{e}");
+        assert_eq!(h.clients.watcher_fds().len(), MAX_WATCHERS);
+
+        // A watcher that hangs up frees its place.
+        drop(w_peer);
+        h.turn(late);
+        assert!(!h.open(w));
+        h.clients.add_watcher(&h.epoll, one_more).unwrap();
+    }
+
+    #[test]
+    fn a_watcher_that_does_not_read_is_dropped_past_its_backlog() {
+        let mut h = Harness::new();
+        let t0 = Instant::now();
+        let (deaf, _deaf_peer) = h.connect(t0);
+        let (reader, mut reader_peer) = h.connect(t0);
+        let (other, mut other_peer) = h.connect(t0);
+        h.clients.add_watcher(&h.epoll, deaf).unwrap();
+        h.clients.add_watcher(&h.epoll, reader).unwrap();
+        reader_peer.set_nonblocking(true).unwrap();
+        let line = format!("event {}", "x".repeat(100));
+        let mut sent = 0;
+        let mut received = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        while h.open(deaf) {
+            h.clients.broadcast(&h.epoll, &line, t0);
+            sent += line.len() + 1;
+            let queued = h.clients.slots[deaf]
+                .as_ref()
+                .map_or(0, |s| s.client.output_len());
+            assert!(queued <= MAX_WATCHER_BACKLOG, "{queued} bytes queued");
+            while let Ok(n) = reader_peer.read(&mut buf) {
+                received += n;
+            }
+            h.turn(t0);
+            assert!(sent < 64 << 20, "the deaf watcher was never dropped");
+        }
+        assert!(sent > MAX_WATCHER_BACKLOG);
+        // The one that reads got every line, the other client is served.
+        h.turn(t0);
+        while let Ok(n) = reader_peer.read(&mut buf) {
+            received += n;
+        }
+        assert_eq!(received, sent);
+        send(&mut other_peer, b"status\n");
+        assert_eq!(h.turn(t0), vec![(other, "status".to_string())]);
+    }
+
+    #[test]
+    fn a_held_watcher_stays_open_when_dropped_until_released() {
+        let mut h = Harness::new();
+        let t0 = Instant::now();
+        let (w, w_peer) = h.connect(t0);
+        h.clients.add_watcher(&h.epoll, w).unwrap();
+        let fds = h.clients.watcher_fds();
+        assert_eq!(fds.len(), 1);
+        h.clients.hold(&h.epoll, w);
+        // Its peer goes while an update holds it (its descriptor is handed over).
+        drop(w_peer);
+        h.clients.broadcast(&h.epoll, "event x", t0);
+        h.turn(t0);
+        assert_eq!(
+            h.clients.fd(w),
+            Some(fds[0].1),
+            "held: the descriptor stays"
+        );
+        h.clients.release(&h.epoll, w, t0);
+        h.clients.broadcast(&h.epoll, "event y", t0);
+        h.turn(t0);
+        assert!(!h.open(w), "released: closed");
+    }
+
+    #[test]
     fn a_client_that_does_not_read_waits_and_others_are_served() {
         let mut h = Harness::new();
         let t0 = Instant::now();

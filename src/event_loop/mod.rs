@@ -137,7 +137,9 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
             } else if listener.is_none() {
                 listener = bind()?;
             }
-            (r.machine, r.pause_us, r.run, r.greeting, r.watchers, r.event)
+            (
+                r.machine, r.pause_us, r.run, r.greeting, r.watchers, r.event,
+            )
         }
     };
     if socket_file.is_none() {
