@@ -35,7 +35,8 @@ pub enum Arrival {
     File(FileIncoming),
     /// Boxed: its header holds the whole descriptor table.
     Exec(Box<ExecIncoming>),
-    Transfer(TransferIncoming),
+    /// Boxed too: its descriptors include the watchers'.
+    Transfer(Box<TransferIncoming>),
 }
 
 /// The guest runs here.
@@ -65,7 +66,7 @@ pub fn receive(cfg: &RunConfig, stop: RawFd) -> Result<Received, Error> {
         Some(Incoming::File(path)) => Arrival::File(receive_file(cfg, path)?),
         Some(Incoming::Fd(fd)) => Arrival::Exec(Box::new(receive_exec(cfg, *fd)?)),
         Some(Incoming::Unix(path)) => match receive_transfer(cfg, path, stop)? {
-            Some(t) => Arrival::Transfer(t),
+            Some(t) => Arrival::Transfer(Box::new(t)),
             None => return Ok(Received::Stopped),
         },
     };
@@ -99,7 +100,7 @@ impl Arrival {
         match self {
             Arrival::File(inc) => resume_file(inc, cfg, console, exit),
             Arrival::Exec(inc) => resume_exec(*inc, cfg, console, exit),
-            Arrival::Transfer(inc) => resume_transfer(inc, cfg, console, exit),
+            Arrival::Transfer(inc) => resume_transfer(*inc, cfg, console, exit),
         }
     }
 }
