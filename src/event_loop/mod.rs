@@ -633,11 +633,13 @@ impl Loop {
             Outcome::Guest(GuestExit::Failed(why)) => ("failed", format!("reason={why}")),
             Outcome::Quit => ("quit", String::new()),
             Outcome::Signal(n) => ("signal", format!("signal={n}")),
-            Outcome::Saved | Outcome::Transferred => {
-                // Handed over, or closed with this process: what waits goes now.
+            // The connections end with this process: what waits goes now.
+            Outcome::Saved => {
                 self.clients.flush_watchers();
                 return;
             }
+            // The new process writes to them now: nothing more from here.
+            Outcome::Transferred => return,
         };
         let line = control::event_line(name, "off", &detail);
         self.clients.broadcast(&self.epoll, &line, Instant::now());
