@@ -1005,3 +1005,31 @@ fn a_watcher_that_never_reads_is_dropped_and_status_answers() {
     assert!(log.contains("bytes behind; closing it"), "{log}");
     c.molt.assert_running("after dropping the watcher");
 }
+
+#[test]
+fn a_watcher_sees_suspend_wake_and_power_off() {
+    if !kvm_available("a_watcher_sees_suspend_wake_and_power_off") {
+        return;
+    }
+    let mut c = Counting::start_image("s3-events", &suspend_guest(Wake::Long), true, &[]);
+    let mut early = Watcher::start(&c.sock);
+    let sock = c.sock.to_str().unwrap().to_string();
+    let out = molt(&["ctl", &sock, "wait", "suspended", "--timeout", "20"]);
+    assert!(out.status.success(), "wait suspended: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok state=suspended\n");
+    if field(&early.reply, "state") == Some("running") {
+        let line = early.expect("suspended");
+        assert_eq!(field(&line, "state"), Some("suspended"), "{line}");
+    }
+    let mut w = Watcher::start(&c.sock);
+    assert_eq!(field(&w.reply, "state"), Some("suspended"), "{}", w.reply);
+    let serial = c.serial.clone();
+    wake_and_power_off(&mut c.molt, &c.sock, Wake::Long, || Serial::read(&serial));
+    for w in [&mut early, &mut w] {
+        let woke = w.expect("woke");
+        assert_eq!(field(&woke, "state"), Some("running"), "{woke}");
+        let off = w.expect("power-off");
+        assert_eq!(field(&off, "state"), Some("off"), "{off}");
+        assert!(w.wait_end(TIMEOUT).is_some_and(|s| s.success()));
+    }
+}
