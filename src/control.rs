@@ -25,7 +25,7 @@ pub const MAX_WATCHERS: usize = 16;
 /// holds: a watcher that falls further behind is closed.
 pub const MAX_WATCHER_BACKLOG: usize = 64 * 1024;
 /// The states `molt ctl PATH wait` knows: the guest's run states, and `off`
-/// (it powered off or reset, or molt ended).
+/// (the guest stopped and molt with it: power-off, reset, `quit`, a signal).
 pub const WAIT_STATES: [&str; 4] = ["running", "paused", "suspended", "off"];
 
 /// A parsed control command.
