@@ -10,7 +10,8 @@
 #       2. stages the new kernel (`molt kexec --load-only`) with I, or with the
 #          running root packed as an initramfs (it *is* the initramfs), so a
 #          kernel that does not load is found before the guest pauses;
-#       3. `molt ctl SOCK cpr-save STATE`: the guest pauses, molt exits;
+#       3. `molt ctl SOCK cpr-save STATE`: the guest pauses, molt exits (a
+#          `molt ctl SOCK events` watcher, connected before, ends when it has);
 #       4. syncs and remounts STATE's filesystem read-only (clean after kexec);
 #       5. `molt kexec --exec-staged`: reboot into K, staged in step 2 with this kernel's command line plus WORDS and
 #          `molt.resume=DEV,FSTYPE,MOUNTPOINT,STATE,ARGV`.
@@ -96,16 +97,6 @@ cmdline_for() {
     echo "${_out# } $*"
 }
 
-# running PID: the process exists and is not a zombie (its parent, not us,
-# reaps it; a zombie holds no files).
-running() {
-    [ -r /proc/"$1"/status ] || return 1
-    while read -r _k _v _; do
-        [ "$_k" = State: ] && { [ "$_v" != Z ]; return; }
-    done < /proc/"$1"/status 2>/dev/null
-    return 1
-}
-
 cmd_save() {
     [ $# -ge 3 ] || die "usage: molt-upgrade save SOCK STATE ARGV --kernel K [--initrd I] [--append WORDS] [--journal FILE]"
     sock=$1 state=$2 argv=$3
@@ -159,21 +150,38 @@ cmd_save() {
         die "the new kernel does not stage; the guest was not touched"
     journal staged
 
+    # Watch molt's events from before the save: the watcher's connection ends
+    # when molt has exited (its descriptors close with it), so nothing polls.
+    # Its lines come through a FIFO, read with shell built-ins.
+    fifo=$(mktemp -u /tmp/molt-upgrade-events.XXXXXX) && mkfifo -m 600 "$fifo" ||
+        die "cannot make a FIFO for molt's events; the guest was not touched"
+    molt ctl "$sock" events > "$fifo" &
+    watcher=$!
+    exec 3< "$fifo"
+    rm -f "$fifo"
+    # Its first line, `ok events ...`, says it is registered.
+    IFS= read -r -t 10 line <&3 || line=
+    case $line in
+    "ok events "*) ;;
+    *) kill "$watcher" 2>/dev/null; die "molt at $sock does not send events (${line:-no reply}); the guest was not touched" ;;
+    esac
+
     reply=$(molt ctl "$sock" cpr-save "$state")
     journal saved "$reply"
     case $reply in
     "ok saved "*) echo "molt-upgrade: $reply" >&2 ;;
-    *) die "cpr-save refused, the guest runs on: $reply" ;;
+    *) kill "$watcher" 2>/dev/null; die "cpr-save refused, the guest runs on: $reply" ;;
     esac
     # molt exits after replying; its files (disks, RAM, state) must be closed
-    # before the filesystem can go read-only.
-    # Shell built-ins only in this loop: every fork counts in the pause.
-    i=0
-    while running "$pid"; do
-        i=$((i + 1))
-        [ $i -le 1500 ] || { echo "molt-upgrade: warning: molt (pid $pid) still running after 30 s" >&2; break; }
-        usleep 20000
-    done
+    # before the filesystem can go read-only. The events (update-started,
+    # update-saved) end when it has: `molt ctl events` then exits 0. Shell
+    # built-ins only until then: every fork counts in the pause.
+    while IFS= read -r -t 30 line <&3; do :; done
+    exec 3<&-
+    # Still running only if no line came for 30 s: then it is stopped here (143).
+    kill "$watcher" 2>/dev/null
+    wait "$watcher" ||
+        echo "molt-upgrade: warning: molt (pid $pid) still running 30 s after its last event" >&2
     journal exited
     # The last journal entry this kernel writes: STATE's filesystem goes
     # read-only next.

@@ -130,7 +130,10 @@ pub struct RunArgs {
 }
 
 #[derive(FromArgs, Debug)]
-/// Send one control line to a running molt and print the reply.
+/// Send one control line to a running molt and print the reply. `events`
+/// prints a line per event until molt closes the connection; `wait STATE
+/// [--timeout S]` returns once the guest is in STATE (running, paused,
+/// suspended, off).
 #[argh(subcommand, name = "ctl")]
 pub struct CtlArgs {
     /// the control socket

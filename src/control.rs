@@ -1,11 +1,12 @@
 //! The control pipe: a UNIX stream socket speaking lines of UTF-8. One command line
-//! in, exactly one reply line out, `ok ...` or `error: <reason>` (SPEC.md).
+//! in, exactly one reply line out, `ok ...` or `error: <reason>` (SPEC.md); after
+//! `events`, one line per event until the connection ends.
 
 use std::fmt;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Longest accepted command line, newline excluded.
 pub const MAX_LINE: usize = 4096;
@@ -17,6 +18,15 @@ pub const MAX_CLIENTS: usize = 64;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most bytes read from one client at a time.
 const READ_CHUNK: usize = 4096;
+/// Most `events` watchers at once (they count among `MAX_CLIENTS`); an exec or
+/// a transfer hands every one of them over.
+pub const MAX_WATCHERS: usize = 16;
+/// Most event bytes queued in molt for one watcher beyond what its socket
+/// holds: a watcher that falls further behind is closed.
+pub const MAX_WATCHER_BACKLOG: usize = 64 * 1024;
+/// The states `molt ctl PATH wait` knows: the guest's run states, and `off`
+/// (the guest stopped and molt with it: power-off, reset, `quit`, a signal).
+pub const WAIT_STATES: [&str; 4] = ["running", "paused", "suspended", "off"];
 
 /// A parsed control command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +37,8 @@ pub enum Command {
     /// Wake a guest suspended to RAM (ACPI S3).
     Wakeup,
     Quit,
+    /// Turn this connection into a watcher: one line per event from now on.
+    Events,
     /// Reboot mode: save to this path and exit.
     CprSave(PathBuf),
     /// Exec mode: exec this binary (default: molt's own) with these arguments
@@ -43,7 +55,8 @@ pub enum Command {
     },
 }
 
-const COMMANDS: &str = "status, pause, resume, wakeup, quit, cpr-save, cpr-exec, cpr-transfer";
+const COMMANDS: &str =
+    "status, pause, resume, wakeup, quit, events, cpr-save, cpr-exec, cpr-transfer";
 
 /// Parses one line (without its newline) into a command, or the error reply text.
 pub fn parse(line: &str) -> Result<Command, String> {
@@ -84,6 +97,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
         "resume" => Command::Resume,
         "wakeup" => Command::Wakeup,
         "quit" => Command::Quit,
+        "events" => Command::Events,
         _ => {
             return Err(format!(
                 "unknown command '{}' (commands: {COMMANDS})",
@@ -107,6 +121,27 @@ fn max_pause_ms(value: &str) -> Result<Duration, String> {
             truncate(value, 32)
         )),
     }
+}
+
+/// One event line (without its newline): `event t_ms=<unix ms> NAME state=STATE`
+/// then `detail`, if any (`key=value` words; a `reason=` runs to the end).
+pub fn event_line(name: &str, state: &str, detail: &str) -> String {
+    let t_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut line = format!("event t_ms={t_ms} {name} state={state}");
+    if !detail.is_empty() {
+        line.push(' ');
+        line.push_str(detail);
+    }
+    // One line, whatever a reason holds.
+    line.replace('\n', " ")
+}
+
+/// The value of `key=` in a reply or event line (up to the next space).
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split(' ')
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -273,6 +308,21 @@ impl Client {
     pub fn output_pending(&self) -> bool {
         !self.output.is_empty()
     }
+
+    /// How many reply bytes wait for the client to read.
+    pub fn output_len(&self) -> usize {
+        self.output.len()
+    }
+
+    /// Forgets what was read and not taken as lines (a watcher's input).
+    pub fn clear_input(&mut self) {
+        self.input.clear();
+    }
+
+    /// Forgets the reply bytes not sent yet (a watcher dropped).
+    pub fn clear_output(&mut self) {
+        self.output.clear();
+    }
 }
 
 /// Admits a new connection only from molt's own effective uid (SO_PEERCRED): the
@@ -307,6 +357,114 @@ pub fn request(path: &Path, line: &str) -> Result<String, Error> {
     }
     reply.pop();
     Ok(reply)
+}
+
+/// Longest `wait --timeout`: a year.
+const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `molt ctl PATH wait STATE [--timeout S]`: the words after `wait`, as the
+/// state waited for and the timeout (None: for ever); or the usage error.
+pub fn parse_wait(words: &[String]) -> Result<(&'static str, Option<Duration>), String> {
+    let mut state = None;
+    let mut timeout = None;
+    let mut words = words.iter();
+    while let Some(w) = words.next() {
+        if w == "--timeout" {
+            let s = words.next().ok_or("--timeout needs a number of seconds")?;
+            let t = s
+                .parse::<f64>()
+                .ok()
+                .filter(|t| *t > 0.0)
+                .and_then(|t| Duration::try_from_secs_f64(t).ok())
+                .filter(|t| *t <= MAX_WAIT)
+                .ok_or_else(|| {
+                    format!(
+                        "--timeout takes seconds, more than 0 and at most {}, not '{}'",
+                        MAX_WAIT.as_secs(),
+                        truncate(s, 32)
+                    )
+                })?;
+            timeout = Some(t);
+        } else if state.is_none() {
+            let known = WAIT_STATES.iter().find(|&&k| k == w).ok_or_else(|| {
+                format!(
+                    "wait: unknown state '{}' (states: {})",
+                    truncate(w, 32),
+                    WAIT_STATES.join(", ")
+                )
+            })?;
+            state = Some(*known);
+        } else {
+            return Err(format!("wait: unexpected '{}'", truncate(w, 32)));
+        }
+    }
+    let state = state.ok_or_else(|| {
+        format!(
+            "usage: molt ctl PATH wait STATE [--timeout S] (states: {})",
+            WAIT_STATES.join(", ")
+        )
+    })?;
+    Ok((state, timeout))
+}
+
+/// How `watch` ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// The line handler asked to stop.
+    Stopped,
+    /// molt closed the connection.
+    Closed,
+    /// The deadline passed first.
+    TimedOut,
+}
+
+/// `molt ctl PATH events` and `wait`: sends `events` and hands each line
+/// received (the reply first, then the events) to `line`, without its newline,
+/// until `line` returns false, the connection ends or `deadline` passes.
+pub fn watch(
+    path: &Path,
+    deadline: Option<Instant>,
+    mut line: impl FnMut(&str) -> bool,
+) -> Result<Watched, Error> {
+    let io = |e| Error::Io(path.into(), e);
+    let mut stream = UnixStream::connect(path).map_err(|e| Error::Connect(path.into(), e))?;
+    // As in `request`: a refused connection's reason is still there to read.
+    let sent = stream.write_all(b"events\n");
+    let mut reader = BufReader::new(stream);
+    let mut text = String::new();
+    let mut lines = 0;
+    loop {
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Watched::TimedOut);
+            }
+            reader.get_ref().set_read_timeout(Some(left)).map_err(io)?;
+        }
+        match reader.read_line(&mut text) {
+            Ok(0) if lines == 0 => {
+                return Err(match sent {
+                    Err(e) => io(e),
+                    Ok(()) => Error::NoReply(path.into()),
+                })
+            }
+            Ok(0) => return Ok(Watched::Closed),
+            Ok(_) if !text.ends_with('\n') => return Ok(Watched::Closed),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                // Whatever part of a line came stays in `text` for the next read.
+                continue;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(e)),
+        }
+        lines += 1;
+        text.pop();
+        if !line(&text) {
+            return Ok(Watched::Stopped);
+        }
+        text.clear();
+    }
 }
 
 #[cfg(test)]
@@ -362,6 +520,116 @@ mod tests {
                 args: vec!["run".into(), "--cpus".into(), "2".into()]
             })
         );
+    }
+
+    #[test]
+    fn events_parses_and_its_lines_have_a_fixed_shape() {
+        assert_eq!(parse("events"), Ok(Command::Events));
+        assert_eq!(parse("events x"), Err("events takes no arguments".into()));
+        assert!(parse("frob").unwrap_err().contains("events"));
+        let line = event_line("update-failed", "running", "mode=exec reason=a\nb c");
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words[0], "event");
+        let t: u128 = field(&line, "t_ms").unwrap().parse().unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        assert!(t <= now.as_millis() && t + 10_000 > now.as_millis());
+        assert_eq!(
+            &words[2..],
+            [
+                "update-failed",
+                "state=running",
+                "mode=exec",
+                "reason=a",
+                "b",
+                "c"
+            ]
+        );
+        assert!(!line.contains('\n'), "one line: {line:?}");
+        assert!(event_line("paused", "paused", "").ends_with(" paused state=paused"));
+        assert_eq!(field(&line, "mode"), Some("exec"));
+        assert_eq!(field(&line, "pause_us"), None);
+    }
+
+    fn wait_words(line: &str) -> Result<(&'static str, Option<Duration>), String> {
+        let words: Vec<String> = line.split_whitespace().map(String::from).collect();
+        parse_wait(&words)
+    }
+
+    #[test]
+    fn wait_takes_a_known_state_and_a_timeout() {
+        assert_eq!(wait_words("paused"), Ok(("paused", None)));
+        assert_eq!(
+            wait_words("running --timeout 2.5"),
+            Ok(("running", Some(Duration::from_millis(2500))))
+        );
+        assert_eq!(
+            wait_words("--timeout 1 off"),
+            Ok(("off", Some(Duration::from_secs(1))))
+        );
+        let e = wait_words("frozen").unwrap_err();
+        assert!(e.contains("unknown state 'frozen'"), "{e}");
+        for s in WAIT_STATES {
+            assert!(e.contains(s), "{e} should name {s}");
+            assert!(wait_words(s).is_ok());
+        }
+        assert!(wait_words("").unwrap_err().contains("usage"));
+        assert!(wait_words("paused --timeout")
+            .unwrap_err()
+            .contains("seconds"));
+        for bad in ["0", "-1", "x", "inf", "NaN", "1e12"] {
+            let e = wait_words(&format!("paused --timeout {bad}")).unwrap_err();
+            assert!(e.contains("--timeout takes seconds"), "{bad}: {e}");
+        }
+        assert!(wait_words("paused running")
+            .unwrap_err()
+            .contains("unexpected"));
+    }
+
+    #[test]
+    fn watch_hands_over_each_line_until_told_to_stop() {
+        let dir = std::env::temp_dir().join(format!("molt-watch-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        let path = dir.join("s");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut asked = [0u8; 7];
+            s.read_exact(&mut asked).unwrap();
+            assert_eq!(&asked, b"events\n");
+            s.write_all(b"ok events state=running\nevent t_ms=1 pa")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            s.write_all(b"used state=paused\n").unwrap();
+            // Then silence, with the connection open, until the client goes.
+            let _ = s.read(&mut [0u8; 1]);
+        });
+        let mut seen = Vec::new();
+        let end = watch(&path, None, |l| {
+            seen.push(l.to_string());
+            !l.contains("state=paused")
+        });
+        assert_eq!(end.unwrap(), Watched::Stopped);
+        assert_eq!(seen[1], "event t_ms=1 paused state=paused");
+        server.join().unwrap();
+
+        let listener = {
+            std::fs::remove_file(&path).unwrap();
+            UnixListener::bind(&path).unwrap()
+        };
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"ok events state=running\n").unwrap();
+            let _ = s.read(&mut [0u8; 64]);
+            let _ = s.read(&mut [0u8; 1]);
+        });
+        let start = Instant::now();
+        let deadline = Some(start + Duration::from_millis(200));
+        let end = watch(&path, deadline, |_| true).unwrap();
+        assert_eq!(end, Watched::TimedOut);
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -151,6 +151,11 @@ fn run(a: RunArgs) -> ExitCode {
 }
 
 fn ctl(a: CtlArgs) -> ExitCode {
+    match a.words.first().map(String::as_str) {
+        Some("events") if a.words.len() == 1 => return ctl_events(&a.socket),
+        Some("wait") => return ctl_wait(&a.socket, &a.words[1..]),
+        _ => {}
+    }
     let line = a.words.join(" ");
     match control::request(&a.socket, &line) {
         Ok(reply) => {
@@ -160,6 +165,84 @@ fn ctl(a: CtlArgs) -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+        Err(e) => {
+            eprintln!("molt: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `molt ctl PATH events`: every line as it comes, until molt closes the
+/// connection (success) or refuses (`error: ...`, failure).
+fn ctl_events(socket: &std::path::Path) -> ExitCode {
+    let mut refused = false;
+    let mut first = true;
+    let watched = control::watch(socket, None, |line| {
+        println!("{line}");
+        refused = first && !line.starts_with("ok");
+        first = false;
+        !refused
+    });
+    match watched {
+        Ok(_) if refused => ExitCode::FAILURE,
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("molt: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `molt ctl PATH wait STATE [--timeout S]`: watches events until one (or
+/// the `events` reply) says `state=STATE`, then prints `ok state=STATE`.
+fn ctl_wait(socket: &std::path::Path, words: &[String]) -> ExitCode {
+    let (want, timeout) = match control::parse_wait(words) {
+        Ok(w) => w,
+        Err(why) => {
+            eprintln!("molt: {why}");
+            return ExitCode::from(2);
+        }
+    };
+    let start = std::time::Instant::now();
+    let deadline = timeout.and_then(|t| start.checked_add(t));
+    let mut state = String::from("unknown");
+    let mut refused = None;
+    let mut first = true;
+    let watched = control::watch(socket, deadline, |line| {
+        if std::mem::take(&mut first) && !line.starts_with("ok") {
+            refused = Some(line.to_string());
+            return false;
+        }
+        if let Some(s) = control::field(line, "state") {
+            state = s.to_string();
+        }
+        state != want
+    });
+    let waited = start.elapsed().as_secs_f64();
+    match watched {
+        Ok(_) if refused.is_some() => {
+            println!("{}", refused.unwrap_or_default());
+            ExitCode::FAILURE
+        }
+        Ok(control::Watched::Stopped) => {
+            println!("ok state={want}");
+            ExitCode::SUCCESS
+        }
+        Ok(control::Watched::TimedOut) => {
+            eprintln!(
+                "molt: timed out after {waited:.1} s waiting for state={want}: \
+                 the guest is state={state}"
+            );
+            ExitCode::FAILURE
+        }
+        Ok(control::Watched::Closed) => {
+            eprintln!(
+                "molt: {} closed the connection while waiting for state={want} \
+                 (last state={state})",
+                socket.display()
+            );
+            ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("molt: {e}");

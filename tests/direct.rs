@@ -5,7 +5,10 @@
 //! cannot take the event loop away from `status` and SIGTERM; and ACPI S3: a
 //! guest that suspends itself is reported suspended with its vCPUs stopped, and
 //! `wakeup` enters the waking vector it left in the FACS, in the mode it asked
-//! for, or is refused with the reason.
+//! for, or is refused with the reason. Events: a watcher (`molt ctl PATH
+//! events`) sees pause, resume and quit, `molt ctl PATH wait` returns on the
+//! state or times out saying which, and a watcher that never reads is dropped
+//! without holding up `status`.
 //!
 //! Without `/dev/kvm` every test fails with the reason, unless MOLT_ALLOW_NO_KVM=1.
 
@@ -13,8 +16,8 @@ mod common;
 
 use common::guest::{self, counting_guest, exit_guest, suspend_guest, write_guest, ExitKind, Wake};
 use common::{
-    assert_one_continuous_run, ctl, field, kvm_available, wait_for_control, wait_for_counts,
-    wait_suspended, wake_and_power_off, Molt, Serial, TempDir, TIMEOUT,
+    assert_one_continuous_run, ctl, field, kvm_available, molt, wait_for_control, wait_for_counts,
+    wait_suspended, wake_and_power_off, Molt, Serial, TempDir, Watcher, TIMEOUT,
 };
 use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -868,4 +871,179 @@ fn wakeup_refuses_vectors_it_cannot_enter_and_the_guest_stays_suspended() {
     assert_ok("resume", &c.ctl(&["resume"]));
     let counted = Serial::read(&c.serial).counts().len();
     c.wait_counts(counted + 2);
+}
+
+// ---------------------------------------------------------------------------
+// Events and wait
+
+#[test]
+fn a_watcher_sees_pause_resume_and_the_end() {
+    if !kvm_available("a_watcher_sees_pause_resume_and_the_end") {
+        return;
+    }
+    let mut c = Counting::start("events", true, &[]);
+    let mut w = Watcher::start(&c.sock);
+    assert_eq!(field(&w.reply, "state"), Some("running"), "{}", w.reply);
+    assert!(field(&w.reply, "version").is_some(), "{}", w.reply);
+    assert_ok("pause", &c.ctl(&["pause"]));
+    let paused = w.expect("paused");
+    assert_eq!(field(&paused, "state"), Some("paused"), "{paused}");
+    // A pause of a paused guest changes nothing: no event.
+    assert_ok("pause", &c.ctl(&["pause"]));
+    assert_ok("resume", &c.ctl(&["resume"]));
+    let resumed = w.expect("resumed");
+    assert_eq!(field(&resumed, "state"), Some("running"), "{resumed}");
+    let t = |line: &str| field(line, "t_ms").unwrap().parse::<u64>().unwrap();
+    assert!(t(&paused) <= t(&resumed), "{paused} / {resumed}");
+    // A resume of a running guest: no event either; the next is the end.
+    assert_ok("resume", &c.ctl(&["resume"]));
+    assert_ok("quit", &c.ctl(&["quit"]));
+    let end = w.expect("quit");
+    assert_eq!(field(&end, "state"), Some("off"), "{end}");
+    match w.wait_end(TIMEOUT) {
+        Some(s) => assert!(s.success(), "molt ctl events exited with {s}"),
+        None => panic!("molt ctl events still runs after molt quit"),
+    }
+    assert!(c.molt.wait_exit(TIMEOUT).is_some());
+}
+
+#[test]
+fn wait_returns_on_the_state_or_times_out_naming_it() {
+    if !kvm_available("wait_returns_on_the_state_or_times_out_naming_it") {
+        return;
+    }
+    let mut c = Counting::start("wait", true, &[]);
+    let sock = c.sock.to_str().unwrap().to_string();
+    let start = Instant::now();
+    let out = molt(&["ctl", &sock, "wait", "running"]);
+    assert!(out.status.success(), "wait running: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok state=running\n");
+    assert!(start.elapsed() < Duration::from_secs(5), "not at once");
+
+    // Waiting for `paused` returns once the guest is paused, not before.
+    let mut waiting = std::process::Command::new(common::MOLT)
+        .args(["ctl", &sock, "wait", "paused", "--timeout", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "wait paused returned while the guest runs"
+    );
+    assert_ok("pause", &c.ctl(&["pause"]));
+    let done = common::wait_until(TIMEOUT, || waiting.try_wait().unwrap());
+    let _ = waiting.kill();
+    let out = waiting.wait_with_output().unwrap();
+    assert!(done.is_some_and(|s| s.success()), "wait paused: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok state=paused\n");
+
+    // A state that does not come: exit 1 after the timeout, naming both states.
+    let start = Instant::now();
+    let out = molt(&["ctl", &sock, "wait", "running", "--timeout", "0.5"]);
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("timed out") && err.contains("state=running") && err.contains("state=paused"),
+        "{err}"
+    );
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+
+    // An unknown state is a usage error naming the known ones.
+    let out = molt(&["ctl", &sock, "wait", "frozen"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    for s in ["'frozen'", "running", "paused", "suspended", "off"] {
+        assert!(err.contains(s), "{err} should name {s}");
+    }
+    c.molt.assert_running("after the waits");
+}
+
+#[test]
+fn a_watcher_that_never_reads_is_dropped_and_status_answers() {
+    if !kvm_available("a_watcher_that_never_reads_is_dropped_and_status_answers") {
+        return;
+    }
+    let mut c = Counting::start("deaf-watcher", true, &[]);
+    let mut deaf = UnixStream::connect(&c.sock).unwrap();
+    deaf.write_all(b"events\n").unwrap();
+    // Its reply, byte by byte so that nothing after it is read: from here on
+    // it is a watcher, and it reads nothing more.
+    deaf.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut reply = Vec::new();
+    while !reply.ends_with(b"\n") {
+        let mut byte = [0u8; 1];
+        deaf.read_exact(&mut byte).unwrap();
+        reply.push(byte[0]);
+    }
+    assert!(reply.starts_with(b"ok events state=running"), "{reply:?}");
+    // One client pauses and resumes the guest 2000 times, reading its replies:
+    // 4000 event lines, far more than the deaf watcher's socket and backlog hold.
+    const PAIRS: usize = 2000;
+    let driver = UnixStream::connect(&c.sock).unwrap();
+    let mut writer = driver.try_clone().unwrap();
+    let feeder = thread::spawn(move || writer.write_all(&b"pause\nresume\n".repeat(PAIRS)));
+    driver.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut replies = BufReader::new(driver);
+    for i in 0..2 * PAIRS {
+        let mut line = String::new();
+        replies.read_line(&mut line).unwrap();
+        assert_eq!(line, "ok\n", "reply {i}");
+        if i == PAIRS {
+            // Halfway: status still answers at once.
+            let start = Instant::now();
+            c.status();
+            assert!(start.elapsed() < Duration::from_secs(5));
+        }
+    }
+    feeder.join().unwrap().unwrap();
+    c.status();
+    // The deaf watcher was closed: what it was sent ends, well short of all.
+    deaf.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut got = Vec::new();
+    deaf.read_to_end(&mut got)
+        .expect("the watcher's connection should end, not time out");
+    let lines = got.split(|&b| b == b'\n').count();
+    assert!(lines < 2 * PAIRS, "{lines} lines reached the watcher");
+    assert!(
+        got.starts_with(b"event t_ms="),
+        "{:?}",
+        &got[..got.len().min(80)]
+    );
+    let log = c.molt.stderr();
+    assert!(log.contains("bytes behind; closing it"), "{log}");
+    c.molt.assert_running("after dropping the watcher");
+}
+
+#[test]
+fn a_watcher_sees_suspend_wake_and_power_off() {
+    if !kvm_available("a_watcher_sees_suspend_wake_and_power_off") {
+        return;
+    }
+    let mut c = Counting::start_image("s3-events", &suspend_guest(Wake::Long), true, &[]);
+    let mut early = Watcher::start(&c.sock);
+    let sock = c.sock.to_str().unwrap().to_string();
+    let out = molt(&["ctl", &sock, "wait", "suspended", "--timeout", "20"]);
+    assert!(out.status.success(), "wait suspended: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok state=suspended\n");
+    if field(&early.reply, "state") == Some("running") {
+        let line = early.expect("suspended");
+        assert_eq!(field(&line, "state"), Some("suspended"), "{line}");
+    }
+    let mut w = Watcher::start(&c.sock);
+    assert_eq!(field(&w.reply, "state"), Some("suspended"), "{}", w.reply);
+    let serial = c.serial.clone();
+    wake_and_power_off(&mut c.molt, &c.sock, Wake::Long, || Serial::read(&serial));
+    for w in [&mut early, &mut w] {
+        let woke = w.expect("woke");
+        assert_eq!(field(&woke, "state"), Some("running"), "{woke}");
+        let off = w.expect("power-off");
+        assert_eq!(field(&off, "state"), Some("off"), "{off}");
+        assert!(w.wait_end(TIMEOUT).is_some_and(|s| s.success()));
+    }
 }

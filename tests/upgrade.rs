@@ -24,6 +24,10 @@
 //! measures pause times. Tests marked `#[ignore = "molt bug: ..."]` assert what
 //! SPEC.md asks and fail today; run them with `--ignored`.
 //!
+//! Event watchers (`molt ctl PATH events`) stay connected through exec,
+//! transfer and an exec's rollback, and see each update start and finish (or
+//! fail) with its mode, pause and versions from the process that runs next.
+//!
 //! Without `/dev/kvm` every test fails with the reason, unless MOLT_ALLOW_NO_KVM=1.
 
 mod common;
@@ -32,7 +36,7 @@ use common::guest::{counting_guest, suspend_guest, write_guest, Wake};
 use common::{
     assert_one_continuous_run, assert_static, ctl, ctl_timeout, field, kvm_available,
     run_with_timeout, wait_for_control, wait_suspended, wait_until, wake_and_power_off, Molt,
-    Serial, TempDir, MOLT, TIMEOUT,
+    Serial, TempDir, Watcher, MOLT, TIMEOUT,
 };
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -558,6 +562,91 @@ fn transfer_upgrade_then_downgrade() {
     let mut g = Guest::start(dir, &a, &[]);
     g.transfer(&b, &vb);
     g.transfer(&a, &va);
+}
+
+/// The watcher's lines for one update that went from `from` to `to` in
+/// `mode` with the reply's `pause`: `update-started`, then `update-finished`.
+fn expect_update(w: &Watcher, mode: &str, pause: u64, from: &str, to: &str) {
+    let started = w.expect("update-started");
+    assert_eq!(field(&started, "mode"), Some(mode), "{started}");
+    assert_eq!(field(&started, "from"), Some(from), "{started}");
+    let finished = w.expect("update-finished");
+    let pause = pause.to_string();
+    for (key, want) in [
+        ("mode", mode),
+        ("pause_us", &pause),
+        ("from", from),
+        ("to", to),
+        ("state", "running"),
+    ] {
+        assert_eq!(field(&finished, key), Some(want), "{key} in {finished}");
+    }
+}
+
+/// Watchers connected before an exec and before a transfer stay connected and
+/// see each update finish, told by the process that runs the guest next; a
+/// failed update and a rolled-back exec are reported as failed, with why.
+#[test]
+fn watchers_see_updates_finish_across_exec_and_transfer() {
+    if !kvm_available("watchers_see_updates_finish_across_exec_and_transfer") {
+        return;
+    }
+    let dir = TempDir::new("watch");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let b = install(&dir, next_build(), "molt-b");
+    let (va, vb) = (version_of(&a), version_of(&b));
+    let mut g = Guest::start(dir, &a, &[]);
+    let mut before_exec = Watcher::start(&g.sock);
+    let pause = g.exec(Some(&b), &vb);
+    expect_update(&before_exec, "exec", pause, &va, &vb);
+
+    let mut before_transfer = Watcher::start(&g.sock);
+    assert_eq!(field(&before_transfer.reply, "version"), Some(vb.as_str()));
+    let pause = g.transfer(&a, &va);
+    for w in [&before_exec, &before_transfer] {
+        expect_update(w, "transfer", pause, &vb, &va);
+    }
+
+    // A transfer that fails: both hear why, from the process that keeps the guest.
+    let pid = g.molt.pid();
+    let nowhere = g.dir.join("nobody.sock");
+    let reply = g.update(&["cpr-transfer", nowhere.to_str().unwrap()]);
+    g.check_survived(pid, &reply, "cpr-transfer", &["nobody.sock"]);
+    for w in [&before_exec, &before_transfer] {
+        let started = w.expect("update-started");
+        assert_eq!(field(&started, "mode"), Some("transfer"), "{started}");
+        let failed = w.expect("update-failed");
+        assert!(
+            failed.contains("reason=") && failed.contains("nobody.sock"),
+            "{failed}"
+        );
+        assert_eq!(field(&failed, "state"), Some("running"), "{failed}");
+    }
+
+    // An exec whose new image cannot resume rolls back: the watchers went to
+    // it and back, and hear the failure.
+    let mut command = vec!["cpr-exec", a.to_str().unwrap(), "run"];
+    let args = g.args.clone();
+    command.extend(args.iter().map(String::as_str));
+    command.extend(["--cpus", "2"]);
+    let reply = g.update(&command);
+    g.check_survived(pid, &reply, "cpr-exec", &["could not resume"]);
+    for w in [&before_exec, &before_transfer] {
+        w.expect("update-started");
+        let failed = w.expect("update-failed");
+        assert!(
+            failed.contains("mode=exec reason=the new binary could not resume"),
+            "{failed}"
+        );
+    }
+
+    // Still connected to the process that runs the guest now.
+    assert!(ctl(&g.sock, &["pause"]) == "ok");
+    g.paused = true;
+    for w in [&mut before_exec, &mut before_transfer] {
+        w.expect("paused");
+        assert!(w.running(), "molt ctl events ended");
+    }
 }
 
 /// SPEC.md: the run state survives every mode. A paused guest (2 vCPUs)

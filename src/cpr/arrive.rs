@@ -51,6 +51,12 @@ pub struct Arrived {
     pub listener: Option<OwnedFd>,
     /// The client that asked for the update, and its reply.
     pub greeting: Option<(OwnedFd, String)>,
+    /// The event watchers handed over with the guest.
+    pub watchers: Vec<OwnedFd>,
+    /// What they are told: the event's name and detail.
+    pub event: Option<(&'static str, String)>,
+    /// The molt version that wrote the state.
+    from: String,
 }
 
 /// Step 1 of every mode's restore side. `stop` (the signalfd) ends a
@@ -249,23 +255,24 @@ fn resume_exec(
             .name("old-vm-release".into())
             .spawn(move || drop(stale));
     }
-    let reply = inc.header.failure.as_ref().map(|why| {
-        format!(
-            "error: cpr-exec: the new binary could not resume the guest ({why}); \
-             it runs on the previous binary"
-        )
+    let failure = inc.header.failure.as_ref().map(|why| {
+        format!("the new binary could not resume the guest ({why}); it runs on the previous binary")
     });
     let a = &mut inc.adopted;
-    let arrived = arrived(machine, &inc.state, a.listener.take(), a.client.take());
+    let mut arrived = arrived(machine, &inc.state, a.listener.take(), a.client.take());
+    arrived.watchers = std::mem::take(&mut a.watchers);
     log::info!(
         "resumed after exec: restore_us={} pause_us={}",
         start.elapsed().as_micros(),
         arrived.pause_us
     );
-    Ok(match reply {
+    Ok(match failure {
         None => arrived.replying("exec"),
-        Some(reply) => Arrived {
-            greeting: arrived.greeting.map(|(c, _)| (c, reply)),
+        Some(why) => Arrived {
+            greeting: arrived
+                .greeting
+                .map(|(c, _)| (c, format!("error: cpr-exec: {why}"))),
+            event: Some(("update-failed", format!("mode=exec reason={why}"))),
             ..arrived
         },
     })
@@ -366,7 +373,8 @@ fn resume_transfer(
     // 6. Run the vCPUs (unless the guest was paused or suspended): the pause ends.
     let machine = run_vcpus(restored, exit, state.run)?;
     let a = &mut t.adopted;
-    let arrived = arrived(machine, &state, a.listener.take(), a.client.take());
+    let mut arrived = arrived(machine, &state, a.listener.take(), a.client.take());
+    arrived.watchers = std::mem::take(&mut a.watchers);
     log::info!(
         "resumed after transfer: restore_us={} pause_us={}",
         start.elapsed().as_micros(),
@@ -387,18 +395,27 @@ fn arrived(
         run: state.run,
         listener,
         greeting: client.map(|c| (c, String::new())),
+        watchers: Vec::new(),
+        event: None,
+        from: state.writer.to_string(),
     }
 }
 
 impl Arrived {
-    /// The asking client's reply for a successful update in `mode`.
+    /// The asking client's reply and the watchers' event for a successful
+    /// update in `mode`.
     fn replying(self, mode: &str) -> Arrived {
         let reply = format!(
             "ok resumed mode={mode} pause_us={} version={VERSION}",
             self.pause_us
         );
+        let detail = format!(
+            "mode={mode} pause_us={} from={} to={VERSION}",
+            self.pause_us, self.from
+        );
         Arrived {
             greeting: self.greeting.map(|(c, _)| (c, reply)),
+            event: Some(("update-finished", detail)),
             ..self
         }
     }

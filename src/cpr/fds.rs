@@ -42,6 +42,9 @@ pub enum FdKind {
     /// eventfds VFIO signals masked vectors on, each in vector order.
     VfioIrqfd(u8),
     VfioParked(u8),
+    /// A control connection watching events (`events`): the new process sends
+    /// them on. At most `MAX_WATCHERS`.
+    Watcher,
 }
 
 pub const MAX_FDS: usize = 8
@@ -51,7 +54,8 @@ pub const MAX_FDS: usize = 8
     + crate::layout::MAX_VCPUS
     + 1
     + 2 * MAX_VFIO_DEVICES
-    + MAX_VFIO_EVENTFDS;
+    + MAX_VFIO_EVENTFDS
+    + crate::control::MAX_WATCHERS;
 
 /// SCM_RIGHTS carries at most this many descriptors in one message
 /// (SCM_MAX_FD): a transfer's FDS is one.
@@ -99,16 +103,19 @@ pub struct Handover {
     pub stale_kvm: Vec<RawFd>,
     pub guardian: Option<RawFd>,
     pub vfio: RawHandles,
+    pub watchers: Vec<RawFd>,
 }
 
 impl Handover {
     /// What the machine's guest depends on, the control socket, the client
-    /// that asked and the console's input. What only an exec hands over (its
-    /// own image, the guardian, the KVM descriptors) is added by exec mode.
+    /// that asked, the event watchers and the console's input. What only an
+    /// exec hands over (its own image, the guardian, the KVM descriptors) is
+    /// added by exec mode.
     pub fn new(
         machine: &crate::vm::Backends,
         listener: Option<RawFd>,
         client: RawFd,
+        watchers: &[RawFd],
         console_in: Option<RawFd>,
         vfio: RawHandles,
     ) -> Handover {
@@ -121,6 +128,11 @@ impl Handover {
             client: Some(client),
             console_out: machine.console_out,
             console_in,
+            watchers: watchers
+                .iter()
+                .take(crate::control::MAX_WATCHERS)
+                .copied()
+                .collect(),
             ..Handover::default()
         }
     }
@@ -139,6 +151,7 @@ impl Handover {
             console_in: raw(&a.console_in),
             guardian: raw(&a.guardian),
             vfio: a.vfio.raw(),
+            watchers: a.watchers.iter().map(AsRawFd::as_raw_fd).collect(),
             ..Handover::default()
         }
     }
@@ -170,6 +183,7 @@ impl Handover {
             s.extend(irqfds.iter().map(|&fd| (FdKind::VfioIrqfd(i), fd)));
             s.extend(parked.iter().map(|&fd| (FdKind::VfioParked(i), fd)));
         }
+        s.extend(self.watchers.iter().map(|&fd| (FdKind::Watcher, fd)));
         s
     }
 }
@@ -188,6 +202,7 @@ pub struct Adopted {
     pub stale_kvm: Vec<OwnedFd>,
     pub guardian: Option<OwnedFd>,
     pub vfio: HandedOver,
+    pub watchers: Vec<OwnedFd>,
 }
 
 /// Why a hand-over's descriptors were refused.
@@ -205,6 +220,7 @@ pub enum Error {
         nets: usize,
     },
     NoRam,
+    Watchers,
     Backends {
         disks: usize,
         taps: usize,
@@ -230,6 +246,11 @@ impl std::fmt::Display for Error {
                 "unexpected {kind:?} (configured: {disks} disks, {nets} NICs)"
             ),
             Error::NoRam => write!(f, "the handover has no guest RAM"),
+            Error::Watchers => write!(
+                f,
+                "the handover has more than {} event watchers",
+                crate::control::MAX_WATCHERS
+            ),
             Error::Backends {
                 disks,
                 taps,
@@ -310,6 +331,11 @@ pub fn adopt(kinds: &[FdKind], fds: &[RawFd], want: Counts) -> Result<Adopted, E
                     && a.vfio.groups.iter().all(|(g, _)| *g != id) =>
             {
                 a.vfio.groups.push((id, owned))
+            }
+            FdKind::Watcher if a.watchers.len() < crate::control::MAX_WATCHERS => {
+                a.watchers.push(owned)
+            }
+            FdKind::Watcher => return Err(Error::Watchers),
             }
             FdKind::VfioDevice(i)
                 if usize::from(i) == a.vfio.devices.len() && usize::from(i) < vfio =>
@@ -459,6 +485,28 @@ mod tests {
         assert!(refused(&[ram, box_, dev(0), dev(1)], 1).contains("unexpected"));
         let twice = [ram, FdKind::VfioGroup(3), FdKind::VfioGroup(3)];
         assert!(refused(&twice, 0).contains("twice"));
+    }
+
+    #[test]
+    fn watchers_are_handed_over_up_to_the_bound() {
+        use crate::control::MAX_WATCHERS;
+        let mut kinds = vec![FdKind::GuestRam];
+        kinds.extend([FdKind::Watcher; MAX_WATCHERS]);
+        let fds: Vec<RawFd> = kinds.iter().map(|_| fd()).collect();
+        let a = adopt(&kinds, &fds, Counts::default()).unwrap();
+        assert_eq!(a.watchers.len(), MAX_WATCHERS);
+        let back = Handover::of(&a).slots();
+        let watchers = back.iter().filter(|(k, _)| *k == FdKind::Watcher);
+        assert_eq!(watchers.count(), MAX_WATCHERS, "a rollback hands them on");
+
+        kinds.push(FdKind::Watcher);
+        let fds: Vec<RawFd> = kinds.iter().map(|_| fd()).collect();
+        let e = adopt(&kinds, &fds, Counts::default()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("more than {MAX_WATCHERS} event watchers")),
+            "{e}"
+        );
+        assert!(kinds.len() <= MAX_FDS);
     }
 
     #[test]

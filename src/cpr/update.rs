@@ -47,6 +47,8 @@ pub struct Source<'a> {
     pub listener: Option<RawFd>,
     /// The control connection that asked: whoever runs the guest at the end replies on it.
     pub client: RawFd,
+    /// The control connections watching events: handed over with the client.
+    pub watchers: Vec<RawFd>,
     /// Console input to hand over (stdin), if the console is on stdio.
     pub console_in: Option<RawFd>,
     /// The terminal's raw mode: given back to the user across an exec.
@@ -69,6 +71,7 @@ impl Source<'_> {
             &self.machine.backends(),
             self.listener,
             self.client,
+            &self.watchers,
             self.console_in,
             self.machine.vfio_handover(),
         )
@@ -220,6 +223,15 @@ impl Request {
             Request::Save(_) => "cpr-save",
             Request::Exec { .. } => "cpr-exec",
             Request::Transfer { .. } => "cpr-transfer",
+        }
+    }
+
+    /// The mode, as replies and events name it.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Request::Save(_) => "reboot",
+            Request::Exec { .. } => "exec",
+            Request::Transfer { .. } => "transfer",
         }
     }
 }

@@ -13,6 +13,9 @@
 //!   not read from, so what it floods stays in its own socket buffer.
 //! - Replies never block: what the socket cannot take waits (with the client's
 //!   further commands) until it reads; one that never does is closed as idle.
+//! - After `events` a client is a watcher: at most `MAX_WATCHERS`, never idle,
+//!   its input read and dropped. Event lines queue for it without blocking; one
+//!   that falls `MAX_WATCHER_BACKLOG` bytes behind is closed.
 //!
 //! `Clients` is the bookkeeping, driven with an explicit clock so that it is tested
 //! without KVM; `Loop` glues it to the listener and to `Loop::execute`.
@@ -25,7 +28,9 @@ use std::time::Instant;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{Loop, Next, Token};
-use crate::control::{self, Client, Input, Line, IDLE_TIMEOUT, MAX_CLIENTS};
+use crate::control::{
+    self, Client, Input, Line, IDLE_TIMEOUT, MAX_CLIENTS, MAX_WATCHERS, MAX_WATCHER_BACKLOG,
+};
 
 /// One connected client and what the loop knows about it.
 struct Slot {
@@ -40,12 +45,14 @@ struct Slot {
     /// What epoll watches this client for; `None` while not registered at all
     /// (an empty interest would still report hang-ups, over and over).
     watched: Option<EventSet>,
+    /// Sent `events`: it gets event lines and is served no more commands.
+    watcher: bool,
 }
 
 impl Slot {
     /// Has a command to serve this turn.
     fn ready(&self) -> bool {
-        !self.held && !self.client.output_pending() && self.client.has_line()
+        !self.held && !self.watcher && !self.client.output_pending() && self.client.has_line()
     }
 
     /// Replies waiting go out even while held; input is read only when there
@@ -62,7 +69,7 @@ impl Slot {
 
     /// When the idle timeout closes it, unless something happens first.
     fn deadline(&self) -> Option<Instant> {
-        (!self.held).then_some(self.active_at + IDLE_TIMEOUT)
+        (!self.held && !self.watcher).then_some(self.active_at + IDLE_TIMEOUT)
     }
 
     /// Nothing more will come from it, nor go to it.
@@ -112,6 +119,7 @@ impl Clients {
             eof: false,
             held: false,
             watched: None,
+            watcher: false,
         });
         self.watch(epoll, slot);
         self.slots[slot].as_ref().map(|_| slot)
@@ -133,10 +141,82 @@ impl Clients {
             match s.client.fill() {
                 Input::Bytes => s.active_at = now,
                 Input::Nothing => {}
+                // A watcher's peer is gone: nobody reads its events any more.
+                Input::Closed if s.watcher => return self.close(epoll, slot),
                 Input::Closed => s.eof = true,
+            }
+            if s.watcher {
+                s.client.clear_input();
             }
         }
         self.watch(epoll, slot);
+    }
+
+    /// Makes `slot` a watcher (`events`), unless `MAX_WATCHERS` are already.
+    pub(super) fn add_watcher(&mut self, epoll: &Epoll, slot: usize) -> Result<(), String> {
+        if self.watchers().count() >= MAX_WATCHERS {
+            return Err(format!(
+                "too many event watchers (at most {MAX_WATCHERS} at once)"
+            ));
+        }
+        if let Some(Some(s)) = self.slots.get_mut(slot) {
+            s.watcher = true;
+            s.client.clear_input();
+        }
+        self.watch(epoll, slot);
+        Ok(())
+    }
+
+    /// The slots of the watchers still listening.
+    fn watchers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.watcher && !s.eof))
+            .map(|(i, _)| i)
+    }
+
+    /// Queues one event line for every watcher; one more than
+    /// `MAX_WATCHER_BACKLOG` bytes behind, or whose connection broke, is closed.
+    pub(super) fn broadcast(&mut self, epoll: &Epoll, line: &str, now: Instant) {
+        let watchers: Vec<usize> = self.watchers().collect();
+        for slot in watchers {
+            let Some(Some(s)) = self.slots.get_mut(slot) else {
+                continue;
+            };
+            match s.client.reply(line) {
+                Ok(n) if s.client.output_len() <= MAX_WATCHER_BACKLOG => {
+                    if n > 0 {
+                        s.active_at = now;
+                    }
+                    self.watch(epoll, slot);
+                }
+                Ok(_) => {
+                    log::warn!(
+                        "control client {slot}: event watcher more than \
+                         {MAX_WATCHER_BACKLOG} bytes behind; closing it"
+                    );
+                    self.close(epoll, slot);
+                }
+                Err(_) => self.close(epoll, slot),
+            }
+        }
+    }
+
+    /// The watchers' descriptors (at most `MAX_WATCHERS`), for an update to
+    /// hand over; `hold` each that goes.
+    pub(super) fn watcher_fds(&self) -> Vec<(usize, RawFd)> {
+        self.watchers()
+            .filter_map(|slot| self.fd(slot).map(|fd| (slot, fd)))
+            .collect()
+    }
+
+    /// One write of what waits for each watcher, without blocking: before
+    /// this process hands them over or ends.
+    pub(super) fn flush_watchers(&mut self) {
+        for s in self.slots.iter_mut().flatten().filter(|s| s.watcher) {
+            let _ = s.client.flush();
+        }
     }
 
     /// The slots with a command to serve this turn, in this turn's order.
@@ -291,6 +371,10 @@ impl Clients {
                 let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
             s.eof = true;
+            if s.watcher {
+                // Dropped: no more events are queued for it here.
+                s.client.clear_output();
+            }
             return;
         }
         if let Some(s) = self.slots[slot].take() {
@@ -331,6 +415,14 @@ impl Loop {
     pub(super) fn adopt_client(&mut self, stream: UnixStream, greeting: &str) {
         self.clients
             .adopt(&self.epoll, stream, greeting, Instant::now());
+    }
+
+    /// Serves an event watcher handed over by a CPR mode.
+    pub(super) fn adopt_watcher(&mut self, stream: UnixStream) {
+        if let Some(slot) = self.clients.adopt(&self.epoll, stream, "", Instant::now()) {
+            // The old process admitted at most as many as one may have.
+            let _ = self.clients.add_watcher(&self.epoll, slot);
+        }
     }
 
     pub(super) fn watch_listener(&mut self) {
@@ -602,6 +694,106 @@ mod tests {
         assert_eq!(h.turn(late), vec![(slot, "status".to_string())]);
         h.turn(late + IDLE_TIMEOUT);
         assert!(!h.open(slot), "released: idle again from the release");
+    }
+
+    #[test]
+    fn watchers_get_events_are_never_idle_and_are_bounded_in_number() {
+        let mut h = Harness::new();
+        let t0 = Instant::now();
+        let (w, mut w_peer) = h.connect(t0);
+        let (plain, _plain_peer) = h.connect(t0);
+        h.clients.add_watcher(&h.epoll, w).unwrap();
+        // Input after `events` is read and dropped, never served.
+        send(&mut w_peer, b"status\n");
+        assert!(h.turn(t0).is_empty());
+        h.clients.broadcast(&h.epoll, "event one", t0);
+        let mut got = [0u8; 10];
+        w_peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"event one\n", "only watchers get events");
+        let late = t0 + 3 * IDLE_TIMEOUT;
+        h.turn(late);
+        assert!(h.open(w), "a watcher is not closed as idle");
+        assert!(!h.open(plain), "a plain client is");
+        assert_eq!(h.clients.timeout_ms(late), -1, "a watcher has no deadline");
+
+        let mut peers = Vec::new();
+        for _ in 1..MAX_WATCHERS {
+            let (slot, peer) = h.connect(late);
+            h.clients.add_watcher(&h.epoll, slot).unwrap();
+            peers.push(peer);
+        }
+        let (one_more, _peer) = h.connect(late);
+        let e = h.clients.add_watcher(&h.epoll, one_more).unwrap_err();
+        assert!(e.contains(&MAX_WATCHERS.to_string()), "{e}");
+        assert_eq!(h.clients.watcher_fds().len(), MAX_WATCHERS);
+
+        // A watcher that hangs up frees its place.
+        drop(w_peer);
+        h.turn(late);
+        assert!(!h.open(w));
+        h.clients.add_watcher(&h.epoll, one_more).unwrap();
+    }
+
+    #[test]
+    fn a_watcher_that_does_not_read_is_dropped_past_its_backlog() {
+        let mut h = Harness::new();
+        let t0 = Instant::now();
+        let (deaf, _deaf_peer) = h.connect(t0);
+        let (reader, mut reader_peer) = h.connect(t0);
+        let (other, mut other_peer) = h.connect(t0);
+        h.clients.add_watcher(&h.epoll, deaf).unwrap();
+        h.clients.add_watcher(&h.epoll, reader).unwrap();
+        reader_peer.set_nonblocking(true).unwrap();
+        let line = format!("event {}", "x".repeat(100));
+        let mut sent = 0;
+        let mut received = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        while h.open(deaf) {
+            h.clients.broadcast(&h.epoll, &line, t0);
+            sent += line.len() + 1;
+            let queued = h.clients.slots[deaf]
+                .as_ref()
+                .map_or(0, |s| s.client.output_len());
+            assert!(queued <= MAX_WATCHER_BACKLOG, "{queued} bytes queued");
+            while let Ok(n) = reader_peer.read(&mut buf) {
+                received += n;
+            }
+            h.turn(t0);
+            assert!(sent < 64 << 20, "the deaf watcher was never dropped");
+        }
+        assert!(sent > MAX_WATCHER_BACKLOG);
+        // The one that reads got every line, the other client is served.
+        h.turn(t0);
+        while let Ok(n) = reader_peer.read(&mut buf) {
+            received += n;
+        }
+        assert_eq!(received, sent);
+        send(&mut other_peer, b"status\n");
+        assert_eq!(h.turn(t0), vec![(other, "status".to_string())]);
+    }
+
+    #[test]
+    fn a_held_watcher_stays_open_when_dropped_until_released() {
+        let mut h = Harness::new();
+        let t0 = Instant::now();
+        let (w, w_peer) = h.connect(t0);
+        h.clients.add_watcher(&h.epoll, w).unwrap();
+        let fds = h.clients.watcher_fds();
+        assert_eq!(fds.len(), 1);
+        h.clients.hold(&h.epoll, w);
+        // Its peer goes while an update holds it (its descriptor is handed over).
+        drop(w_peer);
+        h.clients.broadcast(&h.epoll, "event x", t0);
+        h.turn(t0);
+        assert_eq!(
+            h.clients.fd(w),
+            Some(fds[0].1),
+            "held: the descriptor stays"
+        );
+        h.clients.release(&h.epoll, w, t0);
+        h.clients.broadcast(&h.epoll, "event y", t0);
+        h.turn(t0);
+        assert!(!h.open(w), "released: closed");
     }
 
     #[test]

@@ -122,10 +122,10 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
         })
     };
     // 4. The guest runs: booted, or resumed from what arrived.
-    let (machine, last_pause_us, run, greeting) = match arrival {
+    let (machine, last_pause_us, run, greeting, watchers, event) = match arrival {
         None => {
             let machine = Machine::boot(&cfg, console, sink).map_err(Error::Vm)?;
-            (machine, 0, RunState::Running, None)
+            (machine, 0, RunState::Running, None, Vec::new(), None)
         }
         Some(a) => {
             let r = a.resume(&cfg, console, sink).map_err(Error::Cpr)?;
@@ -137,7 +137,9 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
             } else if listener.is_none() {
                 listener = bind()?;
             }
-            (r.machine, r.pause_us, r.run, r.greeting)
+            (
+                r.machine, r.pause_us, r.run, r.greeting, r.watchers, r.event,
+            )
         }
     };
     if socket_file.is_none() {
@@ -186,8 +188,18 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     if let Some((fd, reply)) = greeting {
         lp.adopt_client(UnixStream::from(fd), &reply);
     }
+    for fd in watchers {
+        lp.adopt_watcher(UnixStream::from(fd));
+    }
+    if let Some((name, detail)) = event {
+        lp.event(name, &detail);
+    }
     let outcome = lp.serve(&signals, &exit_reason);
     lp.abandon_pending();
+    match &outcome {
+        Ok(o) => lp.last_event(o),
+        Err(e) => lp.last_event(&Outcome::Guest(GuestExit::Failed(e.to_string()))),
+    }
     if let Ok(o @ (Outcome::Saved | Outcome::Transferred)) = &outcome {
         // The guest lives on elsewhere, which also serves the control socket.
         // Leave at once: tearing the VM down (~20 ms of KVM freeing its page
@@ -506,6 +518,7 @@ impl Loop {
                     Ok(()) => {
                         self.paused = true;
                         log::info!("guest paused");
+                        self.event("paused", "");
                         ("ok".into(), None)
                     }
                     Err(e) => {
@@ -521,14 +534,26 @@ impl Loop {
                     return (format!("error: {why}"), None);
                 }
                 self.machine.vcpus.resume();
-                if self.paused {
+                let was_paused = std::mem::replace(&mut self.paused, false);
+                if was_paused {
                     log::info!("guest resumed");
+                    self.event("resumed", "");
                 }
-                self.paused = false;
                 ("ok".into(), None)
             }
             Command::Wakeup => (self.wakeup(), None),
             Command::Quit => ("ok".into(), Some(Outcome::Quit)),
+            Command::Events => match self.clients.add_watcher(&self.epoll, slot) {
+                Ok(()) => (
+                    format!(
+                        "ok events state={} version={}",
+                        self.run_state().name(),
+                        cpr::VERSION
+                    ),
+                    None,
+                ),
+                Err(why) => (format!("error: {why}"), None),
+            },
             Command::CprSave(path) => self.update(slot, Request::Save(path)),
             Command::CprExec { binary, args } => self.update(slot, Request::Exec { binary, args }),
             Command::CprTransfer { path, max_pause } => {
@@ -558,6 +583,7 @@ impl Loop {
                 // A suspended guest is not also paused: `wakeup` runs it.
                 self.paused = false;
                 log::info!("guest suspended to RAM (ACPI S3); `wakeup` wakes it");
+                self.event("suspended", "");
             }
             Err(e) => {
                 // Whatever did stop runs again, unless the user had paused it.
@@ -581,6 +607,7 @@ impl Loop {
         match self.machine.wakeup() {
             Ok(waking) => {
                 log::info!("guest woken from ACPI S3: {waking}");
+                self.event("woke", "");
                 "ok".into()
             }
             Err(e) => {
@@ -588,6 +615,35 @@ impl Loop {
                 format!("error: wakeup: {e}; the guest stays suspended")
             }
         }
+    }
+
+    /// Tells every watcher that `name` happened; the line carries the guest's
+    /// state after it and `detail`.
+    fn event(&mut self, name: &str, detail: &str) {
+        let line = control::event_line(name, self.run_state().name(), detail);
+        self.clients.broadcast(&self.epoll, &line, Instant::now());
+    }
+
+    /// molt ends with `outcome` (but for an update: the guest lives on): the
+    /// watchers' last line, written if their sockets take it.
+    fn last_event(&mut self, outcome: &Outcome) {
+        let (name, detail) = match outcome {
+            Outcome::Guest(GuestExit::PowerOff) => ("power-off", String::new()),
+            Outcome::Guest(GuestExit::Reset) => ("reset", String::new()),
+            Outcome::Guest(GuestExit::Failed(why)) => ("failed", format!("reason={why}")),
+            Outcome::Quit => ("quit", String::new()),
+            Outcome::Signal(n) => ("signal", format!("signal={n}")),
+            // The connections end with this process: what waits goes now.
+            Outcome::Saved => {
+                self.clients.flush_watchers();
+                return;
+            }
+            // The new process writes to them now: nothing more from here.
+            Outcome::Transferred => return,
+        };
+        let line = control::event_line(name, "off", &detail);
+        self.clients.broadcast(&self.epoll, &line, Instant::now());
+        self.clients.flush_watchers();
     }
 
     fn status(&self) -> String {

@@ -530,3 +530,102 @@ pub fn assert_static(path: &Path) {
         }
     }
 }
+
+/// `molt ctl SOCK events` running, its lines collected as they arrive: the
+/// process is killed when dropped.
+pub struct Watcher {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// The reply to `events`: `ok events state=S version=V`.
+    pub reply: String,
+}
+
+impl Watcher {
+    /// Starts `molt ctl SOCK events` and waits for its `ok events` reply: from
+    /// then on it is registered and sees every event.
+    pub fn start(sock: &Path) -> Watcher {
+        use std::io::BufRead;
+        let mut child = spawn_retrying_etxtbsy(
+            Command::new(MOLT)
+                .args(["ctl", sock.to_str().expect("utf-8 path"), "events"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        );
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = Watcher {
+            child,
+            lines,
+            reply: String::new(),
+        };
+        w.reply = w.next(TIMEOUT).expect("no reply to `events`");
+        assert!(
+            w.reply.starts_with("ok events state="),
+            "events replied {:?}",
+            w.reply
+        );
+        w
+    }
+
+    /// The next line printed, if one comes within `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// The next line, which must be the event `name` (`event t_ms=N NAME
+    /// state=S ...`, with N this host's time in ms, give or take the wait).
+    pub fn expect(&self, name: &str) -> String {
+        let before = unix_ms();
+        let line = self
+            .next(TIMEOUT)
+            .unwrap_or_else(|| panic!("no `{name}` event within {TIMEOUT:?}"));
+        let words: Vec<&str> = line.split(' ').collect();
+        assert!(
+            words.len() >= 4 && words[0] == "event" && words[2] == name,
+            "want the event {name}, got {line:?}"
+        );
+        assert!(words[3].starts_with("state="), "{line:?}");
+        let t: u64 = field(&line, "t_ms")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no t_ms in {line:?}"));
+        let after = unix_ms();
+        assert!(
+            t + TIMEOUT.as_millis() as u64 >= before && t <= after,
+            "t_ms={t} is not around now ({before}..{after}): {line:?}"
+        );
+        line
+    }
+
+    /// Waits for `molt ctl events` to end (molt closed the connection).
+    pub fn wait_end(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_until(timeout, || self.child.try_wait().expect("try_wait"))
+    }
+
+    /// Whether `molt ctl events` still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
