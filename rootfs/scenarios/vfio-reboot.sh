@@ -29,8 +29,6 @@ if [ ! -x /lab/bin/molt ]; then
 fi
 t_start=$(now_ms)
 
-# status_field KEY: a field of molt's status reply (empty if it does not answer).
-status_field() { field "$1" "$(molt ctl "$SOCK" status 2>/dev/null)"; }
 
 edu_find
 edu_to_vfio

@@ -336,7 +336,6 @@ pub fn adopt(kinds: &[FdKind], fds: &[RawFd], want: Counts) -> Result<Adopted, E
                 a.watchers.push(owned)
             }
             FdKind::Watcher => return Err(Error::Watchers),
-            }
             FdKind::VfioDevice(i)
                 if usize::from(i) == a.vfio.devices.len() && usize::from(i) < vfio =>
             {
@@ -501,7 +500,9 @@ mod tests {
 
         kinds.push(FdKind::Watcher);
         let fds: Vec<RawFd> = kinds.iter().map(|_| fd()).collect();
-        let e = adopt(&kinds, &fds, Counts::default()).unwrap_err().to_string();
+        let e = adopt(&kinds, &fds, Counts::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains(&format!("more than {MAX_WATCHERS} event watchers")),
             "{e}"

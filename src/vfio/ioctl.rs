@@ -171,18 +171,8 @@ impl Container {
     /// Maps `size` bytes of this process's memory at `vaddr` for device DMA at
     /// `iova`, readable and writable; the pages are pinned until unmapped.
     pub fn map_dma(&self, iova: u64, size: u64, vaddr: u64) -> Result<(), Error> {
-        let map = vfio_iommu_type1_dma_map {
-            argsz: std::mem::size_of::<vfio_iommu_type1_dma_map>() as u32,
-            flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-            vaddr,
-            iova,
-            size,
-        };
-        // SAFETY: the kernel reads `map`, which lives through the call; the
-        // caller keeps the memory at `vaddr` mapped while the device may use it.
-        let r = unsafe { ioctl_with_ref(&self.0, VFIO_IOMMU_MAP_DMA(), &map) };
-        check(r)
-            .map(drop)
+        let flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+        self.dma_map(flags, iova, size, vaddr)
             .map_err(|e| Error::MapDma { iova, size, e })
     }
 
@@ -192,19 +182,24 @@ impl Container {
     /// Only a mapping whose address was invalidated (`invalidate_vaddr`)
     /// takes one (EINVAL otherwise).
     pub fn map_vaddr(&self, iova: u64, size: u64, vaddr: u64) -> Result<(), Error> {
+        self.dma_map(VFIO_DMA_MAP_FLAG_VADDR, iova, size, vaddr)
+            .map_err(|e| Error::MapVaddr { iova, size, e })
+    }
+
+    /// `VFIO_IOMMU_MAP_DMA` of `size` bytes at `iova` to `vaddr`, with `flags`.
+    fn dma_map(&self, flags: u32, iova: u64, size: u64, vaddr: u64) -> io::Result<()> {
         let map = vfio_iommu_type1_dma_map {
             argsz: std::mem::size_of::<vfio_iommu_type1_dma_map>() as u32,
-            flags: VFIO_DMA_MAP_FLAG_VADDR,
+            flags,
             vaddr,
             iova,
             size,
         };
         // SAFETY: the kernel reads `map`, which lives through the call; the
-        // caller keeps the memory at `vaddr` mapped while the mapping has it.
+        // callers keep the memory at `vaddr` mapped while the device or the
+        // mapping may use it.
         let r = unsafe { ioctl_with_ref(&self.0, VFIO_IOMMU_MAP_DMA(), &map) };
-        check(r)
-            .map(drop)
-            .map_err(|e| Error::MapVaddr { iova, size, e })
+        check(r).map(drop)
     }
 
     /// Invalidates the virtual address of the mapping at `iova`, keeping the

@@ -104,6 +104,10 @@ received() { sed -n 's/.* \([0-9]*\) packets received.*/\1/p' | tail -n 1; }
 # field KEY LINE: the KEY= value in a labio report line (empty if absent).
 field() { echo "$2" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
 
+# status_field KEY: a field of molt's status reply on $SOCK (empty if it does
+# not answer).
+status_field() { field "$1" "$(molt ctl "$SOCK" status 2>/dev/null)"; }
+
 # dump_vmm TAG: the guest console and molt's stderr (always a few lines; more
 # when the scenario failed).
 dump_vmm() {
