@@ -16,6 +16,7 @@ mod files;
 mod kexec;
 mod layout;
 mod pci;
+mod phases;
 mod ratelimit;
 mod sync;
 mod terminal;
@@ -30,6 +31,8 @@ use bus::GuestExit;
 use event_loop::Outcome;
 
 fn main() -> ExitCode {
+    // An exec's pause goes on here: its `execve` phase ends now.
+    phases::note_process_start();
     log::set_logger(&LOGGER).expect("the only logger");
     log::set_max_level(log::LevelFilter::Info);
     let argv: Vec<String> = std::env::args().collect();

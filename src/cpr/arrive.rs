@@ -15,6 +15,7 @@ use super::state::{self, CprState, RamLocation, RunState};
 use super::{exec, guardian, reboot, transfer, Error, VERSION};
 use crate::args::{Incoming, RunConfig};
 use crate::devices::serial::Output;
+use crate::phases::{self, Phases};
 use crate::virtio::block::Identity;
 use crate::vm::host_cpu::HostCpu;
 use crate::vm::memory::GuestRam;
@@ -32,10 +33,10 @@ pub enum Received {
 
 /// A guest received and checked, not yet running here.
 pub enum Arrival {
-    File(FileIncoming),
-    /// Boxed: its header holds the whole descriptor table.
+    /// Each boxed: the exec header holds the whole descriptor table.
+    File(Box<FileIncoming>),
     Exec(Box<ExecIncoming>),
-    Transfer(TransferIncoming),
+    Transfer(Box<TransferIncoming>),
 }
 
 /// The guest runs here.
@@ -43,6 +44,8 @@ pub struct Arrived {
     pub machine: Machine,
     /// Last vCPU stopped in the old process to the vCPUs running here.
     pub pause_us: u64,
+    /// Where the pause went (`Phases::summary`).
+    pub phases: String,
     /// Paused if the guest was paused when saved: its vCPUs wait for `resume`.
     pub run: RunState,
     /// The control socket, when it came with the guest.
@@ -56,10 +59,10 @@ pub struct Arrived {
 pub fn receive(cfg: &RunConfig, stop: RawFd) -> Result<Received, Error> {
     let arrival = match &cfg.incoming {
         None => return Ok(Received::Nothing),
-        Some(Incoming::File(path)) => Arrival::File(receive_file(cfg, path)?),
+        Some(Incoming::File(path)) => Arrival::File(Box::new(receive_file(cfg, path)?)),
         Some(Incoming::Fd(fd)) => Arrival::Exec(Box::new(receive_exec(cfg, *fd)?)),
         Some(Incoming::Unix(path)) => match receive_transfer(cfg, path, stop)? {
-            Some(t) => Arrival::Transfer(t),
+            Some(t) => Arrival::Transfer(Box::new(t)),
             None => return Ok(Received::Stopped),
         },
     };
@@ -91,9 +94,9 @@ impl Arrival {
         exit: ExitSink,
     ) -> Result<Arrived, Error> {
         match self {
-            Arrival::File(inc) => resume_file(inc, cfg, console, exit),
+            Arrival::File(inc) => resume_file(*inc, cfg, console, exit),
             Arrival::Exec(inc) => resume_exec(*inc, cfg, console, exit),
-            Arrival::Transfer(inc) => resume_transfer(inc, cfg, console, exit),
+            Arrival::Transfer(inc) => resume_transfer(*inc, cfg, console, exit),
         }
     }
 }
@@ -106,6 +109,7 @@ pub struct FileIncoming {
     /// The file after the state: the RAM section, or its end.
     rest: std::io::BufReader<File>,
     start: Instant,
+    phases: Phases,
 }
 
 /// Reboot mode, step 1: reads the state in `path` and checks it against argv,
@@ -114,6 +118,8 @@ pub struct FileIncoming {
 /// as they were, and the error says why.
 fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     let start = Instant::now();
+    let mut phases = Phases::begin_at(phases::process_start());
+    phases.mark("startup");
     let (state, mut rest) = reboot::load_state(path).map_err(Error::File)?;
     let diff = vm::Shape::argv_differences(cfg, &state.machine.shape);
     if !diff.is_empty() {
@@ -131,11 +137,13 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     HostCpu::open()
         .and_then(|host| host.check(state.machine.vcpus.iter().map(|v| &**v)))
         .map_err(|e| Error::HostCpu(path.into(), e))?;
+    phases.mark("decode");
     Ok(FileIncoming {
         path: path.into(),
         state: Box::new(state),
         rest,
         start,
+        phases,
     })
 }
 
@@ -151,6 +159,7 @@ fn resume_file(
         state,
         mut rest,
         start,
+        mut phases,
     } = inc;
     // 2. Guest RAM: the --mem-file as it is, or read back from the state file.
     let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
@@ -159,14 +168,16 @@ fn resume_file(
     }
     // 3. RAM kept in place must be the RAM that was saved.
     check_ram(&state, &ram)?;
+    phases.mark("map_ram");
     // 4. Rebuild the machine, restore it and run it (paused, if it was).
-    let machine = restore(cfg, &state, ram, console, exit, || {})?;
-    let arrived = arrived(machine, &state, None, None);
+    let machine = restore(cfg, &state, ram, (console, exit), &mut phases, || {})?;
+    let arrived = arrived(machine, &state, &phases, None, None);
     log::info!(
-        "resumed from {}: restore_us={} pause_us={}",
+        "resumed from {}: restore_us={} pause_us={} phases={}",
         path.display(),
         start.elapsed().as_micros(),
-        arrived.pause_us
+        arrived.pause_us,
+        arrived.phases
     );
     Ok(arrived)
 }
@@ -176,12 +187,28 @@ pub struct ExecIncoming {
     pub(super) header: exec::ExecHeader,
     pub(super) state: Box<CprState>,
     pub(super) adopted: Adopted,
+    /// The pause so far: the old image's marks, if they came, then this one's.
+    pub(super) phases: Phases,
 }
 
 /// Exec mode, step 1: reads the exec message in `fd` and adopts the
 /// descriptors it names.
 fn receive_exec(cfg: &RunConfig, fd: RawFd) -> Result<ExecIncoming, Error> {
+    let started = phases::process_start();
+    let old = std::env::var(phases::ENV)
+        .ok()
+        .and_then(|t| Phases::decode(&t, started));
+    let mut phases = match old {
+        Some(old) => {
+            let mut here = Phases::begin_at(old.last());
+            here.mark_at("execve", started);
+            old.then(here)
+        }
+        None => Phases::begin_at(started),
+    };
+    phases.mark("startup");
     let (header, state) = exec::receive(fd).map_err(Error::Exec)?;
+    phases.mark("decode");
     let adopted = fds::adopt(
         &header.table.kinds,
         &header.table.numbers,
@@ -193,6 +220,7 @@ fn receive_exec(cfg: &RunConfig, fd: RawFd) -> Result<ExecIncoming, Error> {
         header,
         state: Box::new(state),
         adopted,
+        phases,
     })
 }
 
@@ -211,10 +239,12 @@ fn resume_exec(
     //    guardian (if any) leaves: a later death of this image must not make
     //    it resume an older copy. Until then its line stays in `inc`, for a
     //    rollback to hand on.
+    let mut phases = inc.phases.clone();
     let resumed = adopted_config(cfg, &inc.adopted).and_then(|(cfg, ram)| {
         check_ram(&inc.state, &ram)?;
+        phases.mark("map_ram");
         let line = &mut inc.adopted.guardian;
-        restore(&cfg, &inc.state, ram, console, exit, || {
+        restore(&cfg, &inc.state, ram, (console, exit), &mut phases, || {
             if let Some(line) = line.take() {
                 guardian::release(line);
             }
@@ -245,11 +275,18 @@ fn resume_exec(
         )
     });
     let a = &mut inc.adopted;
-    let arrived = arrived(machine, &inc.state, a.listener.take(), a.client.take());
+    let arrived = arrived(
+        machine,
+        &inc.state,
+        &phases,
+        a.listener.take(),
+        a.client.take(),
+    );
     log::info!(
-        "resumed after exec: restore_us={} pause_us={}",
+        "resumed after exec: restore_us={} pause_us={} phases={}",
         start.elapsed().as_micros(),
-        arrived.pause_us
+        arrived.pause_us,
+        arrived.phases
     );
     Ok(match reply {
         None => arrived.replying("exec"),
@@ -278,6 +315,7 @@ pub(super) fn rollback(inc: &ExecIncoming, why: &str) -> Error {
         &inc.state,
         &Handover::of(&inc.adopted).slots(),
         header,
+        None,
         None,
     ))
 }
@@ -327,19 +365,24 @@ fn resume_transfer(
     // 3. READY; the old process pauses the guest and sends STATE.
     // 4. Decode, check and restore it (the vCPUs do not run yet).
     let loaded = prepared.and_then(|prepared| {
-        let (bytes, max_pause) = t.link.ready().map_err(Error::Transfer)?;
+        let (bytes, max_pause, old) = t.link.ready().map_err(Error::Transfer)?;
         let start = Instant::now();
+        let mut phases = old.unwrap_or_else(Phases::begin);
         let state = state::decode(&bytes).map_err(Error::StateDecode)?;
-        let restored = prepared.restore(&state.machine).map_err(Error::Vm)?;
-        Ok((restored, state, start, max_pause))
+        phases.mark("decode");
+        let restored = prepared
+            .restore(&state.machine, &mut phases)
+            .map_err(Error::Vm)?;
+        Ok((restored, state, start, max_pause, phases))
     });
     // 5. RESTORED, then wait for GO: without it nothing runs, and a failure,
     //    a signal or silence ends it here (FAIL tells the old process why).
-    let go = loaded.and_then(|(restored, state, start, max_pause)| {
+    let go = loaded.and_then(|(restored, state, start, max_pause, mut phases)| {
         t.link.restored(max_pause).map_err(Error::Transfer)?;
-        Ok((restored, state, start))
+        phases.mark("ack");
+        Ok((restored, state, start, phases))
     });
-    let (restored, state, start) = match go {
+    let (restored, state, start, mut phases) = match go {
         Ok(r) => r,
         Err(e) => {
             t.link.fail(&e.to_string());
@@ -348,12 +391,14 @@ fn resume_transfer(
     };
     // 6. Run the vCPUs (unless the guest was paused or suspended): the pause ends.
     let machine = run_vcpus(restored, exit, state.run)?;
+    phases.mark("start");
     let a = &mut t.adopted;
-    let arrived = arrived(machine, &state, a.listener.take(), a.client.take());
+    let arrived = arrived(machine, &state, &phases, a.listener.take(), a.client.take());
     log::info!(
-        "resumed after transfer: restore_us={} pause_us={}",
+        "resumed after transfer: restore_us={} pause_us={} phases={}",
         start.elapsed().as_micros(),
-        arrived.pause_us
+        arrived.pause_us,
+        arrived.phases
     );
     Ok(arrived.replying("transfer"))
 }
@@ -361,12 +406,14 @@ fn resume_transfer(
 fn arrived(
     machine: Machine,
     state: &CprState,
+    phases: &Phases,
     listener: Option<OwnedFd>,
     client: Option<OwnedFd>,
 ) -> Arrived {
     Arrived {
         machine,
         pause_us: super::now_ns().saturating_sub(state.stopped_at_ns) / 1000,
+        phases: phases.summary(),
         run: state.run,
         listener,
         greeting: client.map(|c| (c, String::new())),
@@ -377,8 +424,8 @@ impl Arrived {
     /// The asking client's reply for a successful update in `mode`.
     fn replying(self, mode: &str) -> Arrived {
         let reply = format!(
-            "ok resumed mode={mode} pause_us={} version={VERSION}",
-            self.pause_us
+            "ok resumed mode={mode} pause_us={} version={VERSION} phases={}",
+            self.pause_us, self.phases
         );
         Arrived {
             greeting: self.greeting.map(|(c, _)| (c, reply)),
@@ -464,15 +511,20 @@ fn restore(
     cfg: &RunConfig,
     state: &CprState,
     ram: GuestRam,
-    console: Output,
-    exit: ExitSink,
+    (console, exit): (Output, ExitSink),
+    phases: &mut Phases,
     before_start: impl FnOnce(),
 ) -> Result<Machine, Error> {
     let restored = Machine::prepare(cfg, ram, console)
-        .and_then(|p| p.restore(&state.machine))
+        .and_then(|p| {
+            phases.mark("build");
+            p.restore(&state.machine, phases)
+        })
         .map_err(Error::Vm)?;
     before_start();
-    run_vcpus(restored, exit, state.run)
+    let machine = run_vcpus(restored, exit, state.run)?;
+    phases.mark("start");
+    Ok(machine)
 }
 
 /// Runs the vCPUs of a restored machine, or leaves them parked if the guest

@@ -15,6 +15,7 @@ pub mod vcpu_state;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use heapless::Vec as BoundedVec;
 use kvm_bindings::CpuId;
@@ -30,6 +31,7 @@ use crate::devices::power::{Power, PowerStateV1};
 use crate::devices::serial::{self, Output, Serial, SerialStateV1};
 use crate::layout::{ACPI_FACS_START, MAX_DISKS, MAX_NICS, MAX_VCPUS, SERIAL_IRQ};
 use crate::pci::Allocator;
+use crate::phases::Phases;
 use crate::sync::lock;
 use crate::vfio::{self, Bdf, Handles, Iommu, Sysfs};
 use crate::virtio::pci::TransportState;
@@ -271,7 +273,7 @@ impl Prepared {
     /// vCPUs. Refuses a state of another shape, listing the differences, and one
     /// whose vCPUs need what this host's KVM lacks, naming it, before any of it
     /// is loaded.
-    pub fn restore(self, state: &MachineState) -> Result<Restored, Error> {
+    pub fn restore(self, state: &MachineState, phases: &mut Phases) -> Result<Restored, Error> {
         let Prepared { parts, fds, host } = self;
         let diff = parts.shape(fds.len() as u8).differences(&state.shape);
         if !diff.is_empty() {
@@ -289,10 +291,17 @@ impl Prepared {
         for (i, (dev, saved)) in parts.virtio.iter().zip(&state.virtio).enumerate() {
             lock(dev).restore(saved).map_err(|e| Error::Device(i, e))?;
         }
+        phases.mark("restore_devices");
         kvm::restore_vm(&parts.vm, &state.vm).map_err(Error::Kvm)?;
+        phases.mark("restore_vm");
+        let mut took = Vec::with_capacity(fds.len());
         for (i, (fd, saved)) in fds.iter().zip(&state.vcpus).enumerate() {
+            let t = Instant::now();
             vcpu::restore(fd, i as u8, saved, host.xsave_words()).map_err(Error::Vcpu)?;
+            took.push(t.elapsed());
         }
+        phases.mark("restore_vcpus");
+        phases.slowest("vcpu_restore_max", took);
         Ok(Restored { parts, fds })
     }
 }
@@ -450,19 +459,23 @@ impl Machine {
     /// untouched in the avail ring for the next process's `kick_all`; virtio-net
     /// reads the tap only from the event loop, which is busy here), then saved; then the VM (irqchip,
     /// PIT, clock); then the vCPUs, each on its own thread.
-    pub fn save(&self) -> Result<MachineState, Error> {
+    pub fn save(&self, phases: &mut Phases) -> Result<MachineState, Error> {
         for (i, d) in self.virtio.iter().enumerate() {
             lock(d).quiesce().map_err(|e| Error::Quiesce(i, e))?;
         }
         let virtio = self.virtio.iter().map(|d| lock(d).state()).collect();
         let serial = lock(&self.bus.serial).state();
         let power = lock(&self.bus.power).state();
+        phases.mark("save_devices");
         let vm = kvm::save_vm(&self.vm).map_err(Error::Kvm)?;
+        phases.mark("save_vm");
         let spec = SaveSpec {
             msr_indices: host_cpu::msr_indices(&self.kvm).map_err(Error::HostCpu)?,
             xsave_words: host_cpu::xsave_words(&self.kvm),
         };
-        let vcpus = self.vcpus.save(spec).map_err(Error::Vcpu)?;
+        let (vcpus, took) = self.vcpus.save(spec).map_err(Error::Vcpu)?;
+        phases.mark("save_vcpus");
+        phases.slowest("vcpu_save_max", took);
         Ok(MachineState {
             shape: self.shape.clone(),
             vcpus: vcpus.into_iter().map(Box::new).collect(),

@@ -195,7 +195,8 @@ struct Inner {
     kick: Option<KickTarget>,
     /// Set by the controller while paused; the thread puts the result in `done`.
     job: Option<Job>,
-    done: Option<Result<Output, Error>>,
+    /// The job's result, and how long it ran.
+    done: Option<(Result<Output, Error>, Duration)>,
 }
 
 struct Shared {
@@ -305,16 +306,23 @@ impl Vcpus {
         waited
     }
 
-    /// Saves every vCPU's state; all must be paused.
-    pub fn save(&self, spec: SaveSpec) -> Result<Vec<VcpuState>, Error> {
+    /// Saves every vCPU's state; all must be paused. Also returns how long
+    /// each vCPU's save took.
+    pub fn save(&self, spec: SaveSpec) -> Result<(Vec<VcpuState>, Vec<Duration>), Error> {
         let spec = Arc::new(spec);
-        self.run_jobs(|_| Job::Save(spec.clone()))?
+        let mut took = Vec::with_capacity(self.threads.len());
+        let states = self
+            .run_jobs(|_| Job::Save(spec.clone()))?
             .into_iter()
-            .map(|out| match out {
-                Output::Saved(state) => Ok(*state),
-                Output::Woken => unreachable!("a save job saves"),
+            .map(|(out, t)| {
+                took.push(t);
+                match out {
+                    Output::Saved(state) => *state,
+                    Output::Woken => unreachable!("a save job saves"),
+                }
             })
-            .collect()
+            .collect();
+        Ok((states, took))
     }
 
     /// Wakes a paused machine from ACPI S3 as firmware does: an INIT to every
@@ -327,7 +335,7 @@ impl Vcpus {
 
     /// Has each paused thread do `job(index)` on its vCPU, one after the
     /// other, within one bound for all.
-    fn run_jobs(&self, job: impl Fn(usize) -> Job) -> Result<Vec<Output>, Error> {
+    fn run_jobs(&self, job: impl Fn(usize) -> Job) -> Result<Vec<(Output, Duration)>, Error> {
         let deadline = Instant::now() + STOP_TIMEOUT;
         let mut out = Vec::with_capacity(self.threads.len());
         for (index, (shared, _)) in self.threads.iter().enumerate() {
@@ -350,7 +358,8 @@ impl Vcpus {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-            out.push(guard.done.take().expect("checked above")?);
+            let (done, took) = guard.done.take().expect("checked above");
+            out.push((done?, took));
         }
         Ok(out)
     }
@@ -545,7 +554,9 @@ fn wait_while_paused(index: usize, shared: &Shared, fd: &mut VcpuFd) -> bool {
                     shared.changed.notify_all();
                 }
                 if let Some(job) = guard.job.take() {
-                    guard.done = Some(run_job(index, fd, job));
+                    let start = Instant::now();
+                    let done = run_job(index, fd, job);
+                    guard.done = Some((done, start.elapsed()));
                     shared.changed.notify_all();
                 }
                 guard = shared
