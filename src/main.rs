@@ -40,6 +40,15 @@ fn main() -> ExitCode {
     if words.first() == Some(&cpr::guardian::ARG) {
         return cpr::guardian::main(&argv[2..]);
     }
+    if words.first() == Some(&vm::floor::ARG) {
+        return match vm::floor::main(&argv[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("molt: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let molt = match <Molt as argh::FromArgs>::from_args(&["molt"], &words) {
         Ok(m) => m,
         Err(early) => {

@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod devices;
+pub mod floor;
 pub mod host_cpu;
 pub mod kvm;
 pub mod memory;
