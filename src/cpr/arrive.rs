@@ -361,7 +361,7 @@ fn resume_transfer(
     // 2. Map RAM and build the VM and devices while the old process still
     //    runs the guest.
     let prepared = adopted_config(cfg, &t.adopted)
-        .and_then(|(cfg, ram)| vm::Machine::prepare(&cfg, ram, console).map_err(Error::Vm));
+        .and_then(|(cfg, ram)| vm::Machine::prepare(&cfg, ram, console, exit).map_err(Error::Vm));
     // 3. READY; the old process pauses the guest and sends STATE.
     // 4. Decode, check and restore it (the vCPUs do not run yet).
     let loaded = prepared.and_then(|prepared| {
@@ -390,7 +390,7 @@ fn resume_transfer(
         }
     };
     // 6. Run the vCPUs (unless the guest was paused or suspended): the pause ends.
-    let machine = run_vcpus(restored, exit, state.run)?;
+    let machine = run_vcpus(restored, state.run)?;
     phases.mark("start");
     let a = &mut t.adopted;
     let arrived = arrived(machine, &state, &phases, a.listener.take(), a.client.take());
@@ -515,24 +515,22 @@ fn restore(
     phases: &mut Phases,
     before_start: impl FnOnce(),
 ) -> Result<Machine, Error> {
-    let restored = Machine::prepare(cfg, ram, console)
+    let restored = Machine::prepare(cfg, ram, console, exit)
         .and_then(|p| {
             phases.mark("build");
             p.restore(&state.machine, phases)
         })
         .map_err(Error::Vm)?;
     before_start();
-    let machine = run_vcpus(restored, exit, state.run)?;
+    let machine = run_vcpus(restored, state.run)?;
     phases.mark("start");
     Ok(machine)
 }
 
 /// Runs the vCPUs of a restored machine, or leaves them parked if the guest
 /// was paused or suspended.
-fn run_vcpus(restored: vm::Restored, exit: ExitSink, run: RunState) -> Result<Machine, Error> {
-    let mut machine = restored
-        .start(exit, run != RunState::Running)
-        .map_err(Error::Vm)?;
+fn run_vcpus(restored: vm::Restored, run: RunState) -> Result<Machine, Error> {
+    let mut machine = restored.start(run != RunState::Running);
     if run == RunState::Suspended {
         machine.suspend().map_err(Error::Vm)?;
     }

@@ -12,9 +12,10 @@
 //! - `transfer CPUS RUNS`: two VMs of CPUS vCPUs each, created as molt
 //!   creates them; RUNS times, every vCPU's state read from the first with
 //!   the KVM_GET_* calls molt saves it with (`vcpu_state::save`, the MSR list
-//!   asked once) and written into the second (`vcpu_state::restore`), and the
-//!   VM's irqchip, PIT and clock the same way, all on one thread. Prints one
-//!   line per run: `GET_US SET_US`.
+//!   asked once) and written into the second (`vcpu_state::restore`; its
+//!   CPUID, set at creation, is not set again), and the VM's irqchip, PIT and
+//!   clock the same way, all on one thread. Prints one line per run:
+//!   `GET_US SET_US`.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, RawFd};
@@ -140,13 +141,14 @@ fn transfer(cpus: u8, runs: u64) -> Result<(), String> {
         let vm_state = kvm::save_vm(&from_vm).map_err(kvm_err)?;
         let states = from
             .iter()
-            .map(|fd| vcpu_state::save(fd, &spec))
+            .map(|(fd, _)| vcpu_state::save(fd, &spec))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
         let t1 = now();
         kvm::restore_vm(&to_vm, &vm_state).map_err(kvm_err)?;
-        for (fd, s) in to.iter().zip(&states) {
-            vcpu_state::restore(fd, s, spec.xsave_words).map_err(|e| e.to_string())?;
+        for ((fd, set), s) in to.iter().zip(&states) {
+            let cpuid_set = vcpu_state::cpuid_matches(&s.cpuid, set);
+            vcpu_state::restore(fd, s, spec.xsave_words, cpuid_set).map_err(|e| e.to_string())?;
         }
         let t2 = now();
         println!("{} {}", (t1 - t0) / 1000, (t2 - t1) / 1000);

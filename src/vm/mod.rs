@@ -16,7 +16,6 @@ pub mod vcpu_state;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use heapless::Vec as BoundedVec;
 use kvm_bindings::CpuId;
@@ -41,7 +40,7 @@ use host_cpu::HostCpu;
 use kvm::{GsiRoutes, VmState};
 use memory::GuestRam;
 use vcpu::{ExitSink, Vcpus};
-use vcpu_state::{SaveSpec, VcpuState};
+use vcpu_state::{CpuidEntry, SaveSpec, VcpuState};
 
 /// Most virtio devices a machine has.
 pub const MAX_DEVICES: usize = MAX_DISKS + MAX_NICS;
@@ -251,32 +250,42 @@ pub struct Machine {
     allocator: Allocator,
     _routes: Arc<GsiRoutes>,
     vm: Arc<VmFd>,
-    kvm: Kvm,
+    _kvm: Kvm,
+    /// What a save reads of each vCPU, asked of KVM once, not in the pause.
+    save_spec: Arc<SaveSpec>,
 }
 
-/// A machine built but not yet holding a saved state: its vCPUs exist, and
-/// what this host's KVM offers them is known.
+/// A machine built but not yet holding a saved state: its vCPUs exist, each
+/// with its thread, parked before it ever runs, and what this host's KVM
+/// offers them is known.
 pub struct Prepared {
     parts: Parts,
-    fds: Vec<VcpuFd>,
+    vcpus: Vcpus,
+    /// The CPUID each vCPU answers with, set from argv and this host's KVM.
+    cpuids: Vec<Vec<CpuidEntry>>,
     host: HostCpu,
 }
 
 /// A machine holding a saved state, its vCPUs not yet running.
 pub struct Restored {
     parts: Parts,
-    fds: Vec<VcpuFd>,
+    vcpus: Vcpus,
 }
 
 impl Prepared {
     /// Loads `state`: the reverse of `save`, devices first (raising their pending
     /// interrupts again), then the VM's interrupt controllers and clock, then the
-    /// vCPUs. Refuses a state of another shape, listing the differences, and one
-    /// whose vCPUs need what this host's KVM lacks, naming it, before any of it
-    /// is loaded.
+    /// vCPUs, each on its own thread, all at once. Refuses a state of another
+    /// shape, listing the differences, and one whose vCPUs need what this
+    /// host's KVM lacks, naming it, before any of it is loaded.
     pub fn restore(self, state: &MachineState, phases: &mut Phases) -> Result<Restored, Error> {
-        let Prepared { parts, fds, host } = self;
-        let diff = parts.shape(fds.len() as u8).differences(&state.shape);
+        let Prepared {
+            parts,
+            vcpus,
+            cpuids,
+            host,
+        } = self;
+        let diff = parts.shape(vcpus.count() as u8).differences(&state.shape);
         if !diff.is_empty() {
             return Err(Error::Shape(diff));
         }
@@ -295,23 +304,31 @@ impl Prepared {
         phases.mark("restore_devices");
         kvm::restore_vm(&parts.vm, &state.vm).map_err(Error::Kvm)?;
         phases.mark("restore_vm");
-        let mut took = Vec::with_capacity(fds.len());
-        for (i, (fd, saved)) in fds.iter().zip(&state.vcpus).enumerate() {
-            let t = Instant::now();
-            vcpu::restore(fd, i as u8, saved, host.xsave_words()).map_err(Error::Vcpu)?;
-            took.push(t.elapsed());
-        }
+        // The CPUID was set before the pause: it is set again only if the
+        // guest's differs (saved under another host kernel or KVM).
+        let cpuid_set: Vec<bool> = state
+            .vcpus
+            .iter()
+            .zip(&cpuids)
+            .map(|(v, set)| vcpu_state::cpuid_matches(&v.cpuid, set))
+            .collect();
+        let took = vcpus
+            .restore(&state.vcpus, host.xsave_words(), &cpuid_set)
+            .map_err(Error::Vcpu)?;
         phases.mark("restore_vcpus");
         phases.slowest("vcpu_restore_max", took);
-        Ok(Restored { parts, fds })
+        Ok(Restored { parts, vcpus })
     }
 }
 
 impl Restored {
-    /// Runs the vCPUs: the guest's pause ends here. With `paused`, the vCPU
-    /// threads start parked, as a guest the user had paused: `resume` runs them.
-    pub fn start(self, exit: ExitSink, paused: bool) -> Result<Machine, Error> {
-        self.parts.start(self.fds, exit, paused)
+    /// Runs the vCPUs: the guest's pause ends here. With `paused`, they stay
+    /// parked, as a guest the user had paused: `resume` runs them.
+    pub fn start(self, paused: bool) -> Machine {
+        if !paused {
+            self.vcpus.resume();
+        }
+        self.parts.into_machine(self.vcpus)
     }
 }
 
@@ -326,6 +343,7 @@ struct Parts {
     vfio: Vec<SharedVfio>,
     iommu: Option<Iommu>,
     allocator: Allocator,
+    save_spec: Arc<SaveSpec>,
 }
 
 impl Parts {
@@ -343,6 +361,10 @@ impl Parts {
             })?;
         }
         let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
+        let save_spec = Arc::new(SaveSpec {
+            msr_indices: host_cpu::msr_indices(&kvm).map_err(Error::HostCpu)?,
+            xsave_words: host_cpu::xsave_words(&kvm),
+        });
         let vm = Arc::new(vm);
         let serial_irq = kvm::irq_eventfd(&vm, SERIAL_IRQ).map_err(Error::Kvm)?;
         let routes = Arc::new(GsiRoutes::new(vm.clone()));
@@ -366,6 +388,7 @@ impl Parts {
             vfio: built.vfio,
             iommu,
             allocator: built.allocator,
+            save_spec,
         })
     }
 
@@ -392,23 +415,29 @@ impl Parts {
         }
     }
 
-    /// vCPUs 0..`count`, with the CPUID KVM offers; see `vcpu::create`.
+    /// vCPUs 0..`count`, with the CPUID KVM offers, and that CPUID; see
+    /// `vcpu::create`.
     fn create_vcpus(
         &self,
         supported: &CpuId,
         count: u8,
         entry: Option<Entry>,
-    ) -> Result<Vec<VcpuFd>, Error> {
+    ) -> Result<(Vec<VcpuFd>, Vec<Vec<CpuidEntry>>), Error> {
         (0..count)
             .map(|i| vcpu::create(supported, &self.vm, &self.ram.memory, i, count, entry))
             .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.into_iter().unzip())
             .map_err(Error::Vcpu)
     }
 
-    fn start(self, fds: Vec<VcpuFd>, exit: ExitSink, paused: bool) -> Result<Machine, Error> {
-        let shape = self.shape(fds.len() as u8);
-        let vcpus = Vcpus::start(fds, self.bus.clone(), exit, paused).map_err(Error::Vcpu)?;
-        Ok(Machine {
+    fn start(self, fds: Vec<VcpuFd>, exit: ExitSink) -> Result<Machine, Error> {
+        let vcpus = Vcpus::start(fds, self.bus.clone(), exit, false).map_err(Error::Vcpu)?;
+        Ok(self.into_machine(vcpus))
+    }
+
+    fn into_machine(self, vcpus: Vcpus) -> Machine {
+        let shape = self.shape(vcpus.count() as u8);
+        Machine {
             shape,
             vcpus,
             suspended: false,
@@ -420,8 +449,9 @@ impl Parts {
             allocator: self.allocator,
             _routes: self.routes,
             vm: self.vm,
-            kvm: self.kvm,
-        })
+            _kvm: self.kvm,
+            save_spec: self.save_spec,
+        }
     }
 }
 
@@ -438,20 +468,32 @@ impl Machine {
         };
         let entry = boot::load(&parts.ram.memory, &spec).map_err(Error::Boot)?;
         let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;
-        let fds = parts.create_vcpus(&supported, cfg.vcpus, Some(entry))?;
-        parts.start(fds, exit, false)
+        let (fds, _) = parts.create_vcpus(&supported, cfg.vcpus, Some(entry))?;
+        parts.start(fds, exit)
     }
 
     /// Everything that needs no saved state: RAM mapped, VM, memslots, devices,
-    /// vCPUs, and what this host's KVM offers them (asked of vCPU 0). A
-    /// transfer does this while the old process still runs the guest.
-    pub fn prepare(cfg: &RunConfig, ram: GuestRam, console: Output) -> Result<Prepared, Error> {
+    /// vCPUs with their CPUID and their threads (parked), and what this host's
+    /// KVM offers them (asked of vCPU 0). A transfer does this while the old
+    /// process still runs the guest.
+    pub fn prepare(
+        cfg: &RunConfig,
+        ram: GuestRam,
+        console: Output,
+        exit: ExitSink,
+    ) -> Result<Prepared, Error> {
         let parts = Parts::build(cfg, ram, console)?;
         let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;
-        let fds = parts.create_vcpus(&supported, cfg.vcpus, None)?;
+        let (fds, cpuids) = parts.create_vcpus(&supported, cfg.vcpus, None)?;
         let probe = fds.first().ok_or(Error::NoVcpus)?;
         let host = HostCpu::query(&parts.kvm, &supported, probe).map_err(Error::HostCpu)?;
-        Ok(Prepared { parts, fds, host })
+        let vcpus = Vcpus::start(fds, parts.bus.clone(), exit, true).map_err(Error::Vcpu)?;
+        Ok(Prepared {
+            parts,
+            vcpus,
+            cpuids,
+            host,
+        })
     }
 
     /// Saves a paused machine. The quiesce contract: vCPUs are paused (the
@@ -470,11 +512,7 @@ impl Machine {
         phases.mark("save_devices");
         let vm = kvm::save_vm(&self.vm).map_err(Error::Kvm)?;
         phases.mark("save_vm");
-        let spec = SaveSpec {
-            msr_indices: host_cpu::msr_indices(&self.kvm).map_err(Error::HostCpu)?,
-            xsave_words: host_cpu::xsave_words(&self.kvm),
-        };
-        let (vcpus, took) = self.vcpus.save(spec).map_err(Error::Vcpu)?;
+        let (vcpus, took) = self.vcpus.save(&self.save_spec).map_err(Error::Vcpu)?;
         phases.mark("save_vcpus");
         phases.slowest("vcpu_save_max", took);
         Ok(MachineState {
