@@ -390,8 +390,7 @@ fn resume_transfer(
         }
     };
     // 6. Run the vCPUs (unless the guest was paused or suspended): the pause ends.
-    let machine = run_vcpus(restored, state.run)?;
-    phases.mark("start");
+    let machine = run_vcpus(restored, state.run, &mut phases)?;
     let a = &mut t.adopted;
     let arrived = arrived(machine, &state, &phases, a.listener.take(), a.client.take());
     log::info!(
@@ -410,9 +409,15 @@ fn arrived(
     listener: Option<OwnedFd>,
     client: Option<OwnedFd>,
 ) -> Arrived {
+    // The pause ended at the last mark (the vCPUs let run): what ran here
+    // since is not part of it.
+    let since = phases::now().saturating_sub(phases.last());
     Arrived {
         machine,
-        pause_us: super::now_ns().saturating_sub(state.stopped_at_ns) / 1000,
+        pause_us: super::now_ns()
+            .saturating_sub(state.stopped_at_ns)
+            .saturating_sub(since)
+            / 1000,
         phases: phases.summary(),
         run: state.run,
         listener,
@@ -522,15 +527,13 @@ fn restore(
         })
         .map_err(Error::Vm)?;
     before_start();
-    let machine = run_vcpus(restored, state.run)?;
-    phases.mark("start");
-    Ok(machine)
+    run_vcpus(restored, state.run, phases)
 }
 
 /// Runs the vCPUs of a restored machine, or leaves them parked if the guest
 /// was paused or suspended.
-fn run_vcpus(restored: vm::Restored, run: RunState) -> Result<Machine, Error> {
-    let mut machine = restored.start(run != RunState::Running);
+fn run_vcpus(restored: vm::Restored, run: RunState, phases: &mut Phases) -> Result<Machine, Error> {
+    let mut machine = restored.start(run != RunState::Running, phases);
     if run == RunState::Suspended {
         machine.suspend().map_err(Error::Vm)?;
     }
