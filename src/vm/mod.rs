@@ -494,7 +494,9 @@ impl Machine {
                     .and_then(|kvm| host_cpu::supported_cpuid(&kvm))
             });
             let parts = Parts::build(cfg, ram, console);
-            let supported = supported.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            let supported = supported
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
             (parts, supported)
         });
         let (parts, supported) = (parts?, supported.map_err(Error::HostCpu)?);

@@ -254,13 +254,13 @@ fn save_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrEntry>, Error> {
 /// Whether a vCPU that answers with CPUID `set` (KVM_GET_CPUID2, never run)
 /// answers the guest as the vCPU `saved` was read from: the same leaves, equal but for
 /// the bits KVM itself keeps in step with the vCPU's registers and MSRs
-/// (kvm_update_cpuid_runtime: leaf 1's APIC, OSXSAVE and MONITOR bits, leaf
-/// 7's OSPKE, leaf 0xD's XSAVE sizes), which the rest of a restore sets. A
-/// bit this misses only makes the restore set the CPUID again.
+/// (kvm_update_cpuid_runtime: leaf 1's APIC and OSXSAVE bits, leaf 7's
+/// OSPKE, leaf 0xD's XSAVE sizes), which the rest of a restore sets. A bit
+/// this misses only makes the restore set the CPUID again (so MONITOR, which
+/// KVM updates only under a quirk, is compared).
 pub fn cpuid_matches(saved: &[CpuidEntry], set: &[CpuidEntry]) -> bool {
     const APIC: u32 = 1 << 9;
     const OSXSAVE: u32 = 1 << 27;
-    const MONITOR: u32 = 1 << 3;
     const OSPKE: u32 = 1 << 4;
     let normal = |list: &[CpuidEntry]| {
         let mut v: Vec<CpuidEntry> = list
@@ -272,7 +272,7 @@ pub fn cpuid_matches(saved: &[CpuidEntry], set: &[CpuidEntry]) -> bool {
                 let mut e = *e;
                 match (e.function, e.index) {
                     (1, _) => {
-                        e.ecx &= !(OSXSAVE | MONITOR);
+                        e.ecx &= !OSXSAVE;
                         e.edx &= !APIC;
                     }
                     (7, 0) => e.ecx &= !OSPKE,
