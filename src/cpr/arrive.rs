@@ -360,8 +360,9 @@ fn resume_transfer(
 ) -> Result<Arrived, Error> {
     // 2. Map RAM and build the VM and devices while the old process still
     //    runs the guest.
-    let prepared = adopted_config(cfg, &t.adopted)
-        .and_then(|(cfg, ram)| vm::Machine::prepare(&cfg, ram, console, exit).map_err(Error::Vm));
+    let prepared = adopted_config(cfg, &t.adopted).and_then(|(cfg, ram)| {
+        vm::Machine::prepare(&cfg, ram, console, exit, true).map_err(Error::Vm)
+    });
     // 3. READY; the old process pauses the guest and sends STATE.
     // 4. Decode, check and restore it (the vCPUs do not run yet).
     let loaded = prepared.and_then(|prepared| {
@@ -520,7 +521,7 @@ fn restore(
     phases: &mut Phases,
     before_start: impl FnOnce(),
 ) -> Result<Machine, Error> {
-    let restored = Machine::prepare(cfg, ram, console, exit)
+    let restored = Machine::prepare(cfg, ram, console, exit, false)
         .and_then(|p| {
             phases.mark("build");
             p.restore(&state.machine, phases)

@@ -310,7 +310,7 @@ impl Prepared {
             .vcpus
             .iter()
             .zip(&cpuids)
-            .map(|(v, set)| vcpu_state::cpuid_matches(&v.cpuid, set))
+            .map(|(v, set)| !set.is_empty() && vcpu_state::cpuid_matches(&v.cpuid, set))
             .collect();
         let took = vcpus
             .restore(&state.vcpus, host.xsave_words(), &cpuid_set)
@@ -418,15 +418,23 @@ impl Parts {
     }
 
     /// vCPUs 0..`count`, with the CPUID KVM offers, and that CPUID; see
-    /// `vcpu::create`.
+    /// `vcpu::create`. For a restore (no `entry`), only the first `with_cpuid`
+    /// get it; the others are bare (`vcpu::create_bare`) and report none.
     fn create_vcpus(
         &self,
         supported: &CpuId,
         count: u8,
         entry: Option<Entry>,
+        with_cpuid: u8,
     ) -> Result<(Vec<VcpuFd>, Vec<Vec<CpuidEntry>>), Error> {
         (0..count)
-            .map(|i| vcpu::create(supported, &self.vm, &self.ram.memory, i, count, entry))
+            .map(|i| {
+                if entry.is_some() || i < with_cpuid {
+                    vcpu::create(supported, &self.vm, &self.ram.memory, i, count, entry)
+                } else {
+                    vcpu::create_bare(&self.vm, i).map(|fd| (fd, Vec::new()))
+                }
+            })
             .collect::<Result<Vec<_>, _>>()
             .map(|v| v.into_iter().unzip())
             .map_err(Error::Vcpu)
@@ -470,19 +478,23 @@ impl Machine {
         };
         let entry = boot::load(&parts.ram.memory, &spec).map_err(Error::Boot)?;
         let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;
-        let (fds, _) = parts.create_vcpus(&supported, cfg.vcpus, Some(entry))?;
+        let (fds, _) = parts.create_vcpus(&supported, cfg.vcpus, Some(entry), cfg.vcpus)?;
         parts.start(fds, exit)
     }
 
     /// Everything that needs no saved state: RAM mapped, VM, memslots, devices,
-    /// vCPUs with their CPUID and their threads (parked), and what this host's
-    /// KVM offers them (asked of vCPU 0). A transfer does this while the old
-    /// process still runs the guest.
+    /// vCPUs and their threads (parked), and what this host's KVM offers them
+    /// (asked of vCPU 0). A transfer does this while the old process still
+    /// runs the guest (`ahead`): every vCPU gets its CPUID now, and a restore
+    /// sets it again only if the saved one differs. Inside the pause (exec,
+    /// reboot mode) only vCPU 0 gets it here (to be asked); the others' is set
+    /// by their restores, in parallel.
     pub fn prepare(
         cfg: &RunConfig,
         ram: GuestRam,
         console: Output,
         exit: ExitSink,
+        ahead: bool,
     ) -> Result<Prepared, Error> {
         // KVM_GET_SUPPORTED_CPUID (~350 us here) on a second thread while
         // this one creates the VM (milliseconds): in an exec both are inside
@@ -500,7 +512,8 @@ impl Machine {
             (parts, supported)
         });
         let (parts, supported) = (parts?, supported.map_err(Error::HostCpu)?);
-        let (fds, cpuids) = parts.create_vcpus(&supported, cfg.vcpus, None)?;
+        let with_cpuid = if ahead { cfg.vcpus } else { 1 };
+        let (fds, cpuids) = parts.create_vcpus(&supported, cfg.vcpus, None, with_cpuid)?;
         let probe = fds.first().ok_or(Error::NoVcpus)?;
         let host = HostCpu::query(&parts.kvm, &supported, probe).map_err(Error::HostCpu)?;
         let vcpus = Vcpus::start(fds, parts.bus.clone(), exit, true).map_err(Error::Vcpu)?;

@@ -99,6 +99,13 @@ pub fn restore(
     state::restore(fd, saved, xsave_words, cpuid_set).map_err(|e| Error::Restore(index, e))
 }
 
+/// Creates vCPU `index` and nothing else: its restore sets everything,
+/// CPUID first.
+pub fn create_bare(vm: &VmFd, index: u8) -> Result<VcpuFd, Error> {
+    vm.create_vcpu(u64::from(index))
+        .map_err(|e| Error::CreateVcpu(index, e))
+}
+
 /// Creates vCPU `index` of `count` with CPUID (`supported`, KVM_GET_SUPPORTED_CPUID,
 /// given this vCPU's topology). For a boot (`entry`), also XCR0, MSRs, FPU and
 /// LAPIC; the boot vCPU gets `entry`'s registers, the others wait for
