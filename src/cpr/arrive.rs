@@ -17,7 +17,7 @@ use crate::args::{Incoming, RunConfig};
 use crate::devices::serial::Output;
 use crate::phases::{self, Phases};
 use crate::virtio::block::Identity;
-use crate::vm::host_cpu::HostCpu;
+use crate::vm::host_cpu::{HostCpu, Probe};
 use crate::vm::memory::GuestRam;
 use crate::vm::vcpu::ExitSink;
 use crate::vm::{self, Machine};
@@ -110,6 +110,7 @@ pub struct FileIncoming {
     rest: std::io::BufReader<File>,
     start: Instant,
     phases: Phases,
+    probe: Probe,
 }
 
 /// Reboot mode, step 1: reads the state in `path` and checks it against argv,
@@ -133,9 +134,12 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     }
     check_disk_identities(cfg, &state.disks)?;
     // `Prepared::restore` checks again, for every mode; here it runs before
-    // RAM is mapped or loaded.
-    HostCpu::open()
-        .and_then(|host| host.check(state.machine.vcpus.iter().map(|v| &**v)))
+    // RAM is mapped or loaded. Its probe VM is released once the guest runs.
+    let probe = HostCpu::open()
+        .and_then(|(host, probe)| {
+            host.check(state.machine.vcpus.iter().map(|v| &**v))?;
+            Ok(probe)
+        })
         .map_err(|e| Error::HostCpu(path.into(), e))?;
     phases.mark("decode");
     Ok(FileIncoming {
@@ -144,6 +148,7 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
         rest,
         start,
         phases,
+        probe,
     })
 }
 
@@ -160,6 +165,7 @@ fn resume_file(
         mut rest,
         start,
         mut phases,
+        probe,
     } = inc;
     // 2. Guest RAM: the --mem-file as it is, or read back from the state file.
     let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
@@ -171,6 +177,8 @@ fn resume_file(
     phases.mark("map_ram");
     // 4. Rebuild the machine, restore it and run it (paused, if it was).
     let machine = restore(cfg, &state, ram, (console, exit), &mut phases, || {})?;
+    // 5. The guest runs: KVM tears the probe VM down off the main thread.
+    probe.release();
     let arrived = arrived(machine, &state, &phases, None, None);
     log::info!(
         "resumed from {}: restore_us={} pause_us={} phases={}",
