@@ -86,9 +86,9 @@ impl fmt::Display for Error {
     }
 }
 
-/// Writes a saved state into a vCPU made by `create(.., None)`; `xsave_words`
-/// is this host's XSAVE size; `cpuid_set`: the vCPU already has the saved
-/// CPUID (`vcpu_state::cpuid_matches`).
+/// Writes a saved state into a vCPU made by `create(.., None)` or
+/// `create_bare`; `xsave_words` is this host's XSAVE size; `cpuid_set`: the
+/// vCPU already has the saved CPUID (`vcpu_state::cpuid_matches`).
 pub fn restore(
     fd: &VcpuFd,
     index: u8,
