@@ -1,58 +1,41 @@
 #!/usr/bin/env bash
-# Exec- and transfer-mode live-update benchmark (SPEC.md "Pause time"), directly
-# on this machine's /dev/kvm with the tiny counting guest (tests/data/counting.elf),
-# 1 vCPU, release build. Prints markdown tables.
+# Live-update pause benchmark (SPEC.md "Pause time"; issue 12), directly on
+# this machine's /dev/kvm with the tiny counting guest (tests/data/counting.elf),
+# release build. Prints markdown tables.
 #
-# 1. Pause: for each RAM size, one booted guest, RUNS x `molt ctl SOCK cpr-exec`
-#    (same binary), then another guest and RUNS x transfer (`molt run <same args>
-#    --incoming unix:PATH` started first, then `molt ctl SOCK cpr-transfer PATH`).
-#    Guest RAM is the default memfd (untouched pages cost nothing), plus one
-#    series with --mem-file on /dev/shm whose first TOUCHED bytes were written
-#    with dd before boot (populated RAM).
-#    pause_us    molt's own, from the reply: the old process's snapshot start to
-#                the vCPUs running in the new image/process (CLOCK_REALTIME)
-#    restore_us  molt's own, from the new side's log line `resumed after ...`.
-#                exec: mapping RAM, building the VM and restoring it; transfer:
-#                decoding and restoring into the VM prepared before the pause,
-#                plus the RESTORED/GO round trip and the vCPU start
-#    rest_us     pause_us - restore_us: save + handover (exec: state memfd,
-#                execve, the new image's start-up; transfer: encode and send)
-# 2. Breakdown (needs `perf` and tracefs; BREAKDOWN_RUNS=0 skips it): a few more
-#    updates per mode at the smallest and the largest size, traced with kernel
-#    tracepoints on molt's own system calls (KVM_RUN is filtered out, so the
-#    guest is not slowed). Segment boundaries, all in the traced processes:
-#    exec:     save      KVM_GET_IRQCHIP (first save ioctl) -> memfd_create (state encoded)
-#              execve    memfd_create -> sched_process_exec (memfd written, execve)
-#              release   sched_process_exec -> the new image's first system call
-#                        (the kernel closes the old image's CLOEXEC descriptors -
-#                        KVM VM and vCPUs - as deferred work on the way back to
-#                        user space: this is the old VM's destruction)
-#              startup   first system call -> KVM_CREATE_VM (runtime, argv, read
-#                        the state, adopt descriptors, map RAM)
-#              restore   KVM_CREATE_VM -> the `resumed after exec` log write
-#    transfer: save      old: KVM_GET_IRQCHIP -> the STATE frame write
-#              handoff   STATE write -> new: KVM_SET_IRQCHIP (received, decoded)
-#              restore   KVM_SET_IRQCHIP -> the `resumed after transfer` log write
-#                        (restore, RESTORED/GO round trip, vCPU start)
-#    Also listed, for one traced exec per size: the slowest gaps between the new
-#    image's KVM ioctls, and where molt's main thread sleeps during the pause
-#    (sched_switch kernel stacks). Tracing costs a little: compare the traced
-#    pause_us with the untraced table (a traced transfer's restore runs long).
+# For each mode (exec, transfer, reboot) and each series - 1, 2, 4, 8 and 16
+# vCPUs with 256 MiB, then 4 GiB and 16 GiB with 1 vCPU - one booted guest
+# goes through RUNS updates, and a table per mode gives, as min / median / max
+# over them:
+#   pause_us   molt's own, from the reply (reboot mode: the restarted molt's
+#              log): the last vCPU stopped to the vCPUs running again
+#   floor      what no VMM can avoid here (`molt __floor`, src/vm/floor.rs):
+#              exec and reboot: execve of a static binary, a VM with irqchip,
+#              PIT and memslots, and N vCPUs; transfer: the KVM_GET_* and
+#              KVM_SET_* of the state molt saves, for the VM and N vCPUs
+#   each phase of the pause (the reply's phases=, src/phases.rs). `stop` (the
+#              first kick to the last vCPU's acknowledgement) comes before the
+#              pause as SPEC.md counts it; the other phases add up to it.
+#              Reboot mode: the saving side's phases (cpr-save's reply), then
+#              `restart` (the old molt exits, this script starts the new one:
+#              the rest of pause_us), then the restarted molt's (its log).
+# Guest RAM is a memfd (exec, transfer) or a --mem-file on /dev/shm (reboot
+# mode: RAM stays in place, the state file goes next to it); untouched pages
+# cost nothing, so 16 GiB is cheap.
 #
-# Environment: MOLT_BIN (default: cargo build --release and use that), RUNS (20),
-# SIZES ("256M 1G 4G 16G"), TOUCHED (1G; empty to skip that series),
-# BREAKDOWN_RUNS (5), MODES ("exec transfer"), KEEP (set: keep the scratch
-# directory with every log, serial output and trace). The binary is copied to a
-# scratch directory first: exec mode re-executes it by path, so a concurrent
+# Environment: MOLT_BIN (default: cargo build --release and use that), RUNS
+# (20), CPUS ("1 2 4 8 16", with the first size), SIZES ("256M 4G 16G", the
+# others with 1 vCPU), MODES ("exec transfer reboot"), KEEP (set: keep the
+# scratch directory with every log and serial output). The binary is copied to
+# a scratch directory first: exec mode re-executes it by path, so a concurrent
 # rebuild must not replace it.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 kernel=$repo/tests/data/counting.elf
 runs=${RUNS:-20}
-sizes=${SIZES:-"256M 1G 4G 16G"}
-touched=${TOUCHED-1G}
-breakdown_runs=${BREAKDOWN_RUNS:-5}
-modes=${MODES:-"exec transfer"}
+cpus_list=${CPUS:-"1 2 4 8 16"}
+sizes=${SIZES:-"256M 4G 16G"}
+modes=${MODES:-"exec transfer reboot"}
 if [[ -z ${MOLT_BIN:-} ]]; then
     . "$repo/scripts/target.sh"
     (cd "$repo" && cargo build --release --quiet)
@@ -69,7 +52,7 @@ cleanup() {
     for p in "${pids[@]}"; do
         kill "$p" 2>/dev/null && wait "$p" 2>/dev/null
     done
-    [[ -n $memfile ]] && rm -f "$memfile"
+    [[ -n $memfile ]] && rm -f "$memfile" "$memfile.state"
     if [[ -z ${KEEP:-} ]]; then
         rm -rf "$work"
     fi
@@ -83,16 +66,6 @@ die() {
 }
 
 now_us() { echo "${EPOCHREALTIME/[.,]/}"; }
-
-# Prints "min median max" of the numbers on stdin (n/a if none).
-stats() {
-    sort -n | awk '{ v[NR] = $1 } END {
-        if (NR == 0) { print "n/a n/a n/a"; exit }
-        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-        printf "%d %d %d\n", v[1], m, v[NR] }'
-}
-
-median() { tr ' ' '\n' <<<"$1" | grep . | stats | awk '{ print $2 }'; }
 
 # Whether a UNIX socket is listening on $1 (connecting would be taken for the
 # old process by a molt waiting on --incoming unix:).
@@ -140,20 +113,19 @@ check_continuity() {
     ' <(complete_lines) >&2 || die "$label: the guest's output is not one continuous run"
 }
 
-# boot LABEL SIZE [TOUCH]: one guest of SIZE RAM; with TOUCH, RAM is a
-# --mem-file on /dev/shm whose first TOUCH bytes are written first.
+# boot LABEL SIZE CPUS MODE: one guest; in reboot mode its RAM is a
+# --mem-file on /dev/shm.
 boot() {
     label=$1
-    local size=$2 touch=${3:-}
+    local size=$2 cpus=$3 mode=$4
     dir=$work/$label
     mkdir -p "$dir"
     sock=$dir/ctl.sock serial=$dir/serial.out log=$dir/molt-0.log
-    args=(--kernel "$kernel" --mem "$size" --serial "file:$serial" --control "$sock")
-    if [[ -n $touch ]]; then
+    args=(--kernel "$kernel" --mem "$size" --cpus "$cpus" --serial "file:$serial" --control "$sock")
+    if [[ $mode == reboot ]]; then
         memfile=/dev/shm/molt-bench-update-$$-$label
         # Mode 0600: molt refuses a --mem-file other users may read.
-        (umask 077 && dd if=/dev/zero of="$memfile" bs=1M \
-            count=$(($(numfmt --from=iec "$touch") >> 20)) status=none)
+        (umask 077 && truncate -s "$size" "$memfile")
         args+=(--mem-file "$memfile")
     fi
     "$molt" run "${args[@]}" 2>"$log" </dev/null >/dev/null &
@@ -169,7 +141,7 @@ shutdown() {
     pids=()
     check_continuity
     if [[ -n $memfile ]]; then
-        rm -f "$memfile"
+        rm -f "$memfile" "$memfile.state"
         memfile=
     fi
 }
@@ -189,265 +161,129 @@ spawn_incoming() {
     done
 }
 
-pause_of() { sed 's/.*pause_us=\([0-9]*\).*/\1/' <<<"$1"; }
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
 
-# One update of mode $1 (exec|transfer); sets upd_pause and upd_restore. Not
-# run in a subshell: a transfer changes pid and log.
+# The sum of the phases in a phases= list, without `stop` and the *_max spans.
+phase_sum() {
+    tr ',' '\n' <<<"$1" | awk -F: '$1 != "stop" && $1 !~ /_max$/ { s += $2 } END { print s + 0 }'
+}
+
+# One update of mode $1; sets upd_pause and upd_phases. Not run in a
+# subshell: a transfer or a restart changes pid and log.
 update() {
-    local reply line n
+    local reply line n old
     wait_counts $(($(counts) + 2))
-    if [[ $1 == exec ]]; then
-        n=$(grep -c 'resumed after exec' "$log" || true)
+    case $1 in
+    exec)
         reply=$("$molt" ctl "$sock" cpr-exec) || die "$label: cpr-exec: $reply"
         [[ $reply == "ok resumed mode=exec "* ]] || die "$label: cpr-exec replied $reply"
-        line=$(grep 'resumed after exec' "$log" | sed -n "$((n + 1))p")
-    else
+        ;;
+    transfer)
         spawn_incoming
         reply=$("$molt" ctl "$sock" cpr-transfer "$inpath") || die "$label: cpr-transfer: $reply"
         [[ $reply == "ok resumed mode=transfer "* ]] || die "$label: cpr-transfer replied $reply"
         wait "$pid" || die "$label: the old molt exited with $?: $(cat "$log")"
         pid=$newpid log=$newlog pids=("$newpid")
-        line=$(grep 'resumed after transfer' "$log" || true)
-    fi
-    [[ -n $line ]] || die "$label: no restore line in the log: $(cat "$log")"
-    upd_pause=$(pause_of "$reply")
-    upd_restore=$(sed 's/.*restore_us=\([0-9]*\).*/\1/' <<<"$line")
+        ;;
+    reboot)
+        newlog=$dir/molt-$spawned.log
+        spawned=$((spawned + 1))
+        old=$("$molt" ctl "$sock" cpr-save "$memfile.state") || die "$label: cpr-save: $old"
+        [[ $old == "ok saved "* ]] || die "$label: cpr-save replied $old"
+        "$molt" run "${args[@]}" --incoming "file:$memfile.state" 2>"$newlog" </dev/null >/dev/null &
+        newpid=$!
+        pids+=("$newpid")
+        wait "$pid" || die "$label: the saving molt exited with $?: $(cat "$log")"
+        pid=$newpid log=$newlog pids=("$newpid")
+        n=0
+        until line=$(grep -m1 'resumed from' "$log"); do
+            ((++n < 10000)) || die "$label: no restore line in $log: $(cat "$log")"
+            kill -0 "$pid" 2>/dev/null || die "$label: the restarted molt exited: $(cat "$log")"
+            sleep 0.002
+        done
+        upd_pause=$(field pause_us "$line")
+        local before after
+        before=$(field phases "$old") after=$(field phases "$line")
+        upd_phases="${before%%,vcpu_save_max*},restart:$((upd_pause - $(phase_sum "$before") - $(phase_sum "$after"))),$after,vcpu_${before##*,vcpu_}"
+        return
+        ;;
+    esac
+    upd_pause=$(field pause_us "$reply")
+    upd_phases=$(field phases "$reply")
+    [[ -n $upd_phases ]] || die "$label: no phases= in $reply"
 }
 
-declare -A medians
-rows=()
+# floor MODE SIZE CPUS: the floor's runs, one µs number per line.
+floor() {
+    case $1 in
+    transfer) "$molt" __floor transfer "$3" "$runs" | awk '{ print $1 + $2 }' ;;
+    *) "$molt" __floor exec "$3" "$2" "$runs" ;;
+    esac
+}
 
-# series MODE SIZE [TOUCH]
+# series MODE SIZE CPUS: RUNS updates of one guest, into $work/MODE.rows, one
+# line per update: `LABEL pause_us:U,floor:F,PHASES...`.
 series() {
-    local mode=$1 size=$2 touch=${3:-} i pause= restore= rest= backing=memfd min med max
-    if [[ -n $touch ]]; then
-        backing="/dev/shm file, $touch touched"
-    fi
-    boot "$mode-$size${touch:+-touched}" "$size" "$touch"
+    local mode=$1 size=$2 cpus=$3 i col
+    col="$cpus vCPU, $size"
+    boot "$mode-$size-$cpus" "$size" "$cpus" "$mode"
     for ((i = 0; i < runs; i++)); do
         update "$mode"
-        pause+="$upd_pause " restore+="$upd_restore " rest+="$((upd_pause - upd_restore)) "
+        echo "$col|pause_us:$upd_pause,$upd_phases" >>"$work/$mode.rows"
     done
     shutdown
-    read -r min med max < <(tr ' ' '\n' <<<"$pause" | grep . | stats)
-    if [[ -z $touch ]]; then
-        medians[$mode-$size]=$med
-    fi
-    rows+=("| $mode | $size | $backing | $min | **$med** | $max | $(median "$restore") | $(median "$rest") |")
+    floor "$mode" "$size" "$cpus" | sed "s/^/$col|floor:/" >>"$work/$mode.rows"
+    cols+=("$col")
+}
+
+# table MODE: rows are pause_us, the floor, their ratio and the phases;
+# columns the series, each cell min / median / max.
+table() {
+    local IFS=$'\t'
+    awk -F'|' -v cols="${cols[*]}" '
+        function stats(list,   n, v, i, j, t, m) {
+            n = split(list, v, " ")
+            for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+            if (n == 0) return ""
+            m = (n % 2) ? v[(n + 1) / 2] : int((v[n / 2] + v[n / 2 + 1]) / 2)
+            med = m
+            return v[1] " / **" m "** / " v[n]
+        }
+        {
+            n = split($2, ph, ",")
+            for (i = 1; i <= n; i++) {
+                split(ph[i], kv, ":")
+                if (!(kv[1] in seen)) { seen[kv[1]] = 1; if (kv[1] != "pause_us" && kv[1] != "floor") order[++k] = kv[1] }
+                val[$1, kv[1]] = val[$1, kv[1]] " " kv[2]
+            }
+        }
+        END {
+            nc = split(cols, c, "\t")
+            printf "| |"; for (j = 1; j <= nc; j++) printf " %s |", c[j]; print ""
+            printf "|---|"; for (j = 1; j <= nc; j++) printf "---|"; print ""
+            printf "| **pause_us** |"; for (j = 1; j <= nc; j++) { printf " %s |", stats(val[c[j], "pause_us"]); p[j] = med } print ""
+            printf "| floor |"; for (j = 1; j <= nc; j++) { printf " %s |", stats(val[c[j], "floor"]); f[j] = med } print ""
+            printf "| pause / floor (medians) |"; for (j = 1; j <= nc; j++) printf " %.2fx |", f[j] ? p[j] / f[j] : 0; print ""
+            for (i = 1; i <= k; i++) {
+                printf "| %s |", order[i]
+                for (j = 1; j <= nc; j++) printf " %s |", stats(val[c[j], order[i]])
+                print ""
+            }
+        }' "$work/$1.rows"
 }
 
 for mode in $modes; do
-    for size in $sizes; do
-        series "$mode" "$size"
+    cols=()
+    first=${sizes%% *}
+    for cpus in $cpus_list; do
+        series "$mode" "$first" "$cpus"
     done
-    if [[ -n $touched ]]; then
-        series "$mode" "$touched" "$touched"
-    fi
-done
-
-echo "### Pause (us), $runs updates per row"
-echo
-echo "| mode | RAM | RAM backing | pause min | pause median | pause max | restore_us median | pause - restore median |"
-echo "|---|---|---|---|---|---|---|---|"
-printf '%s\n' "${rows[@]}"
-echo
-first=${sizes%% *} last=${sizes##* }
-verdict() {
-    if [[ -z $1 ]]; then
-        echo "n/a"
-    elif (($2)); then
-        echo "met ($3)"
-    else
-        echo "**not met** ($3)"
-    fi
-}
-e=${medians[exec-$first]:-} t=${medians[transfer-$first]:-}
-el=${medians[exec-$last]:-} tl=${medians[transfer-$last]:-}
-echo "Targets: exec median <= 5000 us: $(verdict "$e" "${e:-0} <= 5000" "$e");" \
-    "transfer median <= 2000 us: $(verdict "$t" "${t:-0} <= 2000" "$t");" \
-    "$last within 20% of $first: exec $(verdict "$el" "${el:-0} * 100 <= ${e:-0} * 120" "$el vs $e")," \
-    "transfer $(verdict "$tl" "${tl:-0} * 100 <= ${t:-0} * 120" "$tl vs $t")."
-echo
-
-# ---------------------------------------------------------------------------
-# Breakdown with perf
-
-if ((breakdown_runs == 0)); then
-    exit 0
-fi
-if ! command -v perf >/dev/null || ! grep -q 'sched:sched_process_exec' <(perf list 2>/dev/null); then
-    echo "(no breakdown: perf with tracepoints is not available)"
-    exit 0
-fi
-
-# traced OUT TIDS COMMAND...: runs COMMAND (its stdout is passed on) while perf
-# records the threads TIDS (comma-separated; a process's main thread has its
-# PID) - not their vCPU threads, nor threads started later (-i): enabling a
-# syscall tracepoint on a thread sends all its system calls down the slow path,
-# and a vCPU thread makes one per guest I/O exit. perf enables its events before
-# it starts COMMAND. Leaves the decoded trace in OUT.txt.
-traced() {
-    local out=$1 tids=$2
-    shift 2
-    perf record -q -k mono -o "$out" -t "$tids" -i \
-        -e syscalls:sys_enter_ioctl --filter 'cmd != 0xae80' \
-        -e syscalls:sys_enter_memfd_create \
-        -e sched:sched_process_exec \
-        -e raw_syscalls:sys_enter --filter 'id == 12 || id == 9' \
-        -e syscalls:sys_enter_write --filter 'fd == 2 || count > 1024' \
-        -e syscalls:sys_enter_sendto --filter 'len > 1024' \
-        -- "$@" 2>"$out.err" || die "traced $*: $(cat "$out.err")"
-    perf script -i "$out" -F tid,time,event,trace 2>/dev/null >"$out.txt" ||
-        perf script -i "$out" 2>/dev/null >"$out.txt"
-}
-
-# Segments of one traced exec of $pid: "save execve release startup restore".
-exec_segments() {
-    awk -v pid="$pid" '
-        { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\.[0-9]+:$/) { t = substr($i, 1, length($i) - 1) * 1e6; break }
-          tid = ($1 ~ /^[0-9]+$/) ? $1 : $2 }
-        tid != pid && !/sched_process_exec/ { next }
-        /cmd: 0xc208ae62/ && !s0 { s0 = t }
-        /memfd_create/ && s0 && !m { m = t }
-        /sched_process_exec/ && $0 ~ ("pid=" pid " ") && m && !x { x = t; next }
-        x && !b && /raw_syscalls/ { b = t }
-        x && /cmd: 0x0000ae01/ && !v { v = t }
-        v && /sys_enter_write/ && /fd: 0x00000002/ && !l { l = t }
-        END { if (l) printf "%d %d %d %d %d\n", m - s0, x - m, b - x, v - b, l - v }
-    ' "$1"
-}
-
-# Segments of one traced transfer from $pid to $newpid: "save handoff restore".
-transfer_segments() {
-    awk -v old="$pid" -v new="$newpid" '
-        { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\.[0-9]+:$/) { t = substr($i, 1, length($i) - 1) * 1e6; break }
-          tid = ($1 ~ /^[0-9]+$/) ? $1 : $2 }
-        tid == old && /cmd: 0xc208ae62/ && !s0 { s0 = t }
-        tid == old && s0 && (/sys_enter_sendto/ || /sys_enter_write/ && !/fd: 0x00000002/) && !w { w = t }
-        tid == new && w && /cmd: 0x8208ae63/ && !r { r = t }
-        tid == new && r && /sys_enter_write/ && /fd: 0x00000002/ && !l { l = t }
-        END { if (l) printf "%d %d %d\n", w - s0, r - w, l - r }
-    ' "$1"
-}
-
-# The slowest gaps between consecutive KVM ioctls of the new image in one trace.
-slowest_ioctls() {
-    awk -v pid="$pid" '
-        { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\.[0-9]+:$/) { t = substr($i, 1, length($i) - 1) * 1e6; break }
-          tid = ($1 ~ /^[0-9]+$/) ? $1 : $2 }
-        /sched_process_exec/ && $0 ~ ("pid=" pid " ") { x = 1; next }
-        !x || tid != pid || !/sys_enter_ioctl/ { next }
-        { match($0, /cmd: 0x[0-9a-f]+/); c = substr($0, RSTART + 5, RLENGTH - 5)
-          if (prev != "") printf "%d %s\n", t - pt, prev; prev = c; pt = t }
-    ' "$1" | sort -rn | head -4 | awk '
-        BEGIN {
-            name["0x0000ae01"] = "KVM_CREATE_VM"; name["0x0000ae60"] = "KVM_CREATE_IRQCHIP"
-            name["0x4040ae77"] = "KVM_CREATE_PIT2"; name["0x4020ae46"] = "KVM_SET_USER_MEMORY_REGION"
-            name["0x4020ae76"] = "KVM_IRQFD"; name["0x4008ae6a"] = "KVM_SET_GSI_ROUTING"
-            name["0x0000ae41"] = "KVM_CREATE_VCPU"; name["0x00005421"] = "FIONBIO (then RAM is mapped)"
-        }
-        { printf "%s%s %d us", sep, ($2 in name) ? name[$2] : $2, $1; sep = ", " }'
-}
-
-# Where the main thread of $pid sleeps during one exec's pause (from the state
-# memfd to the `resumed` log line): perf's sched_switch events with kernel call
-# chains; each switch-out is charged the time until the thread's next event, by
-# its first three kernel frames past the scheduler's own. Prints the top 4.
-blocking() {
-    local out=$dir/blocking.data
-    perf record -q -k mono -o "$out" -t "$pid" -i -g \
-        -e sched:sched_switch \
-        -e syscalls:sys_enter_memfd_create \
-        -e syscalls:sys_enter_write --filter 'fd == 2' \
-        -- "$molt" ctl "$sock" cpr-exec >/dev/null 2>"$out.err" || die "blocking trace: $(cat "$out.err")"
-    perf script -i "$out" -F tid,time,event,ip,sym 2>/dev/null | awk '
-        BEGIN { RS = ""; FS = "\n" }
-        {
-            split($1, h, " "); t = h[2]; sub(":", "", t); t *= 1e6
-            if (key != "") sum[key] += t - pt
-            key = ""; pt = t
-            if ($1 ~ /memfd_create/) { on = 1; next }
-            if ($1 ~ /sys_enter_write/ && on) { on = 0; done = 1 }
-            if (!on || done || $1 !~ /sched_switch/) next
-            n = 0
-            for (i = 2; i <= NF && n < 3; i++) {
-                split($i, b, " "); f = b[2]
-                if (f ~ /^(__schedule|schedule|schedule_timeout|schedule_hrtimeout_range_clock|__wait_for_common|wait_for_completion.*|\[unknown\])$/) continue
-                sub(/\.(part|isra|constprop)\.[0-9]+$/, "", f)
-                key = key (n ? " < " : "") f; n++
-            }
-        }
-        END { for (k in sum) printf "%d %s\n", sum[k], k }
-    ' | sort -rn | head -4 | awk '{ us = $1; $1 = ""; printf "  - %d us in%s\n", us, $0 }'
-}
-
-declare -A slowest blocked
-erows=() trows=()
-ends=$first
-if [[ $last != "$first" ]]; then
-    ends+=" $last"
-fi
-for size in $ends; do
-    boot "perf-exec-$size" "$size"
-    samples=() slow=
-    for ((i = 0; i < breakdown_runs; i++)); do
-        wait_counts $(($(counts) + 2))
-        reply=$(traced "$dir/perf-$i.data" "$pid" "$molt" ctl "$sock" cpr-exec)
-        seg=$(exec_segments "$dir/perf-$i.data.txt")
-        [[ -n $seg ]] || die "no exec markers in the trace $dir/perf-$i.data.txt"
-        samples+=("$(pause_of "$reply") $seg")
-        if [[ -z $slow ]]; then
-            slow=$(slowest_ioctls "$dir/perf-$i.data.txt") || true
-        fi
+    for size in ${sizes#"$first"}; do
+        series "$mode" "$size" 1
     done
-    wait_counts $(($(counts) + 2))
-    blocked[$size]=$(blocking) || true
-    shutdown
-    m=()
-    for col in 1 2 3 4 5 6; do
-        m[col]=$(median "$(printf '%s\n' "${samples[@]}" | awk -v c="$col" '{ print $c }' | tr '\n' ' ')")
-    done
-    erows+=("| $size | ${m[1]} | ${m[2]} | ${m[3]} | ${m[4]} | ${m[5]} | ${m[6]} |")
-    slowest[$size]=$slow
-
-    boot "perf-transfer-$size" "$size"
-    samples=()
-    for ((i = 0; i < breakdown_runs; i++)); do
-        wait_counts $(($(counts) + 2))
-        spawn_incoming
-        reply=$(traced "$dir/perf-$i.data" "$pid,$newpid" "$molt" ctl "$sock" cpr-transfer "$inpath")
-        wait "$pid" || true
-        seg=$(transfer_segments "$dir/perf-$i.data.txt")
-        [[ -n $seg ]] || die "no transfer markers in the trace $dir/perf-$i.data.txt"
-        samples+=("$(pause_of "$reply") $seg")
-        pid=$newpid log=$newlog pids=("$newpid")
-    done
-    shutdown
-    m=()
-    for col in 1 2 3 4; do
-        m[col]=$(median "$(printf '%s\n' "${samples[@]}" | awk -v c="$col" '{ print $c }' | tr '\n' ' ')")
-    done
-    trows+=("| $size | ${m[1]} | ${m[2]} | ${m[3]} | ${m[4]} |")
-done
-
-echo "### Where the pause goes (us, medians of $breakdown_runs traced updates)"
-echo
-echo "| exec, RAM | pause_us | save | execve | release (old VM destroyed) | startup | restore (new VM built) |"
-echo "|---|---|---|---|---|---|---|"
-printf '%s\n' "${erows[@]}"
-echo
-echo "| transfer, RAM | pause_us | save | handoff | restore |"
-echo "|---|---|---|---|---|"
-printf '%s\n' "${trows[@]}"
-echo
-for size in $ends; do
-    echo "Slowest gaps between the new image's KVM ioctls (exec, $size; the ioctl named took most of it):" \
-        "${slowest[$size]}"
+    echo "### $mode: pause, floor and phases (us; min / median / max of $runs updates)"
     echo
-    echo "Where molt's main thread sleeps during one exec's pause, $size (kernel stacks, innermost first):"
-    echo
-    echo "${blocked[$size]}"
+    table "$mode"
     echo
 done
-echo
-echo "$(uname -r); $(nproc) CPUs; counting guest, 1 vCPU; $(${molt} version)."
+echo "$(uname -r); $(nproc) CPUs; counting guest; $("$molt" version)."

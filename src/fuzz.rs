@@ -31,7 +31,7 @@ pub fn run(name: &str, data: &[u8]) -> Result<(), String> {
             let _ = exec::parse(data);
         }
         "transfer" => {
-            if let Ok(transfer::Msg::State { bytes, .. }) = transfer::decode(data) {
+            if let Ok((transfer::Msg::State { bytes, .. }, _)) = transfer::decode(data) {
                 decodes_to_itself(&bytes);
             }
         }

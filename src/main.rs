@@ -18,6 +18,7 @@ mod fuzz;
 mod kexec;
 mod layout;
 mod pci;
+mod phases;
 mod ratelimit;
 mod sync;
 mod terminal;
@@ -32,6 +33,8 @@ use bus::GuestExit;
 use event_loop::Outcome;
 
 fn main() -> ExitCode {
+    // An exec's pause goes on here: its `execve` phase ends now.
+    phases::note_process_start();
     log::set_logger(&LOGGER).expect("the only logger");
     log::set_max_level(log::LevelFilter::Info);
     let argv: Vec<String> = std::env::args().collect();
@@ -51,6 +54,15 @@ fn main() -> ExitCode {
             let _ = fuzz::run(&target, data);
         });
         return ExitCode::SUCCESS;
+    }
+    if words.first() == Some(&vm::floor::ARG) {
+        return match vm::floor::main(&argv[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("molt: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let molt = match <Molt as argh::FromArgs>::from_args(&["molt"], &words) {
         Ok(m) => m,

@@ -349,6 +349,18 @@ fn check_saved(reply: &str, state: &Path) {
         "cpr-save reply {reply:?}"
     );
     number(reply, "save_us");
+    assert_eq!(
+        phase_names(reply),
+        [
+            "stop",
+            "save_devices",
+            "save_vm",
+            "save_vcpus",
+            "encode",
+            "vcpu_save_max"
+        ],
+        "cpr-save reply {reply:?}"
+    );
     let meta = fs::metadata(state).unwrap_or_else(|e| panic!("stat {}: {e}", state.display()));
     assert_eq!(number(reply, "bytes"), meta.len(), "reply {reply:?}");
     assert_eq!(
@@ -404,6 +416,33 @@ fn check_resumed(g: &Guest, molt: &mut Molt, state: &Path, last_before: u32, vcp
         pause,
         "log {line:?} vs {status:?}"
     );
+    assert_eq!(
+        phase_names(line),
+        [
+            "startup",
+            "decode",
+            "map_ram",
+            "build",
+            "restore_devices",
+            "restore_vm",
+            "restore_vcpus",
+            "start",
+            "vcpu_restore_max"
+        ],
+        "{line:?}"
+    );
+}
+
+/// The phases a `phases=NAME:US,...` field lists, each checked to be in µs.
+fn phase_names(line: &str) -> Vec<&str> {
+    field(line, "phases")
+        .unwrap_or_else(|| panic!("no phases= in {line:?}"))
+        .split(',')
+        .map(|p| match p.split_once(':') {
+            Some((name, us)) if us.parse::<u64>().is_ok() => name,
+            _ => panic!("phase {p:?} is not NAME:US in {line:?}"),
+        })
+        .collect()
 }
 
 /// The last count line printed so far (the guest must have printed one).

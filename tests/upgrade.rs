@@ -151,21 +151,87 @@ fn script(dir: &TempDir, name: &str, body: &str) -> PathBuf {
 /// and returns U (which must not be 0: a pause is measured).
 fn check_resumed(reply: &str, mode: &str, version: &str) -> u64 {
     let words: Vec<&str> = reply.split(' ').collect();
-    let shape = words.len() == 5
+    let shape = words.len() == 6
         && words[0] == "ok"
         && words[1] == "resumed"
         && words[2] == format!("mode={mode}")
         && words[3].starts_with("pause_us=")
-        && words[4] == format!("version={version}");
+        && words[4] == format!("version={version}")
+        && words[5].starts_with("phases=");
     assert!(
         shape,
-        "want `ok resumed mode={mode} pause_us=U version={version}`, got {reply:?}"
+        "want `ok resumed mode={mode} pause_us=U version={version} phases=...`, got {reply:?}"
     );
     let pause: u64 = field(reply, "pause_us")
         .and_then(|u| u.parse().ok())
         .unwrap_or_else(|| panic!("pause_us is not a number in {reply:?}"));
     assert!(pause > 0, "a pause of 0 us was reported: {reply:?}");
+    check_phases(reply, mode, pause);
     pause
+}
+
+/// The reply's `phases=` lists, in order, the phases of both sides of a
+/// `mode` update, each in µs; those of the pause (after `stop`) add up to
+/// about its length.
+fn check_phases(reply: &str, mode: &str, pause: u64) {
+    let list = field(reply, "phases").unwrap_or_default();
+    let phases: Vec<(&str, u64)> = list
+        .split(',')
+        .map(|p| {
+            let (name, us) = p.split_once(':').unwrap_or((p, ""));
+            let us = us
+                .parse()
+                .unwrap_or_else(|_| panic!("phase {p:?} is not NAME:US in {reply:?}"));
+            (name, us)
+        })
+        .collect();
+    let names: Vec<&str> = phases.iter().map(|p| p.0).collect();
+    let want: &[&str] = match mode {
+        "exec" => &[
+            "stop",
+            "save_devices",
+            "save_vm",
+            "save_vcpus",
+            "encode",
+            "execve",
+            "startup",
+            "decode",
+            "map_ram",
+            "build",
+            "restore_devices",
+            "restore_vm",
+            "restore_vcpus",
+            "start",
+        ],
+        _ => &[
+            "stop",
+            "save_devices",
+            "save_vm",
+            "save_vcpus",
+            "encode",
+            "send",
+            "decode",
+            "restore_devices",
+            "restore_vm",
+            "restore_vcpus",
+            "ack",
+            "start",
+        ],
+    };
+    assert_eq!(names[..want.len()], want[..], "phases in {reply:?}");
+    assert_eq!(
+        names[want.len()..],
+        ["vcpu_save_max", "vcpu_restore_max"],
+        "{reply:?}"
+    );
+    let sum: u64 = phases[1..want.len()].iter().map(|p| p.1).sum();
+    // CLOCK_MONOTONIC marks against the CLOCK_REALTIME pause, each rounded
+    // down; the two clocks may drift apart by up to 0.05% (NTP's slew).
+    let slack = 200 + want.len() as u64 + pause / 2000;
+    assert!(
+        sum <= pause + slack && sum + slack >= pause,
+        "the phases add up to {sum} us, the pause was {pause} us: {reply:?}"
+    );
 }
 
 /// `reply` is `error: MODE: ...` and names what failed with each of `words`.
@@ -714,6 +780,35 @@ fn ten_updates_alternating_exec_and_transfer_with_two_vcpus() {
         assert_eq!(
             field(&status, "vcpus"),
             Some("2"),
+            "after update {i}: {status:?}"
+        );
+    }
+    let s = g.serial();
+    assert_eq!(s.start_lines(), 1, "the guest restarted: {:?}", s.lines);
+}
+
+/// Eight vCPUs, pre-built with their threads on the new side and saved and
+/// restored in parallel: each update's reply lists every phase, the guest
+/// runs on as one run.
+#[test]
+fn updates_with_eight_vcpus() {
+    if !kvm_available("updates_with_eight_vcpus") {
+        return;
+    }
+    let dir = TempDir::new("eight");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    let mut g = Guest::start(dir, &a, &["--cpus", "8"]);
+    for i in 0..4 {
+        if i % 2 == 0 {
+            g.exec(None, &version);
+        } else {
+            g.transfer(&a, &version);
+        }
+        let status = g.status();
+        assert_eq!(
+            field(&status, "vcpus"),
+            Some("8"),
             "after update {i}: {status:?}"
         );
     }

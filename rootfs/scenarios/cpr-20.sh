@@ -19,7 +19,8 @@
 # otherwise hide: with strict alternation each process lives through one
 # exec only).
 #
-# After each step: the reply is `ok resumed mode=M pause_us=U version=V` with
+# After each step: the reply is `ok resumed mode=M pause_us=U version=V
+# phases=...` with
 # the new version, `status` says running with that version and the right pid
 # (exec: the same; transfer: the new process, and the old one exited 0), and
 # the counter and the TCP connection moved on. After all of them: the counter
@@ -124,8 +125,8 @@ while [ $step -le $TOTAL ]; do
     pause=$(field pause_us "$reply")
     echo "LAB-INFO step $step: $mode $from -> $want: $reply (command ${cmd_ms} ms)"
     case $reply in
-    "ok resumed mode=$mode pause_us="*" version=$want") ok_reply=$((ok_reply + 1)) ;;
-    *) echo "LAB-CHECK-FAIL step${step}_reply: got '$reply', want 'ok resumed mode=$mode ... version=$want'" ;;
+    "ok resumed mode=$mode pause_us="*" version=$want phases="*) ok_reply=$((ok_reply + 1)) ;;
+    *) echo "LAB-CHECK-FAIL step${step}_reply: got '$reply', want 'ok resumed mode=$mode ... version=$want phases=...'" ;;
     esac
     if [ $mode = transfer ]; then
         case $reply in

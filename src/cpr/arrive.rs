@@ -15,9 +15,10 @@ use super::state::{self, CprState, RamLocation, RunState};
 use super::{exec, guardian, reboot, transfer, Error, VERSION};
 use crate::args::{Incoming, RunConfig};
 use crate::devices::serial::Output;
+use crate::phases::{self, Phases};
 use crate::vfio::{self, HandedOver, Sysfs};
 use crate::virtio::block::Identity;
-use crate::vm::host_cpu::HostCpu;
+use crate::vm::host_cpu::{HostCpu, Probe};
 use crate::vm::memory::GuestRam;
 use crate::vm::vcpu::ExitSink;
 use crate::vm::{self, Machine};
@@ -33,10 +34,9 @@ pub enum Received {
 
 /// A guest received and checked, not yet running here.
 pub enum Arrival {
-    File(FileIncoming),
-    /// Boxed: its header holds the whole descriptor table.
+    /// Each boxed: the exec header holds the whole descriptor table.
+    File(Box<FileIncoming>),
     Exec(Box<ExecIncoming>),
-    /// Boxed: it holds every handed-over descriptor.
     Transfer(Box<TransferIncoming>),
 }
 
@@ -45,6 +45,8 @@ pub struct Arrived {
     pub machine: Machine,
     /// Last vCPU stopped in the old process to the vCPUs running here.
     pub pause_us: u64,
+    /// Where the pause went (`Phases::summary`).
+    pub phases: String,
     /// Paused if the guest was paused when saved: its vCPUs wait for `resume`.
     pub run: RunState,
     /// The control socket, when it came with the guest.
@@ -64,7 +66,7 @@ pub struct Arrived {
 pub fn receive(cfg: &RunConfig, stop: RawFd) -> Result<Received, Error> {
     let arrival = match &cfg.incoming {
         None => return Ok(Received::Nothing),
-        Some(Incoming::File(path)) => Arrival::File(receive_file(cfg, path)?),
+        Some(Incoming::File(path)) => Arrival::File(Box::new(receive_file(cfg, path)?)),
         Some(Incoming::Fd(fd)) => Arrival::Exec(Box::new(receive_exec(cfg, *fd)?)),
         Some(Incoming::Unix(path)) => match receive_transfer(cfg, path, stop)? {
             Some(t) => Arrival::Transfer(Box::new(t)),
@@ -99,7 +101,7 @@ impl Arrival {
         exit: ExitSink,
     ) -> Result<Arrived, Error> {
         match self {
-            Arrival::File(inc) => resume_file(inc, cfg, console, exit),
+            Arrival::File(inc) => resume_file(*inc, cfg, console, exit),
             Arrival::Exec(inc) => resume_exec(*inc, cfg, console, exit),
             Arrival::Transfer(inc) => resume_transfer(*inc, cfg, console, exit),
         }
@@ -114,6 +116,8 @@ pub struct FileIncoming {
     /// The file after the state: the RAM section, or its end.
     rest: std::io::BufReader<File>,
     start: Instant,
+    phases: Phases,
+    probe: Probe,
 }
 
 /// Reboot mode, step 1: reads the state in `path` and checks it against argv,
@@ -122,6 +126,8 @@ pub struct FileIncoming {
 /// as they were, and the error says why.
 fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     let start = Instant::now();
+    let mut phases = Phases::begin_at(phases::process_start());
+    phases.mark("startup");
     let (state, mut rest) = reboot::load_state(path).map_err(Error::File)?;
     let diff = vm::Shape::argv_differences(cfg, &state.machine.shape);
     if !diff.is_empty() {
@@ -136,15 +142,21 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     check_disk_identities(cfg, &state.disks)?;
     check_vfio(cfg, &state.vfio, &Sysfs::host())?;
     // `Prepared::restore` checks again, for every mode; here it runs before
-    // RAM is mapped or loaded.
-    HostCpu::open()
-        .and_then(|host| host.check(state.machine.vcpus.iter().map(|v| &**v)))
+    // RAM is mapped or loaded. Its probe VM is released once the guest runs.
+    let probe = HostCpu::open()
+        .and_then(|(host, probe)| {
+            host.check(state.machine.vcpus.iter().map(|v| &**v))?;
+            Ok(probe)
+        })
         .map_err(|e| Error::HostCpu(path.into(), e))?;
+    phases.mark("decode");
     Ok(FileIncoming {
         path: path.into(),
         state: Box::new(state),
         rest,
         start,
+        phases,
+        probe,
     })
 }
 
@@ -160,6 +172,8 @@ fn resume_file(
         state,
         mut rest,
         start,
+        mut phases,
+        probe,
     } = inc;
     // 2. Guest RAM: the --mem-file as it is, or read back from the state file.
     let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
@@ -168,14 +182,18 @@ fn resume_file(
     }
     // 3. RAM kept in place must be the RAM that was saved.
     check_ram(&state, &ram)?;
+    phases.mark("map_ram");
     // 4. Rebuild the machine, restore it and run it (paused, if it was).
-    let machine = restore(cfg, &state, ram, None, console, exit, || {})?;
-    let arrived = arrived(machine, &state, None, None);
+    let machine = restore(cfg, &state, ram, None, (console, exit), &mut phases, || {})?;
+    // 5. The guest runs: KVM tears the probe VM down off the main thread.
+    probe.release();
+    let arrived = arrived(machine, &state, &phases, None, None);
     log::info!(
-        "resumed from {}: restore_us={} pause_us={}",
+        "resumed from {}: restore_us={} pause_us={} phases={}",
         path.display(),
         start.elapsed().as_micros(),
-        arrived.pause_us
+        arrived.pause_us,
+        arrived.phases
     );
     Ok(arrived)
 }
@@ -194,12 +212,28 @@ pub struct ExecIncoming {
     pub(super) header: exec::ExecHeader,
     pub(super) state: Box<CprState>,
     pub(super) adopted: Adopted,
+    /// The pause so far: the old image's marks, if they came, then this one's.
+    pub(super) phases: Phases,
 }
 
 /// Exec mode, step 1: reads the exec message in `fd` and adopts the
 /// descriptors it names.
 fn receive_exec(cfg: &RunConfig, fd: RawFd) -> Result<ExecIncoming, Error> {
+    let started = phases::process_start();
+    let old = std::env::var(phases::ENV)
+        .ok()
+        .and_then(|t| Phases::decode(&t, started));
+    let mut phases = match old {
+        Some(old) => {
+            let mut here = Phases::begin_at(old.last());
+            here.mark_at("execve", started);
+            old.then(here)
+        }
+        None => Phases::begin_at(started),
+    };
+    phases.mark("startup");
     let (header, state) = exec::receive(fd).map_err(Error::Exec)?;
+    phases.mark("decode");
     let adopted = fds::adopt(&header.table.kinds, &header.table.numbers, counts(cfg))
         .map_err(Error::Adopt)?;
     super::fault::point("adopted");
@@ -207,6 +241,7 @@ fn receive_exec(cfg: &RunConfig, fd: RawFd) -> Result<ExecIncoming, Error> {
         header,
         state: Box::new(state),
         adopted,
+        phases,
     })
 }
 
@@ -228,10 +263,12 @@ fn resume_exec(
     // No other process can run the guest: mappings a failed image took are
     // taken back (a rollback).
     inc.adopted.vfio.take_back = true;
+    let mut phases = inc.phases.clone();
     let resumed = adopted_config(cfg, &inc.adopted).and_then(|(cfg, ram, vfio)| {
         check_ram(&inc.state, &ram)?;
+        phases.mark("map_ram");
         let line = &mut inc.adopted.guardian;
-        restore(&cfg, &inc.state, ram, vfio, console, exit, || {
+        restore(&cfg, &inc.state, ram, vfio, (console, exit), &mut phases, || {
             if let Some(line) = line.take() {
                 guardian::release(line);
             }
@@ -259,12 +296,19 @@ fn resume_exec(
         format!("the new binary could not resume the guest ({why}); it runs on the previous binary")
     });
     let a = &mut inc.adopted;
-    let mut arrived = arrived(machine, &inc.state, a.listener.take(), a.client.take());
+    let mut arrived = arrived(
+        machine,
+        &inc.state,
+        &phases,
+        a.listener.take(),
+        a.client.take(),
+    );
     arrived.watchers = std::mem::take(&mut a.watchers);
     log::info!(
-        "resumed after exec: restore_us={} pause_us={}",
+        "resumed after exec: restore_us={} pause_us={} phases={}",
         start.elapsed().as_micros(),
-        arrived.pause_us
+        arrived.pause_us,
+        arrived.phases
     );
     Ok(match failure {
         None => arrived.replying("exec"),
@@ -296,6 +340,7 @@ pub(super) fn rollback(inc: &ExecIncoming, why: &str) -> Error {
         &inc.state,
         &Handover::of(&inc.adopted).slots(),
         header,
+        None,
         None,
     ))
 }
@@ -344,26 +389,31 @@ fn resume_transfer(
     // 2. Map RAM and build the VM and devices while the old process still
     //    runs the guest.
     let prepared = adopted_config(cfg, &t.adopted).and_then(|(cfg, ram, vfio)| {
-        vm::Machine::prepare(&cfg, ram, console, vfio).map_err(Error::Vm)
+        vm::Machine::prepare(&cfg, ram, console, vfio, exit, true).map_err(Error::Vm)
     });
     // 3. READY; the old process pauses the guest and sends STATE.
     // 4. Decode, check and restore it (the vCPUs do not run yet).
     let loaded = prepared.and_then(|prepared| {
-        let (bytes, max_pause) = t.link.ready().map_err(Error::Transfer)?;
+        let (bytes, max_pause, old) = t.link.ready().map_err(Error::Transfer)?;
         super::fault::point("state");
         let start = Instant::now();
+        let mut phases = old.unwrap_or_else(Phases::begin);
         let state = state::decode(&bytes).map_err(Error::StateDecode)?;
-        let restored = prepared.restore(&state.machine).map_err(Error::Vm)?;
+        phases.mark("decode");
+        let restored = prepared
+            .restore(&state.machine, &mut phases)
+            .map_err(Error::Vm)?;
         log_vfio(&restored);
-        Ok((restored, state, start, max_pause))
+        Ok((restored, state, start, max_pause, phases))
     });
     // 5. RESTORED, then wait for GO: without it nothing runs, and a failure,
     //    a signal or silence ends it here (FAIL tells the old process why).
-    let go = loaded.and_then(|(restored, state, start, max_pause)| {
+    let go = loaded.and_then(|(restored, state, start, max_pause, mut phases)| {
         t.link.restored(max_pause).map_err(Error::Transfer)?;
-        Ok((restored, state, start))
+        phases.mark("ack");
+        Ok((restored, state, start, phases))
     });
-    let (restored, state, start) = match go {
+    let (restored, state, start, mut phases) = match go {
         Ok(r) => r,
         Err(e) => {
             t.link.fail(&e.to_string());
@@ -371,14 +421,15 @@ fn resume_transfer(
         }
     };
     // 6. Run the vCPUs (unless the guest was paused or suspended): the pause ends.
-    let machine = run_vcpus(restored, exit, state.run)?;
+    let machine = run_vcpus(restored, state.run, &mut phases)?;
     let a = &mut t.adopted;
-    let mut arrived = arrived(machine, &state, a.listener.take(), a.client.take());
+    let mut arrived = arrived(machine, &state, &phases, a.listener.take(), a.client.take());
     arrived.watchers = std::mem::take(&mut a.watchers);
     log::info!(
-        "resumed after transfer: restore_us={} pause_us={}",
+        "resumed after transfer: restore_us={} pause_us={} phases={}",
         start.elapsed().as_micros(),
-        arrived.pause_us
+        arrived.pause_us,
+        arrived.phases
     );
     Ok(arrived.replying("transfer"))
 }
@@ -386,12 +437,20 @@ fn resume_transfer(
 fn arrived(
     machine: Machine,
     state: &CprState,
+    phases: &Phases,
     listener: Option<OwnedFd>,
     client: Option<OwnedFd>,
 ) -> Arrived {
+    // The pause ended at the last mark (the vCPUs let run): what ran here
+    // since is not part of it.
+    let since = phases::now().saturating_sub(phases.last());
     Arrived {
         machine,
-        pause_us: super::now_ns().saturating_sub(state.stopped_at_ns) / 1000,
+        pause_us: super::now_ns()
+            .saturating_sub(state.stopped_at_ns)
+            .saturating_sub(since)
+            / 1000,
+        phases: phases.summary(),
         run: state.run,
         listener,
         greeting: client.map(|c| (c, String::new())),
@@ -406,8 +465,8 @@ impl Arrived {
     /// update in `mode`.
     fn replying(self, mode: &str) -> Arrived {
         let reply = format!(
-            "ok resumed mode={mode} pause_us={} version={VERSION}",
-            self.pause_us
+            "ok resumed mode={mode} pause_us={} version={VERSION} phases={}",
+            self.pause_us, self.phases
         );
         let detail = format!(
             "mode={mode} pause_us={} from={} to={VERSION}",
@@ -532,16 +591,19 @@ fn restore(
     state: &CprState,
     ram: GuestRam,
     vfio: Option<HandedOver>,
-    console: Output,
-    exit: ExitSink,
+    (console, exit): (Output, ExitSink),
+    phases: &mut Phases,
     before_start: impl FnOnce(),
 ) -> Result<Machine, Error> {
-    let restored = Machine::prepare(cfg, ram, console, vfio)
-        .and_then(|p| p.restore(&state.machine))
+    let restored = Machine::prepare(cfg, ram, console, vfio, exit, false)
+        .and_then(|p| {
+            phases.mark("build");
+            p.restore(&state.machine, phases)
+        })
         .map_err(Error::Vm)?;
     log_vfio(&restored);
     before_start();
-    run_vcpus(restored, exit, state.run)
+    run_vcpus(restored, state.run, phases)
 }
 
 /// The VFIO part of the pause on this side, for the log (and `bench`).
@@ -557,10 +619,8 @@ fn log_vfio(restored: &vm::Restored) {
 
 /// Runs the vCPUs of a restored machine, or leaves them parked if the guest
 /// was paused or suspended.
-fn run_vcpus(restored: vm::Restored, exit: ExitSink, run: RunState) -> Result<Machine, Error> {
-    let mut machine = restored
-        .start(exit, run != RunState::Running)
-        .map_err(Error::Vm)?;
+fn run_vcpus(restored: vm::Restored, run: RunState, phases: &mut Phases) -> Result<Machine, Error> {
+    let mut machine = restored.start(run != RunState::Running, phases);
     if run == RunState::Suspended {
         machine.suspend().map_err(Error::Vm)?;
     }

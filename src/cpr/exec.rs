@@ -11,7 +11,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::fds::{set_cloexec, FdKind, FdTable};
 use super::guardian::{self, Guardian};
 use super::state::{self, CprState};
+use crate::phases::{self, Phases};
 
 /// What travels with the state in the memfd.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,7 +120,8 @@ pub enum Target<'a> {
 }
 
 /// Execs `binary` with `argv` (argv[0] first) plus `--incoming fd:N`, handing
-/// over `fds`; `guardian`, if any, gets the state memfd first. Returns only on
+/// over `fds`; `guardian`, if any, gets the state memfd first. `phases`, if
+/// any, are marked and go in the environment (`phases::ENV`). Returns only on
 /// failure, with every descriptor's CLOEXEC restored: the caller then resumes
 /// the guest as if nothing happened.
 pub fn exec(
@@ -129,6 +131,7 @@ pub fn exec(
     fds: &[(FdKind, RawFd)],
     mut header: ExecHeader,
     guardian: Option<&Guardian>,
+    phases: Option<&mut Phases>,
 ) -> Error {
     header.table = FdTable {
         kinds: fds.iter().map(|f| f.0).collect(),
@@ -171,21 +174,21 @@ pub fn exec(
     }
     let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
     ptrs.push(std::ptr::null());
-    extern "C" {
-        static environ: *const *const libc::c_char;
-    }
-    // SAFETY: cbin and every argv string are NUL-terminated and outlive the call;
-    // ptrs is NULL-terminated; environ is the process's own environment; with
-    // AT_EMPTY_PATH an empty path names the descriptor itself.
+    let env = environment(phases);
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|c| c.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: cbin, every argv and environment string are NUL-terminated and
+    // outlive the call; ptrs and envp are NULL-terminated; with AT_EMPTY_PATH
+    // an empty path names the descriptor itself.
     unsafe {
         match binary {
-            Target::Path(_) => libc::execv(cbin.as_ptr(), ptrs.as_ptr()),
+            Target::Path(_) => libc::execve(cbin.as_ptr(), ptrs.as_ptr(), envp.as_ptr()),
             Target::Fd(fd) => libc::syscall(
                 libc::SYS_execveat,
                 fd,
                 cbin.as_ptr(),
                 ptrs.as_ptr(),
-                environ,
+                envp.as_ptr(),
                 libc::AT_EMPTY_PATH,
             ) as i32,
         }
@@ -195,6 +198,26 @@ pub fn exec(
         let _ = set_cloexec(fd, true);
     }
     Error::Exec(name, err)
+}
+
+/// This process's environment for the next image: without the marks an
+/// earlier exec left in it, with `phases` (marked as done now) if given.
+fn environment(phases: Option<&mut Phases>) -> Vec<CString> {
+    let prefix = format!("{}=", phases::ENV);
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k.as_bytes() != phases::ENV.as_bytes())
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    if let Some(p) = phases {
+        p.mark("encode");
+        env.extend(CString::new(prefix + &p.encode()));
+    }
+    env
 }
 
 /// Removes `--incoming X` / `--incoming=X` from an argv.

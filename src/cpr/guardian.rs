@@ -41,6 +41,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::arrive::{rollback, ExecIncoming};
 use super::exec;
 use super::fds::{self, set_cloexec, FdKind, MAX_FDS};
+use crate::phases::Phases;
 
 /// argv[1] of the guardian (not a user command).
 pub const ARG: &str = "__guardian";
@@ -229,6 +230,7 @@ pub fn main(args: &[String]) -> ExitCode {
                 header,
                 state: Box::new(state),
                 adopted: held.adopted,
+                phases: Phases::begin(),
             };
             rollback(&inc, &why)
         });

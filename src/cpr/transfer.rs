@@ -43,6 +43,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::fds::{FdKind, MAX_FDS};
 use super::state;
 use super::wait::{self, human, Stop};
+use crate::phases::{self, Phases};
 
 /// How long the new side waits for a connection's HELLO. A real old side sends
 /// it as it connects; connections are served one at a time, so a silent one
@@ -92,9 +93,10 @@ pub(crate) enum Msg {
     Fail(String),
 }
 
-/// A message's body as the other side sent it.
-pub(crate) fn decode(body: &[u8]) -> Result<Msg, String> {
-    postcard::from_bytes(body).map_err(|e| e.to_string())
+/// A message's body as the other side sent it, and the bytes after it (a
+/// STATE frame's trailer: the old side's pause marks).
+pub(crate) fn decode(body: &[u8]) -> Result<(Msg, &[u8]), String> {
+    postcard::take_from_bytes(body).map_err(|e| e.to_string())
 }
 
 impl Msg {
@@ -178,13 +180,20 @@ impl Deadline {
 struct Link {
     s: UnixStream,
     stop: RawFd,
+    /// What followed the last message in its frame: nothing, or a STATE's
+    /// pause marks (`Phases::encode`). Older molts ignore such a trailer.
+    trailer: Vec<u8>,
 }
 
 impl Link {
     fn new(s: UnixStream, stop: RawFd) -> Result<Self, Error> {
         s.set_nonblocking(true)
             .map_err(|e| Error::Io("set up the connection", e))?;
-        Ok(Link { s, stop })
+        Ok(Link {
+            s,
+            stop,
+            trailer: Vec::new(),
+        })
     }
 
     fn wait(&self, events: i16, step: &'static str, d: Deadline) -> Result<(), Error> {
@@ -291,7 +300,9 @@ impl Link {
         }
         let mut body = vec![0u8; len];
         self.read_exact(&mut body, step, d)?;
-        match decode(&body).map_err(|e| Error::Protocol(step, e))? {
+        let (msg, rest) = decode(&body).map_err(|e| Error::Protocol(step, e))?;
+        self.trailer = rest.to_vec();
+        match msg {
             Msg::Fail(why) => Err(Error::Refused(why)),
             m => Ok(m),
         }
@@ -482,11 +493,13 @@ impl Outgoing {
         }
     }
 
-    /// Sends the state of the (now paused) guest and waits for RESTORED, both
-    /// within `max_pause`. `stop` (the signalfd) aborts the wait.
+    /// Sends the state of the (now paused) guest, with the pause's `phases`
+    /// so far after it in the frame, and waits for RESTORED, both within
+    /// `max_pause`. `stop` (the signalfd) aborts the wait.
     pub fn send_state(
         &mut self,
         bytes: Vec<u8>,
+        phases: &Phases,
         max_pause: Duration,
         stop: RawFd,
     ) -> Result<(), Error> {
@@ -496,7 +509,16 @@ impl Outgoing {
             max_pause_ms: max_pause.as_millis() as u32,
             bytes,
         };
-        self.link.send(&msg, false, d)?;
+        let step = msg.sending();
+        let mut frame = frame(&msg, false).map_err(|e| Error::Protocol(step, e))?;
+        let trailer = phases.encode();
+        let len = frame.len() - 4 + trailer.len();
+        // Only within what any receiver takes (a state near the largest goes without).
+        if len <= MAX_STATE {
+            frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
+            frame.extend_from_slice(trailer.as_bytes());
+        }
+        self.link.write_all(&frame, step, d)?;
         let step = "waiting for RESTORED (the guest is paused)";
         match self.link.recv(step, false, MAX_SMALL, d)? {
             Msg::Restored => Ok(()),
@@ -620,9 +642,10 @@ fn receive_fds(link: &mut Link) -> Result<(Vec<FdKind>, Vec<OwnedFd>), Error> {
 }
 
 impl Incoming {
-    /// Tells the old side everything is prepared; returns the state it sends
-    /// and how long it will keep the guest paused.
-    pub fn ready(&mut self) -> Result<(Vec<u8>, Duration), Error> {
+    /// Tells the old side everything is prepared; returns the state it sends,
+    /// how long it will keep the guest paused, and the pause's phases so far
+    /// (the old side's, marked up to the STATE read here).
+    pub fn ready(&mut self) -> Result<(Vec<u8>, Duration, Option<Phases>), Error> {
         self.link
             .send(&Msg::Ready, false, Deadline::after(HANDSHAKE_TIMEOUT))?;
         let step = "waiting for STATE";
@@ -633,7 +656,18 @@ impl Incoming {
             Msg::State {
                 max_pause_ms,
                 bytes,
-            } => Ok((bytes, Duration::from_millis(max_pause_ms.into()))),
+            } => {
+                let got = phases::now();
+                let old = std::str::from_utf8(&self.link.trailer)
+                    .ok()
+                    .and_then(|t| Phases::decode(t, got));
+                let phases = old.map(|old| {
+                    let mut here = Phases::begin_at(old.last());
+                    here.mark_at("send", got);
+                    old.then(here)
+                });
+                Ok((bytes, Duration::from_millis(max_pause_ms.into()), phases))
+            }
             m => Err(unexpected(step, "STATE", &m)),
         }
     }

@@ -20,6 +20,7 @@ use super::state::{self, CprState, RamLocation, RunState};
 use super::transfer::Outgoing;
 use super::worker::Worker;
 use super::{exec, now_ns, reboot, transfer, Error};
+use crate::phases::Phases;
 use crate::terminal::RawMode;
 use crate::vfio::Bdf;
 use crate::virtio::block::Identity;
@@ -102,8 +103,10 @@ impl Source<'_> {
     }
 
     /// Stops the vCPUs unless the user had: the pause starts. Returns when it
-    /// started (CLOCK_REALTIME, shared with the next process).
-    fn pause(&self) -> Result<u64, Error> {
+    /// started (CLOCK_REALTIME, shared with the next process), and the
+    /// update's phases from the first kick on.
+    fn pause(&self) -> Result<(u64, Phases), Error> {
+        let mut phases = Phases::begin();
         if self.run == RunState::Running {
             if let Err(e) = self.machine.vcpus.pause() {
                 // Whatever did stop runs again.
@@ -111,7 +114,8 @@ impl Source<'_> {
                 return Err(Error::Pause(e));
             }
         }
-        Ok(now_ns())
+        phases.mark("stop");
+        Ok((now_ns(), phases))
     }
 
     /// The update failed: the guest runs on here, as it did before.
@@ -122,7 +126,12 @@ impl Source<'_> {
     }
 
     /// Everything needed to resume the paused machine.
-    fn snapshot(&self, ram: RamLocation, stopped_at_ns: u64) -> Result<CprState, Error> {
+    fn snapshot(
+        &self,
+        ram: RamLocation,
+        stopped_at_ns: u64,
+        phases: &mut Phases,
+    ) -> Result<CprState, Error> {
         let mut disks = heapless::Vec::new();
         for (i, fd) in self.machine.backends().disks.into_iter().enumerate() {
             // SAFETY: the disk's own open descriptor, borrowed for this call
@@ -143,7 +152,7 @@ impl Source<'_> {
             writer: heapless::String::try_from(super::VERSION).unwrap_or_default(),
             ram,
             stopped_at_ns,
-            machine: self.machine.save().map_err(Error::Vm)?,
+            machine: self.machine.save(phases).map_err(Error::Vm)?,
             run: self.run,
             disks,
             vfio,
@@ -292,7 +301,7 @@ fn save(src: &mut Source, path: &Path) -> Done {
     }
     // 2. Pause.
     let start = Instant::now();
-    let stopped_at_ns = match src.pause() {
+    let (stopped_at_ns, mut phases) = match src.pause() {
         Ok(t) => t,
         Err(e) => return Done::failed(what, e),
     };
@@ -304,8 +313,9 @@ fn save(src: &mut Source, path: &Path) -> Done {
         RamLocation::InStateFile
     };
     let written = src
-        .snapshot(ram, stopped_at_ns)
+        .snapshot(ram, stopped_at_ns, &mut phases)
         .and_then(|state| reboot::save(path, &state, &src.machine.ram).map_err(Error::File));
+    phases.mark("encode");
     let bytes = match written {
         Ok(bytes) => bytes,
         Err(e) => {
@@ -323,8 +333,9 @@ fn save(src: &mut Source, path: &Path) -> Done {
     );
     Done {
         reply: format!(
-            "ok saved path={} bytes={bytes} save_us={save_us}",
-            path.display()
+            "ok saved path={} bytes={bytes} save_us={save_us} phases={}",
+            path.display(),
+            phases.summary()
         ),
         ended: Some(Ended::Saved),
     }
@@ -354,7 +365,7 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
                 Err(e) => return Done::failed(what, e),
             };
             // 3. Pause.
-            let stopped_at_ns = match src.pause() {
+            let (stopped_at_ns, mut phases) = match src.pause() {
                 Ok(t) => t,
                 Err(e) => {
                     guardian.release();
@@ -374,7 +385,14 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
             //    descriptors, with this image's own (for a rollback), the
             //    guardian's line and the KVM descriptors (closed by the new
             //    image once the guest runs). Returns only if that failed.
-            let err = exec_out(src, &mut handover, &binary, &argv, stopped_at_ns, &guardian);
+            let err = exec_out(
+                src,
+                &mut handover,
+                (&binary, &argv),
+                stopped_at_ns,
+                &mut phases,
+                &guardian,
+            );
             // 6. It failed: the guardian leaves and the guest runs on here,
             //    with its passed-through devices.
             guardian.release();
@@ -392,12 +410,12 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
 fn exec_out(
     src: &Source,
     handover: &mut Handover,
-    binary: &Path,
-    argv: &[String],
+    (binary, argv): (&Path, &[String]),
     stopped_at_ns: u64,
+    phases: &mut Phases,
     guardian: &Guardian,
 ) -> Error {
-    let state = match src.snapshot(src.in_place(), stopped_at_ns) {
+    let state = match src.snapshot(src.in_place(), stopped_at_ns, phases) {
         Ok(s) => s,
         Err(e) => return e,
     };
@@ -423,6 +441,7 @@ fn exec_out(
         &handover.slots(),
         header,
         Some(guardian),
+        Some(phases),
     ))
 }
 
@@ -457,7 +476,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 Err(e) => return Done::failed(what, e),
             };
             // 4. Pause.
-            let stopped_at_ns = match src.pause() {
+            let (stopped_at_ns, mut phases) = match src.pause() {
                 Ok(t) => t,
                 Err(e) => {
                     out.fail(&e.to_string());
@@ -474,10 +493,11 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 return Done::failed(what, e);
             }
             let sent = src
-                .snapshot(src.in_place(), stopped_at_ns)
+                .snapshot(src.in_place(), stopped_at_ns, &mut phases)
                 .and_then(|s| state::encode(&s).map_err(Error::StateEncode))
                 .and_then(|bytes| {
-                    out.send_state(bytes, max_pause, src.signals)
+                    phases.mark("encode");
+                    out.send_state(bytes, &phases, max_pause, src.signals)
                         .map_err(Error::Transfer)
                 });
             if let Err(e) = sent {

@@ -189,7 +189,12 @@ impl GuestRam {
 
     /// CRC32 of a fixed sample of guest pages: the zero page and the kernel's
     /// first page (both always written at boot) and 62 pages spread evenly.
+    /// Read through the file, not the mapping, where the file allows it: a
+    /// page this process has not touched is not faulted into its page tables
+    /// (about 3 µs each under a paravirtual KVM), which would all fall inside
+    /// an update's pause.
     pub fn sample_crc(&self) -> u32 {
+        use std::os::unix::fs::FileExt;
         const PAGE: usize = 4096;
         let size = self.size();
         let stride = (size / 62).max(PAGE as u64) & !(PAGE as u64 - 1);
@@ -200,7 +205,10 @@ impl GuestRam {
         let mut page = [0u8; PAGE];
         for off in offsets.filter(|&o| o + PAGE as u64 <= size) {
             if let Some(addr) = self.guest_addr(off) {
-                if self.memory.read_slice(&mut page, addr).is_ok() {
+                // A device (/dev/dax) may not be read(2)able: then the mapping.
+                if self.file().read_exact_at(&mut page, off).is_ok()
+                    || self.memory.read_slice(&mut page, addr).is_ok()
+                {
                     crc.update(&page);
                 }
             }

@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod devices;
+pub mod floor;
 pub mod host_cpu;
 pub mod kvm;
 pub mod memory;
@@ -33,6 +34,7 @@ use crate::layout::{
     SERIAL_IRQ,
 };
 use crate::pci::Allocator;
+use crate::phases::Phases;
 use crate::sync::lock;
 use crate::vfio::device::VfioStateV1;
 use crate::vfio::{self, HandedOver, Handles, Iommu, RawHandles, Sysfs};
@@ -42,7 +44,7 @@ use host_cpu::HostCpu;
 use kvm::{GsiRoutes, VmState};
 use memory::GuestRam;
 use vcpu::{ExitSink, Vcpus};
-use vcpu_state::{SaveSpec, VcpuState};
+use vcpu_state::{CpuidEntry, SaveSpec, VcpuState};
 
 /// Most virtio devices a machine has.
 pub const MAX_DEVICES: usize = MAX_DISKS + MAX_NICS;
@@ -305,21 +307,26 @@ pub struct Machine {
     allocator: Allocator,
     _routes: Arc<GsiRoutes>,
     vm: Arc<VmFd>,
-    kvm: Kvm,
+    _kvm: Kvm,
+    /// What a save reads of each vCPU, asked of KVM once, not in the pause.
+    save_spec: Arc<SaveSpec>,
 }
 
-/// A machine built but not yet holding a saved state: its vCPUs exist, and
-/// what this host's KVM offers them is known.
+/// A machine built but not yet holding a saved state: its vCPUs exist, each
+/// with its thread, parked before it ever runs, and what this host's KVM
+/// offers them is known.
 pub struct Prepared {
     parts: Parts,
-    fds: Vec<VcpuFd>,
+    vcpus: Vcpus,
+    /// The CPUID each vCPU answers with, set from argv and this host's KVM.
+    cpuids: Vec<Vec<CpuidEntry>>,
     host: HostCpu,
 }
 
 /// A machine holding a saved state, its vCPUs not yet running.
 pub struct Restored {
     parts: Parts,
-    fds: Vec<VcpuFd>,
+    vcpus: Vcpus,
     /// With adopted passed-through devices: what their part took.
     pub vfio_times: Option<VfioTimes>,
 }
@@ -327,12 +334,17 @@ pub struct Restored {
 impl Prepared {
     /// Loads `state`: the reverse of `save`, devices first (raising their pending
     /// interrupts again), then the VM's interrupt controllers and clock, then the
-    /// vCPUs. Refuses a state of another shape, listing the differences, and one
-    /// whose vCPUs need what this host's KVM lacks, naming it, before any of it
-    /// is loaded.
-    pub fn restore(self, state: &MachineState) -> Result<Restored, Error> {
-        let Prepared { parts, fds, host } = self;
-        let diff = parts.shape(fds.len() as u8).differences(&state.shape);
+    /// vCPUs, each on its own thread, all at once. Refuses a state of another
+    /// shape, listing the differences, and one whose vCPUs need what this
+    /// host's KVM lacks, naming it, before any of it is loaded.
+    pub fn restore(self, state: &MachineState, phases: &mut Phases) -> Result<Restored, Error> {
+        let Prepared {
+            parts,
+            vcpus,
+            cpuids,
+            host,
+        } = self;
+        let diff = parts.shape(vcpus.count() as u8).differences(&state.shape);
         if !diff.is_empty() {
             return Err(Error::Shape(diff));
         }
@@ -385,10 +397,22 @@ impl Prepared {
         for (i, (dev, saved)) in parts.virtio.iter().zip(&state.virtio).enumerate() {
             lock(dev).restore(saved).map_err(|e| Error::Device(i, e))?;
         }
+        phases.mark("restore_devices");
         kvm::restore_vm(&parts.vm, &state.vm).map_err(Error::Kvm)?;
-        for (i, (fd, saved)) in fds.iter().zip(&state.vcpus).enumerate() {
-            vcpu::restore(fd, i as u8, saved, host.xsave_words()).map_err(Error::Vcpu)?;
-        }
+        phases.mark("restore_vm");
+        // The CPUID was set before the pause: it is set again only if the
+        // guest's differs (saved under another host kernel or KVM).
+        let cpuid_set: Vec<bool> = state
+            .vcpus
+            .iter()
+            .zip(&cpuids)
+            .map(|(v, set)| !set.is_empty() && vcpu_state::cpuid_matches(&v.cpuid, set))
+            .collect();
+        let took = vcpus
+            .restore(&state.vcpus, host.xsave_words(), &cpuid_set)
+            .map_err(Error::Vcpu)?;
+        phases.mark("restore_vcpus");
+        phases.slowest("vcpu_restore_max", took);
         // Interrupts that arrived while no VM listened wait in the eventfds:
         // binding them as this VM's irqfds delivers them, into the restored
         // interrupt controllers.
@@ -399,17 +423,22 @@ impl Prepared {
         }
         Ok(Restored {
             parts,
-            fds,
+            vcpus,
             vfio_times: times,
         })
     }
 }
 
 impl Restored {
-    /// Runs the vCPUs: the guest's pause ends here. With `paused`, the vCPU
-    /// threads start parked, as a guest the user had paused: `resume` runs them.
-    pub fn start(self, exit: ExitSink, paused: bool) -> Result<Machine, Error> {
-        self.parts.start(self.fds, exit, paused)
+    /// Runs the vCPUs: the guest's pause ends here, as the first one is let
+    /// run (the `start` mark, just before). With `paused`, they stay parked,
+    /// as a guest the user had paused: `resume` runs them.
+    pub fn start(self, paused: bool, phases: &mut Phases) -> Machine {
+        phases.mark("start");
+        if !paused {
+            self.vcpus.resume();
+        }
+        self.parts.into_machine(self.vcpus)
     }
 }
 
@@ -431,6 +460,7 @@ struct Parts {
     /// (`HandedOver::take_back`).
     vfio_take_back: bool,
     allocator: Allocator,
+    save_spec: Arc<SaveSpec>,
 }
 
 impl Parts {
@@ -460,6 +490,10 @@ impl Parts {
             })?;
         }
         let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
+        let save_spec = Arc::new(SaveSpec {
+            msr_indices: host_cpu::msr_indices(&kvm).map_err(Error::HostCpu)?,
+            xsave_words: host_cpu::xsave_words(&kvm),
+        });
         let vm = Arc::new(vm);
         let serial_irq = kvm::irq_eventfd(&vm, SERIAL_IRQ).map_err(Error::Kvm)?;
         let routes = Arc::new(GsiRoutes::new(vm.clone()));
@@ -489,6 +523,7 @@ impl Parts {
             vfio_adopted: adopted,
             vfio_take_back: take_back,
             allocator: built.allocator,
+            save_spec,
         })
     }
 
@@ -524,23 +559,37 @@ impl Parts {
         }
     }
 
-    /// vCPUs 0..`count`, with the CPUID KVM offers; see `vcpu::create`.
+    /// vCPUs 0..`count`, with the CPUID KVM offers, and that CPUID; see
+    /// `vcpu::create`. For a restore (no `entry`), only the first `with_cpuid`
+    /// get it; the others are bare (`vcpu::create_bare`) and report none.
     fn create_vcpus(
         &self,
         supported: &CpuId,
         count: u8,
         entry: Option<Entry>,
-    ) -> Result<Vec<VcpuFd>, Error> {
+        with_cpuid: u8,
+    ) -> Result<(Vec<VcpuFd>, Vec<Vec<CpuidEntry>>), Error> {
         (0..count)
-            .map(|i| vcpu::create(supported, &self.vm, &self.ram.memory, i, count, entry))
+            .map(|i| {
+                if entry.is_some() || i < with_cpuid {
+                    vcpu::create(supported, &self.vm, &self.ram.memory, i, count, entry)
+                } else {
+                    vcpu::create_bare(&self.vm, i).map(|fd| (fd, Vec::new()))
+                }
+            })
             .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.into_iter().unzip())
             .map_err(Error::Vcpu)
     }
 
-    fn start(self, fds: Vec<VcpuFd>, exit: ExitSink, paused: bool) -> Result<Machine, Error> {
-        let shape = self.shape(fds.len() as u8);
-        let vcpus = Vcpus::start(fds, self.bus.clone(), exit, paused).map_err(Error::Vcpu)?;
-        Ok(Machine {
+    fn start(self, fds: Vec<VcpuFd>, exit: ExitSink) -> Result<Machine, Error> {
+        let vcpus = Vcpus::start(fds, self.bus.clone(), exit, false).map_err(Error::Vcpu)?;
+        Ok(self.into_machine(vcpus))
+    }
+
+    fn into_machine(self, vcpus: Vcpus) -> Machine {
+        let shape = self.shape(vcpus.count() as u8);
+        Machine {
             shape,
             vcpus,
             suspended: false,
@@ -553,8 +602,9 @@ impl Parts {
             allocator: self.allocator,
             _routes: self.routes,
             vm: self.vm,
-            kvm: self.kvm,
-        })
+            _kvm: self.kvm,
+            save_spec: self.save_spec,
+        }
     }
 }
 
@@ -571,13 +621,17 @@ impl Machine {
         };
         let entry = boot::load(&parts.ram.memory, &spec).map_err(Error::Boot)?;
         let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;
-        let fds = parts.create_vcpus(&supported, cfg.vcpus, Some(entry))?;
-        parts.start(fds, exit, false)
+        let (fds, _) = parts.create_vcpus(&supported, cfg.vcpus, Some(entry), cfg.vcpus)?;
+        parts.start(fds, exit)
     }
 
     /// Everything that needs no saved state: RAM mapped, VM, memslots, devices,
-    /// vCPUs, and what this host's KVM offers them (asked of vCPU 0). A
-    /// transfer does this while the old process still runs the guest.
+    /// vCPUs and their threads (parked), and what this host's KVM offers them
+    /// (asked of vCPU 0). A transfer does this while the old process still
+    /// runs the guest (`ahead`): every vCPU gets its CPUID now, and a restore
+    /// sets it again only if the saved one differs. Inside the pause (exec,
+    /// reboot mode) only vCPU 0 gets it here (to be asked); the others' is set
+    /// by their restores, in parallel.
     /// `vfio`: the passed-through devices' descriptors an exec or transfer
     /// handed over (None: opened by name).
     pub fn prepare(
@@ -585,13 +639,36 @@ impl Machine {
         ram: GuestRam,
         console: Output,
         vfio: Option<HandedOver>,
+        exit: ExitSink,
+        ahead: bool,
     ) -> Result<Prepared, Error> {
-        let parts = Parts::build(cfg, ram, console, vfio)?;
-        let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;
-        let fds = parts.create_vcpus(&supported, cfg.vcpus, None)?;
+        // KVM_GET_SUPPORTED_CPUID (~350 us here) on a second thread while
+        // this one creates the VM (milliseconds): in an exec both are inside
+        // the pause.
+        let (parts, supported) = std::thread::scope(|s| {
+            let supported = s.spawn(|| {
+                Kvm::new()
+                    .map_err(host_cpu::Error::OpenKvm)
+                    .and_then(|kvm| host_cpu::supported_cpuid(&kvm))
+            });
+            let parts = Parts::build(cfg, ram, console, vfio);
+            let supported = supported
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (parts, supported)
+        });
+        let (parts, supported) = (parts?, supported.map_err(Error::HostCpu)?);
+        let with_cpuid = if ahead { cfg.vcpus } else { 1 };
+        let (fds, cpuids) = parts.create_vcpus(&supported, cfg.vcpus, None, with_cpuid)?;
         let probe = fds.first().ok_or(Error::NoVcpus)?;
         let host = HostCpu::query(&parts.kvm, &supported, probe).map_err(Error::HostCpu)?;
-        Ok(Prepared { parts, fds, host })
+        let vcpus = Vcpus::start(fds, parts.bus.clone(), exit, true).map_err(Error::Vcpu)?;
+        Ok(Prepared {
+            parts,
+            vcpus,
+            cpuids,
+            host,
+        })
     }
 
     /// Saves a paused machine. The quiesce contract: vCPUs are paused (the
@@ -600,19 +677,19 @@ impl Machine {
     /// untouched in the avail ring for the next process's `kick_all`; virtio-net
     /// reads the tap only from the event loop, which is busy here), then saved; then the VM (irqchip,
     /// PIT, clock); then the vCPUs, each on its own thread.
-    pub fn save(&self) -> Result<MachineState, Error> {
+    pub fn save(&self, phases: &mut Phases) -> Result<MachineState, Error> {
         for (i, d) in self.virtio.iter().enumerate() {
             lock(d).quiesce().map_err(|e| Error::Quiesce(i, e))?;
         }
         let virtio = self.virtio.iter().map(|d| lock(d).state()).collect();
         let serial = lock(&self.bus.serial).state();
         let power = lock(&self.bus.power).state();
+        phases.mark("save_devices");
         let vm = kvm::save_vm(&self.vm).map_err(Error::Kvm)?;
-        let spec = SaveSpec {
-            msr_indices: host_cpu::msr_indices(&self.kvm).map_err(Error::HostCpu)?,
-            xsave_words: host_cpu::xsave_words(&self.kvm),
-        };
-        let vcpus = self.vcpus.save(spec).map_err(Error::Vcpu)?;
+        phases.mark("save_vm");
+        let (vcpus, took) = self.vcpus.save(&self.save_spec).map_err(Error::Vcpu)?;
+        phases.mark("save_vcpus");
+        phases.slowest("vcpu_save_max", took);
         Ok(MachineState {
             shape: self.shape.clone(),
             vcpus: vcpus.into_iter().map(Box::new).collect(),

@@ -32,6 +32,7 @@ use crate::sync::lock;
 pub enum Error {
     CreateVcpu(u8, kvm_ioctls::Error),
     SetCpuid(u8, kvm_ioctls::Error),
+    GetCpuid(u8, state::Error),
     SetMsrs(u8, kvm_ioctls::Error),
     SetFpu(u8, kvm_ioctls::Error),
     SetXcrs(u8, u64, kvm_ioctls::Error),
@@ -58,6 +59,7 @@ impl fmt::Display for Error {
         match self {
             Error::CreateVcpu(i, e) => write!(f, "KVM_CREATE_VCPU {i} failed: {e}"),
             Error::SetCpuid(i, e) => write!(f, "KVM_SET_CPUID2 on vCPU {i} failed: {e}"),
+            Error::GetCpuid(i, e) => write!(f, "vCPU {i}: {e}"),
             Error::SetMsrs(i, e) => write!(f, "KVM_SET_MSRS on vCPU {i} failed: {e}"),
             Error::SetFpu(i, e) => write!(f, "KVM_SET_FPU on vCPU {i} failed: {e}"),
             Error::SetXcrs(i, xcr0, e) => {
@@ -84,16 +86,32 @@ impl fmt::Display for Error {
     }
 }
 
-/// Writes a saved state into a vCPU made by `create(.., None)`; `xsave_words`
-/// is this host's XSAVE size.
-pub fn restore(fd: &VcpuFd, index: u8, saved: &VcpuState, xsave_words: usize) -> Result<(), Error> {
-    state::restore(fd, saved, xsave_words).map_err(|e| Error::Restore(index, e))
+/// Writes a saved state into a vCPU made by `create(.., None)` or
+/// `create_bare`; `xsave_words` is this host's XSAVE size; `cpuid_set`: the
+/// vCPU already has the saved CPUID (`vcpu_state::cpuid_matches`).
+pub fn restore(
+    fd: &VcpuFd,
+    index: u8,
+    saved: &VcpuState,
+    xsave_words: usize,
+    cpuid_set: bool,
+) -> Result<(), Error> {
+    state::restore(fd, saved, xsave_words, cpuid_set).map_err(|e| Error::Restore(index, e))
+}
+
+/// Creates vCPU `index` and nothing else: its restore sets everything,
+/// CPUID first.
+pub fn create_bare(vm: &VmFd, index: u8) -> Result<VcpuFd, Error> {
+    vm.create_vcpu(u64::from(index))
+        .map_err(|e| Error::CreateVcpu(index, e))
 }
 
 /// Creates vCPU `index` of `count` with CPUID (`supported`, KVM_GET_SUPPORTED_CPUID,
-/// given this vCPU's topology), XCR0, MSRs, FPU and LAPIC set; the boot vCPU also gets
-/// `entry`'s registers (None: a restore will set them), the others wait for
-/// INIT/SIPI.
+/// given this vCPU's topology). For a boot (`entry`), also XCR0, MSRs, FPU and
+/// LAPIC; the boot vCPU gets `entry`'s registers, the others wait for
+/// INIT/SIPI. Without, a restore sets all of those, and this returns the
+/// CPUID the vCPU answers with (KVM_GET_CPUID2: KVM may have changed what it
+/// was given) along with it (for a boot, none).
 pub fn create(
     supported: &CpuId,
     vm: &VmFd,
@@ -101,7 +119,7 @@ pub fn create(
     index: u8,
     count: u8,
     entry: Option<Entry>,
-) -> Result<VcpuFd, Error> {
+) -> Result<(VcpuFd, Vec<state::CpuidEntry>), Error> {
     let fd = vm
         .create_vcpu(u64::from(index))
         .map_err(|e| Error::CreateVcpu(index, e))?;
@@ -109,6 +127,10 @@ pub fn create(
     cpu::patch_cpuid(&mut cpuid, u32::from(index), u32::from(count));
     fd.set_cpuid2(&cpuid)
         .map_err(|e| Error::SetCpuid(index, e))?;
+    let Some(entry) = entry else {
+        let answers = state::read_cpuid(&fd).map_err(|e| Error::GetCpuid(index, e))?;
+        return Ok((fd, answers));
+    };
     // After the CPUID: KVM accepts only the components that offers. A restore
     // sets the saved XCR0 over this. INIT (how the other vCPUs start) keeps it.
     if let Some(xcr0) = cpu::initial_xcr0(&cpuid) {
@@ -119,14 +141,14 @@ pub fn create(
     fd.set_fpu(&cpu::boot_fpu())
         .map_err(|e| Error::SetFpu(index, e))?;
     set_lint(&fd, index)?;
-    if let Some(entry) = entry.filter(|_| index == 0) {
+    if index == 0 {
         fd.set_regs(&cpu::boot_regs(entry))
             .map_err(Error::SetRegs)?;
         let sregs = fd.get_sregs().map_err(Error::GetSregs)?;
         let sregs = cpu::boot_sregs(mem, entry, sregs).map_err(Error::BootTables)?;
         fd.set_sregs(&sregs).map_err(Error::SetSregs)?;
     }
-    Ok(fd)
+    Ok((fd, Vec::new()))
 }
 
 fn set_xcr0(fd: &VcpuFd, xcr0: u64) -> Result<(), kvm_ioctls::Error> {
@@ -178,6 +200,9 @@ enum State {
 /// run where the vCPU is loaded.
 enum Job {
     Save(Arc<SaveSpec>),
+    /// Load a saved state (this host's XSAVE size in words; whether the
+    /// vCPU has its CPUID already) into a vCPU that has not run yet.
+    Restore(Box<VcpuState>, usize, bool),
     /// INIT, then (for the boot vCPU) enter the waking vector.
     Wake(Option<Waking>),
 }
@@ -185,6 +210,7 @@ enum Job {
 /// What a job produced.
 enum Output {
     Saved(Box<VcpuState>),
+    Restored,
     Woken,
 }
 
@@ -195,7 +221,8 @@ struct Inner {
     kick: Option<KickTarget>,
     /// Set by the controller while paused; the thread puts the result in `done`.
     job: Option<Job>,
-    done: Option<Result<Output, Error>>,
+    /// The job's result, and how long it ran.
+    done: Option<(Result<Output, Error>, Duration)>,
 }
 
 struct Shared {
@@ -305,16 +332,39 @@ impl Vcpus {
         waited
     }
 
-    /// Saves every vCPU's state; all must be paused.
-    pub fn save(&self, spec: SaveSpec) -> Result<Vec<VcpuState>, Error> {
-        let spec = Arc::new(spec);
-        self.run_jobs(|_| Job::Save(spec.clone()))?
+    /// Saves every vCPU's state; all must be paused. Also returns how long
+    /// each vCPU's save took.
+    pub fn save(&self, spec: &Arc<SaveSpec>) -> Result<(Vec<VcpuState>, Vec<Duration>), Error> {
+        let mut took = Vec::with_capacity(self.threads.len());
+        let states = self
+            .run_jobs(|_| Job::Save(spec.clone()))?
             .into_iter()
-            .map(|out| match out {
-                Output::Saved(state) => Ok(*state),
-                Output::Woken => unreachable!("a save job saves"),
+            .map(|(out, t)| {
+                took.push(t);
+                match out {
+                    Output::Saved(state) => *state,
+                    _ => unreachable!("a save job saves"),
+                }
             })
-            .collect()
+            .collect();
+        Ok((states, took))
+    }
+
+    /// Loads `states` (in vCPU order) into vCPUs started paused that have not
+    /// run yet, each on its own thread; returns how long each took.
+    /// `xsave_words` is this host's XSAVE size; `cpuid_set[i]`: vCPU i has
+    /// its saved CPUID already.
+    pub fn restore(
+        &self,
+        states: &[Box<VcpuState>],
+        xsave_words: usize,
+        cpuid_set: &[bool],
+    ) -> Result<Vec<Duration>, Error> {
+        Ok(self
+            .run_jobs(|i| Job::Restore(states[i].clone(), xsave_words, cpuid_set[i]))?
+            .into_iter()
+            .map(|(_, took)| took)
+            .collect())
     }
 
     /// Wakes a paused machine from ACPI S3 as firmware does: an INIT to every
@@ -325,19 +375,23 @@ impl Vcpus {
             .map(drop)
     }
 
-    /// Has each paused thread do `job(index)` on its vCPU, one after the
-    /// other, within one bound for all.
-    fn run_jobs(&self, job: impl Fn(usize) -> Job) -> Result<Vec<Output>, Error> {
+    /// Has each paused thread do `job(index)` on its vCPU, all at once (each
+    /// vCPU under its own lock: no convoy), within one bound for all. A
+    /// thread asked to pause that has not parked yet takes its job as it does.
+    fn run_jobs(&self, job: impl Fn(usize) -> Job) -> Result<Vec<(Output, Duration)>, Error> {
         let deadline = Instant::now() + STOP_TIMEOUT;
-        let mut out = Vec::with_capacity(self.threads.len());
         for (index, (shared, _)) in self.threads.iter().enumerate() {
             let mut guard = lock(&shared.state);
-            if guard.state != State::Paused {
+            if guard.request != Request::Pause {
                 return Err(Error::NotPaused);
             }
             guard.done = None;
             guard.job = Some(job(index));
             shared.changed.notify_all();
+        }
+        let mut out = Vec::with_capacity(self.threads.len());
+        for (shared, _) in &self.threads {
+            let mut guard = lock(&shared.state);
             while guard.done.is_none() {
                 let now = Instant::now();
                 if now >= deadline {
@@ -350,7 +404,8 @@ impl Vcpus {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-            out.push(guard.done.take().expect("checked above")?);
+            let (done, took) = guard.done.take().expect("checked above");
+            out.push((done?, took));
         }
         Ok(out)
     }
@@ -437,12 +492,14 @@ fn run_thread(index: usize, mut fd: VcpuFd, shared: &Shared, bus: &Bus, exit: &E
 
 /// Runs the guest until asked to exit (returns None) or until the guest ends.
 fn run_loop(index: usize, fd: &mut VcpuFd, shared: &Shared, bus: &Bus) -> Option<GuestExit> {
+    let mut ran = false;
     loop {
         if shared.request.load(Ordering::SeqCst) != Request::Run as u8
-            && !wait_while_paused(index, shared, fd)
+            && !wait_while_paused(index, shared, fd, ran)
         {
             return None;
         }
+        ran = true;
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => {
@@ -484,6 +541,9 @@ fn run_job(index: usize, fd: &VcpuFd, job: Job) -> Result<Output, Error> {
         Job::Save(spec) => state::save(fd, &spec)
             .map(|s| Output::Saved(Box::new(s)))
             .map_err(Error::Save),
+        Job::Restore(saved, xsave_words, cpuid_set) => {
+            restore(fd, index as u8, &saved, xsave_words, cpuid_set).map(|()| Output::Restored)
+        }
         Job::Wake(waking) => wake(fd, index as u8, waking).map(|()| Output::Woken),
     }
 }
@@ -523,8 +583,10 @@ fn wake(fd: &VcpuFd, index: u8, waking: Option<Waking>) -> Result<(), Error> {
         .map_err(|e| init("KVM_SET_MP_STATE", e))
 }
 
-/// Parks the thread while paused. Returns false when it must exit.
-fn wait_while_paused(index: usize, shared: &Shared, fd: &mut VcpuFd) -> bool {
+/// Parks the thread while paused. Returns false when it must exit. `ran`:
+/// whether this thread has entered KVM_RUN yet (a vCPU started paused, and
+/// not restored yet, must not: an AP would block in it).
+fn wait_while_paused(index: usize, shared: &Shared, fd: &mut VcpuFd, ran: bool) -> bool {
     let mut guard = lock(&shared.state);
     loop {
         match guard.request {
@@ -538,14 +600,18 @@ fn wait_while_paused(index: usize, shared: &Shared, fd: &mut VcpuFd) -> bool {
                     // One KVM_RUN with immediate_exit set completes an in-flight
                     // port or MMIO read without entering the guest, so the saved
                     // state never holds half an instruction (KVM api.rst, KVM_RUN).
-                    fd.set_kvm_immediate_exit(1);
-                    let _ = fd.run();
-                    fd.set_kvm_immediate_exit(0);
+                    if ran {
+                        fd.set_kvm_immediate_exit(1);
+                        let _ = fd.run();
+                        fd.set_kvm_immediate_exit(0);
+                    }
                     guard.state = State::Paused;
                     shared.changed.notify_all();
                 }
                 if let Some(job) = guard.job.take() {
-                    guard.done = Some(run_job(index, fd, job));
+                    let start = Instant::now();
+                    let done = run_job(index, fd, job);
+                    guard.done = Some((done, start.elapsed()));
                     shared.changed.notify_all();
                 }
                 guard = shared

@@ -251,13 +251,60 @@ fn save_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrEntry>, Error> {
     Ok(out)
 }
 
+/// Whether a vCPU that answers with CPUID `set` (KVM_GET_CPUID2, never run)
+/// answers the guest as the vCPU `saved` was read from: the same leaves, equal but for
+/// the bits KVM itself keeps in step with the vCPU's registers and MSRs
+/// (kvm_update_cpuid_runtime: leaf 1's APIC and OSXSAVE bits, leaf 7's
+/// OSPKE, leaf 0xD's XSAVE sizes), which the rest of a restore sets. A bit
+/// this misses only makes the restore set the CPUID again (so MONITOR, which
+/// KVM updates only under a quirk, is compared).
+pub fn cpuid_matches(saved: &[CpuidEntry], set: &[CpuidEntry]) -> bool {
+    const APIC: u32 = 1 << 9;
+    const OSXSAVE: u32 = 1 << 27;
+    const OSPKE: u32 = 1 << 4;
+    let normal = |list: &[CpuidEntry]| {
+        let mut v: Vec<CpuidEntry> = list
+            .iter()
+            .filter(|e| {
+                (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) != (0, 0, 0, 0, 0, 0, 0)
+            })
+            .map(|e| {
+                let mut e = *e;
+                match (e.function, e.index) {
+                    (1, _) => {
+                        e.ecx &= !OSXSAVE;
+                        e.edx &= !APIC;
+                    }
+                    (7, 0) => e.ecx &= !OSPKE,
+                    (0xd, 0 | 1) => e.ebx = 0,
+                    _ => {}
+                }
+                e
+            })
+            .collect();
+        v.sort_by_key(|e| (e.function, e.index));
+        v
+    };
+    normal(saved) == normal(set)
+}
+
 /// Writes `state` into a fresh vCPU, before its thread first runs it.
-/// `xsave_words` is this host's XSAVE size (`host_cpu::xsave_words`).
-pub fn restore(fd: &VcpuFd, state: &VcpuState, xsave_words: usize) -> Result<(), Error> {
-    let entries: Vec<kvm_cpuid_entry2> = state.cpuid.iter().map(kvm_cpuid_entry2::from).collect();
-    let cpuid =
-        CpuId::from_entries(&entries).map_err(|_| Error::TooMany("CPUID", entries.len()))?;
-    fd.set_cpuid2(&cpuid).map_err(|e| Error::Set("CPUID2", e))?;
+/// `xsave_words` is this host's XSAVE size (`host_cpu::xsave_words`). With
+/// `cpuid_set`, the vCPU already has the state's CPUID (`cpuid_matches`)
+/// and KVM_SET_CPUID2, the slowest call here, is left out.
+pub fn restore(
+    fd: &VcpuFd,
+    state: &VcpuState,
+    xsave_words: usize,
+    cpuid_set: bool,
+) -> Result<(), Error> {
+    if !cpuid_set {
+        let entries: Vec<kvm_cpuid_entry2> =
+            state.cpuid.iter().map(kvm_cpuid_entry2::from).collect();
+        let cpuid =
+            CpuId::from_entries(&entries).map_err(|_| Error::TooMany("CPUID", entries.len()))?;
+        fd.set_cpuid2(&cpuid).map_err(|e| Error::Set("CPUID2", e))?;
+    }
     fd.set_mp_state(state.mp_state.0)
         .map_err(|e| Error::Set("MP_STATE", e))?;
     fd.set_regs(&state.regs.0)
@@ -323,6 +370,44 @@ mod tests {
         let mut all = x.as_fam_struct_ref().xsave.region.to_vec();
         all.extend_from_slice(x.as_slice());
         all
+    }
+
+    fn entry(function: u32, index: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
+        CpuidEntry {
+            function,
+            index,
+            flags: 0,
+            eax: 1,
+            ebx,
+            ecx,
+            edx,
+        }
+    }
+
+    #[test]
+    fn cpuid_matches_but_for_what_kvm_updates_at_run_time() {
+        let set = [
+            entry(0, 0, 0, 0, 0),
+            entry(1, 0, 0x0100_0800, 0x0000_0001, 0x0000_0001),
+            entry(7, 0, 0, 0, 0),
+            entry(0xd, 0, 0x240, 0, 0),
+        ];
+        // The guest enabled its APIC, OSXSAVE, PKE and AVX: KVM updated those.
+        let saved = [
+            entry(0xd, 0, 0x340, 0, 0),
+            entry(0, 0, 0, 0, 0),
+            entry(1, 0, 0x0100_0800, 0x0800_0001, 0x0000_0201),
+            entry(7, 0, 0, 0x10, 0),
+        ];
+        assert!(cpuid_matches(&saved, &set));
+        // Anything else differs: another APIC id, a feature, a leaf.
+        let mut other = saved;
+        other[2].ebx = 0x0200_0800;
+        assert!(!cpuid_matches(&other, &set));
+        let mut other = saved;
+        other[2].ecx |= 1 << 28;
+        assert!(!cpuid_matches(&other, &set));
+        assert!(!cpuid_matches(&saved[..3], &set));
     }
 
     #[test]
