@@ -761,16 +761,15 @@ fn a_suspended_guest_stays_suspended_through_exec_and_transfer() {
     });
 }
 
-#[test]
-fn ten_updates_alternating_exec_and_transfer_with_two_vcpus() {
-    if !kvm_available("ten_updates_alternating_exec_and_transfer_with_two_vcpus") {
-        return;
-    }
-    let dir = TempDir::new("ten");
+/// `updates` updates of a counting guest with `vcpus` vCPUs, exec and
+/// transfer in turn: after each `status` shows every vCPU, and the guest's
+/// count stays one run.
+fn alternating_updates(tag: &str, vcpus: &str, updates: usize) {
+    let dir = TempDir::new(tag);
     let a = install(&dir, Path::new(MOLT), "molt-a");
     let version = version_of(&a);
-    let mut g = Guest::start(dir, &a, &["--cpus", "2"]);
-    for i in 0..10 {
+    let mut g = Guest::start(dir, &a, &["--cpus", vcpus]);
+    for i in 0..updates {
         if i % 2 == 0 {
             g.exec(None, &version);
         } else {
@@ -779,7 +778,7 @@ fn ten_updates_alternating_exec_and_transfer_with_two_vcpus() {
         let status = g.status();
         assert_eq!(
             field(&status, "vcpus"),
-            Some("2"),
+            Some(vcpus),
             "after update {i}: {status:?}"
         );
     }
@@ -787,33 +786,23 @@ fn ten_updates_alternating_exec_and_transfer_with_two_vcpus() {
     assert_eq!(s.start_lines(), 1, "the guest restarted: {:?}", s.lines);
 }
 
+#[test]
+fn ten_updates_alternating_exec_and_transfer_with_two_vcpus() {
+    if !kvm_available("ten_updates_alternating_exec_and_transfer_with_two_vcpus") {
+        return;
+    }
+    alternating_updates("ten", "2", 10);
+}
+
 /// Eight vCPUs, pre-built with their threads on the new side and saved and
-/// restored in parallel: each update's reply lists every phase, the guest
-/// runs on as one run.
+/// restored in parallel: each update's reply lists every phase (`exec` and
+/// `transfer` check them), the guest runs on as one run.
 #[test]
 fn updates_with_eight_vcpus() {
     if !kvm_available("updates_with_eight_vcpus") {
         return;
     }
-    let dir = TempDir::new("eight");
-    let a = install(&dir, Path::new(MOLT), "molt-a");
-    let version = version_of(&a);
-    let mut g = Guest::start(dir, &a, &["--cpus", "8"]);
-    for i in 0..4 {
-        if i % 2 == 0 {
-            g.exec(None, &version);
-        } else {
-            g.transfer(&a, &version);
-        }
-        let status = g.status();
-        assert_eq!(
-            field(&status, "vcpus"),
-            Some("8"),
-            "after update {i}: {status:?}"
-        );
-    }
-    let s = g.serial();
-    assert_eq!(s.start_lines(), 1, "the guest restarted: {:?}", s.lines);
+    alternating_updates("eight", "8", 4);
 }
 
 #[test]

@@ -268,11 +268,19 @@ fn resume_exec(
         check_ram(&inc.state, &ram)?;
         phases.mark("map_ram");
         let line = &mut inc.adopted.guardian;
-        restore(&cfg, &inc.state, ram, vfio, (console, exit), &mut phases, || {
-            if let Some(line) = line.take() {
-                guardian::release(line);
-            }
-        })
+        restore(
+            &cfg,
+            &inc.state,
+            ram,
+            vfio,
+            (console, exit),
+            &mut phases,
+            || {
+                if let Some(line) = line.take() {
+                    guardian::release(line);
+                }
+            },
+        )
     });
     let machine = match resumed {
         Ok(m) => m,
