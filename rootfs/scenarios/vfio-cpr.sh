@@ -111,7 +111,7 @@ update() {
     fi
     echo "LAB-INFO $SET step $_step $_mode: $_reply"
     case $_reply in
-    "ok resumed mode=$_mode pause_us="*" version=$version")
+    "ok resumed mode=$_mode pause_us="*" version=$version phases="*)
         OK_REPLIES=$((OK_REPLIES + 1))
         field pause_us "$_reply" >> /run/pause.$_mode.$SET
         ;;
