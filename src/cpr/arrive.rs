@@ -16,6 +16,7 @@ use super::{exec, guardian, reboot, transfer, Error, VERSION};
 use crate::args::{Incoming, RunConfig};
 use crate::devices::serial::Output;
 use crate::phases::{self, Phases};
+use crate::terminal::Original;
 use crate::vfio::{self, HandedOver, Sysfs};
 use crate::virtio::block::Identity;
 use crate::vm::host_cpu::{HostCpu, Probe};
@@ -85,6 +86,16 @@ impl Arrival {
             Arrival::Transfer(t) => &mut t.adopted,
         };
         (a.console_out.take(), a.console_in.take())
+    }
+
+    /// The user's mode of the console's terminal, when it came with the guest
+    /// (the terminal is raw: the previous molt made it so).
+    pub fn terminal(&self) -> Option<Original> {
+        match self {
+            Arrival::File(_) => None,
+            Arrival::Exec(e) => e.header.terminal,
+            Arrival::Transfer(t) => t.link.terminal,
+        }
     }
 
     /// Whether the control socket comes with the guest (exec and transfer

@@ -3,8 +3,11 @@
 //! `--incoming fd:N`. Same PID; KVM itself cannot cross exec (a VM belongs to the
 //! mm that created it), so the new image builds a fresh VM and restores into it.
 //!
-//! Message in the memfd: `"MOLTEXEC"`, the fd table's length (u32 LE), the fd
-//! table (postcard), then the `CprState` with its own header and CRC.
+//! Message in the memfd: `"MOLTEXEC"`, the header's length (u32 LE), the
+//! header (postcard: the fd table and the rollback's target) followed, when the
+//! console is on a terminal, by the user's terminal mode (postcard, a fixed
+//! size), then the `CprState` with its own header and CRC. An image that
+//! predates the terminal mode writes none; a rollback hands on what came.
 
 use std::ffi::CString;
 use std::fmt;
@@ -22,6 +25,7 @@ use super::fds::{set_cloexec, FdKind, FdTable};
 use super::guardian::{self, Guardian};
 use super::state::{self, CprState};
 use crate::phases::{self, Phases};
+use crate::terminal::Original;
 
 /// What travels with the state in the memfd.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +36,10 @@ pub struct ExecHeader {
     pub previous_argv: Vec<String>,
     /// Set when the new image gave up and execed back: why, for the reply.
     pub failure: Option<String>,
+    /// The user's terminal mode, when the console is on a terminal molt made
+    /// raw: the image that ends the guest restores it. Encoded after the rest.
+    #[serde(skip)]
+    pub terminal: Option<Original>,
 }
 
 const MAGIC: [u8; 8] = *b"MOLTEXEC";
@@ -90,7 +98,10 @@ impl fmt::Display for Error {
 
 fn message_memfd(state: &CprState, header: &ExecHeader) -> Result<File, Error> {
     let state_bytes = state::encode(state).map_err(Error::Encode)?;
-    let table_bytes = postcard::to_allocvec(header).map_err(Error::HeaderEncode)?;
+    let mut table_bytes = postcard::to_allocvec(header).map_err(Error::HeaderEncode)?;
+    if let Some(t) = &header.terminal {
+        table_bytes.extend(postcard::to_allocvec(t).map_err(Error::HeaderEncode)?);
+    }
     let name = c"molt-cpr";
     // SAFETY: a valid NUL-terminated name and flags; the result is checked.
     let fd =
@@ -264,9 +275,16 @@ pub fn parse(bytes: &[u8]) -> Result<(ExecHeader, CprState), Error> {
         .checked_add(tlen)
         .filter(|&e| e <= bytes.len())
         .ok_or(Error::TablePastEnd)?;
-    let (header, rest): (ExecHeader, _) =
+    let (mut header, rest): (ExecHeader, _) =
         postcard::take_from_bytes(&bytes[12..table_end]).map_err(Error::HeaderDecode)?;
-    if !rest.is_empty() || header.table.kinds.len() != header.table.numbers.len() {
+    if !rest.is_empty() {
+        let (terminal, rest) = postcard::take_from_bytes(rest).map_err(Error::HeaderDecode)?;
+        if !rest.is_empty() {
+            return Err(Error::InconsistentTable);
+        }
+        header.terminal = Some(terminal);
+    }
+    if header.table.kinds.len() != header.table.numbers.len() {
         return Err(Error::InconsistentTable);
     }
     let state = state::decode(&bytes[table_end..]).map_err(Error::State)?;
@@ -370,6 +388,50 @@ mod tests {
         .collect();
         strip_incoming(&mut a);
         assert_eq!(a, ["molt", "run", "--cpus", "2"]);
+    }
+
+    /// The message's bytes, as `message_memfd` writes them.
+    fn message(header: &ExecHeader) -> Vec<u8> {
+        let f = message_memfd(&state::tests::sample(), header).unwrap();
+        std::fs::read(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap()
+    }
+
+    #[test]
+    fn the_terminal_mode_travels_after_the_header_when_there_is_one() {
+        let plain = ExecHeader {
+            previous_exe: "/bin/molt".into(),
+            ..Default::default()
+        };
+        // SAFETY: termios is plain data; zero is a valid (if odd) mode.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        t.c_lflag = libc::ICANON | libc::ECHO;
+        t.c_cc[libc::VINTR] = 3;
+        let with = ExecHeader {
+            terminal: Original::of(&t).into(),
+            ..plain.clone()
+        };
+        let (h, _) = parse(&message(&plain)).unwrap();
+        assert_eq!(
+            h, plain,
+            "a message without a terminal, as older molts write it"
+        );
+        let bytes = message(&with);
+        let (h, _) = parse(&bytes).unwrap();
+        assert_eq!(h.terminal, with.terminal);
+        assert_eq!(h, with);
+        // One byte more after the mode, or the mode's last byte cut off: refused.
+        let tlen = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+        let state = &bytes[12 + tlen..];
+        let longer = [&bytes[12..12 + tlen], &[0]].concat();
+        let shorter = bytes[12..12 + tlen - 1].to_vec();
+        for header in [longer, shorter] {
+            let mut bad = MAGIC.to_vec();
+            bad.extend((header.len() as u32).to_le_bytes());
+            bad.extend(header);
+            bad.extend(state);
+            let e = parse(&bad).unwrap_err().to_string();
+            assert!(e.starts_with(BAD), "{e}");
+        }
     }
 
     #[test]

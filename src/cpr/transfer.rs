@@ -7,7 +7,7 @@
 //!   MOLTXFR2 HELLO (version, formats) --> check formats
 //!                                   <--   MOLTXFR2 HELLO (version, formats)
 //!   check formats
-//!   FDS + descriptors               -->   adopt them, map RAM, build VM,
+//!   FDS (+ terminal mode) + descriptors -->   adopt them, map RAM, build VM,
 //!                                         devices  (the guest still runs)
 //!                                   <--   READY
 //!   pause, save, STATE              -->   decode, check, restore (not run)
@@ -24,6 +24,10 @@
 //! ends early on a stop descriptor (the signalfd, or a worker's abort). The
 //! guest stays paused at most `max_pause` after STATE is sent: past it the old
 //! side resumes the guest and tells the new side FAIL.
+//!
+//! A console on a terminal that molt made raw stays raw across the hand-over:
+//! the user's own mode follows FDS in its frame (`terminal::Original`), for
+//! whichever molt ends the guest to restore. Older molts ignore the trailer.
 //!
 //! Until the old side sends GO, it can and does resume the guest on any
 //! failure; the new side never runs vCPUs without GO, so the guest never runs
@@ -44,6 +48,7 @@ use super::fds::{FdKind, MAX_FDS};
 use super::state;
 use super::wait::{self, human, Stop};
 use crate::phases::{self, Phases};
+use crate::terminal::Original;
 
 /// How long the new side waits for a connection's HELLO. A real old side sends
 /// it as it connects; connections are served one at a time, so a silent one
@@ -330,6 +335,21 @@ fn frame(msg: &Msg, magic: bool) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// FDS's frame: the kinds, then the user's terminal mode if there is one.
+fn fds_frame(kinds: &[FdKind], terminal: Option<Original>) -> Result<Vec<u8>, String> {
+    let msg = Msg::Fds {
+        kinds: Box::new(kinds.iter().copied().collect()),
+    };
+    let mut frame = frame(&msg, false)?;
+    if let Some(t) = terminal {
+        let t = postcard::to_allocvec(&t).map_err(|e| e.to_string())?;
+        let len = frame.len() - 4 + t.len();
+        frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        frame.extend(t);
+    }
+    Ok(frame)
+}
+
 fn unexpected(step: &'static str, want: &str, got: &Msg) -> Error {
     Error::Protocol(step, format!("expected {want}, got {}", got.name()))
 }
@@ -464,9 +484,15 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// Checks PATH and the new process, hands it the descriptors and waits
-    /// until it is READY; the guest runs meanwhile. `stop` aborts every wait.
-    pub fn prepare(path: &Path, fds: &[(FdKind, RawFd)], stop: RawFd) -> Result<Self, Error> {
+    /// Checks PATH and the new process, hands it the descriptors (and the
+    /// user's `terminal` mode, if the console is on one) and waits until it is
+    /// READY; the guest runs meanwhile. `stop` aborts every wait.
+    pub fn prepare(
+        path: &Path,
+        fds: &[(FdKind, RawFd)],
+        terminal: Option<Original>,
+        stop: RawFd,
+    ) -> Result<Self, Error> {
         check_path(path)?;
         let s = connect(path)?;
         check_peer_uid(&s, "the process listening there")?;
@@ -475,10 +501,8 @@ impl Outgoing {
         let step = "waiting for the new process's HELLO";
         let hello = link.recv(step, true, MAX_SMALL, Deadline::after(HANDSHAKE_TIMEOUT))?;
         let peer_version = check_formats(step, &hello, false)?;
-        let msg = Msg::Fds {
-            kinds: Box::new(fds.iter().map(|f| f.0).collect()),
-        };
-        let frame = frame(&msg, false).map_err(|e| Error::Protocol("sending FDS", e))?;
+        let kinds: Vec<FdKind> = fds.iter().map(|f| f.0).collect();
+        let frame = fds_frame(&kinds, terminal).map_err(|e| Error::Protocol("sending FDS", e))?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.1).collect();
         let d = Deadline::after(HANDSHAKE_TIMEOUT);
         let sent = link.retry(libc::POLLOUT, "sending FDS", d, |s| {
@@ -543,6 +567,8 @@ pub struct Incoming {
     link: Link,
     pub kinds: Vec<FdKind>,
     pub fds: Vec<OwnedFd>,
+    /// The user's terminal mode, if the console is on a terminal molt made raw.
+    pub terminal: Option<Original>,
     pub peer_version: String,
 }
 
@@ -598,10 +624,22 @@ fn handshake(s: UnixStream, stop: RawFd) -> Result<Incoming, Error> {
     };
     link.send(&Msg::hello(), true, Deadline::after(HANDSHAKE_TIMEOUT))?;
     let (kinds, fds) = receive_fds(&mut link)?;
+    let terminal = match &link.trailer[..] {
+        [] => None,
+        t => match postcard::take_from_bytes(t) {
+            Ok((t, _)) => Some(t),
+            Err(e) => {
+                let e = Error::Protocol("waiting for FDS", format!("terminal mode: {e}"));
+                link.fail(&e.to_string());
+                return Err(e);
+            }
+        },
+    };
     Ok(Incoming {
         link,
         kinds,
         fds,
+        terminal,
         peer_version,
     })
 }
@@ -803,7 +841,8 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let new_side = std::thread::spawn(move || {
             let (stop2, _k) = UnixStream::pair().unwrap();
-            handshake(a, stop2.as_raw_fd()).map(|i| (i.kinds, i.fds.len(), i.peer_version))
+            handshake(a, stop2.as_raw_fd())
+                .map(|i| (i.kinds, i.fds.len(), i.peer_version, i.terminal))
         });
         // The old side, by hand, up to FDS.
         let mut link = Link::new(b, stop.as_raw_fd()).unwrap();
@@ -812,16 +851,36 @@ mod tests {
         let hello = link.recv("s", true, MAX_SMALL, d).unwrap();
         assert!(check_formats("s", &hello, false).is_ok());
         let memfd = std::fs::File::open("/dev/null").unwrap();
-        let msg = Msg::Fds {
-            kinds: Box::new([FdKind::GuestRam].into_iter().collect()),
-        };
-        let f = frame(&msg, false).unwrap();
+        // SAFETY: termios is plain data; zero is a valid (if odd) mode.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        t.c_lflag = libc::ICANON;
+        let mode = Original::of(&t);
+        let f = fds_frame(&[FdKind::GuestRam], Some(mode)).unwrap();
         link.s
             .send_with_fds(&[&f[..]], &[memfd.as_raw_fd()])
             .unwrap();
-        let (kinds, n, version) = new_side.join().unwrap().unwrap();
+        let (kinds, n, version, terminal) = new_side.join().unwrap().unwrap();
         assert_eq!(kinds, [FdKind::GuestRam]);
         assert_eq!(n, 1);
         assert_eq!(version, crate::cpr::VERSION);
+        assert_eq!(
+            terminal,
+            Some(mode),
+            "the user's terminal mode came with FDS"
+        );
+        // As an older molt sends it: no mode.
+        let (a, b) = UnixStream::pair().unwrap();
+        let new_side = std::thread::spawn(move || {
+            let (stop2, _k) = UnixStream::pair().unwrap();
+            handshake(a, stop2.as_raw_fd()).map(|i| i.terminal)
+        });
+        let mut link = Link::new(b, stop.as_raw_fd()).unwrap();
+        link.send(&Msg::hello(), true, d).unwrap();
+        link.recv("s", true, MAX_SMALL, d).unwrap();
+        let f = fds_frame(&[FdKind::GuestRam], None).unwrap();
+        link.s
+            .send_with_fds(&[&f[..]], &[memfd.as_raw_fd()])
+            .unwrap();
+        assert_eq!(new_side.join().unwrap().unwrap(), None);
     }
 }

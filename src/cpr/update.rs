@@ -21,7 +21,7 @@ use super::transfer::Outgoing;
 use super::worker::Worker;
 use super::{exec, now_ns, reboot, transfer, Error};
 use crate::phases::Phases;
-use crate::terminal::RawMode;
+use crate::terminal::Original;
 use crate::vfio::Bdf;
 use crate::virtio::block::Identity;
 use crate::vm::Machine;
@@ -52,8 +52,9 @@ pub struct Source<'a> {
     pub watchers: Vec<RawFd>,
     /// Console input to hand over (stdin), if the console is on stdio.
     pub console_in: Option<RawFd>,
-    /// The terminal's raw mode: given back to the user across an exec.
-    pub terminal: &'a mut Option<RawMode>,
+    /// The user's mode of the console's terminal, which molt made raw: it
+    /// travels with the console, and the terminal stays raw.
+    pub terminal: Option<Original>,
     pub control_path: Option<&'a Path>,
     /// The disks as named on argv.
     pub disk_paths: &'a [PathBuf],
@@ -373,18 +374,17 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
                 }
             };
             // 4. Passed-through devices: interrupts and DMA addresses let go
-            //    (the devices run on). The terminal goes back to how the user
-            //    had it; the new image sets it up again.
+            //    (the devices run on).
             if let Err(e) = src.release_vfio() {
                 guardian.release();
                 src.resume();
                 return Done::failed(what, e);
             }
-            drop(src.terminal.take());
             // 5. Save into a sealed memfd and execve BINARY with it and the
             //    descriptors, with this image's own (for a rollback), the
             //    guardian's line and the KVM descriptors (closed by the new
-            //    image once the guest runs). Returns only if that failed.
+            //    image once the guest runs), and the user's terminal mode (the
+            //    terminal stays raw). Returns only if that failed.
             let err = exec_out(
                 src,
                 &mut handover,
@@ -396,9 +396,6 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
             // 6. It failed: the guardian leaves and the guest runs on here,
             //    with its passed-through devices.
             guardian.release();
-            if src.console_in.is_some() {
-                *src.terminal = RawMode::enter();
-            }
             src.reclaim_vfio();
             src.resume();
             Done::failed(what, err)
@@ -432,6 +429,7 @@ fn exec_out(
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
         previous_argv: std::env::args().collect(),
+        terminal: src.terminal,
         ..Default::default()
     };
     Error::Exec(exec::exec(
@@ -462,14 +460,15 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
     }
     let max_pause = max_pause.unwrap_or(transfer::DEFAULT_MAX_PAUSE);
     let handover = src.handover();
+    let terminal = src.terminal;
     working(what, move |abort| {
         // On the worker, the guest running:
         // 1. PATH must be a socket of molt's uid that nobody else can replace;
         //    connect, and the peer's uid must be molt's.
         // 2. HELLO both ways: the peer must be a molt reading our state format.
-        // 3. FDS: the descriptors go; wait for READY (the new process maps RAM
-        //    and builds its VM).
-        let out = Outgoing::prepare(&path, &handover.slots(), abort);
+        // 3. FDS: the descriptors go, with the user's terminal mode; wait for
+        //    READY (the new process maps RAM and builds its VM).
+        let out = Outgoing::prepare(&path, &handover.slots(), terminal, abort);
         Box::new(move |src: &mut Source| {
             let mut out = match out {
                 Ok(out) => out,
@@ -506,7 +505,8 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 src.resume();
                 return Done::failed(what, e);
             }
-            // 6. GO: the new process runs the guest and replies; this one exits.
+            // 6. GO: the new process runs the guest and replies; this one exits,
+            //    leaving the terminal raw for it.
             let peer = out.peer_version.clone();
             match out.go() {
                 Ok(()) => {

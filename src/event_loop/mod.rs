@@ -81,6 +81,7 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     };
     // 2. The console: handed over with the guest, or opened here.
     let (console_out, console_in) = arrival.as_mut().map_or((None, None), Arrival::take_console);
+    let terminal = arrival.as_ref().and_then(Arrival::terminal);
     let console = match console_out {
         Some(f) => Output::Fd(f),
         None => open_console(&cfg.serial)?,
@@ -145,8 +146,11 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     if socket_file.is_none() {
         socket_file = cfg.control.clone().map(RemoveOnDrop);
     }
-    let raw = match cfg.serial {
-        SerialConfig::Stdio => RawMode::enter(),
+    // A terminal that came with the guest is raw already, and the user's mode
+    // came with it.
+    let raw = match (&cfg.serial, &console_in) {
+        (SerialConfig::Stdio, Some(fd)) => RawMode::adopt(fd.as_raw_fd(), terminal),
+        (SerialConfig::Stdio, None) => RawMode::enter(libc::STDIN_FILENO),
         _ => None,
     };
     let mut lp = Loop {
@@ -203,8 +207,15 @@ pub fn run(cfg: RunConfig) -> Result<Outcome, Error> {
     if let Ok(o @ (Outcome::Saved | Outcome::Transferred)) = &outcome {
         // The guest lives on elsewhere, which also serves the control socket.
         // Leave at once: tearing the VM down (~20 ms of KVM freeing its page
-        // tables) would only delay whoever waits for this process to end.
-        drop(lp.raw.take());
+        // tables) would only delay whoever waits for this process to end. The
+        // terminal goes back to the user's mode after a save (no molt runs the
+        // guest until the restart), and stays raw for the new process after a
+        // transfer.
+        if let Some(raw) = lp.raw.take() {
+            if *o == Outcome::Transferred {
+                raw.hand_over();
+            }
+        }
         log::info!(
             "{}",
             if *o == Outcome::Saved {

@@ -33,7 +33,7 @@ impl Loop {
             client,
             watchers,
             console_in: self.stdio_console.then_some(self.console_in),
-            terminal: &mut self.raw,
+            terminal: self.raw.as_ref().map(|r| r.original()),
             control_path: self.control_path.as_deref(),
             disk_paths: &self.disk_paths,
             ram_in_place: self.ram_in_place,
