@@ -282,6 +282,10 @@ enum Console {
     /// buffer. Only the first process gets the pipe: later ones must write to
     /// it through the handed-over descriptor.
     Pipe(Arc<Mutex<Vec<u8>>>),
+    /// `--serial stdio` on a terminal: the first process's stdin and stdout
+    /// are a pty's slave (this test keeps one open to read its mode), whose
+    /// master the test drains into the buffer.
+    Pty(Arc<Mutex<Vec<u8>>>, OwnedFd),
 }
 
 /// A counting guest under molt, with its console and a control socket, and the
@@ -335,6 +339,13 @@ impl Guest {
         g
     }
 
+    /// Like `start`, with the console on a terminal (`pty_console`).
+    fn start_on_pty(dir: TempDir, bin: &Path, console: Console) -> Guest {
+        let mut g = Guest::launch(dir, bin, "stdio", console, &[], &counting_guest());
+        g.wait_more(MORE_LINES);
+        g
+    }
+
     /// Boots the suspend guest (woken in real mode), its console in a file,
     /// and waits until it is suspended.
     fn start_suspended(dir: TempDir, bin: &Path, extra: &[&str]) -> Guest {
@@ -371,11 +382,15 @@ impl Guest {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let stdout = match console {
-            Console::File(_) => Stdio::null(),
-            Console::Pipe(_) => Stdio::piped(),
+        let stdio = match &console {
+            Console::File(_) => (Stdio::null(), Stdio::null()),
+            Console::Pipe(_) => (Stdio::null(), Stdio::piped()),
+            Console::Pty(_, slave) => {
+                let end = || Stdio::from(slave.try_clone().expect("dup the pty's slave"));
+                (end(), end())
+            }
         };
-        let mut molt = Molt::spawn_bin(&dir, bin, "molt-0", &argv, stdout);
+        let mut molt = Molt::spawn_bin_on(&dir, bin, "molt-0", &argv, stdio);
         if let Console::Pipe(buffer) = &console {
             let mut out = molt.child.stdout.take().expect("piped stdout");
             let buffer = buffer.clone();
@@ -571,7 +586,7 @@ impl Guest {
 fn read_console(console: &Console) -> Serial {
     match console {
         Console::File(path) => Serial::read(path),
-        Console::Pipe(buffer) => Serial::parse(&buffer.lock().unwrap()),
+        Console::Pipe(buffer) | Console::Pty(buffer, _) => Serial::parse(&buffer.lock().unwrap()),
     }
 }
 
@@ -837,6 +852,153 @@ fn console_on_a_pipe_continues_across_an_exec_after_a_transfer() {
     let mut g = Guest::start_on_pipe(dir, &a, &[]);
     g.transfer(&a, &version);
     g.exec(None, &version);
+}
+
+/// A terminal's mode, as compared here: flags and control characters.
+type Mode = (u32, u32, u32, u32, Vec<u8>);
+
+fn mode_of(fd: &OwnedFd) -> Mode {
+    // SAFETY: termios is plain data; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is an open terminal; `t` is valid for writes.
+    let r = unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) };
+    assert_eq!(r, 0, "tcgetattr: {}", std::io::Error::last_os_error());
+    (t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag, t.c_cc.to_vec())
+}
+
+/// A console on a fresh pty whose mode is the user's own - a terminal's
+/// defaults with Backspace as erase and no `^X` echo of control characters, so
+/// that getting "a cooked mode" back is not enough - and that mode. The
+/// master is drained into the console's buffer.
+fn pty_console() -> (Console, Mode) {
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: the out-pointers are valid; null name, termios and winsize are allowed.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: openpty returned two fresh descriptors, owned by nothing else.
+    let (master, slave) = unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    // SAFETY: as in mode_of.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: slave is an open terminal; `t` is valid for writes, then a valid mode.
+    unsafe {
+        assert_eq!(libc::tcgetattr(slave.as_raw_fd(), &mut t), 0);
+        t.c_cc[libc::VERASE] = 0x08;
+        t.c_lflag &= !libc::ECHOCTL;
+        t.c_lflag |= libc::ICANON | libc::ECHO | libc::ISIG;
+        assert_eq!(libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t), 0);
+    }
+    let buffer = Arc::new(Mutex::new(Vec::new()));
+    let into = buffer.clone();
+    // Runs until the test ends (it keeps a slave open).
+    thread::spawn(move || {
+        let mut master = master;
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = master.read(&mut chunk) {
+            into.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    let user = mode_of(&slave);
+    (Console::Pty(buffer, slave), user)
+}
+
+impl Guest {
+    /// The console's terminal is raw: no line editing, echo, signals or
+    /// newline translation between the guest and the keyboard.
+    fn assert_raw(&self, when: &str) {
+        let Console::Pty(_, slave) = &self.console else {
+            panic!("not on a terminal");
+        };
+        let (iflag, oflag, _, lflag, _) = mode_of(slave);
+        assert!(
+            lflag & (libc::ICANON | libc::ECHO | libc::ISIG) == 0
+                && oflag & libc::OPOST == 0
+                && iflag & libc::ICRNL == 0,
+            "the terminal is not raw {when}: iflag={iflag:#o} oflag={oflag:#o} lflag={lflag:#o}; \
+             log:\n{}",
+            self.molt.stderr()
+        );
+    }
+
+    fn assert_user_mode(&self, user: &Mode, when: &str) {
+        let Console::Pty(_, slave) = &self.console else {
+            panic!("not on a terminal");
+        };
+        assert_eq!(
+            &mode_of(slave),
+            user,
+            "the user's terminal mode is not back {when}"
+        );
+    }
+}
+
+/// A console on the user's terminal (`--serial stdio` on a pty) stays raw while
+/// any molt runs the guest - through a failed transfer, exec, a transfer (whose
+/// new process has /dev/null for stdin: it gets the terminal with the console)
+/// and an exec after it - and the mode the user had before the first molt is
+/// back once the last one quits. Reboot mode gives the terminal back between
+/// the save and the restart, which makes it raw again.
+#[test]
+fn a_terminal_console_stays_raw_across_updates_and_gets_the_users_mode_back() {
+    if !kvm_available("a_terminal_console_stays_raw_across_updates_and_gets_the_users_mode_back") {
+        return;
+    }
+    let dir = TempDir::new("pty");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    let (console, user) = pty_console();
+    let mut g = Guest::start_on_pty(dir, &a, console);
+    g.assert_raw("once the guest runs");
+    // Refused after the pause: the old molt resumes the guest, and the
+    // terminal with it.
+    let pid = g.molt.pid();
+    let (mut refusing, path) = g.spawn_incoming(&a, &["--cpus", "2"]);
+    let reply = g.update(&["cpr-transfer", path.to_str().unwrap()]);
+    assert!(
+        refusing.wait_exit(TIMEOUT).is_some(),
+        "the refusing molt runs on"
+    );
+    g.check_survived(pid, &reply, "cpr-transfer", &["refused"]);
+    g.assert_raw("after a failed transfer");
+    g.exec(None, &version);
+    g.assert_raw("after an exec");
+    // transfer() waits for the old molt to exit: it must leave the terminal raw.
+    g.transfer(&a, &version);
+    g.assert_raw("after a transfer, the old molt gone");
+    g.exec(None, &version);
+    g.assert_raw("after an exec that followed a transfer");
+    // Reboot mode: no molt runs the guest between the save and the restart.
+    let state = g.dir.join("state");
+    let reply = g.update(&["cpr-save", state.to_str().unwrap()]);
+    assert!(reply.starts_with("ok saved "), "cpr-save replied {reply:?}");
+    assert!(g.molt.wait_exit(TIMEOUT).is_some_and(|s| s.success()));
+    g.assert_user_mode(&user, "after a save");
+    let incoming = format!("file:{}", state.display());
+    let mut argv: Vec<&str> = g.args.iter().map(String::as_str).collect();
+    argv.extend(["--incoming", &incoming]);
+    let Console::Pty(_, slave) = &g.console else {
+        unreachable!()
+    };
+    let end = || Stdio::from(slave.try_clone().expect("dup the pty's slave"));
+    g.molt = Molt::spawn_bin_on(&g.dir, &a, "molt-restored", &argv, (end(), end()));
+    wait_for_control(&mut g.molt, &g.sock);
+    g.wait_more(MORE_LINES);
+    g.assert_raw("after a restart");
+    assert_eq!(ctl(&g.sock, &["quit"]), "ok");
+    assert!(
+        g.molt.wait_exit(TIMEOUT).is_some(),
+        "molt runs on after quit"
+    );
+    g.assert_user_mode(&user, "after quit");
+    let s = g.serial();
+    assert_eq!(s.start_lines(), 1, "the guest restarted: {:?}", s.lines);
 }
 
 // ---------------------------------------------------------------------------

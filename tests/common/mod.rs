@@ -138,12 +138,24 @@ impl Molt {
     /// was just written may still be open for writing in a child another test
     /// thread is forking (ETXTBSY): that is retried for a while.
     pub fn spawn_bin(dir: &TempDir, bin: &Path, name: &str, args: &[&str], stdout: Stdio) -> Molt {
+        Molt::spawn_bin_on(dir, bin, name, args, (Stdio::null(), stdout))
+    }
+
+    /// Like `spawn_bin`, with stdin (and stdout) as given: a console on a
+    /// terminal reads from it.
+    pub fn spawn_bin_on(
+        dir: &TempDir,
+        bin: &Path,
+        name: &str,
+        args: &[&str],
+        (stdin, stdout): (Stdio, Stdio),
+    ) -> Molt {
         let stderr_path = dir.join(&format!("{name}.stderr"));
         let stderr = File::create(&stderr_path).expect("create stderr file");
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(stdout)
             .stderr(stderr);
         let child = spawn_retrying_etxtbsy(&mut cmd);
