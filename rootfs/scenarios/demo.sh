@@ -1,24 +1,31 @@
-# demo: what `scripts/demo.sh` shows on a host whose KVM cannot run Linux: molt
-# live-updates a running Debian guest three ways. The guest has 2 vCPUs, a disk
+# demo: the live-update tour `scripts/demo.sh` shows: molt live-updates a
+# running Debian guest three ways. It runs in L2 (the nested lab, where the
+# host's KVM cannot run Linux) and directly on a host whose KVM can: there
+# scripts/demo.sh lays out L2's /lab under target/demo/lab (LAB_DIR), gives the
+# tour a directory of its own for /run (RUN_DIR) and the RAM file (DEMO_RAM),
+# and puts LAB_DIR/bin first on PATH. The guest has 2 vCPUs, a disk
 # and a NIC, and runs lib/cpr.sh's workload: a counter on its console, numbered
 # records on its disk and a TCP connection exchanging numbered messages with
-# this host (L2). Then, each with molt's reply, its pause and molt's PID:
-#   1. cpr-exec into a second build (/lab/bin/molt-next): same PID;
+# this host (L2, or the host itself). Then, each with molt's reply, its pause
+# and molt's PID:
+#   1. cpr-exec into a second build (LAB_DIR/bin/molt-next): same PID;
 #   2. cpr-transfer to a molt started beside it: a new PID, the old one exits;
 #   3. cpr-save, the old molt exits, `molt run ... --incoming file:` resumes
-#      it (guest RAM stays in the /dev/shm --mem-file).
+#      it (guest RAM stays in the --mem-file DEMO_RAM, on /dev/shm).
 # At the end: the counter ran on as one sequence, the records and the TCP
 # stream have no gap or repeat, and the guest powers off. Lines for the user
 # start with DEMO; the checks are LAB-RESULTs like every scenario's.
 # lab-needs: molt-next
-. /lab/lib/common.sh
-. /lab/lib/devices.sh
-. /lab/lib/cpr.sh
+. "${LAB_DIR:-/lab}/lib/common.sh"
+. "$LAB_DIR/lib/devices.sh"
+. "$LAB_DIR/lib/cpr.sh"
 
 say() { echo "DEMO: $*"; }
-IMG=/tmp/disk.img
-STATE=/run/state
-NEXT=/lab/bin/molt-next
+IMG=$RUN_DIR/disk.img
+STATE=$RUN_DIR/state
+RAM=${DEMO_RAM:-/dev/shm/ram}
+MOLT=$LAB_DIR/bin/molt
+NEXT=$LAB_DIR/bin/molt-next
 t_start=$(now_ms)
 
 # progress: the counter's last value and the TCP messages the host has had.
@@ -39,15 +46,15 @@ update_step() {
     say "   the guest runs on: $(progress)"
 }
 
-rm -f /dev/shm/ram
+rm -f "$RAM"
 if cpr_tap_up; then check tap yes yes; else check tap no yes; fi
 truncate -s 64M "$IMG"
 tcp_server_start
-run_args --mem-file /dev/shm/ram --disk "$IMG" --net "tap=$TAP,mac=$GUEST_MAC" > /run/argv
+run_args --mem-file "$RAM" --disk "$IMG" --net "tap=$TAP,mac=$GUEST_MAC" > "$RUN_DIR/argv"
 set --
-while IFS= read -r a; do set -- "$@" "$a"; done < /run/argv
+while IFS= read -r a; do set -- "$@" "$a"; done < "$RUN_DIR/argv"
 say "molt run $*"
-cpr_vmm_start /run/guest1.log molt run "$@"
+cpr_vmm_start "$RUN_DIR/guest1.log" "$MOLT" run "$@"
 if ! guest_ready "$VMM_LOG"; then
     kill -9 "$VMM_PID" 2>/dev/null
     dump_cpr guest
@@ -63,28 +70,28 @@ msgs_before=$(server_field msgs)
 
 if [ "$LAB_FAILED" = 0 ]; then
     pid=$VMM_PID
-    reply=$(molt ctl "$SOCK" cpr-exec $NEXT 2>&1)
+    reply=$(molt ctl "$SOCK" cpr-exec "$NEXT" 2>&1)
     check exec_reply "${reply%% pause_us=*}" "ok resumed mode=exec"
-    update_step 1 "cpr-exec $NEXT (version $(version $NEXT))" "$reply" "$pid"
+    update_step 1 "cpr-exec $NEXT (version $(version "$NEXT"))" "$reply" "$pid"
     check exec_same_pid "$(field pid "$(molt ctl "$SOCK" status)")" "$pid"
 fi
-if [ "$LAB_FAILED" = 0 ] && start_incoming /lab/bin/molt /run/molt-new.err; then
+if [ "$LAB_FAILED" = 0 ] && start_incoming "$MOLT" "$RUN_DIR/molt-new.err"; then
     pid=$VMM_PID
-    reply=$(molt ctl "$SOCK" cpr-transfer $XFER 2>&1)
+    reply=$(molt ctl "$SOCK" cpr-transfer "$XFER" 2>&1)
     check transfer_reply "${reply%% pause_us=*}" "ok resumed mode=transfer"
     wait_exit "$pid" 30
     check transfer_old_exit "$EXIT_RC" 0
     VMM_PID=$NEW_PID
-    update_step 2 "cpr-transfer to a molt (version $(version /lab/bin/molt)) waiting on --incoming unix:$XFER" "$reply" "$pid"
+    update_step 2 "cpr-transfer to a molt (version $(version "$MOLT")) waiting on --incoming unix:$XFER" "$reply" "$pid"
     check transfer_new_pid "$(field pid "$(molt ctl "$SOCK" status)")" "$NEW_PID"
 elif [ "$LAB_FAILED" = 0 ]; then
     fail transfer_incoming "the new molt did not listen on $XFER"
 fi
 if [ "$LAB_FAILED" = 0 ] && cpr_save "$STATE"; then
     pid=$VMM_PID
-    say "3. cpr-save $STATE: the old molt exited 0; guest RAM stays in /dev/shm/ram"
+    say "3. cpr-save $STATE: the old molt exited 0; guest RAM stays in $RAM"
     say "   reply: $SAVE_REPLY"
-    cpr_vmm_start /run/guest2.log molt run "$@" --incoming "file:$STATE"
+    cpr_vmm_start "$RUN_DIR/guest2.log" "$MOLT" run "$@" --incoming "file:$STATE"
     say "   molt run ... --incoming file:$STATE"
     if cpr_resumed; then
         say "   resumed: $(grep -m1 'resumed from' "$VMM_LOG.err" | sed 's/.*resumed/resumed/')"
@@ -96,8 +103,8 @@ fi
 
 if [ "$LAB_FAILED" = 0 ]; then
     workload_checks same "$msgs_before"
-    count_checks /run/guest1.log /run/guest2.log
-    say "after three updates: counter $(first_count /run/guest1.log) to $(tr -d '\r' < "$VMM_LOG" | sed -n 's/^GUEST-COUNT //p' | tail -n 1) with no gap or repeat;" \
+    count_checks "$RUN_DIR/guest1.log" "$RUN_DIR/guest2.log"
+    say "after three updates: counter $(first_count "$RUN_DIR/guest1.log") to $(tr -d '\r' < "$VMM_LOG" | sed -n 's/^GUEST-COUNT //p' | tail -n 1) with no gap or repeat;" \
         "$GUEST_RECORDS records on disk, TCP message $(server_field last) on one connection, none lost"
     say "guest\$ poweroff"
     cpr_finish "$IMG"

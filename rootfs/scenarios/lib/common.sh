@@ -1,6 +1,11 @@
 # Helpers for lab scenarios (sourced; busybox ash inside L2).
 # A scenario prints `LAB-RESULT name=value` per check and ends with `lab_end`.
 
+# Where molt, the lab's tools (bin/), these helpers (lib/), the guest kernel
+# (vmlinuz) and initramfs (guest.cpio.gz) are: /lab in L2. scripts/demo.sh
+# lays the same out under target/demo/lab to run the demo tour on a host.
+LAB_DIR=${LAB_DIR:-/lab}
+
 # The one place the L3 guest's kernel command line is spelled out.
 # quiet: the console is a 16550 under nested emulation, every byte costs.
 GUEST_CMDLINE="console=ttyS0 panic=-1 quiet"

@@ -7,13 +7,16 @@
 # L2 stamps every GUEST-COUNT line as it leaves molt (labcpr stamp), so the
 # guest-visible pause is the largest gap between two stamped lines.
 
-SOCK=/run/molt.sock
+# Where the helpers keep their files: /run in L2 (scripts/demo.sh gives the
+# demo tour a directory of its own on a host).
+RUN_DIR=${RUN_DIR:-/run}
+SOCK=$RUN_DIR/molt.sock
 CPR_PORT=7000
 COUNT_MS=${COUNT_MS:-100}
-SERVER_STATUS=/run/tcp-server.status
+SERVER_STATUS=$RUN_DIR/tcp-server.status
 # The stamp file (TSC, CLOCK_MONOTONIC, n per GUEST-COUNT line); a scenario
 # that crosses a kexec puts it on persistent memory.
-STAMPS=/run/counts.ts
+STAMPS=$RUN_DIR/counts.ts
 
 # cpr_vmm_start LOG CMD...: vmm_start, with the console going through
 # `labcpr stamp` into LOG (and the GUEST-COUNT stamps into $STAMPS).
@@ -34,25 +37,25 @@ cpr_vmm_start() {
 # one per line (the form molt-upgrade's ARGV file takes; read it back with
 # `while IFS= read -r a; do set -- "$@" "$a"; done`).
 run_args() {
-    printf '%s\n' --kernel /lab/vmlinuz --initrd /lab/guest.cpio.gz \
+    printf '%s\n' --kernel "$LAB_DIR/vmlinuz" --initrd "$LAB_DIR/guest.cpio.gz" \
         --cmdline "$DEVICE_CMDLINE" --serial stdio --cpus 2 --mem 256M "$@" \
         --control "$SOCK"
 }
 
 # Where a new process waits to be handed the guest (cpr-transfer).
-XFER=/run/molt-incoming.sock
+XFER=$RUN_DIR/molt-incoming.sock
 
 # version BIN: the VERSION of `molt version` ("molt VERSION state-formats=N").
 version() { "$1" version 2>&1 | awk '{ print $2 }'; }
 
 # start_incoming BIN ERRLOG: start BIN with the scenario's run arguments
-# (/run/argv, from run_args) plus --incoming unix:$XFER; it waits there to be
+# ($RUN_DIR/argv, from run_args) plus --incoming unix:$XFER; it waits there to be
 # handed the guest.
 # Sets NEW_PID; returns 1 if its socket did not appear within 60 s.
 start_incoming() {
     _bin=$1 _err=$2
     set --
-    while IFS= read -r a; do set -- "$@" "$a"; done < /run/argv
+    while IFS= read -r a; do set -- "$@" "$a"; done < "$RUN_DIR/argv"
     rm -f $XFER
     # The console comes with the handover: this process's own stdio is unused.
     "$_bin" run "$@" --incoming "unix:$XFER" < /dev/null > "$_err.out" 2> "$_err" &
@@ -68,7 +71,7 @@ start_incoming() {
 # tcp_server_start: the L2 end of the guest's TCP connection.
 tcp_server_start() {
     rm -f "$SERVER_STATUS"
-    labtcp server "$CPR_PORT" "$SERVER_STATUS" > /run/tcp-server.log 2>&1 &
+    labtcp server "$CPR_PORT" "$SERVER_STATUS" > "$RUN_DIR/tcp-server.log" 2>&1 &
     SERVER_PID=$!
 }
 
@@ -216,7 +219,7 @@ workload_checks() {
     echo "LAB-INFO guest TCP client: $_tcp"
     gout WL-TCPLOG | sed 's/^/LAB-INFO guest TCP log: /'
     echo "LAB-INFO L2 TCP server: $(cat "$SERVER_STATUS" 2>/dev/null)"
-    sed 's/^/LAB-INFO L2 TCP server log: /' /run/tcp-server.log
+    sed 's/^/LAB-INFO L2 TCP server log: /' "$RUN_DIR/tcp-server.log"
     result records "$(field records "$_rec")"
     check records_clean "$(field gaps "$_rec")/$(field dups "$_rec")/$(field bad "$_rec")" 0/0/0
     GUEST_RECORDS=$(field last "$_rec")
@@ -245,10 +248,10 @@ workload_checks() {
 # the records file from the disk image itself.
 disk_records_check() {
     modprobe loop 2>/dev/null
-    mkdir -p /mnt/img
-    if mount -o ro -t ext4 "$1" /mnt/img 2>/dev/null; then
-        _r=$(labcpr check /mnt/img/records 2>&1)
-        umount -d /mnt/img
+    mkdir -p "$RUN_DIR/img"
+    if mount -o ro -t ext4 "$1" "$RUN_DIR/img" 2>/dev/null; then
+        _r=$(labcpr check "$RUN_DIR/img/records" 2>&1)
+        umount -d "$RUN_DIR/img"
         echo "LAB-INFO records on the disk image: $_r"
         check disk_records_clean "$(field gaps "$_r")/$(field dups "$_r")/$(field bad "$_r")" 0/0/0
         check disk_records_match "$([ "$(field last "$_r")" = "${GUEST_RECORDS:-x}" ] && echo yes || echo no)" yes

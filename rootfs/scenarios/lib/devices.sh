@@ -23,7 +23,7 @@ DEVICE_CMDLINE="$GUEST_CMDLINE sysctl.kernel.hung_task_timeout_secs=20"
 # Returns 1 (after reporting) if the guest did not get there.
 molt_boot() {
     _log=$1; shift
-    vmm_start "$_log" molt run --kernel /lab/vmlinuz --initrd /lab/guest.cpio.gz \
+    vmm_start "$_log" molt run --kernel "$LAB_DIR/vmlinuz" --initrd "$LAB_DIR/guest.cpio.gz" \
         --cmdline "$DEVICE_CMDLINE" --serial stdio "$@"
     guest_ready "$_log"
 }
@@ -84,10 +84,12 @@ guest_poweroff() {
     check "$1" "$EXIT_RC" 0
 }
 
-# tap_up: the persistent tap the guest's NIC attaches to, addressed on L2's side.
+# tap_up: the persistent tap the guest's NIC attaches to, addressed on L2's side
+# (busybox has tunctl; a host has iproute2).
 tap_up() {
-    modprobe tun || return 1
-    [ -d /sys/class/net/$TAP ] || tunctl -t "$TAP" >/dev/null || return 1
+    [ -c /dev/net/tun ] || modprobe tun || return 1
+    [ -d /sys/class/net/$TAP ] || tunctl -t "$TAP" >/dev/null 2>&1 ||
+        ip tuntap add dev "$TAP" mode tap || return 1
     ip link set "$TAP" up && ip addr add "$HOST_IP/24" dev "$TAP" 2>/dev/null
     ip link show "$TAP" >/dev/null
 }
