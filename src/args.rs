@@ -104,7 +104,7 @@ pub struct RunArgs {
     /// back guest RAM with this shared file instead of a memfd
     #[argh(option)]
     pub mem_file: Option<PathBuf>,
-    /// console: stdio, file:PATH or none (default stdio)
+    /// console: stdio (a terminal is raw until the guest ends, across updates), file:PATH or none (default stdio)
     #[argh(option, default = "SerialConfig::Stdio", from_str_fn(parse_serial))]
     pub serial: SerialConfig,
     /// create the control socket at this path
