@@ -524,6 +524,22 @@ fn demo_live_updates_a_working_guest_three_ways() {
     expect_restart_kept_everything(&r);
 }
 
+/// scripts/demo.sh's direct path, on a host whose KVM runs Linux (none of the
+/// project's machines): the same tour, with L2's /lab laid out elsewhere
+/// (LAB_DIR), its files and RAM file in places of their own, and L2's /lab and
+/// /run hidden, so that it uses nothing only L2 has.
+#[test]
+fn demo_tour_runs_as_on_a_host_with_l2s_own_paths_hidden() {
+    let Some(r) = run_scenario("demo-host") else {
+        return;
+    };
+    expect(&r, "l2_paths_hidden", "0/0");
+    expect(&r, "exec_reply", "ok resumed mode=exec");
+    expect(&r, "transfer_reply", "ok resumed mode=transfer");
+    expect(&r, "transfer_old_exit", "0");
+    expect_restart_kept_everything(&r);
+}
+
 #[test]
 fn reboot_mode_restart_keeps_guest_ram_in_tmpfs_file_and_tcp_connection() {
     let Some(r) = run_scenario("cpr-restart") else {
