@@ -71,15 +71,14 @@ cleanup() {
     [[ $had_tap == 1 ]] || "${sudo[@]}" ip link del molt0 2>/dev/null || true
 }
 trap cleanup EXIT
+# Ctrl-C reaches the tour and its molts too (one process group); then clean up.
+trap 'exit 130' INT TERM
 echo "demo: the live-update tour on this host's KVM (log: $work/tour.log)"
 "${sudo[@]}" env PATH="$lab/bin:$PATH" LAB_DIR="$lab" RUN_DIR="$run" DEMO_RAM="$ram" \
-    sh rootfs/scenarios/demo.sh > "$work/tour.log" 2>&1 &
-tour=$!
-tail -n +1 -f --pid=$tour "$work/tour.log" | shown || true
-wait $tour || true
+    sh rootfs/scenarios/demo.sh 2>&1 | tee "$work/tour.log" | shown || true
 grep -q 'LAB-END status=pass' "$work/tour.log" || { echo "demo: the tour failed: see $work/tour.log"; exit 1; }
 cleanup
-trap - EXIT
+trap - EXIT INT TERM
 
 # The console, handed to the user: the same guest, booted again on this terminal.
 [[ -f $work/disk.img ]] || truncate -s 64M "$work/disk.img"
