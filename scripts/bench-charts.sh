@@ -14,6 +14,10 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=$repo/target/bench
 mkdir -p "$out"
-flock /tmp/molt-lab.lock "$repo/scripts/bench-update.sh" | tee "$out/update.md"
-flock /tmp/molt-lab.lock "$repo/scripts/bench-blackout.sh" "${BLACKOUT_SIZES:-256M,1G}" | tee "$out/blackout.md"
-"$repo/scripts/bench-libc.sh" | tee "$out/libc.md"
+# One failing benchmark does not keep the others from running; the status
+# says whether all of them worked.
+status=0
+flock /tmp/molt-lab.lock "$repo/scripts/bench-update.sh" | tee "$out/update.md" || status=1
+flock /tmp/molt-lab.lock "$repo/scripts/bench-blackout.sh" "${BLACKOUT_SIZES:-256M,1G}" | tee "$out/blackout.md" || status=1
+"$repo/scripts/bench-libc.sh" | tee "$out/libc.md" || status=1
+exit $status
