@@ -204,7 +204,11 @@ measure() {
     [ "$PAUSE_US" = pending ] &&
         PAUSE_US=$(grep 'resumed from' "$VMM_LOG.err" | tail -n 1 | sed -n 's/.*pause_us=\([0-9]*\).*/\1/p')
     _g=$(field max_gap_us "$_w")
-    echo "LAB-INFO $SIZE $1 run $2: $_w molt_pause_us=${PAUSE_US:--}"
+    # QEMU's own figure for the last migration: the source's downtime (VM
+    # stopped to migration completed; without the restart in the qemu flow).
+    _q=
+    [ -n "${QMON_LOG:-}" ] && _q=" qemu_downtime_ms=$(grep -a '^downtime:' "$QMON_LOG" | tail -n 1 | tr -dc 0-9)"
+    echo "LAB-INFO $SIZE $1 run $2: $_w molt_pause_us=${PAUSE_US:--}$_q"
     result "blackout_${SIZE}_${1}_run$2" "$((_g / 1000)) lost=$(field lost "$_w") pause_us=${PAUSE_US:--}"
     echo "$_g" >> /run/bb.$SIZE.$1
     echo "$(field lost "$_w")" >> /run/bb.$SIZE.$1.lost
@@ -279,6 +283,7 @@ for SIZE in $SIZES; do
         # Both ends held read-write here: neither QEMU nor the readers ever
         # block or see EOF when a QEMU process goes.
         exec 4<> $QMON.a.in 5<> $QMON.a.out 6<> $QMON.b.in 7<> $QMON.b.out
+        QMON_LOG=/run/qmon-$qflow-$SIZE.log
         cat <&5 >> /run/qmon-$qflow-$SIZE.log &
         CAT_A=$!
         cat <&7 >> /run/qmon-$qflow-$SIZE.log &
