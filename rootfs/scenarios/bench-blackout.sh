@@ -21,9 +21,10 @@
 # pre-started destination opens its tap while the source still holds it, so
 # qmig's QEMUs use a multi-queue tap instead: the first QEMU creates it with
 # queues=2 (busybox has no tool that creates one), each later one attaches two
-# more queues of it by name, and L2's address moves to it for that guest. The
-# virtio-net device is not multi-queue, so each QEMU detaches its second queue
-# (TUNSETQUEUE) and uses one. Needs the image with QEMU
+# more queues of it by name, and L2's address moves to it for that guest (the
+# virtio-net device is single-queue: its frames use the first of the two). A
+# second tap bridged to the first would do too, but needs the bridge module in
+# the L2 image. Needs the image with QEMU
 # (MOLT_LAB_WITH_QEMU=1; scripts/bench-blackout.sh). Parameters (molt.env.*):
 # RUNS (5), SIZES (comma-separated, default 256M; scripts/bench-blackout.sh
 # passes one size per L2 boot, see there), FLOWS (comma-separated, default all
