@@ -19,5 +19,5 @@ mkdir -p "$out"
 status=0
 flock /tmp/molt-lab.lock "$repo/scripts/bench-update.sh" | tee "$out/update.md" || status=1
 flock /tmp/molt-lab.lock "$repo/scripts/bench-blackout.sh" "${BLACKOUT_SIZES:-256M,1G}" | tee "$out/blackout.md" || status=1
-"$repo/scripts/bench-libc.sh" | tee "$out/libc.md" || status=1
+flock /tmp/molt-lab.lock "$repo/scripts/bench-libc.sh" | tee "$out/libc.md" || status=1
 exit $status

@@ -3,8 +3,8 @@
 # both release binaries (x86_64-unknown-linux-musl, the default, and
 # x86_64-unknown-linux-gnu with crt-static), then runs scripts/bench-update.sh
 # on each in turn, exec and transfer, 1 and 8 vCPUs at 256 MiB, RUNS updates
-# (20) per column, under the lab lock (taken here, after the builds: one
-# benchmark or lab at a time on this machine). Prints a markdown table of
+# (20) per column. Run it under the lab lock, as every benchmark:
+# `flock /tmp/molt-lab.lock scripts/bench-libc.sh`. Prints a markdown table of
 # pause_us, min / median / max, and each binary's size; the full phase tables
 # go to target/bench/libc-BUILD.md. Needs the musl target (scripts/setup.sh).
 # Environment: RUNS (20), CPUS ("1 8"), MODES ("exec transfer").
@@ -18,12 +18,11 @@ for b in $builds; do
 done
 charts=$(mktemp -d)
 trap 'rm -rf "$charts"' EXIT
-flock /tmp/molt-lab.lock bash -c '
-    for b in '"$builds"'; do
-        MOLT_BIN=$0/target/x86_64-unknown-linux-$b/release/molt CHARTS=$1 SIZES=256M \
-            CPUS=${CPUS:-"1 8"} MODES=${MODES:-"exec transfer"} RUNS=${RUNS:-20} \
-            "$0/scripts/bench-update.sh" > "$2/libc-$b.md"
-    done' "$repo" "$charts" "$out"
+for b in $builds; do
+    MOLT_BIN=$repo/target/x86_64-unknown-linux-$b/release/molt CHARTS=$charts SIZES=256M \
+        CPUS=${CPUS:-"1 8"} MODES=${MODES:-"exec transfer"} RUNS=${RUNS:-20} \
+        "$repo/scripts/bench-update.sh" >"$out/libc-$b.md"
+done
 # The pause_us row of each mode's table, one table row per build and mode.
 cols=$(sed -n 's/^| | \(.*\) |$/\1/p' "$out/libc-musl.md" | head -n 1)
 echo "| build | size (bytes) | mode | $cols |"
