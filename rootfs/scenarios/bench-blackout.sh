@@ -162,7 +162,7 @@ qemu_ignore_shared() { echo "migrate_set_capability x-ignore-shared on" >&$1; }
 # pipes $QMON.a and $QMON.b) and swap roles at every update; SRC_FD is the
 # running one's monitor.
 prepare_qmig() {
-    [ "$SRC_FD" = 4 ] && { DST_FD=6 DST_MON=$QMON.b; } || { DST_FD=4 DST_MON=$QMON.a; }
+    if [ "$SRC_FD" = 4 ]; then DST_FD=6 DST_MON=$QMON.b; else DST_FD=4 DST_MON=$QMON.a; fi
     rm -f $QMIG
     _src=$VMM_PID
     launch "$QEMU_CMD -monitor pipe:$DST_MON -incoming defer"
