@@ -35,4 +35,4 @@ for b in $builds; do
     ' "$out/libc-$b.md"
 done
 echo
-echo "pause_us, min / **median** / max of ${RUNS:-20} updates; full tables: $out/libc-*.md; $(tail -n 1 "$out/libc-musl.md" | sed 's/;.*//')."
+echo "pause_us, min / **median** / max of ${RUNS:-20} updates; full tables: $out/libc-*.md; $(grep -m 1 'CPUs; counting guest' "$out/libc-musl.md" | sed 's/;.*//')."
