@@ -3,10 +3,12 @@
 # shared/LAB.md: the guest sends a numbered UDP datagram every 1 ms to L2 over
 # virtio-net; the largest gap in their arrival across an update is the
 # blackout. molt's exec, transfer and reboot mode (cpr-save, start again with
-# --incoming file:, RAM on /dev/shm) against QEMU 7.2's x-ignore-shared
-# restart, RUNS updates each (rootfs/scenarios/bench-blackout.sh does the work
-# in L2). Prints a markdown table: median (min-max) ms, ratio of medians to
-# QEMU's, datagrams lost. A benchmark, not a test: it passes as long as every
+# --incoming file:, RAM on /dev/shm) against QEMU 7.2 with x-ignore-shared in
+# two flows: restart (save to a file, quit, start again) and pre-started
+# migration (the destination started beforehand with -incoming defer, migrate
+# over a unix socket); RUNS updates each (rootfs/scenarios/bench-blackout.sh
+# does the work in L2). Prints a markdown table: median (min-max) ms, ratio of
+# medians to each QEMU flow's, datagrams lost. A benchmark, not a test: it passes as long as every
 # update worked. Absolute numbers are inflated by TCG emulation: compare the
 # rows with each other, not with numbers from elsewhere.
 # Usage: scripts/bench-blackout.sh [SIZES]   SIZES: comma-separated guest RAM

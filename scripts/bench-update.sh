@@ -23,10 +23,20 @@
 # mode: RAM stays in place, the state file goes next to it); untouched pages
 # cost nothing, so 16 GiB is cheap.
 #
+# Then it draws two charts with scripts/svg-chart.sh, min / median / max in ms
+# on a logarithmic scale (exec's pause is ten times transfer's):
+#   CHARTS/pause-ram.svg     each mode's pause against guest RAM (1 vCPU)
+#   CHARTS/pause-vcpus.svg   each mode's pause against vCPUs (the first size),
+#                            with the floors dashed (reboot mode's floor is
+#                            exec's, measured again: only exec's is drawn when
+#                            both ran)
+#
 # Environment: MOLT_BIN (default: cargo build --release and use that), RUNS
 # (20), CPUS ("1 2 4 8 16", with the first size), SIZES ("256M 4G 16G", the
 # others with 1 vCPU), MODES ("exec transfer reboot"), KEEP (set: keep the
-# scratch directory with every log and serial output). The binary is copied to
+# scratch directory with every log and serial output), CHARTS (the charts'
+# directory, default scripts/charts: the ones the README shows; a partial run
+# should write elsewhere). The binary is copied to
 # a scratch directory first: exec mode re-executes it by path, so a concurrent
 # rebuild must not replace it.
 set -euo pipefail
@@ -287,3 +297,56 @@ for mode in $modes; do
     echo
 done
 echo "$(uname -r); $(nproc) CPUs; counting guest; $("$molt" version)."
+
+# points: the charts' data (scripts/svg-chart.sh's lines) from every mode's
+# rows, min / median / max in ms: pause_us of the 1-vCPU columns against RAM
+# into $work/ram.points; pause_us and the floor of the first size's columns
+# against vCPUs into $work/vcpus.points.
+points() {
+    local mode
+    for mode in $modes; do
+        awk -F'|' -v mode="$mode" -v first="$first" -v floors="$1" -v dir="$work" '
+            {
+                split($1, c, /( vCPU, )/)
+                n = split($2, ph, ",")
+                for (i = 1; i <= n; i++) {
+                    split(ph[i], kv, ":")
+                    if (kv[1] != "pause_us" && kv[1] != "floor") continue
+                    if (!(($1, kv[1]) in val)) { cols[++k] = $1 SUBSEP kv[1]; cpus[k] = c[1]; size[k] = c[2]; key[k] = kv[1] }
+                    val[$1, kv[1]] = val[$1, kv[1]] " " kv[2]
+                }
+            }
+            function mib(s) { return s ~ /G$/ ? s * 1024 : s + 0 }
+            function gib(s) { return s ~ /G$/ ? (s + 0) " GiB" : (s + 0) " MiB" }
+            function emit(file, series, x, label, list,   n, v, i, j, t, m) {
+                n = split(list, v, " ")
+                for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+                m = (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+                printf "%s\t%s\t%s\t%.3f\t%.3f\t%.3f\n", series, x, label, v[1] / 1000, m / 1000, v[n] / 1000 >> file
+            }
+            END {
+                for (i = 1; i <= k; i++) {
+                    if (key[i] == "pause_us" && cpus[i] == 1)
+                        emit(dir "/ram.points", mode, mib(size[i]), gib(size[i]), val[cols[i]])
+                    if (size[i] != first) continue
+                    if (key[i] == "pause_us")
+                        emit(dir "/vcpus.points", mode, cpus[i], cpus[i], val[cols[i]])
+                    else if (index(" " floors " ", " " mode " "))
+                        emit(dir "/vcpus.floor", mode " floor", cpus[i], cpus[i], val[cols[i]])
+                }
+            }' "$work/$mode.rows"
+    done
+}
+floors=$modes
+[[ " $modes " == *" exec "* ]] && floors=${floors/reboot/}
+points "$floors"
+charts=${CHARTS:-$repo/scripts/charts}
+mkdir -p "$charts"
+chart() {
+    [[ -s $1 ]] || return 0
+    LOGX=1 LOGY=1 DASH=' floor$' "$repo/scripts/svg-chart.sh" "$charts/$2" "$3" "$4" "pause (ms)" lines <"$1"
+    echo "Chart: $charts/$2"
+}
+[[ -s $work/vcpus.floor ]] && cat "$work/vcpus.floor" >>"$work/vcpus.points"
+chart "$work/ram.points" pause-ram.svg "Pause against guest RAM (1 vCPU, tiny guest, $runs updates)" "guest RAM"
+chart "$work/vcpus.points" pause-vcpus.svg "Pause against vCPUs ($first, tiny guest, $runs updates; dashed: floor)" "vCPUs"

@@ -11,18 +11,31 @@
 #   qemu      QEMU 7.2 with RAM on memory-backend-file,share=on and
 #             x-ignore-shared: migrate to a file, quit, start again with
 #             -incoming defer + migrate_incoming (HMP over a pipe chardev)
-# molt's three flows run on one guest, QEMU's on another; the tap is persistent
-# (QEMU and molt's reboot mode reopen it by name). Needs the image with QEMU
+#   qmig      QEMU 7.2 pre-started migration: the destination QEMU is started
+#             beforehand with -incoming defer on the same RAM file,
+#             x-ignore-shared on both sides, migrate_incoming unix:; the
+#             update is `migrate unix:` on the source, then the source quits
+# molt's three flows run on one guest, each QEMU flow on a guest of its own.
+# molt and the QEMU restart use a persistent tap (molt's reboot mode and QEMU
+# reopen it by name). A single-queue tap takes one opener at a time, and the
+# pre-started destination opens its tap while the source still holds it, so
+# qmig's QEMUs use a multi-queue tap instead: the first QEMU creates it with
+# queues=2 (busybox has no tool that creates one), each later one attaches two
+# more queues of it by name, and L2's address moves to it for that guest (the
+# virtio-net device is single-queue: its frames use the first of the two). A
+# second tap bridged to the first would do too, but needs the bridge module in
+# the L2 image. Needs the image with QEMU
 # (MOLT_LAB_WITH_QEMU=1; scripts/bench-blackout.sh). Parameters (molt.env.*):
 # RUNS (5), SIZES (comma-separated, default 256M; scripts/bench-blackout.sh
-# passes one size per L2 boot, see there).
+# passes one size per L2 boot, see there), FLOWS (comma-separated, default all
+# five: fewer to debug one).
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
 . /lab/lib/qemu.sh
 
 RUNS=${RUNS:-5}
 SIZES=$(echo "${SIZES:-256M}" | tr ',' ' ')
-FLOWS="exec transfer reboot qemu"
+FLOWS=$(echo "${FLOWS:-exec,transfer,reboot,qemu,qmig}" | tr ',' ' ')
 UDP_PORT=7100
 UDP=/run/udp
 SOCK=/run/molt.sock
@@ -30,6 +43,8 @@ XFER=/run/molt-incoming.sock
 STATE=/dev/shm/molt.state
 QSTATE=/dev/shm/qemu.state
 QMON=/run/qmon
+QMIG=/run/qemu-migrate.sock
+QTAP=qtap0
 # After an update, this many datagrams must have arrived before the window
 # closes (the guest sends about one per ms when it runs).
 AFTER=500
@@ -135,12 +150,43 @@ update_qemu() {
     # The destination must have the capability too (QEMU checks that both
     # sides agree), and 7.2 has no command-line switch for it: -incoming
     # defer, then set it and start the incoming migration from the monitor.
-    launch "$QEMU_CMD -incoming defer"
-    qemu_ignore_shared
+    launch "$QEMU_CMD -monitor pipe:$QMON.a -incoming defer"
+    qemu_ignore_shared 4
     echo "migrate_incoming \"exec:cat $QSTATE\"" >&4
     PAUSE_US=
 }
-qemu_ignore_shared() { echo "migrate_set_capability x-ignore-shared on" >&4; }
+# qemu_ignore_shared FD: set the capability through the monitor on FD.
+qemu_ignore_shared() { echo "migrate_set_capability x-ignore-shared on" >&$1; }
+
+# The pre-started migration: the two QEMUs have a monitor each (fds 4 and 6,
+# pipes $QMON.a and $QMON.b) and swap roles at every update; SRC_FD is the
+# running one's monitor.
+prepare_qmig() {
+    if [ "$SRC_FD" = 4 ]; then DST_FD=6 DST_MON=$QMON.b; else DST_FD=4 DST_MON=$QMON.a; fi
+    rm -f $QMIG
+    _src=$VMM_PID
+    launch "$QEMU_CMD -monitor pipe:$DST_MON -incoming defer"
+    NEW_PID=$VMM_PID VMM_PID=$_src
+    qemu_ignore_shared $DST_FD
+    echo "migrate_incoming unix:$QMIG" >&$DST_FD
+    _i=0
+    while [ ! -S $QMIG ]; do
+        _i=$((_i + 1))
+        [ $_i -le 600 ] && alive "$NEW_PID" || { kill "$NEW_PID" 2>/dev/null; return 1; }
+        sleep 0.05
+    done
+}
+update_qmig() {
+    # HMP's migrate returns once the migration has ended (the destination
+    # resumes the guest by itself: no -S); then the source quits.
+    echo "migrate unix:$QMIG" >&$SRC_FD
+    echo "info migrate" >&$SRC_FD
+    echo "quit" >&$SRC_FD
+    wait_exit "$VMM_PID" 60
+    [ "$EXIT_RC" = 0 ] || echo "LAB-INFO source QEMU after migrate: exit $EXIT_RC"
+    VMM_PID=$NEW_PID SRC_FD=$DST_FD
+    PAUSE_US=
+}
 
 # measure FLOW RUN: one update, its window's line into the results.
 measure() {
@@ -159,7 +205,11 @@ measure() {
     [ "$PAUSE_US" = pending ] &&
         PAUSE_US=$(grep 'resumed from' "$VMM_LOG.err" | tail -n 1 | sed -n 's/.*pause_us=\([0-9]*\).*/\1/p')
     _g=$(field max_gap_us "$_w")
-    echo "LAB-INFO $SIZE $1 run $2: $_w molt_pause_us=${PAUSE_US:--}"
+    # QEMU's own figure for the last migration: the source's downtime (VM
+    # stopped to migration completed; without the restart in the qemu flow).
+    _q=
+    [ -n "${QMON_LOG:-}" ] && _q=" qemu_downtime_ms=$(grep -a '^downtime:' "$QMON_LOG" | tail -n 1 | tr -dc 0-9)"
+    echo "LAB-INFO $SIZE $1 run $2: $_w molt_pause_us=${PAUSE_US:--}$_q"
     result "blackout_${SIZE}_${1}_run$2" "$((_g / 1000)) lost=$(field lost "$_w") pause_us=${PAUSE_US:--}"
     echo "$_g" >> /run/bb.$SIZE.$1
     echo "$(field lost "$_w")" >> /run/bb.$SIZE.$1.lost
@@ -189,11 +239,11 @@ guest_sender() {
     result "$1_rate_per_s" $(( $(field recv "$_w") * 1000 / _ms ))
 }
 
-t_start=$(now_ms)
-if tap_up; then check tap yes yes; else check tap no yes; fi
+# wanted FLOW: FLOW is to be measured.
+wanted() { case " $FLOWS " in *" $1 "*) ;; *) return 1 ;; esac; }
 
-for SIZE in $SIZES; do
-    # ---- molt: exec, transfer, reboot on one guest ----
+# molt_flows: molt's exec, transfer and reboot mode on one guest of $SIZE.
+molt_flows() {
     rm -f /dev/shm/ram
     MOLT_CMD="molt run --kernel /lab/vmlinuz --initrd /lab/guest.cpio.gz --cmdline '$GUEST_CMDLINE'"
     MOLT_CMD="$MOLT_CMD --serial stdio --cpus 1 --mem $SIZE --mem-file /dev/shm/ram"
@@ -202,6 +252,7 @@ for SIZE in $SIZES; do
     launch "$MOLT_CMD"
     if guest_ready "$VMM_LOG" && guest_sender "molt_$SIZE"; then
         for flow in exec transfer reboot; do
+            wanted $flow || continue
             r=1
             while [ $r -le "$RUNS" ] && measure $flow $r; do r=$((r + 1)); done
             [ $r -le "$RUNS" ] && break
@@ -213,37 +264,71 @@ for SIZE in $SIZES; do
     result "molt_${SIZE}_exit" "$EXIT_RC"
     exec 3>&-
     rm -f /dev/shm/ram $STATE
+}
 
-    # ---- QEMU 7.2 x-ignore-shared ----
-    rm -f /dev/shm/qram $QMON.in $QMON.out
-    mkfifo $QMON.in $QMON.out
-    # Both ends held read-write here: neither QEMU nor the reader ever blocks
-    # or sees EOF when a QEMU process goes.
-    exec 4<> $QMON.in 5<> $QMON.out
-    cat <&5 >> /run/qmon-$SIZE.log &
-    CAT_PID=$!
-    QEMU_CMD="qemu-system-x86_64 $(qemu_args 1 "$SIZE") -append '$GUEST_CMDLINE'"
-    QEMU_CMD="$QEMU_CMD -object memory-backend-file,id=ram0,size=$SIZE,mem-path=/dev/shm/qram,share=on"
-    QEMU_CMD="$QEMU_CMD -machine memory-backend=ram0"
-    QEMU_CMD="$QEMU_CMD -netdev tap,id=n0,ifname=$TAP,script=no,downscript=no"
-    QEMU_CMD="$QEMU_CMD -device virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile="
-    QEMU_CMD="$QEMU_CMD -monitor pipe:$QMON"
-    console_open /run/qemu-$SIZE.log
-    launch "$QEMU_CMD"
-    qemu_ignore_shared
-    if guest_ready "$VMM_LOG" && guest_sender "qemu_$SIZE"; then
-        r=1
-        while [ $r -le "$RUNS" ] && measure qemu $r; do r=$((r + 1)); done
-        check "qemu_${SIZE}_migrations_completed" "$(grep -c 'Migration status: completed' /run/qmon-$SIZE.log)" $((r - 1))
-    fi
-    if [ "$LAB_FAILED" != 0 ]; then
-        dump qemu "$VMM_LOG" 40; dump qemu-stderr "$VMM_LOG.err" 40; dump qmon /run/qmon-$SIZE.log 40
-    fi
-    echo quit >&4
-    wait_exit "$VMM_PID" 30
-    kill "$CAT_PID" 2>/dev/null
-    exec 3>&- 4>&- 5>&-
-    rm -f /dev/shm/qram $QSTATE
+t_start=$(now_ms)
+if tap_up; then check tap yes yes; else check tap no yes; fi
+
+for SIZE in $SIZES; do
+    wanted exec || wanted transfer || wanted reboot && molt_flows
+
+    # ---- QEMU 7.2 x-ignore-shared: restart, then pre-started migration ----
+    QEMU_RAM="-object memory-backend-file,id=ram0,size=$SIZE,mem-path=/dev/shm/qram,share=on"
+    QEMU_RAM="$QEMU_RAM -machine memory-backend=ram0"
+    QEMU_NIC="-device virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile="
+    for qflow in qemu qmig; do
+        [ "$LAB_FAILED" != 0 ] && break
+        wanted $qflow || continue
+        rm -f /dev/shm/qram $QMON.a.in $QMON.a.out $QMON.b.in $QMON.b.out
+        mkfifo $QMON.a.in $QMON.a.out $QMON.b.in $QMON.b.out
+        # Both ends held read-write here: neither QEMU nor the readers ever
+        # block or see EOF when a QEMU process goes.
+        exec 4<> $QMON.a.in 5<> $QMON.a.out 6<> $QMON.b.in 7<> $QMON.b.out
+        QMON_LOG=/run/qmon-$qflow-$SIZE.log
+        cat <&5 >> /run/qmon-$qflow-$SIZE.log &
+        CAT_A=$!
+        cat <&7 >> /run/qmon-$qflow-$SIZE.log &
+        CAT_B=$!
+        QEMU_CMD="qemu-system-x86_64 $(qemu_args 1 "$SIZE") -append '$GUEST_CMDLINE' $QEMU_RAM $QEMU_NIC"
+        if [ $qflow = qemu ]; then
+            QEMU_CMD="$QEMU_CMD -netdev tap,id=n0,ifname=$TAP,script=no,downscript=no"
+        else
+            # vnet_hdr=off: the header's length is the tap's, not a queue's,
+            # and a QEMU starting sets it to 10 bytes while the running guest's
+            # virtio-net uses 12 (mergeable buffers): the source's frames went
+            # out garbled and the stream stopped until the migration.
+            QEMU_CMD="$QEMU_CMD -netdev tap,id=n0,ifname=$QTAP,queues=2,vnet_hdr=off,script=no,downscript=no"
+        fi
+        console_open /run/$qflow-$SIZE.log
+        launch "$QEMU_CMD -monitor pipe:$QMON.a"
+        SRC_FD=4
+        qemu_ignore_shared 4
+        ok=yes
+        if [ $qflow = qmig ]; then
+            # QEMU created the multi-queue tap: L2's address moves to it.
+            _i=0
+            while [ ! -d /sys/class/net/$QTAP ] && [ $_i -le 600 ]; do _i=$((_i + 1)); sleep 0.05; done
+            ip addr del "$HOST_IP/24" dev "$TAP" && ip link set $QTAP up &&
+                ip addr add "$HOST_IP/24" dev $QTAP || ok=no
+            check "qmig_${SIZE}_tap" $ok yes
+        fi
+        if [ $ok = yes ] && guest_ready "$VMM_LOG" && guest_sender "${qflow}_$SIZE"; then
+            r=1
+            while [ $r -le "$RUNS" ] && measure $qflow $r; do r=$((r + 1)); done
+            check "${qflow}_${SIZE}_migrations_completed" \
+                "$(grep -c 'Migration status: completed' /run/qmon-$qflow-$SIZE.log)" $((r - 1))
+        fi
+        if [ "$LAB_FAILED" != 0 ]; then
+            dump $qflow "$VMM_LOG" 40; dump $qflow-stderr "$VMM_LOG.err" 40
+            dump qmon /run/qmon-$qflow-$SIZE.log 40
+        fi
+        echo quit >&$SRC_FD
+        wait_exit "$VMM_PID" 30
+        [ $qflow = qmig ] && { ip addr add "$HOST_IP/24" dev "$TAP" 2>/dev/null || true; }
+        kill "$CAT_A" "$CAT_B" 2>/dev/null
+        exec 3>&- 4>&- 5>&- 6>&- 7>&-
+        rm -f /dev/shm/qram $QSTATE
+    done
 done
 [ -n "${RECV_PID:-}" ] && kill "$RECV_PID" 2>/dev/null
 
@@ -261,24 +346,35 @@ label() {
     transfer) echo "molt cpr-transfer (new molt started beforehand)" ;;
     reboot) echo "molt reboot mode: cpr-save, start again with --incoming file: (no kexec)" ;;
     qemu) echo "QEMU 7.2 x-ignore-shared: save to file, quit, start again" ;;
+    qmig) echo "QEMU 7.2 x-ignore-shared: destination started beforehand, migrate over a unix socket" ;;
     esac
 }
+# ratio US FLOW: US over FLOW's median at this SIZE, or - without FLOW.
+ratio() {
+    _a=$1
+    if [ -s /run/bb.$SIZE.$2 ] && ms /run/bb.$SIZE.$2 > /dev/null; then
+        awk -v a="$_a" -v b="$MED" 'BEGIN { printf "%.2fx", a / b }'
+    else
+        echo -
+    fi
+}
 head="| flow |" sep="|---|"
-for SIZE in $SIZES; do head="$head $SIZE: median ms (min-max) | vs QEMU | lost |"; sep="$sep---|---|---|"; done
+for SIZE in $SIZES; do
+    head="$head $SIZE: median ms (min-max) | vs QEMU restart | vs QEMU migration | lost |"
+    sep="$sep---|---|---|---|"
+done
 echo "LAB-TABLE $head"
 echo "LAB-TABLE $sep"
 for flow in $FLOWS; do
     row="| $(label $flow) |"
     for SIZE in $SIZES; do
-        [ -f /run/bb.$SIZE.qemu ] && ms /run/bb.$SIZE.qemu > /dev/null && qmed=$MED || qmed=
         if [ -f /run/bb.$SIZE.$flow ]; then
             cell=$(ms /run/bb.$SIZE.$flow)
             ms /run/bb.$SIZE.$flow > /dev/null
-            ratio=$( [ -n "$qmed" ] && awk -v a="$MED" -v b="$qmed" 'BEGIN { printf "%.2fx", a / b }' || echo -)
             lost=$(awk '{ s += $1 } END { print s + 0 }' /run/bb.$SIZE.$flow.lost)
-            row="$row $cell | $ratio | $lost |"
+            row="$row $cell | $(ratio "$MED" qemu) | $(ratio "$MED" qmig) | $lost |"
         else
-            row="$row - | - | - |"
+            row="$row - | - | - | - |"
         fi
     done
     echo "LAB-TABLE $row"
@@ -289,6 +385,7 @@ short() {
     case $1 in
     exec) echo "molt cpr-exec" ;; transfer) echo "molt cpr-transfer" ;;
     reboot) echo "molt reboot mode" ;; qemu) echo "QEMU 7.2 restart" ;;
+    qmig) echo "QEMU 7.2 pre-started migration" ;;
     esac
 }
 for SIZE in $SIZES; do
