@@ -408,7 +408,7 @@ fn resume_transfer(
     // 2. Map RAM and build the VM and devices while the old process still
     //    runs the guest.
     let prepared = adopted_config(cfg, &t.adopted).and_then(|(cfg, ram, vfio)| {
-        vm::Machine::prepare(&cfg, ram, console, vfio, exit, true).map_err(Error::Vm)
+        vm::Machine::prepare(&cfg, ram, console, vfio, exit).map_err(Error::Vm)
     });
     // 3. READY; the old process pauses the guest and sends STATE.
     // 4. Decode, check and restore it (the vCPUs do not run yet).
@@ -614,7 +614,7 @@ fn restore(
     phases: &mut Phases,
     before_start: impl FnOnce(),
 ) -> Result<Machine, Error> {
-    let restored = Machine::prepare(cfg, ram, console, vfio, exit, false)
+    let restored = Machine::prepare(cfg, ram, console, vfio, exit)
         .and_then(|p| {
             phases.mark("build");
             p.restore(&state.machine, phases)

@@ -62,8 +62,17 @@ impl fmt::Display for Error {
     }
 }
 
-/// Opens /dev/kvm and creates a VM with the platform every guest sees.
+/// Opens /dev/kvm and creates a VM with the platform every guest sees, its
+/// memslots over `ram` set.
 pub fn create_vm(ram: &GuestRam) -> Result<(Kvm, VmFd), Error> {
+    let (kvm, vm) = create_platform()?;
+    set_memslots(&vm, ram)?;
+    Ok((kvm, vm))
+}
+
+/// Opens /dev/kvm and creates a VM with the platform every guest sees, but
+/// no memory yet (`set_memslots`): vCPUs may be created from here on.
+pub fn create_platform() -> Result<(Kvm, VmFd), Error> {
     let kvm = Kvm::new().map_err(Error::OpenKvm)?;
     let vm = kvm.create_vm().map_err(Error::CreateVm)?;
     // Both must precede vCPU creation (Documentation/virt/kvm/api.rst).
@@ -77,6 +86,13 @@ pub fn create_vm(ram: &GuestRam) -> Result<(Kvm, VmFd), Error> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(Error::CreatePit2)?;
+    Ok((kvm, vm))
+}
+
+/// Gives `vm` guest RAM: one memslot per region of `ram`. The longest part of
+/// building a VM on this host (milliseconds even for 256 MiB); the vCPUs need
+/// none of it to be created and given their CPUID meanwhile.
+pub fn set_memslots(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
     for (slot, (gpa, size, host)) in (0..).zip(ram.host_regions()) {
         let mem_region = kvm_userspace_memory_region {
             slot,
@@ -90,7 +106,7 @@ pub fn create_vm(ram: &GuestRam) -> Result<(Kvm, VmFd), Error> {
         unsafe { vm.set_user_memory_region(mem_region) }
             .map_err(|e| Error::SetMemoryRegion(slot, e))?;
     }
-    Ok((kvm, vm))
+    Ok(())
 }
 
 /// Creates an eventfd that raises `gsi` on the in-kernel irqchip when written.

@@ -400,7 +400,7 @@ impl Prepared {
         phases.mark("restore_devices");
         kvm::restore_vm(&parts.vm, &state.vm).map_err(Error::Kvm)?;
         phases.mark("restore_vm");
-        // The CPUID was set before the pause: it is set again only if the
+        // The CPUID was set when the vCPUs were made: it is set again only if the
         // guest's differs (saved under another host kernel or KVM).
         let cpuid_set: Vec<bool> = state
             .vcpus
@@ -489,7 +489,8 @@ impl Parts {
                 })
             })?;
         }
-        let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
+        // Guest RAM's memslots come after (`set_memslots`).
+        let (kvm, vm) = kvm::create_platform().map_err(Error::Kvm)?;
         let save_spec = Arc::new(SaveSpec {
             msr_indices: host_cpu::msr_indices(&kvm).map_err(Error::HostCpu)?,
             xsave_words: host_cpu::xsave_words(&kvm),
@@ -527,6 +528,10 @@ impl Parts {
         })
     }
 
+    fn set_memslots(&self) -> Result<(), Error> {
+        kvm::set_memslots(&self.vm, &self.ram).map_err(Error::Kvm)
+    }
+
     /// A failure of the passed-through devices, named by the first one.
     fn vfio_error(&self, why: vfio::Why) -> Error {
         let bdf = self.vfio.first().map(|d| lock(d).bdf());
@@ -560,26 +565,33 @@ impl Parts {
     }
 
     /// vCPUs 0..`count`, with the CPUID KVM offers, and that CPUID; see
-    /// `vcpu::create`. For a restore (no `entry`), only the first `with_cpuid`
-    /// get it; the others are bare (`vcpu::create_bare`) and report none.
+    /// `vcpu::create`.
     fn create_vcpus(
         &self,
         supported: &CpuId,
         count: u8,
         entry: Option<Entry>,
-        with_cpuid: u8,
     ) -> Result<(Vec<VcpuFd>, Vec<Vec<CpuidEntry>>), Error> {
         (0..count)
-            .map(|i| {
-                if entry.is_some() || i < with_cpuid {
-                    vcpu::create(supported, &self.vm, &self.ram.memory, i, count, entry)
-                } else {
-                    vcpu::create_bare(&self.vm, i).map(|fd| (fd, Vec::new()))
-                }
-            })
+            .map(|i| vcpu::create(supported, &self.vm, &self.ram.memory, i, count, entry))
             .collect::<Result<Vec<_>, _>>()
             .map(|v| v.into_iter().unzip())
             .map_err(Error::Vcpu)
+    }
+
+    /// Every vCPU with its CPUID, and that CPUID; what this host's KVM
+    /// offers them (asked of vCPU 0); their threads, parked.
+    fn vcpus_parked(
+        &self,
+        supported: &CpuId,
+        count: u8,
+        exit: ExitSink,
+    ) -> Result<(Vcpus, Vec<Vec<CpuidEntry>>, HostCpu), Error> {
+        let (fds, cpuids) = self.create_vcpus(supported, count, None)?;
+        let probe = fds.first().ok_or(Error::NoVcpus)?;
+        let host = HostCpu::query(&self.kvm, supported, probe).map_err(Error::HostCpu)?;
+        let vcpus = Vcpus::start(fds, self.bus.clone(), exit, true).map_err(Error::Vcpu)?;
+        Ok((vcpus, cpuids, host))
     }
 
     fn start(self, fds: Vec<VcpuFd>, exit: ExitSink) -> Result<Machine, Error> {
@@ -613,6 +625,7 @@ impl Machine {
     pub fn boot(cfg: &RunConfig, console: Output, exit: ExitSink) -> Result<Self, Error> {
         let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
         let parts = Parts::build(cfg, ram, console, None)?;
+        parts.set_memslots()?;
         let spec = BootSpec {
             kernel: &cfg.kernel,
             initrd: cfg.initrd.as_deref(),
@@ -621,26 +634,26 @@ impl Machine {
         };
         let entry = boot::load(&parts.ram.memory, &spec).map_err(Error::Boot)?;
         let supported = host_cpu::supported_cpuid(&parts.kvm).map_err(Error::HostCpu)?;
-        let (fds, _) = parts.create_vcpus(&supported, cfg.vcpus, Some(entry), cfg.vcpus)?;
+        let (fds, _) = parts.create_vcpus(&supported, cfg.vcpus, Some(entry))?;
         parts.start(fds, exit)
     }
 
     /// Everything that needs no saved state: RAM mapped, VM, memslots, devices,
     /// vCPUs and their threads (parked), and what this host's KVM offers them
     /// (asked of vCPU 0). A transfer does this while the old process still
-    /// runs the guest (`ahead`): every vCPU gets its CPUID now, and a restore
-    /// sets it again only if the saved one differs. Inside the pause (exec,
-    /// reboot mode) only vCPU 0 gets it here (to be asked); the others' is set
-    /// by their restores, in parallel.
-    /// `vfio`: the passed-through devices' descriptors an exec or transfer
-    /// handed over (None: opened by name).
+    /// runs the guest; exec and reboot mode inside the pause. Every vCPU gets
+    /// its CPUID here, and a restore sets it again only if the saved one
+    /// differs. The vCPUs, their CPUID and their threads are made on this
+    /// thread while another sets the memslots (the longest part here, and one
+    /// the vCPUs do not need), so the pause pays the longer of the two, not
+    /// their sum. `vfio`: the passed-through devices' descriptors an exec or
+    /// transfer handed over (None: opened by name).
     pub fn prepare(
         cfg: &RunConfig,
         ram: GuestRam,
         console: Output,
         vfio: Option<HandedOver>,
         exit: ExitSink,
-        ahead: bool,
     ) -> Result<Prepared, Error> {
         // KVM_GET_SUPPORTED_CPUID (~350 us here) on a second thread while
         // this one creates the VM (milliseconds): in an exec both are inside
@@ -658,11 +671,21 @@ impl Machine {
             (parts, supported)
         });
         let (parts, supported) = (parts?, supported.map_err(Error::HostCpu)?);
-        let with_cpuid = if ahead { cfg.vcpus } else { 1 };
-        let (fds, cpuids) = parts.create_vcpus(&supported, cfg.vcpus, None, with_cpuid)?;
-        let probe = fds.first().ok_or(Error::NoVcpus)?;
-        let host = HostCpu::query(&parts.kvm, &supported, probe).map_err(Error::HostCpu)?;
-        let vcpus = Vcpus::start(fds, parts.bus.clone(), exit, true).map_err(Error::Vcpu)?;
+        let (vcpus, cpuids, host) = std::thread::scope(|s| {
+            let slots = s.spawn(|| parts.set_memslots());
+            let vcpus = parts.vcpus_parked(&supported, cfg.vcpus, exit);
+            let slots = slots
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            match (vcpus, slots) {
+                (Ok(v), Ok(())) => Ok(v),
+                (Ok((mut vcpus, _, _)), Err(e)) => {
+                    let _ = vcpus.stop();
+                    Err(e)
+                }
+                (Err(e), _) => Err(e),
+            }
+        })?;
         Ok(Prepared {
             parts,
             vcpus,

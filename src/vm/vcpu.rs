@@ -86,8 +86,7 @@ impl fmt::Display for Error {
     }
 }
 
-/// Writes a saved state into a vCPU made by `create(.., None)` or
-/// `create_bare`; `xsave_words` is this host's XSAVE size; `cpuid_set`: the
+/// Writes a saved state into a vCPU made by `create(.., None)`; `xsave_words` is this host's XSAVE size; `cpuid_set`: the
 /// vCPU already has the saved CPUID (`vcpu_state::cpuid_matches`).
 pub fn restore(
     fd: &VcpuFd,
@@ -97,13 +96,6 @@ pub fn restore(
     cpuid_set: bool,
 ) -> Result<(), Error> {
     state::restore(fd, saved, xsave_words, cpuid_set).map_err(|e| Error::Restore(index, e))
-}
-
-/// Creates vCPU `index` and nothing else: its restore sets everything,
-/// CPUID first.
-pub fn create_bare(vm: &VmFd, index: u8) -> Result<VcpuFd, Error> {
-    vm.create_vcpu(u64::from(index))
-        .map_err(|e| Error::CreateVcpu(index, e))
 }
 
 /// Creates vCPU `index` of `count` with CPUID (`supported`, KVM_GET_SUPPORTED_CPUID,
