@@ -512,6 +512,49 @@ impl Guest {
         pause
     }
 
+    /// Reboot mode: `cpr-save [--for RESTORER] PATH` here (the process exits
+    /// 0), then `bin run <args> --incoming file:PATH`, reporting `version`,
+    /// resumes the guest, which counts on. Returns the state's format, as
+    /// `molt state` reads it.
+    fn reboot(&mut self, bin: &Path, restorer: Option<&Path>, version: &str) -> u32 {
+        let n = self.spawned;
+        self.spawned += 1;
+        let state = self.dir.join(&format!("state-{n}"));
+        let mut command = vec!["cpr-save".to_string()];
+        if let Some(r) = restorer {
+            command.extend(["--for".to_string(), r.display().to_string()]);
+        }
+        command.push(state.display().to_string());
+        let command: Vec<&str> = command.iter().map(String::as_str).collect();
+        let reply = self.update(&command);
+        assert!(reply.starts_with("ok saved path="), "cpr-save: {reply:?}");
+        match self.molt.wait_exit(TIMEOUT) {
+            Some(s) => assert!(s.success(), "the saving molt exited with {s}"),
+            None => panic!("the saving molt still runs:\n{}", self.molt.stderr()),
+        }
+        let out = run_with_timeout(Command::new(bin).arg("state").arg(&state), TIMEOUT);
+        let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{} state: {summary}", bin.display());
+        let format = summary
+            .lines()
+            .find_map(|l| l.strip_prefix("format:")?.trim().strip_prefix("version "))
+            .and_then(|v| v.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no format in `molt state`: {summary}"));
+        let incoming = format!("file:{}", state.display());
+        let mut argv: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        argv.extend_from_slice(&["--incoming", &incoming]);
+        let mut molt = Molt::spawn_bin(&self.dir, bin, &format!("molt-{n}"), &argv, Stdio::null());
+        wait_for_control(&mut molt, &self.sock);
+        self.molt = molt;
+        let status = self.status();
+        let pause: u64 = field(&status, "last_pause_us")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no last_pause_us in {status:?}"));
+        assert!(pause > 0, "{status:?}");
+        self.check_after_update(version, pause);
+        format
+    }
+
     fn check_after_update(&mut self, version: &str, pause: u64) {
         let status = self.status();
         assert_eq!(
@@ -837,6 +880,75 @@ fn console_on_a_pipe_continues_across_an_exec_after_a_transfer() {
     let mut g = Guest::start_on_pipe(dir, &a, &[]);
     g.transfer(&a, &version);
     g.exec(None, &version);
+}
+
+/// An update to a binary that reads only older state formats writes the
+/// newest of them (format 3 for one reading 1 to 3), in exec, reboot
+/// (`cpr-save --for BINARY`) and transfer modes, and the guest counts on; one
+/// that reads no format this molt writes is refused before the pause.
+#[test]
+fn updates_to_a_binary_reading_only_older_formats() {
+    if !kvm_available("updates_to_a_binary_reading_only_older_formats") {
+        return;
+    }
+    let dir = TempDir::new("older-reader");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    // A stand-in for an older release: its `version` lists formats 1 to 3;
+    // anything else runs molt A, which reads those too.
+    let older = script(
+        &dir,
+        "older",
+        &format!(
+            "[ \"$1\" = version ] && {{ echo 'molt 0.0.9 state-formats=1,2,3'; exit 0; }}\nexec {} \"$@\"",
+            a.display()
+        ),
+    );
+    let newer = script(&dir, "newer", "echo 'molt 9.0.0 state-formats=9,10'");
+    let ancient = script(&dir, "ancient", "echo 'molt 0.0.1 state-formats=1,2'");
+    let garbled = script(&dir, "garbled", "echo 'molt 0.0.1 state-formats=3,,x'");
+    let mut g = Guest::start(dir, &a, &[]);
+    let pid = g.molt.pid();
+    for (bin, words) in [
+        (
+            &newer,
+            &["newer", "reads state formats 9,10", "writes 3,4"][..],
+        ),
+        (&ancient, &["ancient", "reads state formats 1,2"][..]),
+        (&garbled, &["garbled", "lists state formats \"3,,x\""][..]),
+    ] {
+        for mode in ["cpr-exec", "cpr-save"] {
+            let path = g.dir.join("never-written");
+            let reply = match mode {
+                "cpr-exec" => g.update(&[mode, bin.to_str().unwrap()]),
+                _ => g.update(&[mode, "--for", bin.to_str().unwrap(), path.to_str().unwrap()]),
+            };
+            g.check_survived(pid, &reply, mode, words);
+            assert!(!path.exists(), "{mode} wrote {}", path.display());
+        }
+    }
+    // Exec: the stand-in's `version` picks format 3; the image it runs reads it.
+    g.exec(Some(&older), &version);
+    let log = g.molt.stderr();
+    assert!(
+        log.contains("state_format=3"),
+        "exec into a format-3 reader did not send format 3:\n{log}"
+    );
+    // Reboot mode: a state for the stand-in is format 3, one for this
+    // release format 4; both resume.
+    assert_eq!(g.reboot(&a, Some(&older), &version), 3);
+    assert_eq!(g.reboot(&a, None, &version), 4);
+    assert_eq!(g.reboot(&a, Some(&a), &version), 4);
+    // Transfer: a new process reading 1 to 3 is sent format 3.
+    let pid = g.molt.pid();
+    let (reply, report) = transfer_to_fake(&g, fake::Step::OlderReader, &[]);
+    let state = report.state.expect("the fake got a state");
+    assert_eq!(&state[..8], b"MOLTCPR\0");
+    assert_eq!(state[8], 3, "format sent to a reader of 1 to 3");
+    g.check_survived(pid, &reply, "cpr-transfer", &["RESTORED"]);
+    g.transfer(&a, &version);
+    let log = g.molt.stderr();
+    assert!(log.contains("state_format=4"), "{log}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1418,6 +1530,8 @@ mod fake {
         GarbageHello,
         /// Answers HELLO reading no format the old side writes.
         WrongFormat,
+        /// Answers HELLO reading only formats 1 to 3, then as `DieAfterState`.
+        OlderReader,
         /// Takes FDS and the descriptors, then exits without READY.
         DieAfterFds,
         /// Takes FDS, then never answers.
@@ -1471,6 +1585,7 @@ mod fake {
                 send(&mut s, &hello(&[FORMAT + 100]), true)?;
                 return Ok(drain(&s, report));
             }
+            Step::OlderReader => send(&mut s, &hello(&[1, 2, 3]), true)?,
             _ => send(&mut s, &hello(&[FORMAT]), true)?,
         }
         let (body, fds) = recv_with_fds(&s)?;
@@ -1823,10 +1938,7 @@ fn transfer_to_a_peer_that_is_not_a_molt_moves_no_descriptor() {
             &["timed out after 5 s", "HELLO"][..],
         ),
         (fake::Step::GarbageHello, &["not a molt"][..]),
-        (
-            fake::Step::WrongFormat,
-            &["state format 4", "not among"][..],
-        ),
+        (fake::Step::WrongFormat, &["none in common", "104"][..]),
     ] {
         let (reply, report) = transfer_to_fake(&g, step, &[]);
         assert_eq!(report.fds, 0, "{step:?}: the fake received descriptors");

@@ -10,7 +10,8 @@
 //! Versions are frozen once released: `CprStateV1` to `CprStateV4` never
 //! change. A new field or value means a `CprStateV5` with `From<CprStateV4>`,
 //! and that release then decodes all five (SPEC.md, "State compatibility").
-//! This one writes version 4 and reads 1, 2, 3 and 4.
+//! This one reads 1, 2, 3 and 4, and writes 4, or 3 for a peer that reads no
+//! newer (`encode_as`: refused for a guest that format cannot carry).
 
 use std::fmt;
 
@@ -22,10 +23,13 @@ use crate::virtio::block::Identity;
 use crate::vm::{MachineStateV1, MachineStateV2, MachineStateV3};
 
 pub const MAGIC: [u8; 8] = *b"MOLTCPR\0";
-/// The format this release writes.
+/// The format this release writes by default: its newest.
 pub const VERSION: u32 = 4;
 /// The formats this release reads, oldest first.
 pub const READS: [u32; 4] = [1, 2, 3, 4];
+/// The formats this release can write, oldest first: the newest, and older
+/// ones for a binary that reads no newer (an update back to an older release).
+pub const WRITES: [u32; 2] = [3, 4];
 pub const HEADER_LEN: usize = 20;
 /// No real state comes near this: ~10 KiB per vCPU, ~1 KiB per device.
 pub const MAX_PAYLOAD: usize = 4 << 20;
@@ -203,6 +207,10 @@ pub enum Error {
     TrailingBytes(usize),
     Invalid(super::check::Error),
     Encode(String),
+    /// This release cannot write that format.
+    Unwritable(u32),
+    /// The guest uses something that format cannot carry (what).
+    CannotCarry(u32, &'static str),
 }
 
 impl fmt::Display for Error {
@@ -228,17 +236,90 @@ impl fmt::Display for Error {
             Error::TrailingBytes(n) => write!(f, "{n} unexpected bytes after the payload"),
             Error::Invalid(why) => write!(f, "invalid state: {why}"),
             Error::Encode(e) => write!(f, "cannot encode the state: {e}"),
+            Error::Unwritable(v) => write!(
+                f,
+                "this molt cannot write state format {v} (it writes {})",
+                list(&WRITES)
+            ),
+            Error::CannotCarry(v, what) => write!(
+                f,
+                "state format {v} cannot carry {what}: the other binary reads no newer format \
+                 (this molt writes up to {VERSION})"
+            ),
         }
     }
 }
 
-/// Encodes `state` with its header.
-pub fn encode(state: &CprState) -> Result<Vec<u8>, Error> {
-    let payload = postcard::to_allocvec(state).map_err(|e| Error::Encode(e.to_string()))?;
+/// Encodes `state` with its header in format `version`, one of `WRITES`: an
+/// older format only if it carries everything the state holds (`carries`).
+pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
+    let vfio = !state.vfio.is_empty() || !state.machine.vfio.is_empty();
+    carries(version, vfio)?;
+    let m = &state.machine;
+    // Postcard writes a struct as its fields in order, like a tuple: version
+    // 3 is version 4 without the machine's and the state's VFIO lists.
+    let payload = match version {
+        3 => postcard::to_allocvec(&(
+            &state.writer,
+            state.ram,
+            state.stopped_at_ns,
+            (
+                &m.shape,
+                &m.vcpus,
+                &m.vm,
+                &m.serial,
+                &m.allocator,
+                &m.virtio,
+                &m.power,
+            ),
+            state.run,
+            &state.disks,
+        )),
+        _ => postcard::to_allocvec(state),
+    }
+    .map_err(|e| Error::Encode(e.to_string()))?;
     if payload.len() > MAX_PAYLOAD {
         return Err(Error::TooLarge(payload.len()));
     }
-    Ok(seal(VERSION, &payload))
+    Ok(seal(version, &payload))
+}
+
+/// Whether format `version` can be written for a guest with (`vfio`) or
+/// without passed-through devices: what is known before the pause.
+pub fn carries(version: u32, vfio: bool) -> Result<(), Error> {
+    if !WRITES.contains(&version) {
+        return Err(Error::Unwritable(version));
+    }
+    if version < 4 && vfio {
+        return Err(Error::CannotCarry(
+            version,
+            "passed-through (--vfio) devices",
+        ));
+    }
+    Ok(())
+}
+
+/// The newest format this release writes that a binary reading `peer` does.
+pub fn newest_common(peer: &[u32]) -> Option<u32> {
+    WRITES.into_iter().rev().find(|v| peer.contains(v))
+}
+
+/// `1,2,3`: formats as `molt version` lists them.
+pub fn list(formats: &[u32]) -> String {
+    formats
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The formats a `state-formats=` list names; None if it is not one.
+pub fn parse_list(text: &str) -> Option<Vec<u32>> {
+    text.split(',')
+        .map(|v| v.parse().ok())
+        .take(64)
+        .collect::<Option<Vec<u32>>>()
+        .filter(|l| !l.is_empty())
 }
 
 /// `payload` behind a header of format `version` with its length and CRC.
@@ -254,7 +335,7 @@ pub fn seal(version: u32, payload: &[u8]) -> Vec<u8> {
 
 /// The formats this release reads, as `molt version` and the handshakes list them.
 pub fn formats() -> String {
-    READS.map(|v| v.to_string()).join(",")
+    list(&READS)
 }
 
 /// The format version and payload length a header announces, after checking
@@ -281,6 +362,11 @@ pub fn header(header: &[u8]) -> Result<(u32, usize), Error> {
 
 /// Decodes and validates a state; `bytes` is exactly header + payload.
 pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
+    decode_format(bytes).map(|(state, _)| state)
+}
+
+/// `decode`, and the format the state was written in.
+pub fn decode_format(bytes: &[u8]) -> Result<(CprState, u32), Error> {
     let (version, len) = header(bytes)?;
     let have = bytes.len() - HEADER_LEN;
     if have < len {
@@ -300,7 +386,7 @@ pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
     if version >= 2 {
         super::check::disks(&state).map_err(Error::Invalid)?;
     }
-    Ok(state)
+    Ok((state, version))
 }
 
 /// Decodes the payload part by part, so that a failure names the part and the
@@ -445,7 +531,7 @@ pub(crate) mod tests {
     #[test]
     fn round_trip() {
         let s = sample();
-        let bytes = encode(&s).unwrap();
+        let bytes = encode_as(&s, VERSION).unwrap();
         assert_eq!(&bytes[..8], b"MOLTCPR\0");
         assert_eq!(decode(&bytes).unwrap(), s);
     }
@@ -477,12 +563,12 @@ pub(crate) mod tests {
             control: 3 << 10,
             sleep_pending: true,
         };
-        let bytes = encode(&s).unwrap();
+        let bytes = encode_as(&s, VERSION).unwrap();
         assert_eq!(bytes[8], 4);
         assert_eq!(decode(&bytes).unwrap(), s);
         for run in [RunState::Running, RunState::Paused] {
             s.run = run;
-            assert_eq!(decode(&encode(&s).unwrap()).unwrap().run, run);
+            assert_eq!(decode(&encode_as(&s, VERSION).unwrap()).unwrap().run, run);
         }
         assert_eq!(formats(), "1,2,3,4");
         // A run state no version has is refused, naming the part.
@@ -523,7 +609,7 @@ pub(crate) mod tests {
         });
         msix.msix_armed = Some((8, 0b1010));
         s.machine.vfio.push(msix).unwrap();
-        let bytes = encode(&s).unwrap();
+        let bytes = encode_as(&s, VERSION).unwrap();
         assert_eq!(decode(&bytes).unwrap(), s);
         // More functions than a machine can have do not decode: the count
         // comes before the run state, the disk list and the device identities
@@ -583,7 +669,7 @@ pub(crate) mod tests {
             device: 0x11e8,
         };
         s.vfio.push(edu).unwrap();
-        let bytes = encode(&s).unwrap();
+        let bytes = encode_as(&s, VERSION).unwrap();
         assert_eq!(bytes[8], 4);
         // The list comes last: its length, then each device's fields (domain
         // as a varint, bus, device, function, slot, vendor and device IDs).
@@ -603,6 +689,69 @@ pub(crate) mod tests {
             decode(&seal(4, &payload)),
             Err(Error::Decode { part: "vfio", .. })
         ));
+    }
+
+    #[test]
+    fn older_formats_are_written_for_older_readers() {
+        let mut s = sample();
+        s.run = RunState::Suspended;
+        s.machine.power.enable = 0x0120;
+        // Format 3 holds everything but the passed-through devices: it reads
+        // back the same, and is what version 3 itself would have written.
+        let bytes = encode_as(&s, 3).unwrap();
+        assert_eq!(bytes[8], 3);
+        assert_eq!(decode_format(&bytes).unwrap(), (s.clone(), 3));
+        let m = s.machine.clone();
+        let v3 = CprStateV3 {
+            writer: s.writer.clone(),
+            ram: s.ram,
+            stopped_at_ns: s.stopped_at_ns,
+            machine: MachineStateV2 {
+                shape: m.shape,
+                vcpus: m.vcpus,
+                vm: m.vm,
+                serial: m.serial,
+                allocator: m.allocator,
+                virtio: m.virtio,
+                power: m.power,
+            },
+            run: s.run,
+            disks: s.disks.clone(),
+        };
+        assert_eq!(bytes, seal(3, &postcard::to_allocvec(&v3).unwrap()));
+        // A guest with a passed-through device cannot go to format 3.
+        s.vfio
+            .push(crate::vfio::Identity {
+                bdf: "0000:00:04.0".parse().unwrap(),
+                slot: 3,
+                vendor: 0x1234,
+                device: 0x11e8,
+            })
+            .unwrap();
+        let e = encode_as(&s, 3).unwrap_err();
+        assert_eq!(e, Error::CannotCarry(3, "passed-through (--vfio) devices"));
+        assert!(e.to_string().contains("cannot carry passed-through"), "{e}");
+        assert_eq!(carries(3, true), Err(e));
+        assert!(encode_as(&s, 4).is_ok());
+        // Formats this release reads but does not write, or does not know.
+        for v in [1, 2, VERSION + 1] {
+            assert_eq!(encode_as(&sample(), v), Err(Error::Unwritable(v)));
+        }
+        assert_eq!(carries(4, true), Ok(()));
+    }
+
+    #[test]
+    fn the_newest_common_format_is_chosen() {
+        assert_eq!(newest_common(&READS), Some(VERSION));
+        assert_eq!(newest_common(&[1, 2, 3]), Some(3));
+        assert_eq!(newest_common(&[3, VERSION, VERSION + 1]), Some(VERSION));
+        assert_eq!(newest_common(&[1, 2]), None);
+        assert_eq!(newest_common(&[VERSION + 1]), None);
+        assert_eq!(parse_list("1,2,3"), Some(vec![1, 2, 3]));
+        assert_eq!(list(&[1, 2, 3]), "1,2,3");
+        for bad in ["", "1,,2", "x", "1;2", "-1"] {
+            assert_eq!(parse_list(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
@@ -678,7 +827,7 @@ pub(crate) mod tests {
 
     #[test]
     fn damage_is_named() {
-        let bytes = encode(&sample()).unwrap();
+        let bytes = encode_as(&sample(), VERSION).unwrap();
         assert_eq!(decode(&bytes[..10]), Err(Error::Truncated(10)));
         assert!(matches!(
             decode(&bytes[..bytes.len() - 1]),
@@ -704,7 +853,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_payload_that_cannot_be_decoded_names_the_part_and_offset() {
-        let bytes = encode(&sample()).unwrap();
+        let bytes = encode_as(&sample(), VERSION).unwrap();
         let payload = &bytes[HEADER_LEN..];
         // The last byte is the (empty) VFIO device list's length.
         let short = &payload[..payload.len() - 1];
@@ -730,12 +879,12 @@ pub(crate) mod tests {
     fn parts_must_agree_with_the_shape() {
         let mut s = sample();
         s.machine.shape.vcpus = 2;
-        let bytes = encode(&s).unwrap();
+        let bytes = encode_as(&s, VERSION).unwrap();
         assert!(matches!(decode(&bytes), Err(Error::Invalid(_))));
         let mut s = sample();
         s.machine.shape.mem_size = 1000;
         assert!(matches!(
-            decode(&encode(&s).unwrap()),
+            decode(&encode_as(&s, VERSION).unwrap()),
             Err(Error::Invalid(_))
         ));
     }
