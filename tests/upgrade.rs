@@ -131,6 +131,31 @@ fn next_build() -> &'static Path {
     })
 }
 
+/// The previous release's binary, built from git by scripts/cross-release.sh
+/// once per test run (minutes the first time; reused after). No release tag
+/// is a failure, with the script's reason: these tests never skip.
+fn previous_release() -> &'static Path {
+    static PREVIOUS: OnceLock<PathBuf> = OnceLock::new();
+    PREVIOUS.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut cmd = Command::new(root.join("scripts/cross-release.sh"));
+        cmd.current_dir(root);
+        let out = run_with_timeout(&mut cmd, BUILD_TIMEOUT);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "scripts/cross-release.sh failed ({}): the previous release cannot be built:\n{stderr}",
+            out.status
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let bin = PathBuf::from(stdout.lines().last().unwrap_or_default());
+        assert!(bin.is_file(), "no previous release at {bin:?}:\n{stderr}");
+        eprintln!("{stderr}");
+        assert_static(&bin);
+        bin
+    })
+}
+
 /// Copies `from` to `dir/name` (mode kept) and returns the copy's path.
 fn install(dir: &TempDir, from: &Path, name: &str) -> PathBuf {
     let to = dir.join(name);
@@ -671,6 +696,67 @@ fn transfer_upgrade_then_downgrade() {
     let mut g = Guest::start(dir, &a, &[]);
     g.transfer(&b, &vb);
     g.transfer(&a, &va);
+}
+
+/// The previous release ("old", `previous_release`) and this tree's binary
+/// ("new") in `dir`, with their versions.
+fn old_and_new(dir: &TempDir) -> ((PathBuf, String), (PathBuf, String)) {
+    let old = install(dir, previous_release(), "molt-old");
+    let new = install(dir, Path::new(MOLT), "molt-new");
+    let (vo, vn) = (version_of(&old), version_of(&new));
+    ((old, vo), (new, vn))
+}
+
+/// The guest's process runs `bin` (releases may share a version).
+fn runs(g: &Guest, bin: &Path) {
+    let exe = fs::read_link(format!("/proc/{}/exe", g.molt.pid())).expect("read /proc/PID/exe");
+    assert_eq!(exe, bin, "the guest's molt runs {}", exe.display());
+}
+
+#[test]
+fn release_exec_old_new_old() {
+    if !kvm_available("release_exec_old_new_old") {
+        return;
+    }
+    let dir = TempDir::new("release-exec");
+    let ((old, vo), (new, vn)) = old_and_new(&dir);
+    let mut g = Guest::start(dir, &old, &[]);
+    let pid = g.molt.pid();
+    g.exec(Some(&new), &vn);
+    runs(&g, &new);
+    g.exec(Some(&old), &vo);
+    runs(&g, &old);
+    assert_eq!(g.molt.pid(), pid);
+}
+
+#[test]
+fn release_transfer_old_new_old() {
+    if !kvm_available("release_transfer_old_new_old") {
+        return;
+    }
+    let dir = TempDir::new("release-xfer");
+    let ((old, vo), (new, vn)) = old_and_new(&dir);
+    let mut g = Guest::start(dir, &old, &[]);
+    g.transfer(&new, &vn);
+    runs(&g, &new);
+    g.transfer(&old, &vo);
+    runs(&g, &old);
+}
+
+#[test]
+fn release_reboot_old_new_old() {
+    if !kvm_available("release_reboot_old_new_old") {
+        return;
+    }
+    let dir = TempDir::new("release-reboot");
+    let ((old, vo), (new, vn)) = old_and_new(&dir);
+    let mut g = Guest::start(dir, &old, &[]);
+    // The old release saves in its newest format, which the new one reads;
+    // the new one saves for the old one in the newest format that reads.
+    g.reboot(&new, None, &vn);
+    runs(&g, &new);
+    g.reboot(&old, Some(&old), &vo);
+    runs(&g, &old);
 }
 
 /// The watcher's lines for one update that went from `from` to `to` in
