@@ -969,7 +969,8 @@ fn console_on_a_pipe_continues_across_an_exec_after_a_transfer() {
 }
 
 /// An update to a binary that reads only older state formats writes the
-/// newest of them (format 3 for one reading 1 to 3), in exec, reboot
+/// newest of them (format 4 for one reading 1 to 4, like molt 0.1.0; 3 for
+/// one reading 1 to 3), in exec, reboot
 /// (`cpr-save --for BINARY`) and transfer modes, and the guest counts on; one
 /// that reads no format this molt writes is refused before the pause.
 #[test]
@@ -980,16 +981,20 @@ fn updates_to_a_binary_reading_only_older_formats() {
     let dir = TempDir::new("older-reader");
     let a = install(&dir, Path::new(MOLT), "molt-a");
     let version = version_of(&a);
-    // A stand-in for an older release: its `version` lists formats 1 to 3;
-    // anything else runs molt A, which reads those too.
-    let older = script(
-        &dir,
-        "older",
-        &format!(
-            "[ \"$1\" = version ] && {{ echo 'molt 0.0.9 state-formats=1,2,3'; exit 0; }}\nexec {} \"$@\"",
-            a.display()
-        ),
-    );
+    // Stand-ins for older releases: their `version` lists formats 1 to 3
+    // (1 to 4); anything else runs molt A, which reads those too.
+    let stand_in = |name: &str, formats: &str| {
+        script(
+            &dir,
+            name,
+            &format!(
+                "[ \"$1\" = version ] && {{ echo 'molt 0.0.9 state-formats={formats}'; exit 0; }}\nexec {} \"$@\"",
+                a.display()
+            ),
+        )
+    };
+    let older = stand_in("older", "1,2,3");
+    let reads_4 = stand_in("reads-4", "1,2,3,4");
     let newer = script(&dir, "newer", "echo 'molt 9.0.0 state-formats=9,10'");
     let ancient = script(&dir, "ancient", "echo 'molt 0.0.1 state-formats=1,2'");
     let garbled = script(&dir, "garbled", "echo 'molt 0.0.1 state-formats=3,,x'");
@@ -998,7 +1003,7 @@ fn updates_to_a_binary_reading_only_older_formats() {
     for (bin, words) in [
         (
             &newer,
-            &["newer", "reads state formats 9,10", "writes 3,4"][..],
+            &["newer", "reads state formats 9,10", "writes 3,4,5"][..],
         ),
         (&ancient, &["ancient", "reads state formats 1,2"][..]),
         (&garbled, &["garbled", "lists state formats \"3,,x\""][..]),
@@ -1013,18 +1018,23 @@ fn updates_to_a_binary_reading_only_older_formats() {
             assert!(!path.exists(), "{mode} wrote {}", path.display());
         }
     }
-    // Exec: the stand-in's `version` picks format 3; the image it runs reads it.
-    g.exec(Some(&older), &version);
-    let log = g.molt.stderr();
-    assert!(
-        log.contains("state_format=3"),
-        "exec into a format-3 reader did not send format 3:\n{log}"
-    );
-    // Reboot mode: a state for the stand-in is format 3, one for this
-    // release format 4; both resume.
+    // Exec: the stand-in's `version` picks the format; the image it runs
+    // reads it.
+    for (bin, format) in [(&older, 3), (&reads_4, 4)] {
+        let before = g.molt.stderr().len();
+        g.exec(Some(bin), &version);
+        let log = g.molt.stderr();
+        assert!(
+            log[before..].contains(&format!("state_format={format}")),
+            "exec into a format-{format} reader did not send format {format}:\n{log}"
+        );
+    }
+    // Reboot mode: a state for a stand-in is in its newest format, one for
+    // this release in this release's; all resume.
     assert_eq!(g.reboot(&a, Some(&older), &version), 3);
-    assert_eq!(g.reboot(&a, None, &version), 4);
-    assert_eq!(g.reboot(&a, Some(&a), &version), 4);
+    assert_eq!(g.reboot(&a, Some(&reads_4), &version), 4);
+    assert_eq!(g.reboot(&a, None, &version), 5);
+    assert_eq!(g.reboot(&a, Some(&a), &version), 5);
     // Transfer: a new process reading 1 to 3 is sent format 3.
     let pid = g.molt.pid();
     let (reply, report) = transfer_to_fake(&g, fake::Step::OlderReader, &[]);
@@ -1034,7 +1044,7 @@ fn updates_to_a_binary_reading_only_older_formats() {
     g.check_survived(pid, &reply, "cpr-transfer", &["RESTORED"]);
     g.transfer(&a, &version);
     let log = g.molt.stderr();
-    assert!(log.contains("state_format=4"), "{log}");
+    assert!(log.contains("state_format=5"), "{log}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1566,7 +1576,7 @@ mod fake {
 
     pub const MAGIC: [u8; 8] = *b"MOLTXFR2";
     /// The state format molt writes today.
-    const FORMAT: u32 = 4;
+    const FORMAT: u32 = 5;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
     pub enum FdKind {
@@ -2024,7 +2034,7 @@ fn transfer_to_a_peer_that_is_not_a_molt_moves_no_descriptor() {
             &["timed out after 5 s", "HELLO"][..],
         ),
         (fake::Step::GarbageHello, &["not a molt"][..]),
-        (fake::Step::WrongFormat, &["none in common", "104"][..]),
+        (fake::Step::WrongFormat, &["none in common", "105"][..]),
     ] {
         let (reply, report) = transfer_to_fake(&g, step, &[]);
         assert_eq!(report.fds, 0, "{step:?}: the fake received descriptors");

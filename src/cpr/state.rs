@@ -7,29 +7,34 @@
 //! (shape, devices, live queues, XSAVE sizes), and every value is checked again
 //! by the code that uses it.
 //!
-//! Versions are frozen once released: `CprStateV1` to `CprStateV4` never
-//! change. A new field or value means a `CprStateV5` with `From<CprStateV4>`,
-//! and that release then decodes all five (SPEC.md, "State compatibility").
-//! This one reads 1, 2, 3 and 4, and writes 4, or 3 for a peer that reads no
-//! newer (`encode_as`: refused for a guest that format cannot carry).
+//! Versions are frozen once released: `CprStateV1` to `CprStateV4` and format
+//! 5 never change. A new field or value means a new version that converts
+//! from the one before, and that release then decodes all of them (SPEC.md,
+//! "State compatibility"). Format 5 holds what format 4 does, each vCPU as a
+//! `VcpuStateV2` (its XSAVE image as raw bytes); in memory the state stays a
+//! `CprStateV4`. This release reads 1 to 5, and writes 5, or 4 or 3 for a peer
+//! that reads no newer (`encode_as`: refused for a guest that format cannot
+//! carry).
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{MAX_DISKS, MAX_VFIO_DEVICES};
+use crate::layout::{MAX_DISKS, MAX_VCPUS, MAX_VFIO_DEVICES};
 use crate::vfio::IdentityV1 as VfioIdentityV1;
 use crate::virtio::block::Identity;
+use crate::vm::vcpu_state::{AsV2, VcpuState, VcpuStateV2};
 use crate::vm::{MachineStateV1, MachineStateV2, MachineStateV3};
+use heapless::Vec as BoundedVec;
 
 pub const MAGIC: [u8; 8] = *b"MOLTCPR\0";
 /// The format this release writes by default: its newest.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// The formats this release reads, oldest first.
-pub const READS: [u32; 4] = [1, 2, 3, 4];
+pub const READS: [u32; 5] = [1, 2, 3, 4, 5];
 /// The formats this release can write, oldest first: the newest, and older
 /// ones for a binary that reads no newer (an update back to an older release).
-pub const WRITES: [u32; 2] = [3, 4];
+pub const WRITES: [u32; 3] = [3, 4, 5];
 pub const HEADER_LEN: usize = 20;
 /// No real state comes near this: ~10 KiB per vCPU, ~1 KiB per device.
 pub const MAX_PAYLOAD: usize = 4 << 20;
@@ -257,8 +262,27 @@ pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
     carries(version, vfio)?;
     let m = &state.machine;
     // Postcard writes a struct as its fields in order, like a tuple: version
-    // 3 is version 4 without the machine's and the state's VFIO lists.
+    // 3 is version 4 without the machine's and the state's VFIO lists, and 5
+    // is version 4 with each vCPU as a `VcpuStateV2`.
     let payload = match version {
+        5 => postcard::to_allocvec(&(
+            &state.writer,
+            state.ram,
+            state.stopped_at_ns,
+            (
+                &m.shape,
+                VcpusV2(&m.vcpus),
+                &m.vm,
+                &m.serial,
+                &m.allocator,
+                &m.virtio,
+                &m.power,
+                &m.vfio,
+            ),
+            state.run,
+            &state.disks,
+            &state.vfio,
+        )),
         3 => postcard::to_allocvec(&(
             &state.writer,
             state.ram,
@@ -282,6 +306,15 @@ pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
         return Err(Error::TooLarge(payload.len()));
     }
     Ok(seal(version, &payload))
+}
+
+/// The vCPUs as format 5 writes them: each a `VcpuStateV2`.
+struct VcpusV2<'a>(&'a [Box<VcpuState>]);
+
+impl Serialize for VcpusV2<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|v| AsV2(v)))
+    }
 }
 
 /// Whether format `version` can be written for a guest with (`vfio`) or
@@ -395,7 +428,8 @@ pub fn decode_format(bytes: &[u8]) -> Result<(CprState, u32), Error> {
 /// struct would: version 2 appends fields to version 1; version 3 appends the
 /// machine's power registers to its machine, and writes run states 2 did not;
 /// version 4 appends the passed-through functions to the machine and the
-/// passed-through devices' identities to the whole.
+/// passed-through devices' identities to the whole; version 5 is version 4
+/// with each vCPU as a `VcpuStateV2`.
 fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
     let mut p = Parts { payload, at: 0 };
     let writer = p.next("writer")?;
@@ -403,7 +437,14 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
     let stopped_at_ns = p.next("stopped_at_ns")?;
     let machine = MachineStateV1 {
         shape: p.next("machine.shape")?,
-        vcpus: p.next("machine.vcpus")?,
+        vcpus: if version >= 5 {
+            let v2: BoundedVec<Box<VcpuStateV2>, MAX_VCPUS> = p.next("machine.vcpus")?;
+            v2.into_iter()
+                .map(|v| Box::new(VcpuState::from(*v)))
+                .collect()
+        } else {
+            p.next("machine.vcpus")?
+        },
         vm: p.next("machine.vm")?,
         serial: p.next("machine.serial")?,
         allocator: p.next("machine.allocator")?,
@@ -564,13 +605,13 @@ pub(crate) mod tests {
             sleep_pending: true,
         };
         let bytes = encode_as(&s, VERSION).unwrap();
-        assert_eq!(bytes[8], 4);
+        assert_eq!(bytes[8], 5);
         assert_eq!(decode(&bytes).unwrap(), s);
         for run in [RunState::Running, RunState::Paused] {
             s.run = run;
             assert_eq!(decode(&encode_as(&s, VERSION).unwrap()).unwrap().run, run);
         }
-        assert_eq!(formats(), "1,2,3,4");
+        assert_eq!(formats(), "1,2,3,4,5");
         // A run state no version has is refused, naming the part.
         let payload = postcard::to_allocvec(&sample()).unwrap();
         let mut bad = payload.clone();
@@ -669,8 +710,9 @@ pub(crate) mod tests {
             device: 0x11e8,
         };
         s.vfio.push(edu).unwrap();
-        let bytes = encode_as(&s, VERSION).unwrap();
+        let bytes = encode_as(&s, 4).unwrap();
         assert_eq!(bytes[8], 4);
+        assert_eq!(decode(&encode_as(&s, 5).unwrap()).unwrap(), s);
         // The list comes last: its length, then each device's fields (domain
         // as a varint, bus, device, function, slot, vendor and device IDs).
         let tail = [1, 0, 0, 4, 0, 3, 0xb4, 0x24, 0xe8, 0x23];
@@ -752,6 +794,58 @@ pub(crate) mod tests {
         for bad in ["", "1,,2", "x", "1;2", "-1"] {
             assert_eq!(parse_list(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn version_5_holds_xsave_as_raw_bytes() {
+        let mut s = sample();
+        for (i, w) in s.machine.vcpus[0].xsave.iter_mut().enumerate() {
+            *w = (i as u32).wrapping_mul(0x9e37_79b9);
+        }
+        let v5 = encode_as(&s, 5).unwrap();
+        let v4 = encode_as(&s, 4).unwrap();
+        assert_eq!((v5[8], v4[8]), (5, 4));
+        assert_eq!(decode_format(&v5).unwrap(), (s.clone(), 5));
+        assert_eq!(decode_format(&v4).unwrap(), (s.clone(), 4));
+        // The image's bytes as they are, behind their length (a varint).
+        let words = &s.machine.vcpus[0].xsave;
+        let raw: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let at = v5
+            .windows(raw.len())
+            .position(|w| w == raw)
+            .expect("the raw XSAVE bytes are in the state");
+        assert_eq!(v5[at - 2..at], [0x80, 0x20], "length 4096 as a varint");
+        // Format 4 holds the same words as varints: 1 to 5 bytes each.
+        let varints: usize = words
+            .iter()
+            .map(|&w| (32 - w.leading_zeros()).div_ceil(7).max(1) as usize)
+            .sum();
+        assert_eq!(v4.len() + raw.len(), v5.len() + varints);
+        // A length that is not whole words, or more than a vCPU's XSAVE
+        // can be, does not decode.
+        for (len, extra) in [
+            (4095usize, &[0xff, 0x1f][..]),
+            (4 * 4097, &[0x84, 0x80, 0x01][..]),
+        ] {
+            let mut bad = v5[HEADER_LEN..at - 2].to_vec();
+            bad.extend_from_slice(extra);
+            bad.extend(std::iter::repeat_n(0, len));
+            bad.extend_from_slice(&v5[at + raw.len()..]);
+            assert!(
+                matches!(
+                    decode(&seal(5, &bad)),
+                    Err(Error::Decode {
+                        part: "machine.vcpus",
+                        ..
+                    })
+                ),
+                "{len}"
+            );
+        }
+        // Format 5 read as format 4 is refused.
+        let mut relabelled = v5.clone();
+        relabelled[8] = 4;
+        assert!(decode(&relabelled).is_err());
     }
 
     #[test]
@@ -837,8 +931,8 @@ pub(crate) mod tests {
         magic[0] ^= 1;
         assert_eq!(decode(&magic), Err(Error::BadMagic));
         let mut version = bytes.clone();
-        version[8] = 5;
-        assert_eq!(decode(&version), Err(Error::UnknownVersion(5)));
+        version[8] = 6;
+        assert_eq!(decode(&version), Err(Error::UnknownVersion(6)));
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x10;
