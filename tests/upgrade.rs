@@ -713,6 +713,47 @@ fn runs(g: &Guest, bin: &Path) {
     assert_eq!(exe, bin, "the guest's molt runs {}", exe.display());
 }
 
+/// The state formats `bin version` lists.
+fn formats_of(bin: &Path) -> Vec<u32> {
+    let out = run_with_timeout(Command::new(bin).arg("version"), TIMEOUT);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("state-formats="))
+        .and_then(|l| l.split(',').map(|f| f.parse().ok()).collect())
+        .unwrap_or_else(|| panic!("{} version printed {text:?}", bin.display()))
+}
+
+/// The format the last update into the guest's process came in (its log's
+/// last `state_format=`), which both `from` and `to` must read; printed as
+/// a row of the cross-release matrix.
+fn came_in(g: &Guest, mode: &str, (from, to): (&Path, &Path)) -> u32 {
+    let log = g.molt.stderr();
+    let format = log
+        .rsplit("state_format=")
+        .next()
+        .filter(|_| log.contains("state_format="))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no state_format= in the log:\n{log}"));
+    check_format(mode, format, (from, to))
+}
+
+fn check_format(mode: &str, format: u32, (from, to): (&Path, &Path)) -> u32 {
+    for bin in [from, to] {
+        assert!(
+            formats_of(bin).contains(&format),
+            "{mode}: format {format} is not one {} reads",
+            bin.display()
+        );
+    }
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    eprintln!(
+        "cross-release: {mode} {} -> {}: state format {format}",
+        name(from),
+        name(to)
+    );
+    format
+}
+
 #[test]
 fn release_exec_old_new_old() {
     if !kvm_available("release_exec_old_new_old") {
@@ -724,8 +765,10 @@ fn release_exec_old_new_old() {
     let pid = g.molt.pid();
     g.exec(Some(&new), &vn);
     runs(&g, &new);
+    came_in(&g, "exec", (&old, &new));
     g.exec(Some(&old), &vo);
     runs(&g, &old);
+    came_in(&g, "exec", (&new, &old));
     assert_eq!(g.molt.pid(), pid);
 }
 
@@ -739,8 +782,10 @@ fn release_transfer_old_new_old() {
     let mut g = Guest::start(dir, &old, &[]);
     g.transfer(&new, &vn);
     runs(&g, &new);
+    came_in(&g, "transfer", (&old, &new));
     g.transfer(&old, &vo);
     runs(&g, &old);
+    came_in(&g, "transfer", (&new, &old));
 }
 
 #[test]
@@ -753,10 +798,12 @@ fn release_reboot_old_new_old() {
     let mut g = Guest::start(dir, &old, &[]);
     // The old release saves in its newest format, which the new one reads;
     // the new one saves for the old one in the newest format that reads.
-    g.reboot(&new, None, &vn);
+    let format = g.reboot(&new, None, &vn);
     runs(&g, &new);
-    g.reboot(&old, Some(&old), &vo);
+    check_format("reboot", format, (&old, &new));
+    let format = g.reboot(&old, Some(&old), &vo);
     runs(&g, &old);
+    check_format("reboot --for", format, (&new, &old));
 }
 
 /// The watcher's lines for one update that went from `from` to `to` in
