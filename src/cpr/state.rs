@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::layout::{MAX_DISKS, MAX_VCPUS, MAX_VFIO_DEVICES};
 use crate::vfio::IdentityV1 as VfioIdentityV1;
 use crate::virtio::block::Identity;
-use crate::vm::vcpu_state::{AsV2, VcpuState, VcpuStateV2};
+use crate::vm::vcpu_state::{AsV2, FromV2, VcpuState};
 use crate::vm::{MachineStateV1, MachineStateV2, MachineStateV3};
 use heapless::Vec as BoundedVec;
 
@@ -438,10 +438,8 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
     let machine = MachineStateV1 {
         shape: p.next("machine.shape")?,
         vcpus: if version >= 5 {
-            let v2: BoundedVec<Box<VcpuStateV2>, MAX_VCPUS> = p.next("machine.vcpus")?;
-            v2.into_iter()
-                .map(|v| Box::new(VcpuState::from(*v)))
-                .collect()
+            let v2: BoundedVec<FromV2, MAX_VCPUS> = p.next("machine.vcpus")?;
+            v2.into_iter().map(|v| v.0).collect()
         } else {
             p.next("machine.vcpus")?
         },

@@ -162,6 +162,17 @@ impl From<VcpuStateV2> for VcpuStateV1 {
     }
 }
 
+/// A vCPU read as a `VcpuStateV2` and boxed as this release holds it: one
+/// allocation per vCPU, as for a `VcpuStateV1` (a `Box<VcpuStateV2>` first
+/// cost a second one, and its fresh pages, inside the pause).
+pub struct FromV2(pub Box<VcpuStateV1>);
+
+impl<'de> Deserialize<'de> for FromV2 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        VcpuStateV2::deserialize(d).map(|v| FromV2(Box::new(v.into())))
+    }
+}
+
 /// A vCPU's state written as a `VcpuStateV2`, without a copy.
 pub struct AsV2<'a>(pub &'a VcpuStateV1);
 
