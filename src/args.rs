@@ -21,7 +21,8 @@ pub const DEFAULT_MEM: u64 = 256 << 20;
     example = "Boot a guest with a control socket:\n$ molt run --kernel bzImage --mem 1G --control /run/molt.sock",
     example = "Exec mode: replace molt's binary in place, same PID:\n$ molt ctl /run/molt.sock cpr-exec /usr/local/bin/molt-new",
     example = "Transfer mode: hand the guest to a new process started beside it:\n$ molt-new run <the same arguments> --incoming unix:/run/molt.in &\n$ molt ctl /run/molt.sock cpr-transfer /run/molt.in",
-    example = "Reboot mode: save, (kexec or reboot the host,) then start again:\n$ molt ctl /run/molt.sock cpr-save /run/molt.state\n$ molt run <the same arguments> --incoming file:/run/molt.state"
+    example = "Reboot mode: save, (kexec or reboot the host,) then start again:\n$ molt ctl /run/molt.sock cpr-save /run/molt.state\n$ molt run <the same arguments> --incoming file:/run/molt.state",
+    example = "Reboot mode back to another release: the state is written in the newest format that binary reads:\n$ molt ctl /run/molt.sock cpr-save --for /usr/local/bin/molt-old /run/molt.state\n$ molt-old run <the same arguments> --incoming file:/run/molt.state"
 )]
 pub struct Molt {
     #[argh(subcommand)]

@@ -39,8 +39,12 @@ pub enum Command {
     Quit,
     /// Turn this connection into a watcher: one line per event from now on.
     Events,
-    /// Reboot mode: save to this path and exit.
-    CprSave(PathBuf),
+    /// Reboot mode: save to `path` and exit, in the newest state format
+    /// `restorer` (default: any molt of this release) reads.
+    CprSave {
+        path: PathBuf,
+        restorer: Option<PathBuf>,
+    },
     /// Exec mode: exec this binary (default: molt's own) with these arguments
     /// (default: the original ones).
     CprExec {
@@ -68,20 +72,30 @@ pub fn parse(line: &str) -> Result<Command, String> {
         // The path is the rest of the line, so it may contain spaces.
         let mut rest = line.trim()[name.len()..].trim();
         let mut max_pause = None;
-        if name == "cpr-transfer" {
-            if let Some(opt) = rest.strip_prefix("--max-pause-ms") {
-                let opt = opt.trim_start();
-                let (value, path) = opt.split_once(char::is_whitespace).unwrap_or((opt, ""));
+        let mut restorer = None;
+        let option = if name == "cpr-transfer" {
+            "--max-pause-ms"
+        } else {
+            "--for"
+        };
+        if let Some(opt) = rest.strip_prefix(option) {
+            let opt = opt.trim_start();
+            let (value, path) = opt.split_once(char::is_whitespace).unwrap_or((opt, ""));
+            if name == "cpr-transfer" {
                 max_pause = Some(max_pause_ms(value)?);
-                rest = path.trim();
+            } else if value.is_empty() {
+                return Err("cpr-save --for needs a BINARY".into());
+            } else {
+                restorer = Some(PathBuf::from(value));
             }
+            rest = path.trim();
         }
         if rest.is_empty() {
             return Err(format!("{name} needs a PATH"));
         }
         let path = PathBuf::from(rest);
         return Ok(if name == "cpr-save" {
-            Command::CprSave(path)
+            Command::CprSave { path, restorer }
         } else {
             Command::CprTransfer { path, max_pause }
         });
@@ -481,9 +495,23 @@ mod tests {
         assert_eq!(parse("quit"), Ok(Command::Quit));
         assert_eq!(
             parse("cpr-save /run/my state"),
-            Ok(Command::CprSave("/run/my state".into()))
+            Ok(Command::CprSave {
+                path: "/run/my state".into(),
+                restorer: None
+            })
+        );
+        assert_eq!(
+            parse("cpr-save --for /opt/molt-0.1.0 /run/my state"),
+            Ok(Command::CprSave {
+                path: "/run/my state".into(),
+                restorer: Some("/opt/molt-0.1.0".into())
+            })
         );
         assert!(parse("cpr-save").unwrap_err().contains("PATH"));
+        assert!(parse("cpr-save --for /opt/molt")
+            .unwrap_err()
+            .contains("PATH"));
+        assert!(parse("cpr-save --for").unwrap_err().contains("BINARY"));
         assert_eq!(
             parse("cpr-transfer /run/new.sock"),
             Ok(Command::CprTransfer {

@@ -321,7 +321,7 @@ fn version_lists_the_state_formats_it_reads() {
     let words: Vec<&str> = stdout.split_whitespace().collect();
     assert_eq!(words.len(), 3, "{stdout:?}");
     assert_eq!(words[0], "molt");
-    assert_eq!(words[2], "state-formats=1,2,3,4", "{stdout:?}");
+    assert_eq!(words[2], "state-formats=1,2,3,4,5", "{stdout:?}");
 }
 
 #[test]

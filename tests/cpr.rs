@@ -773,6 +773,7 @@ struct Damage {
 const TRUNCATED: &[&str] = &["truncated"];
 const CORRUPT: &[&str] = &["crc", "corrupt", "checksum"];
 const TRAILING: &[&str] = &["trailing", "unexpected bytes", "after the"];
+const RELABELLED_V5: &[&str] = &["unexpected bytes", "cannot decode", "invalid state"];
 
 /// Damaged copies of `good` aimed at the header and payload.
 fn header_and_payload_damage(good: &[u8]) -> Vec<Damage> {
@@ -825,9 +826,9 @@ fn header_and_payload_damage(good: &[u8]) -> Vec<Damage> {
             words: &["magic"],
         },
         Damage {
-            what: "version 5".into(),
-            bytes: relabel(5),
-            words: &["version 5 is unknown to this molt (it reads versions 1,2,3,4)"],
+            what: "version 6".into(),
+            bytes: relabel(6),
+            words: &["version 6 is unknown to this molt (it reads versions 1,2,3,4,5)"],
         },
     ];
     // Each format appends parts to the one before: a version 1 payload is
@@ -846,6 +847,12 @@ fn header_and_payload_damage(good: &[u8]) -> Vec<Damage> {
                 to,
                 &["cannot decode machine.power (from byte"],
             ));
+        }
+    } else if good[VERSION_AT] == 5 {
+        // Format 5's vCPUs (XSAVE as raw bytes) do not read as any earlier
+        // format's: wherever that decoding stops, it is refused.
+        for to in 1..5 {
+            damage.push(relabelled(5, to, RELABELLED_V5));
         }
     } else {
         for to in 1..u32::from(good[VERSION_AT]) {
@@ -1797,7 +1804,7 @@ fn another_user_cannot_read_ram_state_or_console() {
     assert_no_problems(&problems);
 }
 
-// Golden states, versions 1 to 4.
+// Golden states, versions 1 to 5.
 //
 // tests/data/state-v1.bin was written once by molt 0.1.0 when it wrote format 1
 // (its `make_golden_state_v1`) from the counting guest in tests/data/counting.elf: 1 vCPU, 16M, RAM in the
@@ -1811,16 +1818,19 @@ fn another_user_cannot_read_ram_state_or_console() {
 // same way: format 4 adds the passed-through functions' states and
 // identities, and this direct /dev/kvm machine has none (their encoding is in
 // `state.rs`'s unit tests; the lab's vfio-cpr and vfio-reboot scenarios carry
-// edu). state-vN.serial is what the guest printed up to the save.
+// edu). tests/data/state-v5.bin was written once by the release that
+// introduced format 5 (`make_golden_state_v5`), the same way: format 5 holds
+// each vCPU's XSAVE image as raw bytes. state-vN.serial is what the guest
+// printed up to the save.
 //
 // THESE FILES MUST DECODE FOREVER (SPEC.md "State compatibility", STYLE.md
 // "Versions are explicit and frozen"). If a change to molt breaks these tests,
-// the change broke compatibility: the format needs a new version (CprStateV5
-// with From<CprStateV4>), not a regenerated file.
+// the change broke compatibility: the format needs a new version (format 6,
+// converting from 5), not a regenerated file.
 //
 // Decoding is host-independent. Resuming also needs this host's KVM to offer
 // every CPU feature the guest was started with (version 1 was saved on an Intel
-// Xeon, versions 2 to 4 on AMD EPYCs: their CPUID, XSAVE layout and MSRs): where it
+// Xeon, versions 2 to 5 on AMD EPYCs: their CPUID, XSAVE layout and MSRs): where it
 // does not, the restore must refuse the state naming what is missing, with the
 // file untouched; the decoding must never fail.
 
@@ -1836,7 +1846,7 @@ struct Golden {
     guest: &'static str,
 }
 
-const GOLDEN: [Golden; 4] = [
+const GOLDEN: [Golden; 5] = [
     Golden {
         version: 1,
         writer: "0.1.0",
@@ -1861,6 +1871,13 @@ const GOLDEN: [Golden; 4] = [
     Golden {
         version: 4,
         writer: "0.1.0",
+        cpu: "AuthenticAMD family 0x1a model 0x2",
+        run: RUN_SUSPENDED,
+        guest: "suspend.elf",
+    },
+    Golden {
+        version: 5,
+        writer: "0.2.0-dev",
         cpu: "AuthenticAMD family 0x1a model 0x2",
         run: RUN_SUSPENDED,
         guest: "suspend.elf",
@@ -2051,6 +2068,12 @@ fn make_golden_state_v3() {
 #[ignore = "writes tests/data/state-v4.* once"]
 fn make_golden_state_v4() {
     make_golden_state(4);
+}
+
+#[test]
+#[ignore = "writes tests/data/state-v5.* once"]
+fn make_golden_state_v5() {
+    make_golden_state(5);
 }
 
 /// A restart opens the disks by name, so `cpr-save` refuses a disk whose name

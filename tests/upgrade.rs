@@ -131,6 +131,31 @@ fn next_build() -> &'static Path {
     })
 }
 
+/// The previous release's binary, built from git by scripts/cross-release.sh
+/// once per test run (minutes the first time; reused after). No release tag
+/// is a failure, with the script's reason: these tests never skip.
+fn previous_release() -> &'static Path {
+    static PREVIOUS: OnceLock<PathBuf> = OnceLock::new();
+    PREVIOUS.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut cmd = Command::new(root.join("scripts/cross-release.sh"));
+        cmd.current_dir(root);
+        let out = run_with_timeout(&mut cmd, BUILD_TIMEOUT);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "scripts/cross-release.sh failed ({}): the previous release cannot be built:\n{stderr}",
+            out.status
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let bin = PathBuf::from(stdout.lines().last().unwrap_or_default());
+        assert!(bin.is_file(), "no previous release at {bin:?}:\n{stderr}");
+        eprintln!("{stderr}");
+        assert_static(&bin);
+        bin
+    })
+}
+
 /// Copies `from` to `dir/name` (mode kept) and returns the copy's path.
 fn install(dir: &TempDir, from: &Path, name: &str) -> PathBuf {
     let to = dir.join(name);
@@ -527,6 +552,49 @@ impl Guest {
         pause
     }
 
+    /// Reboot mode: `cpr-save [--for RESTORER] PATH` here (the process exits
+    /// 0), then `bin run <args> --incoming file:PATH`, reporting `version`,
+    /// resumes the guest, which counts on. Returns the state's format, as
+    /// `molt state` reads it.
+    fn reboot(&mut self, bin: &Path, restorer: Option<&Path>, version: &str) -> u32 {
+        let n = self.spawned;
+        self.spawned += 1;
+        let state = self.dir.join(&format!("state-{n}"));
+        let mut command = vec!["cpr-save".to_string()];
+        if let Some(r) = restorer {
+            command.extend(["--for".to_string(), r.display().to_string()]);
+        }
+        command.push(state.display().to_string());
+        let command: Vec<&str> = command.iter().map(String::as_str).collect();
+        let reply = self.update(&command);
+        assert!(reply.starts_with("ok saved path="), "cpr-save: {reply:?}");
+        match self.molt.wait_exit(TIMEOUT) {
+            Some(s) => assert!(s.success(), "the saving molt exited with {s}"),
+            None => panic!("the saving molt still runs:\n{}", self.molt.stderr()),
+        }
+        let out = run_with_timeout(Command::new(bin).arg("state").arg(&state), TIMEOUT);
+        let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{} state: {summary}", bin.display());
+        let format = summary
+            .lines()
+            .find_map(|l| l.strip_prefix("format:")?.trim().strip_prefix("version "))
+            .and_then(|v| v.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no format in `molt state`: {summary}"));
+        let incoming = format!("file:{}", state.display());
+        let mut argv: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        argv.extend_from_slice(&["--incoming", &incoming]);
+        let mut molt = Molt::spawn_bin(&self.dir, bin, &format!("molt-{n}"), &argv, Stdio::null());
+        wait_for_control(&mut molt, &self.sock);
+        self.molt = molt;
+        let status = self.status();
+        let pause: u64 = field(&status, "last_pause_us")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no last_pause_us in {status:?}"));
+        assert!(pause > 0, "{status:?}");
+        self.check_after_update(version, pause);
+        format
+    }
+
     fn check_after_update(&mut self, version: &str, pause: u64) {
         let status = self.status();
         assert_eq!(
@@ -643,6 +711,114 @@ fn transfer_upgrade_then_downgrade() {
     let mut g = Guest::start(dir, &a, &[]);
     g.transfer(&b, &vb);
     g.transfer(&a, &va);
+}
+
+/// The previous release ("old", `previous_release`) and this tree's binary
+/// ("new") in `dir`, with their versions.
+fn old_and_new(dir: &TempDir) -> ((PathBuf, String), (PathBuf, String)) {
+    let old = install(dir, previous_release(), "molt-old");
+    let new = install(dir, Path::new(MOLT), "molt-new");
+    let (vo, vn) = (version_of(&old), version_of(&new));
+    ((old, vo), (new, vn))
+}
+
+/// The guest's process runs `bin` (releases may share a version).
+fn runs(g: &Guest, bin: &Path) {
+    let exe = fs::read_link(format!("/proc/{}/exe", g.molt.pid())).expect("read /proc/PID/exe");
+    assert_eq!(exe, bin, "the guest's molt runs {}", exe.display());
+}
+
+/// The state formats `bin version` lists.
+fn formats_of(bin: &Path) -> Vec<u32> {
+    let out = run_with_timeout(Command::new(bin).arg("version"), TIMEOUT);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("state-formats="))
+        .and_then(|l| l.split(',').map(|f| f.parse().ok()).collect())
+        .unwrap_or_else(|| panic!("{} version printed {text:?}", bin.display()))
+}
+
+/// The format the last update into the guest's process came in (its log's
+/// last `state_format=`), which both `from` and `to` must read; printed as
+/// a row of the cross-release matrix.
+fn came_in(g: &Guest, mode: &str, (from, to): (&Path, &Path)) -> u32 {
+    let log = g.molt.stderr();
+    let format = log
+        .rsplit("state_format=")
+        .next()
+        .filter(|_| log.contains("state_format="))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no state_format= in the log:\n{log}"));
+    check_format(mode, format, (from, to))
+}
+
+fn check_format(mode: &str, format: u32, (from, to): (&Path, &Path)) -> u32 {
+    for bin in [from, to] {
+        assert!(
+            formats_of(bin).contains(&format),
+            "{mode}: format {format} is not one {} reads",
+            bin.display()
+        );
+    }
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    eprintln!(
+        "cross-release: {mode} {} -> {}: state format {format}",
+        name(from),
+        name(to)
+    );
+    format
+}
+
+#[test]
+fn release_exec_old_new_old() {
+    if !kvm_available("release_exec_old_new_old") {
+        return;
+    }
+    let dir = TempDir::new("release-exec");
+    let ((old, vo), (new, vn)) = old_and_new(&dir);
+    let mut g = Guest::start(dir, &old, &[]);
+    let pid = g.molt.pid();
+    g.exec(Some(&new), &vn);
+    runs(&g, &new);
+    came_in(&g, "exec", (&old, &new));
+    g.exec(Some(&old), &vo);
+    runs(&g, &old);
+    came_in(&g, "exec", (&new, &old));
+    assert_eq!(g.molt.pid(), pid);
+}
+
+#[test]
+fn release_transfer_old_new_old() {
+    if !kvm_available("release_transfer_old_new_old") {
+        return;
+    }
+    let dir = TempDir::new("release-xfer");
+    let ((old, vo), (new, vn)) = old_and_new(&dir);
+    let mut g = Guest::start(dir, &old, &[]);
+    g.transfer(&new, &vn);
+    runs(&g, &new);
+    came_in(&g, "transfer", (&old, &new));
+    g.transfer(&old, &vo);
+    runs(&g, &old);
+    came_in(&g, "transfer", (&new, &old));
+}
+
+#[test]
+fn release_reboot_old_new_old() {
+    if !kvm_available("release_reboot_old_new_old") {
+        return;
+    }
+    let dir = TempDir::new("release-reboot");
+    let ((old, vo), (new, vn)) = old_and_new(&dir);
+    let mut g = Guest::start(dir, &old, &[]);
+    // The old release saves in its newest format, which the new one reads;
+    // the new one saves for the old one in the newest format that reads.
+    let format = g.reboot(&new, None, &vn);
+    runs(&g, &new);
+    check_format("reboot", format, (&old, &new));
+    let format = g.reboot(&old, Some(&old), &vo);
+    runs(&g, &old);
+    check_format("reboot --for", format, (&new, &old));
 }
 
 /// The watcher's lines for one update that went from `from` to `to` in
@@ -999,6 +1175,85 @@ fn a_terminal_console_stays_raw_across_updates_and_gets_the_users_mode_back() {
     g.assert_user_mode(&user, "after quit");
     let s = g.serial();
     assert_eq!(s.start_lines(), 1, "the guest restarted: {:?}", s.lines);
+}
+
+/// An update to a binary that reads only older state formats writes the
+/// newest of them (format 4 for one reading 1 to 4, like molt 0.1.0; 3 for
+/// one reading 1 to 3), in exec, reboot
+/// (`cpr-save --for BINARY`) and transfer modes, and the guest counts on; one
+/// that reads no format this molt writes is refused before the pause.
+#[test]
+fn updates_to_a_binary_reading_only_older_formats() {
+    if !kvm_available("updates_to_a_binary_reading_only_older_formats") {
+        return;
+    }
+    let dir = TempDir::new("older-reader");
+    let a = install(&dir, Path::new(MOLT), "molt-a");
+    let version = version_of(&a);
+    // Stand-ins for older releases: their `version` lists formats 1 to 3
+    // (1 to 4); anything else runs molt A, which reads those too.
+    let stand_in = |name: &str, formats: &str| {
+        script(
+            &dir,
+            name,
+            &format!(
+                "[ \"$1\" = version ] && {{ echo 'molt 0.0.9 state-formats={formats}'; exit 0; }}\nexec {} \"$@\"",
+                a.display()
+            ),
+        )
+    };
+    let older = stand_in("older", "1,2,3");
+    let reads_4 = stand_in("reads-4", "1,2,3,4");
+    let newer = script(&dir, "newer", "echo 'molt 9.0.0 state-formats=9,10'");
+    let ancient = script(&dir, "ancient", "echo 'molt 0.0.1 state-formats=1,2'");
+    let garbled = script(&dir, "garbled", "echo 'molt 0.0.1 state-formats=3,,x'");
+    let mut g = Guest::start(dir, &a, &[]);
+    let pid = g.molt.pid();
+    for (bin, words) in [
+        (
+            &newer,
+            &["newer", "reads state formats 9,10", "writes 3,4,5"][..],
+        ),
+        (&ancient, &["ancient", "reads state formats 1,2"][..]),
+        (&garbled, &["garbled", "lists state formats \"3,,x\""][..]),
+    ] {
+        for mode in ["cpr-exec", "cpr-save"] {
+            let path = g.dir.join("never-written");
+            let reply = match mode {
+                "cpr-exec" => g.update(&[mode, bin.to_str().unwrap()]),
+                _ => g.update(&[mode, "--for", bin.to_str().unwrap(), path.to_str().unwrap()]),
+            };
+            g.check_survived(pid, &reply, mode, words);
+            assert!(!path.exists(), "{mode} wrote {}", path.display());
+        }
+    }
+    // Exec: the stand-in's `version` picks the format; the image it runs
+    // reads it.
+    for (bin, format) in [(&older, 3), (&reads_4, 4)] {
+        let before = g.molt.stderr().len();
+        g.exec(Some(bin), &version);
+        let log = g.molt.stderr();
+        assert!(
+            log[before..].contains(&format!("state_format={format}")),
+            "exec into a format-{format} reader did not send format {format}:\n{log}"
+        );
+    }
+    // Reboot mode: a state for a stand-in is in its newest format, one for
+    // this release in this release's; all resume.
+    assert_eq!(g.reboot(&a, Some(&older), &version), 3);
+    assert_eq!(g.reboot(&a, Some(&reads_4), &version), 4);
+    assert_eq!(g.reboot(&a, None, &version), 5);
+    assert_eq!(g.reboot(&a, Some(&a), &version), 5);
+    // Transfer: a new process reading 1 to 3 is sent format 3.
+    let pid = g.molt.pid();
+    let (reply, report) = transfer_to_fake(&g, fake::Step::OlderReader, &[]);
+    let state = report.state.expect("the fake got a state");
+    assert_eq!(&state[..8], b"MOLTCPR\0");
+    assert_eq!(state[8], 3, "format sent to a reader of 1 to 3");
+    g.check_survived(pid, &reply, "cpr-transfer", &["RESTORED"]);
+    g.transfer(&a, &version);
+    let log = g.molt.stderr();
+    assert!(log.contains("state_format=5"), "{log}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1530,7 +1785,7 @@ mod fake {
 
     pub const MAGIC: [u8; 8] = *b"MOLTXFR2";
     /// The state format molt writes today.
-    const FORMAT: u32 = 4;
+    const FORMAT: u32 = 5;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
     pub enum FdKind {
@@ -1580,6 +1835,8 @@ mod fake {
         GarbageHello,
         /// Answers HELLO reading no format the old side writes.
         WrongFormat,
+        /// Answers HELLO reading only formats 1 to 3, then as `DieAfterState`.
+        OlderReader,
         /// Takes FDS and the descriptors, then exits without READY.
         DieAfterFds,
         /// Takes FDS, then never answers.
@@ -1633,6 +1890,7 @@ mod fake {
                 send(&mut s, &hello(&[FORMAT + 100]), true)?;
                 return Ok(drain(&s, report));
             }
+            Step::OlderReader => send(&mut s, &hello(&[1, 2, 3]), true)?,
             _ => send(&mut s, &hello(&[FORMAT]), true)?,
         }
         let (body, fds) = recv_with_fds(&s)?;
@@ -1985,10 +2243,7 @@ fn transfer_to_a_peer_that_is_not_a_molt_moves_no_descriptor() {
             &["timed out after 5 s", "HELLO"][..],
         ),
         (fake::Step::GarbageHello, &["not a molt"][..]),
-        (
-            fake::Step::WrongFormat,
-            &["state format 4", "not among"][..],
-        ),
+        (fake::Step::WrongFormat, &["none in common", "105"][..]),
     ] {
         let (reply, report) = transfer_to_fake(&g, step, &[]);
         assert_eq!(report.fds, 0, "{step:?}: the fake received descriptors");

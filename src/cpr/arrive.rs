@@ -222,6 +222,8 @@ fn counts(cfg: &RunConfig) -> fds::Counts {
 pub struct ExecIncoming {
     pub(super) header: exec::ExecHeader,
     pub(super) state: Box<CprState>,
+    /// The format the previous image wrote: a rollback writes it again.
+    pub(super) format: u32,
     pub(super) adopted: Adopted,
     /// The pause so far: the old image's marks, if they came, then this one's.
     pub(super) phases: Phases,
@@ -243,7 +245,7 @@ fn receive_exec(cfg: &RunConfig, fd: RawFd) -> Result<ExecIncoming, Error> {
         None => Phases::begin_at(started),
     };
     phases.mark("startup");
-    let (header, state) = exec::receive(fd).map_err(Error::Exec)?;
+    let (header, state, format) = exec::receive(fd).map_err(Error::Exec)?;
     phases.mark("decode");
     let adopted = fds::adopt(&header.table.kinds, &header.table.numbers, counts(cfg))
         .map_err(Error::Adopt)?;
@@ -251,6 +253,7 @@ fn receive_exec(cfg: &RunConfig, fd: RawFd) -> Result<ExecIncoming, Error> {
     Ok(ExecIncoming {
         header,
         state: Box::new(state),
+        format,
         adopted,
         phases,
     })
@@ -324,10 +327,11 @@ fn resume_exec(
     );
     arrived.watchers = std::mem::take(&mut a.watchers);
     log::info!(
-        "resumed after exec: restore_us={} pause_us={} phases={}",
+        "resumed after exec: restore_us={} pause_us={} phases={} state_format={}",
         start.elapsed().as_micros(),
         arrived.pause_us,
-        arrived.phases
+        arrived.phases,
+        inc.format
     );
     Ok(match failure {
         None => arrived.replying("exec"),
@@ -356,7 +360,7 @@ pub(super) fn rollback(inc: &ExecIncoming, why: &str) -> Error {
     Error::Exec(exec::exec(
         target,
         &inc.header.previous_argv,
-        &inc.state,
+        (&inc.state, inc.format),
         &Handover::of(&inc.adopted).slots(),
         header,
         None,
@@ -417,13 +421,13 @@ fn resume_transfer(
         super::fault::point("state");
         let start = Instant::now();
         let mut phases = old.unwrap_or_else(Phases::begin);
-        let state = state::decode(&bytes).map_err(Error::StateDecode)?;
+        let (state, format) = state::decode_format(&bytes).map_err(Error::StateDecode)?;
         phases.mark("decode");
         let restored = prepared
             .restore(&state.machine, &mut phases)
             .map_err(Error::Vm)?;
         log_vfio(&restored);
-        Ok((restored, state, start, max_pause, phases))
+        Ok((restored, (state, format), start, max_pause, phases))
     });
     // 5. RESTORED, then wait for GO: without it nothing runs, and a failure,
     //    a signal or silence ends it here (FAIL tells the old process why).
@@ -432,7 +436,7 @@ fn resume_transfer(
         phases.mark("ack");
         Ok((restored, state, start, phases))
     });
-    let (restored, state, start, mut phases) = match go {
+    let (restored, (state, format), start, mut phases) = match go {
         Ok(r) => r,
         Err(e) => {
             t.link.fail(&e.to_string());
@@ -445,7 +449,7 @@ fn resume_transfer(
     let mut arrived = arrived(machine, &state, &phases, a.listener.take(), a.client.take());
     arrived.watchers = std::mem::take(&mut a.watchers);
     log::info!(
-        "resumed after transfer: restore_us={} pause_us={} phases={}",
+        "resumed after transfer: restore_us={} pause_us={} phases={} state_format={format}",
         start.elapsed().as_micros(),
         arrived.pause_us,
         arrived.phases

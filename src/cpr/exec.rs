@@ -96,8 +96,8 @@ impl fmt::Display for Error {
     }
 }
 
-fn message_memfd(state: &CprState, header: &ExecHeader) -> Result<File, Error> {
-    let state_bytes = state::encode(state).map_err(Error::Encode)?;
+fn message_memfd(state: &CprState, format: u32, header: &ExecHeader) -> Result<File, Error> {
+    let state_bytes = state::encode_as(state, format).map_err(Error::Encode)?;
     let mut table_bytes = postcard::to_allocvec(header).map_err(Error::HeaderEncode)?;
     if let Some(t) = &header.terminal {
         table_bytes.extend(postcard::to_allocvec(t).map_err(Error::HeaderEncode)?);
@@ -131,14 +131,14 @@ pub enum Target<'a> {
 }
 
 /// Execs `binary` with `argv` (argv[0] first) plus `--incoming fd:N`, handing
-/// over `fds`; `guardian`, if any, gets the state memfd first. `phases`, if
+/// over `state` in `format` (what the probe found `binary` reads) and `fds`; `guardian`, if any, gets the state memfd first. `phases`, if
 /// any, are marked and go in the environment (`phases::ENV`). Returns only on
 /// failure, with every descriptor's CLOEXEC restored: the caller then resumes
 /// the guest as if nothing happened.
 pub fn exec(
     binary: Target,
     argv: &[String],
-    state: &CprState,
+    (state, format): (&CprState, u32),
     fds: &[(FdKind, RawFd)],
     mut header: ExecHeader,
     guardian: Option<&Guardian>,
@@ -148,7 +148,7 @@ pub fn exec(
         kinds: fds.iter().map(|f| f.0).collect(),
         numbers: fds.iter().map(|f| f.1).collect(),
     };
-    let memfd = match message_memfd(state, &header) {
+    let memfd = match message_memfd(state, format, &header) {
         Ok(m) => m,
         Err(e) => return e,
     };
@@ -245,8 +245,9 @@ pub fn strip_incoming(args: &mut Vec<String>) {
     }
 }
 
-/// The new image's side: reads and closes the message memfd `fd`.
-pub fn receive(fd: RawFd) -> Result<(ExecHeader, CprState), Error> {
+/// The new image's side: reads and closes the message memfd `fd`. Returns
+/// the header, the state and the format it came in.
+pub fn receive(fd: RawFd) -> Result<(ExecHeader, CprState, u32), Error> {
     // SAFETY: `--incoming fd:N` hands this process fd N; it is checked to be an
     // open, sealed memfd before any other use, and owned (closed) here.
     let check = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
@@ -265,8 +266,9 @@ pub fn receive(fd: RawFd) -> Result<(ExecHeader, CprState), Error> {
     parse(&bytes)
 }
 
-/// The exec message's parts: magic, the header with the descriptor table, the state.
-pub fn parse(bytes: &[u8]) -> Result<(ExecHeader, CprState), Error> {
+/// The exec message's parts: magic, the header with the descriptor table, the
+/// state (and its format).
+pub fn parse(bytes: &[u8]) -> Result<(ExecHeader, CprState, u32), Error> {
     if bytes.len() < 12 || bytes[..8] != MAGIC {
         return Err(Error::BadMagic);
     }
@@ -287,8 +289,8 @@ pub fn parse(bytes: &[u8]) -> Result<(ExecHeader, CprState), Error> {
     if header.table.kinds.len() != header.table.numbers.len() {
         return Err(Error::InconsistentTable);
     }
-    let state = state::decode(&bytes[table_end..]).map_err(Error::State)?;
-    Ok((header, state))
+    let (state, format) = state::decode_format(&bytes[table_end..]).map_err(Error::State)?;
+    Ok((header, state, format))
 }
 
 /// How long a new binary may take to answer `version`.
@@ -296,12 +298,14 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most of a probe's output that is read.
 const PROBE_OUTPUT: usize = 4096;
 
-/// Runs `binary version`: it must be a molt that reads this state format. A
-/// missing file, a binary that fails, hangs or exits at once, or an older
-/// format is refused here, while the guest is still running. Runs on a worker
+/// Runs `binary version`: it must be a molt that reads a state format this
+/// one writes. Returns the newest such format, the one to write for it. A
+/// missing file, a binary that fails, hangs or exits at once, or one that
+/// reads none of those formats is refused here, while the guest is still
+/// running. Runs on a worker
 /// thread: `stop` (readable) abandons it. The probe runs in a process group of
 /// its own, and nothing of that group outlives this call.
-pub fn probe(binary: &Path, stop: RawFd) -> Result<(), super::Error> {
+pub fn probe(binary: &Path, stop: RawFd) -> Result<u32, super::Error> {
     use std::os::unix::process::CommandExt;
     let err = |why: String| super::Error::Probe(binary.into(), why);
     let mut child = Command::new(binary)
@@ -355,17 +359,19 @@ pub fn probe(binary: &Path, stop: RawFd) -> Result<(), super::Error> {
         let _ = o.take(PROBE_OUTPUT as u64).read_to_end(&mut out);
     }
     let out = String::from_utf8_lossy(&out);
-    let formats = out
+    let listed = out
         .split_whitespace()
         .find_map(|w| w.strip_prefix("state-formats="))
         .ok_or_else(|| err(format!("not a molt: `version` said {:?}", out.trim())))?;
-    if !formats.split(',').any(|v| v == state::VERSION.to_string()) {
-        return Err(err(format!(
-            "it reads state formats {formats}, this state is format {}",
-            state::VERSION
-        )));
-    }
-    Ok(())
+    let formats = state::parse_list(listed)
+        .ok_or_else(|| err(format!("`version` lists state formats {listed:?}")))?;
+    state::newest_common(&formats).ok_or_else(|| {
+        err(format!(
+            "it reads state formats {}, this molt writes {}",
+            state::list(&formats),
+            state::list(&state::WRITES)
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -392,7 +398,7 @@ mod tests {
 
     /// The message's bytes, as `message_memfd` writes them.
     fn message(header: &ExecHeader) -> Vec<u8> {
-        let f = message_memfd(&state::tests::sample(), header).unwrap();
+        let f = message_memfd(&state::tests::sample(), state::VERSION, header).unwrap();
         std::fs::read(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap()
     }
 
@@ -410,13 +416,13 @@ mod tests {
             terminal: Original::of(&t).into(),
             ..plain.clone()
         };
-        let (h, _) = parse(&message(&plain)).unwrap();
+        let (h, _, _) = parse(&message(&plain)).unwrap();
         assert_eq!(
             h, plain,
             "a message without a terminal, as older molts write it"
         );
         let bytes = message(&with);
-        let (h, _) = parse(&bytes).unwrap();
+        let (h, _, _) = parse(&bytes).unwrap();
         assert_eq!(h.terminal, with.terminal);
         assert_eq!(h, with);
         // One byte more after the mode, or the mode's last byte cut off: refused.

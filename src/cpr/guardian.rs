@@ -225,10 +225,11 @@ pub fn main(args: &[String]) -> ExitCode {
     log::error!("guardian: {why}; resuming the guest on the previous image");
     let resumed = exec::receive(held.state.into_raw_fd())
         .map_err(super::Error::Exec)
-        .map(|(header, state)| {
+        .map(|(header, state, format)| {
             let inc = ExecIncoming {
                 header,
                 state: Box::new(state),
+                format,
                 adopted: held.adopted,
                 phases: Phases::begin(),
             };

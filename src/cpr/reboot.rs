@@ -135,11 +135,11 @@ impl fmt::Display for Error {
     }
 }
 
-/// Writes `state` (and RAM, unless it stays in place) to `path` atomically.
-/// Returns the file's size. On failure nothing is left at `path` that was not
-/// there before.
-pub fn save(path: &Path, state: &CprState, ram: &GuestRam) -> Result<u64, Error> {
-    let bytes = state::encode(state).map_err(|e| Error::State(path.into(), e))?;
+/// Writes `state` in state format `format` (and RAM, unless it stays in
+/// place) to `path` atomically. Returns the file's size. On failure nothing
+/// is left at `path` that was not there before.
+pub fn save(path: &Path, (state, format): (&CprState, u32), ram: &GuestRam) -> Result<u64, Error> {
+    let bytes = state::encode_as(state, format).map_err(|e| Error::State(path.into(), e))?;
     if matches!(state.ram, RamLocation::InPlace { .. }) {
         // A --mem-file on pmem or disk holds dirty pages in the page cache: they
         // must reach the device before a kexec throws the cache away.

@@ -7,25 +7,34 @@
 //! (shape, devices, live queues, XSAVE sizes), and every value is checked again
 //! by the code that uses it.
 //!
-//! Versions are frozen once released: `CprStateV1` to `CprStateV4` never
-//! change. A new field or value means a `CprStateV5` with `From<CprStateV4>`,
-//! and that release then decodes all five (SPEC.md, "State compatibility").
-//! This one writes version 4 and reads 1, 2, 3 and 4.
+//! Versions are frozen once released: `CprStateV1` to `CprStateV4` and format
+//! 5 never change. A new field or value means a new version that converts
+//! from the one before, and that release then decodes all of them (SPEC.md,
+//! "State compatibility"). Format 5 holds what format 4 does, each vCPU as a
+//! `VcpuStateV2` (its XSAVE image as raw bytes); in memory the state stays a
+//! `CprStateV4`. This release reads 1 to 5, and writes 5, or 4 or 3 for a peer
+//! that reads no newer (`encode_as`: refused for a guest that format cannot
+//! carry).
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{MAX_DISKS, MAX_VFIO_DEVICES};
+use crate::layout::{MAX_DISKS, MAX_VCPUS, MAX_VFIO_DEVICES};
 use crate::vfio::IdentityV1 as VfioIdentityV1;
 use crate::virtio::block::Identity;
+use crate::vm::vcpu_state::{AsV2, FromV2, VcpuState};
 use crate::vm::{MachineStateV1, MachineStateV2, MachineStateV3};
+use heapless::Vec as BoundedVec;
 
 pub const MAGIC: [u8; 8] = *b"MOLTCPR\0";
-/// The format this release writes.
-pub const VERSION: u32 = 4;
+/// The format this release writes by default: its newest.
+pub const VERSION: u32 = 5;
 /// The formats this release reads, oldest first.
-pub const READS: [u32; 4] = [1, 2, 3, 4];
+pub const READS: [u32; 5] = [1, 2, 3, 4, 5];
+/// The formats this release can write, oldest first: the newest, and older
+/// ones for a binary that reads no newer (an update back to an older release).
+pub const WRITES: [u32; 3] = [3, 4, 5];
 pub const HEADER_LEN: usize = 20;
 /// No real state comes near this: ~10 KiB per vCPU, ~1 KiB per device.
 pub const MAX_PAYLOAD: usize = 4 << 20;
@@ -203,6 +212,10 @@ pub enum Error {
     TrailingBytes(usize),
     Invalid(super::check::Error),
     Encode(String),
+    /// This release cannot write that format.
+    Unwritable(u32),
+    /// The guest uses something that format cannot carry (what).
+    CannotCarry(u32, &'static str),
 }
 
 impl fmt::Display for Error {
@@ -228,17 +241,118 @@ impl fmt::Display for Error {
             Error::TrailingBytes(n) => write!(f, "{n} unexpected bytes after the payload"),
             Error::Invalid(why) => write!(f, "invalid state: {why}"),
             Error::Encode(e) => write!(f, "cannot encode the state: {e}"),
+            Error::Unwritable(v) => write!(
+                f,
+                "this molt cannot write state format {v} (it writes {})",
+                list(&WRITES)
+            ),
+            Error::CannotCarry(v, what) => write!(
+                f,
+                "state format {v} cannot carry {what}: the other binary reads no newer format \
+                 (this molt writes up to {VERSION})"
+            ),
         }
     }
 }
 
-/// Encodes `state` with its header.
-pub fn encode(state: &CprState) -> Result<Vec<u8>, Error> {
-    let payload = postcard::to_allocvec(state).map_err(|e| Error::Encode(e.to_string()))?;
+/// Encodes `state` with its header in format `version`, one of `WRITES`: an
+/// older format only if it carries everything the state holds (`carries`).
+pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
+    let vfio = !state.vfio.is_empty() || !state.machine.vfio.is_empty();
+    carries(version, vfio)?;
+    let m = &state.machine;
+    // Postcard writes a struct as its fields in order, like a tuple: version
+    // 3 is version 4 without the machine's and the state's VFIO lists, and 5
+    // is version 4 with each vCPU as a `VcpuStateV2`.
+    let payload = match version {
+        5 => postcard::to_allocvec(&(
+            &state.writer,
+            state.ram,
+            state.stopped_at_ns,
+            (
+                &m.shape,
+                VcpusV2(&m.vcpus),
+                &m.vm,
+                &m.serial,
+                &m.allocator,
+                &m.virtio,
+                &m.power,
+                &m.vfio,
+            ),
+            state.run,
+            &state.disks,
+            &state.vfio,
+        )),
+        3 => postcard::to_allocvec(&(
+            &state.writer,
+            state.ram,
+            state.stopped_at_ns,
+            (
+                &m.shape,
+                &m.vcpus,
+                &m.vm,
+                &m.serial,
+                &m.allocator,
+                &m.virtio,
+                &m.power,
+            ),
+            state.run,
+            &state.disks,
+        )),
+        _ => postcard::to_allocvec(state),
+    }
+    .map_err(|e| Error::Encode(e.to_string()))?;
     if payload.len() > MAX_PAYLOAD {
         return Err(Error::TooLarge(payload.len()));
     }
-    Ok(seal(VERSION, &payload))
+    Ok(seal(version, &payload))
+}
+
+/// The vCPUs as format 5 writes them: each a `VcpuStateV2`.
+struct VcpusV2<'a>(&'a [Box<VcpuState>]);
+
+impl Serialize for VcpusV2<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|v| AsV2(v)))
+    }
+}
+
+/// Whether format `version` can be written for a guest with (`vfio`) or
+/// without passed-through devices: what is known before the pause.
+pub fn carries(version: u32, vfio: bool) -> Result<(), Error> {
+    if !WRITES.contains(&version) {
+        return Err(Error::Unwritable(version));
+    }
+    if version < 4 && vfio {
+        return Err(Error::CannotCarry(
+            version,
+            "passed-through (--vfio) devices",
+        ));
+    }
+    Ok(())
+}
+
+/// The newest format this release writes that a binary reading `peer` does.
+pub fn newest_common(peer: &[u32]) -> Option<u32> {
+    WRITES.into_iter().rev().find(|v| peer.contains(v))
+}
+
+/// `1,2,3`: formats as `molt version` lists them.
+pub fn list(formats: &[u32]) -> String {
+    formats
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The formats a `state-formats=` list names; None if it is not one.
+pub fn parse_list(text: &str) -> Option<Vec<u32>> {
+    text.split(',')
+        .map(|v| v.parse().ok())
+        .take(64)
+        .collect::<Option<Vec<u32>>>()
+        .filter(|l| !l.is_empty())
 }
 
 /// `payload` behind a header of format `version` with its length and CRC.
@@ -254,7 +368,7 @@ pub fn seal(version: u32, payload: &[u8]) -> Vec<u8> {
 
 /// The formats this release reads, as `molt version` and the handshakes list them.
 pub fn formats() -> String {
-    READS.map(|v| v.to_string()).join(",")
+    list(&READS)
 }
 
 /// The format version and payload length a header announces, after checking
@@ -281,6 +395,11 @@ pub fn header(header: &[u8]) -> Result<(u32, usize), Error> {
 
 /// Decodes and validates a state; `bytes` is exactly header + payload.
 pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
+    decode_format(bytes).map(|(state, _)| state)
+}
+
+/// `decode`, and the format the state was written in.
+pub fn decode_format(bytes: &[u8]) -> Result<(CprState, u32), Error> {
     let (version, len) = header(bytes)?;
     let have = bytes.len() - HEADER_LEN;
     if have < len {
@@ -300,7 +419,7 @@ pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
     if version >= 2 {
         super::check::disks(&state).map_err(Error::Invalid)?;
     }
-    Ok(state)
+    Ok((state, version))
 }
 
 /// Decodes the payload part by part, so that a failure names the part and the
@@ -309,7 +428,8 @@ pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
 /// struct would: version 2 appends fields to version 1; version 3 appends the
 /// machine's power registers to its machine, and writes run states 2 did not;
 /// version 4 appends the passed-through functions to the machine and the
-/// passed-through devices' identities to the whole.
+/// passed-through devices' identities to the whole; version 5 is version 4
+/// with each vCPU as a `VcpuStateV2`.
 fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
     let mut p = Parts { payload, at: 0 };
     let writer = p.next("writer")?;
@@ -317,7 +437,12 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
     let stopped_at_ns = p.next("stopped_at_ns")?;
     let machine = MachineStateV1 {
         shape: p.next("machine.shape")?,
-        vcpus: p.next("machine.vcpus")?,
+        vcpus: if version >= 5 {
+            let v2: BoundedVec<FromV2, MAX_VCPUS> = p.next("machine.vcpus")?;
+            v2.into_iter().map(|v| v.0).collect()
+        } else {
+            p.next("machine.vcpus")?
+        },
         vm: p.next("machine.vm")?,
         serial: p.next("machine.serial")?,
         allocator: p.next("machine.allocator")?,
@@ -445,7 +570,7 @@ pub(crate) mod tests {
     #[test]
     fn round_trip() {
         let s = sample();
-        let bytes = encode(&s).unwrap();
+        let bytes = encode_as(&s, VERSION).unwrap();
         assert_eq!(&bytes[..8], b"MOLTCPR\0");
         assert_eq!(decode(&bytes).unwrap(), s);
     }
@@ -477,14 +602,14 @@ pub(crate) mod tests {
             control: 3 << 10,
             sleep_pending: true,
         };
-        let bytes = encode(&s).unwrap();
-        assert_eq!(bytes[8], 4);
+        let bytes = encode_as(&s, VERSION).unwrap();
+        assert_eq!(bytes[8], 5);
         assert_eq!(decode(&bytes).unwrap(), s);
         for run in [RunState::Running, RunState::Paused] {
             s.run = run;
-            assert_eq!(decode(&encode(&s).unwrap()).unwrap().run, run);
+            assert_eq!(decode(&encode_as(&s, VERSION).unwrap()).unwrap().run, run);
         }
-        assert_eq!(formats(), "1,2,3,4");
+        assert_eq!(formats(), "1,2,3,4,5");
         // A run state no version has is refused, naming the part.
         let payload = postcard::to_allocvec(&sample()).unwrap();
         let mut bad = payload.clone();
@@ -523,7 +648,7 @@ pub(crate) mod tests {
         });
         msix.msix_armed = Some((8, 0b1010));
         s.machine.vfio.push(msix).unwrap();
-        let bytes = encode(&s).unwrap();
+        let bytes = encode_as(&s, VERSION).unwrap();
         assert_eq!(decode(&bytes).unwrap(), s);
         // More functions than a machine can have do not decode: the count
         // comes before the run state, the disk list and the device identities
@@ -583,8 +708,9 @@ pub(crate) mod tests {
             device: 0x11e8,
         };
         s.vfio.push(edu).unwrap();
-        let bytes = encode(&s).unwrap();
+        let bytes = encode_as(&s, 4).unwrap();
         assert_eq!(bytes[8], 4);
+        assert_eq!(decode(&encode_as(&s, 5).unwrap()).unwrap(), s);
         // The list comes last: its length, then each device's fields (domain
         // as a varint, bus, device, function, slot, vendor and device IDs).
         let tail = [1, 0, 0, 4, 0, 3, 0xb4, 0x24, 0xe8, 0x23];
@@ -603,6 +729,121 @@ pub(crate) mod tests {
             decode(&seal(4, &payload)),
             Err(Error::Decode { part: "vfio", .. })
         ));
+    }
+
+    #[test]
+    fn older_formats_are_written_for_older_readers() {
+        let mut s = sample();
+        s.run = RunState::Suspended;
+        s.machine.power.enable = 0x0120;
+        // Format 3 holds everything but the passed-through devices: it reads
+        // back the same, and is what version 3 itself would have written.
+        let bytes = encode_as(&s, 3).unwrap();
+        assert_eq!(bytes[8], 3);
+        assert_eq!(decode_format(&bytes).unwrap(), (s.clone(), 3));
+        let m = s.machine.clone();
+        let v3 = CprStateV3 {
+            writer: s.writer.clone(),
+            ram: s.ram,
+            stopped_at_ns: s.stopped_at_ns,
+            machine: MachineStateV2 {
+                shape: m.shape,
+                vcpus: m.vcpus,
+                vm: m.vm,
+                serial: m.serial,
+                allocator: m.allocator,
+                virtio: m.virtio,
+                power: m.power,
+            },
+            run: s.run,
+            disks: s.disks.clone(),
+        };
+        assert_eq!(bytes, seal(3, &postcard::to_allocvec(&v3).unwrap()));
+        // A guest with a passed-through device cannot go to format 3.
+        s.vfio
+            .push(crate::vfio::Identity {
+                bdf: "0000:00:04.0".parse().unwrap(),
+                slot: 3,
+                vendor: 0x1234,
+                device: 0x11e8,
+            })
+            .unwrap();
+        let e = encode_as(&s, 3).unwrap_err();
+        assert_eq!(e, Error::CannotCarry(3, "passed-through (--vfio) devices"));
+        assert!(e.to_string().contains("cannot carry passed-through"), "{e}");
+        assert_eq!(carries(3, true), Err(e));
+        assert!(encode_as(&s, 4).is_ok());
+        // Formats this release reads but does not write, or does not know.
+        for v in [1, 2, VERSION + 1] {
+            assert_eq!(encode_as(&sample(), v), Err(Error::Unwritable(v)));
+        }
+        assert_eq!(carries(4, true), Ok(()));
+    }
+
+    #[test]
+    fn the_newest_common_format_is_chosen() {
+        assert_eq!(newest_common(&READS), Some(VERSION));
+        assert_eq!(newest_common(&[1, 2, 3]), Some(3));
+        assert_eq!(newest_common(&[3, VERSION, VERSION + 1]), Some(VERSION));
+        assert_eq!(newest_common(&[1, 2]), None);
+        assert_eq!(newest_common(&[VERSION + 1]), None);
+        assert_eq!(parse_list("1,2,3"), Some(vec![1, 2, 3]));
+        assert_eq!(list(&[1, 2, 3]), "1,2,3");
+        for bad in ["", "1,,2", "x", "1;2", "-1"] {
+            assert_eq!(parse_list(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn version_5_holds_xsave_as_raw_bytes() {
+        let mut s = sample();
+        for (i, w) in s.machine.vcpus[0].xsave.iter_mut().enumerate() {
+            *w = (i as u32).wrapping_mul(0x9e37_79b9);
+        }
+        let v5 = encode_as(&s, 5).unwrap();
+        let v4 = encode_as(&s, 4).unwrap();
+        assert_eq!((v5[8], v4[8]), (5, 4));
+        assert_eq!(decode_format(&v5).unwrap(), (s.clone(), 5));
+        assert_eq!(decode_format(&v4).unwrap(), (s.clone(), 4));
+        // The image's bytes as they are, behind their length (a varint).
+        let words = &s.machine.vcpus[0].xsave;
+        let raw: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let at = v5
+            .windows(raw.len())
+            .position(|w| w == raw)
+            .expect("the raw XSAVE bytes are in the state");
+        assert_eq!(v5[at - 2..at], [0x80, 0x20], "length 4096 as a varint");
+        // Format 4 holds the same words as varints: 1 to 5 bytes each.
+        let varints: usize = words
+            .iter()
+            .map(|&w| (32 - w.leading_zeros()).div_ceil(7).max(1) as usize)
+            .sum();
+        assert_eq!(v4.len() + raw.len(), v5.len() + varints);
+        // A length that is not whole words, or more than a vCPU's XSAVE
+        // can be, does not decode.
+        for (len, extra) in [
+            (4095usize, &[0xff, 0x1f][..]),
+            (4 * 4097, &[0x84, 0x80, 0x01][..]),
+        ] {
+            let mut bad = v5[HEADER_LEN..at - 2].to_vec();
+            bad.extend_from_slice(extra);
+            bad.extend(std::iter::repeat_n(0, len));
+            bad.extend_from_slice(&v5[at + raw.len()..]);
+            assert!(
+                matches!(
+                    decode(&seal(5, &bad)),
+                    Err(Error::Decode {
+                        part: "machine.vcpus",
+                        ..
+                    })
+                ),
+                "{len}"
+            );
+        }
+        // Format 5 read as format 4 is refused.
+        let mut relabelled = v5.clone();
+        relabelled[8] = 4;
+        assert!(decode(&relabelled).is_err());
     }
 
     #[test]
@@ -678,7 +919,7 @@ pub(crate) mod tests {
 
     #[test]
     fn damage_is_named() {
-        let bytes = encode(&sample()).unwrap();
+        let bytes = encode_as(&sample(), VERSION).unwrap();
         assert_eq!(decode(&bytes[..10]), Err(Error::Truncated(10)));
         assert!(matches!(
             decode(&bytes[..bytes.len() - 1]),
@@ -688,8 +929,8 @@ pub(crate) mod tests {
         magic[0] ^= 1;
         assert_eq!(decode(&magic), Err(Error::BadMagic));
         let mut version = bytes.clone();
-        version[8] = 5;
-        assert_eq!(decode(&version), Err(Error::UnknownVersion(5)));
+        version[8] = 6;
+        assert_eq!(decode(&version), Err(Error::UnknownVersion(6)));
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x10;
@@ -704,7 +945,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_payload_that_cannot_be_decoded_names_the_part_and_offset() {
-        let bytes = encode(&sample()).unwrap();
+        let bytes = encode_as(&sample(), VERSION).unwrap();
         let payload = &bytes[HEADER_LEN..];
         // The last byte is the (empty) VFIO device list's length.
         let short = &payload[..payload.len() - 1];
@@ -730,12 +971,12 @@ pub(crate) mod tests {
     fn parts_must_agree_with_the_shape() {
         let mut s = sample();
         s.machine.shape.vcpus = 2;
-        let bytes = encode(&s).unwrap();
+        let bytes = encode_as(&s, VERSION).unwrap();
         assert!(matches!(decode(&bytes), Err(Error::Invalid(_))));
         let mut s = sample();
         s.machine.shape.mem_size = 1000;
         assert!(matches!(
-            decode(&encode(&s).unwrap()),
+            decode(&encode_as(&s, VERSION).unwrap()),
             Err(Error::Invalid(_))
         ));
     }

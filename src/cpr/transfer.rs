@@ -80,7 +80,8 @@ const MAX_FORMATS: usize = 8;
 pub(crate) enum Msg {
     Hello {
         version: String,
-        /// The state format this side sends.
+        /// The newest state format this side writes (it writes the older
+        /// ones of `state::WRITES` too).
         writes: u32,
         /// The state formats this side reads.
         reads: heapless::Vec<u32, MAX_FORMATS>,
@@ -126,6 +127,8 @@ impl Msg {
     fn hello() -> Msg {
         Msg::Hello {
             version: super::VERSION.into(),
+            // The newest this side writes: on the old side, the new side's
+            // `reads` then pick the format (`check_formats`).
             writes: state::VERSION,
             reads: state::READS.into_iter().collect(),
         }
@@ -371,8 +374,17 @@ fn check_uid(peer: u32, me: u32, who: &str) -> Result<(), Error> {
 }
 
 /// The peer's HELLO must show a molt that can take part: the new side must
-/// read the format the old side writes. Returns the peer's version.
-fn check_formats(step: &'static str, peer: &Msg, peer_is_old: bool) -> Result<String, Error> {
+/// read a format the old side writes. The old side writes any of its
+/// `state::WRITES` and says the newest (`writes`); it picks the newest format
+/// the new side reads (`reads`), refusing if there is none. The new side
+/// checks only that the old side's formats are not all older than its own.
+/// Returns the peer's version and, on the old side (`peer_is_old` false),
+/// the format to send.
+fn check_formats(
+    step: &'static str,
+    peer: &Msg,
+    peer_is_old: bool,
+) -> Result<(String, u32), Error> {
     let Msg::Hello {
         version,
         writes,
@@ -381,18 +393,23 @@ fn check_formats(step: &'static str, peer: &Msg, peer_is_old: bool) -> Result<St
     else {
         return Err(unexpected(step, "HELLO", peer));
     };
-    let (format, readable) = if peer_is_old {
-        (*writes, &state::READS[..])
+    let format = if peer_is_old {
+        Some(*writes).filter(|&w| w >= state::READS[0])
     } else {
-        (state::VERSION, &reads[..])
+        state::newest_common(reads)
     };
-    if !readable.contains(&format) {
+    let Some(format) = format else {
+        let (writes, reads) = if peer_is_old {
+            (format!("up to {writes}"), state::formats())
+        } else {
+            (state::list(&state::WRITES), state::list(reads))
+        };
         return Err(Error::Peer(format!(
-            "state format {format} is not among those the new process reads ({readable:?}); \
-             the other side is molt {version}"
+            "the old process writes state formats {writes}, the new one reads {reads}: \
+             none in common; the other side is molt {version}"
         )));
-    }
-    Ok(version.clone())
+    };
+    Ok((version.clone(), format))
 }
 
 /// PATH must be a socket of ours, in a directory no other user can write to
@@ -481,16 +498,20 @@ fn connect(path: &Path) -> Result<UnixStream, Error> {
 pub struct Outgoing {
     link: Link,
     pub peer_version: String,
+    /// The state format to send: the newest the new process reads.
+    pub format: u32,
 }
 
 impl Outgoing {
-    /// Checks PATH and the new process, hands it the descriptors (and the
-    /// user's `terminal` mode, if the console is on one) and waits until it is
-    /// READY; the guest runs meanwhile. `stop` aborts every wait.
+    /// Checks PATH and the new process (its state format must carry a guest
+    /// with passed-through devices if `vfio`), hands it the descriptors (and
+    /// the user's `terminal` mode, if the console is on one) and waits until
+    /// it is READY; the guest runs meanwhile. `stop` aborts every wait.
     pub fn prepare(
         path: &Path,
         fds: &[(FdKind, RawFd)],
         terminal: Option<Original>,
+        vfio: bool,
         stop: RawFd,
     ) -> Result<Self, Error> {
         check_path(path)?;
@@ -500,7 +521,12 @@ impl Outgoing {
         link.send(&Msg::hello(), true, Deadline::after(HANDSHAKE_TIMEOUT))?;
         let step = "waiting for the new process's HELLO";
         let hello = link.recv(step, true, MAX_SMALL, Deadline::after(HANDSHAKE_TIMEOUT))?;
-        let peer_version = check_formats(step, &hello, false)?;
+        let (peer_version, format) = check_formats(step, &hello, false)?;
+        if let Err(e) = state::carries(format, vfio) {
+            let e = Error::Peer(format!("{e}; the other side is molt {peer_version}"));
+            link.fail(&e.to_string());
+            return Err(e);
+        }
         let kinds: Vec<FdKind> = fds.iter().map(|f| f.0).collect();
         let frame = fds_frame(&kinds, terminal).map_err(|e| Error::Protocol("sending FDS", e))?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.1).collect();
@@ -512,7 +538,11 @@ impl Outgoing {
         link.write_all(&frame[sent..], "sending FDS", d)?;
         let step = "waiting for READY";
         match link.recv(step, false, MAX_SMALL, Deadline::after(READY_TIMEOUT))? {
-            Msg::Ready => Ok(Outgoing { link, peer_version }),
+            Msg::Ready => Ok(Outgoing {
+                link,
+                peer_version,
+                format,
+            }),
             m => Err(unexpected(step, "READY", &m)),
         }
     }
@@ -616,7 +646,7 @@ fn handshake(s: UnixStream, stop: RawFd) -> Result<Incoming, Error> {
     let step = "waiting for HELLO";
     let hello = link.recv(step, true, MAX_SMALL, Deadline::after(HELLO_TIMEOUT))?;
     let peer_version = match check_formats(step, &hello, true) {
-        Ok(v) => v,
+        Ok((v, _)) => v,
         Err(e) => {
             link.fail(&e.to_string());
             return Err(e);
@@ -752,16 +782,34 @@ mod tests {
             reads: reads.iter().copied().collect(),
         };
         let v = state::VERSION;
-        assert!(check_formats("s", &hello(v, &[v]), true).is_ok());
-        assert!(check_formats("s", &hello(v, &[v]), false).is_ok());
-        // A previous release writing format 1 can hand its guest over to this one.
+        let oldest = state::WRITES[0];
+        assert_eq!(check_formats("s", &hello(v, &[v]), true).unwrap().1, v);
+        assert_eq!(check_formats("s", &hello(v, &[v]), false).unwrap().1, v);
+        // A previous release writing format 1 can hand its guest over to this one,
+        // and so can a later release, which also writes this one's formats.
         assert!(check_formats("s", &hello(1, &[1]), true).is_ok());
+        assert!(check_formats("s", &hello(v + 1, &[v + 1]), true).is_ok());
+        // To a release reading only older formats, this one sends the newest
+        // of those it writes.
+        let older: Vec<u32> = (1..=oldest).collect();
+        assert_eq!(
+            check_formats("s", &hello(oldest, &older), false).unwrap().1,
+            oldest
+        );
+        assert_eq!(
+            check_formats("s", &hello(v + 1, &[v, v + 1]), false)
+                .unwrap()
+                .1,
+            v
+        );
         for e in [
-            check_formats("s", &hello(v + 1, &[v]), true).unwrap_err(),
-            // ... but this one cannot hand its guest to a release reading only 1.
+            // ... but not to one reading only formats it cannot write.
             check_formats("s", &hello(1, &[1]), false).unwrap_err(),
+            check_formats("s", &hello(v + 1, &[v + 1]), false).unwrap_err(),
+            // An old side writing only formats older than any this one reads.
+            check_formats("s", &hello(0, &[0]), true).unwrap_err(),
         ] {
-            assert!(e.to_string().contains("not among those"), "{e}");
+            assert!(e.to_string().contains("none in common"), "{e}");
         }
         assert!(check_formats("s", &Msg::Ready, true).is_err());
     }

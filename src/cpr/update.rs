@@ -28,7 +28,12 @@ use crate::vm::Machine;
 
 /// A CPR command, as the control line gave it.
 pub enum Request {
-    Save(PathBuf),
+    Save {
+        path: PathBuf,
+        /// The binary that will restore it, if not one of this release:
+        /// the state is written in the newest format it reads.
+        restorer: Option<PathBuf>,
+    },
     Exec {
         binary: Option<PathBuf>,
         args: Vec<String>,
@@ -230,7 +235,7 @@ impl Request {
     /// The command, for replies and the log.
     fn what(&self) -> &'static str {
         match self {
-            Request::Save(_) => "cpr-save",
+            Request::Save { .. } => "cpr-save",
             Request::Exec { .. } => "cpr-exec",
             Request::Transfer { .. } => "cpr-transfer",
         }
@@ -239,7 +244,7 @@ impl Request {
     /// The mode, as replies and events name it.
     pub fn mode(&self) -> &'static str {
         match self {
-            Request::Save(_) => "reboot",
+            Request::Save { .. } => "reboot",
             Request::Exec { .. } => "exec",
             Request::Transfer { .. } => "transfer",
         }
@@ -264,7 +269,25 @@ pub fn start(request: Request, src: &mut Source) -> Started {
         return Started::Done(Done::failed(request.what(), Error::Vm(why)));
     }
     match request {
-        Request::Save(path) => Started::Done(save(src, &path)),
+        Request::Save {
+            path,
+            restorer: None,
+        } => Started::Done(save(src, &path, state::VERSION)),
+        Request::Save {
+            path,
+            restorer: Some(binary),
+        } => {
+            // On a worker, the guest running: the newest format BINARY
+            // reads, as for exec. Then the save, on the loop's thread.
+            let vfio = !src.machine.vfio_devices().is_empty();
+            working("cpr-save", move |abort| {
+                let format = probe_format(&binary, vfio, abort);
+                Box::new(move |src: &mut Source| match format {
+                    Ok(format) => save(src, &path, format),
+                    Err(e) => Done::failed("cpr-save", e),
+                })
+            })
+        }
         Request::Exec { binary, args } => exec(src, binary, args),
         Request::Transfer { path, max_pause } => transfer(src, path, max_pause),
     }
@@ -279,7 +302,7 @@ pub fn start(request: Request, src: &mut Source) -> Started {
 fn vfio_refusal(request: &Request, vfio: &[Bdf], run: RunState) -> Option<Error> {
     let &bdf = vfio.first()?;
     match request {
-        Request::Save(_) if run != RunState::Suspended => Some(Error::VfioNotSuspended(bdf)),
+        Request::Save { .. } if run != RunState::Suspended => Some(Error::VfioNotSuspended(bdf)),
         _ => None,
     }
 }
@@ -292,8 +315,9 @@ fn working(what: &'static str, work: impl FnOnce(RawFd) -> Finish + Send + 'stat
     }
 }
 
-/// Reboot mode, save side: `cpr-save PATH`.
-fn save(src: &mut Source, path: &Path) -> Done {
+/// Reboot mode, save side: `cpr-save [--for BINARY] PATH`, in state format
+/// `format`.
+fn save(src: &mut Source, path: &Path, format: u32) -> Done {
     let what = "cpr-save";
     // 1. A restart opens the disks by name: each name must still lead to the
     //    image this process has open (not deleted, moved or replaced).
@@ -315,7 +339,9 @@ fn save(src: &mut Source, path: &Path) -> Done {
     };
     let written = src
         .snapshot(ram, stopped_at_ns, &mut phases)
-        .and_then(|state| reboot::save(path, &state, &src.machine.ram).map_err(Error::File));
+        .and_then(|state| {
+            reboot::save(path, (&state, format), &src.machine.ram).map_err(Error::File)
+        });
     phases.mark("encode");
     let bytes = match written {
         Ok(bytes) => bytes,
@@ -352,16 +378,21 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
         src.argv.iter().take(1).cloned().chain(args).collect()
     };
     let mut handover = src.handover();
+    let vfio = !src.machine.vfio_devices().is_empty();
     working(what, move |abort| {
         // On the worker, the guest running:
-        // 1. BINARY must be a molt that reads the state format this one writes.
+        // 1. BINARY must be a molt that reads a state format this one writes
+        //    and that carries this guest: the newest such is written.
         // 2. A guardian starts, holding duplicates of the guest's descriptors:
         //    if the new image dies before it runs the guest, it resumes the
         //    guest on this image.
-        let ready = exec::probe(&binary, abort)
-            .and_then(|()| Guardian::start(&binary, &handover.slots()).map_err(Error::Guardian));
+        let ready = probe_format(&binary, vfio, abort).and_then(|format| {
+            Guardian::start(&binary, &handover.slots())
+                .map(|g| (g, format))
+                .map_err(Error::Guardian)
+        });
         Box::new(move |src: &mut Source| {
-            let guardian = match ready {
+            let (guardian, format) = match ready {
                 Ok(g) => g,
                 Err(e) => return Done::failed(what, e),
             };
@@ -388,7 +419,7 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
             let err = exec_out(
                 src,
                 &mut handover,
-                (&binary, &argv),
+                (&binary, &argv, format),
                 stopped_at_ns,
                 &mut phases,
                 &guardian,
@@ -407,7 +438,7 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
 fn exec_out(
     src: &Source,
     handover: &mut Handover,
-    (binary, argv): (&Path, &[String]),
+    (binary, argv, format): (&Path, &[String], u32),
     stopped_at_ns: u64,
     phases: &mut Phases,
     guardian: &Guardian,
@@ -435,12 +466,22 @@ fn exec_out(
     Error::Exec(exec::exec(
         exec::Target::Path(binary),
         argv,
-        &state,
+        (&state, format),
         &handover.slots(),
         header,
         Some(guardian),
         Some(phases),
     ))
+}
+
+/// Runs `binary version` (`exec::probe`): the newest state format both it
+/// and this molt know, if that format carries this guest (`vfio`: with
+/// passed-through devices). Before the pause, on a worker.
+fn probe_format(binary: &Path, vfio: bool, abort: RawFd) -> Result<u32, Error> {
+    let format = exec::probe(binary, abort)?;
+    state::carries(format, vfio)
+        .map_err(|e| Error::Probe(binary.into(), e.to_string()))
+        .map(|()| format)
 }
 
 /// Transfer mode, save side: `cpr-transfer [--max-pause-ms N] PATH`.
@@ -461,18 +502,21 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
     let max_pause = max_pause.unwrap_or(transfer::DEFAULT_MAX_PAUSE);
     let handover = src.handover();
     let terminal = src.terminal;
+    let vfio = !src.machine.vfio_devices().is_empty();
     working(what, move |abort| {
         // On the worker, the guest running:
         // 1. PATH must be a socket of molt's uid that nobody else can replace;
         //    connect, and the peer's uid must be molt's.
-        // 2. HELLO both ways: the peer must be a molt reading our state format.
+        // 2. HELLO both ways: the peer must be a molt reading a state format
+        //    this one writes, and that format must carry this guest: the
+        //    newest such is sent.
         // 3. FDS: the descriptors go, with the user's terminal mode; wait for
         //    READY (the new process maps RAM and builds its VM).
-        let out = Outgoing::prepare(&path, &handover.slots(), terminal, abort);
+        let out = Outgoing::prepare(&path, &handover.slots(), terminal, vfio, abort);
         Box::new(move |src: &mut Source| {
             let mut out = match out {
                 Ok(out) => out,
-                Err(e) => return Done::failed(what, e),
+                Err(e) => return Done::failed(what, Error::Transfer(e)),
             };
             // 4. Pause.
             let (stopped_at_ns, mut phases) = match src.pause() {
@@ -493,7 +537,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
             }
             let sent = src
                 .snapshot(src.in_place(), stopped_at_ns, &mut phases)
-                .and_then(|s| state::encode(&s).map_err(Error::StateEncode))
+                .and_then(|s| state::encode_as(&s, out.format).map_err(Error::StateEncode))
                 .and_then(|bytes| {
                     phases.mark("encode");
                     out.send_state(bytes, &phases, max_pause, src.signals)
@@ -564,7 +608,10 @@ mod tests {
     #[test]
     fn reboot_mode_carries_vfio_only_for_a_suspended_guest() {
         let edu: Bdf = "0000:00:04.0".parse().unwrap();
-        let save = Request::Save("/run/state".into());
+        let save = Request::Save {
+            path: "/run/state".into(),
+            restorer: None,
+        };
         let exec = Request::Exec {
             binary: None,
             args: Vec::new(),

@@ -565,7 +565,9 @@ impl Loop {
                 ),
                 Err(why) => (format!("error: {why}"), None),
             },
-            Command::CprSave(path) => self.update(slot, Request::Save(path)),
+            Command::CprSave { path, restorer } => {
+                self.update(slot, Request::Save { path, restorer })
+            }
             Command::CprExec { binary, args } => self.update(slot, Request::Exec { binary, args }),
             Command::CprTransfer { path, max_pause } => {
                 self.update(slot, Request::Transfer { path, max_pause })
