@@ -127,18 +127,7 @@ while [ $step -le $TOTAL ]; do
     # leaks some shows as growth from the first ten steps to the last ten.
     fds=$(ls /proc/"$VMM_PID"/fd 2>/dev/null | wc -l)
     echo "$step $fds" >> /run/fds
-    # The guest runs on: 3 more counts on the console, 2 more TCP messages.
-    i=0
-    while [ "$(counts)" -lt $((c0 + 3)) ] || [ "$(server_field msgs)" -lt $((m0 + 2)) ]; do
-        i=$((i + 1))
-        [ $i -le 300 ] || break
-        sleep 0.1
-    done
-    if [ $i -le 300 ]; then ok_progress=$((ok_progress + 1)); else
-        echo "LAB-CHECK-FAIL step${step}_progress: counts $c0 -> $(counts), TCP msgs $m0 -> $(server_field msgs) in 30 s"
-        alive "$VMM_PID" && proc_diag "$VMM_PID"
-        break
-    fi
+    if moved_on "$c0" "$m0" "step${step}_progress"; then ok_progress=$((ok_progress + 1)); else break; fi
     step=$((step + 1))
 done
 result updates_ms $(( $(now_ms) - t_updates ))

@@ -218,18 +218,7 @@ while read -r n mode point <&4; do
     if one_holder "$VMM_PID"; then ok_holder=$((ok_holder + 1)); else
         echo "LAB-CHECK-FAIL update${n}_holders: the guest's RAM is held by $HOLDERS, want only $VMM_PID"; fi
     echo "$n $mode $point $(ls /proc/"$VMM_PID"/fd 2>/dev/null | wc -l) $(sed -n 's/^Threads:[[:space:]]*//p' /proc/"$VMM_PID"/status 2>/dev/null)" >> /run/procs
-    # The guest runs on: 3 more counts on the console, 2 more TCP messages.
-    i=0
-    while [ "$(counts)" -lt $((c0 + 3)) ] || [ "$(server_field msgs)" -lt $((m0 + 2)) ]; do
-        i=$((i + 1))
-        [ $i -le 300 ] || break
-        sleep 0.1
-    done
-    if [ $i -le 300 ]; then ok_progress=$((ok_progress + 1)); else
-        echo "LAB-CHECK-FAIL update${n}_progress: counts $c0 -> $(counts), TCP msgs $m0 -> $(server_field msgs) in 30 s"
-        alive "$VMM_PID" && proc_diag "$VMM_PID"
-        break
-    fi
+    if moved_on "$c0" "$m0" "update${n}_progress"; then ok_progress=$((ok_progress + 1)); else break; fi
     done_n=$n
     echo $(( ($(labtime now) - t0) / 1000 )) >> /run/walls
 done 4< /run/plan

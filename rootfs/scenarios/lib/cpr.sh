@@ -400,3 +400,19 @@ step_gap_results() {
     done
     result count_max_gap_ms $(( $(field max_gap_us "$(labcpr gaps "$STAMPS")") / 1000 ))
 }
+
+# moved_on C0 M0 NAME: the guest runs on: within 30 s the console has 3 more
+# counts than C0 and the TCP server 2 more messages than M0. Else a
+# LAB-CHECK-FAIL NAME line, where molt's threads are, and 1.
+moved_on() {
+    _i=0
+    while [ "$(counts)" -lt $(($1 + 3)) ] || [ "$(server_field msgs)" -lt $(($2 + 2)) ]; do
+        _i=$((_i + 1))
+        if [ $_i -gt 300 ]; then
+            echo "LAB-CHECK-FAIL $3: counts $1 -> $(counts), TCP msgs $2 -> $(server_field msgs) in 30 s"
+            alive "$VMM_PID" && proc_diag "$VMM_PID"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
