@@ -8,7 +8,8 @@
 #   --keep   leave L2 running with a shell on the console after the scenario
 #            (interactive; no timeout)
 # Environment:
-#   MOLT_LAB_TIMEOUT    overall limit in seconds (default 600)
+#   MOLT_LAB_TIMEOUT    overall limit in seconds (default: the scenario's
+#                       `# lab-timeout: SECONDS` line, else 600)
 #   MOLT_LAB_SMP        L2 vCPUs (default 2: MTTCG runs them on both host cores)
 #   MOLT_LAB_APPEND     extra L2 kernel arguments (e.g. memmap=64M!1G), after
 #                       the scenario's own (its `# lab-append: ARGS` line)
@@ -40,7 +41,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
     echo "lab: no scenario $scenario (rootfs/scenarios/*.sh)" >&2; exit 2; }
 work=$repo/target/lab
 mkdir -p "$work"
-timeout_s=${MOLT_LAB_TIMEOUT:-600}
+scenario_timeout=$(sed -n 's/^# lab-timeout: \([0-9][0-9]*\)$/\1/p' "$repo/rootfs/scenarios/$scenario.sh")
+timeout_s=${MOLT_LAB_TIMEOUT:-${scenario_timeout:-600}}
 smp=${MOLT_LAB_SMP:-2}
 with_qemu=${MOLT_LAB_WITH_QEMU:-0}
 with_next=0

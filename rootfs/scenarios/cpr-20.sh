@@ -50,43 +50,13 @@ if [ ! -x /lab/bin/molt ] || [ ! -x $NEXT ]; then
     exit 0
 fi
 
-# stats FILE: "min median max" of the numbers in FILE.
-stats() {
-    sort -n "$1" | awk '{ v[NR] = $1 } END { if (NR) print v[1], v[int((NR + 1) / 2)], v[NR] }'
-}
-
 t_start=$(now_ms)
 VER_A=$(version /lab/bin/molt)
 VER_B=$(version $NEXT)
 echo "LAB-INFO versions: molt=$VER_A molt-next=$VER_B"
 check versions_differ "$([ -n "$VER_A" ] && [ -n "$VER_B" ] && [ "$VER_A" != "$VER_B" ] && echo yes || echo no)" yes
 
-modprobe tun
-ip link del $TAP 2>/dev/null
-truncate -s 64M "$IMG"
-tcp_server_start
-run_args --disk "$IMG" --net "tap=$TAP,mac=$GUEST_MAC" > /run/argv
-set --
-while IFS= read -r a; do set -- "$@" "$a"; done < /run/argv
-echo "LAB-INFO cpr-20: molt run $*"
-cpr_vmm_start /run/guest.log /lab/bin/molt run "$@"
-# molt made the tap; L2's side of it is configured once, here.
-i=0
-while [ ! -d /sys/class/net/$TAP ] && [ $i -lt 300 ]; do i=$((i + 1)); sleep 0.1; done
-ip link set $TAP up && ip addr add "$HOST_IP/24" dev $TAP
-check tap "$([ -d /sys/class/net/$TAP ] && echo yes || echo no)" yes
-if ! guest_ready "$VMM_LOG"; then
-    kill -9 "$VMM_PID" 2>/dev/null
-    dump_vmm guest
-    lab_end
-    exit 0
-fi
-check guest_cpus "$GUEST_CPUS" 2
-guest_workload_setup
-msgs_before=$(server_field msgs)
-if [ "$LAB_FAILED" != 0 ]; then
-    dump_vmm guest
-    kill -9 "$VMM_PID" 2>/dev/null
+if ! cpr_boot_workload cpr-20; then
     lab_end
     exit 0
 fi
@@ -157,18 +127,7 @@ while [ $step -le $TOTAL ]; do
     # leaks some shows as growth from the first ten steps to the last ten.
     fds=$(ls /proc/"$VMM_PID"/fd 2>/dev/null | wc -l)
     echo "$step $fds" >> /run/fds
-    # The guest runs on: 3 more counts on the console, 2 more TCP messages.
-    i=0
-    while [ "$(counts)" -lt $((c0 + 3)) ] || [ "$(server_field msgs)" -lt $((m0 + 2)) ]; do
-        i=$((i + 1))
-        [ $i -le 300 ] || break
-        sleep 0.1
-    done
-    if [ $i -le 300 ]; then ok_progress=$((ok_progress + 1)); else
-        echo "LAB-CHECK-FAIL step${step}_progress: counts $c0 -> $(counts), TCP msgs $m0 -> $(server_field msgs) in 30 s"
-        alive "$VMM_PID" && proc_diag "$VMM_PID"
-        break
-    fi
+    if moved_on "$c0" "$m0" "step${step}_progress"; then ok_progress=$((ok_progress + 1)); else break; fi
     step=$((step + 1))
 done
 result updates_ms $(( $(now_ms) - t_updates ))
@@ -190,37 +149,14 @@ result exec_pause_us "min=${1:-none} median=${2:-none} max=${3:-none}"
 set -- $(stats /run/pause.transfer)
 result transfer_pause_us "min=${1:-none} median=${2:-none} max=${3:-none}"
 
-# The guest-visible pause of each step: the largest gap in the stamped
-# GUEST-COUNT stream (lib/cpr.sh) that overlaps the step's command, in ms
-# (COUNT_MS resolution). Prints "STEP MODE GAP_MS" per step.
-step_gaps() {
-    awk 'NR == FNR { t0[$1] = $3; t1[$1] = $4; m[$1] = $2; n = $1; next }
-         { if (p) for (s = 1; s <= n; s++) if ($2 > t0[s] && p < t1[s] && $2 - p > g[s]) g[s] = $2 - p; p = $2 }
-         END { for (s = 1; s <= n; s++) print s, m[s], int(g[s] / 1000) }' /run/steps "$STAMPS"
-}
-if [ -s /run/steps ]; then
-    step_gaps > /run/step-gaps
-    sed 's/^/LAB-INFO guest-visible gap (step mode ms): /' /run/step-gaps
-    for m in exec transfer; do
-        awk -v m=$m '$2 == m { print $3 }' /run/step-gaps > /run/gaps.$m
-        set -- $(stats /run/gaps.$m)
-        result ${m}_count_gap_ms "min=${1:-none} median=${2:-none} max=${3:-none}"
-    done
-    result count_max_gap_ms $(( $(field max_gap_us "$(labcpr gaps "$STAMPS")") / 1000 ))
-fi
+step_gap_results exec transfer
 
 # ---- after all of them ----
 if [ $ok_progress != $TOTAL ]; then
     # The guest (or its console) is gone: commands to it would only time out.
     kill -9 "$VMM_PID" 2>/dev/null
 elif alive "$VMM_PID"; then
-    workload_checks same "$msgs_before"
-    _seq=$(tr -d '\r' < "$VMM_LOG" | sed -n 's/^GUEST-COUNT \([0-9][0-9]*\)$/\1/p' |
-        awk 'NR == 1 && $1 != 1 { bad++ } NR > 1 && $1 != p + 1 { bad++; if (bad <= 3) printf "%d after %d; ", $1, p }
-             { p = $1 } END { print (bad ? bad " out of order" : "ok") }')
-    result counts_total "$(counts)"
-    check count_sequence "$_seq" ok
-    cpr_finish "$IMG"
+    cpr_workload_end
 else
     fail guest_alive "molt $VMM_PID is gone"
 fi

@@ -147,11 +147,6 @@ after_dma() {
     wait_count "$LOG" '^EDU-DMA [0-9]' $((_d + 1)) 60
 }
 
-# stats FILE: "min median max" of the numbers in FILE.
-stats() {
-    sort -n "$1" | awk '{ v[NR] = $1 } END { if (NR) print v[1], v[int((NR + 1) / 2)], v[NR] }'
-}
-
 # vfio_steps: the VFIO steps molt logged, from every molt's stderr.
 vfio_steps() {
     cat "$LOG.err" /run/molt-*.err 2>/dev/null > /run/all.err
@@ -229,11 +224,6 @@ fails() {
     case $_st in "ok state=running"*) check "fail_${1}_status" running running ;; *) check "fail_${1}_status" "$_st" running ;; esac
     if runs_on "fail_${1}_runs_on"; then check "fail_${1}_edu_runs_on" yes yes; else check "fail_${1}_edu_runs_on" no yes; fi
     VMM_PID_NOW=$(field pid "$_st")
-}
-# killer STEP: /run/molt-kill-STEP, molt-next (which has the hook) dying at STEP.
-killer() {
-    printf '#!/bin/sh\nMOLT_TEST_KILL_AT=%s exec /lab/bin/molt-next "$@"\n' "$1" > /run/molt-kill-$1
-    chmod +x /run/molt-kill-$1
 }
 if [ "$LAB_FAILED" = 0 ]; then
     # Transfer: the new process killed while it waits for the old one.

@@ -412,7 +412,9 @@ fn resume_transfer(
     // 2. Map RAM and build the VM and devices while the old process still
     //    runs the guest.
     let prepared = adopted_config(cfg, &t.adopted).and_then(|(cfg, ram, vfio)| {
-        vm::Machine::prepare(&cfg, ram, console, vfio, exit).map_err(Error::Vm)
+        let prepared = vm::Machine::prepare(&cfg, ram, console, vfio, exit).map_err(Error::Vm)?;
+        super::fault::point("built");
+        Ok(prepared)
     });
     // 3. READY; the old process pauses the guest and sends STATE.
     // 4. Decode, check and restore it (the vCPUs do not run yet).
@@ -427,6 +429,7 @@ fn resume_transfer(
             .restore(&state.machine, &mut phases)
             .map_err(Error::Vm)?;
         log_vfio(&restored);
+        super::fault::point("restored");
         Ok((restored, (state, format), start, max_pause, phases))
     });
     // 5. RESTORED, then wait for GO: without it nothing runs, and a failure,
@@ -621,10 +624,12 @@ fn restore(
     let restored = Machine::prepare(cfg, ram, console, vfio, exit)
         .and_then(|p| {
             phases.mark("build");
+            super::fault::point("built");
             p.restore(&state.machine, phases)
         })
         .map_err(Error::Vm)?;
     log_vfio(&restored);
+    super::fault::point("restored");
     before_start();
     run_vcpus(restored, state.run, phases)
 }

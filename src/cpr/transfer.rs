@@ -652,6 +652,7 @@ fn handshake(s: UnixStream, stop: RawFd) -> Result<Incoming, Error> {
             return Err(e);
         }
     };
+    super::fault::point("hello");
     link.send(&Msg::hello(), true, Deadline::after(HANDSHAKE_TIMEOUT))?;
     let (kinds, fds) = receive_fds(&mut link)?;
     let terminal = match &link.trailer[..] {

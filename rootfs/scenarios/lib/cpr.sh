@@ -1,5 +1,6 @@
 # Helpers for the live-update (CPR) scenarios: cpr-restart, cpr-ramcopy,
-# cpr-kexec, cpr-20, demo, bench-reboot. Sourced after common.sh and devices.sh.
+# cpr-kexec, cpr-20, demo, bench-reboot, vfio-cpr, fault-storm. Sourced after
+# common.sh and devices.sh.
 #
 # The guest runs rootfs/guest/workload: a counter on the console (GUEST-COUNT
 # n every COUNT_MS), numbered records appended to a file on its virtio disk,
@@ -313,4 +314,108 @@ cpr_local() {
     dump_cpr new-molt
     kill "$SERVER_PID" 2>/dev/null
     result lab_ms $(( $(now_ms) - t_start ))
+}
+
+# stats FILE: "min median max" of the numbers in FILE.
+stats() {
+    sort -n "$1" | awk '{ v[NR] = $1 } END { if (NR) print v[1], v[int((NR + 1) / 2)], v[NR] }'
+}
+
+# killer STEP: /run/molt-kill-STEP, a molt image that dies (SIGKILL) at STEP
+# when it takes a guest over: molt-next (which has the hook) with
+# MOLT_TEST_KILL_AT=STEP (src/cpr/fault.rs lists the steps), or for STEP
+# execve a script that kills itself at once, before any molt code runs.
+# Either answers `version` as molt-next does (the exec probe).
+killer() {
+    if [ "$1" = execve ]; then
+        printf '#!/bin/sh\n[ "$1" = version ] && exec /lab/bin/molt-next version\nkill -9 $$\n' > /run/molt-kill-$1
+    else
+        printf '#!/bin/sh\nMOLT_TEST_KILL_AT=%s exec /lab/bin/molt-next "$@"\n' "$1" > /run/molt-kill-$1
+    fi
+    chmod +x /run/molt-kill-$1
+}
+
+# cpr_boot_workload NAME: boot the guest of the multi-update scenarios (2
+# vCPUs, 256 MiB in molt's memfd, a 64 MiB disk $IMG, a NIC) with
+# /lab/bin/molt, its console stamped into /run/guest.log, and start the
+# workload. The tap is created by molt itself, not persistent: it lives only
+# as long as some molt holds its descriptor, so a handover that dropped it
+# would take the guest's network (and L2's address on it) down. Sets
+# MSGS_BEFORE (the TCP server's count once the workload runs). Returns 1, the
+# VMM killed and its logs dumped, if any of it failed.
+cpr_boot_workload() {
+    modprobe tun
+    ip link del $TAP 2>/dev/null
+    truncate -s 64M "$IMG"
+    tcp_server_start
+    run_args --disk "$IMG" --net "tap=$TAP,mac=$GUEST_MAC" > /run/argv
+    _name=$1
+    set --
+    while IFS= read -r a; do set -- "$@" "$a"; done < /run/argv
+    echo "LAB-INFO $_name: molt run $*"
+    cpr_vmm_start /run/guest.log /lab/bin/molt run "$@"
+    # molt made the tap; L2's side of it is configured once, here.
+    _i=0
+    while [ ! -d /sys/class/net/$TAP ] && [ $_i -lt 300 ]; do _i=$((_i + 1)); sleep 0.1; done
+    ip link set $TAP up && ip addr add "$HOST_IP/24" dev $TAP
+    check tap "$([ -d /sys/class/net/$TAP ] && echo yes || echo no)" yes
+    if guest_ready "$VMM_LOG"; then
+        check guest_cpus "$GUEST_CPUS" 2
+        guest_workload_setup
+        MSGS_BEFORE=$(server_field msgs)
+        [ "$LAB_FAILED" = 0 ] && return 0
+    fi
+    kill -9 "$VMM_PID" 2>/dev/null
+    dump_vmm guest
+    return 1
+}
+
+# cpr_workload_end: after the updates, with the guest on $VMM_PID: the
+# workload stopped and checked (one TCP connection since MSGS_BEFORE, the
+# records whole), the whole console's counter 1, 2, 3, ... without a reset,
+# gap or repeat, then power-off and the records on the image from L2.
+cpr_workload_end() {
+    workload_checks same "$MSGS_BEFORE"
+    _seq=$(tr -d '\r' < "$VMM_LOG" | sed -n 's/^GUEST-COUNT \([0-9][0-9]*\)$/\1/p' |
+        awk 'NR == 1 && $1 != 1 { bad++ } NR > 1 && $1 != p + 1 { bad++; if (bad <= 3) printf "%d after %d; ", $1, p }
+             { p = $1 } END { print (bad ? bad " out of order" : "ok") }')
+    result counts_total "$(counts)"
+    check count_sequence "$_seq" ok
+    cpr_finish "$IMG"
+}
+
+# step_gap_results KIND...: the guest-visible pause of each update listed in
+# /run/steps ("STEP KIND T0_US T1_US" per update: its command's start and end
+# on labtime): the largest gap in the stamped GUEST-COUNT stream that overlaps
+# the command, in ms (COUNT_MS resolution). Logs each; reports
+# KIND_count_gap_ms min/median/max for each KIND given, and the largest gap
+# anywhere in the stream for scale.
+step_gap_results() {
+    [ -s /run/steps ] || return 0
+    awk 'NR == FNR { t0[$1] = $3; t1[$1] = $4; m[$1] = $2; n = $1; next }
+         { if (p) for (s = 1; s <= n; s++) if ($2 > t0[s] && p < t1[s] && $2 - p > g[s]) g[s] = $2 - p; p = $2 }
+         END { for (s = 1; s <= n; s++) print s, m[s], int(g[s] / 1000) }' /run/steps "$STAMPS" > /run/step-gaps
+    sed 's/^/LAB-INFO guest-visible gap (step kind ms): /' /run/step-gaps
+    for _m in "$@"; do
+        awk -v m="$_m" '$2 == m { print $3 }' /run/step-gaps > /run/gaps.$_m
+        set -- $(stats /run/gaps.$_m)
+        result "${_m}_count_gap_ms" "min=${1:-none} median=${2:-none} max=${3:-none}"
+    done
+    result count_max_gap_ms $(( $(field max_gap_us "$(labcpr gaps "$STAMPS")") / 1000 ))
+}
+
+# moved_on C0 M0 NAME: the guest runs on: within 30 s the console has 3 more
+# counts than C0 and the TCP server 2 more messages than M0. Else a
+# LAB-CHECK-FAIL NAME line, where molt's threads are, and 1.
+moved_on() {
+    _i=0
+    while [ "$(counts)" -lt $(($1 + 3)) ] || [ "$(server_field msgs)" -lt $(($2 + 2)) ]; do
+        _i=$((_i + 1))
+        if [ $_i -gt 300 ]; then
+            echo "LAB-CHECK-FAIL $3: counts $1 -> $(counts), TCP msgs $2 -> $(server_field msgs) in 30 s"
+            alive "$VMM_PID" && proc_diag "$VMM_PID"
+            return 1
+        fi
+        sleep 0.1
+    done
 }
