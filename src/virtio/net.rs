@@ -144,6 +144,22 @@ impl Net {
         }
     }
 
+    /// A device on a tap stand-in, for tests and fuzzing without TUN: one end of
+    /// a non-blocking SOCK_SEQPACKET pair (one message per frame, like a tap);
+    /// the other end, returned with it, is what the host network would see.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn stand_in(mac: [u8; 6]) -> (Net, std::fs::File) {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let mut fds = [0; 2];
+        let ty = libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        // SAFETY: socketpair writes two descriptors into `fds`.
+        let r = unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, fds.as_mut_ptr()) };
+        assert_eq!(r, 0, "socketpair: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors are new and owned here.
+        let (ours, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        (Net::with_tap(Tap::stand_in(ours), mac), peer.into())
+    }
+
     /// Moves frames from the tap into posted receive buffers until the tap is empty,
     /// the guest's buffers run out, or a `Budget` is spent (a frame counts as a
     /// chain); then the tap stays watched and, being readable, is served again on
@@ -664,14 +680,7 @@ mod tests {
         }
 
         fn with(features: u64, rx_size: u16, tx_size: u16) -> Rig {
-            let mut fds = [0; 2];
-            let ty = libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-            // SAFETY: socketpair writes two descriptors into `fds`.
-            let r = unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, fds.as_mut_ptr()) };
-            assert_eq!(r, 0);
-            // SAFETY: both descriptors are new and owned here.
-            let (ours, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-            let mut net = Net::with_tap(Tap::stand_in(ours), [0x52, 0x54, 0, 1, 2, 3]);
+            let (mut net, peer) = Net::stand_in([0x52, 0x54, 0, 1, 2, 3]);
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
             let (rx, tx) = (Ring::new(0x1000, rx_size), Ring::new(0x8000, tx_size));
             let irqs = Irqs::default();

@@ -690,6 +690,7 @@ impl PciFunction for VirtioPci {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::msi::NoRoutes;
     use crate::ratelimit::{capture, BUDGET};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -760,11 +761,6 @@ mod tests {
         fn backend_fd(&self) -> std::os::fd::RawFd {
             -1
         }
-    }
-
-    struct NoRoutes;
-    impl MsiRouter for NoRoutes {
-        fn route(&self, _: &[(u32, crate::pci::msi::MsiMessage)]) {}
     }
 
     fn device() -> (VirtioPci, Arc<Calls>, Vec<EventFd>) {
