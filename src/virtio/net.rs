@@ -498,10 +498,12 @@ fn rearm(
 
 /// Adds used elements and only then publishes the used index, so the driver never
 /// sees part of a multi-buffer frame (virtio-queue's `add_used` publishes each one).
+/// A head beyond the ring (a chain without descriptors, so empty) cannot be
+/// returned: it is dropped, as transmit and virtio-blk do.
 fn publish(q: &mut Queue, mem: &GuestMemoryMmap, used: &[(u16, u32)]) {
     let (size, ring) = (q.size(), GuestAddress(q.used_ring()));
     let mut next = Wrapping(q.next_used());
-    for &(head, len) in used {
+    for &(head, len) in used.iter().filter(|u| u.0 < size) {
         let slot = u64::from(next.0 % size.max(1));
         let elem = (u64::from(len) << 32 | u64::from(head)).to_le();
         let Some(addr) = ring.checked_add(4 + 8 * slot) else {
@@ -1259,6 +1261,19 @@ mod tests {
         assert_eq!(r.net.queue_notify(RX), Served::All);
         assert_eq!(r.rx.used(&r.mem, 9), (10, 1500));
         assert!(r.net.extra_fd_wanted(0));
+
+        // Heads beyond the ring are taken and dropped, never returned: the
+        // driver could not tell them from its own (tests/fuzz/net/crash-*).
+        r.rx.offer(&r.mem, 16);
+        r.rx.chain(&r.mem, 12, &[(0x10_7000, 4096, WRITE)]);
+        r.rx.offer(&r.mem, 0xffff);
+        r.peer.write_all(&p).unwrap();
+        r.peer.write_all(&p).unwrap();
+        r.net.extra_fd_ready(0);
+        assert_eq!(r.rx.used_idx(&r.mem), 12);
+        assert_eq!(r.rx.used(&r.mem, 10), (11, 1500));
+        assert_eq!(r.rx.used(&r.mem, 11), (12, 1500));
+        assert_eq!(r.net.state()[0].next_avail, r.rx.avail_idx(&r.mem));
     }
 
     #[test]
