@@ -15,12 +15,16 @@
 //! - `transfer`: one transfer-protocol message body; a STATE's bytes are
 //!   decoded as a state.
 //! - `control`: control lines, one per input line.
+//! - `blk`, `net`, `pci`: a guest driving virtqueues, and PCI config space and
+//!   BARs (`devices.rs`).
+
+mod devices;
 
 use crate::control;
 use crate::cpr::{exec, state, transfer};
 
 /// The targets, by the name `molt __fuzz` and `tests/fuzz/` know them.
-pub const TARGETS: [&str; 4] = ["state", "exec", "transfer", "control"];
+pub const TARGETS: [&str; 7] = ["state", "exec", "transfer", "control", "blk", "net", "pci"];
 
 /// Runs target `name` on `data`. Panics (the finding) if molt mishandles it;
 /// Err only for an unknown target.
@@ -35,6 +39,9 @@ pub fn run(name: &str, data: &[u8]) -> Result<(), String> {
                 decodes_to_itself(&bytes);
             }
         }
+        "blk" => devices::blk(data),
+        "net" => devices::net(data),
+        "pci" => devices::pci(data),
         "control" => {
             for line in String::from_utf8_lossy(data).lines() {
                 let _ = control::parse(line);

@@ -6,8 +6,9 @@ pub mod block;
 pub mod net;
 pub mod pci;
 mod tap;
-#[cfg(test)]
-mod test_ring;
+#[cfg(any(test, feature = "fuzz"))]
+#[cfg_attr(not(test), allow(dead_code))] // the fuzz targets use part of it
+pub mod test_ring;
 
 use std::fmt;
 use std::os::fd::RawFd;

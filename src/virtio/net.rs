@@ -144,6 +144,22 @@ impl Net {
         }
     }
 
+    /// A device on a tap stand-in, for tests and fuzzing without TUN: one end of
+    /// a non-blocking SOCK_SEQPACKET pair (one message per frame, like a tap);
+    /// the other end, returned with it, is what the host network would see.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn stand_in(mac: [u8; 6]) -> (Net, std::fs::File) {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let mut fds = [0; 2];
+        let ty = libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        // SAFETY: socketpair writes two descriptors into `fds`.
+        let r = unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, fds.as_mut_ptr()) };
+        assert_eq!(r, 0, "socketpair: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors are new and owned here.
+        let (ours, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        (Net::with_tap(Tap::stand_in(ours), mac), peer.into())
+    }
+
     /// Moves frames from the tap into posted receive buffers until the tap is empty,
     /// the guest's buffers run out, or a `Budget` is spent (a frame counts as a
     /// chain); then the tap stays watched and, being readable, is served again on
@@ -482,10 +498,12 @@ fn rearm(
 
 /// Adds used elements and only then publishes the used index, so the driver never
 /// sees part of a multi-buffer frame (virtio-queue's `add_used` publishes each one).
+/// A head beyond the ring (a chain without descriptors, so empty) cannot be
+/// returned: it is dropped, as transmit and virtio-blk do.
 fn publish(q: &mut Queue, mem: &GuestMemoryMmap, used: &[(u16, u32)]) {
     let (size, ring) = (q.size(), GuestAddress(q.used_ring()));
     let mut next = Wrapping(q.next_used());
-    for &(head, len) in used {
+    for &(head, len) in used.iter().filter(|u| u.0 < size) {
         let slot = u64::from(next.0 % size.max(1));
         let elem = (u64::from(len) << 32 | u64::from(head)).to_le();
         let Some(addr) = ring.checked_add(4 + 8 * slot) else {
@@ -664,14 +682,7 @@ mod tests {
         }
 
         fn with(features: u64, rx_size: u16, tx_size: u16) -> Rig {
-            let mut fds = [0; 2];
-            let ty = libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-            // SAFETY: socketpair writes two descriptors into `fds`.
-            let r = unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, fds.as_mut_ptr()) };
-            assert_eq!(r, 0);
-            // SAFETY: both descriptors are new and owned here.
-            let (ours, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-            let mut net = Net::with_tap(Tap::stand_in(ours), [0x52, 0x54, 0, 1, 2, 3]);
+            let (mut net, peer) = Net::stand_in([0x52, 0x54, 0, 1, 2, 3]);
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
             let (rx, tx) = (Ring::new(0x1000, rx_size), Ring::new(0x8000, tx_size));
             let irqs = Irqs::default();
@@ -1250,6 +1261,19 @@ mod tests {
         assert_eq!(r.net.queue_notify(RX), Served::All);
         assert_eq!(r.rx.used(&r.mem, 9), (10, 1500));
         assert!(r.net.extra_fd_wanted(0));
+
+        // Heads beyond the ring are taken and dropped, never returned: the
+        // driver could not tell them from its own (tests/fuzz/net/crash-*).
+        r.rx.offer(&r.mem, 16);
+        r.rx.chain(&r.mem, 12, &[(0x10_7000, 4096, WRITE)]);
+        r.rx.offer(&r.mem, 0xffff);
+        r.peer.write_all(&p).unwrap();
+        r.peer.write_all(&p).unwrap();
+        r.net.extra_fd_ready(0);
+        assert_eq!(r.rx.used_idx(&r.mem), 12);
+        assert_eq!(r.rx.used(&r.mem, 10), (11, 1500));
+        assert_eq!(r.rx.used(&r.mem, 11), (12, 1500));
+        assert_eq!(r.net.state()[0].next_avail, r.rx.avail_idx(&r.mem));
     }
 
     #[test]

@@ -109,7 +109,8 @@ pub enum Error {
         saved: usize,
         queues: usize,
     },
-    /// The driver's features include some the device does not offer.
+    /// The features the device accepted (FEATURES_OK) include some it does
+    /// not offer.
     Features {
         saved: u64,
         offered: u64,
@@ -357,7 +358,9 @@ impl VirtioPci {
                 queues: nq,
             });
         }
-        if s.driver_features & !offered != 0 {
+        // Before FEATURES_OK the register holds whatever the driver wrote: only
+        // accepted features must be offered ones.
+        if s.status & STATUS_FEATURES_OK != 0 && s.driver_features & !offered != 0 {
             return Err(Error::Features {
                 saved: s.driver_features,
                 offered,
@@ -690,6 +693,7 @@ impl PciFunction for VirtioPci {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::msi::NoRoutes;
     use crate::ratelimit::{capture, BUDGET};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -762,11 +766,6 @@ mod tests {
         }
     }
 
-    struct NoRoutes;
-    impl MsiRouter for NoRoutes {
-        fn route(&self, _: &[(u32, crate::pci::msi::MsiMessage)]) {}
-    }
-
     fn device() -> (VirtioPci, Arc<Calls>, Vec<EventFd>) {
         let calls = Arc::new(Calls::default());
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -832,6 +831,11 @@ mod tests {
         let status = negotiate(&mut d, VIRTIO_F_VERSION_1 | (1 << 10));
         assert_eq!(status & STATUS_FEATURES_OK, 0);
         assert_eq!(calls.acked.load(Ordering::SeqCst), 0);
+        // The refused value stays in the register, and an update carries it
+        // (tests/fuzz/pci/crash-*: the restore refused it).
+        let (mut fresh, _, _) = device();
+        fresh.restore(&d.state()).unwrap();
+        assert_eq!(fresh.state(), d.state());
         // Without VERSION_1 a modern device refuses too.
         write(&mut d, 0x14, 0, 1);
         assert_eq!(negotiate(&mut d, 1 << 9) & STATUS_FEATURES_OK, 0);
@@ -1048,6 +1052,7 @@ mod tests {
         assert_eq!(refused(&mut d, &s), "1 queues saved, the device has 2");
         let mut s = saved.clone();
         s.driver_features = 1 << 10;
+        s.status = STATUS_FEATURES_OK;
         assert_eq!(
             refused(&mut d, &s),
             "state's features 0x400 exceed the device's 0x100000200"

@@ -221,7 +221,7 @@ impl Tap {
 
     /// A tap stand-in for tests that need no TUN: any message-preserving descriptor
     /// (a SOCK_SEQPACKET socket), taken as is.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzz"))]
     pub fn stand_in(fd: std::os::fd::OwnedFd) -> Tap {
         Tap {
             file: File::from(fd),

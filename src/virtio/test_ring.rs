@@ -1,6 +1,7 @@
 //! The driver's side of a split virtqueue (virtio v1.2, 2.7), written by hand
-//! into guest memory, for the devices' unit tests: descriptors, the available
-//! ring, and reading back the used ring.
+//! into guest memory, for the devices' unit tests and fuzz targets
+//! (`fuzz/devices.rs`): descriptors, the available ring, and reading back the
+//! used ring.
 //!
 //! virtio-queue's `MockSplitQueue` (feature `test-utils`) borrows the memory
 //! for its lifetime, so a test rig could not hold both; it also does not wrap
@@ -114,6 +115,11 @@ impl Ring {
     }
 
     /// Where the driver asks to be interrupted (2.7.10, `used_event`).
+    pub fn used_event(&self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(self.avail + 4 + 2 * u64::from(self.size)))
+            .unwrap()
+    }
+
     pub fn set_used_event(&self, mem: &GuestMemoryMmap, v: u16) {
         let at = self.avail + 4 + 2 * u64::from(self.size);
         mem.write_obj(v, GuestAddress(at)).unwrap();
