@@ -264,48 +264,82 @@ pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
     // Postcard writes a struct as its fields in order, like a tuple: version
     // 3 is version 4 without the machine's and the state's VFIO lists, and 5
     // is version 4 with each vCPU as a `VcpuStateV2`.
-    let payload = match version {
-        5 => postcard::to_allocvec(&(
-            &state.writer,
-            state.ram,
-            state.stopped_at_ns,
-            (
-                &m.shape,
-                VcpusV2(&m.vcpus),
-                &m.vm,
-                &m.serial,
-                &m.allocator,
-                &m.virtio,
-                &m.power,
-                &m.vfio,
+    let room = ROOM_BASE + m.vcpus.len() * ROOM_PER_VCPU;
+    let mut out = match version {
+        5 => encode_after_header(
+            &(
+                &state.writer,
+                state.ram,
+                state.stopped_at_ns,
+                (
+                    &m.shape,
+                    VcpusV2(&m.vcpus),
+                    &m.vm,
+                    &m.serial,
+                    &m.allocator,
+                    &m.virtio,
+                    &m.power,
+                    &m.vfio,
+                ),
+                state.run,
+                &state.disks,
+                &state.vfio,
             ),
-            state.run,
-            &state.disks,
-            &state.vfio,
-        )),
-        3 => postcard::to_allocvec(&(
-            &state.writer,
-            state.ram,
-            state.stopped_at_ns,
-            (
-                &m.shape,
-                &m.vcpus,
-                &m.vm,
-                &m.serial,
-                &m.allocator,
-                &m.virtio,
-                &m.power,
+            room,
+        ),
+        3 => encode_after_header(
+            &(
+                &state.writer,
+                state.ram,
+                state.stopped_at_ns,
+                (
+                    &m.shape,
+                    &m.vcpus,
+                    &m.vm,
+                    &m.serial,
+                    &m.allocator,
+                    &m.virtio,
+                    &m.power,
+                ),
+                state.run,
+                &state.disks,
             ),
-            state.run,
-            &state.disks,
-        )),
-        _ => postcard::to_allocvec(state),
+            room,
+        ),
+        _ => encode_after_header(state, room),
     }
     .map_err(|e| Error::Encode(e.to_string()))?;
-    if payload.len() > MAX_PAYLOAD {
-        return Err(Error::TooLarge(payload.len()));
+    let len = out.len() - HEADER_LEN;
+    if len > MAX_PAYLOAD {
+        return Err(Error::TooLarge(len));
     }
-    Ok(seal(version, &payload))
+    write_header(version, &mut out);
+    Ok(out)
+}
+
+/// Room reserved for an encoding before it is written: the machine and, per
+/// vCPU, its XSAVE image (up to 16 KiB), MSRs, CPUID and registers. The state
+/// is encoded in the pause, and one allocation there costs less than a buffer
+/// that doubles as it grows (musl's allocator makes each growth a fresh
+/// mapping); a larger state still grows it.
+const ROOM_BASE: usize = 16 << 10;
+const ROOM_PER_VCPU: usize = 32 << 10;
+
+/// `value` encoded behind HEADER_LEN bytes left for `write_header`.
+fn encode_after_header<T: Serialize + ?Sized>(value: &T, room: usize) -> postcard::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(HEADER_LEN + room);
+    out.resize(HEADER_LEN, 0);
+    postcard::to_extend(value, out)
+}
+
+/// Fills the first HEADER_LEN bytes of `out` with the header of format
+/// `version` for the payload after them: magic, version, length and CRC.
+fn write_header(version: u32, out: &mut [u8]) {
+    let (header, payload) = out.split_at_mut(HEADER_LEN);
+    header[..8].copy_from_slice(&MAGIC);
+    header[8..12].copy_from_slice(&version.to_le_bytes());
+    header[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[16..20].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
 }
 
 /// The vCPUs as format 5 writes them: each a `VcpuStateV2`.
@@ -356,13 +390,11 @@ pub fn parse_list(text: &str) -> Option<Vec<u32>> {
 }
 
 /// `payload` behind a header of format `version` with its length and CRC.
+#[cfg(any(test, feature = "fuzz"))]
 pub fn seal(version: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    let mut out = vec![0; HEADER_LEN];
     out.extend_from_slice(payload);
+    write_header(version, &mut out);
     out
 }
 
