@@ -698,11 +698,10 @@ pub(crate) mod tests {
         ));
     }
 
-    #[test]
-    fn version_3_decodes_without_passed_through_functions() {
-        let s = sample();
+    /// `s` as format 3 holds it: all but the passed-through devices.
+    fn as_v3(s: &CprState) -> CprStateV3 {
         let m = s.machine.clone();
-        let v3 = CprStateV3 {
+        CprStateV3 {
             writer: s.writer.clone(),
             ram: s.ram,
             stopped_at_ns: s.stopped_at_ns,
@@ -715,9 +714,16 @@ pub(crate) mod tests {
                 virtio: m.virtio,
                 power: m.power,
             },
-            run: RunStateV3::Suspended,
-            disks: heapless::Vec::new(),
-        };
+            run: s.run,
+            disks: s.disks.clone(),
+        }
+    }
+
+    #[test]
+    fn version_3_decodes_without_passed_through_functions() {
+        let mut v3 = as_v3(&sample());
+        v3.run = RunStateV3::Suspended;
+        v3.disks = heapless::Vec::new();
         let payload = postcard::to_allocvec(&v3).unwrap();
         let decoded = decode(&seal(3, &payload)).unwrap();
         assert_eq!(decoded, CprStateV4::from(v3));
@@ -773,23 +779,7 @@ pub(crate) mod tests {
         let bytes = encode_as(&s, 3).unwrap();
         assert_eq!(bytes[8], 3);
         assert_eq!(decode_format(&bytes).unwrap(), (s.clone(), 3));
-        let m = s.machine.clone();
-        let v3 = CprStateV3 {
-            writer: s.writer.clone(),
-            ram: s.ram,
-            stopped_at_ns: s.stopped_at_ns,
-            machine: MachineStateV2 {
-                shape: m.shape,
-                vcpus: m.vcpus,
-                vm: m.vm,
-                serial: m.serial,
-                allocator: m.allocator,
-                virtio: m.virtio,
-                power: m.power,
-            },
-            run: s.run,
-            disks: s.disks.clone(),
-        };
+        let v3 = as_v3(&s);
         assert_eq!(bytes, seal(3, &postcard::to_allocvec(&v3).unwrap()));
         // A guest with a passed-through device cannot go to format 3.
         s.vfio
