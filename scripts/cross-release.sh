@@ -4,12 +4,13 @@
 # reboot modes). Prints the binary's path as the last line of stdout; says
 # what it does on stderr.
 #
-# The previous release is the newest tag v* reachable from HEAD whose version
-# is not HEAD's own (Cargo.toml's). At the first release, whose own tag is the
-# only one, that tag itself: the tests then run its build from git against
-# this tree's. MOLT_PREVIOUS_RELEASE=REV names any other git revision (a tag,
-# a commit) instead. No tag at all is an error: CI clones have the tags, and a
-# release makes one (README, "Releases").
+# The previous release is the newest one listed in scripts/releases whose
+# version is not HEAD's own (Cargo.toml's). At the first release, the only one
+# listed, that one itself: the tests then run its build from git against this
+# tree's. The list names each release's commit, so a clone without tags (CI's)
+# finds it; where the tag is present too, it must name the same commit.
+# MOLT_PREVIOUS_RELEASE=REV names any other git revision (a tag, a commit)
+# instead.
 #
 # The revision's sources are exported with `git archive` into
 # target/cross-release/COMMIT/src and built there, in a target directory of
@@ -31,23 +32,34 @@ if [[ -n ${MOLT_PREVIOUS_RELEASE:-} ]]; then
     rev=$MOLT_PREVIOUS_RELEASE
     echo "cross-release: previous release from MOLT_PREVIOUS_RELEASE: $rev" >&2
 else
-    tags=$(git tag --merged HEAD --list 'v*' --sort=-version:refname)
-    [[ -n $tags ]] || die "no release tag (v*) is reachable from HEAD, so there is \
-no previous release to test against. In a clone: git fetch --tags. Before the \
-first release: tag it (README, \"Releases\"), or name a revision with \
-MOLT_PREVIOUS_RELEASE=REV."
-    rev=$(grep -vxF "v$version" <<<"$tags" | head -n 1 || true)
-    if [[ -z $rev ]]; then
-        rev=v$version
-        echo "cross-release: v$version is the first release: testing against its own tag's build" >&2
+    # "vX.Y.Z COMMIT" lines, newest first, comments and blanks dropped.
+    releases=$(grep -v '^[[:space:]]*\(#\|$\)' scripts/releases | tac)
+    [[ -n $releases ]] || die "scripts/releases lists no release, so there is \
+no previous release to test against. Before the first release: make it \
+(README, \"Releases\"), or name a revision with MOLT_PREVIOUS_RELEASE=REV."
+    line=$(awk -v own="v$version" '$1 != own' <<<"$releases" | head -n 1)
+    if [[ -z $line ]]; then
+        line=$(head -n 1 <<<"$releases")
+        echo "cross-release: v$version is the first release: testing against its own build" >&2
     fi
+    read -r tag rev extra <<<"$line"
+    [[ $tag =~ ^v[0-9]+\.[0-9]+\.[0-9]+$ && $rev =~ ^[0-9a-f]{40}$ && -z $extra ]] ||
+        die "scripts/releases: bad line \"$line\": want \"vX.Y.Z COMMIT\" (a full hash)"
+    git cat-file -e "$rev^{commit}" 2>/dev/null || die "$tag's commit $rev is not in \
+this clone (a shallow clone? git fetch --unshallow)"
+    git merge-base --is-ancestor "$rev" HEAD || die "$tag's commit $rev is not an \
+ancestor of HEAD"
+    if tagged=$(git rev-parse --verify --quiet "refs/tags/$tag^{commit}"); then
+        [[ $tagged == "$rev" ]] || die "tag $tag names $tagged, scripts/releases says $rev"
+    fi
+    echo "cross-release: previous release $tag from scripts/releases" >&2
 fi
 commit=$(git rev-parse --verify --quiet "$rev^{commit}") || die "$rev is not a git revision"
 
 out=$root/target/cross-release/$commit
 bin=$out/molt
 if [[ ! -x $bin ]]; then
-    echo "cross-release: building $rev ($commit) in $out" >&2
+    echo "cross-release: building ${tag:-$rev} ($commit) in $out" >&2
     rm -rf "$out"
     mkdir -p "$out/src"
     git archive --format=tar "$commit" | tar -x -C "$out/src"
@@ -68,5 +80,5 @@ if [[ ! -x $bin ]]; then
     cp "$built" "$bin.tmp"
     mv "$bin.tmp" "$bin"
 fi
-echo "cross-release: $rev ($commit): $("$bin" version)" >&2
+echo "cross-release: ${tag:-$rev} ($commit): $("$bin" version)" >&2
 echo "$bin"

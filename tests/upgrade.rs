@@ -132,8 +132,8 @@ fn next_build() -> &'static Path {
 }
 
 /// The previous release's binary, built from git by scripts/cross-release.sh
-/// once per test run (minutes the first time; reused after). No release tag
-/// is a failure, with the script's reason: these tests never skip.
+/// once per test run (minutes the first time; reused after). No release in
+/// scripts/releases is a failure, with the script's reason: these tests never skip.
 fn previous_release() -> &'static Path {
     static PREVIOUS: OnceLock<PathBuf> = OnceLock::new();
     PREVIOUS.get_or_init(|| {
