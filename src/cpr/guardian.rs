@@ -221,7 +221,7 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let why = format!("{binary} died: {}", exit_of(parent));
+    let why = format!("{binary} died: {}", exit_of(&pidfd, parent));
     log::error!("guardian: {why}; resuming the guest on the previous image");
     let resumed = exec::receive(held.state.into_raw_fd())
         .map_err(super::Error::Exec)
@@ -363,17 +363,39 @@ fn wait(fds: &[(RawFd, i16)]) -> Result<(), String> {
     }
 }
 
-/// How the process `pid` (dead, maybe not yet reaped) ended, as far as
-/// `/proc/PID/stat` still tells.
-fn exit_of(pid: libc::pid_t) -> String {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name: state is field 3, exit_code field 52.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-    let code = match (fields.first(), fields.get(49)) {
-        (Some(&("Z" | "X")), Some(code)) => code.parse::<i32>().ok(),
-        _ => None,
+/// `struct pidfd_info` as `PIDFD_GET_INFO` (Linux 6.15) fills it: its first
+/// version, 64 bytes; the ioctl takes any version's size.
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    ids: [u32; 11],
+    exit_code: i32,
+}
+
+/// `_IOWR(PIDFS_IOCTL_MAGIC, 11, struct pidfd_info)`.
+const PIDFD_GET_INFO: libc::c_ulong =
+    0xc000_ff0b | ((size_of::<PidfdInfo>() as libc::c_ulong) << 16);
+/// In `PidfdInfo::mask`: ask for, and then holds, the exit status.
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+
+/// How the process of `pidfd` (number `pid`, dead) ended. Its pidfd keeps the
+/// wait status after whoever waits for it has reaped it, where the kernel
+/// offers `PIDFD_INFO_EXIT`; elsewhere `/proc/PID/stat` tells it only until
+/// then, and the reaper usually wins.
+fn exit_of(pidfd: &OwnedFd, pid: libc::pid_t) -> String {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..Default::default()
+    };
+    // SAFETY: PIDFD_GET_INFO on our own pidfd, writing at most the size the
+    // command encodes into `info`, which is that size.
+    let asked = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO as _, &mut info) };
+    let code = if asked == 0 && info.mask & PIDFD_INFO_EXIT != 0 {
+        Some(info.exit_code)
+    } else {
+        exit_in_proc(pid)
     };
     match code {
         Some(c) if c & 0x7f != 0 => format!("killed by signal {}", c & 0x7f),
@@ -382,14 +404,45 @@ fn exit_of(pid: libc::pid_t) -> String {
     }
 }
 
+/// The wait status `/proc/PID/stat` shows for a dead, not yet reaped process.
+fn exit_in_proc(pid: libc::pid_t) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name: state is field 3, exit_code field 52.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    match (fields.first(), fields.get(49)) {
+        (Some(&("Z" | "X")), Some(code)) => code.parse::<i32>().ok(),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn pidfd_of(pid: libc::pid_t) -> OwnedFd {
+        // SAFETY: pidfd_open of our own child; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+        assert!(fd >= 0, "pidfd_open: {}", io::Error::last_os_error());
+        // SAFETY: a fresh descriptor owned by nothing else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    /// Whether this kernel keeps a reaped process's status in its pidfd.
+    fn kernel_keeps_exit_status() -> bool {
+        // SAFETY: getpid has no preconditions.
+        let me = pidfd_of(unsafe { libc::getpid() });
+        let mut info = PidfdInfo::default();
+        // SAFETY: as in exit_of.
+        unsafe { libc::ioctl(me.as_raw_fd(), PIDFD_GET_INFO as _, &mut info) == 0 }
+    }
+
     #[test]
     fn the_exit_of_a_dead_process_is_named() {
         // SAFETY: getpid has no preconditions.
-        assert_eq!(exit_of(unsafe { libc::getpid() }), "exit status unknown");
+        let me = unsafe { libc::getpid() };
+        assert_eq!(exit_of(&pidfd_of(me), me), "exit status unknown");
         for (script, want) in [
             ("kill -SEGV $$", "killed by signal 11"),
             ("exit 3", "exit status 3"),
@@ -399,6 +452,7 @@ mod tests {
                 .spawn()
                 .unwrap();
             let pid = child.id() as libc::pid_t;
+            let pidfd = pidfd_of(pid);
             // SAFETY: siginfo_t is plain data, filled in by waitid.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // SAFETY: waits for our own child without reaping it (WNOWAIT).
@@ -411,8 +465,16 @@ mod tests {
                 )
             };
             assert_eq!(r, 0);
-            assert_eq!(exit_of(pid), want, "{script}");
+            assert_eq!(exit_of(&pidfd, pid), want, "{script}, not reaped");
+            assert!(exit_in_proc(pid).is_some(), "{script}: /proc shows it");
             child.wait().unwrap();
+            // Reaped, as molt's parent reaps it before the guardian asks.
+            let after = if kernel_keeps_exit_status() {
+                want
+            } else {
+                "exit status unknown"
+            };
+            assert_eq!(exit_of(&pidfd, pid), after, "{script}, reaped");
         }
     }
 }
