@@ -787,6 +787,30 @@ fn release_exec_old_new_old() {
     assert_eq!(g.molt.pid(), pid);
 }
 
+/// The same with the console on a terminal: this release hands its image the
+/// user's terminal mode after the exec header, which an image reading only
+/// older formats would refuse (the exec then rolls back); it gets none.
+#[test]
+fn release_exec_on_a_terminal_old_new_old() {
+    if !kvm_available("release_exec_on_a_terminal_old_new_old") {
+        return;
+    }
+    let dir = TempDir::new("release-exec-pty");
+    let ((old, vo), (new, vn)) = old_and_new(&dir);
+    let (console, _) = pty_console();
+    let mut g = Guest::start_on_pty(dir, &old, console);
+    let pid = g.molt.pid();
+    g.exec(Some(&new), &vn);
+    runs(&g, &new);
+    g.assert_raw("after the exec into this release");
+    g.exec(Some(&old), &vo);
+    runs(&g, &old);
+    came_in(&g, "exec", (&new, &old));
+    assert_eq!(g.molt.pid(), pid);
+    g.wait_more(MORE_LINES);
+    assert_eq!(g.serial().start_lines(), 1, "the guest restarted");
+}
+
 #[test]
 fn release_transfer_old_new_old() {
     if !kvm_available("release_transfer_old_new_old") {

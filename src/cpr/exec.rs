@@ -96,10 +96,19 @@ impl fmt::Display for Error {
     }
 }
 
+/// The first state format whose readers take the terminal mode after the
+/// header (0.2.0): an image that reads only older formats would refuse the
+/// message, so it gets none and leaves the terminal as it finds it.
+const TERMINAL_SINCE: u32 = 5;
+
 fn message_memfd(state: &CprState, format: u32, header: &ExecHeader) -> Result<File, Error> {
     let state_bytes = state::encode_as(state, format).map_err(Error::Encode)?;
     let mut table_bytes = postcard::to_allocvec(header).map_err(Error::HeaderEncode)?;
-    if let Some(t) = &header.terminal {
+    if let Some(t) = header
+        .terminal
+        .as_ref()
+        .filter(|_| format >= TERMINAL_SINCE)
+    {
         table_bytes.extend(postcard::to_allocvec(t).map_err(Error::HeaderEncode)?);
     }
     let name = c"molt-cpr";
@@ -396,10 +405,16 @@ mod tests {
         assert_eq!(a, ["molt", "run", "--cpus", "2"]);
     }
 
-    /// The message's bytes, as `message_memfd` writes them.
-    fn message(header: &ExecHeader) -> Vec<u8> {
-        let f = message_memfd(&state::tests::sample(), state::VERSION, header).unwrap();
+    /// The message's bytes, as `message_memfd` writes them for an image
+    /// reading `format`.
+    fn message_as(header: &ExecHeader, format: u32) -> Vec<u8> {
+        let f = message_memfd(&state::tests::sample(), format, header).unwrap();
         std::fs::read(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap()
+    }
+
+    /// The message's bytes for an image of this release.
+    fn message(header: &ExecHeader) -> Vec<u8> {
+        message_as(header, state::VERSION)
     }
 
     #[test]
@@ -425,6 +440,10 @@ mod tests {
         let (h, _, _) = parse(&bytes).unwrap();
         assert_eq!(h.terminal, with.terminal);
         assert_eq!(h, with);
+        // An image reading only formats before the mode's gets none: the
+        // message is the one it would have got without a terminal.
+        let old = TERMINAL_SINCE - 1;
+        assert_eq!(message_as(&with, old), message_as(&plain, old));
         // One byte more after the mode, or the mode's last byte cut off: refused.
         let tlen = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
         let state = &bytes[12 + tlen..];
