@@ -518,8 +518,10 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 Ok(out) => out,
                 Err(e) => return Done::failed(what, Error::Transfer(e)),
             };
-            // The encoding's buffer, its pages written while the guest runs.
+            // The encoding's and the frame's buffers, their pages written
+            // while the guest runs.
             let buffer = state::buffer(src.machine.vcpus.count());
+            out.reserve(buffer.capacity());
             // 4. Pause.
             let (stopped_at_ns, mut phases) = match src.pause() {
                 Ok(t) => t,
