@@ -371,9 +371,11 @@ const STATE_FRAME_ROOM: usize = 1024;
 /// only if the frame needs more than its capacity.
 fn frame_into(msg: &Msg, magic: bool, mut out: Vec<u8>) -> Result<Vec<u8>, String> {
     out.clear();
+    // A small message's frame grows if it must (a FAIL's reason): reserving
+    // MAX_SMALL for each would be a fresh mapping each time under musl.
     let room = match msg {
         Msg::State { bytes, .. } => bytes.0.len() + STATE_FRAME_ROOM,
-        _ => MAX_SMALL,
+        _ => 64,
     };
     out.reserve(MAGIC.len() + 4 + room);
     if magic {
