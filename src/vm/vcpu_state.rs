@@ -473,8 +473,13 @@ pub fn cpuid_matches(saved: &[CpuidEntry], set: &[CpuidEntry]) -> bool {
     const APIC: u32 = 1 << 9;
     const OSXSAVE: u32 = 1 << 27;
     const OSPKE: u32 = 1 << 4;
+    // On the stack, sorted in place: this runs in the pause, once per vCPU.
+    // No vCPU answers with more leaves than KVM_GET_CPUID2 returns.
+    if saved.len().max(set.len()) > KVM_MAX_CPUID_ENTRIES {
+        return false;
+    }
     let normal = |list: &[CpuidEntry]| {
-        let mut v: Vec<CpuidEntry> = list
+        let mut v: BoundedVec<CpuidEntry, KVM_MAX_CPUID_ENTRIES> = list
             .iter()
             .filter(|e| {
                 (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) != (0, 0, 0, 0, 0, 0, 0)
@@ -493,7 +498,7 @@ pub fn cpuid_matches(saved: &[CpuidEntry], set: &[CpuidEntry]) -> bool {
                 e
             })
             .collect();
-        v.sort_by_key(|e| (e.function, e.index));
+        v.sort_unstable_by_key(|e| (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx));
         v
     };
     normal(saved) == normal(set)
