@@ -258,6 +258,21 @@ impl fmt::Display for Error {
 /// Encodes `state` with its header in format `version`, one of `WRITES`: an
 /// older format only if it carries everything the state holds (`carries`).
 pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
+    encode_into(state, version, Vec::new())
+}
+
+/// A buffer for the encoding of a machine of `vcpus` vCPUs (`encode_into`),
+/// made before the pause with its pages written: encoding into it faults
+/// none in.
+pub fn buffer(vcpus: usize) -> Vec<u8> {
+    let mut out = vec![1; HEADER_LEN + ROOM_BASE + vcpus * ROOM_PER_VCPU];
+    out.clear();
+    out
+}
+
+/// `encode_as` into `out` (its contents replaced), which grows only if the
+/// state needs more than its capacity.
+pub fn encode_into(state: &CprState, version: u32, out: Vec<u8>) -> Result<Vec<u8>, Error> {
     let vfio = !state.vfio.is_empty() || !state.machine.vfio.is_empty();
     carries(version, vfio)?;
     let m = &state.machine;
@@ -265,7 +280,7 @@ pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
     // 3 is version 4 without the machine's and the state's VFIO lists, and 5
     // is version 4 with each vCPU as a `VcpuStateV2`.
     let room = ROOM_BASE + m.vcpus.len() * ROOM_PER_VCPU;
-    let mut out = match version {
+    let mut encoded = match version {
         5 => encode_after_header(
             &(
                 &state.writer,
@@ -286,6 +301,7 @@ pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
                 &state.vfio,
             ),
             room,
+            out,
         ),
         3 => encode_after_header(
             &(
@@ -305,16 +321,17 @@ pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
                 &state.disks,
             ),
             room,
+            out,
         ),
-        _ => encode_after_header(state, room),
+        _ => encode_after_header(state, room, out),
     }
     .map_err(|e| Error::Encode(e.to_string()))?;
-    let len = out.len() - HEADER_LEN;
+    let len = encoded.len() - HEADER_LEN;
     if len > MAX_PAYLOAD {
         return Err(Error::TooLarge(len));
     }
-    write_header(version, &mut out);
-    Ok(out)
+    write_header(version, &mut encoded);
+    Ok(encoded)
 }
 
 /// Room reserved for an encoding before it is written: the machine and, per
@@ -325,9 +342,15 @@ pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
 const ROOM_BASE: usize = 16 << 10;
 const ROOM_PER_VCPU: usize = 32 << 10;
 
-/// `value` encoded behind HEADER_LEN bytes left for `write_header`.
-fn encode_after_header<T: Serialize + ?Sized>(value: &T, room: usize) -> postcard::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(HEADER_LEN + room);
+/// `value` encoded into `out` (cleared) behind HEADER_LEN bytes left for
+/// `write_header`.
+fn encode_after_header<T: Serialize + ?Sized>(
+    value: &T,
+    room: usize,
+    mut out: Vec<u8>,
+) -> postcard::Result<Vec<u8>> {
+    out.clear();
+    out.reserve(HEADER_LEN + room);
     out.resize(HEADER_LEN, 0);
     postcard::to_extend(value, out)
 }

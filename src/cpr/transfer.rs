@@ -92,11 +92,43 @@ pub(crate) enum Msg {
     Ready,
     State {
         max_pause_ms: u32,
-        bytes: Vec<u8>,
+        bytes: Bytes,
     },
     Restored,
     Go,
     Fail(String),
+}
+
+/// A STATE's encoded state: written and read as serde bytes, one copy each
+/// way. Postcard writes bytes as a `Vec<u8>`: their length, then each byte
+/// as itself, so this is the same on the wire as the `Vec<u8>` older molts
+/// send and read, which went one byte at a time.
+#[derive(Debug)]
+pub(crate) struct Bytes(pub Vec<u8>);
+
+impl Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes(b.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, b: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes(b))
+            }
+        }
+        d.deserialize_byte_buf(Visitor)
+    }
 }
 
 /// A message's body as the other side sent it, and the bytes after it (a
@@ -328,13 +360,32 @@ impl Link {
 }
 
 fn frame(msg: &Msg, magic: bool) -> Result<Vec<u8>, String> {
-    let body = postcard::to_allocvec(msg).map_err(|e| e.to_string())?;
-    let mut out = Vec::with_capacity(MAGIC.len() + 4 + body.len());
+    frame_into(msg, magic, Vec::new())
+}
+
+/// Room for a STATE frame's fields and trailer (the pause marks) besides
+/// the state's bytes.
+const STATE_FRAME_ROOM: usize = 1024;
+
+/// `msg`'s frame written into `out` (its contents replaced), which grows
+/// only if the frame needs more than its capacity.
+fn frame_into(msg: &Msg, magic: bool, mut out: Vec<u8>) -> Result<Vec<u8>, String> {
+    out.clear();
+    // A small message's frame grows if it must (a FAIL's reason): reserving
+    // MAX_SMALL for each would be a fresh mapping each time under musl.
+    let room = match msg {
+        Msg::State { bytes, .. } => bytes.0.len() + STATE_FRAME_ROOM,
+        _ => 64,
+    };
+    out.reserve(MAGIC.len() + 4 + room);
     if magic {
         out.extend_from_slice(&MAGIC);
     }
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let mut out = postcard::to_extend(msg, out).map_err(|e| e.to_string())?;
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
     Ok(out)
 }
 
@@ -500,6 +551,10 @@ pub struct Outgoing {
     pub peer_version: String,
     /// The state format to send: the newest the new process reads.
     pub format: u32,
+    /// STATE's frame is written into this (`reserve`), and the state's
+    /// bytes kept here after: made before the pause and freed after it.
+    frame: Vec<u8>,
+    sent: Vec<u8>,
 }
 
 impl Outgoing {
@@ -542,9 +597,17 @@ impl Outgoing {
                 link,
                 peer_version,
                 format,
+                frame: Vec::new(),
+                sent: Vec::new(),
             }),
             m => Err(unexpected(step, "READY", &m)),
         }
+    }
+
+    /// Makes STATE's frame buffer, its pages written, for a state of up to
+    /// `bytes` bytes: before the pause, so that framing it there faults none in.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.frame = vec![1; MAGIC.len() + 4 + bytes + STATE_FRAME_ROOM];
     }
 
     /// Sends the state of the (now paused) guest, with the pause's `phases`
@@ -561,10 +624,14 @@ impl Outgoing {
         let d = Deadline::after(max_pause);
         let msg = Msg::State {
             max_pause_ms: max_pause.as_millis() as u32,
-            bytes,
+            bytes: Bytes(bytes),
         };
         let step = msg.sending();
-        let mut frame = frame(&msg, false).map_err(|e| Error::Protocol(step, e))?;
+        let framed = frame_into(&msg, false, std::mem::take(&mut self.frame));
+        if let Msg::State { bytes, .. } = msg {
+            self.sent = bytes.0;
+        }
+        let mut frame = framed.map_err(|e| Error::Protocol(step, e))?;
         let trailer = phases.encode();
         let len = frame.len() - 4 + trailer.len();
         // Only within what any receiver takes (a state near the largest goes without).
@@ -572,7 +639,9 @@ impl Outgoing {
             frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
             frame.extend_from_slice(trailer.as_bytes());
         }
-        self.link.write_all(&frame, step, d)?;
+        let written = self.link.write_all(&frame, step, d);
+        self.frame = frame;
+        written?;
         let step = "waiting for RESTORED (the guest is paused)";
         match self.link.recv(step, false, MAX_SMALL, d)? {
             Msg::Restored => Ok(()),
@@ -735,7 +804,7 @@ impl Incoming {
                     here.mark_at("send", got);
                     old.then(here)
                 });
-                Ok((bytes, Duration::from_millis(max_pause_ms.into()), phases))
+                Ok((bytes.0, Duration::from_millis(max_pause_ms.into()), phases))
             }
             m => Err(unexpected(step, "STATE", &m)),
         }
@@ -767,6 +836,48 @@ impl Incoming {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn state_bytes_are_a_vec_on_the_wire() {
+        // What older molts send and read: the bytes as a plain Vec<u8>.
+        #[derive(Serialize, Deserialize)]
+        enum Old {
+            Hello,
+            Fds,
+            Ready,
+            State { max_pause_ms: u32, bytes: Vec<u8> },
+        }
+        let bytes: Vec<u8> = (0..=255).cycle().take(70_000).collect();
+        let new = Msg::State {
+            max_pause_ms: 1000,
+            bytes: Bytes(bytes.clone()),
+        };
+        let old = Old::State {
+            max_pause_ms: 1000,
+            bytes: bytes.clone(),
+        };
+        let framed = frame_into(&new, false, vec![9; 10]).unwrap();
+        assert_eq!(framed, frame(&new, false).unwrap());
+        let len = u32::from_le_bytes(framed[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, framed.len() - 4);
+        assert_eq!(&framed[4..], postcard::to_allocvec(&old).unwrap());
+        match decode(&postcard::to_allocvec(&old).unwrap()).unwrap() {
+            (
+                Msg::State {
+                    max_pause_ms,
+                    bytes: b,
+                },
+                rest,
+            ) => {
+                assert_eq!((max_pause_ms, b.0, rest), (1000, bytes.clone(), &[][..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        match postcard::from_bytes::<Old>(&framed[4..]).unwrap() {
+            Old::State { bytes: b, .. } => assert_eq!(b, bytes),
+            _ => panic!("not a STATE"),
+        }
+    }
 
     #[test]
     fn only_our_uid_is_accepted() {

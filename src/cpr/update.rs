@@ -518,6 +518,10 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 Ok(out) => out,
                 Err(e) => return Done::failed(what, Error::Transfer(e)),
             };
+            // The encoding's and the frame's buffers, their pages written
+            // while the guest runs.
+            let buffer = state::buffer(src.machine.vcpus.count());
+            out.reserve(buffer.capacity());
             // 4. Pause.
             let (stopped_at_ns, mut phases) = match src.pause() {
                 Ok(t) => t,
@@ -535,9 +539,15 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 src.resume();
                 return Done::failed(what, e);
             }
+            // The snapshot is freed once the guest runs elsewhere, not in
+            // the pause (musl unmaps what it frees).
+            let mut snapshot = None;
             let sent = src
                 .snapshot(src.in_place(), stopped_at_ns, &mut phases)
-                .and_then(|s| state::encode_as(&s, out.format).map_err(Error::StateEncode))
+                .and_then(|s| {
+                    let s = snapshot.insert(s);
+                    state::encode_into(s, out.format, buffer).map_err(Error::StateEncode)
+                })
                 .and_then(|bytes| {
                     phases.mark("encode");
                     out.send_state(bytes, &phases, max_pause, src.signals)
@@ -552,7 +562,9 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
             // 6. GO: the new process runs the guest and replies; this one exits,
             //    leaving the terminal raw for it.
             let peer = out.peer_version.clone();
-            match out.go() {
+            let done = out.go();
+            drop(snapshot);
+            match done {
                 Ok(()) => {
                     log::info!("guest handed over to molt {peer}");
                     Done {

@@ -136,19 +136,20 @@ fn transfer(cpus: u8, runs: u64) -> Result<(), String> {
     };
     let (from_vm, from) = make()?;
     let (to_vm, to) = make()?;
+    // What molt's vCPU threads keep: KVM buffers, and the states' memory.
+    let mut bufs = vcpu_state::Buffers::new(spec.xsave_words).map_err(|e| e.to_string())?;
+    let mut states: Vec<_> = (0..cpus).map(|_| vcpu_state::blank()).collect();
     for _ in 0..runs {
         let t0 = now();
         let vm_state = kvm::save_vm(&from_vm).map_err(kvm_err)?;
-        let states = from
-            .iter()
-            .map(|(fd, _)| vcpu_state::save(fd, &spec))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
+        for ((fd, _), s) in from.iter().zip(&mut states) {
+            vcpu_state::save(fd, &spec, &mut bufs, s).map_err(|e| e.to_string())?;
+        }
         let t1 = now();
         kvm::restore_vm(&to_vm, &vm_state).map_err(kvm_err)?;
         for ((fd, set), s) in to.iter().zip(&states) {
             let cpuid_set = vcpu_state::cpuid_matches(&s.cpuid, set);
-            vcpu_state::restore(fd, s, spec.xsave_words, cpuid_set).map_err(|e| e.to_string())?;
+            vcpu_state::restore(fd, s, &mut bufs, cpuid_set).map_err(|e| e.to_string())?;
         }
         let t2 = now();
         println!("{} {}", (t1 - t0) / 1000, (t2 - t1) / 1000);

@@ -483,10 +483,6 @@ impl HostCpu {
         Cpuid(&self.effective, &self.supported)
     }
 
-    pub fn xsave_words(&self) -> usize {
-        self.xsave_words
-    }
-
     /// This host's vendor string, family and model.
     pub fn describe(&self) -> String {
         describe(&self.offered())

@@ -258,14 +258,14 @@ impl Prepared {
         phases.mark("restore_vm");
         // The CPUID was set when the vCPUs were made: it is set again only if the
         // guest's differs (saved under another host kernel or KVM).
-        let cpuid_set: Vec<bool> = state
+        let cpuid_set: vcpu::Jobs<bool> = state
             .vcpus
             .iter()
             .zip(&cpuids)
             .map(|(v, set)| !set.is_empty() && vcpu_state::cpuid_matches(&v.cpuid, set))
             .collect();
         let took = vcpus
-            .restore(&state.vcpus, host.xsave_words(), &cpuid_set)
+            .restore(&state.vcpus, &cpuid_set)
             .map_err(Error::Vcpu)?;
         phases.mark("restore_vcpus");
         phases.slowest("vcpu_restore_max", took);
@@ -446,12 +446,16 @@ impl Parts {
         let (fds, cpuids) = self.create_vcpus(supported, count, None)?;
         let probe = fds.first().ok_or(Error::NoVcpus)?;
         let host = HostCpu::query(&self.kvm, supported, probe).map_err(Error::HostCpu)?;
-        let vcpus = Vcpus::start(fds, self.bus.clone(), exit, true).map_err(Error::Vcpu)?;
+        let xsave_words = self.save_spec.xsave_words;
+        let vcpus =
+            Vcpus::start(fds, self.bus.clone(), exit, true, xsave_words).map_err(Error::Vcpu)?;
         Ok((vcpus, cpuids, host))
     }
 
     fn start(self, fds: Vec<VcpuFd>, exit: ExitSink) -> Result<Machine, Error> {
-        let vcpus = Vcpus::start(fds, self.bus.clone(), exit, false).map_err(Error::Vcpu)?;
+        let xsave_words = self.save_spec.xsave_words;
+        let vcpus =
+            Vcpus::start(fds, self.bus.clone(), exit, false, xsave_words).map_err(Error::Vcpu)?;
         Ok(self.into_machine(vcpus))
     }
 
@@ -571,7 +575,7 @@ impl Machine {
         phases.slowest("vcpu_save_max", took);
         Ok(MachineState {
             shape: self.shape.clone(),
-            vcpus: vcpus.into_iter().map(Box::new).collect(),
+            vcpus,
             vm,
             serial,
             allocator: self.allocator.clone(),

@@ -26,6 +26,7 @@ use super::vcpu_state::{self as state, SaveSpec, VcpuState};
 use crate::boot::acpi::Waking;
 use crate::boot::Entry;
 use crate::bus::{Bus, GuestExit};
+use crate::layout::MAX_VCPUS;
 use crate::sync::lock;
 
 #[derive(Debug)]
@@ -84,18 +85,6 @@ impl fmt::Display for Error {
             ),
         }
     }
-}
-
-/// Writes a saved state into a vCPU made by `create(.., None)`; `xsave_words` is this host's XSAVE size; `cpuid_set`: the
-/// vCPU already has the saved CPUID (`vcpu_state::cpuid_matches`).
-pub fn restore(
-    fd: &VcpuFd,
-    index: u8,
-    saved: &VcpuState,
-    xsave_words: usize,
-    cpuid_set: bool,
-) -> Result<(), Error> {
-    state::restore(fd, saved, xsave_words, cpuid_set).map_err(|e| Error::Restore(index, e))
 }
 
 /// Creates vCPU `index` of `count` with CPUID (`supported`, KVM_GET_SUPPORTED_CPUID,
@@ -192,9 +181,9 @@ enum State {
 /// run where the vCPU is loaded.
 enum Job {
     Save(Arc<SaveSpec>),
-    /// Load a saved state (this host's XSAVE size in words; whether the
-    /// vCPU has its CPUID already) into a vCPU that has not run yet.
-    Restore(Box<VcpuState>, usize, bool),
+    /// Load the saved state in `Inner::state` (and whether the vCPU has its
+    /// CPUID already) into a vCPU that has not run yet.
+    Restore(bool),
     /// INIT, then (for the boot vCPU) enter the waking vector.
     Wake(Option<Waking>),
 }
@@ -215,6 +204,10 @@ struct Inner {
     job: Option<Job>,
     /// The job's result, and how long it ran.
     done: Option<(Result<Output, Error>, Duration)>,
+    /// The memory the thread's next save fills, made with it (a save hands
+    /// it on, and the next one makes another); a restore's state is copied
+    /// into it first. Neither allocates in the pause then.
+    saved: Option<Box<VcpuState>>,
 }
 
 struct Shared {
@@ -234,6 +227,9 @@ struct KickTarget {
 // SAFETY: the pointer is only dereferenced under `Shared::state`'s lock while the
 // owning thread has not yet reached `State::Exited`, i.e. while `kvm_run` is mapped.
 unsafe impl Send for KickTarget {}
+
+/// One result per vCPU, without allocating in the pause.
+pub type Jobs<T> = heapless::Vec<T, MAX_VCPUS>;
 
 /// The reason a vCPU thread asked the machine to stop.
 pub type ExitSink = Arc<dyn Fn(GuestExit) + Send + Sync>;
@@ -258,12 +254,14 @@ const KICK_INTERVAL: Duration = Duration::from_millis(10);
 
 impl Vcpus {
     /// Starts one thread per vCPU; they run the guest at once, or with
-    /// `paused` park before their first KVM_RUN until `resume`.
+    /// `paused` park before their first KVM_RUN until `resume` (to be
+    /// restored first). `xsave_words`: this host's XSAVE size.
     pub fn start(
         fds: Vec<VcpuFd>,
         bus: Arc<Bus>,
         exit: ExitSink,
         paused: bool,
+        xsave_words: usize,
     ) -> Result<Self, Error> {
         register_signal_handler(kick_signal(), kick_handler).map_err(Error::SignalHandler)?;
         let raw_fds = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
@@ -278,13 +276,15 @@ impl Vcpus {
                     kick: None,
                     job: None,
                     done: None,
+                    saved: Some(state::blank()),
                 }),
                 changed: Condvar::new(),
             });
             let (s, bus, exit) = (shared.clone(), bus.clone(), exit.clone());
+            let bufs = state::Buffers::new(xsave_words).map_err(Error::Save)?;
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_thread(index, fd, &s, &bus, &exit))
+                .spawn(move || run_thread(index, fd, bufs, &s, &bus, &exit))
                 .map_err(Error::Spawn)?;
             threads.push((shared, Some(handle)));
         }
@@ -326,51 +326,64 @@ impl Vcpus {
 
     /// Saves every vCPU's state; all must be paused. Also returns how long
     /// each vCPU's save took.
-    pub fn save(&self, spec: &Arc<SaveSpec>) -> Result<(Vec<VcpuState>, Vec<Duration>), Error> {
-        let mut took = Vec::with_capacity(self.threads.len());
-        let states = self
-            .run_jobs(|_| Job::Save(spec.clone()))?
-            .into_iter()
-            .map(|(out, t)| {
-                took.push(t);
-                match out {
-                    Output::Saved(state) => *state,
-                    _ => unreachable!("a save job saves"),
+    pub fn save(
+        &self,
+        spec: &Arc<SaveSpec>,
+    ) -> Result<(Jobs<Box<VcpuState>>, Jobs<Duration>), Error> {
+        let mut took = Jobs::new();
+        let mut states = Jobs::new();
+        for (out, t) in self.run_jobs(|_, _| Job::Save(spec.clone()))? {
+            // One result per vCPU: within the capacity.
+            let _ = took.push(t);
+            match out {
+                Output::Saved(state) => {
+                    let _ = states.push(state);
                 }
-            })
-            .collect();
+                _ => unreachable!("a save job saves"),
+            }
+        }
         Ok((states, took))
     }
 
     /// Loads `states` (in vCPU order) into vCPUs started paused that have not
     /// run yet, each on its own thread; returns how long each took.
-    /// `xsave_words` is this host's XSAVE size; `cpuid_set[i]`: vCPU i has
-    /// its saved CPUID already.
+    /// `cpuid_set[i]`: vCPU i has its saved CPUID already.
     pub fn restore(
         &self,
         states: &[Box<VcpuState>],
-        xsave_words: usize,
         cpuid_set: &[bool],
-    ) -> Result<Vec<Duration>, Error> {
-        Ok(self
-            .run_jobs(|i| Job::Restore(states[i].clone(), xsave_words, cpuid_set[i]))?
-            .into_iter()
-            .map(|(_, took)| took)
-            .collect())
+    ) -> Result<Jobs<Duration>, Error> {
+        let mut took = Jobs::new();
+        for (_, t) in self.run_jobs(|i, inner| {
+            // Into the memory the thread saves into: written before, so the
+            // copy faults no page in.
+            inner
+                .saved
+                .get_or_insert_with(state::blank)
+                .clone_from(&states[i]);
+            Job::Restore(cpuid_set[i])
+        })? {
+            // One per vCPU: within the capacity.
+            let _ = took.push(t);
+        }
+        Ok(took)
     }
 
     /// Wakes a paused machine from ACPI S3 as firmware does: an INIT to every
     /// vCPU, then the boot vCPU (0) enters `waking`; the others wait for SIPI,
     /// as after a reset. The vCPUs stay paused: `resume` runs them.
     pub fn wake(&self, waking: Waking) -> Result<(), Error> {
-        self.run_jobs(|index| Job::Wake((index == 0).then_some(waking)))
+        self.run_jobs(|index, _| Job::Wake((index == 0).then_some(waking)))
             .map(drop)
     }
 
     /// Has each paused thread do `job(index)` on its vCPU, all at once (each
     /// vCPU under its own lock: no convoy), within one bound for all. A
     /// thread asked to pause that has not parked yet takes its job as it does.
-    fn run_jobs(&self, job: impl Fn(usize) -> Job) -> Result<Vec<(Output, Duration)>, Error> {
+    fn run_jobs(
+        &self,
+        mut job: impl FnMut(usize, &mut Inner) -> Job,
+    ) -> Result<Jobs<(Output, Duration)>, Error> {
         let deadline = Instant::now() + STOP_TIMEOUT;
         for (index, (shared, _)) in self.threads.iter().enumerate() {
             let mut guard = lock(&shared.state);
@@ -378,10 +391,11 @@ impl Vcpus {
                 return Err(Error::NotPaused);
             }
             guard.done = None;
-            guard.job = Some(job(index));
+            let j = job(index, &mut guard);
+            guard.job = Some(j);
             shared.changed.notify_all();
         }
-        let mut out = Vec::with_capacity(self.threads.len());
+        let mut out = Jobs::new();
         for (shared, _) in &self.threads {
             let mut guard = lock(&shared.state);
             while guard.done.is_none() {
@@ -397,7 +411,8 @@ impl Vcpus {
                     .0;
             }
             let (done, took) = guard.done.take().expect("checked above");
-            out.push((done?, took));
+            // One per vCPU: within the capacity.
+            let _ = out.push((done?, took));
         }
         Ok(out)
     }
@@ -460,7 +475,14 @@ fn kick(guard: &MutexGuard<'_, Inner>) {
     }
 }
 
-fn run_thread(index: usize, mut fd: VcpuFd, shared: &Shared, bus: &Bus, exit: &ExitSink) {
+fn run_thread(
+    index: usize,
+    mut fd: VcpuFd,
+    mut bufs: state::Buffers,
+    shared: &Shared,
+    bus: &Bus,
+    exit: &ExitSink,
+) {
     {
         let mut guard = lock(&shared.state);
         guard.kick = Some(KickTarget {
@@ -469,7 +491,7 @@ fn run_thread(index: usize, mut fd: VcpuFd, shared: &Shared, bus: &Bus, exit: &E
             immediate_exit: &mut fd.get_kvm_run().immediate_exit as *mut u8,
         });
     }
-    let outcome = run_loop(index, &mut fd, shared, bus);
+    let outcome = run_loop(index, &mut fd, &mut bufs, shared, bus);
     {
         let mut guard = lock(&shared.state);
         guard.request = Request::Exit;
@@ -483,11 +505,17 @@ fn run_thread(index: usize, mut fd: VcpuFd, shared: &Shared, bus: &Bus, exit: &E
 }
 
 /// Runs the guest until asked to exit (returns None) or until the guest ends.
-fn run_loop(index: usize, fd: &mut VcpuFd, shared: &Shared, bus: &Bus) -> Option<GuestExit> {
+fn run_loop(
+    index: usize,
+    fd: &mut VcpuFd,
+    bufs: &mut state::Buffers,
+    shared: &Shared,
+    bus: &Bus,
+) -> Option<GuestExit> {
     let mut ran = false;
     loop {
         if shared.request.load(Ordering::SeqCst) != Request::Run as u8
-            && !wait_while_paused(index, shared, fd, ran)
+            && !wait_while_paused(index, shared, fd, bufs, ran)
         {
             return None;
         }
@@ -528,13 +556,26 @@ fn run_loop(index: usize, fd: &mut VcpuFd, shared: &Shared, bus: &Bus) -> Option
     }
 }
 
-fn run_job(index: usize, fd: &VcpuFd, job: Job) -> Result<Output, Error> {
+/// Runs `job` on vCPU `index` through its buffers; `saved` is the thread's
+/// `Inner::saved`.
+fn run_job(
+    index: usize,
+    fd: &VcpuFd,
+    bufs: &mut state::Buffers,
+    saved: &mut Option<Box<VcpuState>>,
+    job: Job,
+) -> Result<Output, Error> {
     match job {
-        Job::Save(spec) => state::save(fd, &spec)
-            .map(|s| Output::Saved(Box::new(s)))
-            .map_err(Error::Save),
-        Job::Restore(saved, xsave_words, cpuid_set) => {
-            restore(fd, index as u8, &saved, xsave_words, cpuid_set).map(|()| Output::Restored)
+        Job::Save(spec) => {
+            let mut out = saved.take().unwrap_or_else(state::blank);
+            state::save(fd, &spec, bufs, &mut out).map_err(Error::Save)?;
+            Ok(Output::Saved(out))
+        }
+        Job::Restore(cpuid_set) => {
+            let saved = saved.as_deref().expect("a restore's state is in place");
+            state::restore(fd, saved, bufs, cpuid_set)
+                .map(|()| Output::Restored)
+                .map_err(|e| Error::Restore(index as u8, e))
         }
         Job::Wake(waking) => wake(fd, index as u8, waking).map(|()| Output::Woken),
     }
@@ -578,7 +619,13 @@ fn wake(fd: &VcpuFd, index: u8, waking: Option<Waking>) -> Result<(), Error> {
 /// Parks the thread while paused. Returns false when it must exit. `ran`:
 /// whether this thread has entered KVM_RUN yet (a vCPU started paused, and
 /// not restored yet, must not: an AP would block in it).
-fn wait_while_paused(index: usize, shared: &Shared, fd: &mut VcpuFd, ran: bool) -> bool {
+fn wait_while_paused(
+    index: usize,
+    shared: &Shared,
+    fd: &mut VcpuFd,
+    bufs: &mut state::Buffers,
+    ran: bool,
+) -> bool {
     let mut guard = lock(&shared.state);
     loop {
         match guard.request {
@@ -602,7 +649,7 @@ fn wait_while_paused(index: usize, shared: &Shared, fd: &mut VcpuFd, ran: bool) 
                 }
                 if let Some(job) = guard.job.take() {
                     let start = Instant::now();
-                    let done = run_job(index, fd, job);
+                    let done = run_job(index, fd, bufs, &mut guard.saved, job);
                     guard.done = Some((done, start.elapsed()));
                     shared.changed.notify_all();
                 }

@@ -15,6 +15,7 @@ use heapless::Vec as BoundedVec;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, CpuId, Msrs, Xsave, KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -278,100 +279,187 @@ pub struct SaveSpec {
     pub xsave_words: usize,
 }
 
-fn bounded<T: Clone, const N: usize>(
-    what: &'static str,
-    items: &[T],
-) -> Result<BoundedVec<T, N>, Error> {
-    BoundedVec::from_slice(items).map_err(|_| Error::TooMany(what, items.len()))
+/// The KVM buffers a vCPU's saves and restores go through, made with its
+/// thread and kept: a save or a restore in the pause allocates nothing (musl's
+/// allocator maps each larger allocation afresh and unmaps it when freed, so
+/// each would fault its pages in again inside the pause).
+pub struct Buffers {
+    /// KVM_MAX_MSR_ENTRIES entries; `nmsrs` says how many a call uses.
+    msrs: Msrs,
+    /// KVM_MAX_CPUID_ENTRIES entries; `nent` says how many a call uses.
+    cpuid: CpuId,
+    /// This host's XSAVE size (KVM_CAP_XSAVE2).
+    xsave: Xsave,
+    xsave_words: usize,
 }
 
-/// Reads the state of a paused vCPU.
-pub fn save(fd: &VcpuFd, spec: &SaveSpec) -> Result<VcpuState, Error> {
-    let mp_state = fd.get_mp_state().map_err(|e| Error::Get("MP_STATE", e))?;
-    let regs = fd.get_regs().map_err(|e| Error::Get("REGS", e))?;
-    let sregs = fd.get_sregs().map_err(|e| Error::Get("SREGS", e))?;
-    let xsave = save_xsave(fd, spec.xsave_words)?;
-    let xcrs = fd.get_xcrs().map_err(|e| Error::Get("XCRS", e))?;
-    let debug_regs = fd
+impl Buffers {
+    /// Buffers for this host's XSAVE size, `xsave_words` (at least 1024).
+    pub fn new(xsave_words: usize) -> Result<Self, Error> {
+        let msrs = KVM_MAX_MSR_ENTRIES;
+        let xsave_words = xsave_words.max(LEGACY_XSAVE_WORDS);
+        Ok(Buffers {
+            msrs: Msrs::new(msrs).map_err(|_| Error::TooMany("MSR", msrs))?,
+            cpuid: CpuId::new(KVM_MAX_CPUID_ENTRIES)
+                .map_err(|_| Error::TooMany("CPUID", KVM_MAX_CPUID_ENTRIES))?,
+            xsave: Xsave::new(xsave_words - LEGACY_XSAVE_WORDS)
+                .map_err(|_| Error::TooMany("XSAVE", xsave_words))?,
+            xsave_words,
+        })
+    }
+
+    /// The MSR buffer holding `indices` (at most KVM_MAX_MSR_ENTRIES), data zero.
+    fn msrs_for(&mut self, entries: impl ExactSizeIterator<Item = kvm_msr_entry>) -> &mut Msrs {
+        let n = entries.len().min(KVM_MAX_MSR_ENTRIES);
+        // SAFETY: the buffer was made with KVM_MAX_MSR_ENTRIES entries and
+        // keeps them: `nmsrs` only says how many of them KVM reads.
+        unsafe { self.msrs.as_mut_fam_struct() }.nmsrs = n as u32;
+        for (slot, e) in self.msrs.as_mut_slice().iter_mut().zip(entries) {
+            *slot = e;
+        }
+        &mut self.msrs
+    }
+}
+
+/// A vCPU state with room for the largest it holds, its pages written: saving
+/// into it writes no fresh page.
+pub fn blank() -> Box<VcpuState> {
+    let mut s = Box::<VcpuState>::default();
+    // Bounded above: these fit, and clearing keeps the pages.
+    let _ = s.cpuid.resize(
+        MAX_CPUID_ENTRIES,
+        CpuidEntry::from(&kvm_cpuid_entry2::default()),
+    );
+    let _ = s.xsave.resize(MAX_XSAVE_WORDS, 0);
+    let _ = s.msrs.resize(MAX_MSRS, MsrEntry { index: 0, data: 0 });
+    s.cpuid.clear();
+    s.xsave.clear();
+    s.msrs.clear();
+    s
+}
+
+/// Reads the state of a paused vCPU into `out`, through `bufs`.
+pub fn save(
+    fd: &VcpuFd,
+    spec: &SaveSpec,
+    bufs: &mut Buffers,
+    out: &mut VcpuState,
+) -> Result<(), Error> {
+    out.mp_state = Pod(fd.get_mp_state().map_err(|e| Error::Get("MP_STATE", e))?);
+    out.regs = Pod(fd.get_regs().map_err(|e| Error::Get("REGS", e))?);
+    out.sregs = Pod(fd.get_sregs().map_err(|e| Error::Get("SREGS", e))?);
+    save_xsave(fd, spec.xsave_words, bufs, &mut out.xsave)?;
+    out.xcrs = Pod(fd.get_xcrs().map_err(|e| Error::Get("XCRS", e))?);
+    out.debug_regs = Pod(fd
         .get_debug_regs()
-        .map_err(|e| Error::Get("DEBUGREGS", e))?;
-    let lapic = fd.get_lapic().map_err(|e| Error::Get("LAPIC", e))?;
-    let msrs = save_msrs(fd, &spec.msr_indices)?;
-    let cpuid = read_cpuid(fd)?;
-    let events = fd
+        .map_err(|e| Error::Get("DEBUGREGS", e))?);
+    out.lapic = Pod(fd.get_lapic().map_err(|e| Error::Get("LAPIC", e))?);
+    save_msrs(fd, &spec.msr_indices, bufs, &mut out.msrs)?;
+    out.cpuid.clear();
+    for e in get_cpuid(fd, &mut bufs.cpuid)? {
+        out.cpuid
+            .push(e)
+            .map_err(|_| Error::TooMany("CPUID", MAX_CPUID_ENTRIES + 1))?;
+    }
+    out.events = Pod(fd
         .get_vcpu_events()
-        .map_err(|e| Error::Get("VCPU_EVENTS", e))?;
-    Ok(VcpuState {
-        cpuid: bounded("CPUID", &cpuid)?,
-        mp_state: Pod(mp_state),
-        regs: Pod(regs),
-        sregs: Pod(sregs),
-        xsave: bounded("XSAVE", &xsave)?,
-        xcrs: Pod(xcrs),
-        debug_regs: Pod(debug_regs),
-        lapic: Pod(lapic),
-        msrs: bounded("MSR", &msrs)?,
-        events: Pod(events),
-    })
+        .map_err(|e| Error::Get("VCPU_EVENTS", e))?);
+    Ok(())
 }
 
-/// The CPUID a vCPU answers the guest with (KVM_GET_CPUID2).
-pub fn read_cpuid(fd: &VcpuFd) -> Result<Vec<CpuidEntry>, Error> {
-    let cpuid = fd
-        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| Error::Get("CPUID2", e))?;
-    // Some kernels (seen: 6.1) return the buffer's full count, the unused tail
-    // zeroed; no real leaf is all zero (leaf 0 names the highest leaf).
-    Ok(cpuid
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_CPUID2,
+    kvm_bindings::KVMIO,
+    0x91,
+    kvm_bindings::kvm_cpuid2
+);
+
+/// KVM_GET_CPUID2 into `buf` (made with KVM_MAX_CPUID_ENTRIES entries): the
+/// leaves the vCPU answers with. Some kernels (seen: 6.1) return the buffer's
+/// full count, the unused tail zeroed; no real leaf is all zero (leaf 0 names
+/// the highest leaf), so those are left out.
+fn get_cpuid<'a>(
+    fd: &VcpuFd,
+    buf: &'a mut CpuId,
+) -> Result<impl Iterator<Item = CpuidEntry> + 'a, Error> {
+    // SAFETY: the buffer was made with KVM_MAX_CPUID_ENTRIES entries and keeps
+    // them: `nent` only says how many KVM may write (it lowers it to what it wrote).
+    unsafe { buf.as_mut_fam_struct() }.nent = KVM_MAX_CPUID_ENTRIES as u32;
+    // SAFETY: KVM writes at most `nent` entries, all inside the buffer.
+    let r = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_mut_ptr(fd, KVM_GET_CPUID2(), buf.as_mut_fam_struct_ptr())
+    };
+    if r != 0 {
+        return Err(Error::Get("CPUID2", kvm_ioctls::Error::last()));
+    }
+    Ok(buf
         .as_slice()
         .iter()
         .filter(|e| {
             (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) != (0, 0, 0, 0, 0, 0, 0)
         })
-        .map(CpuidEntry::from)
-        .collect())
+        .map(CpuidEntry::from))
 }
 
-fn save_xsave(fd: &VcpuFd, words: usize) -> Result<Vec<u32>, Error> {
+/// The CPUID a vCPU answers the guest with (KVM_GET_CPUID2).
+pub fn read_cpuid(fd: &VcpuFd) -> Result<Vec<CpuidEntry>, Error> {
+    let mut buf = CpuId::new(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|_| Error::TooMany("CPUID", KVM_MAX_CPUID_ENTRIES))?;
+    let entries = get_cpuid(fd, &mut buf)?.collect();
+    Ok(entries)
+}
+
+fn save_xsave(
+    fd: &VcpuFd,
+    words: usize,
+    bufs: &mut Buffers,
+    out: &mut BoundedVec<u32, MAX_XSAVE_WORDS>,
+) -> Result<(), Error> {
+    out.clear();
+    let too_many = |_| Error::TooMany("XSAVE", words);
     if words <= LEGACY_XSAVE_WORDS {
         let x = fd.get_xsave().map_err(|e| Error::Get("XSAVE", e))?;
-        return Ok(x.region.to_vec());
+        return out.extend_from_slice(&x.region).map_err(too_many);
     }
-    let mut x =
-        Xsave::new(words - LEGACY_XSAVE_WORDS).map_err(|_| Error::TooMany("XSAVE", words))?;
-    // SAFETY: `x` was allocated for the KVM_CAP_XSAVE2 size, so the kernel writes
-    // inside it.
-    unsafe { fd.get_xsave2(&mut x) }.map_err(|e| Error::Get("XSAVE2", e))?;
-    let f = x.as_fam_struct_ref();
-    let mut all = f.xsave.region.to_vec();
-    all.extend_from_slice(x.as_slice());
-    Ok(all)
+    if words > bufs.xsave_words {
+        return Err(Error::TooMany("XSAVE", words));
+    }
+    // SAFETY: the buffer was made for this host's KVM_CAP_XSAVE2 size, so the
+    // kernel writes inside it.
+    unsafe { fd.get_xsave2(&mut bufs.xsave) }.map_err(|e| Error::Get("XSAVE2", e))?;
+    out.extend_from_slice(&bufs.xsave.as_fam_struct_ref().xsave.region)
+        .map_err(too_many)?;
+    out.extend_from_slice(bufs.xsave.as_slice())
+        .map_err(too_many)
 }
 
 /// KVM_GET_MSRS stops at the first MSR it cannot read: skip that one, go on.
-fn save_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrEntry>, Error> {
-    let mut out = Vec::with_capacity(indices.len());
+fn save_msrs(
+    fd: &VcpuFd,
+    indices: &[u32],
+    bufs: &mut Buffers,
+    out: &mut BoundedVec<MsrEntry, MAX_MSRS>,
+) -> Result<(), Error> {
+    out.clear();
     let mut pos = 0;
     while pos < indices.len() {
-        let chunk = &indices[pos..(pos + kvm_bindings::KVM_MAX_MSR_ENTRIES).min(indices.len())];
-        let entries: Vec<kvm_msr_entry> = chunk
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|_| Error::TooMany("MSR", chunk.len()))?;
-        let n = fd.get_msrs(&mut msrs).map_err(|e| Error::Get("MSRS", e))?;
-        out.extend(msrs.as_slice()[..n].iter().map(|e| MsrEntry {
-            index: e.index,
-            data: e.data,
+        let chunk = &indices[pos..(pos + KVM_MAX_MSR_ENTRIES).min(indices.len())];
+        let msrs = bufs.msrs_for(chunk.iter().map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
         }));
+        let n = fd.get_msrs(msrs).map_err(|e| Error::Get("MSRS", e))?;
+        for e in &msrs.as_slice()[..n] {
+            out.push(MsrEntry {
+                index: e.index,
+                data: e.data,
+            })
+            .map_err(|_| Error::TooMany("MSR", indices.len()))?;
+        }
         // Skip the MSR KVM stopped at, if it stopped early.
         pos += n + usize::from(n < chunk.len());
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Whether a vCPU that answers with CPUID `set` (KVM_GET_CPUID2, never run)
@@ -385,8 +473,13 @@ pub fn cpuid_matches(saved: &[CpuidEntry], set: &[CpuidEntry]) -> bool {
     const APIC: u32 = 1 << 9;
     const OSXSAVE: u32 = 1 << 27;
     const OSPKE: u32 = 1 << 4;
+    // On the stack, sorted in place: this runs in the pause, once per vCPU.
+    // No vCPU answers with more leaves than KVM_GET_CPUID2 returns.
+    if saved.len().max(set.len()) > KVM_MAX_CPUID_ENTRIES {
+        return false;
+    }
     let normal = |list: &[CpuidEntry]| {
-        let mut v: Vec<CpuidEntry> = list
+        let mut v: BoundedVec<CpuidEntry, KVM_MAX_CPUID_ENTRIES> = list
             .iter()
             .filter(|e| {
                 (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) != (0, 0, 0, 0, 0, 0, 0)
@@ -405,28 +498,32 @@ pub fn cpuid_matches(saved: &[CpuidEntry], set: &[CpuidEntry]) -> bool {
                 e
             })
             .collect();
-        v.sort_by_key(|e| (e.function, e.index));
+        v.sort_unstable_by_key(|e| (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx));
         v
     };
     normal(saved) == normal(set)
 }
 
-/// Writes `state` into a fresh vCPU, before its thread first runs it.
-/// `xsave_words` is this host's XSAVE size (`host_cpu::xsave_words`). With
-/// `cpuid_set`, the vCPU already has the state's CPUID (`cpuid_matches`)
-/// and KVM_SET_CPUID2, the slowest call here, is left out.
+/// Writes `state` into a fresh vCPU, before its thread first runs it, through
+/// `bufs` (made for this host's XSAVE size). With `cpuid_set`, the vCPU
+/// already has the state's CPUID (`cpuid_matches`) and KVM_SET_CPUID2, the
+/// slowest call here, is left out.
 pub fn restore(
     fd: &VcpuFd,
     state: &VcpuState,
-    xsave_words: usize,
+    bufs: &mut Buffers,
     cpuid_set: bool,
 ) -> Result<(), Error> {
     if !cpuid_set {
-        let entries: Vec<kvm_cpuid_entry2> =
-            state.cpuid.iter().map(kvm_cpuid_entry2::from).collect();
-        let cpuid =
-            CpuId::from_entries(&entries).map_err(|_| Error::TooMany("CPUID", entries.len()))?;
-        fd.set_cpuid2(&cpuid).map_err(|e| Error::Set("CPUID2", e))?;
+        let n = state.cpuid.len().min(KVM_MAX_CPUID_ENTRIES);
+        // SAFETY: the buffer was made with KVM_MAX_CPUID_ENTRIES entries and
+        // keeps them: `nent` only says how many KVM reads.
+        unsafe { bufs.cpuid.as_mut_fam_struct() }.nent = n as u32;
+        for (slot, e) in bufs.cpuid.as_mut_slice().iter_mut().zip(&state.cpuid) {
+            *slot = kvm_cpuid_entry2::from(e);
+        }
+        fd.set_cpuid2(&bufs.cpuid)
+            .map_err(|e| Error::Set("CPUID2", e))?;
     }
     fd.set_mp_state(state.mp_state.0)
         .map_err(|e| Error::Set("MP_STATE", e))?;
@@ -434,28 +531,23 @@ pub fn restore(
         .map_err(|e| Error::Set("REGS", e))?;
     fd.set_sregs(&state.sregs.0)
         .map_err(|e| Error::Set("SREGS", e))?;
-    let xsave = xsave_image(&state.xsave, xsave_words)?;
-    // SAFETY: `xsave` is `xsave_words` long, this host's KVM_CAP_XSAVE2 size:
-    // at least what KVM_SET_XSAVE reads for any of its vCPUs.
-    unsafe { fd.set_xsave2(&xsave) }.map_err(|e| Error::Set("XSAVE", e))?;
+    fill_xsave(&mut bufs.xsave, &state.xsave)?;
+    // SAFETY: the buffer is this host's KVM_CAP_XSAVE2 size: at least what
+    // KVM_SET_XSAVE reads for any of its vCPUs.
+    unsafe { fd.set_xsave2(&bufs.xsave) }.map_err(|e| Error::Set("XSAVE", e))?;
     fd.set_xcrs(&state.xcrs.0)
         .map_err(|e| Error::Set("XCRS", e))?;
     fd.set_debug_regs(&state.debug_regs.0)
         .map_err(|e| Error::Set("DEBUGREGS", e))?;
     fd.set_lapic(&state.lapic.0)
         .map_err(|e| Error::Set("LAPIC", e))?;
-    let entries: Vec<kvm_msr_entry> = state
-        .msrs
-        .iter()
-        .map(|m| kvm_msr_entry {
+    for chunk in state.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+        let msrs = bufs.msrs_for(chunk.iter().map(|m| kvm_msr_entry {
             index: m.index,
             data: m.data,
             ..Default::default()
-        })
-        .collect();
-    for chunk in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
-        let msrs = Msrs::from_entries(chunk).map_err(|_| Error::TooMany("MSR", chunk.len()))?;
-        let n = fd.set_msrs(&msrs).map_err(|e| Error::Set("MSRS", e))?;
+        }));
+        let n = fd.set_msrs(msrs).map_err(|e| Error::Set("MSRS", e))?;
         if n != chunk.len() {
             return Err(Error::MsrRefused(chunk[n].index));
         }
@@ -465,29 +557,38 @@ pub fn restore(
     Ok(())
 }
 
-/// The saved XSAVE image in a buffer of this host's size, zero-padded: KVM
-/// reads its own size whatever length was saved (a state from a host without
-/// AMX is smaller), and zeros are the init state of any component not in
+/// The saved XSAVE image into `x`, this host's size, zero-padded: KVM reads
+/// its own size whatever length was saved (a state from a host without AMX
+/// is smaller), and zeros are the init state of any component not in
 /// XSTATE_BV.
-fn xsave_image(words: &[u32], host_words: usize) -> Result<Xsave, Error> {
+fn fill_xsave(x: &mut Xsave, words: &[u32]) -> Result<(), Error> {
+    let host_words = LEGACY_XSAVE_WORDS + x.as_slice().len();
     if words.len() > host_words {
         return Err(Error::XsaveTooLarge {
             saved: words.len() * 4,
             host: host_words * 4,
         });
     }
-    let extra = host_words.saturating_sub(LEGACY_XSAVE_WORDS);
-    let mut x = Xsave::new(extra).map_err(|_| Error::TooMany("XSAVE", host_words))?;
     let (legacy, rest) = words.split_at(words.len().min(LEGACY_XSAVE_WORDS));
     // SAFETY: the FAM struct is only written through its own fields.
-    unsafe { x.as_mut_fam_struct() }.xsave.region[..legacy.len()].copy_from_slice(legacy);
-    x.as_mut_slice()[..rest.len()].copy_from_slice(rest);
-    Ok(x)
+    let region = &mut unsafe { x.as_mut_fam_struct() }.xsave.region;
+    region[..legacy.len()].copy_from_slice(legacy);
+    region[legacy.len()..].fill(0);
+    let tail = x.as_mut_slice();
+    tail[..rest.len()].copy_from_slice(rest);
+    tail[rest.len()..].fill(0);
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `words` in a fresh buffer of `host` words, as a restore fills its own.
+    fn xsave_image(words: &[u32], host: usize) -> Result<Xsave, Error> {
+        let mut x = Buffers::new(host)?.xsave;
+        fill_xsave(&mut x, words).map(|()| x)
+    }
 
     fn image(x: &Xsave) -> Vec<u32> {
         let mut all = x.as_fam_struct_ref().xsave.region.to_vec();
@@ -544,6 +645,23 @@ mod tests {
         let larger: Vec<u32> = (1..=LEGACY_XSAVE_WORDS as u32 + 8).collect();
         let all = image(&xsave_image(&larger, LEGACY_XSAVE_WORDS + 8).unwrap());
         assert_eq!(all, larger);
+    }
+
+    #[test]
+    fn a_reused_xsave_buffer_keeps_nothing_of_the_last_image() {
+        let mut x =
+            xsave_image(&vec![7; LEGACY_XSAVE_WORDS + 700], LEGACY_XSAVE_WORDS + 700).unwrap();
+        let shorter: Vec<u32> = (1..=100).collect();
+        fill_xsave(&mut x, &shorter).unwrap();
+        let all = image(&x);
+        assert_eq!(all[..100], shorter[..]);
+        assert!(all[100..].iter().all(|&w| w == 0));
+    }
+
+    #[test]
+    fn a_blank_state_is_empty_and_holds_the_largest() {
+        let s = blank();
+        assert_eq!(*s, VcpuState::default());
     }
 
     #[test]
