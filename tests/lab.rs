@@ -852,6 +852,7 @@ fn tcp_both_ways_at_once_for_two_minutes_arrives_intact_without_a_guest_reset() 
     expect(&r, "guest_boots", "1");
     expect(&r, "vmm_alive", "yes");
     expect(&r, "triple_faults", "0");
+    expect(&r, "guest_shutdowns", "0");
     expect(&r, "dmesg_errors", "0");
     expect(&r, "molt_exit", "0");
 }

@@ -9,8 +9,8 @@
 # VMM=qemu runs the same guest and load under QEMU 7.2 -cpu host instead
 # (image built with MOLT_LAB_WITH_QEMU=1), as a reference. TRACE=1 keeps L2's
 # last KVM events (exits, injected exceptions, page faults) in a ring and
-# prints them if the guest triple-faults (L2's init classifies every guest
-# shutdown in any scenario: rootfs/host/init).
+# prints them if the guest shuts down (a triple fault), under either VMM (L2's
+# init classifies every guest shutdown in any scenario: rootfs/host/init).
 # lab-append: loglevel=7
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
@@ -112,9 +112,13 @@ if [ $booted = 0 ]; then
     check guest_boots "$(count "$LOG" '^GUEST-INIT')" 1
     check vmm_alive "$(alive "$VMM_PID" && echo yes || echo no)" yes
     check triple_faults "$(count "$LOG.err" 'triple fault')" 0
+    # L2's own record (the ring of shutdowns that init keeps), whatever the
+    # VMM: QEMU logs nothing when its guest shuts down.
+    shut=$(count $shutdowns/trace 'kvm_exit:.*reason shutdown')
+    check guest_shutdowns "$shut" 0
     if [ "$TRACE" = 1 ]; then
         trace_events 0
-        if [ "$(count "$LOG.err" 'triple fault')" != 0 ]; then
+        if [ "$(count "$LOG.err" 'triple fault')" != 0 ] || [ "$shut" != 0 ]; then
             echo "LAB-DIAG L2's last KVM events before the triple fault:"
             grep -v '^#' $tracing/trace | grep -v 'kvm_entry' | tail -n 120 | sed 's/^/LAB-DIAG trace /'
             echo "LAB-DIAG injected exceptions in the ring:"
