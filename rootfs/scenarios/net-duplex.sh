@@ -32,9 +32,16 @@ if [ "$TRACE" = 1 ]; then
     echo 16384 > $tracing/buffer_size_kb
     echo > $tracing/trace
     # The ring stops at the shutdown exit itself (SVM_EXIT_SHUTDOWN, 0x7f), so
-    # the guest's reboot that follows cannot overwrite what led to it.
-    echo 'traceoff if exit_reason == 127' > $tracing/events/kvm/kvm_exit/trigger \
-        || echo "LAB-INFO trace: the shutdown trigger was refused"
+    # the guest's reboot that follows cannot overwrite what led to it, or at
+    # the first nested page fault (0x400) in the guest's page-table walk
+    # (EXITINFO1 bit 33) at a GPA with no memory (bit 3) while an event is
+    # delivered (intr_info bit 31), which KVM re-enters into for good
+    # (shutdown_causes in lib/common.sh).
+    echo 'traceoff if exit_reason == 127 || (exit_reason == 1024 && info1 & 0x200000000 && info1 & 8 && intr_info & 0x80000000)' \
+        > $tracing/events/kvm/kvm_exit/trigger 2>/dev/null ||
+        echo 'traceoff if exit_reason == 127' > $tracing/events/kvm/kvm_exit/trigger ||
+        echo "LAB-INFO trace: the shutdown trigger was refused"
+    echo "LAB-INFO trace: $(grep -v '^#' $tracing/events/kvm/kvm_exit/trigger)"
     trace_events 1
 fi
 # kvm_counts: L2's KVM counters (all VMs; the idle one of init adds next to
@@ -132,8 +139,10 @@ if [ $booted = 0 ]; then
     check guest_shutdowns "$shut" 0
     if [ "$TRACE" = 1 ]; then
         trace_events 0
-        if [ "$(count "$LOG.err" 'triple fault')" != 0 ] || [ "$shut" != 0 ]; then
-            echo "LAB-DIAG L2's last KVM events before the triple fault:"
+        # The trigger stopped the ring: a shutdown or a walk outside RAM.
+        if [ "$(count "$LOG.err" 'triple fault')" != 0 ] || [ "$shut" != 0 ] ||
+            [ "$(cat $tracing/tracing_on)" = 0 ]; then
+            echo "LAB-DIAG L2's last KVM events before the guest's fault:"
             grep -v '^#' $tracing/trace | grep -v 'kvm_entry' | tail -n 120 | sed 's/^/LAB-DIAG trace /'
             echo "LAB-DIAG injected exceptions in the ring:"
             grep 'kvm_inj_exception' $tracing/trace | tail -n 20 | sed 's/^/LAB-DIAG trace /'
