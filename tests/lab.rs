@@ -847,9 +847,9 @@ fn classify_ring(ring: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The emulated CPU walking a guest's paging structures from a root in L2's
-/// own RAM (caught under VMM=qemu: the guest looped on this exit until L2
-/// panicked) is the emulation's; a guest's first touch of a page during an
+/// The emulated CPU walking a guest's paging structures at an address that is
+/// not the guest's memory while delivering an event (caught under VMM=qemu:
+/// the guest looped on this exit until L2 panicked) is the emulation's; a guest's first touch of a page during an
 /// event's delivery, and an MMIO access, are not.
 #[test]
 fn a_guest_page_walk_outside_its_ram_is_the_emulation_s() {

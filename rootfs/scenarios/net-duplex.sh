@@ -102,7 +102,8 @@ if [ $booted = 0 ]; then
     echo "LAB-INFO duplex ran $(( $(now_ms) - t0 )) ms on L2's clock"
     # The exposure in events: the emulation's failures come on VM entries
     # that deliver an event, so these compare runs and VMMs better than time.
-    kvm_counts | while read -r _n _v; do
+    # (A VM's counts leave the sums when it is destroyed: none if the VMM died.)
+    alive "$VMM_PID" && kvm_counts | while read -r _n _v; do
         result "kvm_$_n" $(( _v - $(sed -n "s/^$_n //p" /tmp/kvm.before) ))
     done
     guest_cmd 'i=0; while { [ ! -s /run/h2g.out ] || [ ! -s /run/g2h.out ]; } && [ $i -lt 900 ]; do usleep 100000; i=$((i+1)); done; sed "s/^/H2G /" /run/h2g.out; sed "s/^/G2H /" /run/g2h.out' \
