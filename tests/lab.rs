@@ -827,6 +827,57 @@ fn a_guest_s_own_triple_fault_is_not_taken_for_the_emulation_s() {
     expect(&r, "called_emulation", "0");
 }
 
+/// `shutdown_causes` (rootfs/scenarios/lib/common.sh) run on the host over a
+/// ring of L2's KVM events (lines as L2's tracefs prints them); its output.
+fn classify_ring(ring: &str) -> String {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("molt-ring-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("trace"), ring).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(". \"$1\"; shutdowns=$2; shutdown_causes")
+        .arg("sh")
+        .arg(repo.join("rootfs/scenarios/lib/common.sh"))
+        .arg(&dir)
+        .output()
+        .expect("sh runs");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The emulated CPU walking a guest's paging structures at an address that is
+/// not the guest's memory while delivering an event (caught under VMM=qemu:
+/// the guest looped on this exit until L2 panicked) is the emulation's; a guest's first touch of a page during an
+/// event's delivery, and an MMIO access, are not.
+#[test]
+fn a_guest_page_walk_outside_its_ram_is_the_emulation_s() {
+    let exit = |info1: &str, info2: &str, intr: &str| {
+        format!(
+            " qemu-system-x86-141 [001] .....   359.5: kvm_exit: vcpu 0 reason npf rip 0xffffffffc069edcc \
+             info1 {info1} info2 {info2} intr_info {intr} error_code 0x00000010\n \
+             qemu-system-x86-141 [001] d..1.   359.5: kvm_entry: vcpu 0, rip 0xffffffffc069edcc\n"
+        )
+    };
+    let looping = exit("0x000000020000000e", "0x0000000100b44fe0", "0x80000b0e").repeat(3);
+    let out = classify_ring(&looping);
+    assert_eq!(out.matches("LAB-EMULATION-FAULT").count(), 1, "{out}");
+    assert!(
+        out.contains("GPA 0x0000000100b44fe0, which is not its RAM, delivering event 0x80000b0e at 0xffffffffc069edcc (3 times"),
+        "{out}"
+    );
+    // Not present (no reserved bit): RAM KVM had not mapped yet.
+    let first_touch = exit("0x0000000200000006", "0x0000000001b44fe0", "0x80000b0e");
+    // A final translation (bit 32) to MMIO: a device access, no event.
+    let mmio = exit("0x000000010000000e", "0x00000000fe000000", "0x00000000");
+    // The walk outside RAM, but with no event being delivered.
+    let no_event = exit("0x000000020000000e", "0x0000000100b44fe0", "0x00000000");
+    for ring in [first_touch, mmio, no_event] {
+        assert_eq!(classify_ring(&ring), "", "{ring}");
+    }
+}
+
 /// Under this load QEMU TCG's emulation fails now and then: the L3 guest shuts
 /// down while QEMU delivers an interrupt that L2's KVM injected (the scenario
 /// classifies the shutdown from L2's record of it), or L2 itself hangs or
@@ -852,6 +903,7 @@ fn tcp_both_ways_at_once_for_two_minutes_arrives_intact_without_a_guest_reset() 
     expect(&r, "guest_boots", "1");
     expect(&r, "vmm_alive", "yes");
     expect(&r, "triple_faults", "0");
+    expect(&r, "guest_shutdowns", "0");
     expect(&r, "dmesg_errors", "0");
     expect(&r, "molt_exit", "0");
 }

@@ -190,4 +190,26 @@ shutdown_causes() {
             echo "LAB-EMULATION-FAULT a guest shut down on the instruction KVM had just entered it at ($_rip), delivering event $_info"
         fi
     done
+    # The same failure when the emulated CPU walks the guest's paging
+    # structures from a root in L2's own RAM (seen under VMM=qemu as well):
+    # delivering an event (intr_info valid), the guest's page-table walk
+    # (EXITINFO1 bit 33) reads a GPA with no memory behind it (bit 3: KVM's
+    # MMIO marker, i.e. no memslot), and KVM re-enters the guest into the same
+    # fault for good. A guest's paging structures are in its RAM; the GPAs seen
+    # (0x100b44fe0: entry 508, the kernel's cpu_entry_area with the IDT, of a
+    # root at 0x100b44000) are L2's RAM above 4 GiB, outside the guest's.
+    awk '/kvm_exit:.*reason npf/ {
+             for (i = 1; i < NF; i++) {
+                 if ($i == "rip") rip = $(i + 1); if ($i == "info1") i1 = $(i + 1)
+                 if ($i == "info2") i2 = $(i + 1); if ($i == "intr_info") info = $(i + 1)
+             }
+             print rip, i1, i2, info
+         }' $shutdowns/trace 2>/dev/null | while read -r _rip _i1 _i2 _info; do
+        _v=$(( (0x${_info#0x} >> 31) & 1 ))
+        _walk=$(( (0x${_i1#0x} >> 33) & 1 ))
+        _none=$(( (0x${_i1#0x} >> 3) & 1 ))
+        [ "$_v" = 1 ] && [ "$_walk" = 1 ] && [ "$_none" = 1 ] && echo "$_rip $_i2 $_info"
+    done | uniq -c | while read -r _n _rip _gpa _info; do
+        echo "LAB-EMULATION-FAULT a guest's page-table walk read GPA $_gpa, which is not its RAM, delivering event $_info at $_rip ($_n times in L2's ring)"
+    done
 }
