@@ -7,7 +7,9 @@
 # two flows: restart (save to a file, quit, start again) and pre-started
 # migration (the destination started beforehand with -incoming defer, migrate
 # over a unix socket); RUNS updates each (rootfs/scenarios/bench-blackout.sh
-# does the work in L2). Prints a markdown table: median (min-max) ms, ratio of
+# does the work in L2). molt's transfer and QEMU's pre-started migration
+# alternate, one update each in turn, on two guests side by side (the one not
+# being measured paused), so that both see the same load. Prints a markdown table: median (min-max) ms, ratio of
 # medians to each QEMU flow's, datagrams lost. A benchmark, not a test: it passes as long as every
 # update worked. Absolute numbers are inflated by TCG emulation: compare the
 # rows with each other, not with numbers from elsewhere.
@@ -16,7 +18,8 @@
 # Also writes the chart CHARTS/blackout.svg (default scripts/charts: the one the
 # README shows) with scripts/svg-chart.sh.
 # Environment: RUNS (5), MOLT_LAB_TIMEOUT (1500, per size), MOLT_BIN (as for lab.sh),
-#              CHARTS
+#              CHARTS, MOLT_LAB_APPEND (e.g. "molt.env.FLOWS=transfer,qmig
+#              molt.env.LABUDP_TRACE=1": two flows, each gap's datagrams)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 sizes=${1:-256M}

@@ -16,19 +16,27 @@
 #             x-ignore-shared on both sides, migrate_incoming unix:; the
 #             update is `migrate unix:` on the source, then the source quits
 # molt's three flows run on one guest, each QEMU flow on a guest of its own.
+# molt's transfer and QEMU's pre-started migration, the two hand-overs to a
+# process started beforehand, alternate (transfer, qmig, transfer, qmig, ...)
+# so that both see the same load on the machine: their two guests run side by
+# side, each with its own tap, subnet and receiver, and the one not being
+# measured is paused meanwhile (molt's `pause`, QEMU's `stop`). molt's exec
+# runs come before that and its reboot-mode runs after it, on the same guest
+# (the QEMU guest paused), then the QEMU restart on a guest of its own.
 # molt and the QEMU restart use a persistent tap (molt's reboot mode and QEMU
 # reopen it by name). A single-queue tap takes one opener at a time, and the
 # pre-started destination opens its tap while the source still holds it, so
 # qmig's QEMUs use a multi-queue tap instead: the first QEMU creates it with
 # queues=2 (busybox has no tool that creates one), each later one attaches two
-# more queues of it by name, and L2's address moves to it for that guest (the
-# virtio-net device is single-queue: its frames use the first of the two). A
+# more queues of it by name (the virtio-net device is single-queue: its frames
+# use the first of the two); L2 is 10.0.3.1 on it, the guest 10.0.3.2. A
 # second tap bridged to the first would do too, but needs the bridge module in
 # the L2 image. Needs the image with QEMU
 # (MOLT_LAB_WITH_QEMU=1; scripts/bench-blackout.sh). Parameters (molt.env.*):
 # RUNS (5), SIZES (comma-separated, default 256M; scripts/bench-blackout.sh
 # passes one size per L2 boot, see there), FLOWS (comma-separated, default all
-# five: fewer to debug one).
+# five: fewer to debug one), LABUDP_TRACE (1: each update's datagrams around
+# its largest gap, with the guest's send times, as LAB-INFO lines).
 . /lab/lib/common.sh
 . /lab/lib/devices.sh
 . /lab/lib/qemu.sh
@@ -38,6 +46,12 @@ SIZES=$(echo "${SIZES:-256M}" | tr ',' ' ')
 FLOWS=$(echo "${FLOWS:-exec,transfer,reboot,qemu,qmig}" | tr ',' ' ')
 UDP_PORT=7100
 UDP=/run/udp
+# The pre-started migration's guest: its own receiver, subnet and MAC.
+QUDP_PORT=7101
+QUDP=/run/udp.qmig
+QHOST_IP=10.0.3.1
+QGUEST_IP=10.0.3.2
+QGUEST_MAC=52:54:00:12:34:57
 SOCK=/run/molt.sock
 XFER=/run/molt-incoming.sock
 STATE=/dev/shm/molt.state
@@ -80,14 +94,48 @@ flowing() {
 }
 
 # console_open LOG: the guest console's FIFO and log; fd 3 writes to the FIFO.
-# Opened read-write, so it never blocks and outlives each VMM process: a VMM
-# started later reads the same FIFO and appends to the same log.
+# A process holds the FIFO open read-write (HOLDERS), so opening it never
+# blocks and it outlives each VMM process and each reopening of fd 3 (two
+# guests run at once: fd 3 follows the current one, use_guest): a VMM started
+# later reads the same FIFO and appends to the same log.
 console_open() {
     VMM_LOG=$1
     rm -f "$VMM_LOG" "$VMM_LOG.in" "$VMM_LOG.err"
     mkfifo "$VMM_LOG.in"
     : > "$VMM_LOG"
-    exec 3<> "$VMM_LOG.in"
+    sleep 100000 <> "$VMM_LOG.in" &
+    HOLDERS="$HOLDERS $!"
+    exec 3> "$VMM_LOG.in"
+}
+
+# The guests that run side by side (molt's, "m", and qmig's, "q"): their VMM,
+# console log and receiver. save_guest G keeps the current ones as G's;
+# use_guest G makes G's current (fd 3 to its console).
+save_guest() { eval "${1}_PID=\$VMM_PID ${1}_LOG=\$VMM_LOG ${1}_UDP=\$UDP ${1}_RECV=\$RECV_PID"; }
+use_guest() {
+    eval "VMM_PID=\$${1}_PID VMM_LOG=\$${1}_LOG UDP=\$${1}_UDP RECV_PID=\$${1}_RECV"
+    exec 3> "$VMM_LOG.in"
+}
+
+# hold G / release G: pause guest G's vCPUs (the other guest's measurement
+# runs meanwhile), or let them run again if held.
+hold() {
+    eval "[ \"\${${1}_HELD:-0}\" = 0 ]" || return 0
+    eval "${1}_HELD=1"
+    case $1 in
+    m) _r=$(molt ctl "$SOCK" pause 2>&1) ;;
+    q) echo stop >&$SRC_FD; _r=ok ;;
+    esac
+    [ "$_r" = ok ] || echo "LAB-INFO pause $1: $_r"
+}
+release() {
+    eval "[ \"\${${1}_HELD:-0}\" = 1 ]" || return 0
+    eval "${1}_HELD=0"
+    case $1 in
+    m) _r=$(molt ctl "$SOCK" resume 2>&1) ;;
+    q) echo cont >&$SRC_FD; _r=ok ;;
+    esac
+    [ "$_r" = ok ] || echo "LAB-INFO resume $1: $_r"
 }
 
 # launch CMD: start CMD (a string, eval'ed) on the console. Sets VMM_PID.
@@ -202,13 +250,16 @@ measure() {
         return 1
     fi
     _w=$(mark)
+    [ -n "${LABUDP_TRACE:-}" ] && awk -v s="$(field gap_seq "$_w")" -v f="$1" \
+        '$2 >= s - 2 && $2 <= s + 3 { print "LAB-INFO " f " datagram seq=" $2 " arrived_us=" $1 " guest_sent_us=" $3 }' \
+        $UDP.trace.last
     [ "$PAUSE_US" = pending ] &&
         PAUSE_US=$(grep 'resumed from' "$VMM_LOG.err" | tail -n 1 | sed -n 's/.*pause_us=\([0-9]*\).*/\1/p')
     _g=$(field max_gap_us "$_w")
     # QEMU's own figure for the last migration: the source's downtime (VM
     # stopped to migration completed; without the restart in the qemu flow).
     _q=
-    [ -n "${QMON_LOG:-}" ] && _q=" qemu_downtime_ms=$(grep -a '^downtime:' "$QMON_LOG" | tail -n 1 | tr -dc 0-9)"
+    case $1 in qemu | qmig) _q=" qemu_downtime_ms=$(grep -a '^downtime:' "$QMON_LOG" | tail -n 1 | tr -dc 0-9)" ;; esac
     echo "LAB-INFO $SIZE $1 run $2: $_w molt_pause_us=${PAUSE_US:--}$_q"
     result "blackout_${SIZE}_${1}_run$2" "$((_g / 1000)) lost=$(field lost "$_w") pause_us=${PAUSE_US:--}"
     echo "$_g" >> /run/bb.$SIZE.$1
@@ -217,17 +268,17 @@ measure() {
     true
 }
 
-# guest_sender NAME: a receiver for this guest's stream (each boot numbers
-# from 1 again), network up in the guest, the sender started, the stream seen;
-# then a window with no update as the baseline.
+# guest_sender NAME PORT: a receiver on PORT for the current guest's stream
+# (into $UDP; each boot numbers from 1 again), network up in the guest
+# ($GUEST_IP), the sender started (to $HOST_IP), the stream seen; then a
+# window with no update as the baseline.
 guest_sender() {
-    [ -n "${RECV_PID:-}" ] && kill "$RECV_PID" 2>/dev/null && wait "$RECV_PID" 2>/dev/null
     : > $UDP
     rm -f $UDP.live
-    labudp recv $UDP_PORT $UDP &
+    labudp recv $2 $UDP &
     RECV_PID=$!
     guest_net_up "$1_ip_rc"
-    check "$1_sender_rc" "$(guest_cmd "setsid labudp send $HOST_IP $UDP_PORT 1000 </dev/null >/dev/null 2>&1 &" 30)" 0
+    check "$1_sender_rc" "$(guest_cmd "setsid labudp send $HOST_IP $2 1000 </dev/null >/dev/null 2>&1 &" 30)" 0
     flowing 500 || { fail "$1_stream" "no datagrams from the guest"; return 1; }
     mark > /dev/null
     _t0=$(now_ms)
@@ -242,95 +293,183 @@ guest_sender() {
 # wanted FLOW: FLOW is to be measured.
 wanted() { case " $FLOWS " in *" $1 "*) ;; *) return 1 ;; esac; }
 
-# molt_flows: molt's exec, transfer and reboot mode on one guest of $SIZE.
-molt_flows() {
+# runs FLOW: RUNS updates of FLOW on the current guest (0 if all worked).
+runs() {
+    _run=1
+    while [ $_run -le "$RUNS" ]; do
+        measure "$1" $_run || return 1
+        _run=$((_run + 1))
+    done
+}
+
+# molt_boot: molt's guest of $SIZE on $TAP, its sender going; it becomes
+# guest "m".
+molt_boot() {
     rm -f /dev/shm/ram
     MOLT_CMD="molt run --kernel /lab/vmlinuz --initrd /lab/guest.cpio.gz --cmdline '$GUEST_CMDLINE'"
     MOLT_CMD="$MOLT_CMD --serial stdio --cpus 1 --mem $SIZE --mem-file /dev/shm/ram"
     MOLT_CMD="$MOLT_CMD --net tap=$TAP,mac=$GUEST_MAC --control $SOCK"
     console_open /run/molt-$SIZE.log
     launch "$MOLT_CMD"
-    if guest_ready "$VMM_LOG" && guest_sender "molt_$SIZE"; then
-        for flow in exec transfer reboot; do
-            wanted $flow || continue
-            r=1
-            while [ $r -le "$RUNS" ] && measure $flow $r; do r=$((r + 1)); done
-            [ $r -le "$RUNS" ] && break
-        done
-    fi
+    UDP=/run/udp
+    guest_ready "$VMM_LOG" && guest_sender "molt_$SIZE" $UDP_PORT
+    _ok=$?
+    save_guest m
+    return $_ok
+}
+
+molt_end() {
+    use_guest m
+    release m
     [ "$LAB_FAILED" != 0 ] && { dump molt "$VMM_LOG" 40; dump molt-stderr "$VMM_LOG.err" 40; }
     echo poweroff >&3
     wait_exit "$VMM_PID" 60
     result "molt_${SIZE}_exit" "$EXIT_RC"
-    exec 3>&-
+    kill "$RECV_PID" 2>/dev/null
     rm -f /dev/shm/ram $STATE
+}
+
+# qemu_start FLOW: the first QEMU of FLOW (qemu or qmig) with its monitors
+# (fds 4-7, logged to $QMON_LOG) and console; its guest's sender is not
+# started yet. QEMU_CMD is without the first monitor.
+qemu_start() {
+    rm -f /dev/shm/qram $QMON.a.in $QMON.a.out $QMON.b.in $QMON.b.out
+    mkfifo $QMON.a.in $QMON.a.out $QMON.b.in $QMON.b.out
+    # Both ends held read-write here: neither QEMU nor the readers ever
+    # block or see EOF when a QEMU process goes.
+    exec 4<> $QMON.a.in 5<> $QMON.a.out 6<> $QMON.b.in 7<> $QMON.b.out
+    QMON_LOG=/run/qmon-$1-$SIZE.log
+    cat <&5 >> $QMON_LOG &
+    CAT_A=$!
+    cat <&7 >> $QMON_LOG &
+    CAT_B=$!
+    QEMU_RAM="-object memory-backend-file,id=ram0,size=$SIZE,mem-path=/dev/shm/qram,share=on"
+    QEMU_RAM="$QEMU_RAM -machine memory-backend=ram0"
+    QEMU_CMD="qemu-system-x86_64 $(qemu_args 1 "$SIZE") -append '$GUEST_CMDLINE' $QEMU_RAM"
+    if [ $1 = qemu ]; then
+        QEMU_CMD="$QEMU_CMD -device virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile="
+        QEMU_CMD="$QEMU_CMD -netdev tap,id=n0,ifname=$TAP,script=no,downscript=no"
+    else
+        # vnet_hdr=off: the header's length is the tap's, not a queue's,
+        # and a QEMU starting sets it to 10 bytes while the running guest's
+        # virtio-net uses 12 (mergeable buffers): the source's frames went
+        # out garbled and the stream stopped until the migration.
+        QEMU_CMD="$QEMU_CMD -device virtio-net-pci,netdev=n0,mac=$QGUEST_MAC,romfile="
+        QEMU_CMD="$QEMU_CMD -netdev tap,id=n0,ifname=$QTAP,queues=2,vnet_hdr=off,script=no,downscript=no"
+    fi
+    console_open /run/$1-$SIZE.log
+    launch "$QEMU_CMD -monitor pipe:$QMON.a"
+    SRC_FD=4
+    qemu_ignore_shared 4
+}
+
+# qemu_end FLOW: the current QEMU quits; its monitors go.
+qemu_end() {
+    if [ "$LAB_FAILED" != 0 ]; then
+        dump $1 "$VMM_LOG" 40; dump $1-stderr "$VMM_LOG.err" 40
+        dump qmon $QMON_LOG 40
+    fi
+    echo quit >&$SRC_FD
+    wait_exit "$VMM_PID" 30
+    kill "$CAT_A" "$CAT_B" 2>/dev/null
+    exec 4>&- 5>&- 6>&- 7>&-
+    rm -f /dev/shm/qram $QSTATE
+}
+
+# qmig_boot: the pre-started migration's guest on $QTAP (10.0.3.0/24), its
+# sender going; it becomes guest "q".
+qmig_boot() {
+    qemu_start qmig
+    # QEMU created the multi-queue tap: L2's side of it.
+    _i=0
+    while [ ! -d /sys/class/net/$QTAP ] && [ $_i -le 600 ]; do _i=$((_i + 1)); sleep 0.05; done
+    _ok=no
+    ip link set $QTAP up && ip addr add "$QHOST_IP/24" dev $QTAP && _ok=yes
+    check "qmig_${SIZE}_tap" $_ok yes
+    UDP=$QUDP
+    _h=$HOST_IP _g=$GUEST_IP
+    HOST_IP=$QHOST_IP GUEST_IP=$QGUEST_IP
+    [ $_ok = yes ] && guest_ready "$VMM_LOG" && guest_sender "qmig_$SIZE" $QUDP_PORT
+    _ok=$?
+    HOST_IP=$_h GUEST_IP=$_g
+    save_guest q
+    return $_ok
 }
 
 t_start=$(now_ms)
 if tap_up; then check tap yes yes; else check tap no yes; fi
+HOLDERS=
 
 for SIZE in $SIZES; do
-    wanted exec || wanted transfer || wanted reboot && molt_flows
-
-    # ---- QEMU 7.2 x-ignore-shared: restart, then pre-started migration ----
-    QEMU_RAM="-object memory-backend-file,id=ram0,size=$SIZE,mem-path=/dev/shm/qram,share=on"
-    QEMU_RAM="$QEMU_RAM -machine memory-backend=ram0"
-    QEMU_NIC="-device virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile="
-    for qflow in qemu qmig; do
-        [ "$LAB_FAILED" != 0 ] && break
-        wanted $qflow || continue
-        rm -f /dev/shm/qram $QMON.a.in $QMON.a.out $QMON.b.in $QMON.b.out
-        mkfifo $QMON.a.in $QMON.a.out $QMON.b.in $QMON.b.out
-        # Both ends held read-write here: neither QEMU nor the readers ever
-        # block or see EOF when a QEMU process goes.
-        exec 4<> $QMON.a.in 5<> $QMON.a.out 6<> $QMON.b.in 7<> $QMON.b.out
-        QMON_LOG=/run/qmon-$qflow-$SIZE.log
-        cat <&5 >> /run/qmon-$qflow-$SIZE.log &
-        CAT_A=$!
-        cat <&7 >> /run/qmon-$qflow-$SIZE.log &
-        CAT_B=$!
-        QEMU_CMD="qemu-system-x86_64 $(qemu_args 1 "$SIZE") -append '$GUEST_CMDLINE' $QEMU_RAM $QEMU_NIC"
-        if [ $qflow = qemu ]; then
-            QEMU_CMD="$QEMU_CMD -netdev tap,id=n0,ifname=$TAP,script=no,downscript=no"
-        else
-            # vnet_hdr=off: the header's length is the tap's, not a queue's,
-            # and a QEMU starting sets it to 10 bytes while the running guest's
-            # virtio-net uses 12 (mergeable buffers): the source's frames went
-            # out garbled and the stream stopped until the migration.
-            QEMU_CMD="$QEMU_CMD -netdev tap,id=n0,ifname=$QTAP,queues=2,vnet_hdr=off,script=no,downscript=no"
+    # ---- molt's flows and QEMU's pre-started migration, side by side ----
+    m=no q=no m_HELD=0 q_HELD=0
+    if wanted exec || wanted transfer || wanted reboot; then
+        molt_boot && m=yes
+    fi
+    if [ "$LAB_FAILED" = 0 ] && wanted qmig; then
+        [ $m = yes ] && hold m
+        qmig_boot && q=yes
+        [ $q = yes ] && hold q
+        [ $m = yes ] && release m
+    fi
+    [ "$LAB_FAILED" != 0 ] && m=no q=no
+    if [ $m = yes ] && wanted exec; then
+        use_guest m
+        runs exec || m=no
+        save_guest m
+    fi
+    # Alternating: each round one transfer (guest m, q paused), then one
+    # migration (guest q, m paused).
+    r=1
+    while [ $r -le "$RUNS" ] && { [ $m = yes ] && wanted transfer || [ $q = yes ]; }; do
+        if [ $m = yes ] && wanted transfer; then
+            use_guest m
+            measure transfer $r || m=no
+            save_guest m
         fi
-        console_open /run/$qflow-$SIZE.log
-        launch "$QEMU_CMD -monitor pipe:$QMON.a"
-        SRC_FD=4
-        qemu_ignore_shared 4
-        ok=yes
-        if [ $qflow = qmig ]; then
-            # QEMU created the multi-queue tap: L2's address moves to it.
-            _i=0
-            while [ ! -d /sys/class/net/$QTAP ] && [ $_i -le 600 ]; do _i=$((_i + 1)); sleep 0.05; done
-            ip addr del "$HOST_IP/24" dev "$TAP" && ip link set $QTAP up &&
-                ip addr add "$HOST_IP/24" dev $QTAP || ok=no
-            check "qmig_${SIZE}_tap" $ok yes
+        if [ $q = yes ]; then
+            [ $m = yes ] && hold m
+            use_guest q
+            release q
+            measure qmig $r || q=no
+            save_guest q
+            [ $q = yes ] && hold q
+            [ $m = yes ] && { use_guest m; release m; }
         fi
-        if [ $ok = yes ] && guest_ready "$VMM_LOG" && guest_sender "${qflow}_$SIZE"; then
-            r=1
-            while [ $r -le "$RUNS" ] && measure $qflow $r; do r=$((r + 1)); done
-            check "${qflow}_${SIZE}_migrations_completed" \
-                "$(grep -c 'Migration status: completed' /run/qmon-$qflow-$SIZE.log)" $((r - 1))
-        fi
-        if [ "$LAB_FAILED" != 0 ]; then
-            dump $qflow "$VMM_LOG" 40; dump $qflow-stderr "$VMM_LOG.err" 40
-            dump qmon /run/qmon-$qflow-$SIZE.log 40
-        fi
-        echo quit >&$SRC_FD
-        wait_exit "$VMM_PID" 30
-        [ $qflow = qmig ] && { ip addr add "$HOST_IP/24" dev "$TAP" 2>/dev/null || true; }
-        kill "$CAT_A" "$CAT_B" 2>/dev/null
-        exec 3>&- 4>&- 5>&- 6>&- 7>&-
-        rm -f /dev/shm/qram $QSTATE
+        r=$((r + 1))
     done
+    if wanted qmig && [ -n "${q_PID:-}" ]; then
+        use_guest q
+        [ $q = yes ] && check "qmig_${SIZE}_migrations_completed" \
+            "$(grep -c 'Migration status: completed' $QMON_LOG)" "$RUNS"
+        qemu_end qmig
+        kill "$RECV_PID" 2>/dev/null
+        q_PID=
+    fi
+    if [ $m = yes ] && wanted reboot; then
+        use_guest m
+        release m
+        runs reboot
+        save_guest m
+    fi
+    [ -n "${m_PID:-}" ] && { molt_end; m_PID=; }
+
+    # ---- QEMU 7.2 x-ignore-shared restart, on a guest of its own ----
+    if [ "$LAB_FAILED" = 0 ] && wanted qemu; then
+        qemu_start qemu
+        UDP=/run/udp
+        if guest_ready "$VMM_LOG" && guest_sender "qemu_$SIZE" $UDP_PORT; then
+            r=1
+            while [ $r -le "$RUNS" ] && measure qemu $r; do r=$((r + 1)); done
+            check "qemu_${SIZE}_migrations_completed" \
+                "$(grep -c 'Migration status: completed' $QMON_LOG)" $((r - 1))
+        fi
+        qemu_end qemu
+        kill "$RECV_PID" 2>/dev/null
+    fi
 done
-[ -n "${RECV_PID:-}" ] && kill "$RECV_PID" 2>/dev/null
+kill $HOLDERS 2>/dev/null
+exec 3>&-
 
 # ---- the table ----
 # ms FILE: "median (min-max)" in ms of the microsecond values in FILE; MED is

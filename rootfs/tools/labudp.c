@@ -13,7 +13,8 @@
  *       `recv=N lost=L dup=D max_gap_us=G gap_seq=S first_seq=F last_seq=S2`
  *       (lost: sequence numbers skipped; max_gap_us: the largest time between
  *       two consecutive arrivals, the second of them in this window; gap_seq:
- *       the sequence number that ended that gap). */
+ *       the sequence number that ended that gap). With LABUDP_TRACE set,
+ *       also each arrival of the window (OUT.trace, see cmd_recv). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -80,6 +81,13 @@ static int cmd_recv(int port, const char *out) {
     /* No SA_RESTART: recv returns EINTR, and the window is written at once. */
     struct sigaction act = { .sa_handler = on_usr1 };
     sigaction(SIGUSR1, &act, NULL);
+    /* LABUDP_TRACE set: every arrival of the current window, one line each
+     * (`arrival_us seq sent_us`: arrival on this host's CLOCK_MONOTONIC, sent
+     * on the guest's), in OUT.trace; at each SIGUSR1 it becomes
+     * OUT.trace.last (the window just closed) and a new one starts. */
+    char trace_path[264];
+    snprintf(trace_path, sizeof trace_path, "%s.trace", out);
+    FILE *trace = getenv("LABUDP_TRACE") ? fopen(trace_path, "w") : NULL;
     long long prev_us = 0, live_us = 0, max_gap = 0;
     uint64_t prev_seq = 0, gap_seq = 0, first_seq = 0;
     unsigned long total = 0, recv_n = 0, lost = 0, dup = 0;
@@ -98,6 +106,9 @@ static int cmd_recv(int port, const char *out) {
                 prev_seq = d.seq;
             }
             prev_us = now;
+            if (trace)
+                fprintf(trace, "%lld %llu %llu\n", now, (unsigned long long)d.seq,
+                        (unsigned long long)d.sent_us);
         } else if (r < 0 && errno != EINTR) {
             perror("labudp: recv");
             return 1;
@@ -114,6 +125,13 @@ static int cmd_recv(int port, const char *out) {
                         recv_n, lost, dup, max_gap, (unsigned long long)gap_seq,
                         (unsigned long long)first_seq, (unsigned long long)prev_seq);
                 fclose(f);
+            }
+            if (trace) {
+                char done[272];
+                snprintf(done, sizeof done, "%s.last", trace_path);
+                fclose(trace);
+                rename(trace_path, done);
+                trace = fopen(trace_path, "w");
             }
             recv_n = lost = dup = 0;
             max_gap = 0;
