@@ -182,6 +182,18 @@ impl Tap {
         Ok(())
     }
 
+    /// Whether a read would find something now: a frame, or an error to
+    /// report (a zero-timeout poll).
+    pub fn has_input(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no timeout.
+        unsafe { libc::poll(&mut p, 1, 0) != 0 }
+    }
+
     /// Reads one frame (header first) into `bufs`, in order; a frame longer than
     /// `bufs` is truncated by the kernel. `WouldBlock` when none is queued.
     pub fn readv(&self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
