@@ -467,15 +467,10 @@ fn arrived(
     listener: Option<OwnedFd>,
     client: Option<OwnedFd>,
 ) -> Arrived {
-    // The pause ended at the last mark (the vCPUs let run): what ran here
-    // since is not part of it.
-    let since = phases::now().saturating_sub(phases.last());
+    // The pause ended at the last mark (the vCPUs let run).
     Arrived {
         machine,
-        pause_us: super::now_ns()
-            .saturating_sub(state.stopped_at_ns)
-            .saturating_sub(since)
-            / 1000,
+        pause_us: super::realtime_at(phases.last()).saturating_sub(state.stopped_at_ns) / 1000,
         phases: phases.summary(),
         run: state.run,
         listener,

@@ -19,7 +19,7 @@ use super::guardian::Guardian;
 use super::state::{self, CprState, RamLocation, RunState};
 use super::transfer::Outgoing;
 use super::worker::Worker;
-use super::{exec, now_ns, reboot, transfer, Error};
+use super::{exec, realtime_at, reboot, transfer, Error};
 use crate::phases::Phases;
 use crate::terminal::Original;
 use crate::vfio::Bdf;
@@ -121,7 +121,7 @@ impl Source<'_> {
             }
         }
         phases.mark("stop");
-        Ok((now_ns(), phases))
+        Ok((realtime_at(phases.last()), phases))
     }
 
     /// The update failed: the guest runs on here, as it did before.
