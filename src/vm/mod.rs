@@ -1,7 +1,7 @@
 //! The machine: guest RAM, the KVM VM, its vCPUs and the port bus. This module
 //! and its children are the only users of kvm-ioctls.
 //!
-//! Boot sequence: RAM -> VM (irqchip, PIT, memslots) -> devices -> guest images
+//! Boot sequence: RAM -> VM (memslots, irqchip, PIT) -> devices -> guest images
 //! -> vCPUs -> threads.
 
 pub mod cpu;
@@ -489,8 +489,7 @@ impl Parts {
                 })
             })?;
         }
-        // Guest RAM's memslots come after (`set_memslots`).
-        let (kvm, vm) = kvm::create_platform().map_err(Error::Kvm)?;
+        let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
         let save_spec = Arc::new(SaveSpec {
             msr_indices: host_cpu::msr_indices(&kvm).map_err(Error::HostCpu)?,
             xsave_words: host_cpu::xsave_words(&kvm),
@@ -526,10 +525,6 @@ impl Parts {
             allocator: built.allocator,
             save_spec,
         })
-    }
-
-    fn set_memslots(&self) -> Result<(), Error> {
-        kvm::set_memslots(&self.vm, &self.ram).map_err(Error::Kvm)
     }
 
     /// A failure of the passed-through devices, named by the first one.
@@ -625,7 +620,6 @@ impl Machine {
     pub fn boot(cfg: &RunConfig, console: Output, exit: ExitSink) -> Result<Self, Error> {
         let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
         let parts = Parts::build(cfg, ram, console, None)?;
-        parts.set_memslots()?;
         let spec = BootSpec {
             kernel: &cfg.kernel,
             initrd: cfg.initrd.as_deref(),
@@ -643,10 +637,7 @@ impl Machine {
     /// (asked of vCPU 0). A transfer does this while the old process still
     /// runs the guest; exec and reboot mode inside the pause. Every vCPU gets
     /// its CPUID here, and a restore sets it again only if the saved one
-    /// differs. The vCPUs, their CPUID and their threads are made on this
-    /// thread while another sets the memslots (the longest part here, and one
-    /// the vCPUs do not need), so the pause pays the longer of the two, not
-    /// their sum. `vfio`: the passed-through devices' descriptors an exec or
+    /// differs. `vfio`: the passed-through devices' descriptors an exec or
     /// transfer handed over (None: opened by name).
     pub fn prepare(
         cfg: &RunConfig,
@@ -671,21 +662,7 @@ impl Machine {
             (parts, supported)
         });
         let (parts, supported) = (parts?, supported.map_err(Error::HostCpu)?);
-        let (vcpus, cpuids, host) = std::thread::scope(|s| {
-            let slots = s.spawn(|| parts.set_memslots());
-            let vcpus = parts.vcpus_parked(&supported, cfg.vcpus, exit);
-            let slots = slots
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            match (vcpus, slots) {
-                (Ok(v), Ok(())) => Ok(v),
-                (Ok((mut vcpus, _, _)), Err(e)) => {
-                    let _ = vcpus.stop();
-                    Err(e)
-                }
-                (Err(e), _) => Err(e),
-            }
-        })?;
+        let (vcpus, cpuids, host) = parts.vcpus_parked(&supported, cfg.vcpus, exit)?;
         Ok(Prepared {
             parts,
             vcpus,
