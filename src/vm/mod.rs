@@ -675,30 +675,19 @@ impl Machine {
     /// runs the guest; exec and reboot mode inside the pause. Every vCPU gets
     /// its CPUID here, and a restore sets it again only if the saved one
     /// differs. `vfio`: the passed-through devices' descriptors an exec or
-    /// transfer handed over (None: opened by name).
+    /// transfer handed over (None: opened by name); `supported`: this host's
+    /// KVM_GET_SUPPORTED_CPUID, asked ahead.
     pub fn prepare(
         cfg: &RunConfig,
         ram: GuestRam,
         console: Output,
         vfio: Option<HandedOver>,
-        exit: ExitSink,
+        (exit, supported): (ExitSink, host_cpu::Supported),
     ) -> Result<Prepared, Error> {
-        // KVM_GET_SUPPORTED_CPUID (~350 us here) on a second thread while
-        // this one creates the VM (milliseconds): in an exec both are inside
-        // the pause.
-        let (parts, supported) = std::thread::scope(|s| {
-            let supported = s.spawn(|| {
-                Kvm::new()
-                    .map_err(host_cpu::Error::OpenKvm)
-                    .and_then(|kvm| host_cpu::supported_cpuid(&kvm))
-            });
-            let parts = Parts::build(cfg, ram, console, vfio);
-            let supported = supported
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (parts, supported)
-        });
-        let (parts, supported) = (parts?, supported.map_err(Error::HostCpu)?);
+        // `supported` was asked ahead (`Supported::ask`): in an exec, from
+        // the new image's start, while it decodes and builds.
+        let parts = Parts::build(cfg, ram, console, vfio)?;
+        let supported = supported.get().map_err(Error::HostCpu)?;
         let (vcpus, cpuids, host) = parts.vcpus_parked(&supported, cfg.vcpus, exit)?;
         Ok(Prepared {
             parts,
