@@ -574,43 +574,6 @@ impl Parts {
             .map_err(Error::Vcpu)
     }
 
-    /// vCPUs 0..`count` for a restore, each given its CPUID, and that CPUID
-    /// (`vcpu::create(.., None)`). Created one after the other, in index order
-    /// (KVM numbers them as created); their CPUID (~0.2 ms each here, most of
-    /// a vCPU's making) is set and read back on two threads, the second
-    /// taking the upper half.
-    fn create_bare_vcpus(
-        &self,
-        supported: &CpuId,
-        count: u8,
-    ) -> Result<(Vec<VcpuFd>, Vec<Vec<CpuidEntry>>), Error> {
-        let fds = (0..count)
-            .map(|i| {
-                self.vm
-                    .create_vcpu(u64::from(i))
-                    .map_err(|e| vcpu::Error::CreateVcpu(i, e))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Error::Vcpu)?;
-        let give = |first: usize, fds: &[VcpuFd]| {
-            (first..)
-                .zip(fds)
-                .map(|(i, fd)| vcpu::give_cpuid(fd, supported, i as u8, count))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let split = fds.len().div_ceil(2);
-        let (low, high) = fds.split_at(split);
-        let (low, high) = std::thread::scope(|s| {
-            let high = (!high.is_empty()).then(|| s.spawn(|| give(split, high)));
-            let low = give(0, low);
-            let high = high.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-            (low, high)
-        });
-        let mut cpuids = low.map_err(Error::Vcpu)?;
-        cpuids.extend(high.transpose().map_err(Error::Vcpu)?.into_iter().flatten());
-        Ok((fds, cpuids))
-    }
-
     /// Every vCPU with its CPUID, and that CPUID; what this host's KVM
     /// offers them (asked of vCPU 0); their threads, parked.
     fn vcpus_parked(
@@ -619,7 +582,7 @@ impl Parts {
         count: u8,
         exit: ExitSink,
     ) -> Result<(Vcpus, Vec<Vec<CpuidEntry>>, HostCpu), Error> {
-        let (fds, cpuids) = self.create_bare_vcpus(supported, count)?;
+        let (fds, cpuids) = self.create_vcpus(supported, count, None)?;
         let probe = fds.first().ok_or(Error::NoVcpus)?;
         let host = HostCpu::query(&self.kvm, supported, probe).map_err(Error::HostCpu)?;
         let vcpus = Vcpus::start(fds, self.bus.clone(), exit, true).map_err(Error::Vcpu)?;

@@ -115,11 +115,14 @@ pub fn create(
     let fd = vm
         .create_vcpu(u64::from(index))
         .map_err(|e| Error::CreateVcpu(index, e))?;
+    let mut cpuid = supported.clone();
+    cpu::patch_cpuid(&mut cpuid, u32::from(index), u32::from(count));
+    fd.set_cpuid2(&cpuid)
+        .map_err(|e| Error::SetCpuid(index, e))?;
     let Some(entry) = entry else {
-        let answers = give_cpuid(&fd, supported, index, count)?;
+        let answers = state::read_cpuid(&fd).map_err(|e| Error::GetCpuid(index, e))?;
         return Ok((fd, answers));
     };
-    let cpuid = set_cpuid(&fd, supported, index, count)?;
     // After the CPUID: KVM accepts only the components that offers. A restore
     // sets the saved XCR0 over this. INIT (how the other vCPUs start) keeps it.
     if let Some(xcr0) = cpu::initial_xcr0(&cpuid) {
@@ -138,27 +141,6 @@ pub fn create(
         fd.set_sregs(&sregs).map_err(Error::SetSregs)?;
     }
     Ok((fd, Vec::new()))
-}
-
-/// Gives vCPU `index` of `count` (created bare) its CPUID, `supported` with
-/// this vCPU's topology, and returns what it answers with (KVM_GET_CPUID2),
-/// as `create(.., None)` does.
-pub fn give_cpuid(
-    fd: &VcpuFd,
-    supported: &CpuId,
-    index: u8,
-    count: u8,
-) -> Result<Vec<state::CpuidEntry>, Error> {
-    set_cpuid(fd, supported, index, count)?;
-    state::read_cpuid(fd).map_err(|e| Error::GetCpuid(index, e))
-}
-
-fn set_cpuid(fd: &VcpuFd, supported: &CpuId, index: u8, count: u8) -> Result<CpuId, Error> {
-    let mut cpuid = supported.clone();
-    cpu::patch_cpuid(&mut cpuid, u32::from(index), u32::from(count));
-    fd.set_cpuid2(&cpuid)
-        .map_err(|e| Error::SetCpuid(index, e))?;
-    Ok(cpuid)
 }
 
 fn set_xcr0(fd: &VcpuFd, xcr0: u64) -> Result<(), kvm_ioctls::Error> {
