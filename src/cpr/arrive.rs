@@ -19,7 +19,7 @@ use crate::phases::{self, Phases};
 use crate::terminal::Original;
 use crate::vfio::{self, HandedOver, Sysfs};
 use crate::virtio::block::Identity;
-use crate::vm::host_cpu::{HostCpu, Probe};
+use crate::vm::host_cpu::{HostCpu, Probe, Supported};
 use crate::vm::memory::GuestRam;
 use crate::vm::vcpu::ExitSink;
 use crate::vm::{self, Machine};
@@ -129,6 +129,8 @@ pub struct FileIncoming {
     start: Instant,
     phases: Phases,
     probe: Probe,
+    /// The probe's KVM_GET_SUPPORTED_CPUID: the machine's vCPUs get it.
+    supported: kvm_bindings::CpuId,
 }
 
 /// Reboot mode, step 1: reads the state in `path` and checks it against argv,
@@ -139,6 +141,46 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     let start = Instant::now();
     let mut phases = Phases::begin_at(phases::process_start());
     phases.mark("startup");
+    // What this host's KVM offers is asked through a probe VM of its own
+    // (~1-1.5 ms here, most of this phase), on a second thread while this
+    // one reads the state and checks it against argv, the disks and sysfs:
+    // the probe needs nothing of the state. Its verdict comes after theirs,
+    // as when it ran after them.
+    let (checked, opened) = std::thread::scope(|s| {
+        let opened = s.spawn(HostCpu::open);
+        let checked = load_and_check(cfg, path);
+        let opened = opened
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (checked, opened)
+    });
+    let (state, rest) = checked?;
+    // `Prepared::restore` checks again, for every mode; here it runs before
+    // RAM is mapped or loaded. Its probe VM is released once the guest runs.
+    let (probe, supported) = opened
+        .and_then(|(host, probe, supported)| {
+            host.check(state.machine.vcpus.iter().map(|v| &**v))?;
+            Ok((probe, supported))
+        })
+        .map_err(|e| Error::HostCpu(path.into(), e))?;
+    phases.mark("decode");
+    Ok(FileIncoming {
+        path: path.into(),
+        state: Box::new(state),
+        rest,
+        start,
+        phases,
+        probe,
+        supported,
+    })
+}
+
+/// Reboot mode: the state in `path` read and checked against argv, the
+/// disks named there and sysfs (everything but this host's KVM).
+fn load_and_check(
+    cfg: &RunConfig,
+    path: &Path,
+) -> Result<(CprState, std::io::BufReader<File>), Error> {
     let (state, mut rest) = reboot::load_state(path).map_err(Error::File)?;
     let diff = vm::Shape::argv_differences(cfg, &state.machine.shape);
     if !diff.is_empty() {
@@ -152,23 +194,7 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     }
     check_disk_identities(cfg, &state.disks)?;
     check_vfio(cfg, &state.vfio, &Sysfs::host())?;
-    // `Prepared::restore` checks again, for every mode; here it runs before
-    // RAM is mapped or loaded. Its probe VM is released once the guest runs.
-    let probe = HostCpu::open()
-        .and_then(|(host, probe)| {
-            host.check(state.machine.vcpus.iter().map(|v| &**v))?;
-            Ok(probe)
-        })
-        .map_err(|e| Error::HostCpu(path.into(), e))?;
-    phases.mark("decode");
-    Ok(FileIncoming {
-        path: path.into(),
-        state: Box::new(state),
-        rest,
-        start,
-        phases,
-        probe,
-    })
+    Ok((state, rest))
 }
 
 /// Reboot mode, restore side.
@@ -185,6 +211,7 @@ fn resume_file(
         start,
         mut phases,
         probe,
+        supported,
     } = inc;
     // 2. Guest RAM: the --mem-file as it is, or read back from the state file.
     let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
@@ -195,7 +222,16 @@ fn resume_file(
     check_ram(&state, &ram)?;
     phases.mark("map_ram");
     // 4. Rebuild the machine, restore it and run it (paused, if it was).
-    let machine = restore(cfg, &state, ram, None, (console, exit), &mut phases, || {})?;
+    let supported = Supported::Known(supported);
+    let machine = restore(
+        cfg,
+        &state,
+        ram,
+        None,
+        (console, exit, supported),
+        &mut phases,
+        || {},
+    )?;
     // 5. The guest runs: KVM tears the probe VM down off the main thread.
     probe.release();
     let arrived = arrived(machine, &state, &phases, None, None);
@@ -227,6 +263,9 @@ pub struct ExecIncoming {
     pub(super) adopted: Adopted,
     /// The pause so far: the old image's marks, if they came, then this one's.
     pub(super) phases: Phases,
+    /// This host's KVM_GET_SUPPORTED_CPUID, asked once the descriptors are
+    /// adopted (taken by the restore; None: asked then).
+    pub(super) supported: Option<Supported>,
 }
 
 /// Exec mode, step 1: reads the exec message in `fd` and adopts the
@@ -250,12 +289,18 @@ fn receive_exec(cfg: &RunConfig, fd: RawFd) -> Result<ExecIncoming, Error> {
     let adopted = fds::adopt(&header.table.kinds, &header.table.numbers, counts(cfg))
         .map_err(Error::Adopt)?;
     super::fault::point("adopted");
+    // What this host's KVM supports does not depend on the state: asked on
+    // a thread of its own from here, while RAM is mapped and the VM built
+    // (`Machine::prepare` takes it). Not before the descriptors are adopted:
+    // its /dev/kvm must not take a number the table names but was not open.
+    let supported = Supported::ask();
     Ok(ExecIncoming {
         header,
         state: Box::new(state),
         format,
         adopted,
         phases,
+        supported: Some(supported),
     })
 }
 
@@ -282,12 +327,13 @@ fn resume_exec(
         check_ram(&inc.state, &ram)?;
         phases.mark("map_ram");
         let line = &mut inc.adopted.guardian;
+        let supported = inc.supported.take().unwrap_or_else(Supported::ask);
         restore(
             &cfg,
             &inc.state,
             ram,
             vfio,
-            (console, exit),
+            (console, exit, supported),
             &mut phases,
             || {
                 if let Some(line) = line.take() {
@@ -412,7 +458,8 @@ fn resume_transfer(
     // 2. Map RAM and build the VM and devices while the old process still
     //    runs the guest.
     let prepared = adopted_config(cfg, &t.adopted).and_then(|(cfg, ram, vfio)| {
-        let prepared = vm::Machine::prepare(&cfg, ram, console, vfio, exit).map_err(Error::Vm)?;
+        let prepared = vm::Machine::prepare(&cfg, ram, console, vfio, (exit, Supported::ask()))
+            .map_err(Error::Vm)?;
         super::fault::point("built");
         Ok(prepared)
     });
@@ -612,11 +659,11 @@ fn restore(
     state: &CprState,
     ram: GuestRam,
     vfio: Option<HandedOver>,
-    (console, exit): (Output, ExitSink),
+    (console, exit, supported): (Output, ExitSink, Supported),
     phases: &mut Phases,
     before_start: impl FnOnce(),
 ) -> Result<Machine, Error> {
-    let restored = Machine::prepare(cfg, ram, console, vfio, exit)
+    let restored = Machine::prepare(cfg, ram, console, vfio, (exit, supported))
         .and_then(|p| {
             phases.mark("build");
             super::fault::point("built");

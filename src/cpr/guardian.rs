@@ -232,6 +232,7 @@ pub fn main(args: &[String]) -> ExitCode {
                 format,
                 adopted: held.adopted,
                 phases: Phases::begin(),
+                supported: None,
             };
             rollback(&inc, &why)
         });

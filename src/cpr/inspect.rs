@@ -89,7 +89,7 @@ pub fn summary(path: &Path) -> Result<String, reboot::Error> {
 /// Whether this host's KVM could resume the state, as a restore would decide.
 fn host_verdict(s: &super::state::CprState) -> String {
     let host = match HostCpu::open() {
-        Ok((h, _probe)) => h,
+        Ok((h, _probe, _)) => h,
         Err(e) => return format!("not checked ({e})"),
     };
     match host.check(s.machine.vcpus.iter().map(|v| &**v)) {

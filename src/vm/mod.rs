@@ -1,7 +1,7 @@
 //! The machine: guest RAM, the KVM VM, its vCPUs and the port bus. This module
 //! and its children are the only users of kvm-ioctls.
 //!
-//! Boot sequence: RAM -> VM (irqchip, PIT, memslots) -> devices -> guest images
+//! Boot sequence: RAM -> VM (memslots, irqchip, PIT) -> devices -> guest images
 //! -> vCPUs -> threads.
 
 pub mod cpu;
@@ -345,8 +345,7 @@ impl Parts {
                 })
             })?;
         }
-        // Guest RAM's memslots come after (`set_memslots`).
-        let (kvm, vm) = kvm::create_platform().map_err(Error::Kvm)?;
+        let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
         let save_spec = Arc::new(SaveSpec {
             msr_indices: host_cpu::msr_indices(&kvm).map_err(Error::HostCpu)?,
             xsave_words: host_cpu::xsave_words(&kvm),
@@ -382,10 +381,6 @@ impl Parts {
             allocator: built.allocator,
             save_spec,
         })
-    }
-
-    fn set_memslots(&self) -> Result<(), Error> {
-        kvm::set_memslots(&self.vm, &self.ram).map_err(Error::Kvm)
     }
 
     /// A failure of the passed-through devices, named by the first one.
@@ -485,7 +480,6 @@ impl Machine {
     pub fn boot(cfg: &RunConfig, console: Output, exit: ExitSink) -> Result<Self, Error> {
         let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
         let parts = Parts::build(cfg, ram, console, None)?;
-        parts.set_memslots()?;
         let spec = BootSpec {
             kernel: &cfg.kernel,
             initrd: cfg.initrd.as_deref(),
@@ -503,49 +497,21 @@ impl Machine {
     /// (asked of vCPU 0). A transfer does this while the old process still
     /// runs the guest; exec and reboot mode inside the pause. Every vCPU gets
     /// its CPUID here, and a restore sets it again only if the saved one
-    /// differs. The vCPUs, their CPUID and their threads are made on this
-    /// thread while another sets the memslots (the longest part here, and one
-    /// the vCPUs do not need), so the pause pays the longer of the two, not
-    /// their sum. `vfio`: the passed-through devices' descriptors an exec or
-    /// transfer handed over (None: opened by name).
+    /// differs. `vfio`: the passed-through devices' descriptors an exec or
+    /// transfer handed over (None: opened by name); `supported`: this host's
+    /// KVM_GET_SUPPORTED_CPUID, asked ahead.
     pub fn prepare(
         cfg: &RunConfig,
         ram: GuestRam,
         console: Output,
         vfio: Option<HandedOver>,
-        exit: ExitSink,
+        (exit, supported): (ExitSink, host_cpu::Supported),
     ) -> Result<Prepared, Error> {
-        // KVM_GET_SUPPORTED_CPUID (~350 us here) on a second thread while
-        // this one creates the VM (milliseconds): in an exec both are inside
-        // the pause.
-        let (parts, supported) = std::thread::scope(|s| {
-            let supported = s.spawn(|| {
-                Kvm::new()
-                    .map_err(host_cpu::Error::OpenKvm)
-                    .and_then(|kvm| host_cpu::supported_cpuid(&kvm))
-            });
-            let parts = Parts::build(cfg, ram, console, vfio);
-            let supported = supported
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (parts, supported)
-        });
-        let (parts, supported) = (parts?, supported.map_err(Error::HostCpu)?);
-        let (vcpus, cpuids, host) = std::thread::scope(|s| {
-            let slots = s.spawn(|| parts.set_memslots());
-            let vcpus = parts.vcpus_parked(&supported, cfg.vcpus, exit);
-            let slots = slots
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            match (vcpus, slots) {
-                (Ok(v), Ok(())) => Ok(v),
-                (Ok((mut vcpus, _, _)), Err(e)) => {
-                    let _ = vcpus.stop();
-                    Err(e)
-                }
-                (Err(e), _) => Err(e),
-            }
-        })?;
+        // `supported` was asked ahead (`Supported::ask`): in an exec, from
+        // the new image's start, while it decodes and builds.
+        let parts = Parts::build(cfg, ram, console, vfio)?;
+        let supported = supported.get().map_err(Error::HostCpu)?;
+        let (vcpus, cpuids, host) = parts.vcpus_parked(&supported, cfg.vcpus, exit)?;
         Ok(Prepared {
             parts,
             vcpus,
