@@ -119,23 +119,17 @@ use_guest() {
 
 # hold G / release G: pause guest G's vCPUs (the other guest's measurement
 # runs meanwhile), or let them run again if held.
-hold() {
-    eval "[ \"\${${1}_HELD:-0}\" = 0 ]" || return 0
-    eval "${1}_HELD=1"
+hold() { set_held "$1" 1 pause stop; }
+release() { set_held "$1" 0 resume cont; }
+# set_held G 1|0 MOLT_COMMAND QEMU_COMMAND: the state change, if it is one.
+set_held() {
+    eval "[ \"\${${1}_HELD:-0}\" != $2 ]" || return 0
+    eval "${1}_HELD=$2"
     case $1 in
-    m) _r=$(molt ctl "$SOCK" pause 2>&1) ;;
-    q) echo stop >&$SRC_FD; _r=ok ;;
+    m) _r=$(molt ctl "$SOCK" "$3" 2>&1) ;;
+    q) echo "$4" >&$SRC_FD; _r=ok ;;
     esac
-    [ "$_r" = ok ] || echo "LAB-INFO pause $1: $_r"
-}
-release() {
-    eval "[ \"\${${1}_HELD:-0}\" = 1 ]" || return 0
-    eval "${1}_HELD=0"
-    case $1 in
-    m) _r=$(molt ctl "$SOCK" resume 2>&1) ;;
-    q) echo cont >&$SRC_FD; _r=ok ;;
-    esac
-    [ "$_r" = ok ] || echo "LAB-INFO resume $1: $_r"
+    [ "$_r" = ok ] || echo "LAB-INFO $3 $1: $_r"
 }
 
 # launch CMD: start CMD (a string, eval'ed) on the console. Sets VMM_PID.
