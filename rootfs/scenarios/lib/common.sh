@@ -93,48 +93,51 @@ proc_diag() {
 
 # stuck_diag [SOCK]: for a guest that stopped answering, what tells a stuck
 # guest from a stuck VMM: where molt's threads are and which of them burn CPU
-# (over 2 s), whether its control loop still answers on SOCK, and L2's KVM
-# events for the guest in those 2 s (the ring of shutdowns, below, which
-# records interrupts and port I/O too while it samples): a guest spinning in
-# one place enters at the same few RIPs; one that is never entered again shows
-# no event at all; interrupts offered to its local APIC (apic_accept_irq)
-# but never injected (inj_virq) are blocked in it; a console that gets no
-# interrupt shows no pio at 0x3f8-0x3ff. To see where the console's
-# interrupt goes, the sample starts with a newline on the console (an empty
-# line, which the guest's command loop skips): molt's UART raises IRQ 4 for it
-# (ioapic_set_irq pin 4) unless its last interrupt is still pending, i.e. the
-# guest has not read its IIR since. Before the sample, the interrupts of the
-# last minute or so (irq_history); after it, the ring's newest events.
-STUCK_EVENTS="kvm_inj_virq kvm_apic_accept_irq kvm_ioapic_set_irq kvm_msi_set_irq kvm_eoi kvm_pio kvm_userspace_exit"
+# (over 2 s), whether its control loop still answers on SOCK, the guest's
+# interrupts of the last minute or so (irq_history), and L2's KVM events for
+# the guest in those 2 s, counted (the rings of shutdowns and irqs, below): a
+# guest spinning in one place enters at the same few RIPs; one that is never
+# entered again shows no event at all; a console that gets no interrupt shows
+# no io exit at ports 0x3f8-0x3ff. The sample starts with a newline on the
+# console (an empty line, which the guest's command loop skips): molt's UART
+# raises IRQ 4 for it (ioapic_set_irq pin 4) unless its last interrupt is
+# still pending, i.e. the guest has not read its IIR since; an IRQ 4 raised
+# but never injected (inj_virq) is blocked in the guest's local APIC. Then
+# the newest entries and exits. Nothing here enables a trace event: that
+# patches L2's kernel text, which QEMU TCG can hang on (lab.sh would then
+# call the run the emulation's).
 stuck_diag() {
     alive "$VMM_PID" || { echo "LAB-DIAG the VMM has exited"; return 0; }
     proc_diag "$VMM_PID"
     irq_history
     _cpu() { for _t in /proc/"$VMM_PID"/task/*; do
         echo "${_t##*/} $(cut -d' ' -f14,15 "$_t/stat" 2>/dev/null)"; done; }
-    for _e in $STUCK_EVENTS; do echo 1 > $shutdowns/events/kvm/$_e/enable; done 2>/dev/null
-    echo LAB-DIAG-SAMPLE > $shutdowns/trace_marker 2>/dev/null
+    for _r in $shutdowns $irqs; do echo LAB-DIAG-SAMPLE > $_r/trace_marker; done 2>/dev/null
     _before=$(_cpu)
     [ -p "${VMM_LOG:-}.in" ] && { echo >&3; } 2>/dev/null
     sleep 2
-    for _e in $STUCK_EVENTS; do echo 0 > $shutdowns/events/kvm/$_e/enable; done 2>/dev/null
     echo "$_before" | while read -r _tid _u _s; do
         _now=$(cut -d' ' -f14,15 /proc/"$VMM_PID"/task/"$_tid"/stat 2>/dev/null)
         echo "LAB-DIAG task $_tid ticks in 2 s (user sys): $(( ${_now% *} - _u )) $(( ${_now#* } - _s ))"
     done
     [ -n "${1:-}" ] && echo "LAB-DIAG molt status: $(timeout 5 molt ctl "$1" status 2>&1 | tr '\n' ' ')"
-    # The sample's events, counted: exits by reason, entries by RIP, port I/O
-    # by port (with the value at the UART's, 0x3f8-0x3ff), the rest by their
+    # The sample's events, counted: exits by reason (io exits by port and
+    # direction, from SVM's EXITINFO1), entries by RIP, interrupts by their
     # whole text (pin, vector).
-    grep -v '^#' $shutdowns/trace 2>/dev/null | awk '
+    awk '
+        FNR == 1 { on = 0 }
         /LAB-DIAG-SAMPLE/ { on = 1; next }
         on { for (i = 1; i <= NF; i++) if ($i ~ /^kvm_[a-z_]*:$/) break
              if (i > NF) next
-             if ($i == "kvm_exit:") { for (j = i; j < NF; j++) if ($j == "reason") { print "exit reason", $(j + 1); break } }
+             if ($i == "kvm_exit:") {
+                 r = ""; x = ""
+                 for (j = i; j < NF; j++) { if ($j == "reason") r = $(j + 1); if ($j == "info1") x = $(j + 1) }
+                 if (r == "io") { x = x + 0; r = sprintf("io port %#x %s", int(x / 65536) % 65536, x % 2 ? "in" : "out") }
+                 print "exit reason", r
+             }
              else if ($i == "kvm_entry:") print "entry rip", $NF
-             else if ($i == "kvm_pio:") print "pio", $(i + 1), $(i + 3), ($(i + 3) ~ /^0x3f[89a-f]$/ ? $NF : "")
              else { k = $i; for (j = i + 1; j <= NF; j++) k = k " " $j; print k }
-        }' > /tmp/stuck-sample
+        }' $shutdowns/trace $irqs/trace 2>/dev/null > /tmp/stuck-sample
     if [ -s /tmp/stuck-sample ]; then
         echo "LAB-DIAG kvm events in 2 s: $(wc -l < /tmp/stuck-sample)"
         { grep -v '^entry rip' /tmp/stuck-sample | sort | uniq -c | sort -rn
@@ -143,7 +146,7 @@ stuck_diag() {
     else
         echo "LAB-DIAG no KVM entry or exit of the guest in 2 s"
     fi
-    grep -v '^#' $shutdowns/trace 2>/dev/null | tail -n 60 | sed 's/^ *//; s/^/LAB-DIAG kvm /'
+    grep -v '^#' $shutdowns/trace 2>/dev/null | tail -n 40 | sed 's/^ *//; s/^/LAB-DIAG kvm /'
 }
 
 # dump TAG FILE [N]: the last N lines of FILE, tick lines left out, so a failed
@@ -201,15 +204,18 @@ wait_count() {
 # shutdown (set up by L2's init).
 shutdowns=/sys/kernel/tracing/instances/shutdowns
 
-# L2's trace ring of the guests' interrupts (set up by L2's init): a pin or
-# MSI raised, a vector injected, a vector acknowledged (EOI).
+# L2's trace ring of the guests' interrupts (set up by L2's init): an IO-APIC
+# pin raised, a vector injected, a vector acknowledged (EOI). Only these
+# three: each event enabled patches L2's kernel text, which QEMU TCG can hang
+# on at boot (one of six boots hung so while a fourth one was enabled).
 irqs=/sys/kernel/tracing/instances/irqs
-IRQ_EVENTS="kvm_ioapic_set_irq kvm_msi_set_irq kvm_inj_virq kvm_eoi"
+IRQ_EVENTS="kvm_ioapic_set_irq kvm_inj_virq kvm_eoi"
 
-# irq_history: the interrupts of the ring of irqs, per IO-APIC pin and MSI
-# vector raised and per vector injected into a guest: how often, and when
+# irq_history: the interrupts of the ring of irqs, per IO-APIC pin raised
+# and per vector injected into a guest: how often, and when
 # last; per vector, how often and when last the guest acknowledged it. A
-# vector injected after its last EOI and never acknowledged since blocks
+# vector injected after its last EOI and not acknowledged in the second
+# (or more) the ring recorded after it blocks
 # every vector of its priority class and below (the UART's among them)
 # until its EOI: its delivery was lost on the way in, or its handler never
 # finished. Times are L2's trace clock, like the ring's.
@@ -217,11 +223,10 @@ irq_history() {
     grep -v '^#' $irqs/trace 2>/dev/null | awk '
         { for (i = 1; i <= NF; i++) if ($i ~ /^kvm_[a-z_]*:$/) break
           if (i > NF) next
-          t = $(i - 1); sub(/:$/, "", t); if (first == "") first = t; last = t
+          t = $(i - 1); sub(/:$/, "", t); if (first == "") first = t; last = t; lastn = t + 0
           if ($i == "kvm_inj_virq:") { v = $(i + 2) + 0; inj[v]++; tinj[v] = t; ninj[v] = t + 0; seen[v] = 1 }
           else if ($i == "kvm_eoi:") { v = $(i + 4) + 0; eoi[v]++; teoi[v] = t; neoi[v] = t + 0; seen[v] = 1 }
           else if ($i == "kvm_ioapic_set_irq:") { k = "IO-APIC pin " $(i + 2) " (vector " $(i + 6) ")"; n[k]++; tn[k] = t }
-          else if ($i == "kvm_msi_set_irq:") { k = "MSI vector " $(i + 4); n[k]++; tn[k] = t }
         }
         END {
           if (first == "") { print "LAB-DIAG irqs: none recorded"; exit }
@@ -230,7 +235,8 @@ irq_history() {
           for (v in seen) {
               s = sprintf("LAB-DIAG irqs vector %#x: injected %d times%s, EOI %d times%s", v,
                           inj[v], inj[v] ? " (last at " tinj[v] ")" : "", eoi[v], eoi[v] ? " (last at " teoi[v] ")" : "")
-              if (inj[v] > 0 && (eoi[v] == 0 || ninj[v] > neoi[v])) s = s ", injected since its last EOI: still in service"
+              if (inj[v] > 0 && (eoi[v] == 0 || ninj[v] > neoi[v]) && lastn - ninj[v] > 1)
+                  s = s sprintf(", not acknowledged in the %.1f s since its last injection: still in service", lastn - ninj[v])
               print s
           }
         }' | sort
