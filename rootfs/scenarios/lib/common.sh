@@ -93,24 +93,59 @@ proc_diag() {
 
 # stuck_diag [SOCK]: for a guest that stopped answering, what tells a stuck
 # guest from a stuck VMM: where molt's threads are and which of them burn CPU
-# (over 2 s), whether its control loop still answers on SOCK, and L2's newest
-# KVM entries and exits for the guest (the ring of shutdowns, below): a guest
-# spinning in one place enters at the same few RIPs; one that is never entered
-# again shows the same last event twice.
+# (over 2 s), whether its control loop still answers on SOCK, the guest's
+# interrupts of the last minute or so (irq_history), and L2's KVM events for
+# the guest in those 2 s, counted (the rings of shutdowns and irqs, below): a
+# guest spinning in one place enters at the same few RIPs; one that is never
+# entered again shows no event at all; a console that gets no interrupt shows
+# no io exit at ports 0x3f8-0x3ff. The sample starts with a newline on the
+# console (an empty line, which the guest's command loop skips): molt's UART
+# raises IRQ 4 for it (ioapic_set_irq pin 4) unless its last interrupt is
+# still pending, i.e. the guest has not read its IIR since; an IRQ 4 raised
+# but never injected (inj_virq) is blocked in the guest's local APIC. Then
+# the newest entries and exits. Nothing here enables a trace event: that
+# patches L2's kernel text, which QEMU TCG can hang on (lab.sh would then
+# call the run the emulation's).
 stuck_diag() {
     alive "$VMM_PID" || { echo "LAB-DIAG the VMM has exited"; return 0; }
     proc_diag "$VMM_PID"
+    irq_history
     _cpu() { for _t in /proc/"$VMM_PID"/task/*; do
         echo "${_t##*/} $(cut -d' ' -f14,15 "$_t/stat" 2>/dev/null)"; done; }
-    _before=$(_cpu); _last=$(tail -n 1 $shutdowns/trace 2>/dev/null)
+    for _r in $shutdowns $irqs; do echo LAB-DIAG-SAMPLE > $_r/trace_marker; done 2>/dev/null
+    _before=$(_cpu)
+    [ -p "${VMM_LOG:-}.in" ] && { echo >&3; } 2>/dev/null
     sleep 2
     echo "$_before" | while read -r _tid _u _s; do
         _now=$(cut -d' ' -f14,15 /proc/"$VMM_PID"/task/"$_tid"/stat 2>/dev/null)
         echo "LAB-DIAG task $_tid ticks in 2 s (user sys): $(( ${_now% *} - _u )) $(( ${_now#* } - _s ))"
     done
     [ -n "${1:-}" ] && echo "LAB-DIAG molt status: $(timeout 5 molt ctl "$1" status 2>&1 | tr '\n' ' ')"
-    [ "$(tail -n 1 $shutdowns/trace 2>/dev/null)" = "$_last" ] &&
+    # The sample's events, counted: exits by reason (io exits by port and
+    # direction, from SVM's EXITINFO1), entries by RIP, interrupts by their
+    # whole text (pin, vector).
+    awk '
+        FNR == 1 { on = 0 }
+        /LAB-DIAG-SAMPLE/ { on = 1; next }
+        on { for (i = 1; i <= NF; i++) if ($i ~ /^kvm_[a-z_]*:$/) break
+             if (i > NF) next
+             if ($i == "kvm_exit:") {
+                 r = ""; x = ""
+                 for (j = i; j < NF; j++) { if ($j == "reason") r = $(j + 1); if ($j == "info1") x = $(j + 1) }
+                 if (r == "io") { x = x + 0; r = sprintf("io port %#x %s", int(x / 65536) % 65536, x % 2 ? "in" : "out") }
+                 print "exit reason", r
+             }
+             else if ($i == "kvm_entry:") print "entry rip", $NF
+             else { k = $i; for (j = i + 1; j <= NF; j++) k = k " " $j; print k }
+        }' $shutdowns/trace $irqs/trace 2>/dev/null > /tmp/stuck-sample
+    if [ -s /tmp/stuck-sample ]; then
+        echo "LAB-DIAG kvm events in 2 s: $(wc -l < /tmp/stuck-sample)"
+        { grep -v '^entry rip' /tmp/stuck-sample | sort | uniq -c | sort -rn
+          grep '^entry rip' /tmp/stuck-sample | sort | uniq -c | sort -rn | head -n 12
+        } | head -n 80 | sed 's/^ *//; s/^/LAB-DIAG kvm 2 s: /'
+    else
         echo "LAB-DIAG no KVM entry or exit of the guest in 2 s"
+    fi
     grep -v '^#' $shutdowns/trace 2>/dev/null | tail -n 40 | sed 's/^ *//; s/^/LAB-DIAG kvm /'
 }
 
@@ -168,6 +203,44 @@ wait_count() {
 # L2's trace ring of KVM entries and exits, stopped at the first guest
 # shutdown (set up by L2's init).
 shutdowns=/sys/kernel/tracing/instances/shutdowns
+
+# L2's trace ring of the guests' interrupts (set up by L2's init): an IO-APIC
+# pin raised, a vector injected, a vector acknowledged (EOI). Only these
+# three: each event enabled patches L2's kernel text, which QEMU TCG can hang
+# on at boot (one of six boots hung so while a fourth one was enabled).
+irqs=/sys/kernel/tracing/instances/irqs
+IRQ_EVENTS="kvm_ioapic_set_irq kvm_inj_virq kvm_eoi"
+
+# irq_history: the interrupts of the ring of irqs, per IO-APIC pin raised
+# and per vector injected into a guest: how often, and when
+# last; per vector, how often and when last the guest acknowledged it. A
+# vector injected after its last EOI and not acknowledged in the second
+# (or more) the ring recorded after it blocks
+# every vector of its priority class and below (the UART's among them)
+# until its EOI: its delivery was lost on the way in, or its handler never
+# finished. Times are L2's trace clock, like the ring's.
+irq_history() {
+    grep -v '^#' $irqs/trace 2>/dev/null | awk '
+        { for (i = 1; i <= NF; i++) if ($i ~ /^kvm_[a-z_]*:$/) break
+          if (i > NF) next
+          t = $(i - 1); sub(/:$/, "", t); if (first == "") first = t; last = t; lastn = t + 0
+          if ($i == "kvm_inj_virq:") { v = $(i + 2) + 0; inj[v]++; tinj[v] = t; ninj[v] = t + 0; seen[v] = 1 }
+          else if ($i == "kvm_eoi:") { v = $(i + 4) + 0; eoi[v]++; teoi[v] = t; neoi[v] = t + 0; seen[v] = 1 }
+          else if ($i == "kvm_ioapic_set_irq:") { k = "IO-APIC pin " $(i + 2) " (vector " $(i + 6) ")"; n[k]++; tn[k] = t }
+        }
+        END {
+          if (first == "") { print "LAB-DIAG irqs: none recorded"; exit }
+          print "LAB-DIAG irqs recorded from " first " to " last " s"
+          for (k in n) print "LAB-DIAG irqs raised: " k ": " n[k] " times, last at " tn[k]
+          for (v in seen) {
+              s = sprintf("LAB-DIAG irqs vector %#x: injected %d times%s, EOI %d times%s", v,
+                          inj[v], inj[v] ? " (last at " tinj[v] ")" : "", eoi[v], eoi[v] ? " (last at " teoi[v] ")" : "")
+              if (inj[v] > 0 && (eoi[v] == 0 || ninj[v] > neoi[v]) && lastn - ninj[v] > 1)
+                  s = s sprintf(", not acknowledged in the %.1f s since its last injection: still in service", lastn - ninj[v])
+              print s
+          }
+        }' | sort
+}
 
 # shutdown_causes: the guest shutdown the ring stopped at, and
 # LAB-EMULATION-FAULT if SVM reported it on the very instruction at which KVM

@@ -51,12 +51,12 @@ gout() { grep "^$1 " "$VMM_LOG" | tr -d '\r' | sed "s/^$1 //"; }
 gval() { gout "$1" | tail -n 1; }
 
 # gcheck NAME SECONDS LINE: run LINE in the guest and check that it exits 0.
-# On a timeout, shows where molt's threads are (the guest's own view comes from
-# its hung-task detector, see DEVICE_CMDLINE).
+# On a timeout, shows where molt's threads and the guest are (stuck_diag; the
+# guest's own view comes from its hung-task detector, see DEVICE_CMDLINE).
 gcheck() {
     _rc=$(guest_cmd "$3" "$2")
     check "$1" "$_rc" 0
-    [ "$_rc" = timeout ] && alive "$VMM_PID" && proc_diag "$VMM_PID"
+    [ "$_rc" = timeout ] && stuck_diag "${SOCK:-}"
     true
 }
 

@@ -35,6 +35,7 @@ edu_to_vfio() {
 edu_checks() {
     rc=$(guest_cmd "labedu $2 > /tmp/edu.out 2>&1; r=\$?; sed 's/^/EDU$1 /' /tmp/edu.out; exit \$r" 120)
     check "labedu_${1}_rc" "$rc" 0
+    [ "$rc" = timeout ] && stuck_diag "${SOCK:-}"
     for c in $EDU_CHECKS; do
         check "edu_${c}_$1" "$(gout "EDU$1" | grep "^EDU-CHECK $c " | cut -d' ' -f3)" PASS
     done
