@@ -403,10 +403,14 @@ pub(super) fn rollback(inc: &ExecIncoming, why: &str) -> Error {
         Some(f) => exec::Target::Fd(f.as_raw_fd()),
         None => exec::Target::Path(Path::new(&inc.header.previous_exe)),
     };
+    let ready = match exec::Ready::new(inc.state.machine.vcpus.len()) {
+        Ok(r) => r,
+        Err(e) => return Error::Exec(e),
+    };
     Error::Exec(exec::exec(
         target,
         &inc.header.previous_argv,
-        (&inc.state, inc.format),
+        (&inc.state, inc.format, ready),
         &Handover::of(&inc.adopted).slots(),
         header,
         None,

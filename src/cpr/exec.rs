@@ -12,9 +12,9 @@
 use std::ffi::CString;
 use std::fmt;
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -101,36 +101,81 @@ impl fmt::Display for Error {
 /// message, so it gets none and leaves the terminal as it finds it.
 const TERMINAL_SINCE: u32 = 5;
 
-fn message_memfd(state: &CprState, format: u32, header: &ExecHeader) -> Result<File, Error> {
-    let state_bytes = state::encode_as(state, format).map_err(Error::Encode)?;
-    let mut table_bytes = postcard::to_allocvec(header).map_err(Error::HeaderEncode)?;
+/// Room for the message's header (the descriptor table, the rollback's
+/// argv, the terminal mode) in `Ready`'s memfd; a larger one grows it.
+const HEADER_ROOM: usize = 16 << 10;
+
+/// What an exec's message needs that does not depend on the paused guest,
+/// made before the pause: the memfd with its pages allocated, the encoding's
+/// buffer with its pages written, and this process's environment for the
+/// next image. Writing the message into them inside the pause faults nothing in.
+pub struct Ready {
+    memfd: File,
+    buffer: Vec<u8>,
+    env: Vec<CString>,
+}
+
+impl Ready {
+    /// For a machine of `vcpus` vCPUs.
+    pub fn new(vcpus: usize) -> Result<Ready, Error> {
+        let name = c"molt-cpr";
+        // SAFETY: a valid NUL-terminated name and flags; the result is checked.
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if fd < 0 {
+            return Err(Error::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is fresh and owned by nothing else.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        let buffer = state::buffer(vcpus);
+        let room = (HEADER_ROOM + buffer.capacity()) as libc::off_t;
+        // SAFETY: allocating the pages of our own memfd; the result is checked.
+        if unsafe { libc::fallocate(memfd.as_raw_fd(), 0, 0, room) } < 0 {
+            return Err(Error::Memfd(std::io::Error::last_os_error()));
+        }
+        Ok(Ready {
+            memfd,
+            buffer,
+            env: environment(),
+        })
+    }
+}
+
+/// Writes the message into `ready`'s memfd, cut to its length and sealed.
+fn message_memfd(
+    state: &CprState,
+    format: u32,
+    header: &ExecHeader,
+    ready: Ready,
+) -> Result<(File, Vec<CString>), Error> {
+    let Ready { memfd, buffer, env } = ready;
+    let state_bytes = state::encode_into(state, format, buffer).map_err(Error::Encode)?;
+    let mut head = MAGIC.to_vec();
+    head.extend([0; 4]);
+    postcard::to_io(header, &mut head).map_err(Error::HeaderEncode)?;
     if let Some(t) = header
         .terminal
         .as_ref()
         .filter(|_| format >= TERMINAL_SINCE)
     {
-        table_bytes.extend(postcard::to_allocvec(t).map_err(Error::HeaderEncode)?);
+        postcard::to_io(t, &mut head).map_err(Error::HeaderEncode)?;
     }
-    let name = c"molt-cpr";
-    // SAFETY: a valid NUL-terminated name and flags; the result is checked.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(Error::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is fresh and owned by nothing else.
-    let mut f = unsafe { File::from_raw_fd(fd) };
-    f.write_all(&MAGIC)
-        .and_then(|()| f.write_all(&(table_bytes.len() as u32).to_le_bytes()))
-        .and_then(|()| f.write_all(&table_bytes))
-        .and_then(|()| f.write_all(&state_bytes))
+    let table_len = (head.len() - 12) as u32;
+    head[8..12].copy_from_slice(&table_len.to_le_bytes());
+    // Into the pages allocated before the pause; what is left of them is cut off.
+    let len = (head.len() + state_bytes.len()) as u64;
+    let f = memfd;
+    f.write_all_at(&head, 0)
+        .and_then(|()| f.write_all_at(&state_bytes, head.len() as u64))
+        .and_then(|()| f.set_len(len))
         .map_err(Error::Memfd)?;
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: adding seals to our own memfd.
     if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
         return Err(Error::Memfd(std::io::Error::last_os_error()));
     }
-    Ok(f)
+    Ok((f, env))
 }
 
 /// What to exec: a path, or an open executable (execveat with AT_EMPTY_PATH).
@@ -140,14 +185,15 @@ pub enum Target<'a> {
 }
 
 /// Execs `binary` with `argv` (argv[0] first) plus `--incoming fd:N`, handing
-/// over `state` in `format` (what the probe found `binary` reads) and `fds`; `guardian`, if any, gets the state memfd first. `phases`, if
+/// over `state` in `format` (what the probe found `binary` reads) and `fds`,
+/// written into `ready`; `guardian`, if any, gets the state memfd first. `phases`, if
 /// any, are marked and go in the environment (`phases::ENV`). Returns only on
 /// failure, with every descriptor's CLOEXEC restored: the caller then resumes
 /// the guest as if nothing happened.
 pub fn exec(
     binary: Target,
     argv: &[String],
-    (state, format): (&CprState, u32),
+    (state, format, ready): (&CprState, u32, Ready),
     fds: &[(FdKind, RawFd)],
     mut header: ExecHeader,
     guardian: Option<&Guardian>,
@@ -157,7 +203,7 @@ pub fn exec(
         kinds: fds.iter().map(|f| f.0).collect(),
         numbers: fds.iter().map(|f| f.1).collect(),
     };
-    let memfd = match message_memfd(state, format, &header) {
+    let (memfd, env) = match message_memfd(state, format, &header, ready) {
         Ok(m) => m,
         Err(e) => return e,
     };
@@ -194,7 +240,7 @@ pub fn exec(
     }
     let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
     ptrs.push(std::ptr::null());
-    let env = environment(phases);
+    let env = with_phases(env, phases);
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|c| c.as_ptr()).collect();
     envp.push(std::ptr::null());
     // SAFETY: cbin, every argv and environment string are NUL-terminated and
@@ -220,11 +266,10 @@ pub fn exec(
     Error::Exec(name, err)
 }
 
-/// This process's environment for the next image: without the marks an
-/// earlier exec left in it, with `phases` (marked as done now) if given.
-fn environment(phases: Option<&mut Phases>) -> Vec<CString> {
-    let prefix = format!("{}=", phases::ENV);
-    let mut env: Vec<CString> = std::env::vars_os()
+/// This process's environment for the next image, without the marks an
+/// earlier exec left in it.
+fn environment() -> Vec<CString> {
+    std::env::vars_os()
         .filter(|(k, _)| k.as_bytes() != phases::ENV.as_bytes())
         .filter_map(|(k, v)| {
             let mut kv = k.into_vec();
@@ -232,10 +277,14 @@ fn environment(phases: Option<&mut Phases>) -> Vec<CString> {
             kv.extend_from_slice(v.as_bytes());
             CString::new(kv).ok()
         })
-        .collect();
+        .collect()
+}
+
+/// `env` with `phases` (marked as done now) if given.
+fn with_phases(mut env: Vec<CString>, phases: Option<&mut Phases>) -> Vec<CString> {
     if let Some(p) = phases {
         p.mark("encode");
-        env.extend(CString::new(prefix + &p.encode()));
+        env.extend(CString::new(format!("{}={}", phases::ENV, p.encode())));
     }
     env
 }
@@ -271,7 +320,8 @@ pub fn receive(fd: RawFd) -> Result<(ExecHeader, CprState, u32), Error> {
     }
     // The old image wrote it through the same open file: its offset is at the end.
     let mut bytes = vec![0u8; len as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&f, &mut bytes, 0).map_err(|e| Error::Read(fd, e))?;
+    f.read_exact_at(&mut bytes, 0)
+        .map_err(|e| Error::Read(fd, e))?;
     parse(&bytes)
 }
 
@@ -408,7 +458,9 @@ mod tests {
     /// The message's bytes, as `message_memfd` writes them for an image
     /// reading `format`.
     fn message_as(header: &ExecHeader, format: u32) -> Vec<u8> {
-        let f = message_memfd(&state::tests::sample(), format, header).unwrap();
+        let sample = state::tests::sample();
+        let ready = Ready::new(sample.machine.vcpus.len()).unwrap();
+        let (f, _) = message_memfd(&sample, format, header, ready).unwrap();
         std::fs::read(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap()
     }
 

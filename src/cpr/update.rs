@@ -379,6 +379,7 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
     };
     let mut handover = src.handover();
     let vfio = !src.machine.vfio_devices().is_empty();
+    let vcpus = src.machine.vcpus.count();
     working(what, move |abort| {
         // On the worker, the guest running:
         // 1. BINARY must be a molt that reads a state format this one writes
@@ -386,17 +387,21 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
         // 2. A guardian starts, holding duplicates of the guest's descriptors:
         //    if the new image dies before it runs the guest, it resumes the
         //    guest on this image.
+        // 3. What the exec needs that the paused guest does not change: the
+        //    message's memfd and buffer, the environment, this image (by
+        //    descriptor: a rollback must not depend on its path).
         let ready = probe_format(&binary, vfio, abort).and_then(|format| {
+            let out = Out::new(vcpus)?;
             Guardian::start(&binary, &handover.slots())
-                .map(|g| (g, format))
+                .map(|g| (g, format, out))
                 .map_err(Error::Guardian)
         });
         Box::new(move |src: &mut Source| {
-            let (guardian, format) = match ready {
+            let (guardian, format, out) = match ready {
                 Ok(g) => g,
                 Err(e) => return Done::failed(what, e),
             };
-            // 3. Pause.
+            // 4. Pause.
             let (stopped_at_ns, mut phases) = match src.pause() {
                 Ok(t) => t,
                 Err(e) => {
@@ -404,14 +409,14 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
                     return Done::failed(what, e);
                 }
             };
-            // 4. Passed-through devices: interrupts and DMA addresses let go
+            // 5. Passed-through devices: interrupts and DMA addresses let go
             //    (the devices run on).
             if let Err(e) = src.release_vfio() {
                 guardian.release();
                 src.resume();
                 return Done::failed(what, e);
             }
-            // 5. Save into a sealed memfd and execve BINARY with it and the
+            // 6. Save into the sealed memfd and execve BINARY with it and the
             //    descriptors, with this image's own (for a rollback), the
             //    guardian's line and the KVM descriptors (closed by the new
             //    image once the guest runs), and the user's terminal mode (the
@@ -420,11 +425,12 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
                 src,
                 &mut handover,
                 (&binary, &argv, format),
+                out,
                 stopped_at_ns,
                 &mut phases,
                 &guardian,
             );
-            // 6. It failed: the guardian leaves and the guest runs on here,
+            // 7. It failed: the guardian leaves and the guest runs on here,
             //    with its passed-through devices.
             guardian.release();
             src.reclaim_vfio();
@@ -434,11 +440,35 @@ fn exec(src: &mut Source, binary: Option<PathBuf>, args: Vec<String>) -> Started
     })
 }
 
-/// Exec mode, step 5. Returns only on failure.
+/// Exec mode, step 3: made before the pause.
+struct Out {
+    ready: exec::Ready,
+    /// This image, by descriptor.
+    me: std::fs::File,
+    /// Its path and argv, for a rollback's header.
+    previous_exe: String,
+    previous_argv: Vec<String>,
+}
+
+impl Out {
+    fn new(vcpus: usize) -> Result<Out, Error> {
+        Ok(Out {
+            ready: exec::Ready::new(vcpus).map_err(Error::Exec)?,
+            me: std::fs::File::open("/proc/self/exe").map_err(Error::OwnExe)?,
+            previous_exe: std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            previous_argv: std::env::args().collect(),
+        })
+    }
+}
+
+/// Exec mode, step 6. Returns only on failure.
 fn exec_out(
     src: &Source,
     handover: &mut Handover,
     (binary, argv, format): (&Path, &[String], u32),
+    out: Out,
     stopped_at_ns: u64,
     phases: &mut Phases,
     guardian: &Guardian,
@@ -447,26 +477,19 @@ fn exec_out(
         Ok(s) => s,
         Err(e) => return e,
     };
-    // Our own image, by descriptor: a rollback must not depend on its path.
-    let me = match std::fs::File::open("/proc/self/exe") {
-        Ok(f) => f,
-        Err(e) => return Error::OwnExe(e),
-    };
-    handover.previous_exe = Some(me.as_raw_fd());
+    handover.previous_exe = Some(out.me.as_raw_fd());
     handover.guardian = Some(guardian.fd());
     handover.stale_kvm = src.machine.backends().kvm;
     let header = exec::ExecHeader {
-        previous_exe: std::env::current_exe()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
-        previous_argv: std::env::args().collect(),
+        previous_exe: out.previous_exe,
+        previous_argv: out.previous_argv,
         terminal: src.terminal,
         ..Default::default()
     };
     Error::Exec(exec::exec(
         exec::Target::Path(binary),
         argv,
-        (&state, format),
+        (&state, format, out.ready),
         &handover.slots(),
         header,
         Some(guardian),
