@@ -130,8 +130,10 @@ impl Ready {
         let memfd = unsafe { File::from_raw_fd(fd) };
         let buffer = state::buffer(vcpus);
         let room = (HEADER_ROOM + buffer.capacity()) as libc::off_t;
+        // Past its end, which stays at 0: writing the message moves it.
         // SAFETY: allocating the pages of our own memfd; the result is checked.
-        if unsafe { libc::fallocate(memfd.as_raw_fd(), 0, 0, room) } < 0 {
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        if unsafe { libc::fallocate(memfd.as_raw_fd(), keep, 0, room) } < 0 {
             return Err(Error::Memfd(std::io::Error::last_os_error()));
         }
         Ok(Ready {
@@ -163,12 +165,11 @@ fn message_memfd(
     }
     let table_len = (head.len() - 12) as u32;
     head[8..12].copy_from_slice(&table_len.to_le_bytes());
-    // Into the pages allocated before the pause; what is left of them is cut off.
-    let len = (head.len() + state_bytes.len()) as u64;
+    // Into the pages allocated before the pause: the memfd ends where the
+    // message does.
     let f = memfd;
     f.write_all_at(&head, 0)
         .and_then(|()| f.write_all_at(&state_bytes, head.len() as u64))
-        .and_then(|()| f.set_len(len))
         .map_err(Error::Memfd)?;
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: adding seals to our own memfd.
