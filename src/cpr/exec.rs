@@ -131,8 +131,8 @@ impl Ready {
         let buffer = state::buffer(vcpus);
         let room = (HEADER_ROOM + buffer.capacity()) as libc::off_t;
         // Past its end, which stays at 0: writing the message moves it.
-        // SAFETY: allocating the pages of our own memfd; the result is checked.
         let keep = libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: allocating the pages of our own memfd; the result is checked.
         if unsafe { libc::fallocate(memfd.as_raw_fd(), keep, 0, room) } < 0 {
             return Err(Error::Memfd(std::io::Error::last_os_error()));
         }
