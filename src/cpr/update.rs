@@ -539,9 +539,10 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 src.resume();
                 return Done::failed(what, e);
             }
-            // The snapshot is freed once the guest runs elsewhere, not in
-            // the pause (musl unmaps what it frees).
+            // The snapshot and its encoding are freed once the guest runs
+            // elsewhere, not in the pause (musl unmaps what it frees).
             let mut snapshot = None;
+            let mut encoded = None;
             let sent = src
                 .snapshot(src.in_place(), stopped_at_ns, &mut phases)
                 .and_then(|s| {
@@ -550,6 +551,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 })
                 .and_then(|bytes| {
                     phases.mark("encode");
+                    let bytes = encoded.insert(bytes);
                     out.send_state(bytes, &phases, max_pause, src.signals)
                         .map_err(Error::Transfer)
                 });
@@ -563,7 +565,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
             //    leaving the terminal raw for it.
             let peer = out.peer_version.clone();
             let done = out.go();
-            drop(snapshot);
+            drop((snapshot, encoded));
             match done {
                 Ok(()) => {
                     log::info!("guest handed over to molt {peer}");
