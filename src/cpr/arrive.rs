@@ -466,11 +466,11 @@ fn resume_transfer(
     });
     // The buffer STATE arrives in and the vCPU states it decodes into,
     // their pages written while the guest runs; and what else decoding it
-    // would do the first time (`prefault`).
+    // would do the first time (`cpr::prefault`).
     let vcpus = usize::from(cfg.vcpus);
     t.link.reserve(state::room(vcpus));
     let mut spares: Vec<_> = (0..vcpus).map(|_| vcpu_state::blank()).collect();
-    prefault();
+    super::prefault();
     // 3. READY; the old process pauses the guest and sends STATE.
     // 4. Decode, check and restore it (the vCPUs do not run yet).
     let loaded = prepared.and_then(|prepared| {
@@ -514,21 +514,6 @@ fn resume_transfer(
         arrived.phases
     );
     Ok(arrived.replying("transfer"))
-}
-
-/// What decoding a state does the first time in a process, done before the
-/// pause (the new side of a transfer has decoded none yet): this thread's
-/// stack written as deep as decoding goes (each fresh page was a fault there:
-/// ~70 with 8 vCPUs, 3-4 µs each on a nested host), and the CRC's CPU feature
-/// detection (CPUID, which traps to the host: ~40 µs).
-fn prefault() {
-    #[inline(never)]
-    fn stack() {
-        let mut deep = [0u8; 256 << 10];
-        std::hint::black_box(&mut deep);
-    }
-    stack();
-    std::hint::black_box(crc32fast::hash(&[]));
 }
 
 fn arrived(

@@ -112,6 +112,7 @@ impl Source<'_> {
     /// started (CLOCK_REALTIME, shared with the next process), and the
     /// update's phases from the first kick on.
     fn pause(&self) -> Result<(u64, Phases), Error> {
+        super::prefault();
         let mut phases = Phases::begin();
         if self.run == RunState::Running {
             if let Err(e) = self.machine.vcpus.pause() {
