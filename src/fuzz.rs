@@ -36,7 +36,7 @@ pub fn run(name: &str, data: &[u8]) -> Result<(), String> {
         }
         "transfer" => {
             if let Ok((transfer::Msg::State { bytes, .. }, _)) = transfer::decode(data) {
-                decodes_to_itself(&bytes.0);
+                decodes_to_itself(bytes.0);
             }
         }
         "blk" => devices::blk(data),

@@ -22,6 +22,7 @@ use crate::virtio::block::Identity;
 use crate::vm::host_cpu::{HostCpu, Probe, Supported};
 use crate::vm::memory::GuestRam;
 use crate::vm::vcpu::ExitSink;
+use crate::vm::vcpu_state;
 use crate::vm::{self, Machine};
 
 /// What `--incoming` brought.
@@ -467,6 +468,13 @@ fn resume_transfer(
         super::fault::point("built");
         Ok(prepared)
     });
+    // The buffer STATE arrives in and the vCPU states it decodes into,
+    // their pages written while the guest runs; and what else decoding it
+    // would do the first time (`cpr::prefault`).
+    let vcpus = usize::from(cfg.vcpus);
+    t.link.reserve(state::room(vcpus));
+    let mut spares: Vec<_> = (0..vcpus).map(|_| vcpu_state::blank()).collect();
+    super::prefault();
     // 3. READY; the old process pauses the guest and sends STATE.
     // 4. Decode, check and restore it (the vCPUs do not run yet).
     let loaded = prepared.and_then(|prepared| {
@@ -474,7 +482,8 @@ fn resume_transfer(
         super::fault::point("state");
         let start = Instant::now();
         let mut phases = old.unwrap_or_else(Phases::begin);
-        let (state, format) = state::decode_format(&bytes).map_err(Error::StateDecode)?;
+        let (state, format) =
+            state::decode_format_into(bytes, &mut spares).map_err(Error::StateDecode)?;
         phases.mark("decode");
         let restored = prepared
             .restore(&state.machine, &mut phases)

@@ -188,6 +188,21 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// What encoding or decoding a state does the first time in a process, done
+/// before a pause (the first update of a molt, the new side of a transfer):
+/// this thread's stack written as deep as that goes (each fresh page is a
+/// fault in the pause: ~70 decoding 8 vCPUs, 3-4 µs each on a nested host),
+/// and the CRC's CPU feature detection (CPUID, which traps to the host: ~40 µs).
+pub fn prefault() {
+    #[inline(never)]
+    fn stack() {
+        let mut deep = [0u8; 256 << 10];
+        std::hint::black_box(&mut deep);
+    }
+    stack();
+    std::hint::black_box(crc32fast::hash(&[]));
+}
+
 /// CLOCK_REALTIME (ns) at `mono`, a CLOCK_MONOTONIC instant of `phases::now`:
 /// the pause is measured between two phase marks, in the clock a restart
 /// shares. Read between two monotonic reads, the tightest pair of three, so

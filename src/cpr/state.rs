@@ -18,14 +18,14 @@
 
 use std::fmt;
 
+use serde::de::DeserializeSeed;
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{MAX_DISKS, MAX_VCPUS, MAX_VFIO_DEVICES};
+use crate::layout::{MAX_DISKS, MAX_VFIO_DEVICES};
 use crate::vfio::IdentityV1 as VfioIdentityV1;
 use crate::virtio::block::Identity;
-use crate::vm::vcpu_state::{AsV2, FromV2, VcpuState};
+use crate::vm::vcpu_state::{AsV2, VcpuState, VcpusFromV2};
 use crate::vm::{MachineStateV1, MachineStateV2, MachineStateV3};
-use heapless::Vec as BoundedVec;
 
 pub const MAGIC: [u8; 8] = *b"MOLTCPR\0";
 /// The format this release writes by default: its newest.
@@ -265,9 +265,15 @@ pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
 /// made before the pause with its pages written: encoding into it faults
 /// none in.
 pub fn buffer(vcpus: usize) -> Vec<u8> {
-    let mut out = vec![1; HEADER_LEN + ROOM_BASE + vcpus * ROOM_PER_VCPU];
+    let mut out = vec![1; room(vcpus)];
     out.clear();
     out
+}
+
+/// The bytes an encoded machine of `vcpus` vCPUs fits in, but for large
+/// devices' state (those grow a buffer made this large).
+pub fn room(vcpus: usize) -> usize {
+    HEADER_LEN + ROOM_BASE + vcpus * ROOM_PER_VCPU
 }
 
 /// `encode_as` into `out` (its contents replaced), which grows only if the
@@ -455,6 +461,15 @@ pub fn decode(bytes: &[u8]) -> Result<CprState, Error> {
 
 /// `decode`, and the format the state was written in.
 pub fn decode_format(bytes: &[u8]) -> Result<(CprState, u32), Error> {
+    decode_format_into(bytes, &mut Vec::new())
+}
+
+/// `decode_format`, the vCPUs read into boxes taken from `spares` (`blank`
+/// ones, made before the pause) while there are any.
+pub fn decode_format_into(
+    bytes: &[u8],
+    spares: &mut Vec<Box<VcpuState>>,
+) -> Result<(CprState, u32), Error> {
     let (version, len) = header(bytes)?;
     let have = bytes.len() - HEADER_LEN;
     if have < len {
@@ -469,7 +484,7 @@ pub fn decode_format(bytes: &[u8]) -> Result<(CprState, u32), Error> {
     if stored != actual {
         return Err(Error::Checksum { stored, actual });
     }
-    let state = decode_payload(version, payload)?;
+    let state = decode_payload(version, payload, spares)?;
     super::check::state(&state).map_err(Error::Invalid)?;
     if version >= 2 {
         super::check::disks(&state).map_err(Error::Invalid)?;
@@ -485,7 +500,11 @@ pub fn decode_format(bytes: &[u8]) -> Result<(CprState, u32), Error> {
 /// version 4 appends the passed-through functions to the machine and the
 /// passed-through devices' identities to the whole; version 5 is version 4
 /// with each vCPU as a `VcpuStateV2`.
-fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
+fn decode_payload(
+    version: u32,
+    payload: &[u8],
+    spares: &mut Vec<Box<VcpuState>>,
+) -> Result<CprState, Error> {
     let mut p = Parts { payload, at: 0 };
     let writer = p.next("writer")?;
     let ram = p.next("ram")?;
@@ -493,8 +512,7 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<CprState, Error> {
     let machine = MachineStateV1 {
         shape: p.next("machine.shape")?,
         vcpus: if version >= 5 {
-            let v2: BoundedVec<FromV2, MAX_VCPUS> = p.next("machine.vcpus")?;
-            v2.into_iter().map(|v| v.0).collect()
+            p.next_seed("machine.vcpus", VcpusFromV2(spares))?
         } else {
             p.next("machine.vcpus")?
         },
@@ -556,6 +574,25 @@ struct Parts<'a> {
 }
 
 impl<'a> Parts<'a> {
+    fn next_seed<T: DeserializeSeed<'a>>(
+        &mut self,
+        part: &'static str,
+        seed: T,
+    ) -> Result<T::Value, Error> {
+        let rest = &self.payload[self.at..];
+        let error = |why| Error::Decode {
+            part,
+            at: self.at,
+            len: self.payload.len(),
+            why,
+        };
+        let mut d = postcard::Deserializer::from_bytes(rest);
+        let value = seed.deserialize(&mut d).map_err(error)?;
+        let left = d.finalize().map_err(error)?;
+        self.at += rest.len() - left.len();
+        Ok(value)
+    }
+
     fn next<T: Deserialize<'a>>(&mut self, part: &'static str) -> Result<T, Error> {
         let rest = &self.payload[self.at..];
         let (value, left) = postcard::take_from_bytes(rest).map_err(|e| Error::Decode {

@@ -81,7 +81,7 @@ const MAX_STATE: usize = state::HEADER_LEN + state::MAX_PAYLOAD + 64;
 const MAX_FORMATS: usize = 8;
 
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum Msg {
+pub(crate) enum Msg<'a> {
     Hello {
         version: String,
         /// The newest state format this side writes (it writes the older
@@ -96,7 +96,8 @@ pub(crate) enum Msg {
     Ready,
     State {
         max_pause_ms: u32,
-        bytes: Bytes,
+        #[serde(borrow)]
+        bytes: Bytes<'a>,
     },
     Restored,
     Go,
@@ -105,11 +106,11 @@ pub(crate) enum Msg {
 
 /// A message's body as the other side sent it, and the bytes after it (a
 /// STATE frame's trailer: the old side's pause marks).
-pub(crate) fn decode(body: &[u8]) -> Result<(Msg, &[u8]), String> {
+pub(crate) fn decode(body: &[u8]) -> Result<(Msg<'_>, &[u8]), String> {
     postcard::take_from_bytes(body).map_err(|e| e.to_string())
 }
 
-impl Msg {
+impl Msg<'_> {
     /// The step of sending this message, for errors: "sending HELLO".
     fn sending(&self) -> &'static str {
         match self {
@@ -128,7 +129,7 @@ impl Msg {
         &self.sending()["sending ".len()..]
     }
 
-    fn hello() -> Msg {
+    fn hello() -> Msg<'static> {
         Msg::Hello {
             version: super::VERSION.into(),
             // The newest this side writes: on the old side, the new side's
@@ -195,6 +196,10 @@ struct Link {
     /// What followed the last message in its frame: nothing, or a STATE's
     /// pause marks (`Phases::encode`). Older molts ignore such a trailer.
     trailer: Vec<u8>,
+    /// The last message's body; a received STATE borrows its bytes from it.
+    /// Made before the pause for STATE (`Incoming::reserve`), with its pages
+    /// written: reading into it faults none in.
+    body: Vec<u8>,
 }
 
 impl Link {
@@ -205,6 +210,7 @@ impl Link {
             s,
             stop,
             trailer: Vec::new(),
+            body: Vec::new(),
         })
     }
 
@@ -272,7 +278,19 @@ impl Link {
         magic: bool,
         max: usize,
         d: Deadline,
-    ) -> Result<Msg, Error> {
+    ) -> Result<Msg<'_>, Error> {
+        let len = self.recv_body(step, magic, max, d)?;
+        self.message(len, step)
+    }
+
+    /// Reads one frame's body into `body`; returns its length.
+    fn recv_body(
+        &mut self,
+        step: &'static str,
+        magic: bool,
+        max: usize,
+        d: Deadline,
+    ) -> Result<usize, Error> {
         if magic {
             // Checked as it arrives: a short greeting of another protocol
             // ("status\n") is refused at once, not at the deadline.
@@ -294,26 +312,38 @@ impl Link {
         }
         let mut len = [0u8; 4];
         self.read_exact(&mut len, step, d)?;
-        self.body(u32::from_le_bytes(len) as usize, step, max, d)
+        self.read_body(u32::from_le_bytes(len) as usize, step, max, d)
     }
 
-    fn body(
+    /// Reads a body of `len` bytes (at most `max`) into `body`.
+    fn read_body(
         &mut self,
         len: usize,
         step: &'static str,
         max: usize,
         d: Deadline,
-    ) -> Result<Msg, Error> {
+    ) -> Result<usize, Error> {
         if len > max {
             return Err(Error::Protocol(
                 step,
                 format!("{len}-byte message (at most {max})"),
             ));
         }
-        let mut body = vec![0u8; len];
-        self.read_exact(&mut body, step, d)?;
-        let (msg, rest) = decode(&body).map_err(|e| Error::Protocol(step, e))?;
-        self.trailer = rest.to_vec();
+        let mut body = std::mem::take(&mut self.body);
+        if body.len() < len {
+            body.resize(len, 0);
+        }
+        let read = self.read_exact(&mut body[..len], step, d);
+        self.body = body;
+        read.map(|()| len)
+    }
+
+    /// The message of the `len`-byte body just read; what follows it in the
+    /// frame is kept in `trailer`.
+    fn message(&mut self, len: usize, step: &'static str) -> Result<Msg<'_>, Error> {
+        let (msg, rest) = decode(&self.body[..len]).map_err(|e| Error::Protocol(step, e))?;
+        self.trailer.clear();
+        self.trailer.extend_from_slice(rest);
         match msg {
             Msg::Fail(why) => Err(Error::Refused(why)),
             m => Ok(m),
@@ -478,10 +508,9 @@ pub struct Outgoing {
     pub peer_version: String,
     /// The state format to send: the newest the new process reads.
     pub format: u32,
-    /// STATE's frame is written into this (`reserve`), and the state's
-    /// bytes kept here after: made before the pause and freed after it.
+    /// STATE's frame is written into this (`reserve`): made before the
+    /// pause and freed after it.
     frame: Vec<u8>,
-    sent: Vec<u8>,
 }
 
 impl Outgoing {
@@ -525,7 +554,6 @@ impl Outgoing {
                 peer_version,
                 format,
                 frame: Vec::new(),
-                sent: Vec::new(),
             }),
             m => Err(unexpected(step, "READY", &m)),
         }
@@ -542,7 +570,7 @@ impl Outgoing {
     /// `max_pause`. `stop` (the signalfd) aborts the wait.
     pub fn send_state(
         &mut self,
-        bytes: Vec<u8>,
+        bytes: &[u8],
         phases: &Phases,
         max_pause: Duration,
         stop: RawFd,
@@ -554,11 +582,8 @@ impl Outgoing {
             bytes: Bytes(bytes),
         };
         let step = msg.sending();
-        let framed = frame_into(&msg, false, std::mem::take(&mut self.frame));
-        if let Msg::State { bytes, .. } = msg {
-            self.sent = bytes.0;
-        }
-        let mut frame = framed.map_err(|e| Error::Protocol(step, e))?;
+        let mut frame = frame_into(&msg, false, std::mem::take(&mut self.frame))
+            .map_err(|e| Error::Protocol(step, e))?;
         let trailer = phases.encode();
         let len = frame.len() - 4 + trailer.len();
         // Only within what any receiver takes (a state near the largest goes without).
@@ -700,30 +725,41 @@ fn receive_fds(link: &mut Link) -> Result<(Vec<FdKind>, Vec<OwnedFd>), Error> {
         return Err(Error::Io(step, io::ErrorKind::UnexpectedEof.into()));
     }
     link.read_exact(&mut len[n..], step, d)?;
-    match link.body(u32::from_le_bytes(len) as usize, step, MAX_SMALL, d)? {
+    let len = link.read_body(u32::from_le_bytes(len) as usize, step, MAX_SMALL, d)?;
+    match link.message(len, step)? {
         Msg::Fds { kinds } => Ok((kinds.to_vec(), fds)),
         m => Err(unexpected(step, "FDS", &m)),
     }
 }
 
 impl Incoming {
-    /// Tells the old side everything is prepared; returns the state it sends,
-    /// how long it will keep the guest paused, and the pause's phases so far
-    /// (the old side's, marked up to the STATE read here).
-    pub fn ready(&mut self) -> Result<(Vec<u8>, Duration, Option<Phases>), Error> {
+    /// Makes the buffer STATE is read into, its pages written, for a state
+    /// of up to `bytes` bytes: before the pause, so that reading and decoding
+    /// it there faults none in.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.link.body = vec![1; bytes + STATE_FRAME_ROOM];
+    }
+
+    /// Tells the old side everything is prepared; returns the state it sends
+    /// (borrowed from the frame it came in), how long it will keep the guest
+    /// paused, and the pause's phases so far (the old side's, marked up to
+    /// the STATE read here).
+    pub fn ready(&mut self) -> Result<(&[u8], Duration, Option<Phases>), Error> {
         self.link
             .send(&Msg::Ready, false, Deadline::after(HANDSHAKE_TIMEOUT))?;
         let step = "waiting for STATE";
-        match self
+        let len = self
             .link
-            .recv(step, false, MAX_STATE, Deadline::after(STATE_TIMEOUT))?
-        {
+            .recv_body(step, false, MAX_STATE, Deadline::after(STATE_TIMEOUT))?;
+        let got = phases::now();
+        let (msg, trailer) =
+            decode(&self.link.body[..len]).map_err(|e| Error::Protocol(step, e))?;
+        match msg {
             Msg::State {
                 max_pause_ms,
                 bytes,
             } => {
-                let got = phases::now();
-                let old = std::str::from_utf8(&self.link.trailer)
+                let old = std::str::from_utf8(trailer)
                     .ok()
                     .and_then(|t| Phases::decode(t, got));
                 let phases = old.map(|old| {
@@ -733,6 +769,7 @@ impl Incoming {
                 });
                 Ok((bytes.0, Duration::from_millis(max_pause_ms.into()), phases))
             }
+            Msg::Fail(why) => Err(Error::Refused(why)),
             m => Err(unexpected(step, "STATE", &m)),
         }
     }

@@ -112,6 +112,7 @@ impl Source<'_> {
     /// started (CLOCK_REALTIME, shared with the next process), and the
     /// update's phases from the first kick on.
     fn pause(&self) -> Result<(u64, Phases), Error> {
+        super::prefault();
         let mut phases = Phases::begin();
         if self.run == RunState::Running {
             if let Err(e) = self.machine.vcpus.pause() {
@@ -562,9 +563,10 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 src.resume();
                 return Done::failed(what, e);
             }
-            // The snapshot is freed once the guest runs elsewhere, not in
-            // the pause (musl unmaps what it frees).
+            // The snapshot and its encoding are freed once the guest runs
+            // elsewhere, not in the pause (musl unmaps what it frees).
             let mut snapshot = None;
+            let mut encoded = None;
             let sent = src
                 .snapshot(src.in_place(), stopped_at_ns, &mut phases)
                 .and_then(|s| {
@@ -573,6 +575,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
                 })
                 .and_then(|bytes| {
                     phases.mark("encode");
+                    let bytes = encoded.insert(bytes);
                     out.send_state(bytes, &phases, max_pause, src.signals)
                         .map_err(Error::Transfer)
                 });
@@ -586,7 +589,7 @@ fn transfer(src: &mut Source, path: PathBuf, max_pause: Option<Duration>) -> Sta
             //    leaving the terminal raw for it.
             let peer = out.peer_version.clone();
             let done = out.go();
-            drop(snapshot);
+            drop((snapshot, encoded));
             match done {
                 Ok(()) => {
                     log::info!("guest handed over to molt {peer}");

@@ -18,9 +18,11 @@ use kvm_bindings::{
     KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::VcpuFd;
+use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::pod::Pod;
+use crate::layout::MAX_VCPUS;
 
 /// Capacities: decoding a state with more entries fails instead of allocating.
 pub const MAX_CPUID_ENTRIES: usize = 128;
@@ -131,7 +133,10 @@ pub type VcpuState = VcpuStateV1;
 /// with the XSAVE image as its raw bytes (little-endian words, one length
 /// before them) instead of one varint per word, which cost ~13 µs to encode
 /// and ~25 µs to decode per vCPU. Frozen. In memory a vCPU stays a
-/// `VcpuStateV1`: `AsV2` writes one as this, and `From` reads it back.
+/// `VcpuStateV1`: `AsV2` writes one as this, and `VcpusFromV2` reads it back
+/// into one (as this type's derived reading and `From` would: its tests
+/// check that).
+#[cfg(test)]
 #[derive(Debug, Deserialize)]
 pub struct VcpuStateV2 {
     pub cpuid: BoundedVec<CpuidEntry, MAX_CPUID_ENTRIES>,
@@ -146,6 +151,7 @@ pub struct VcpuStateV2 {
     pub events: Pod<kvm_vcpu_events>,
 }
 
+#[cfg(test)]
 impl From<VcpuStateV2> for VcpuStateV1 {
     fn from(v2: VcpuStateV2) -> Self {
         VcpuStateV1 {
@@ -163,14 +169,96 @@ impl From<VcpuStateV2> for VcpuStateV1 {
     }
 }
 
-/// A vCPU read as a `VcpuStateV2` and boxed as this release holds it: one
-/// allocation per vCPU, as for a `VcpuStateV1` (a `Box<VcpuStateV2>` first
-/// cost a second one, and its fresh pages, inside the pause).
-pub struct FromV2(pub Box<VcpuStateV1>);
+/// Reads format 5's vCPUs (each a `VcpuStateV2`) into boxes as this release
+/// holds them, taking them from `spares` (made before the pause by `blank`,
+/// their pages written) while there are any: one allocation per vCPU
+/// otherwise, and no copy of a whole state either way.
+pub struct VcpusFromV2<'s>(pub &'s mut Vec<Box<VcpuStateV1>>);
 
-impl<'de> Deserialize<'de> for FromV2 {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        VcpuStateV2::deserialize(d).map(|v| FromV2(Box::new(v.into())))
+impl<'de> DeserializeSeed<'de> for VcpusFromV2<'_> {
+    type Value = BoundedVec<Box<VcpuStateV1>, MAX_VCPUS>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for VcpusFromV2<'_> {
+    type Value = BoundedVec<Box<VcpuStateV1>, MAX_VCPUS>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "at most {MAX_VCPUS} vCPU states")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = BoundedVec::new();
+        loop {
+            let into = self.0.pop().unwrap_or_default();
+            let Some(v) = seq.next_element_seed(FromV2(into))? else {
+                return Ok(out);
+            };
+            if out.push(v).is_err() {
+                return Err(A::Error::invalid_length(MAX_VCPUS + 1, &self));
+            }
+        }
+    }
+}
+
+/// One `VcpuStateV2` read into a box of this release's, field by field.
+struct FromV2(Box<VcpuStateV1>);
+
+/// `VcpuStateV2`'s fields, in order.
+const V2_FIELDS: [&str; 10] = [
+    "cpuid",
+    "mp_state",
+    "regs",
+    "sregs",
+    "xsave",
+    "xcrs",
+    "debug_regs",
+    "lapic",
+    "msrs",
+    "events",
+];
+
+impl<'de> DeserializeSeed<'de> for FromV2 {
+    type Value = Box<VcpuStateV1>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_struct("VcpuStateV2", &V2_FIELDS, self)
+    }
+}
+
+impl<'de> Visitor<'de> for FromV2 {
+    type Value = Box<VcpuStateV1>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("struct VcpuStateV2")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        fn missing<E: serde::de::Error>(at: usize) -> E {
+            E::invalid_length(at, &"struct VcpuStateV2 with 10 elements")
+        }
+        fn next<'de, A: SeqAccess<'de>, T: Deserialize<'de>>(
+            seq: &mut A,
+            at: usize,
+        ) -> Result<T, A::Error> {
+            seq.next_element()?.ok_or_else(|| missing(at))
+        }
+        let mut v = self.0;
+        v.cpuid = next(&mut seq, 0)?;
+        v.mp_state = next(&mut seq, 1)?;
+        v.regs = next(&mut seq, 2)?;
+        v.sregs = next(&mut seq, 3)?;
+        seq.next_element_seed(WordsInto(&mut v.xsave))?
+            .ok_or_else(|| missing(4))?;
+        v.xcrs = next(&mut seq, 5)?;
+        v.debug_regs = next(&mut seq, 6)?;
+        v.lapic = next(&mut seq, 7)?;
+        v.msrs = next(&mut seq, 8)?;
+        v.events = next(&mut seq, 9)?;
+        Ok(v)
     }
 }
 
@@ -220,33 +308,52 @@ impl Serialize for WordBytes<'_> {
     }
 }
 
-/// XSAVE words read from their little-endian bytes: a whole number of words,
-/// at most `MAX_XSAVE_WORDS`.
+/// XSAVE words read from their little-endian bytes, into the vector given
+/// (its contents replaced): a whole number of words, at most
+/// `MAX_XSAVE_WORDS`.
+struct WordsInto<'a>(&'a mut BoundedVec<u32, MAX_XSAVE_WORDS>);
+
+impl<'de> DeserializeSeed<'de> for WordsInto<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_bytes(self)
+    }
+}
+
+impl Visitor<'_> for WordsInto<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "at most {MAX_XSAVE_WORDS} little-endian 32-bit words")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<(), E> {
+        if !b.len().is_multiple_of(4) || b.len() > 4 * MAX_XSAVE_WORDS {
+            return Err(E::invalid_length(b.len(), &self));
+        }
+        let words = self.0;
+        words.clear();
+        // Bounded above: fits.
+        let _ = words.resize(b.len() / 4, 0);
+        for (w, c) in words.iter_mut().zip(b.chunks_exact(4)) {
+            *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Ok(())
+    }
+}
+
+/// XSAVE words as `VcpuStateV2` holds them (`WordsInto` a vector of their own).
+#[cfg(test)]
 #[derive(Debug)]
 pub struct RawWords(pub BoundedVec<u32, MAX_XSAVE_WORDS>);
 
+#[cfg(test)]
 impl<'de> Deserialize<'de> for RawWords {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = RawWords;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                write!(f, "at most {MAX_XSAVE_WORDS} little-endian 32-bit words")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<RawWords, E> {
-                if !b.len().is_multiple_of(4) || b.len() > 4 * MAX_XSAVE_WORDS {
-                    return Err(E::invalid_length(b.len(), &self));
-                }
-                let mut words = BoundedVec::new();
-                // Bounded above: fits.
-                let _ = words.resize(b.len() / 4, 0);
-                for (w, c) in words.iter_mut().zip(b.chunks_exact(4)) {
-                    *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-                Ok(RawWords(words))
-            }
-        }
-        d.deserialize_bytes(Visitor)
+        let mut words = BoundedVec::new();
+        WordsInto(&mut words).deserialize(d)?;
+        Ok(RawWords(words))
     }
 }
 
@@ -656,6 +763,95 @@ mod tests {
         let all = image(&x);
         assert_eq!(all[..100], shorter[..]);
         assert!(all[100..].iter().all(|&w| w == 0));
+    }
+
+    /// Two vCPUs as format 5 writes them (a postcard sequence of
+    /// `VcpuStateV2`), each different from a default state.
+    fn two_vcpus() -> (Vec<VcpuState>, Vec<u8>) {
+        let vcpus: Vec<VcpuState> = (0..2u32)
+            .map(|n| {
+                let mut v = VcpuState::default();
+                v.cpuid.push(entry(0xd, n, 1, 2, 3)).unwrap();
+                v.regs.0.rip = 0x1000 + u64::from(n);
+                v.xsave
+                    .extend((0..LEGACY_XSAVE_WORDS as u32).map(|w| w ^ n));
+                v.msrs
+                    .push(MsrEntry {
+                        index: 0x10,
+                        data: 7 << n,
+                    })
+                    .unwrap();
+                v.lapic.0.regs[0x20] = 1 + n as i8;
+                v.events.0.nmi.pending = n as u8;
+                v
+            })
+            .collect();
+        let wire: Vec<AsV2> = vcpus.iter().map(AsV2).collect();
+        let bytes = postcard::to_allocvec(&wire).unwrap();
+        drop(wire);
+        (vcpus, bytes)
+    }
+
+    fn from_v2(
+        bytes: &[u8],
+        spares: &mut Vec<Box<VcpuState>>,
+    ) -> BoundedVec<Box<VcpuState>, MAX_VCPUS> {
+        let mut d = postcard::Deserializer::from_bytes(bytes);
+        let got = VcpusFromV2(spares).deserialize(&mut d).unwrap();
+        assert!(d.finalize().unwrap().is_empty());
+        got
+    }
+
+    #[test]
+    fn vcpus_read_in_place_as_the_derived_v2_reads_them() {
+        let (vcpus, bytes) = two_vcpus();
+        let derived: Vec<VcpuState> = postcard::from_bytes::<Vec<VcpuStateV2>>(&bytes)
+            .unwrap()
+            .into_iter()
+            .map(VcpuState::from)
+            .collect();
+        assert_eq!(derived, vcpus);
+        // Into spares holding another state (a longer XSAVE image, more
+        // MSRs): nothing of it is left, and the spares' memory is used.
+        let mut stale = blank();
+        stale.xsave.extend(std::iter::repeat_n(9, MAX_XSAVE_WORDS));
+        stale
+            .msrs
+            .extend(std::iter::repeat_n(MsrEntry { index: 1, data: 1 }, 5));
+        let at: *const VcpuState = &*stale;
+        let mut spares = vec![stale];
+        let got = from_v2(&bytes, &mut spares);
+        assert!(spares.is_empty());
+        assert_eq!(
+            got.iter().map(|v| &**v).collect::<Vec<_>>(),
+            vcpus.iter().collect::<Vec<_>>()
+        );
+        assert!(
+            got.iter().any(|v| std::ptr::eq(&**v, at)),
+            "a spare was used"
+        );
+        // Without spares, each is allocated.
+        let got = from_v2(&bytes, &mut Vec::new());
+        assert_eq!(
+            got.iter().map(|v| &**v).collect::<Vec<_>>(),
+            vcpus.iter().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn vcpus_read_in_place_refuse_what_the_derived_v2_refuses() {
+        let (_, bytes) = two_vcpus();
+        for cut in [1, bytes.len() / 2, bytes.len() - 1] {
+            let mut d = postcard::Deserializer::from_bytes(&bytes[..cut]);
+            assert!(VcpusFromV2(&mut Vec::new()).deserialize(&mut d).is_err());
+            assert!(postcard::from_bytes::<Vec<VcpuStateV2>>(&bytes[..cut]).is_err());
+        }
+        // More vCPUs than a machine has.
+        let v = VcpuState::default();
+        let many: Vec<AsV2> = (0..=MAX_VCPUS).map(|_| AsV2(&v)).collect();
+        let bytes = postcard::to_allocvec(&many).unwrap();
+        let mut d = postcard::Deserializer::from_bytes(&bytes);
+        assert!(VcpusFromV2(&mut Vec::new()).deserialize(&mut d).is_err());
     }
 
     #[test]

@@ -8,35 +8,36 @@ use super::{Msg, MAGIC};
 use crate::cpr::fds::FdKind;
 use crate::terminal::Original;
 
-/// A STATE's encoded state: written and read as serde bytes, one copy each
-/// way. Postcard writes bytes as a `Vec<u8>`: their length, then each byte
-/// as itself, so this is the same on the wire as the `Vec<u8>` older molts
-/// send and read, which went one byte at a time.
+/// A STATE's encoded state: written and read as serde bytes, without a
+/// copy either way (read, it borrows the received frame). Postcard writes
+/// bytes as a `Vec<u8>`: their length, then each byte as itself, so this is
+/// the same on the wire as the `Vec<u8>` older molts send and read, which
+/// went one byte at a time.
 #[derive(Debug)]
-pub(crate) struct Bytes(pub Vec<u8>);
+pub(crate) struct Bytes<'a>(pub &'a [u8]);
 
-impl Serialize for Bytes {
+impl Serialize for Bytes<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
+        s.serialize_bytes(self.0)
     }
 }
 
-impl<'de> Deserialize<'de> for Bytes {
+impl<'de: 'a, 'a> Deserialize<'de> for Bytes<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = Bytes;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Bytes<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("bytes")
+                f.write_str("bytes borrowed from the frame")
             }
-            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Bytes, E> {
-                Ok(Bytes(b.to_vec()))
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, b: Vec<u8>) -> Result<Bytes, E> {
+            fn visit_borrowed_bytes<E: serde::de::Error>(
+                self,
+                b: &'de [u8],
+            ) -> Result<Bytes<'de>, E> {
                 Ok(Bytes(b))
             }
         }
-        d.deserialize_byte_buf(Visitor)
+        d.deserialize_bytes(Visitor)
     }
 }
 
@@ -103,7 +104,7 @@ mod tests {
         let bytes: Vec<u8> = (0..=255).cycle().take(70_000).collect();
         let new = Msg::State {
             max_pause_ms: 1000,
-            bytes: Bytes(bytes.clone()),
+            bytes: Bytes(&bytes),
         };
         let old = Old::State {
             max_pause_ms: 1000,
@@ -122,7 +123,7 @@ mod tests {
                 },
                 rest,
             ) => {
-                assert_eq!((max_pause_ms, b.0, rest), (1000, bytes.clone(), &[][..]));
+                assert_eq!((max_pause_ms, b.0, rest), (1000, &bytes[..], &[][..]));
             }
             other => panic!("{other:?}"),
         }
