@@ -128,9 +128,17 @@ pub struct FileIncoming {
     rest: std::io::BufReader<File>,
     start: Instant,
     phases: Phases,
-    probe: Probe,
-    /// The probe's KVM_GET_SUPPORTED_CPUID: the machine's vCPUs get it.
-    supported: kvm_bindings::CpuId,
+    made: Made,
+}
+
+/// What reboot mode made of the machine while it read the state.
+enum Made {
+    /// Its RAM, VM and vCPUs (`vm::Early`): the state was checked against them.
+    Early(Box<vm::Early>),
+    /// Nothing (RAM could not be mapped as it is, or KVM failed there): a
+    /// probe VM answered the check, and the machine is built after it. The
+    /// probe's KVM_GET_SUPPORTED_CPUID: the machine's vCPUs get it.
+    Probe(Probe, kvm_bindings::CpuId),
 }
 
 /// Reboot mode, step 1: reads the state in `path` and checks it against argv,
@@ -141,28 +149,35 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     let start = Instant::now();
     let mut phases = Phases::begin_at(phases::process_start());
     phases.mark("startup");
-    // What this host's KVM offers is asked through a probe VM of its own
-    // (~1-1.5 ms here, most of this phase), on a second thread while this
-    // one reads the state and checks it against argv, the disks and sysfs:
-    // the probe needs nothing of the state. Its verdict comes after theirs,
-    // as when it ran after them.
-    let (checked, opened) = std::thread::scope(|s| {
-        let opened = s.spawn(HostCpu::open);
+    // The machine's RAM, VM and vCPUs need nothing of the state (argv says
+    // what they are): made on a second thread (~1-1.5 ms here, most of this
+    // phase) while this one reads the state and checks it against argv, the
+    // disks and sysfs. What this host's KVM offers is asked of them; that
+    // verdict comes after the others, as when it ran after them.
+    let (checked, early) = std::thread::scope(|s| {
+        let early = s.spawn(|| make_early(cfg));
         let checked = load_and_check(cfg, path);
-        let opened = opened
+        let early = early
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (checked, opened)
+        (checked, early)
     });
     let (state, rest) = checked?;
     // `Prepared::restore` checks again, for every mode; here it runs before
-    // RAM is mapped or loaded. Its probe VM is released once the guest runs.
-    let (probe, supported) = opened
-        .and_then(|(host, probe, supported)| {
-            host.check(state.machine.vcpus.iter().map(|v| &**v))?;
-            Ok((probe, supported))
-        })
-        .map_err(|e| Error::HostCpu(path.into(), e))?;
+    // RAM is loaded or the devices opened.
+    let vcpus = || state.machine.vcpus.iter().map(|v| &**v);
+    let made = match early {
+        Some(early) => early
+            .host
+            .check(vcpus())
+            .map(|()| Made::Early(Box::new(early))),
+        // Its probe VM is released once the guest runs.
+        None => HostCpu::open().and_then(|(host, probe, supported)| {
+            host.check(vcpus())?;
+            Ok(Made::Probe(probe, supported))
+        }),
+    }
+    .map_err(|e| Error::HostCpu(path.into(), e))?;
     phases.mark("decode");
     Ok(FileIncoming {
         path: path.into(),
@@ -170,9 +185,19 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
         rest,
         start,
         phases,
-        probe,
-        supported,
+        made,
     })
+}
+
+/// Reboot mode's RAM, VM and vCPUs, made before the state is checked; None
+/// where that cannot be done without changing what a refusal must leave as
+/// it was (`GuestRam::map_as_is`) or fails (made after the check, which then
+/// says why).
+fn make_early(cfg: &RunConfig) -> Option<vm::Early> {
+    let ram = GuestRam::map_as_is(cfg.mem_size, cfg.mem_file.as_deref())?;
+    vm::Early::make(cfg, ram)
+        .map_err(|e| log::debug!("the VM is made after the state is checked: {e}"))
+        .ok()
 }
 
 /// Reboot mode: the state in `path` read and checked against argv, the
@@ -210,30 +235,47 @@ fn resume_file(
         mut rest,
         start,
         mut phases,
-        probe,
-        supported,
+        made,
     } = inc;
     // 2. Guest RAM: the --mem-file as it is, or read back from the state file.
-    let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
-    if state.ram == RamLocation::InStateFile {
-        reboot::load_ram(&path, &mut rest, &ram).map_err(Error::File)?;
-    }
     // 3. RAM kept in place must be the RAM that was saved.
-    check_ram(&state, &ram)?;
-    phases.mark("map_ram");
-    // 4. Rebuild the machine, restore it and run it (paused, if it was).
-    let supported = Supported::Known(supported);
-    let machine = restore(
-        cfg,
-        &state,
-        ram,
-        None,
-        (console, exit, supported),
-        &mut phases,
-        || {},
-    )?;
+    let load = |ram: &GuestRam, rest: &mut std::io::BufReader<File>| {
+        if state.ram == RamLocation::InStateFile {
+            reboot::load_ram(&path, rest, ram).map_err(Error::File)?;
+        }
+        check_ram(&state, ram)
+    };
+    // 4. Build the rest of the machine, restore it and run it (paused, if
+    //    it was).
+    let (machine, probe) = match made {
+        Made::Early(early) => {
+            load(&early.ram, &mut rest)?;
+            phases.mark("map_ram");
+            let prepared = Machine::prepare_early(cfg, *early, console, exit).map_err(Error::Vm)?;
+            (run_prepared(prepared, &state, &mut phases, || {})?, None)
+        }
+        Made::Probe(probe, supported) => {
+            let ram =
+                GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
+            load(&ram, &mut rest)?;
+            phases.mark("map_ram");
+            let supported = Supported::Known(supported);
+            let machine = restore(
+                cfg,
+                &state,
+                ram,
+                None,
+                (console, exit, supported),
+                &mut phases,
+                || {},
+            )?;
+            (machine, Some(probe))
+        }
+    };
     // 5. The guest runs: KVM tears the probe VM down off the main thread.
-    probe.release();
+    if let Some(probe) = probe {
+        probe.release();
+    }
     let arrived = arrived(machine, &state, &phases, None, None);
     log::info!(
         "resumed from {}: restore_us={} pause_us={} phases={}",
@@ -663,12 +705,22 @@ fn restore(
     phases: &mut Phases,
     before_start: impl FnOnce(),
 ) -> Result<Machine, Error> {
-    let restored = Machine::prepare(cfg, ram, console, vfio, (exit, supported))
-        .and_then(|p| {
-            phases.mark("build");
-            super::fault::point("built");
-            p.restore(&state.machine, phases)
-        })
+    let prepared =
+        Machine::prepare(cfg, ram, console, vfio, (exit, supported)).map_err(Error::Vm)?;
+    run_prepared(prepared, state, phases, before_start)
+}
+
+/// `restore` once the machine is built.
+fn run_prepared(
+    prepared: vm::Prepared,
+    state: &CprState,
+    phases: &mut Phases,
+    before_start: impl FnOnce(),
+) -> Result<Machine, Error> {
+    phases.mark("build");
+    super::fault::point("built");
+    let restored = prepared
+        .restore(&state.machine, phases)
         .map_err(Error::Vm)?;
     log_vfio(&restored);
     super::fault::point("restored");

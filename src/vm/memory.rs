@@ -107,6 +107,26 @@ impl GuestRam {
         Self::map(file, size)
     }
 
+    /// `create` for a machine whose state is not yet checked: None where
+    /// that would change anything (create or grow `--mem-file`), open
+    /// anything but a regular file, or fail; `create` then does it, or says
+    /// why not, once the state is accepted.
+    pub fn map_as_is(size: u64, mem_file: Option<&Path>) -> Option<Self> {
+        let file = match mem_file {
+            None => return Self::create(size, None).ok(),
+            Some(path) => {
+                let regular = std::fs::symlink_metadata(path).ok()?.is_file();
+                let file = regular.then(|| files::open("--mem-file", path, Access::Existing));
+                file?.ok()?
+            }
+        };
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() || meta.len() < size {
+            return None;
+        }
+        Self::map(file, size).ok()
+    }
+
     /// Maps the RAM a previous molt handed over (exec, transfer), reopened
     /// through `path`, a `/proc/self/fd/N` link to it (a fresh open file
     /// description). Not checked by `files`: the descriptor is already the
