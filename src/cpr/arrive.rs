@@ -133,8 +133,9 @@ pub struct FileIncoming {
 
 /// What reboot mode made of the machine while it read the state.
 enum Made {
-    /// Its RAM, VM and vCPUs (`vm::Early`): the state was checked against them.
-    Early(Box<vm::Early>),
+    /// Its RAM, VM and vCPUs (`vm::Early`): the state was checked against
+    /// them. RAM kept in place: its sample (`check_ram`), read meanwhile.
+    Early(Box<vm::Early>, GuestRam, Option<u32>),
     /// Nothing (RAM could not be mapped as it is, or KVM failed there): a
     /// probe VM answered the check, and the machine is built after it. The
     /// probe's KVM_GET_SUPPORTED_CPUID: the machine's vCPUs get it.
@@ -150,27 +151,34 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     let mut phases = Phases::begin_at(phases::process_start());
     phases.mark("startup");
     // The machine's RAM, VM and vCPUs need nothing of the state (argv says
-    // what they are): made on a second thread (~1-1.5 ms here, most of this
-    // phase) while this one reads the state and checks it against argv, the
-    // disks and sysfs. What this host's KVM offers is asked of them; that
-    // verdict comes after the others, as when it ran after them.
-    let (checked, early) = std::thread::scope(|s| {
-        let early = s.spawn(|| make_early(cfg));
+    // what they are): RAM mapped as it is (None where that would change
+    // anything), then the VM and vCPUs made on a second thread (~1-2.5 ms
+    // here, most of this phase) while this one reads the state, checks it
+    // against argv, the disks and sysfs, and reads RAM's sample. What this
+    // host's KVM offers is asked of the vCPUs; that verdict comes after the
+    // others, as when it ran after them.
+    let ram = GuestRam::map_as_is(cfg.mem_size, cfg.mem_file.as_deref());
+    let (checked, early, sample) = std::thread::scope(|s| {
+        let early = ram.as_ref().map(|ram| s.spawn(|| make_early(cfg, ram)));
         let checked = load_and_check(cfg, path);
-        let early = early
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (checked, early)
+        let sample = match (&checked, &ram) {
+            (Ok((state, _)), Some(ram)) if state.ram != RamLocation::InStateFile => {
+                Some(ram.sample_crc())
+            }
+            _ => None,
+        };
+        let early = early.and_then(|e| e.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        (checked, early, sample)
     });
     let (state, rest) = checked?;
     // `Prepared::restore` checks again, for every mode; here it runs before
     // RAM is loaded or the devices opened.
     let vcpus = || state.machine.vcpus.iter().map(|v| &**v);
-    let made = match early {
-        Some(early) => early
+    let made = match early.zip(ram) {
+        Some((early, ram)) => early
             .host
             .check(vcpus())
-            .map(|()| Made::Early(Box::new(early))),
+            .map(|()| Made::Early(Box::new(early), ram, sample)),
         // Its probe VM is released once the guest runs.
         None => HostCpu::open().and_then(|(host, probe, supported)| {
             host.check(vcpus())?;
@@ -189,12 +197,9 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     })
 }
 
-/// Reboot mode's RAM, VM and vCPUs, made before the state is checked; None
-/// where that cannot be done without changing what a refusal must leave as
-/// it was (`GuestRam::map_as_is`) or fails (made after the check, which then
-/// says why).
-fn make_early(cfg: &RunConfig) -> Option<vm::Early> {
-    let ram = GuestRam::map_as_is(cfg.mem_size, cfg.mem_file.as_deref())?;
+/// Reboot mode's VM and vCPUs over `ram`, made before the state is checked;
+/// None if that fails (made after the check, which then says why).
+fn make_early(cfg: &RunConfig, ram: &GuestRam) -> Option<vm::Early> {
     vm::Early::make(cfg, ram)
         .map_err(|e| log::debug!("the VM is made after the state is checked: {e}"))
         .ok()
@@ -239,25 +244,26 @@ fn resume_file(
     } = inc;
     // 2. Guest RAM: the --mem-file as it is, or read back from the state file.
     // 3. RAM kept in place must be the RAM that was saved.
-    let load = |ram: &GuestRam, rest: &mut std::io::BufReader<File>| {
+    let load = |ram: &GuestRam, rest: &mut std::io::BufReader<File>, sample: Option<u32>| {
         if state.ram == RamLocation::InStateFile {
             reboot::load_ram(&path, rest, ram).map_err(Error::File)?;
         }
-        check_ram(&state, ram)
+        check_sample(&state, || sample.unwrap_or_else(|| ram.sample_crc()))
     };
     // 4. Build the rest of the machine, restore it and run it (paused, if
     //    it was).
     let (machine, probe) = match made {
-        Made::Early(early) => {
-            load(&early.ram, &mut rest)?;
+        Made::Early(early, ram, sample) => {
+            load(&ram, &mut rest, sample)?;
             phases.mark("map_ram");
-            let prepared = Machine::prepare_early(cfg, *early, console, exit).map_err(Error::Vm)?;
+            let prepared =
+                Machine::prepare_early(cfg, (*early, ram), console, exit).map_err(Error::Vm)?;
             (run_prepared(prepared, &state, &mut phases, || {})?, None)
         }
         Made::Probe(probe, supported) => {
             let ram =
                 GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
-            load(&ram, &mut rest)?;
+            load(&ram, &mut rest, None)?;
             phases.mark("map_ram");
             let supported = Supported::Known(supported);
             let machine = restore(
@@ -620,8 +626,13 @@ fn adopted_config(
 
 /// RAM kept in place must be the RAM that was saved.
 fn check_ram(state: &CprState, ram: &GuestRam) -> Result<(), Error> {
+    check_sample(state, || ram.sample_crc())
+}
+
+/// `check_ram`, RAM's sample read by `now` (only if kept in place).
+fn check_sample(state: &CprState, now: impl FnOnce() -> u32) -> Result<(), Error> {
     if let RamLocation::InPlace { sample_crc } = state.ram {
-        let now = ram.sample_crc();
+        let now = now();
         if now != sample_crc {
             return Err(Error::RamMismatch {
                 now,

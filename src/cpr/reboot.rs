@@ -398,6 +398,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_pending_state_file_never_saved_leaves_nothing() {
+        let dir = std::env::temp_dir().join(format!("molt-pending-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        std::fs::write(&path, b"the previous state").unwrap();
+        let pending = prepare(&path, 2).unwrap();
+        assert!(tmp_path(&path).exists());
+        assert!(pending.buf.capacity() > 0);
+        drop(pending);
+        assert!(!tmp_path(&path).exists());
+        assert_eq!(std::fs::read(&path).unwrap(), b"the previous state");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn progress_is_said_once_a_second_with_the_share_done() {
         let t0 = Instant::now();
         let mut p = Progress::new("saving guest RAM", 4 << 20, t0);

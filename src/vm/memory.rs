@@ -302,6 +302,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ram_mapped_as_is_changes_no_file() {
+        use std::os::unix::fs::{symlink, FileExt, OpenOptionsExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("molt-map-as-is-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = 4 << 20;
+        let new = |name: &str, len: u64| {
+            let path = dir.join(name);
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .unwrap();
+            f.set_len(len).unwrap();
+            path
+        };
+        // Missing: not created.
+        let missing = dir.join("missing");
+        assert!(GuestRam::map_as_is(size, Some(&missing)).is_none());
+        assert!(!missing.exists());
+        // Too small: not grown (`create` would grow it).
+        let small = new("small", size / 2);
+        assert!(GuestRam::map_as_is(size, Some(&small)).is_none());
+        assert_eq!(std::fs::metadata(&small).unwrap().len(), size / 2);
+        // A link, and a file other users may read: left to `create` to refuse.
+        let link = dir.join("link");
+        symlink(new("target", size), &link).unwrap();
+        assert!(GuestRam::map_as_is(size, Some(&link)).is_none());
+        let shared = new("shared", size);
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(GuestRam::map_as_is(size, Some(&shared)).is_none());
+        // Large enough and private: mapped, its contents the file's.
+        let ok = new("ok", size);
+        let f = OpenOptions::new().write(true).open(&ok).unwrap();
+        f.write_all_at(b"saved", 0).unwrap();
+        let ram = GuestRam::map_as_is(size, Some(&ok)).unwrap();
+        let mut head = [0u8; 5];
+        ram.memory.read_slice(&mut head, GuestAddress(0)).unwrap();
+        assert_eq!(&head, b"saved");
+        assert_eq!(std::fs::metadata(&ok).unwrap().len(), size);
+        // No --mem-file: a memfd.
+        assert!(GuestRam::map_as_is(size, None).is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn small_ram_is_one_region() {
         assert_eq!(
             ram_regions(256 << 20),

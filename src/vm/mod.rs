@@ -306,16 +306,15 @@ fn save_spec(kvm: &Kvm) -> Result<SaveSpec, Error> {
     })
 }
 
-/// A machine's RAM, its VM (memslots, irqchip, PIT) and its vCPUs with their
-/// CPUID, made before anything else, and what this host's KVM offers them
-/// (asked of vCPU 0). Reboot mode makes them on a second thread while it
-/// reads and checks the state: none of it touches what the state names
+/// A machine's VM (memslots over its RAM, irqchip, PIT) and its vCPUs with
+/// their CPUID, made before anything else, and what this host's KVM offers
+/// them (asked of vCPU 0). Reboot mode makes them on a second thread while
+/// it reads and checks the state: none of it touches what the state names
 /// (RAM is mapped only as it is, `GuestRam::map_as_is`), and a refused state
 /// drops it. `Machine::prepare_early` builds the rest around it.
 pub struct Early {
     /// What this host's KVM offers the vCPUs: the state's are checked against it.
     pub host: HostCpu,
-    pub ram: GuestRam,
     kvm: Kvm,
     vm: VmFd,
     save_spec: SaveSpec,
@@ -324,15 +323,18 @@ pub struct Early {
 }
 
 impl Early {
-    /// `cfg`'s VM and vCPUs over `ram`. KVM_GET_SUPPORTED_CPUID (~0.3-0.6 ms
-    /// here) is asked on another thread while the VM is created.
-    pub fn make(cfg: &RunConfig, ram: GuestRam) -> Result<Self, Error> {
+    /// `cfg`'s VM and vCPUs over `ram` (given to `prepare_early` with
+    /// them). KVM_GET_SUPPORTED_CPUID (~0.3-0.6 ms here) is asked on another
+    /// thread while the VM is created, and with more than one vCPU another
+    /// thread creates half of them (~0.15 ms each here; KVM_CREATE_VCPU
+    /// holds the VM's lock only around its bookkeeping).
+    pub fn make(cfg: &RunConfig, ram: &GuestRam) -> Result<Self, Error> {
         let kvm = Kvm::new()
             .map_err(kvm::Error::OpenKvm)
             .map_err(Error::Kvm)?;
         let (vm, supported) = std::thread::scope(|s| {
             let supported = s.spawn(|| host_cpu::supported_cpuid(&kvm));
-            let vm = kvm::create_vm_of(&kvm, &ram);
+            let vm = kvm::create_vm_of(&kvm, ram);
             let supported = supported
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p));
@@ -341,9 +343,22 @@ impl Early {
         let vm = vm.map_err(Error::Kvm)?;
         let supported = supported.map_err(Error::HostCpu)?;
         let count = cfg.vcpus;
-        let (fds, cpuids): (Vec<_>, Vec<_>) = (0..count)
-            .map(|i| vcpu::create(&supported, &vm, &ram.memory, i, count, None))
-            .collect::<Result<Vec<_>, _>>()
+        let create = |ids: std::ops::Range<u8>| {
+            ids.map(|i| vcpu::create(&supported, &vm, &ram.memory, i, count, None))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let half = count.div_ceil(2);
+        let (first, rest) = std::thread::scope(|s| {
+            let rest = (half < count).then(|| s.spawn(|| create(half..count)));
+            let first = create(0..half);
+            let rest = rest.map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            (first, rest.unwrap_or_else(|| Ok(Vec::new())))
+        });
+        let (fds, cpuids): (Vec<_>, Vec<_>) = first
+            .and_then(|mut v| {
+                v.extend(rest?);
+                Ok(v)
+            })
             .map_err(Error::Vcpu)?
             .into_iter()
             .unzip();
@@ -352,7 +367,6 @@ impl Early {
         let save_spec = save_spec(&kvm)?;
         Ok(Early {
             host,
-            ram,
             kvm,
             vm,
             save_spec,
@@ -590,17 +604,17 @@ impl Machine {
         })
     }
 
-    /// `prepare` around the RAM, VM and vCPUs `early` made: the devices (and
-    /// passed-through devices, opened by name) and the vCPUs' threads, parked.
+    /// `prepare` around the VM and vCPUs `early` made over `ram`: the
+    /// devices (and passed-through devices, opened by name) and the vCPUs'
+    /// threads, parked.
     pub fn prepare_early(
         cfg: &RunConfig,
-        early: Early,
+        (early, ram): (Early, GuestRam),
         console: Output,
         exit: ExitSink,
     ) -> Result<Prepared, Error> {
         let Early {
             host,
-            ram,
             kvm,
             vm,
             save_spec,
