@@ -410,7 +410,7 @@ impl Parts {
         made: Option<(Kvm, VmFd, SaveSpec)>,
     ) -> Result<Self, Error> {
         // Passed-through devices first: one that cannot be used is refused
-        // before KVM is touched.
+        // before KVM is touched (but for a VM `Early` made, which uses none).
         let adopted = vfio.is_some();
         let take_back = vfio.as_ref().is_some_and(|v| v.take_back);
         let handles = match vfio {
@@ -579,7 +579,8 @@ impl Machine {
     /// Everything that needs no saved state: RAM mapped, VM, memslots, devices,
     /// vCPUs and their threads (parked), and what this host's KVM offers them
     /// (asked of vCPU 0). A transfer does this while the old process still
-    /// runs the guest; exec and reboot mode inside the pause. Every vCPU gets
+    /// runs the guest; exec and reboot mode inside the pause (reboot mode mostly
+    /// through `Early`, made while it reads the state). Every vCPU gets
     /// its CPUID here, and a restore sets it again only if the saved one
     /// differs. `vfio`: the passed-through devices' descriptors an exec or
     /// transfer handed over (None: opened by name); `supported`: this host's
