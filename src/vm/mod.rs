@@ -325,9 +325,9 @@ pub struct Early {
 impl Early {
     /// `cfg`'s VM and vCPUs over `ram` (given to `prepare_early` with
     /// them). KVM_GET_SUPPORTED_CPUID (~0.3-0.6 ms here) is asked on another
-    /// thread while the VM is created, and with more than one vCPU another
-    /// thread creates half of them (~0.15 ms each here; KVM_CREATE_VCPU
-    /// holds the VM's lock only around its bookkeeping).
+    /// thread while the VM is created. The vCPUs (~0.15 ms each here) are
+    /// made one after the other: half of them on a third thread was slower
+    /// on this 2-core machine, the state being read and checked meanwhile.
     pub fn make(cfg: &RunConfig, ram: &GuestRam) -> Result<Self, Error> {
         let kvm = Kvm::new()
             .map_err(kvm::Error::OpenKvm)
@@ -343,22 +343,9 @@ impl Early {
         let vm = vm.map_err(Error::Kvm)?;
         let supported = supported.map_err(Error::HostCpu)?;
         let count = cfg.vcpus;
-        let create = |ids: std::ops::Range<u8>| {
-            ids.map(|i| vcpu::create(&supported, &vm, &ram.memory, i, count, None))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let half = count.div_ceil(2);
-        let (first, rest) = std::thread::scope(|s| {
-            let rest = (half < count).then(|| s.spawn(|| create(half..count)));
-            let first = create(0..half);
-            let rest = rest.map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-            (first, rest.unwrap_or_else(|| Ok(Vec::new())))
-        });
-        let (fds, cpuids): (Vec<_>, Vec<_>) = first
-            .and_then(|mut v| {
-                v.extend(rest?);
-                Ok(v)
-            })
+        let (fds, cpuids): (Vec<_>, Vec<_>) = (0..count)
+            .map(|i| vcpu::create(&supported, &vm, &ram.memory, i, count, None))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(Error::Vcpu)?
             .into_iter()
             .unzip();
