@@ -89,6 +89,9 @@ pub enum Access {
     Read,
     /// Read and write, created if missing, never truncated (`--mem-file`).
     ReadWrite,
+    /// Read and write, an existing file only (`--mem-file` mapped while a
+    /// restart's state is still being checked: nothing may be created).
+    Existing,
     /// Appended to, created if missing (`--serial file:`).
     Append,
     /// A file molt alone writes (a state's temporary): whatever is at the path
@@ -105,6 +108,7 @@ pub fn open(what: &'static str, path: &Path, access: Access) -> Result<File, Err
     match access {
         Access::Read => opts.read(true),
         Access::ReadWrite => opts.read(true).write(true).create(true).truncate(false),
+        Access::Existing => opts.read(true).write(true),
         Access::Append => opts.append(true).create(true),
         Access::CreateNew => opts.write(true).create_new(true),
     };

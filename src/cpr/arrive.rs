@@ -129,9 +129,18 @@ pub struct FileIncoming {
     rest: std::io::BufReader<File>,
     start: Instant,
     phases: Phases,
-    probe: Probe,
-    /// The probe's KVM_GET_SUPPORTED_CPUID: the machine's vCPUs get it.
-    supported: kvm_bindings::CpuId,
+    made: Made,
+}
+
+/// What reboot mode made of the machine while it read the state.
+enum Made {
+    /// Its RAM, VM and vCPUs (`vm::Early`): the state was checked against
+    /// them. RAM kept in place: its sample (`check_ram`), read meanwhile.
+    Early(Box<vm::Early>, GuestRam, Option<u32>),
+    /// Nothing (RAM could not be mapped as it is, or KVM failed there): a
+    /// probe VM answered the check, and the machine is built after it. The
+    /// probe's KVM_GET_SUPPORTED_CPUID: the machine's vCPUs get it.
+    Probe(Probe, kvm_bindings::CpuId),
 }
 
 /// Reboot mode, step 1: reads the state in `path` and checks it against argv,
@@ -142,28 +151,42 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
     let start = Instant::now();
     let mut phases = Phases::begin_at(phases::process_start());
     phases.mark("startup");
-    // What this host's KVM offers is asked through a probe VM of its own
-    // (~1-1.5 ms here, most of this phase), on a second thread while this
-    // one reads the state and checks it against argv, the disks and sysfs:
-    // the probe needs nothing of the state. Its verdict comes after theirs,
-    // as when it ran after them.
-    let (checked, opened) = std::thread::scope(|s| {
-        let opened = s.spawn(HostCpu::open);
+    // The machine's RAM, VM and vCPUs need nothing of the state (argv says
+    // what they are): RAM mapped as it is (None where that would change
+    // anything), then the VM and vCPUs made on a second thread (~1-2.5 ms
+    // here, most of this phase) while this one reads the state, checks it
+    // against argv, the disks and sysfs, and reads RAM's sample. What this
+    // host's KVM offers is asked of the vCPUs; that verdict comes after the
+    // others, as when it ran after them.
+    let ram = GuestRam::map_as_is(cfg.mem_size, cfg.mem_file.as_deref());
+    let (checked, early, sample) = std::thread::scope(|s| {
+        let early = ram.as_ref().map(|ram| s.spawn(|| make_early(cfg, ram)));
         let checked = load_and_check(cfg, path);
-        let opened = opened
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (checked, opened)
+        let sample = match (&checked, &ram) {
+            (Ok((state, _)), Some(ram)) if state.ram != RamLocation::InStateFile => {
+                Some(ram.sample_crc())
+            }
+            _ => None,
+        };
+        let early = early.and_then(|e| e.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        (checked, early, sample)
     });
     let (state, rest) = checked?;
     // `Prepared::restore` checks again, for every mode; here it runs before
-    // RAM is mapped or loaded. Its probe VM is released once the guest runs.
-    let (probe, supported) = opened
-        .and_then(|(host, probe, supported)| {
-            host.check(state.machine.vcpus.iter().map(|v| &**v))?;
-            Ok((probe, supported))
-        })
-        .map_err(|e| Error::HostCpu(path.into(), e))?;
+    // RAM is loaded or the devices opened.
+    let vcpus = || state.machine.vcpus.iter().map(|v| &**v);
+    let made = match early.zip(ram) {
+        Some((early, ram)) => early
+            .host
+            .check(vcpus())
+            .map(|()| Made::Early(Box::new(early), ram, sample)),
+        // Its probe VM is released once the guest runs.
+        None => HostCpu::open().and_then(|(host, probe, supported)| {
+            host.check(vcpus())?;
+            Ok(Made::Probe(probe, supported))
+        }),
+    }
+    .map_err(|e| Error::HostCpu(path.into(), e))?;
     phases.mark("decode");
     Ok(FileIncoming {
         path: path.into(),
@@ -171,9 +194,16 @@ fn receive_file(cfg: &RunConfig, path: &Path) -> Result<FileIncoming, Error> {
         rest,
         start,
         phases,
-        probe,
-        supported,
+        made,
     })
+}
+
+/// Reboot mode's VM and vCPUs over `ram`, made before the state is checked;
+/// None if that fails (made after the check, which then says why).
+fn make_early(cfg: &RunConfig, ram: &GuestRam) -> Option<vm::Early> {
+    vm::Early::make(cfg, ram)
+        .map_err(|e| log::debug!("the VM is made after the state is checked: {e}"))
+        .ok()
 }
 
 /// Reboot mode: the state in `path` read and checked against argv, the
@@ -211,30 +241,48 @@ fn resume_file(
         mut rest,
         start,
         mut phases,
-        probe,
-        supported,
+        made,
     } = inc;
     // 2. Guest RAM: the --mem-file as it is, or read back from the state file.
-    let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
-    if state.ram == RamLocation::InStateFile {
-        reboot::load_ram(&path, &mut rest, &ram).map_err(Error::File)?;
-    }
     // 3. RAM kept in place must be the RAM that was saved.
-    check_ram(&state, &ram)?;
-    phases.mark("map_ram");
-    // 4. Rebuild the machine, restore it and run it (paused, if it was).
-    let supported = Supported::Known(supported);
-    let machine = restore(
-        cfg,
-        &state,
-        ram,
-        None,
-        (console, exit, supported),
-        &mut phases,
-        || {},
-    )?;
+    let load = |ram: &GuestRam, rest: &mut std::io::BufReader<File>, sample: Option<u32>| {
+        if state.ram == RamLocation::InStateFile {
+            reboot::load_ram(&path, rest, ram).map_err(Error::File)?;
+        }
+        check_sample(&state, || sample.unwrap_or_else(|| ram.sample_crc()))
+    };
+    // 4. Build the rest of the machine, restore it and run it (paused, if
+    //    it was).
+    let (machine, probe) = match made {
+        Made::Early(early, ram, sample) => {
+            load(&ram, &mut rest, sample)?;
+            phases.mark("map_ram");
+            let prepared =
+                Machine::prepare_early(cfg, (*early, ram), console, exit).map_err(Error::Vm)?;
+            (run_prepared(prepared, &state, &mut phases, || {})?, None)
+        }
+        Made::Probe(probe, supported) => {
+            let ram =
+                GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
+            load(&ram, &mut rest, None)?;
+            phases.mark("map_ram");
+            let supported = Supported::Known(supported);
+            let machine = restore(
+                cfg,
+                &state,
+                ram,
+                None,
+                (console, exit, supported),
+                &mut phases,
+                || {},
+            )?;
+            (machine, Some(probe))
+        }
+    };
     // 5. The guest runs: KVM tears the probe VM down off the main thread.
-    probe.release();
+    if let Some(probe) = probe {
+        probe.release();
+    }
     let arrived = arrived(machine, &state, &phases, None, None);
     log::info!(
         "resumed from {}: restore_us={} pause_us={} phases={}",
@@ -591,8 +639,13 @@ fn adopted_config(
 
 /// RAM kept in place must be the RAM that was saved.
 fn check_ram(state: &CprState, ram: &GuestRam) -> Result<(), Error> {
+    check_sample(state, || ram.sample_crc())
+}
+
+/// `check_ram`, RAM's sample read by `now` (only if kept in place).
+fn check_sample(state: &CprState, now: impl FnOnce() -> u32) -> Result<(), Error> {
     if let RamLocation::InPlace { sample_crc } = state.ram {
-        let now = ram.sample_crc();
+        let now = now();
         if now != sample_crc {
             return Err(Error::RamMismatch {
                 now,
@@ -676,12 +729,22 @@ fn restore(
     phases: &mut Phases,
     before_start: impl FnOnce(),
 ) -> Result<Machine, Error> {
-    let restored = Machine::prepare(cfg, ram, console, vfio, (exit, supported))
-        .and_then(|p| {
-            phases.mark("build");
-            super::fault::point("built");
-            p.restore(&state.machine, phases)
-        })
+    let prepared =
+        Machine::prepare(cfg, ram, console, vfio, (exit, supported)).map_err(Error::Vm)?;
+    run_prepared(prepared, state, phases, before_start)
+}
+
+/// `restore` once the machine is built.
+fn run_prepared(
+    prepared: vm::Prepared,
+    state: &CprState,
+    phases: &mut Phases,
+    before_start: impl FnOnce(),
+) -> Result<Machine, Error> {
+    phases.mark("build");
+    super::fault::point("built");
+    let restored = prepared
+        .restore(&state.machine, phases)
         .map_err(Error::Vm)?;
     log_vfio(&restored);
     super::fault::point("restored");

@@ -135,31 +135,71 @@ impl fmt::Display for Error {
     }
 }
 
-/// Writes `state` in state format `format` (and RAM, unless it stays in
-/// place) to `path` atomically. Returns the file's size. On failure nothing
-/// is left at `path` that was not there before.
-pub fn save(path: &Path, (state, format): (&CprState, u32), ram: &GuestRam) -> Result<u64, Error> {
-    let bytes = state::encode_as(state, format).map_err(|e| Error::State(path.into(), e))?;
-    if matches!(state.ram, RamLocation::InPlace { .. }) {
-        // A --mem-file on pmem or disk holds dirty pages in the page cache: they
-        // must reach the device before a kexec throws the cache away.
-        ram.file()
-            .sync_data()
-            .map_err(|e| Error::Io("flush guest RAM to its file before saving", path.into(), e))?;
-    }
+/// A state file about to be written: its temporary created and the
+/// encoding's buffer made (its pages written) before the pause, so that the
+/// pause only encodes and writes. Dropped unsaved, the temporary goes again.
+pub struct Pending {
+    path: PathBuf,
+    tmp: PathBuf,
+    /// Taken by `save`.
+    file: Option<File>,
+    buf: Vec<u8>,
+    /// The temporary became the state file: nothing to remove.
+    renamed: bool,
+}
+
+/// Creates `path`'s temporary and the buffer for a machine of `vcpus` vCPUs.
+pub fn prepare(path: &Path, vcpus: usize) -> Result<Pending, Error> {
     let tmp = tmp_path(path);
     let file =
         files::open("temporary state file", &tmp, Access::CreateNew).map_err(Error::Access)?;
-    // From here on `tmp` is the file molt created: removed again on failure.
-    let result = write_file(file, &tmp, &bytes, state, ram).and_then(|size| {
-        std::fs::rename(&tmp, path).map_err(|e| Error::Io("rename to", path.into(), e))?;
-        sync_dir(path)?;
+    Ok(Pending {
+        path: path.into(),
+        tmp,
+        file: Some(file),
+        buf: state::buffer(vcpus),
+        renamed: false,
+    })
+}
+
+impl Pending {
+    /// Writes `state` in state format `format` (and RAM, unless it stays in
+    /// place) to the path atomically. Returns the file's size. On failure
+    /// nothing is left at the path that was not there before.
+    pub fn save(mut self, (state, format): (&CprState, u32), ram: &GuestRam) -> Result<u64, Error> {
+        let (path, tmp) = (self.path.clone(), self.tmp.clone());
+        let buf = std::mem::take(&mut self.buf);
+        let bytes =
+            state::encode_into(state, format, buf).map_err(|e| Error::State(path.clone(), e))?;
+        if matches!(state.ram, RamLocation::InPlace { .. }) {
+            // A --mem-file on pmem or disk holds dirty pages in the page cache: they
+            // must reach the device before a kexec throws the cache away.
+            ram.file().sync_data().map_err(|e| {
+                Error::Io("flush guest RAM to its file before saving", path.clone(), e)
+            })?;
+        }
+        // `tmp` is the file molt created: removed again on failure (`drop`).
+        let file = self.file.take().ok_or_else(|| {
+            Error::Io(
+                "write",
+                tmp.clone(),
+                std::io::Error::other("written already"),
+            )
+        })?;
+        let size = write_file(file, &tmp, &bytes, state, ram)?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::Io("rename to", path.clone(), e))?;
+        self.renamed = true;
+        sync_dir(&path)?;
         Ok(size)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -186,14 +226,18 @@ fn write_file(
     ram: &GuestRam,
 ) -> Result<u64, Error> {
     let io = |what| move |e| Error::Io(what, tmp.to_path_buf(), e);
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    w.write_all(bytes).map_err(io("write"))?;
-    if state.ram == RamLocation::InStateFile {
+    let file = if state.ram == RamLocation::InStateFile {
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        w.write_all(bytes).map_err(io("write"))?;
         write_ram(&mut w, ram).map_err(io("write RAM to"))?;
-    }
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::Io("write", tmp.into(), e.into_error()))?;
+        w.into_inner()
+            .map_err(|e| Error::Io("write", tmp.into(), e.into_error()))?
+    } else {
+        // The state alone: one write, no buffer to fault in.
+        let mut file = file;
+        file.write_all(bytes).map_err(io("write"))?;
+        file
+    };
     file.sync_all().map_err(io("fsync"))?;
     file.metadata().map(|m| m.len()).map_err(io("stat"))
 }
@@ -352,6 +396,21 @@ fn read_ram(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pending_state_file_never_saved_leaves_nothing() {
+        let dir = std::env::temp_dir().join(format!("molt-pending-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        std::fs::write(&path, b"the previous state").unwrap();
+        let pending = prepare(&path, 2).unwrap();
+        assert!(tmp_path(&path).exists());
+        assert!(pending.buf.capacity() > 0);
+        drop(pending);
+        assert!(!tmp_path(&path).exists());
+        assert_eq!(std::fs::read(&path).unwrap(), b"the previous state");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn progress_is_said_once_a_second_with_the_share_done() {

@@ -325,13 +325,18 @@ fn save(src: &mut Source, path: &Path, format: u32) -> Done {
     if let Err(e) = check_disks_named(src.machine, src.disk_paths) {
         return Done::failed(what, e);
     }
-    // 2. Pause.
+    // 2. PATH.tmp created and the encoding's buffer made, while the guest runs.
+    let pending = match reboot::prepare(path, src.machine.vcpus.count()) {
+        Ok(p) => p,
+        Err(e) => return Done::failed(what, Error::File(e)),
+    };
+    // 3. Pause.
     let start = Instant::now();
     let (stopped_at_ns, mut phases) = match src.pause() {
         Ok(t) => t,
         Err(e) => return Done::failed(what, e),
     };
-    // 3. Save the machine; write PATH.tmp, fsync, rename over PATH. RAM stays
+    // 4. Save the machine; write PATH.tmp, fsync, rename over PATH. RAM stays
     //    in the --mem-file (flushed) or follows the state in the file.
     let ram = if src.ram_in_place {
         src.in_place()
@@ -341,7 +346,9 @@ fn save(src: &mut Source, path: &Path, format: u32) -> Done {
     let written = src
         .snapshot(ram, stopped_at_ns, &mut phases)
         .and_then(|state| {
-            reboot::save(path, (&state, format), &src.machine.ram).map_err(Error::File)
+            pending
+                .save((&state, format), &src.machine.ram)
+                .map_err(Error::File)
         });
     phases.mark("encode");
     let bytes = match written {
@@ -351,7 +358,7 @@ fn save(src: &mut Source, path: &Path, format: u32) -> Done {
             return Done::failed(what, e);
         }
     };
-    // 4. Free what the next molt opens by name before it is told to start:
+    // 5. Free what the next molt opens by name before it is told to start:
     //    the taps here (one owner each), the control socket in the loop.
     src.machine.release_backends();
     let save_us = start.elapsed().as_micros();

@@ -485,8 +485,9 @@ impl HostCpu {
     }
 
     /// Opens /dev/kvm and asks it through a VM of its own, for a check before
-    /// any machine exists. A reboot mode restart does this inside the pause,
-    /// so what can overlap does: KVM_GET_SUPPORTED_CPUID (~300 us here) runs
+    /// any machine exists. A reboot mode restart does this inside the pause
+    /// when it could not make its machine's VM first (`vm::Early`), so what
+    /// can overlap does: KVM_GET_SUPPORTED_CPUID (~300 us here) runs
     /// while the VM and its vCPU are created. The VM comes back with the
     /// answer: tearing it down takes up to ~1.5 ms of CPU (`Probe::release`).
     pub fn open() -> Result<(Self, Probe, CpuId), Error> {

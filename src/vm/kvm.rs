@@ -71,6 +71,12 @@ impl fmt::Display for Error {
 /// The irqchip and PIT only need to precede the vCPUs.
 pub fn create_vm(ram: &GuestRam) -> Result<(Kvm, VmFd), Error> {
     let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+    let vm = create_vm_of(&kvm, ram)?;
+    Ok((kvm, vm))
+}
+
+/// `create_vm` with /dev/kvm already open.
+pub fn create_vm_of(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, Error> {
     let vm = kvm.create_vm().map_err(Error::CreateVm)?;
     set_memslots(&vm, ram)?;
     // Both must precede vCPU creation (Documentation/virt/kvm/api.rst).
@@ -84,7 +90,7 @@ pub fn create_vm(ram: &GuestRam) -> Result<(Kvm, VmFd), Error> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(Error::CreatePit2)?;
-    Ok((kvm, vm))
+    Ok(vm)
 }
 
 /// Gives `vm` guest RAM: one memslot per region of `ram`.

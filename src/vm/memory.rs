@@ -107,6 +107,26 @@ impl GuestRam {
         Self::map(file, size)
     }
 
+    /// `create` for a machine whose state is not yet checked: None where
+    /// that would change anything (create or grow `--mem-file`), open
+    /// anything but a regular file, or fail; `create` then does it, or says
+    /// why not, once the state is accepted.
+    pub fn map_as_is(size: u64, mem_file: Option<&Path>) -> Option<Self> {
+        let file = match mem_file {
+            None => return Self::create(size, None).ok(),
+            Some(path) => {
+                let regular = std::fs::symlink_metadata(path).ok()?.is_file();
+                let file = regular.then(|| files::open("--mem-file", path, Access::Existing));
+                file?.ok()?
+            }
+        };
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() || meta.len() < size {
+            return None;
+        }
+        Self::map(file, size).ok()
+    }
+
     /// Maps the RAM a previous molt handed over (exec, transfer), reopened
     /// through `path`, a `/proc/self/fd/N` link to it (a fresh open file
     /// description). Not checked by `files`: the descriptor is already the
@@ -280,6 +300,52 @@ fn device_size(file: &File) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ram_mapped_as_is_changes_no_file() {
+        use std::os::unix::fs::{symlink, FileExt, OpenOptionsExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("molt-map-as-is-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = 4 << 20;
+        let new = |name: &str, len: u64| {
+            let path = dir.join(name);
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .unwrap();
+            f.set_len(len).unwrap();
+            path
+        };
+        // Missing: not created.
+        let missing = dir.join("missing");
+        assert!(GuestRam::map_as_is(size, Some(&missing)).is_none());
+        assert!(!missing.exists());
+        // Too small: not grown (`create` would grow it).
+        let small = new("small", size / 2);
+        assert!(GuestRam::map_as_is(size, Some(&small)).is_none());
+        assert_eq!(std::fs::metadata(&small).unwrap().len(), size / 2);
+        // A link, and a file other users may read: left to `create` to refuse.
+        let link = dir.join("link");
+        symlink(new("target", size), &link).unwrap();
+        assert!(GuestRam::map_as_is(size, Some(&link)).is_none());
+        let shared = new("shared", size);
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(GuestRam::map_as_is(size, Some(&shared)).is_none());
+        // Large enough and private: mapped, its contents the file's.
+        let ok = new("ok", size);
+        let f = OpenOptions::new().write(true).open(&ok).unwrap();
+        f.write_all_at(b"saved", 0).unwrap();
+        let ram = GuestRam::map_as_is(size, Some(&ok)).unwrap();
+        let mut head = [0u8; 5];
+        ram.memory.read_slice(&mut head, GuestAddress(0)).unwrap();
+        assert_eq!(&head, b"saved");
+        assert_eq!(std::fs::metadata(&ok).unwrap().len(), size);
+        // No --mem-file: a memfd.
+        assert!(GuestRam::map_as_is(size, None).is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn small_ram_is_one_region() {

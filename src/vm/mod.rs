@@ -298,6 +298,71 @@ impl Restored {
     }
 }
 
+/// What a save reads of each vCPU on this host.
+fn save_spec(kvm: &Kvm) -> Result<SaveSpec, Error> {
+    Ok(SaveSpec {
+        msr_indices: host_cpu::msr_indices(kvm).map_err(Error::HostCpu)?,
+        xsave_words: host_cpu::xsave_words(kvm),
+    })
+}
+
+/// A machine's VM (memslots over its RAM, irqchip, PIT) and its vCPUs with
+/// their CPUID, made before anything else, and what this host's KVM offers
+/// them (asked of vCPU 0). Reboot mode makes them on a second thread while
+/// it reads and checks the state: none of it touches what the state names
+/// (RAM is mapped only as it is, `GuestRam::map_as_is`), and a refused state
+/// drops it. `Machine::prepare_early` builds the rest around it.
+pub struct Early {
+    /// What this host's KVM offers the vCPUs: the state's are checked against it.
+    pub host: HostCpu,
+    kvm: Kvm,
+    vm: VmFd,
+    save_spec: SaveSpec,
+    fds: Vec<VcpuFd>,
+    cpuids: Vec<Vec<CpuidEntry>>,
+}
+
+impl Early {
+    /// `cfg`'s VM and vCPUs over `ram` (given to `prepare_early` with
+    /// them). KVM_GET_SUPPORTED_CPUID (~0.3-0.6 ms here) is asked on another
+    /// thread while the VM is created. The vCPUs (~0.15 ms each here) are
+    /// made one after the other: half of them on a third thread was slower
+    /// on this 2-core machine, the state being read and checked meanwhile.
+    pub fn make(cfg: &RunConfig, ram: &GuestRam) -> Result<Self, Error> {
+        let kvm = Kvm::new()
+            .map_err(kvm::Error::OpenKvm)
+            .map_err(Error::Kvm)?;
+        let (vm, supported) = std::thread::scope(|s| {
+            let supported = s.spawn(|| host_cpu::supported_cpuid(&kvm));
+            let vm = kvm::create_vm_of(&kvm, ram);
+            let supported = supported
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (vm, supported)
+        });
+        let vm = vm.map_err(Error::Kvm)?;
+        let supported = supported.map_err(Error::HostCpu)?;
+        let count = cfg.vcpus;
+        let (fds, cpuids): (Vec<_>, Vec<_>) = (0..count)
+            .map(|i| vcpu::create(&supported, &vm, &ram.memory, i, count, None))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::Vcpu)?
+            .into_iter()
+            .unzip();
+        let probe = fds.first().ok_or(Error::NoVcpus)?;
+        let host = HostCpu::query(&kvm, &supported, probe).map_err(Error::HostCpu)?;
+        let save_spec = save_spec(&kvm)?;
+        Ok(Early {
+            host,
+            kvm,
+            vm,
+            save_spec,
+            fds,
+            cpuids,
+        })
+    }
+}
+
 /// A machine with RAM, VM and devices but no vCPUs yet.
 struct Parts {
     ram: GuestRam,
@@ -322,14 +387,17 @@ struct Parts {
 impl Parts {
     /// `vfio`: the passed-through devices' descriptors a live update handed
     /// over, or None to open `cfg.vfio` by name.
+    /// `made`: the VM `Early` made over `ram`, and what a save reads of its
+    /// vCPUs (None: made here).
     fn build(
         cfg: &RunConfig,
         ram: GuestRam,
         console: Output,
         vfio: Option<HandedOver>,
+        made: Option<(Kvm, VmFd, SaveSpec)>,
     ) -> Result<Self, Error> {
         // Passed-through devices first: one that cannot be used is refused
-        // before KVM is touched.
+        // before KVM is touched (but for a VM `Early` made, which uses none).
         let adopted = vfio.is_some();
         let take_back = vfio.as_ref().is_some_and(|v| v.take_back);
         let handles = match vfio {
@@ -345,12 +413,15 @@ impl Parts {
                 })
             })?;
         }
-        let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
-        let save_spec = Arc::new(SaveSpec {
-            msr_indices: host_cpu::msr_indices(&kvm).map_err(Error::HostCpu)?,
-            xsave_words: host_cpu::xsave_words(&kvm),
-        });
-        let vm = Arc::new(vm);
+        let (kvm, vm, save_spec) = match made {
+            Some(made) => made,
+            None => {
+                let (kvm, vm) = kvm::create_vm(&ram).map_err(Error::Kvm)?;
+                let spec = save_spec(&kvm)?;
+                (kvm, vm, spec)
+            }
+        };
+        let (vm, save_spec) = (Arc::new(vm), Arc::new(save_spec));
         let serial_irq = kvm::irq_eventfd(&vm, SERIAL_IRQ).map_err(Error::Kvm)?;
         let routes = Arc::new(GsiRoutes::new(vm.clone()));
         let built = devices::build(cfg, &vm, &ram.memory, &routes, devices, adopted)
@@ -479,7 +550,7 @@ impl Machine {
     /// Builds the machine for `cfg`, loads the guest and starts its vCPUs.
     pub fn boot(cfg: &RunConfig, console: Output, exit: ExitSink) -> Result<Self, Error> {
         let ram = GuestRam::create(cfg.mem_size, cfg.mem_file.as_deref()).map_err(Error::Memory)?;
-        let parts = Parts::build(cfg, ram, console, None)?;
+        let parts = Parts::build(cfg, ram, console, None, None)?;
         let spec = BootSpec {
             kernel: &cfg.kernel,
             initrd: cfg.initrd.as_deref(),
@@ -495,7 +566,8 @@ impl Machine {
     /// Everything that needs no saved state: RAM mapped, VM, memslots, devices,
     /// vCPUs and their threads (parked), and what this host's KVM offers them
     /// (asked of vCPU 0). A transfer does this while the old process still
-    /// runs the guest; exec and reboot mode inside the pause. Every vCPU gets
+    /// runs the guest; exec and reboot mode inside the pause (reboot mode mostly
+    /// through `Early`, made while it reads the state). Every vCPU gets
     /// its CPUID here, and a restore sets it again only if the saved one
     /// differs. `vfio`: the passed-through devices' descriptors an exec or
     /// transfer handed over (None: opened by name); `supported`: this host's
@@ -509,9 +581,38 @@ impl Machine {
     ) -> Result<Prepared, Error> {
         // `supported` was asked ahead (`Supported::ask`): in an exec, from
         // the new image's start, while it decodes and builds.
-        let parts = Parts::build(cfg, ram, console, vfio)?;
+        let parts = Parts::build(cfg, ram, console, vfio, None)?;
         let supported = supported.get().map_err(Error::HostCpu)?;
         let (vcpus, cpuids, host) = parts.vcpus_parked(&supported, cfg.vcpus, exit)?;
+        Ok(Prepared {
+            parts,
+            vcpus,
+            cpuids,
+            host,
+        })
+    }
+
+    /// `prepare` around the VM and vCPUs `early` made over `ram`: the
+    /// devices (and passed-through devices, opened by name) and the vCPUs'
+    /// threads, parked.
+    pub fn prepare_early(
+        cfg: &RunConfig,
+        (early, ram): (Early, GuestRam),
+        console: Output,
+        exit: ExitSink,
+    ) -> Result<Prepared, Error> {
+        let Early {
+            host,
+            kvm,
+            vm,
+            save_spec,
+            fds,
+            cpuids,
+        } = early;
+        let parts = Parts::build(cfg, ram, console, None, Some((kvm, vm, save_spec)))?;
+        let xsave_words = parts.save_spec.xsave_words;
+        let vcpus =
+            Vcpus::start(fds, parts.bus.clone(), exit, true, xsave_words).map_err(Error::Vcpu)?;
         Ok(Prepared {
             parts,
             vcpus,
