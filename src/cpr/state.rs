@@ -13,7 +13,7 @@
 //! "State compatibility"). Format 5 holds what format 4 does, each vCPU as a
 //! `VcpuStateV2` (its XSAVE image as raw bytes); in memory the state stays a
 //! `CprStateV4`. This release reads 1 to 5, and writes 5, or 4 or 3 for a peer
-//! that reads no newer (`encode_as`: refused for a guest that format cannot
+//! that reads no newer (`encode_into`: refused for a guest that format cannot
 //! carry).
 
 use std::fmt;
@@ -257,6 +257,8 @@ impl fmt::Display for Error {
 
 /// Encodes `state` with its header in format `version`, one of `WRITES`: an
 /// older format only if it carries everything the state holds (`carries`).
+/// (molt itself encodes into buffers made before the pause, `encode_into`.)
+#[cfg(any(test, feature = "fuzz"))]
 pub fn encode_as(state: &CprState, version: u32) -> Result<Vec<u8>, Error> {
     encode_into(state, version, Vec::new())
 }
