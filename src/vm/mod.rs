@@ -601,23 +601,16 @@ impl Machine {
         console: Output,
         exit: ExitSink,
     ) -> Result<Prepared, Error> {
-        let Early {
-            host,
-            kvm,
-            vm,
-            save_spec,
-            fds,
-            cpuids,
-        } = early;
-        let parts = Parts::build(cfg, ram, console, None, Some((kvm, vm, save_spec)))?;
+        let made = (early.kvm, early.vm, early.save_spec);
+        let parts = Parts::build(cfg, ram, console, None, Some(made))?;
         let xsave_words = parts.save_spec.xsave_words;
-        let vcpus =
-            Vcpus::start(fds, parts.bus.clone(), exit, true, xsave_words).map_err(Error::Vcpu)?;
+        let vcpus = Vcpus::start(early.fds, parts.bus.clone(), exit, true, xsave_words)
+            .map_err(Error::Vcpu)?;
         Ok(Prepared {
             parts,
             vcpus,
-            cpuids,
-            host,
+            cpuids: early.cpuids,
+            host: early.host,
         })
     }
 
