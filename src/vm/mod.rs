@@ -306,6 +306,39 @@ fn save_spec(kvm: &Kvm) -> Result<SaveSpec, Error> {
     })
 }
 
+/// vCPUs made, and the CPUID each was given.
+type NewVcpus = (Vec<VcpuFd>, Vec<Vec<CpuidEntry>>);
+
+/// `count` vCPUs of `vm` with their CPUID (`vcpu::create`), and that CPUID.
+fn create_vcpus(
+    vm: &VmFd,
+    memory: &vm_memory::GuestMemoryMmap,
+    supported: &CpuId,
+    count: u8,
+    entry: Option<Entry>,
+) -> Result<NewVcpus, Error> {
+    (0..count)
+        .map(|i| vcpu::create(supported, vm, memory, i, count, entry))
+        .collect::<Result<Vec<_>, _>>()
+        .map(|v| v.into_iter().unzip())
+        .map_err(Error::Vcpu)
+}
+
+/// `create_vcpus` for a restore (no entry point), and what this host's KVM
+/// offers them, asked of vCPU 0.
+fn vcpus_with_host(
+    kvm: &Kvm,
+    vm: &VmFd,
+    memory: &vm_memory::GuestMemoryMmap,
+    supported: &CpuId,
+    count: u8,
+) -> Result<(NewVcpus, HostCpu), Error> {
+    let (fds, cpuids) = create_vcpus(vm, memory, supported, count, None)?;
+    let probe = fds.first().ok_or(Error::NoVcpus)?;
+    let host = HostCpu::query(kvm, supported, probe).map_err(Error::HostCpu)?;
+    Ok(((fds, cpuids), host))
+}
+
 /// A machine's VM (memslots over its RAM, irqchip, PIT) and its vCPUs with
 /// their CPUID, made before anything else, and what this host's KVM offers
 /// them (asked of vCPU 0). Reboot mode makes them on a second thread while
@@ -332,25 +365,11 @@ impl Early {
         let kvm = Kvm::new()
             .map_err(kvm::Error::OpenKvm)
             .map_err(Error::Kvm)?;
-        let (vm, supported) = std::thread::scope(|s| {
-            let supported = s.spawn(|| host_cpu::supported_cpuid(&kvm));
-            let vm = kvm::create_vm_of(&kvm, ram);
-            let supported = supported
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (vm, supported)
-        });
+        let (vm, supported) =
+            host_cpu::while_supported_is_asked(&kvm, || kvm::create_vm_of(&kvm, ram));
         let vm = vm.map_err(Error::Kvm)?;
         let supported = supported.map_err(Error::HostCpu)?;
-        let count = cfg.vcpus;
-        let (fds, cpuids): (Vec<_>, Vec<_>) = (0..count)
-            .map(|i| vcpu::create(&supported, &vm, &ram.memory, i, count, None))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Error::Vcpu)?
-            .into_iter()
-            .unzip();
-        let probe = fds.first().ok_or(Error::NoVcpus)?;
-        let host = HostCpu::query(&kvm, &supported, probe).map_err(Error::HostCpu)?;
+        let ((fds, cpuids), host) = vcpus_with_host(&kvm, &vm, &ram.memory, &supported, cfg.vcpus)?;
         let save_spec = save_spec(&kvm)?;
         Ok(Early {
             host,
@@ -493,12 +512,8 @@ impl Parts {
         supported: &CpuId,
         count: u8,
         entry: Option<Entry>,
-    ) -> Result<(Vec<VcpuFd>, Vec<Vec<CpuidEntry>>), Error> {
-        (0..count)
-            .map(|i| vcpu::create(supported, &self.vm, &self.ram.memory, i, count, entry))
-            .collect::<Result<Vec<_>, _>>()
-            .map(|v| v.into_iter().unzip())
-            .map_err(Error::Vcpu)
+    ) -> Result<NewVcpus, Error> {
+        create_vcpus(&self.vm, &self.ram.memory, supported, count, entry)
     }
 
     /// Every vCPU with its CPUID, and that CPUID; what this host's KVM
@@ -509,9 +524,8 @@ impl Parts {
         count: u8,
         exit: ExitSink,
     ) -> Result<(Vcpus, Vec<Vec<CpuidEntry>>, HostCpu), Error> {
-        let (fds, cpuids) = self.create_vcpus(supported, count, None)?;
-        let probe = fds.first().ok_or(Error::NoVcpus)?;
-        let host = HostCpu::query(&self.kvm, supported, probe).map_err(Error::HostCpu)?;
+        let ((fds, cpuids), host) =
+            vcpus_with_host(&self.kvm, &self.vm, &self.ram.memory, supported, count)?;
         let xsave_words = self.save_spec.xsave_words;
         let vcpus =
             Vcpus::start(fds, self.bus.clone(), exit, true, xsave_words).map_err(Error::Vcpu)?;
