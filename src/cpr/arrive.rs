@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::fds::{self, Adopted, Handover};
 use super::state::{self, CprState, RamLocation, RunState};
@@ -501,6 +501,11 @@ fn receive_transfer(
     }
 }
 
+/// How long a transfer's new side spends at most filling its VM's page
+/// tables before READY (`Prepared::prefault`): well inside the old side's
+/// `transfer::READY_TIMEOUT`, which also covers building the machine.
+const PREFAULT_BUDGET: Duration = Duration::from_secs(10);
+
 /// Transfer mode, restore side.
 fn resume_transfer(
     mut t: TransferIncoming,
@@ -513,6 +518,7 @@ fn resume_transfer(
     let prepared = adopted_config(cfg, &t.adopted).and_then(|(cfg, ram, vfio)| {
         let prepared = vm::Machine::prepare(&cfg, ram, console, vfio, (exit, Supported::ask()))
             .map_err(Error::Vm)?;
+        log::info!("{}", prepared.prefault(PREFAULT_BUDGET));
         super::fault::point("built");
         Ok(prepared)
     });

@@ -3,16 +3,20 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irqchip, kvm_pit_config,
-    kvm_pit_state2, kvm_userspace_memory_region, KvmIrqRouting, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_state2, kvm_pre_fault_memory, kvm_userspace_memory_region, KvmIrqRouting, KVMIO,
+    KVM_CAP_PRE_FAULT_MEMORY, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+use vmm_sys_util::ioctl_iowr_nr;
 
 use serde::{Deserialize, Serialize};
 
@@ -109,6 +113,117 @@ fn set_memslots(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
             .map_err(|e| Error::SetMemoryRegion(slot, e))?;
     }
     Ok(())
+}
+
+// Linux 6.10's vCPU ioctl; kvm-bindings has its argument, kvm-ioctls no wrapper.
+ioctl_iowr_nr!(KVM_PRE_FAULT_MEMORY, KVMIO, 0xd5, kvm_pre_fault_memory);
+
+/// How much of guest RAM `prefault` put in the VM's page tables.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Prefault {
+    /// This KVM cannot (Linux before 6.10, or no two-dimensional paging,
+    /// as under a paravirtual KVM that shadows the guest's page tables).
+    Unsupported,
+    /// `mapped` of the `populated` bytes holding data; fewer if the time
+    /// ran out or KVM refused (`stopped`, why).
+    Done {
+        mapped: u64,
+        populated: u64,
+        took: Duration,
+        stopped: Option<String>,
+    },
+}
+
+impl fmt::Display for Prefault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MIB: u64 = 1 << 20;
+        match self {
+            Prefault::Unsupported => write!(
+                f,
+                "KVM here cannot pre-fault guest RAM (no KVM_CAP_PRE_FAULT_MEMORY): the guest \
+                 fills the new VM's page tables as it runs"
+            ),
+            Prefault::Done {
+                mapped,
+                populated,
+                took,
+                stopped,
+            } => {
+                write!(
+                    f,
+                    "pre-faulted {} of the {} MiB of guest RAM holding data in {} ms",
+                    mapped.div_ceil(MIB),
+                    populated.div_ceil(MIB),
+                    took.as_millis()
+                )?;
+                match stopped {
+                    Some(why) => write!(f, ", then stopped: {why}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Fills `vm`'s page tables (EPT/NPT) for the RAM that holds data, through
+/// `vcpu`, one that is not running: the guest, moved onto this VM, then
+/// touches what it already uses without a fault. A transfer does this
+/// before the pause, while the old process still runs the guest. Pages
+/// never written stay holes (touching them would allocate them). Stops at
+/// `budget`; a page KVM refuses ends it too. Nothing here can fail the
+/// update: the guest only faults in what was not done.
+pub fn prefault(vm: &VmFd, vcpu: RawFd, ram: &GuestRam, budget: Duration) -> Prefault {
+    // One ioctl maps at most this much, so that the budget is checked.
+    const CHUNK: u64 = 64 << 20;
+    if vm.check_extension_raw(KVM_CAP_PRE_FAULT_MEMORY.into()) <= 0 {
+        return Prefault::Unsupported;
+    }
+    let start = Instant::now();
+    let (mut mapped, mut stopped) = (0, None);
+    let ranges = ram.populated().unwrap_or_else(|e| {
+        stopped = Some(format!("cannot find the RAM holding data: {e}"));
+        Vec::new()
+    });
+    let populated = ranges.iter().map(|&(_, len)| len).sum();
+    'ranges: for (offset, len) in ranges {
+        let Some(mut gpa) = ram.guest_addr(offset).map(|a| a.0) else {
+            continue;
+        };
+        let end = gpa + len;
+        while gpa < end {
+            if start.elapsed() >= budget {
+                stopped = Some(format!("{} ms spent", budget.as_millis()));
+                break 'ranges;
+            }
+            let size = (end - gpa).min(CHUNK);
+            let mut range = kvm_pre_fault_memory {
+                gpa,
+                size,
+                ..Default::default()
+            };
+            // SAFETY: KVM reads and updates only `range`, which outlives the call.
+            let r = unsafe { ioctl_with_mut_ref(&vcpu, KVM_PRE_FAULT_MEMORY(), &mut range) };
+            // KVM moves `gpa` and `size` past what it mapped, even when it
+            // stops early.
+            let done = size.saturating_sub(range.size).min(size);
+            mapped += done;
+            gpa += done;
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                let again = matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN));
+                if !again {
+                    stopped = Some(format!("KVM_PRE_FAULT_MEMORY at {gpa:#x}: {e}"));
+                    break 'ranges;
+                }
+            }
+        }
+    }
+    Prefault::Done {
+        mapped,
+        populated,
+        took: start.elapsed(),
+        stopped,
+    }
 }
 
 /// Creates an eventfd that raises `gsi` on the in-kernel irqchip when written.
@@ -291,4 +406,53 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), Error> {
     clock.flags = 0;
     vm.set_clock(&clock)
         .map_err(|e| Error::State("SET_CLOCK", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    #[test]
+    fn prefault_maps_exactly_the_ram_holding_data_or_says_kvm_cannot() {
+        let ram = GuestRam::create(16 << 20, None).unwrap();
+        // Data in one page at 1 MiB and three at 8 MiB; the rest are holes.
+        ram.memory
+            .write_slice(&[1; 4096], GuestAddress(1 << 20))
+            .unwrap();
+        ram.memory
+            .write_slice(&[2; 3 * 4096], GuestAddress(8 << 20))
+            .unwrap();
+        let (_kvm, vm) = create_vm(&ram).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let supported = vm.check_extension_raw(KVM_CAP_PRE_FAULT_MEMORY.into()) > 0;
+        let all = prefault(&vm, vcpu.as_raw_fd(), &ram, Duration::from_secs(10));
+        let none = prefault(&vm, vcpu.as_raw_fd(), &ram, Duration::ZERO);
+        if !supported {
+            assert_eq!((all, none), (Prefault::Unsupported, Prefault::Unsupported));
+            return;
+        }
+        let Prefault::Done {
+            mapped,
+            populated,
+            stopped,
+            ..
+        } = all
+        else {
+            panic!("KVM_CAP_PRE_FAULT_MEMORY is offered, yet: {all}");
+        };
+        assert_eq!((mapped, populated, stopped), (4 * 4096, 4 * 4096, None));
+        // The budget is checked before each ioctl: none left, nothing mapped.
+        let Prefault::Done {
+            mapped, stopped, ..
+        } = none
+        else {
+            panic!("{none}");
+        };
+        assert_eq!(mapped, 0);
+        assert!(stopped.is_some_and(|why| why.contains("spent")));
+    }
 }

@@ -188,6 +188,14 @@ pub struct Restored {
 }
 
 impl Prepared {
+    /// Fills the VM's page tables for the RAM holding data, within `budget`
+    /// (`kvm::prefault`, through vCPU 0, parked): a transfer's new side does it
+    /// before the pause, so the guest does not refill them after it.
+    pub fn prefault(&self, budget: std::time::Duration) -> kvm::Prefault {
+        let vcpu = self.vcpus.raw_fds()[0];
+        kvm::prefault(&self.parts.vm, vcpu, &self.parts.ram, budget)
+    }
+
     /// Loads `state`: the reverse of `save`, devices first (raising their pending
     /// interrupts again), then the VM's interrupt controllers and clock, then the
     /// vCPUs, each on its own thread, all at once. Refuses a state of another
