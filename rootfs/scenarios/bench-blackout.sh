@@ -167,6 +167,7 @@ update_transfer() {
     wait_exit "$VMM_PID" 30
     [ "$EXIT_RC" = 0 ] || echo "LAB-INFO old molt after cpr-transfer: exit $EXIT_RC"
     VMM_PID=$NEW_PID
+    echo "LAB-INFO transfer phases: $(field phases "$_r")"
     # What the new molt put in its VM's page tables before the pause.
     grep -E 'pre-faulted|cannot pre-fault' "$VMM_LOG.err" | tail -n 1 | sed 's/^/LAB-INFO new molt: /'
 }
