@@ -39,7 +39,7 @@ file_is_static() {
 }
 
 # Copy MODULES and everything they depend on (resolved by kmod against the
-# full unpacked tree) into ROOT, then generate ROOT's modules.dep.
+# full unpacked tree), uncompressed, into ROOT, then generate ROOT's modules.dep.
 ir_modules() {
     local root=$1; shift
     local src=$MOLT_LAB_MODDIR kroot
@@ -54,7 +54,14 @@ ir_modules() {
             ko=${line#insmod }; ko=${ko%% *}
             rel=${ko#*/lib/modules/"$MOLT_LAB_KVER"/}
             mkdir -p "$dst/$(dirname "$rel")"
-            cp -n "$ko" "$dst/$rel"
+            # 6.12's modules are xz-compressed (6.1's are not). Busybox's
+            # modprobe hands the file to finit_module first, which the kernel
+            # refuses with "Invalid ELF header magic" on the console before
+            # busybox unpacks it itself: unpack them here instead.
+            case $rel in
+                *.ko.xz) [[ -e $dst/${rel%.xz} ]] || busybox xzcat "$ko" > "$dst/${rel%.xz}" ;;
+                *) cp -n "$ko" "$dst/$rel" ;;
+            esac
         done < <(modprobe -d "$kroot" -S "$MOLT_LAB_KVER" --show-depends "$m")
     done
     cp "$src"/modules.builtin "$src"/modules.builtin.modinfo "$src"/modules.order "$dst/"

@@ -27,8 +27,9 @@ if [[ ! -f $root/.unpacked ]]; then
     deb=$(ls "$dl"/"$flavour"_*.deb | head -n1)
     version=$(dpkg-deb -f "$deb" Version)
     # Depends: linux-headers-ABI-common (= V), linux-kbuild-X.Y (>= V), ...
-    common=$(dpkg-deb -f "$deb" Depends | tr ',' '\n' | sed -n 's/^ *\(linux-headers-[^ ]*-common\) .*/\1/p')
-    kbuild=$(dpkg-deb -f "$deb" Depends | tr ',' '\n' | sed -n 's/^ *\(linux-kbuild-[0-9.]*\) .*/\1/p')
+    # (6.1), or ..., linux-kbuild-6.12.117+deb12, ... with no version (6.12).
+    common=$(dpkg-deb -f "$deb" Depends | tr ',' '\n' | sed -n 's/^ *\(linux-headers-[^ ]*-common\)\( .*\)\{0,1\}$/\1/p')
+    kbuild=$(dpkg-deb -f "$deb" Depends | tr ',' '\n' | sed -n 's/^ *\(linux-kbuild-[0-9][^ ]*\)\( .*\)\{0,1\}$/\1/p')
     [[ -n $common && -n $kbuild ]] || { echo "lab-kernel-headers: cannot read $deb's dependencies" >&2; exit 1; }
     for p in "$common" "$kbuild"; do
         if ! ls "$dl"/"$p"_"$version"_*.deb >/dev/null 2>&1; then

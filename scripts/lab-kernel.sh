@@ -7,15 +7,28 @@
 #   MOLT_LAB_MODDIR   path to lib/modules/$KVER (depmod run on the whole tree)
 #
 # Security updates retire old ABI numbers, so the ABI is resolved from the
-# metapackage instead of being hard-coded, and the unpacked tree is cached.
+# metapackage instead of being hard-coded, and the unpacked tree is cached
+# (keyed by the kernel release, so several kernels' trees coexist).
+#
+# Environment:
+#   MOLT_LAB_KERNEL  which metapackage, linux-image-$MOLT_LAB_KERNEL: cloud-amd64
+#                    (default: bookworm's 6.1) or 6.12-cloud-amd64 (bookworm's
+#                    6.12 from security/backports, e.g. 6.12.117+deb12-cloud-amd64:
+#                    KVM_PRE_FAULT_MEMORY needs Linux >= 6.10)
 set -euo pipefail
 
 CACHE=${MOLT_LAB_CACHE:-$HOME/.cache/molt-lab}
 mkdir -p "$CACHE"
+kernel=${MOLT_LAB_KERNEL:-cloud-amd64}
+[[ $kernel =~ ^([0-9]+\.[0-9]+-)?cloud-amd64$ ]] || {
+    echo "lab-kernel: MOLT_LAB_KERNEL=$kernel: expected cloud-amd64 or X.Y-cloud-amd64" >&2; exit 2; }
+meta=linux-image-$kernel
 
+# 6.1's packages are named linux-image-6.1.0-57-cloud-amd64, 6.12's
+# linux-image-6.12.117+deb12-cloud-amd64.
 resolve_abi() {
-    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        sed -n 's/^ *Depends: \(linux-image-[0-9.]*-[0-9]*-cloud-amd64\)$/\1/p' | head -n1
+    apt-cache depends "$meta" 2>/dev/null |
+        sed -n 's/^ *Depends: \(linux-image-[0-9][0-9a-z.+~-]*-cloud-amd64\)$/\1/p' | head -n1
 }
 
 pkg=$(resolve_abi || true)
@@ -25,7 +38,7 @@ if [[ -z $pkg ]]; then
     pkg=$(resolve_abi)
 fi
 if [[ -z $pkg ]]; then
-    echo "lab-kernel: cannot resolve linux-image-cloud-amd64's kernel" >&2
+    echo "lab-kernel: cannot resolve $meta's kernel" >&2
     exit 1
 fi
 kver=${pkg#linux-image-}

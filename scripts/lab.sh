@@ -21,6 +21,8 @@
 #   MOLT_BIN            molt binary (default: the static release build, which is
 #                       rebuilt first with `cargo build --release`)
 #   MOLT_LAB_CACHE      kernel download cache (default ~/.cache/molt-lab)
+#   MOLT_LAB_KERNEL     the Debian kernel for L2 and L3 (scripts/lab-kernel.sh):
+#                       cloud-amd64 (default, 6.1) or 6.12-cloud-amd64
 #   MOLT_LAB_LOCKUP_S   stop the lab once an L2 CPU has been stuck in kernel
 #                       mode this long (default 45; scripts/lab-watch.sh)
 #   MOLT_LAB_SILENT_S   ... or once L2's heartbeat has stopped this long (90)
@@ -87,8 +89,11 @@ inputs_hash() {
 }
 suffix=; [[ $with_qemu == 1 ]] && suffix=-qemu
 [[ $with_next == 1 ]] && suffix+=-next
-guest_img=$work/guest.cpio.gz
-host_img=$work/host$suffix.cpio.gz
+# Another kernel than the default gets its own images (host-6.12-cloud-amd64...),
+# so switching kernels rebuilds nothing and leaves the default's untouched.
+ksuffix=; [[ ${MOLT_LAB_KERNEL:-cloud-amd64} != cloud-amd64 ]] && ksuffix=-$MOLT_LAB_KERNEL
+guest_img=$work/guest$ksuffix.cpio.gz
+host_img=$work/host$suffix$ksuffix.cpio.gz
 stamp=$host_img.inputs
 hash=$(inputs_hash)
 if [[ -f $host_img && -f $stamp && $(cat "$stamp") == "$hash" ]]; then

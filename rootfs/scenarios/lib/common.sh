@@ -135,7 +135,11 @@ stuck_diag() {
                  if (r == "io") { x = x + 0; r = sprintf("io port %#x %s", int(x / 65536) % 65536, x % 2 ? "in" : "out") }
                  print "exit reason", r
              }
-             else if ($i == "kvm_entry:") print "entry rip", $NF
+             else if ($i == "kvm_entry:") {
+                 # 6.12 may append "[immediate exit]" to the RIP.
+                 x = ""; for (j = i; j < NF; j++) if ($j == "rip") { x = $(j + 1); sub(/\[.*/, "", x) }
+                 print "entry rip", x
+             }
              else { k = $i; for (j = i + 1; j <= NF; j++) k = k " " $j; print k }
         }' $shutdowns/trace $irqs/trace 2>/dev/null > /tmp/stuck-sample
     if [ -s /tmp/stuck-sample ]; then
@@ -252,7 +256,9 @@ irq_history() {
 # which had just worked. Seen only under QEMU TCG's nested SVM (README, "The
 # nested lab"): lab.sh exits 3 and tests/lab.rs runs the scenario again.
 shutdown_causes() {
-    awk '/kvm_entry:/ { for (i = 1; i < NF; i++) if ($i == "rip") entry[$1] = $(i + 1) }
+    # kvm_entry: "vcpu N, rip 0xR" (6.12: "0xR[immediate exit]" when KVM
+    # will exit again at once).
+    awk '/kvm_entry:/ { for (i = 1; i < NF; i++) if ($i == "rip") { entry[$1] = $(i + 1); sub(/\[.*/, "", entry[$1]) } }
          /kvm_exit:.*reason shutdown/ {
              for (i = 1; i < NF; i++) { if ($i == "rip") rip = $(i + 1); if ($i == "intr_info") info = $(i + 1) }
              print rip, (entry[$1] == "" ? "none" : entry[$1]), info, $0
