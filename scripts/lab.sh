@@ -22,7 +22,9 @@
 #                       rebuilt first with `cargo build --release`)
 #   MOLT_LAB_CACHE      kernel download cache (default ~/.cache/molt-lab)
 #   MOLT_LAB_KERNEL     the Debian kernel for L2 and L3 (scripts/lab-kernel.sh):
-#                       cloud-amd64 (default, 6.1) or 6.12-cloud-amd64
+#                       cloud-amd64 (default, 6.1) or 6.12-cloud-amd64; default
+#                       for a scenario that needs another: its
+#                       `# lab-kernel: NAME` line (prefault: KVM_PRE_FAULT_MEMORY)
 #   MOLT_LAB_LOCKUP_S   stop the lab once an L2 CPU has been stuck in kernel
 #                       mode this long (default 45; scripts/lab-watch.sh)
 #   MOLT_LAB_SILENT_S   ... or once L2's heartbeat has stopped this long (90)
@@ -47,6 +49,8 @@ scenario_timeout=$(sed -n 's/^# lab-timeout: \([0-9][0-9]*\)$/\1/p' "$repo/rootf
 timeout_s=${MOLT_LAB_TIMEOUT:-${scenario_timeout:-600}}
 smp=${MOLT_LAB_SMP:-2}
 with_qemu=${MOLT_LAB_WITH_QEMU:-0}
+scenario_kernel=$(sed -n 's/^# lab-kernel: \([0-9a-z.-]*\)$/\1/p' "$repo/rootfs/scenarios/$scenario.sh")
+[[ -n $scenario_kernel ]] && export MOLT_LAB_KERNEL=${MOLT_LAB_KERNEL:-$scenario_kernel}
 with_next=0
 if grep -q '^# lab-needs:.*molt-next' "$repo/rootfs/scenarios/$scenario.sh"; then with_next=1; fi
 

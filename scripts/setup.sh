@@ -31,6 +31,9 @@ if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-
 fi
 
 # Kernel for both lab levels, and its headers for the guest's test module
-# (cached under ~/.cache/molt-lab).
-scripts/lab-kernel.sh >/dev/null
-scripts/lab-kernel-headers.sh >/dev/null
+# (cached under ~/.cache/molt-lab); and 6.12, which the prefault scenario
+# runs on (`# lab-kernel:`).
+for kernel in cloud-amd64 6.12-cloud-amd64; do
+    MOLT_LAB_KERNEL=$kernel scripts/lab-kernel.sh >/dev/null
+    MOLT_LAB_KERNEL=$kernel scripts/lab-kernel-headers.sh >/dev/null
+done
