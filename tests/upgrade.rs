@@ -672,8 +672,22 @@ fn exec_into_the_same_binary() {
     let mut g = Guest::start(dir, &a, &[]);
     let pid = g.molt.pid();
     // Twice: the second exec must not pass the first one's --incoming on.
-    g.exec(None, &version);
-    g.exec(None, &version);
+    // Each image hands the next this host's KVM_GET_SUPPORTED_CPUID, once,
+    // under this boot's ID.
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let handed = format!("MOLT_KVM_SUPPORTED_CPUID={};", boot.trim());
+    for _ in 0..2 {
+        g.exec(None, &version);
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let cpuid: Vec<_> = environ
+            .split(|&b| b == 0)
+            .filter(|kv| kv.starts_with(b"MOLT_KVM_SUPPORTED_CPUID="))
+            .map(String::from_utf8_lossy)
+            .collect();
+        assert_eq!(cpuid.len(), 1, "{cpuid:?}");
+        assert!(cpuid[0].starts_with(&handed), "{cpuid:?}");
+        assert!(cpuid[0].len() > handed.len() + 13, "no entries: {cpuid:?}");
+    }
     assert_eq!(g.molt.pid(), pid);
     let s = g.serial();
     assert_eq!(s.start_lines(), 1, "the guest restarted: {:?}", s.lines);

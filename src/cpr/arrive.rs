@@ -312,8 +312,8 @@ pub struct ExecIncoming {
     pub(super) adopted: Adopted,
     /// The pause so far: the old image's marks, if they came, then this one's.
     pub(super) phases: Phases,
-    /// This host's KVM_GET_SUPPORTED_CPUID, asked once the descriptors are
-    /// adopted (taken by the restore; None: asked then).
+    /// This host's KVM_GET_SUPPORTED_CPUID, handed over or asked once the
+    /// descriptors are adopted (taken by the restore; None: asked then).
     pub(super) supported: Option<Supported>,
 }
 
@@ -338,11 +338,12 @@ fn receive_exec(cfg: &RunConfig, fd: RawFd) -> Result<ExecIncoming, Error> {
     let adopted = fds::adopt(&header.table.kinds, &header.table.numbers, counts(cfg))
         .map_err(Error::Adopt)?;
     super::fault::point("adopted");
-    // What this host's KVM supports does not depend on the state: asked on
-    // a thread of its own from here, while RAM is mapped and the VM built
+    // What this host's KVM supports does not depend on the state: handed
+    // over by the previous image (the same kernel), or asked on a thread of
+    // its own from here, while RAM is mapped and the VM built
     // (`Machine::prepare` takes it). Not before the descriptors are adopted:
     // its /dev/kvm must not take a number the table names but was not open.
-    let supported = Supported::ask();
+    let supported = Supported::handed_over().map_or_else(Supported::ask, Supported::Known);
     Ok(ExecIncoming {
         header,
         state: Box::new(state),

@@ -26,6 +26,7 @@ use super::guardian::{self, Guardian};
 use super::state::{self, CprState};
 use crate::phases::{self, Phases};
 use crate::terminal::Original;
+use crate::vm::host_cpu::{Supported, SUPPORTED_ENV};
 
 /// What travels with the state in the memfd.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,11 +137,9 @@ impl Ready {
         if unsafe { libc::fallocate(memfd.as_raw_fd(), keep, 0, room) } < 0 {
             return Err(Error::Memfd(std::io::Error::last_os_error()));
         }
-        Ok(Ready {
-            memfd,
-            buffer,
-            env: environment(),
-        })
+        let mut env = environment();
+        env.extend(Supported::for_exec().and_then(|kv| CString::new(kv).ok()));
+        Ok(Ready { memfd, buffer, env })
     }
 }
 
@@ -267,11 +266,11 @@ pub fn exec(
     Error::Exec(name, err)
 }
 
-/// This process's environment for the next image, without the marks an
-/// earlier exec left in it.
+/// This process's environment for the next image, without what an earlier
+/// exec left in it (its marks, the CPUID it handed over).
 fn environment() -> Vec<CString> {
     std::env::vars_os()
-        .filter(|(k, _)| k.as_bytes() != phases::ENV.as_bytes())
+        .filter(|(k, _)| ![phases::ENV, SUPPORTED_ENV].contains(&k.to_str().unwrap_or_default()))
         .filter_map(|(k, v)| {
             let mut kv = k.into_vec();
             kv.push(b'=');

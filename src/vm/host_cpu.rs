@@ -435,9 +435,70 @@ pub fn while_supported_is_asked<T: Send>(
     })
 }
 
+/// The environment variable an exec hands this host's KVM_GET_SUPPORTED_CPUID
+/// on in (`Supported::for_exec`, `Supported::handed_over`): the next image
+/// runs on the same kernel, and with the same KVM (the old VM's descriptors
+/// stay open across the exec, so the module cannot be replaced meanwhile).
+/// This boot's ID leads it: a value from another boot is not taken.
+pub const SUPPORTED_ENV: &str = "MOLT_KVM_SUPPORTED_CPUID";
+
+/// This boot's ID (`/proc/sys/kernel/random/boot_id`), if it reads.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(id.trim().to_string())
+}
+
+/// `SUPPORTED_ENV`'s value for `supported` on boot `boot`: the boot ID, then
+/// each entry's seven words (function, index, flags, EAX-EDX) in hex.
+fn supported_text(boot: &str, supported: &CpuId) -> String {
+    let mut text = boot.to_string();
+    for e in supported.as_slice() {
+        let words = [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx];
+        text.push(';');
+        let words: Vec<String> = words.iter().map(|w| format!("{w:x}")).collect();
+        text.push_str(&words.join(","));
+    }
+    text
+}
+
+/// The CPUID `supported_text` wrote, if it was written on boot `boot` and
+/// reads whole.
+fn supported_of_text(boot: &str, text: &str) -> Option<CpuId> {
+    let mut parts = text.split(';');
+    if parts.next()? != boot {
+        return None;
+    }
+    let entries = parts
+        .map(|e| {
+            let w: Vec<u32> = e
+                .split(',')
+                .map(|w| u32::from_str_radix(w, 16).ok())
+                .collect::<Option<_>>()?;
+            let [function, index, flags, eax, ebx, ecx, edx] = w[..] else {
+                return None;
+            };
+            Some(kvm_bindings::kvm_cpuid_entry2 {
+                function,
+                index,
+                flags,
+                eax,
+                ebx,
+                ecx,
+                edx,
+                ..Default::default()
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    if entries.is_empty() || entries.len() > KVM_MAX_CPUID_ENTRIES {
+        return None;
+    }
+    CpuId::from_entries(&entries).ok()
+}
+
 /// KVM_GET_SUPPORTED_CPUID (~0.35-0.6 ms here), asked ahead: on a thread of
 /// its own from the moment an arriving guest's process knows it will build a
-/// VM, or already known (reboot mode's probe asked it).
+/// VM, or already known (reboot mode's probe asked it, or an exec's previous
+/// image handed it over: `SUPPORTED_ENV`).
 pub enum Supported {
     Known(CpuId),
     Asking(std::thread::JoinHandle<Result<CpuId, Error>>),
@@ -451,6 +512,23 @@ fn ask_supported() -> Result<CpuId, Error> {
 }
 
 impl Supported {
+    /// `SUPPORTED_ENV=VALUE` for an exec's next image, asked now (None if
+    /// KVM does not answer: that image asks).
+    pub fn for_exec() -> Option<String> {
+        let supported = ask_supported().ok()?;
+        Some(format!(
+            "{SUPPORTED_ENV}={}",
+            supported_text(&boot_id()?, &supported)
+        ))
+    }
+
+    /// What the previous image handed over in `SUPPORTED_ENV` (exec mode's
+    /// new image only), if it came from this boot.
+    pub fn handed_over() -> Option<CpuId> {
+        let text = std::env::var(SUPPORTED_ENV).ok()?;
+        supported_of_text(&boot_id()?, &text)
+    }
+
     /// Starts asking on a thread of its own.
     pub fn ask() -> Self {
         std::thread::Builder::new()
@@ -684,6 +762,35 @@ mod tests {
         CpuidEntry {
             flags: 0,
             ..e(0, 0, [0xd, v[0], v[1], v[2]])
+        }
+    }
+
+    #[test]
+    fn the_supported_cpuid_an_exec_hands_over_reads_back_only_on_its_boot() {
+        let entries: Vec<_> = cpu(AMD)
+            .iter()
+            .map(kvm_bindings::kvm_cpuid_entry2::from)
+            .collect();
+        let supported = CpuId::from_entries(&entries).unwrap();
+        let boot = "6a1a47c4-0b0e-4b34-a0e3-2d0b0f3f0c11";
+        let text = supported_text(boot, &supported);
+        let back = supported_of_text(boot, &text).expect("reads back");
+        assert_eq!(back.as_slice(), supported.as_slice());
+        // Another boot's (a kexec since, or a stale environment) is not taken.
+        assert!(supported_of_text("another-boot", &text).is_none());
+        // Nor one that does not read whole.
+        for bad in [
+            boot.to_string(),
+            format!("{boot};1,2,3"),
+            format!("{boot};1,2,3,4,5,6,7,8"),
+            format!("{boot};1,2,3,4,5,6,x"),
+            format!("{text};"),
+            format!(
+                "{boot}{}",
+                ";0,0,0,0,0,0,0".repeat(KVM_MAX_CPUID_ENTRIES + 1)
+            ),
+        ] {
+            assert!(supported_of_text(boot, &bad).is_none(), "{bad}");
         }
     }
 
