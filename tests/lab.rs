@@ -930,8 +930,8 @@ fn transfer_prefaults_the_new_vms_page_tables_before_the_pause() {
         expect(&r, &format!("console_after_{i}"), "0");
         // The guest's nested page faults in its first 2 s on the new VM:
         // 0 in the runs made with pre-faulting, 32 and 38 without it (the
-        // same scenario on 6.1, RAM in 2 MiB pages). A few may be pages the
-        // guest first touches only then.
+        // same scenario on 6.1). A few may be pages the guest first touches
+        // only then.
         let faults = number(&r, &format!("pf_fixed_{i}"));
         assert!(
             faults <= 8.0,
